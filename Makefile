@@ -1,0 +1,22 @@
+# Two entry points, both idempotent: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: 2.13.0 resolves to a local CPU wheel; a bare `torch` would pull CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[examples,dev]"
+	touch $(STAMP)
+
+.PHONY: setup demo test
+setup: $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=offline $(PY) examples/text_classification.py
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest
