@@ -1,0 +1,44 @@
+"""What one audit carries from the training thread to the worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from leak_audit.batch import TextBatch
+
+__all__ = ["AuditSnapshot"]
+
+
+@dataclass
+class AuditSnapshot:
+    """An immutable copy of everything one audit needs, taken at one optimizer step.
+
+    Attributes:
+        step: the optimizer step the gradient belongs to (``trainer.global_step`` before the update).
+        epoch: the training epoch.
+        time: wall-clock time of the capture, seconds since the epoch.
+        gradients: ``{parameter_name: grad}``, the gradient the optimizer applied (after gradient
+            accumulation and clipping), for the tapped parameters the attacks use.
+        params: ``{parameter_name: tensor}``, parameter values *before* the update, for the parameters the
+            attacks need (embedding tables, LayerNorm, ...). Frozen parameters are shared, not copied.
+        batch: the private inputs, used to recompute gradients (``recompute="eval"``) and to score
+            reconstructions; never given to an attack.
+        modules: the tapped module names.
+        copied_bytes: bytes copied on the training thread for this snapshot.
+    """
+
+    step: int
+    epoch: int
+    time: float
+    gradients: dict[str, Tensor]
+    params: dict[str, Tensor]
+    batch: TextBatch
+    modules: tuple[str, ...]
+    copied_bytes: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch.batch_size

