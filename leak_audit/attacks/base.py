@@ -1,0 +1,114 @@
+"""The contract every gradient-inversion attack follows.
+
+An attack is a pure function of an :class:`AttackInput`: the observed gradients of the tapped
+parameters, a snapshot of parameter values, the model's architecture spec and public batch metadata
+(the batch size). It never sees the private batch. It returns a :class:`Reconstruction`, which
+:mod:`leak_audit.metrics` scores against the private batch.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from leak_audit.models import TextModelSpec
+
+__all__ = ["Attack", "AttackInput", "NotApplicable", "Reconstruction", "Requirements"]
+
+
+class NotApplicable(Exception):
+    """The tapped gradients give this attack nothing to work with (the message says what it needs)."""
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What an attack reads from a snapshot: gradient and parameter names (relative to the audited root)."""
+
+    gradients: frozenset[str] = frozenset()
+    params: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class AttackInput:
+    """Everything an attack may use.
+
+    Attributes:
+        gradients: ``{parameter_name: grad}``, the observed gradients (same shapes as the parameters).
+        params: ``{parameter_name: value}``, parameter values at the audited step.
+        spec: where the model's tensors are, see :class:`~leak_audit.models.TextModelSpec`.
+        batch_size: number of examples ``B`` behind the gradient (public metadata).
+        priors: results of attacks that ran earlier in the same audit, by attack name.
+        generator: the attack's private random generator (never the global one).
+        deadline: ``time.monotonic()`` value after which the attack should return its best so far.
+    """
+
+    gradients: Mapping[str, Tensor]
+    params: Mapping[str, Tensor]
+    spec: TextModelSpec
+    batch_size: int
+    priors: Mapping[str, Reconstruction] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    deadline: float | None = None
+
+    def time_left(self) -> float:
+        """Seconds until the deadline (``inf`` without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered. Every field is optional; metrics use what is present.
+
+    Attributes:
+        attack: the attack's name.
+        sequences: ``B'`` recovered token-id sequences (special tokens included), in the attack's order.
+        token_bag: the recovered *set* of token ids, without order or counts.
+        position_candidates: for each position ``i``, the token ids the attack found there (any sentence).
+        labels: recovered labels; aligned with ``sequences`` when ``labels_aligned`` is true, otherwise an
+            unordered multiset of the batch's labels.
+        info: diagnostics (ranks, scores, counts), numbers or short strings.
+    """
+
+    attack: str
+    sequences: list[list[int]] | None = None
+    token_bag: list[int] | None = None
+    position_candidates: list[list[int]] | None = None
+    labels: list[int] | None = None
+    labels_aligned: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    """Base class of registered attacks.
+
+    Subclasses set :attr:`name`, implement :meth:`requirements` (raising :class:`NotApplicable` when the
+    tapped parameters do not suffice) and :meth:`run`. :attr:`uses` lists attacks whose results the attack
+    consumes from ``AttackInput.priors`` when they ran first.
+    """
+
+    name: ClassVar[str]
+    uses: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        """The gradients (a subset of ``tapped``) and parameters this attack reads.
+
+        Raises:
+            NotApplicable: the tapped parameters give the attack nothing to work with.
+        """
+
+    @abstractmethod
+    def run(self, inp: AttackInput) -> Reconstruction:
+        """Reconstruct what the gradients reveal."""
+
+    def __call__(self, inp: AttackInput) -> Reconstruction:
+        return self.run(inp)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
