@@ -1,0 +1,85 @@
+"""The ``leak-audit`` command line.
+
+``leak-audit gate AUDIT.jsonl --max rouge1=0.5 [--max token_recall=0.9 ...]`` prints one row per
+metric and exits 0 when every metric passes, 1 on a breach (or a metric no record reports), and 2 on bad
+input (missing file, unparsable line, unknown metric, no successful audit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
+from leak_audit.records import AuditLogError, read_audit_log
+
+__all__ = ["main", "gate_table"]
+
+EXIT_PASS, EXIT_BREACH, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def gate_table(rows: Sequence[GateRow], title: str = "leak-audit gate") -> Table:
+    """A rich table of gate rows: metric, worst value, threshold, verdict, where the worst value came from."""
+    table = Table(title=title)
+    for col in ("metric", "worst", "max", "verdict", "worst at"):
+        table.add_column(col, justify="right" if col in ("worst", "max") else "left")
+    for r in rows:
+        worst = "missing" if r.worst is None else f"{r.worst:.4f}"
+        verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+        table.add_row(r.metric, worst, f"{r.threshold:g}", verdict, r.where)
+    return table
+
+
+def _gate(args: argparse.Namespace, console: Console) -> int:
+    try:
+        thresholds = dict(parse_threshold(t) for t in args.max)
+        records = read_audit_log(args.audit_log)
+        rows = evaluate_gate(records, thresholds)
+    except (GateError, AuditLogError) as exc:
+        print(f"leak-audit gate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    console.print(gate_table(rows))
+    failed = [r for r in rows if not r.passed]
+    for r in failed:
+        why = "no successful record reports it" if r.worst is None else f"{r.worst:.4f} > {r.threshold:g}"
+        console.print(f"FAIL {r.metric}: {why}", markup=False, highlight=False)
+    console.print("verdict: " + ("BREACH" if failed else "PASS"), markup=False, highlight=False)
+    return EXIT_BREACH if failed else EXIT_PASS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leak-audit", description="Audit gradient leakage in training runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gate = sub.add_parser(
+        "gate",
+        help="fail (exit 1) when the worst leakage in an audit log exceeds thresholds",
+        description="Exit 0: pass. 1: a metric exceeds its maximum or is missing. 2: bad input.",
+    )
+    gate.add_argument("audit_log", help="path to audit.jsonl")
+    gate.add_argument(
+        "--max",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="maximum allowed worst-case value, e.g. rouge1=0.5 (repeatable)",
+    )
+    gate.set_defaults(func=_gate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``leak-audit`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, as we do on bad input
+        return int(exc.code or 0)
+    return int(args.func(args, Console()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The audit log's record schema, and a strict reader for it.
+
+``audit.jsonl`` holds one JSON object per line, one line per (audit, attack)::
+
+    {"schema": 1, "time": "2026-11-21T17:02:03.120Z", "audit": 3, "step": 150, "epoch": 0,
+     "modules": ["model.bert.encoder.layer.0.attention.self.query"], "batch_size": 8,
+     "attack": "span_check", "status": "ok", "error": null,
+     "metrics": {"rouge1": 1.0, "token_recall": 1.0}, "seconds": 0.61, "info": {"rank": 96}}
+
+``status`` is ``ok``, ``failed`` (``error`` says why; training went on) or ``skipped`` (the attack had
+nothing to work with in the tapped view, or the worker was still busy with an earlier audit).
+``samples`` (reference and reconstructed text) is present only when the user opted in with
+``log_samples=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log"]
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "skipped")
+
+
+class AuditLogError(ValueError):
+    """The audit log is missing or malformed. ``line`` is the 1-based line number, when known."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def iso_now() -> str:
+    """Current UTC time as ISO 8601 with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class AuditRecord:
+    """One line of the audit log: the outcome of one attack in one audit."""
+
+    step: int
+    attack: str
+    status: str
+    epoch: int = 0
+    modules: list[str] = field(default_factory=list)
+    batch_size: int = 0
+    audit: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] | None = None
+    time: str = field(default_factory=iso_now)
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    def to_json(self) -> str:
+        """One line of JSON (no trailing newline). ``samples`` is omitted when ``None``."""
+        data = asdict(self)
+        if data["samples"] is None:
+            del data["samples"]
+        return json.dumps(data, separators=(",", ":"), default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    return str(obj)
+
+
+_REQUIRED = {"schema": int, "step": int, "attack": str, "status": str, "metrics": dict}
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open("r", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                yield number, line
+
+
+def read_audit_log(path: str | Path) -> list[AuditRecord]:
+    """Read and validate every record of an ``audit.jsonl``.
+
+    Raises:
+        AuditLogError: the file is missing or unreadable, or a line is not a valid record (the message
+            and ``.line`` give its number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AuditLogError(f"audit log not found: {path}")
+    records = []
+    try:
+        lines = list(_iter_lines(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditLogError(f"cannot read {path}: {exc}") from exc
+    for number, line in lines:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AuditLogError(f"{path}:{number}: not valid JSON ({exc.msg})", number) from exc
+        if not isinstance(data, dict):
+            raise AuditLogError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}", number)
+        for key, typ in _REQUIRED.items():
+            if not isinstance(data.get(key), typ):
+                raise AuditLogError(f"{path}:{number}: field {key!r} missing or not {typ.__name__}", number)
+        if data["schema"] > SCHEMA_VERSION:
+            raise AuditLogError(
+                f"{path}:{number}: schema {data['schema']} is newer than this leak_audit ({SCHEMA_VERSION})", number
+            )
+        bad = [k for k, v in data["metrics"].items() if not isinstance(v, int | float) or isinstance(v, bool)]
+        if bad:
+            raise AuditLogError(f"{path}:{number}: non-numeric metric values for {bad}", number)
+        if any(isinstance(v, float) and math.isnan(v) for v in data["metrics"].values()):
+            raise AuditLogError(f"{path}:{number}: NaN metric value", number)
+        try:
+            records.append(AuditRecord.from_dict(data))
+        except (TypeError, ValueError) as exc:
+            raise AuditLogError(f"{path}:{number}: {exc}", number) from exc
+    return records

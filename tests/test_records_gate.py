@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from leak_audit.cli import main
+from leak_audit.gate import GateError, evaluate_gate, parse_threshold
+from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.sinks import AuditLog, flatten_metrics
+
+
+def rec(attack="span_check", status="ok", step=0, **metrics):
+    return AuditRecord(step=step, epoch=0, attack=attack, status=status, modules=["m"], batch_size=4, metrics=metrics)
+
+
+@pytest.fixture
+def log(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    w = AuditLog(path)
+    w.write([rec(rouge1=0.3, token_recall=0.6), rec("token_bag", token_recall=1.0)])
+    w.write([rec(step=10, rouge1=0.45), rec("labels", status="failed", step=10)])
+    w.close()
+    return path
+
+
+def test_round_trip_and_append_only(log):
+    records = read_audit_log(log)
+    assert [r.attack for r in records] == ["span_check", "token_bag", "span_check", "labels"]
+    assert records[0].metrics == {"rouge1": 0.3, "token_recall": 0.6}
+    AuditLog(log).write([rec(step=20, rouge1=0.1)])  # reopening appends
+    assert len(read_audit_log(log)) == 5
+    assert "samples" not in json.loads(log.read_text().splitlines()[0])
+
+
+def test_flatten_gives_per_attack_and_worst_case():
+    m = flatten_metrics([rec(rouge1=0.3, token_recall=0.6), rec("token_bag", token_recall=1.0), rec("x", "failed")])
+    assert m["leak/span_check/rouge1"] == 0.3
+    assert m["leak/max/token_recall"] == 1.0
+    assert m["audit/failed"] == 1.0
+
+
+def test_gate_verdicts(log):
+    records = read_audit_log(log)
+    rows = evaluate_gate(records, {"rouge1": 0.5, "token_recall": 0.9})
+    assert [(r.metric, r.worst, r.passed) for r in rows] == [("rouge1", 0.45, True), ("token_recall", 1.0, False)]
+    assert rows[1].where == "token_bag@step 0"
+    missing = evaluate_gate(records, {"exact_match": 0.5})[0]
+    assert missing.worst is None and not missing.passed
+    with pytest.raises(GateError, match="no successful audit"):
+        evaluate_gate([rec(status="failed")], {"rouge1": 0.5})
+    with pytest.raises(GateError, match="Did you mean .*rouge1"):
+        parse_threshold("rouge=0.5")
+
+
+def test_cli_exit_codes(log, tmp_path, capsys):
+    assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 0
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--max", "token_recall=0.9"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL token_recall: 1.0000 > 0.9" in out and "BREACH" in out
+    assert main(["gate", str(log), "--max", "exact_match=0.5"]) == 1  # missing metric fails
+    assert main(["gate", str(tmp_path / "nope.jsonl"), "--max", "rouge1=0.5"]) == 2
+    assert main(["gate", str(log), "--max", "rogue1=0.5"]) == 2
+    assert main(["gate", str(log), "--max", "rouge1"]) == 2
+    assert main(["gate", str(log)]) == 2
+
+
+def test_cli_names_the_malformed_line(log, capsys):
+    with log.open("a") as fh:
+        fh.write('{"schema": 1, "step": 3, "attack": "x", "status": "ok", "metrics": {}}\n')
+        fh.write('{"schema": 1, "step": 4, "attack": "x", "status"\n')
+    assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "audit.jsonl:6: not valid JSON" in err
+    with pytest.raises(AuditLogError) as exc:
+        read_audit_log(log)
+    assert exc.value.line == 6
