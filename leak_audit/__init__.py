@@ -1,0 +1,22 @@
+"""leak_audit: measure, while you train, how much of each batch an attacker could rebuild from the gradients."""
+
+from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, available_attacks, get_attack
+from leak_audit.batch import TextBatch
+from leak_audit.callback import LeakageAudit
+from leak_audit.records import AuditRecord, read_audit_log
+from leak_audit.tap import ModuleSelectionError
+
+__all__ = [
+    "Attack",
+    "AttackInput",
+    "AuditRecord",
+    "LeakageAudit",
+    "ModuleSelectionError",
+    "NotApplicable",
+    "Reconstruction",
+    "TextBatch",
+    "available_attacks",
+    "get_attack",
+    "read_audit_log",
+]
+__version__ = "0.1.0"

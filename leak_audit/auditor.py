@@ -1,0 +1,193 @@
+"""One audit, start to finish: attacks on a snapshot, scores, audit records.
+
+This is what the worker runs. It is independent of Lightning, so it can be tested, benchmarked and
+reused on a snapshot built by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+
+import torch
+
+from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, order_attacks
+from leak_audit.metrics import match_sequences, score_text_reconstruction
+from leak_audit.models import TextModelSpec
+from leak_audit.records import AuditRecord
+from leak_audit.recompute import EvalRecompute
+from leak_audit.snapshot import AuditSnapshot
+
+__all__ = ["Auditor", "failed_records"]
+
+Decode = Callable[[Sequence[int]], str]
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failed_records(
+    snapshot: AuditSnapshot, attacks: Sequence[str], exc: BaseException, audit: int = 0, status: str = "failed"
+) -> list[AuditRecord]:
+    """One record per attack saying the whole audit failed (or was skipped) with ``exc``."""
+    return [
+        AuditRecord(
+            step=snapshot.step,
+            epoch=snapshot.epoch,
+            attack=name,
+            status=status,
+            modules=list(snapshot.modules),
+            batch_size=snapshot.batch_size,
+            audit=audit,
+            error=_error_text(exc),
+        )
+        for name in attacks
+    ]
+
+
+class Auditor:
+    """Runs a fixed set of attacks against snapshots and scores each reconstruction.
+
+    Args:
+        spec: the model's architecture spec (with the tokenizer's special tokens).
+        attacks: attack objects; run in dependency order.
+        tapped: names of the tapped parameters (the view the attacker observes).
+        decode: token ids -> text, for ROUGE and samples.
+        log_samples: put original and reconstructed text into the records (opt-in: it is private data).
+        recompute: ``"observed"`` attacks the gradient the optimizer applied; ``"eval"`` recomputes it
+            with dropout off via ``recomputer``.
+        recomputer: required for ``recompute="eval"``.
+        max_seconds: time budget per audit, shared by its attacks (``None``: unbounded).
+        seed: seed of the attacks' private generator.
+    """
+
+    def __init__(
+        self,
+        spec: TextModelSpec,
+        attacks: Sequence[Attack],
+        tapped: Collection[str],
+        decode: Decode,
+        *,
+        log_samples: bool = False,
+        recompute: str = "observed",
+        recomputer: EvalRecompute | None = None,
+        max_seconds: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if recompute not in ("observed", "eval"):
+            raise ValueError(f"recompute must be 'observed' or 'eval', got {recompute!r}")
+        if recompute == "eval" and recomputer is None:
+            raise ValueError("recompute='eval' needs a recomputer")
+        self.spec = spec
+        self.attacks = order_attacks(attacks)
+        self.tapped = frozenset(tapped)
+        self.decode = decode
+        self.log_samples = log_samples
+        self.recompute = recompute
+        self.recomputer = recomputer
+        self.max_seconds = max_seconds
+        self.seed = seed
+        self.plan: dict[str, Requirements | str] = {}
+        for attack in self.attacks:
+            try:
+                self.plan[attack.name] = attack.requirements(spec, self.tapped)
+            except NotApplicable as exc:
+                self.plan[attack.name] = str(exc)
+
+    @property
+    def applicable(self) -> list[str]:
+        """Names of attacks the tapped view gives something to work with."""
+        return [n for n, p in self.plan.items() if isinstance(p, Requirements)]
+
+    @property
+    def gradient_names(self) -> frozenset[str]:
+        """Tapped parameters whose gradients the applicable attacks read."""
+        return frozenset().union(*(p.gradients for p in self.plan.values() if isinstance(p, Requirements)))
+
+    @property
+    def param_names(self) -> frozenset[str]:
+        """Parameters whose values the applicable attacks (and recomputation) read."""
+        names = frozenset().union(*(p.params for p in self.plan.values() if isinstance(p, Requirements)))
+        if self.recompute == "eval" and self.recomputer is not None:
+            names = names | self.recomputer.trainable
+        return names
+
+    def __call__(self, snapshot: AuditSnapshot, audit: int = 0) -> list[AuditRecord]:
+        """Run every attack on ``snapshot`` and return one record per attack (never raises for an attack)."""
+        deadline = time.monotonic() + self.max_seconds if self.max_seconds else None
+        gradients = dict(snapshot.gradients)
+        info_common: dict[str, object] = {}
+        if self.recompute == "eval":
+            t0 = time.perf_counter()
+            assert self.recomputer is not None
+            gradients = self.recomputer(snapshot.params, snapshot.batch, self.gradient_names)
+            info_common["recompute_seconds"] = round(time.perf_counter() - t0, 4)
+        generator = torch.Generator().manual_seed(self.seed + snapshot.step)
+        priors: dict[str, Reconstruction] = {}
+        records = []
+        special = self.spec.special_token_ids
+        for attack in self.attacks:
+            plan = self.plan[attack.name]
+            base = dict(
+                step=snapshot.step,
+                epoch=snapshot.epoch,
+                attack=attack.name,
+                modules=list(snapshot.modules),
+                batch_size=snapshot.batch_size,
+                audit=audit,
+            )
+            if isinstance(plan, str):
+                records.append(AuditRecord(status="skipped", error=plan, **base))
+                continue
+            t0 = time.perf_counter()
+            try:
+                inp = AttackInput(
+                    gradients={k: gradients[k] for k in plan.gradients if k in gradients},
+                    params={k: snapshot.params[k] for k in plan.params},
+                    spec=self.spec,
+                    batch_size=snapshot.batch_size,
+                    priors=dict(priors),
+                    generator=generator,
+                    deadline=deadline,
+                )
+                with torch.no_grad():
+                    recon = attack(inp)
+                seconds = time.perf_counter() - t0
+                priors[attack.name] = recon
+                metrics, samples = self._score(recon, snapshot)
+            except NotApplicable as exc:
+                records.append(
+                    AuditRecord(status="skipped", error=str(exc), seconds=time.perf_counter() - t0, **base)
+                )
+                continue
+            except Exception as exc:  # noqa: BLE001 - an attack's failure is recorded, never raised
+                records.append(
+                    AuditRecord(status="failed", error=_error_text(exc), seconds=time.perf_counter() - t0, **base)
+                )
+                continue
+            info = {**info_common, **{k: v for k, v in recon.info.items() if isinstance(v, int | float | str)}}
+            records.append(
+                AuditRecord(status="ok", metrics=metrics, seconds=round(seconds, 4), info=info, samples=samples, **base)
+            )
+        return records
+
+    def _score(self, recon: Reconstruction, snapshot: AuditSnapshot) -> tuple[dict[str, float], list[dict] | None]:
+        special = self.spec.special_token_ids
+        metrics = score_text_reconstruction(recon, snapshot.batch, self.decode, special)
+        if not self.log_samples:
+            return metrics, None
+        refs = [[t for t in s if t not in special] for s in snapshot.batch.sequences()]
+        samples: list[dict] = []
+        if recon.sequences is not None:
+            preds = [[t for t in s if t not in special] for s in recon.sequences]
+            matched = dict((j, i) for i, j in match_sequences(preds, refs))
+            for j, ref in enumerate(refs):
+                i = matched.get(j)
+                samples.append({"reference": self.decode(ref), "reconstruction": self.decode(preds[i]) if i is not None else ""})
+        elif recon.token_bag is not None:
+            bag = [t for t in recon.token_bag if t not in special]
+            samples.append({"reference": " | ".join(self.decode(r) for r in refs), "reconstruction": self.decode(bag)})
+        if recon.labels is not None and snapshot.batch.labels is not None:
+            samples.append({"labels": snapshot.batch.labels.tolist(), "recovered_labels": list(recon.labels)})
+        return metrics, samples

@@ -1,0 +1,394 @@
+"""``LeakageAudit``: a Lightning callback that measures gradient leakage while you train.
+
+It only wires pieces together: the :class:`~leak_audit.tap.GradientTap` chooses parameters, the
+callback copies what one audit needs into an :class:`~leak_audit.snapshot.AuditSnapshot` on the
+training thread, an :class:`~leak_audit.worker.AuditWorker` runs the :class:`~leak_audit.auditor.Auditor`
+in the background, and finished audits are drained on the Trainer's thread into the audit log, every
+logger and the progress bar.
+
+What is captured, and when (automatic optimization):
+
+* ``on_train_batch_start``: the micro-batch (every micro-batch of an audited accumulation window);
+* ``on_before_optimizer_step``: parameter values the attacks need, *before* the update;
+* ``on_train_batch_end`` of the micro-batch that stepped: the gradients, which at that point are
+  exactly what the optimizer applied (accumulated, after Lightning's gradient clipping).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from leak_audit.attacks import Attack, get_attack
+from leak_audit.auditor import Auditor, failed_records
+from leak_audit.batch import BatchAdapter, TextBatch, default_batch_adapter
+from leak_audit.models import TextModelSpec, find_hf_model, text_model_spec
+from leak_audit.recompute import EvalRecompute
+from leak_audit.records import AuditRecord
+from leak_audit.sinks import AuditLog, flatten_metrics, log_samples_to_wandb, log_to_loggers
+from leak_audit.snapshot import AuditSnapshot
+from leak_audit.tap import GradientTap
+from leak_audit.worker import AuditWorker
+
+__all__ = ["LeakageAudit", "DEFAULT_ATTACKS"]
+
+DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "labels")
+PROGRESS_BAR_KEY = "leak/max/rouge1"
+
+
+@dataclass
+class _Window:
+    """The micro-batches of one audited optimizer step, collected until the step happens."""
+
+    step: int
+    batches: list[TextBatch] = field(default_factory=list)
+    params: dict[str, torch.Tensor] | None = None
+    copied_bytes: int = 0
+    error: BaseException | None = None
+
+
+class LeakageAudit(Callback):
+    r"""Run gradient-inversion attacks on the training gradients every ``every_n_steps`` optimizer steps.
+
+    Args:
+        modules: submodules whose parameter gradients the attacker observes: names relative to the
+            LightningModule or to the Hugging Face model inside it (``"bert.encoder.layer.0.attention.self.query"``),
+            globs (``"*.attention.self.query"``), or ``None`` for the whole model.
+        every_n_steps: audit the optimizer steps ``0, N, 2N, ...`` (counted like ``trainer.global_step``).
+        attacks: registered attack names or :class:`~leak_audit.attacks.Attack` objects.
+        log_dir: directory of ``audit.jsonl``.
+        log_samples: store and send original and reconstructed text. Off by default: reconstructions *are*
+            the private data.
+        recompute: ``"observed"`` (default) attacks exactly the gradient the optimizer applied, dropout
+            included: what actually leaves a client or goes into DP accounting. ``"eval"`` re-runs the
+            step with dropout off on a private model copy: the worst-case attacker who controls the model.
+        batch_adapter: ``fn(batch) -> TextBatch`` for batches that are not mappings with ``input_ids``.
+        tokenizer: decodes reconstructions for ROUGE; defaults to ``pl_module.tokenizer`` if present.
+        max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is
+            busy, never queued without bound.
+        max_seconds: time budget of one audit's attacks.
+        worker_threads: intra-op threads of the background worker on CPU.
+        end_timeout: seconds to wait at the end of training for audits still running.
+        seed: seed of the attacks' private random generator.
+
+    Raises:
+        ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
+            at ``setup``, a module pattern matches nothing or only frozen modules
+            (:class:`~leak_audit.tap.ModuleSelectionError`), or no attack can use the tapped view.
+
+    Example::
+
+        audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", every_n_steps=50)
+        Trainer(callbacks=[audit]).fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] | None = None,
+        every_n_steps: int = 50,
+        attacks: Iterable[str | Attack] = DEFAULT_ATTACKS,
+        log_dir: str | Path = "leak_audit_logs",
+        log_samples: bool = False,
+        recompute: str = "observed",
+        batch_adapter: BatchAdapter | None = None,
+        tokenizer: Any = None,
+        max_pending: int = 1,
+        max_seconds: float | None = 120.0,
+        worker_threads: int | None = 1,
+        end_timeout: float | None = 600.0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        if recompute not in ("observed", "eval"):
+            raise ValueError(f"recompute must be 'observed' or 'eval', got {recompute!r}")
+        if not isinstance(log_samples, bool):
+            raise ValueError(f"log_samples must be a bool, got {log_samples!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        if max_seconds is not None and max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
+        if worker_threads is not None and worker_threads < 1:
+            raise ValueError(f"worker_threads must be >= 1 or None, got {worker_threads!r}")
+        if batch_adapter is not None and not callable(batch_adapter):
+            raise ValueError(f"batch_adapter must be callable, got {batch_adapter!r}")
+        if isinstance(modules, str):
+            modules = [modules]
+        self.modules = list(modules) if modules is not None else None
+        self.every_n_steps = every_n_steps
+        self.attacks = [get_attack(a) for a in attacks]
+        if not self.attacks:
+            raise ValueError("attacks is empty; name at least one, e.g. 'span_check'")
+        names = [a.name for a in self.attacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"attacks must have distinct names, got {names}")
+        self.log_dir = Path(log_dir)
+        self.log_samples = log_samples
+        self.recompute = recompute
+        self.batch_adapter: Callable[[Any], TextBatch] = batch_adapter or default_batch_adapter
+        self.tokenizer = tokenizer
+        self.max_pending = max_pending
+        self.max_seconds = max_seconds
+        self.worker_threads = worker_threads
+        self.end_timeout = end_timeout
+        self.seed = seed
+        # run state (also in state_dict)
+        self.audits = 0
+        self.skipped = 0
+        self.failed = 0
+        self.last_audited_step = -1
+        self.worst: dict[str, float] = {}
+        # set up in `setup`
+        self._active = False
+        self._tap: GradientTap | None = None
+        self._auditor: Auditor | None = None
+        self._spec: TextModelSpec | None = None
+        self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
+        self._log: AuditLog | None = None
+        self._window: _Window | None = None
+        self._trainable_params: dict[str, torch.nn.Parameter] = {}
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules, every_n_steps=self.every_n_steps)
+
+    @property
+    def log_path(self) -> Path:
+        """The audit log, ``log_dir / "audit.jsonl"``."""
+        return self.log_dir / "audit.jsonl"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "audits": self.audits,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "last_audited_step": self.last_audited_step,
+            "worst": dict(self.worst),
+            "log_path": str(self.log_path),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.audits = int(state_dict.get("audits", 0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.failed = int(state_dict.get("failed", 0))
+        self.last_audited_step = int(state_dict.get("last_audited_step", -1))
+        self.worst = dict(state_dict.get("worst", {}))
+
+    # ------------------------------------------------------------------ setup / teardown
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._active:
+            return
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
+        self._tap = GradientTap(pl_module, self.modules)
+        recomputer = None
+        if self.recompute == "eval":
+            hf_name, hf_model = find_hf_model(pl_module)
+            recomputer = EvalRecompute(hf_model, hf_name)
+        self._auditor = Auditor(
+            self._spec,
+            self.attacks,
+            self._tap.parameters.keys(),
+            _decoder(tokenizer),
+            log_samples=self.log_samples,
+            recompute=self.recompute,
+            recomputer=recomputer,
+            max_seconds=self.max_seconds,
+            seed=self.seed,
+        )
+        if not self._auditor.applicable:
+            reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())
+            raise ValueError(f"no attack can use the tapped modules {list(self._tap.modules)}: {reasons}")
+        for name, plan in self._auditor.plan.items():
+            if isinstance(plan, str):
+                rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
+        if tokenizer is None:
+            rank_zero_warn(
+                "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
+                "ROUGE is computed on token ids instead of words."
+            )
+        self._trainable_params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        self._all_params = dict(pl_module.named_parameters())
+        if not trainer.is_global_zero:
+            return  # audits run on rank zero (issue 7 adds per-rank scope)
+        self._log = AuditLog(self.log_path)
+        self._worker = AuditWorker(
+            self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads
+        )
+        self._active = True
+        rank_zero_info(
+            f"LeakageAudit: tapping {len(self._tap.parameters)} tensors ({self._tap.numel:,} parameters) in "
+            f"{len(self._tap.modules)} module(s); attacks {self._auditor.applicable}; every {self.every_n_steps} "
+            f"steps; log {self.log_path}"
+        )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, self.end_timeout, log=True)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._finish(trainer, timeout=5.0, log=False)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._finish(trainer, self.end_timeout, log=False)
+
+    def _finish(self, trainer: Trainer, timeout: float | None, *, log: bool) -> None:
+        if self._worker is not None:
+            done = self._worker.close(timeout)
+            if not done:
+                rank_zero_warn(f"LeakageAudit: an audit still running after {timeout}s was abandoned")
+            self._write(trainer, self._worker.drain(), log=log)
+            self._worker = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._active = False
+
+    # ------------------------------------------------------------------ capture
+    def _due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0 and step > self.last_audited_step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._active:
+            return
+        step = trainer.global_step
+        if not self._due(step):
+            return
+        if self._window is None or self._window.step != step:
+            self._window = _Window(step)
+        try:
+            self._window.batches.append(self.batch_adapter(batch).detached_copy())
+        except Exception as exc:  # noqa: BLE001 - a bad batch fails the audit, not training
+            self._window.error = exc
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        w = self._window
+        if not self._active or w is None or w.step != trainer.global_step or w.params is not None:
+            return
+        assert self._auditor is not None
+        w.params = {}
+        for name in self._auditor.param_names:
+            p = self._all_params[name]
+            if p.requires_grad:  # trainable: the update is in place, so copy
+                w.params[name] = p.detach().clone()
+                w.copied_bytes += p.numel() * p.element_size()
+            else:  # frozen: shared, it never changes
+                w.params[name] = p.detach()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        w = self._window
+        if w is not None and trainer.global_step > w.step:  # the audited optimizer step just happened
+            self._window = None
+            self.last_audited_step = w.step
+            self._dispatch(trainer, w)
+        self._write(trainer, self._worker.drain() if self._worker else [], log=True)
+        if PROGRESS_BAR_KEY in self.worst:
+            pl_module.log(
+                PROGRESS_BAR_KEY, self.worst[PROGRESS_BAR_KEY], prog_bar=True, logger=False, on_step=True,
+                on_epoch=False, batch_size=1,
+            )
+
+    def _dispatch(self, trainer: Trainer, w: _Window) -> None:
+        assert self._worker is not None and self._tap is not None and self._auditor is not None
+        self.audits += 1
+        audit_id = self.audits
+        attack_names = [a.name for a in self._auditor.attacks]
+        if w.error is not None or w.params is None or not w.batches:
+            exc = w.error or RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
+            snap = self._empty_snapshot(trainer, w)
+            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {exc}")
+            self._write(trainer, [failed_records(snap, attack_names, exc, audit_id)], log=True)
+            return
+        if self._worker.busy:
+            self.skipped += 1
+            snap = self._empty_snapshot(trainer, w)
+            busy = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
+            self._write(trainer, [failed_records(snap, attack_names, busy, audit_id, status="skipped")], log=True)
+            return
+        grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
+        copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
+        pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
+        batch = TextBatch.concat(w.batches, pad)
+        snap = AuditSnapshot(
+            step=w.step,
+            epoch=trainer.current_epoch,
+            time=time.time(),
+            gradients=grads,
+            params=w.params,
+            batch=batch,
+            modules=self._tap.modules,
+            copied_bytes=copied + batch.nbytes(),
+            extra={"audit": audit_id},
+        )
+        ready = None
+        if any(t.is_cuda for t in grads.values()):
+            ready = torch.cuda.Event()
+            ready.record()
+        self._worker.submit(snap, ready)
+
+    def _empty_snapshot(self, trainer: Trainer, w: _Window) -> AuditSnapshot:
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        batch = w.batches[0] if w.batches else TextBatch(empty, empty)
+        return AuditSnapshot(
+            step=w.step, epoch=trainer.current_epoch, time=time.time(), gradients={}, params={}, batch=batch,
+            modules=self._tap.modules if self._tap else (),
+        )
+
+    # ------------------------------------------------------------------ worker side
+    def _run_audit(self, snap: AuditSnapshot) -> list[AuditRecord]:
+        assert self._auditor is not None
+        records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
+        for r in records:
+            r.info.setdefault("snapshot_bytes", snap.copied_bytes)
+        return records
+
+    def _audit_crashed(self, snap: AuditSnapshot, exc: BaseException) -> list[AuditRecord]:
+        names = [a.name for a in self._auditor.attacks] if self._auditor else ["?"]
+        return failed_records(snap, names, exc, int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ results
+    def _write(self, trainer: Trainer, results: Sequence[list[AuditRecord]], *, log: bool) -> None:
+        for records in results:
+            if not records:
+                continue
+            if self._log is not None:
+                self._log.write(records)
+            failed = [r for r in records if r.status == "failed"]
+            if failed:
+                self._warn_once(
+                    "failed", f"LeakageAudit: attack {failed[0].attack!r} failed at step {failed[0].step}: {failed[0].error}"
+                )
+            self.failed += any(r.status == "failed" for r in records)
+            metrics = flatten_metrics(records)
+            for key, value in metrics.items():
+                if key.startswith("leak/"):
+                    self.worst[key] = max(self.worst.get(key, float("-inf")), value)
+            metrics["audit/skipped"] = float(self.skipped)
+            if log:
+                log_to_loggers(trainer.loggers, metrics, step=records[0].step)
+                if self.log_samples:
+                    log_samples_to_wandb(trainer.loggers, records, step=records[0].step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+
+def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
+    if tokenizer is None:
+        return lambda ids: " ".join(str(int(i)) for i in ids)
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,179 @@
+"""Background execution of audits, so the training loop never waits for an attack.
+
+Precedents: Lightning's ``AsyncCheckpointIO`` (a single worker thread; tensors are cloned on the caller
+thread; worker errors are kept and surfaced later) and NeMo's EMA callback (a private CUDA stream).
+
+* **Threading.** One daemon thread runs audits one at a time. Results go to a thread-safe queue and are
+  drained on the Trainer's thread (``wandb.log`` and ``LightningModule.log`` are not thread-safe).
+* **Backpressure.** At most ``max_pending`` audits are in flight (queued or running). ``submit`` returns
+  ``False`` instead of queueing more; the caller records the audit as skipped.
+* **CPU.** The worker thread sets its own intra-op thread count (``torch.set_num_threads`` is per thread),
+  default 1, so the training thread keeps the other cores.
+* **CUDA.** The snapshot's tensors are cloned on the training stream and an event is recorded after the
+  copies; the worker waits on that event from a private low-priority stream, and marks every snapshot
+  tensor with ``record_stream`` so the caching allocator does not hand its memory back to training early.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["AuditWorker"]
+
+S = TypeVar("S")
+R = TypeVar("R")
+_STOP = object()
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name))
+
+
+class AuditWorker(Generic[S, R]):
+    """Run ``fn(snapshot)`` on a background thread, with at most ``max_pending`` audits in flight.
+
+    Args:
+        fn: the audit, ``snapshot -> result``. It should handle its own errors.
+        on_error: called on the worker thread as ``on_error(snapshot, exception)`` if ``fn`` raises; its
+            return value becomes the result (a failed audit), so a crashing audit never goes unnoticed.
+        max_pending: audits queued or running at once (≥ 1).
+        num_threads: intra-op threads for the worker thread on CPU (``None`` keeps torch's default).
+        name: thread name.
+
+    Raises:
+        ValueError: ``max_pending < 1`` or ``num_threads < 1``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[S], R],
+        on_error: Callable[[S, BaseException], R],
+        *,
+        max_pending: int = 1,
+        num_threads: int | None = 1,
+        name: str = "leak-audit-worker",
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        self._fn = fn
+        self._on_error = on_error
+        self._max_pending = max_pending
+        self._num_threads = num_threads
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._outbox: queue.SimpleQueue[R] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._closed = False
+        self._stream: torch.cuda.Stream | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        """Audits queued or running."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def busy(self) -> bool:
+        """Whether ``submit`` would refuse a new audit now."""
+        return self.in_flight >= self._max_pending
+
+    def submit(self, snapshot: S, ready: torch.cuda.Event | None = None) -> bool:
+        """Hand a snapshot to the worker. Returns ``False`` (and does nothing) when ``max_pending`` are in flight.
+
+        Args:
+            snapshot: the audit's inputs, already copied.
+            ready: a CUDA event recorded on the training stream after the copies (GPU snapshots only).
+
+        Raises:
+            RuntimeError: the worker was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the audit worker is closed")
+            if self._in_flight >= self._max_pending:
+                return False
+            self._in_flight += 1
+        self._inbox.put((snapshot, ready))
+        return True
+
+    def drain(self) -> list[R]:
+        """Results finished since the last call, oldest first (never blocks)."""
+        out = []
+        while True:
+            try:
+                out.append(self._outbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting audits, let the queued ones finish, and join the thread.
+
+        Args:
+            timeout: seconds to wait for in-flight audits (``None``: as long as they take).
+
+        Returns:
+            ``True`` if the thread finished; ``False`` if it was still running at the timeout (it is a
+            daemon thread, so it never blocks interpreter exit).
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                return
+            snapshot, ready = item
+            try:
+                result = self._run(snapshot, ready)
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a failed audit
+                try:
+                    result = self._on_error(snapshot, exc)
+                except BaseException:  # noqa: BLE001
+                    result = None  # type: ignore[assignment]
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+            if result is not None:
+                self._outbox.put(result)
+
+    def _run(self, snapshot: S, ready: torch.cuda.Event | None) -> R:
+        if ready is None:
+            return self._fn(snapshot)
+        if self._stream is None:
+            # Lowest priority: the side stream yields to training kernels.
+            self._stream = torch.cuda.Stream(priority=0)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            for t in _tensors(snapshot):
+                if t.is_cuda:
+                    t.record_stream(self._stream)
+            result = self._fn(snapshot)
+            self._stream.synchronize()
+        return result
