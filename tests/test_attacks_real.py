@@ -133,3 +133,19 @@ def test_span_check_attack_scores_through_the_auditor(minilm, tokenizer, cola, s
     assert records["span_check"].metrics["exact_match"] == 1.0
     assert records["token_bag"].status == "skipped"
     assert "word embeddings" in records["token_bag"].error
+
+
+def test_pruned_refinement_and_segment_restriction_keep_recall(minilm, tokenizer, cola, tables, spec):
+    """Refining only the best candidates, and only segment 0 (what the token-type gradient shows for
+    single-sentence batches), recovers the same tokens as the full dropout-robust ranking."""
+    batch = cola[200:204]
+    enc, grads = gradients(minilm, tokenizer, [s for s, _ in batch], [y for _, y in batch], train=True, seed=3)
+    seg = grads["bert.embeddings.token_type_embeddings.weight"].abs().sum(1).nonzero().flatten().tolist()
+    assert seg == [0]
+    bag = token_bag(grads["bert.embeddings.word_embeddings.weight"])
+    kw = dict(dropout=spec.dropout, sep_token_id=spec.sep_token_id, vocabulary=bag)
+    full = span_check([grads[QUERY0]], tables, 4, prune=False, **kw)
+    fast = span_check([grads[QUERY0]], tables, 4, token_types=seg, **kw)
+    assert _per_position_recall([(enc, fast)]) == _per_position_recall([(enc, full)])
+    with pytest.raises(ValueError, match=r"token_types must be a non-empty subset of 0\.\.1, got \[5\]"):
+        span_check([grads[QUERY0]], tables, 4, token_types=[5], **kw)
