@@ -51,6 +51,7 @@ class _Window:
     batches: list[TextBatch] = field(default_factory=list)
     params: dict[str, torch.Tensor] | None = None
     copied_bytes: int = 0
+    capture_seconds: float = 0.0
     error: BaseException | None = None
 
 
@@ -75,6 +76,8 @@ class LeakageAudit(Callback):
             busy, never queued without bound.
         max_seconds: time budget of one audit's attacks.
         worker_threads: intra-op threads of the background worker on CPU.
+        worker_niceness: Linux ``nice`` value (0..19) of the worker thread, so busy cores serve training
+            first; ``None`` leaves it alone.
         end_timeout: seconds to wait at the end of training for audits still running.
         seed: seed of the attacks' private random generator.
 
@@ -102,6 +105,7 @@ class LeakageAudit(Callback):
         max_pending: int = 1,
         max_seconds: float | None = 120.0,
         worker_threads: int | None = 1,
+        worker_niceness: int | None = 19,
         end_timeout: float | None = 600.0,
         seed: int = 0,
     ) -> None:
@@ -117,6 +121,8 @@ class LeakageAudit(Callback):
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
         if worker_threads is not None and worker_threads < 1:
             raise ValueError(f"worker_threads must be >= 1 or None, got {worker_threads!r}")
+        if worker_niceness is not None and not 0 <= worker_niceness <= 19:
+            raise ValueError(f"worker_niceness must be in 0..19 or None, got {worker_niceness!r}")
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be callable, got {batch_adapter!r}")
         if isinstance(modules, str):
@@ -137,6 +143,7 @@ class LeakageAudit(Callback):
         self.max_pending = max_pending
         self.max_seconds = max_seconds
         self.worker_threads = worker_threads
+        self.worker_niceness = worker_niceness
         self.end_timeout = end_timeout
         self.seed = seed
         # run state (also in state_dict)
@@ -222,7 +229,8 @@ class LeakageAudit(Callback):
             return  # audits run on rank zero (issue 7 adds per-rank scope)
         self._log = AuditLog(self.log_path)
         self._worker = AuditWorker(
-            self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads
+            self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
+            niceness=self.worker_niceness,
         )
         self._active = True
         rank_zero_info(
@@ -263,18 +271,21 @@ class LeakageAudit(Callback):
         step = trainer.global_step
         if not self._due(step):
             return
+        t0 = time.perf_counter()
         if self._window is None or self._window.step != step:
             self._window = _Window(step)
         try:
             self._window.batches.append(self.batch_adapter(batch).detached_copy())
         except Exception as exc:  # noqa: BLE001 - a bad batch fails the audit, not training
             self._window.error = exc
+        self._window.capture_seconds += time.perf_counter() - t0
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         w = self._window
         if not self._active or w is None or w.step != trainer.global_step or w.params is not None:
             return
         assert self._auditor is not None
+        t0 = time.perf_counter()
         w.params = {}
         for name in self._auditor.param_names:
             p = self._all_params[name]
@@ -283,6 +294,7 @@ class LeakageAudit(Callback):
                 w.copied_bytes += p.numel() * p.element_size()
             else:  # frozen: shared, it never changes
                 w.params[name] = p.detach()
+        w.capture_seconds += time.perf_counter() - t0
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -318,6 +330,7 @@ class LeakageAudit(Callback):
             busy = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
             self._write(trainer, [failed_records(snap, attack_names, busy, audit_id, status="skipped")], log=True)
             return
+        t0 = time.perf_counter()
         grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
         copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
         pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
@@ -337,6 +350,7 @@ class LeakageAudit(Callback):
         if any(t.is_cuda for t in grads.values()):
             ready = torch.cuda.Event()
             ready.record()
+        snap.extra["capture_seconds"] = w.capture_seconds + time.perf_counter() - t0
         self._worker.submit(snap, ready)
 
     def _empty_snapshot(self, trainer: Trainer, w: _Window) -> AuditSnapshot:
@@ -353,6 +367,7 @@ class LeakageAudit(Callback):
         records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
         for r in records:
             r.info.setdefault("snapshot_bytes", snap.copied_bytes)
+            r.info.setdefault("capture_seconds", round(float(snap.extra.get("capture_seconds", 0.0)), 6))  # type: ignore[arg-type]
         return records
 
     def _audit_crashed(self, snap: AuditSnapshot, exc: BaseException) -> list[AuditRecord]:

@@ -8,7 +8,8 @@ thread; worker errors are kept and surfaced later) and NeMo's EMA callback (a pr
 * **Backpressure.** At most ``max_pending`` audits are in flight (queued or running). ``submit`` returns
   ``False`` instead of queueing more; the caller records the audit as skipped.
 * **CPU.** The worker thread sets its own intra-op thread count (``torch.set_num_threads`` is per thread),
-  default 1, so the training thread keeps the other cores.
+  default 1, and on Linux lowers its own scheduling priority (``nice`` 19 by default), so that when the
+  cores are all busy the kernel runs training first and the audit in what is left.
 * **CUDA.** The snapshot's tensors are cloned on the training stream and an event is recorded after the
   copies; the worker waits on that event from a private low-priority stream, and marks every snapshot
   tensor with ``record_stream`` so the caching allocator does not hand its memory back to training early.
@@ -16,7 +17,9 @@ thread; worker errors are kept and surfaced later) and NeMo's EMA callback (a pr
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -54,10 +57,12 @@ class AuditWorker(Generic[S, R]):
             return value becomes the result (a failed audit), so a crashing audit never goes unnoticed.
         max_pending: audits queued or running at once (≥ 1).
         num_threads: intra-op threads for the worker thread on CPU (``None`` keeps torch's default).
+        niceness: Linux ``nice`` value (0..19) of the worker thread only; higher yields more CPU to
+            training. ``None`` leaves it unchanged. Ignored on other platforms.
         name: thread name.
 
     Raises:
-        ValueError: ``max_pending < 1`` or ``num_threads < 1``.
+        ValueError: ``max_pending < 1``, ``num_threads < 1`` or ``niceness`` outside 0..19.
     """
 
     def __init__(
@@ -67,12 +72,17 @@ class AuditWorker(Generic[S, R]):
         *,
         max_pending: int = 1,
         num_threads: int | None = 1,
+        niceness: int | None = 19,
         name: str = "leak-audit-worker",
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        if niceness is not None and not 0 <= niceness <= 19:
+            raise ValueError(f"niceness must be in 0..19 or None, got {niceness}")
+        self._niceness = niceness
+        self.thread_niceness: int | None = None  # what the worker thread actually got (Linux)
         self._fn = fn
         self._on_error = on_error
         self._max_pending = max_pending
@@ -145,6 +155,13 @@ class AuditWorker(Generic[S, R]):
     def _loop(self) -> None:
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
+        if self._niceness is not None and sys.platform.startswith("linux"):
+            try:  # on Linux a thread is a task with its own nice value; this lowers only the worker
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), self._niceness))
+                self.thread_niceness = os.getpriority(os.PRIO_PROCESS, tid)
+            except OSError:
+                pass
         while True:
             item = self._inbox.get()
             if item is _STOP:

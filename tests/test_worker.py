@@ -48,3 +48,19 @@ def test_training_never_waits_on_a_slow_audit():
     w.submit(0)
     assert time.perf_counter() - t0 < 0.1
     w.close(timeout=10)
+
+
+def test_only_the_worker_thread_is_niced_on_linux():
+    import os
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux feature")
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    w = AuditWorker(lambda x: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), lambda s, e: None, niceness=19)
+    w.submit(0)
+    w.close(timeout=10)
+    assert w.drain() == [19] and w.thread_niceness == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
