@@ -126,7 +126,6 @@ class Auditor:
         generator = torch.Generator().manual_seed(self.seed + snapshot.step)
         priors: dict[str, Reconstruction] = {}
         records = []
-        special = self.spec.special_token_ids
         for attack in self.attacks:
             plan = self.plan[attack.name]
             base = dict(
