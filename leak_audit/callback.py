@@ -160,7 +160,7 @@ class LeakageAudit(Callback):
         self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
         self._log: AuditLog | None = None
         self._window: _Window | None = None
-        self._trainable_params: dict[str, torch.nn.Parameter] = {}
+        self._all_params: dict[str, torch.nn.Parameter] = {}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ identity and state
@@ -223,7 +223,6 @@ class LeakageAudit(Callback):
                 "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
                 "ROUGE is computed on token ids instead of words."
             )
-        self._trainable_params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         self._all_params = dict(pl_module.named_parameters())
         if not trainer.is_global_zero:
             return  # audits run on rank zero (issue 7 adds per-rank scope)

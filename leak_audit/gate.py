@@ -42,6 +42,13 @@ class GateRow:
     where: str = ""
 
 
+def _check_metric(name: str) -> None:
+    if name not in KNOWN_METRICS:
+        close = difflib.get_close_matches(name, KNOWN_METRICS, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise GateError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(KNOWN_METRICS)}")
+
+
 def parse_threshold(text: str) -> tuple[str, float]:
     """Parse ``"metric=value"``.
 
@@ -52,10 +59,7 @@ def parse_threshold(text: str) -> tuple[str, float]:
         raise GateError(f"threshold {text!r} is not of the form METRIC=VALUE (e.g. rouge1=0.5)")
     name, _, raw = text.partition("=")
     name = name.strip()
-    if name not in KNOWN_METRICS:
-        close = difflib.get_close_matches(name, KNOWN_METRICS, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise GateError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(KNOWN_METRICS)}")
+    _check_metric(name)
     try:
         value = float(raw)
     except ValueError:
@@ -72,8 +76,7 @@ def evaluate_gate(records: Sequence[AuditRecord], thresholds: Mapping[str, float
     if not thresholds:
         raise GateError("no thresholds given (e.g. --max rouge1=0.5)")
     for name in thresholds:
-        if name not in KNOWN_METRICS:
-            raise GateError(f"unknown metric {name!r}; known metrics: {', '.join(KNOWN_METRICS)}")
+        _check_metric(name)
     ok = [r for r in records if r.status == "ok"]
     if not ok:
         statuses = sorted({r.status for r in records}) or ["none"]

@@ -44,15 +44,10 @@ def _matches(pattern: str, name: str) -> bool:
 
 def _suggest(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     """Closest real module names to ``pattern`` (compared on full names and on dotted suffixes)."""
-    scored: dict[str, float] = {}
     bare = pattern.replace("*", "")
-    for name in names:
-        if not name:
-            continue
-        best = max(
-            difflib.SequenceMatcher(None, bare, s).ratio() for s in _suffixes(name)[: max(1, len(name.split(".")))]
-        )
-        scored[name] = best
+    scored = {
+        name: max(difflib.SequenceMatcher(None, bare, s).ratio() for s in _suffixes(name)) for name in names if name
+    }
     ranked = sorted(scored, key=lambda k: (-scored[k], len(k)))
     return ranked[:n]
 

@@ -146,6 +146,8 @@ def test_pruned_refinement_and_segment_restriction_keep_recall(minilm, tokenizer
     kw = dict(dropout=spec.dropout, sep_token_id=spec.sep_token_id, vocabulary=bag)
     full = span_check([grads[QUERY0]], tables, 4, prune=False, **kw)
     fast = span_check([grads[QUERY0]], tables, 4, token_types=seg, **kw)
-    assert _per_position_recall([(enc, fast)]) == _per_position_recall([(enc, full)])
+    recall = _per_position_recall([(enc, fast)])
+    assert recall == _per_position_recall([(enc, full)])
+    assert sum(recall.values()) / len(recall) >= 0.9, recall
     with pytest.raises(ValueError, match=r"token_types must be a non-empty subset of 0\.\.1, got \[5\]"):
         span_check([grads[QUERY0]], tables, 4, token_types=[5], **kw)
