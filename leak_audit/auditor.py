@@ -16,6 +16,7 @@ from leak_audit.metrics import match_sequences, score_text_reconstruction
 from leak_audit.models import TextModelSpec
 from leak_audit.records import AuditRecord
 from leak_audit.recompute import EvalRecompute
+from leak_audit.replica import ModelReplica
 from leak_audit.snapshot import AuditSnapshot
 
 __all__ = ["Auditor", "failed_records"]
@@ -60,6 +61,8 @@ class Auditor:
         recomputer: required for ``recompute="eval"``.
         max_seconds: time budget per audit, shared by its attacks (``None``: unbounded).
         seed: seed of the attacks' private generator.
+        replica: the model's architecture for attacks that run the model (``Requirements.replica``);
+            without one those attacks are skipped.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Auditor:
         recomputer: EvalRecompute | None = None,
         max_seconds: float | None = None,
         seed: int = 0,
+        replica: ModelReplica | None = None,
     ) -> None:
         if recompute not in ("observed", "eval"):
             raise ValueError(f"recompute must be 'observed' or 'eval', got {recompute!r}")
@@ -88,12 +92,20 @@ class Auditor:
         self.recomputer = recomputer
         self.max_seconds = max_seconds
         self.seed = seed
+        self.replica = replica
         self.plan: dict[str, Requirements | str] = {}
         for attack in self.attacks:
             try:
-                self.plan[attack.name] = attack.requirements(spec, self.tapped)
+                req = attack.requirements(spec, self.tapped)
             except NotApplicable as exc:
                 self.plan[attack.name] = str(exc)
+                continue
+            if req.replica:
+                if replica is None:
+                    self.plan[attack.name] = "runs the model, but the auditor was given no model replica"
+                    continue
+                req = Requirements(req.gradients, req.params | replica.trainable, replica=True)
+            self.plan[attack.name] = req
 
     @property
     def applicable(self) -> list[str]:
@@ -149,6 +161,7 @@ class Auditor:
                     priors=dict(priors),
                     generator=generator,
                     deadline=deadline,
+                    replica=self.replica if plan.replica else None,
                 )
                 with torch.no_grad():
                     recon = attack(inp)

@@ -31,6 +31,7 @@ from leak_audit.auditor import Auditor, failed_records
 from leak_audit.batch import BatchAdapter, TextBatch, default_batch_adapter
 from leak_audit.models import TextModelSpec, find_hf_model, text_model_spec
 from leak_audit.recompute import EvalRecompute
+from leak_audit.replica import ModelReplica
 from leak_audit.records import AuditRecord
 from leak_audit.sinks import AuditLog, flatten_metrics, log_samples_to_wandb, log_to_loggers
 from leak_audit.snapshot import AuditSnapshot
@@ -197,10 +198,9 @@ class LeakageAudit(Callback):
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
         self._tap = GradientTap(pl_module, self.modules)
-        recomputer = None
-        if self.recompute == "eval":
-            hf_name, hf_model = find_hf_model(pl_module)
-            recomputer = EvalRecompute(hf_model, hf_name)
+        hf_name, hf_model = find_hf_model(pl_module)
+        replica = ModelReplica(hf_model, hf_name)  # shares the live parameters' storage
+        recomputer = EvalRecompute(replica) if self.recompute == "eval" else None
         self._auditor = Auditor(
             self._spec,
             self.attacks,
@@ -211,6 +211,7 @@ class LeakageAudit(Callback):
             recomputer=recomputer,
             max_seconds=self.max_seconds,
             seed=self.seed,
+            replica=replica,
         )
         if not self._auditor.applicable:
             reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())

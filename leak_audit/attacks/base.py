@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.models import TextModelSpec
+from leak_audit.replica import ModelReplica
 
 __all__ = ["Attack", "AttackInput", "NotApplicable", "Reconstruction", "Requirements"]
 
@@ -32,6 +33,8 @@ class Requirements:
 
     gradients: frozenset[str] = frozenset()
     params: frozenset[str] = frozenset()
+    replica: bool = False
+    """The attack runs the model (needs :attr:`AttackInput.replica` and every parameter's value)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class AttackInput:
         priors: results of attacks that ran earlier in the same audit, by attack name.
         generator: the attack's private random generator (never the global one).
         deadline: ``time.monotonic()`` value after which the attack should return its best so far.
+        replica: the model's architecture, to run at ``params`` (attacks whose requirements ask for it).
     """
 
     gradients: Mapping[str, Tensor]
@@ -55,6 +59,7 @@ class AttackInput:
     priors: Mapping[str, Reconstruction] = field(default_factory=dict)
     generator: torch.Generator | None = None
     deadline: float | None = None
+    replica: ModelReplica | None = None
 
     def time_left(self) -> float:
         """Seconds until the deadline (``inf`` without one)."""

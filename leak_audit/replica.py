@@ -1,0 +1,128 @@
+"""A private copy of the model's architecture that attacks run with snapshot parameters.
+
+Optimisation attacks (gradient matching, DLG) and the middle-layer subspace attack need the model's
+forward pass: they compute the gradients or hidden states a *candidate* input would produce. They must
+not touch the live model (training keeps running) and must use the parameter values of the audited step.
+A :class:`ModelReplica` holds a deep copy of the Hugging Face model (eval mode, no stored gradients) and
+runs it with :func:`torch.func.functional_call` on a snapshot's parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["ModelReplica"]
+
+
+class ModelReplica:
+    """Functional forward/backward of a Hugging Face sequence classifier on snapshot parameters.
+
+    The copy shares the live model's parameter *storage* (no memory is duplicated) behind its own
+    ``requires_grad=False`` parameter objects: frozen parameters are read from it, trainable ones must be
+    passed in ``params`` (the snapshot), because training changes them in place.
+
+    Args:
+        hf_model: the live Hugging Face model.
+        prefix: the model's module name inside the audited root (``""`` if it is the root); parameter
+            names given to and returned by this class are root-relative (``prefix + "." + local``).
+    """
+
+    def __init__(self, hf_model: nn.Module, prefix: str = "") -> None:
+        memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in hf_model.parameters()}
+        self.model = copy.deepcopy(hf_model, memo).eval()
+        self.prefix = prefix + "." if prefix else ""
+        self.parameter_names = tuple(self.prefix + n for n, _ in hf_model.named_parameters())
+        self.trainable = frozenset(self.prefix + n for n, p in hf_model.named_parameters() if p.requires_grad)
+
+    def local(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Root-relative ``params`` renamed to the replica's own names (others dropped)."""
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in params.items() if k.startswith(self.prefix)}
+
+    def input_embeddings(self, params: Mapping[str, Tensor]) -> Tensor:
+        """The word-embedding table ``[V, d]`` at the snapshot's values."""
+        emb = self.model.get_input_embeddings()
+        name = next(n for n, p in self.model.named_parameters() if p is emb.weight)
+        return params[self.prefix + name]
+
+    def forward(
+        self,
+        params: Mapping[str, Tensor],
+        *,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_hidden_states: bool = False,
+        train: bool = False,
+    ) -> Any:
+        """Run the model at ``params`` (root-relative names) and return the Hugging Face output.
+
+        ``input_ids`` ``[B, L]`` or ``inputs_embeds`` ``[B, L, d]`` (word embeddings only: position and
+        token-type embeddings and the LayerNorm are added by the model). ``labels`` ``[B]`` (class ids) or
+        ``[B, C]`` soft labels (probabilities): the loss is the batch-mean cross-entropy either way.
+        ``train`` switches dropout on for this call.
+        """
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "output_hidden_states": output_hidden_states}
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        self.model.train(train)
+        try:
+            out = functional_call(self.model, self.local(params), args=(), kwargs=kwargs, strict=False)
+        finally:
+            self.model.eval()
+        if labels is not None:
+            logits = out.logits
+            if labels.dim() == 2:
+                out.loss = -(labels * logits.log_softmax(-1)).sum(-1).mean()
+            else:
+                out.loss = nn.functional.cross_entropy(logits, labels)
+        return out
+
+    def gradients(
+        self,
+        params: Mapping[str, Tensor],
+        names: Sequence[str],
+        *,
+        labels: Tensor,
+        create_graph: bool = False,
+        train: bool = False,
+        **inputs: Tensor | None,
+    ) -> list[Tensor]:
+        """``∂loss/∂param`` for each root-relative name in ``names``, at ``params`` on ``inputs``.
+
+        With ``create_graph=True`` the result is differentiable w.r.t. ``inputs_embeds`` (gradient
+        matching). Parameters outside ``names`` are constants.
+
+        Raises:
+            KeyError: a name is not a parameter of the model.
+        """
+        unknown = [k for k in names if k not in self.parameter_names]
+        if unknown:
+            raise KeyError(f"not parameters of the replicated model: {unknown[:5]}")
+        values = dict(params)
+        leaves = []
+        for k in names:
+            leaf = values[k].detach().requires_grad_(True)
+            values[k] = leaf
+            leaves.append(leaf)
+        with torch.enable_grad():
+            out = self.forward(values, labels=labels, train=train, **inputs)
+            grads = torch.autograd.grad(out.loss, leaves, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)]
+
+    def missing(self, params: Collection[str]) -> list[str]:
+        """Parameter names of the model absent from ``params``."""
+        have = set(params)
+        return [n for n in self.parameter_names if n not in have]
