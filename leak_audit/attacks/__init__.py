@@ -1,6 +1,6 @@
 """Gradient-inversion attacks, one per module, and their registry.
 
-Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"labels"``) and
+Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"labels"``, ``"span_search"``, ...) and
 :func:`register_attack` to add your own :class:`Attack` subclass.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.labels import LabelRecovery
 from leak_audit.attacks.span_check import SpanCheck
+from leak_audit.attacks.span_search import SpanSearch
 from leak_audit.attacks.token_bag import TokenBag
 
 __all__ = [
@@ -44,7 +45,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (TokenBag, SpanCheck, LabelRecovery):
+for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch):
     register_attack(_cls)
 
 
