@@ -137,6 +137,8 @@ class SpanSearch(Attack):
         lr: Adam learning rate (embedding units).
         pool_per_position: nearest tokens per position that enter the candidate pool.
         max_seconds: time budget of one run (``inp.deadline`` also applies).
+        max_perturbations: perturb-and-descend rounds at most (a work bound: with a generous
+            ``max_seconds`` the result depends only on the seed, not on the machine's speed).
         exact_tol: ``D`` below which the reconstruction is certified exact and the search stops.
 
     Measured (pretrained MiniLM, real CoLA, B=1, dropout off, layer 3's query alone, 1 thread):
@@ -157,9 +159,11 @@ class SpanSearch(Attack):
         pool_per_position: int = 16,
         max_seconds: float = 30.0,
         exact_tol: float = 1e-4,
+        max_perturbations: int = 64,
     ) -> None:
         for key, value in dict(restarts=restarts, steps=steps, lr=lr, pool_per_position=pool_per_position,
-                               max_seconds=max_seconds, exact_tol=exact_tol).items():
+                               max_seconds=max_seconds, exact_tol=exact_tol,
+                               max_perturbations=max_perturbations).items():
             if value <= 0:
                 raise ValueError(f"{key} must be > 0, got {value!r}")
         self.restarts = restarts
@@ -168,6 +172,7 @@ class SpanSearch(Attack):
         self.pool_per_position = pool_per_position
         self.max_seconds = max_seconds
         self.exact_tol = exact_tol
+        self.max_perturbations = max_perturbations
 
     @staticmethod
     def _candidates(spec: TextModelSpec, tapped: Collection[str]) -> list[tuple[int, str]]:
@@ -342,7 +347,7 @@ class SpanSearch(Attack):
             return seqs, value
 
         current, best = descend(current, best)
-        while float(best) > self.exact_tol and time.monotonic() < deadline:
+        while float(best) > self.exact_tol and time.monotonic() < deadline and restarts_done < self.max_perturbations:
             restarts_done += 1
             trial = [q.clone() for q in current]
             for _ in range(2):
