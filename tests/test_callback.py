@@ -224,7 +224,7 @@ class Slow(Attack):
         return Requirements(gradients=frozenset({QUERY0}))
 
     def run(self, inp):
-        time.sleep(0.5)
+        time.sleep(2.0)  # long enough to stay busy across steps even on a loaded machine
         return Reconstruction(self.name)
 
 
