@@ -10,7 +10,7 @@ runs it with :func:`torch.func.functional_call` on a snapshot's parameters.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -121,8 +121,3 @@ class ModelReplica:
             out = self.forward(values, labels=labels, train=train, **inputs)
             grads = torch.autograd.grad(out.loss, leaves, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)]
-
-    def missing(self, params: Collection[str]) -> list[str]:
-        """Parameter names of the model absent from ``params``."""
-        have = set(params)
-        return [n for n in self.parameter_names if n not in have]

@@ -545,25 +545,18 @@ def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench
     shared = {k: {str(r[k]) for r in rows} for k in ("data", "dropout")}
     suffix = ", ".join(f"{k} {next(iter(v))}" for k, v in shared.items() if len(v) == 1)
     table = Table(title=f"{title} ({suffix})" if suffix else title, box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ("view", "B", "attack", "n", "R-1", "R-2", "R-L", "tok rec", "exact", "labels", "s/batch", "params",
-               "batches")
+    # console header -> markdown column: the same cells as the report, fewer and shorter headers
+    columns = {"view": "view", "B": "B", "attack": "attack", "n": "n", "R-1": "ROUGE-1", "R-2": "ROUGE-2",
+               "R-L": "ROUGE-L", "tok rec": "token recall", "exact": "exact match", "labels": "label acc",
+               "s/batch": "s/batch", "params": "params", "batches": "batches"}
     for col in columns:
         if col == "view":
             table.add_column(col, overflow="fold", min_width=12)
         else:
             table.add_column(col, justify="left" if col in ("attack", "batches") else "right")
     for row in rows:
-        cells = [
-            str(row["view"]),
-            str(row["batch_size"]),
-            str(row["attack"]),
-            str(row["n_sentences"]),
-            *(_fmt(row[m]) for m in METRICS),
-            _fmt(row.get("label_accuracy")),
-            _fmt(row["seconds_per_batch"], 2),
-            f"{row['params_fraction']:.3g}",
-            _status_text(row.get("status_counts") or {}),
-        ]
+        report = dict(zip(_COLUMNS, _cells(row), strict=True))
+        cells = [report[c] for c in columns.values()]
         cells = [escape(c) for c in cells]
         if row["attack"] == BEST:
             cells = [f"[bold]{c}[/bold]" for c in cells]
