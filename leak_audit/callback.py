@@ -40,7 +40,7 @@ from leak_audit.worker import AuditWorker
 
 __all__ = ["LeakageAudit", "DEFAULT_ATTACKS"]
 
-DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "labels")
+DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention", "labels")
 PROGRESS_BAR_KEY = "leak/max/rouge1"
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from leak_audit import LeakageAudit, ModuleSelectionError, TextBatch, read_audit_log
 from leak_audit.attacks import Attack, AttackInput, Reconstruction, Requirements
+from leak_audit.callback import DEFAULT_ATTACKS
 from leak_audit.datasets import synthetic_pii_dataset
 from leak_audit.models import TextModelSpec
 from tests.conftest import small_bert
@@ -78,7 +79,9 @@ def test_audits_are_recorded_and_logged(tokenizer, tmp_path):
 
     records = read_audit_log(audit.log_path)
     assert sorted({r.step for r in records}) == [0, 2, 4]
-    assert {(r.attack, r.status) for r in records} == {("token_bag", "ok"), ("span_check", "ok"), ("labels", "ok")}
+    assert {(r.attack, r.status) for r in records} == {
+        ("token_bag", "ok"), ("span_check", "ok"), ("span_attention", "ok"), ("labels", "ok")
+    }
     bag = [r for r in records if r.attack == "token_bag"]
     assert all(r.metrics == {"token_precision": 1.0, "token_recall": 1.0} for r in bag)
     assert all(r.samples is None for r in records)  # private text stays out
@@ -104,7 +107,7 @@ def test_final_weights_are_bitwise_identical_with_and_without_the_audit(tokenize
     without = _train_weights(tokenizer, tmp_path / "a", [])
     audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8)
     with_audit = _train_weights(tokenizer, tmp_path / "b", [audit])
-    assert len(read_audit_log(audit.log_path)) == 6 * 3
+    assert len(read_audit_log(audit.log_path)) == 6 * len(DEFAULT_ATTACKS)
     assert without.keys() == with_audit.keys()
     assert all(torch.equal(without[k], with_audit[k]) for k in without)
 

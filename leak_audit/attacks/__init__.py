@@ -1,6 +1,7 @@
 """Gradient-inversion attacks, one per module, and their registry.
 
-Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"labels"``, ``"span_search"``, ...) and
+Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"span_attention"``, ``"labels"``,
+``"span_search"``, ...) and
 :func:`register_attack` to add your own :class:`Attack` subclass.
 """
 
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.labels import LabelRecovery
+from leak_audit.attacks.span_attention import SpanAttention
 from leak_audit.attacks.span_check import SpanCheck
 from leak_audit.attacks.span_search import SpanSearch
 from leak_audit.attacks.token_bag import TokenBag
@@ -45,7 +47,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch):
+for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention):
     register_attack(_cls)
 
 
