@@ -11,6 +11,8 @@ import difflib
 from collections.abc import Iterable
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.dlg import DLG
+from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.attacks.labels import LabelRecovery
 from leak_audit.attacks.span_attention import SpanAttention
 from leak_audit.attacks.span_check import SpanCheck
@@ -47,7 +49,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention):
+for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, GradientMatching, DLG):
     register_attack(_cls)
 
 
