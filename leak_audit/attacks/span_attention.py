@@ -35,7 +35,6 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +108,7 @@ class FirstLayer:
             act = module.intermediate.intermediate_act_fn
         except AttributeError as err:
             raise NotApplicable(f"layer 0 is not a BERT layer ({err})") from None
-        if getattr(getattr(module, "attention", None), "self", None) is not None and getattr(
-            attn, "position_embedding_type", "absolute"
-        ) not in (None, "absolute"):
+        if getattr(attn, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise NotApplicable("relative position embeddings are not supported")
         vals = {k: params[f"{prefix}.{n}"].detach().float() for k, n in names.items()}
         return cls(heads=heads, ln1_eps=ln1_eps, ln2_eps=ln2_eps, act=act, **vals)
@@ -363,7 +360,6 @@ def span_attention(
     max_anchors: int | None = None,
     deadline: float | None = None,
     generator: torch.Generator | None = None,
-    trace: list[Any] | None = None,
 ) -> SpanAttentionResult:
     """Recover the batch's sentences exactly from full first-layer and embedding gradients.
 
@@ -433,8 +429,6 @@ def span_attention(
     def attempt(todo: list[int], warm: bool = False) -> None:
         nonlocal tried, converged
         tried += len(todo)
-        if trace is not None:
-            trace.append((len(todo), [pairs[j] for j in todo], warm))
         theta0 = None
         if warm and found_contexts:
             theta0 = (torch.cat(found_contexts).mean(0) @ basis_c).expand(len(todo), -1)
