@@ -76,12 +76,12 @@ def test_locate_tokens_finds_each_single_position_token(minilm, tokenizer, cola,
     tables = EmbeddingTables.from_params(params, spec)
     located, floating = locate_tokens(grads[spec.word_embeddings], tables, ids.shape[1])
     single = {t: next(iter(p)) for t, p in where.items() if len(p) == 1}
-    assert {t: located[t] for t in single if t not in floating} == {
-        t: i for t, i in single.items() if t not in floating
-    }
-    assert len([t for t in single if t in located and t not in floating]) >= 0.9 * len(single)
+    # every token is a candidate somewhere; a token placed at one position is exactly there
     assert all(t in floating or t in located for t in where)
-    assert all(len(where[t]) == 1 for t in located if t not in floating)
+    placed = {t: i for t, i in located.items() if t not in floating}
+    assert all(where[t] == {i} for t, i in placed.items())
+    # and nearly every single-position token gets placed (the rest stay floating, still candidates)
+    assert len(placed) >= 0.9 * len(single)
 
 
 def test_needs_embedding_and_layer0_gradients(setup):

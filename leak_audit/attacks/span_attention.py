@@ -52,7 +52,8 @@ class FirstLayer:
     """Parameter values and constants of encoder layer 0 (BERT layout).
 
     Shapes: ``wq, wk, wv, wo`` ``[d, d]`` with biases ``[d]``; ``w1`` ``[d_ff, d]``, ``b1`` ``[d_ff]``;
-    ``w2`` ``[d, d_ff]``, ``b2`` ``[d]``; LayerNorm weights/biases ``[d]``.
+    LayerNorm weight/bias ``[d]``. The layer's output projection is not needed: the attack stops at the
+    FFN activations (its *gradient* spans them).
     """
 
     wq: Tensor
@@ -68,11 +69,6 @@ class FirstLayer:
     ln1_eps: float
     w1: Tensor
     b1: Tensor
-    w2: Tensor
-    b2: Tensor
-    ln2_weight: Tensor
-    ln2_bias: Tensor
-    ln2_eps: float
     heads: int
     act: torch.nn.Module
 
@@ -94,8 +90,6 @@ class FirstLayer:
             "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
             "ln1_weight": "attention.output.LayerNorm.weight", "ln1_bias": "attention.output.LayerNorm.bias",
             "w1": "intermediate.dense.weight", "b1": "intermediate.dense.bias",
-            "w2": "output.dense.weight", "b2": "output.dense.bias",
-            "ln2_weight": "output.LayerNorm.weight", "ln2_bias": "output.LayerNorm.bias",
         }  # fmt: skip
         missing = [f"{prefix}.{n}" for n in names.values() if f"{prefix}.{n}" not in params]
         if missing:
@@ -104,14 +98,13 @@ class FirstLayer:
             attn = module.attention.self
             heads = int(attn.num_attention_heads)
             ln1_eps = float(module.attention.output.LayerNorm.eps)
-            ln2_eps = float(module.output.LayerNorm.eps)
             act = module.intermediate.intermediate_act_fn
         except AttributeError as err:
             raise NotApplicable(f"layer 0 is not a BERT layer ({err})") from None
         if getattr(attn, "position_embedding_type", "absolute") not in (None, "absolute"):
             raise NotApplicable("relative position embeddings are not supported")
         vals = {k: params[f"{prefix}.{n}"].detach().float() for k, n in names.items()}
-        return cls(heads=heads, ln1_eps=ln1_eps, ln2_eps=ln2_eps, act=act, **vals)
+        return cls(heads=heads, ln1_eps=ln1_eps, act=act, **vals)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer 0 on inputs ``x`` ``[N, L, d]`` (``mask`` ``[N, L]``, 1 = token).
@@ -401,8 +394,9 @@ def span_attention(
             f"the first layer's gradients have rank {rank} of {d}: the batch has about as many tokens as the "
             "hidden size, so its inputs span the whole space (physical limit of span checks)"
         )
+    shifted = _shift(tables, position_offset)
     located, floating = locate_tokens(
-        grads["word"], _shift(tables, position_offset), length, segment, always_floating=always_floating
+        grads["word"], shifted, length, segment, always_floating=always_floating
     )
     fset = set(floating)
     always_floating = set(always_floating)
@@ -411,7 +405,6 @@ def span_attention(
     pairs += [(v, i) for v in floating for i in range(length)]
     tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     pos = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-    shifted = _shift(tables, position_offset)
     x = _inputs(shifted, tok, pos, segment)
     h, dh = layer.heads, layer.head_size
     q = F.linear(x, layer.wq, layer.bq).view(-1, h, dh)
