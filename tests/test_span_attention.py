@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.span_attention import SpanAttention, locate_tokens
-from leak_audit.attacks.span_check import EmbeddingTables
+from leak_audit.attacks.span_attention import SpanAttention, _inputs as _layer0_inputs, locate_tokens
+from leak_audit.attacks.span_check import EmbeddingTables, span_basis
+from leak_audit.attacks.span_dropout import unmask_inputs
 from leak_audit.models import text_model_spec
 from leak_audit.replica import ModelReplica
 from tests.conftest import gradients
@@ -53,14 +54,55 @@ def test_four_real_sentences_exact(minilm, tokenizer, cola, setup, lo):
     assert sorted(rec.sequences) == sorted(_truth(enc))
 
 
-def test_training_mode_gradient_returns_only_certified_sentences(minilm, tokenizer, cola, setup):
-    """With dropout the spans are not exact: the attack stops early and never returns a wrong sentence."""
+@pytest.mark.parametrize(("lo", "seed"), [(0, 0), (12, 3)])
+def test_training_mode_four_real_sentences_exact(minilm, tokenizer, cola, setup, lo, seed):
+    """Dropout on (observed training-mode gradient): the masks are recovered and the batch is exact.
+
+    ``(12, 3)`` has 67 tokens, repeated tokens at several positions and masks on which the plain L1 fit
+    lands a coordinate off the true mask (the greedy flips fix it).
+    """
+    rows = cola[lo : lo + 4]
+    enc, grads = gradients(minilm, tokenizer, [r[0] for r in rows], [r[1] for r in rows], train=True, seed=seed)
+    rec = _run(setup, grads, 4)
+    assert rec.info["dropout"] is True
+    assert sorted(rec.sequences) == sorted(_truth(enc))
+
+
+def test_training_mode_without_input_gradients_returns_only_certified_sentences(minilm, tokenizer, cola, setup):
+    """Without layer 0's query/key/value gradients the masks cannot be read: no wrong sentence, early stop."""
+    spec, params, _ = setup
     rows = cola[:4]
     enc, grads = gradients(minilm, tokenizer, [r[0] for r in rows], [r[1] for r in rows], train=True)
-    rec = _run(setup, grads, 4)
+    lp = spec.layers[0].prefix
+    names = [n for n in params if not n.startswith(f"{lp}.attention.self.")]
+    rec = _run(setup, grads, 4, names)
     truth = _truth(enc)
+    assert rec.info["dropout"] is False
     assert all(seq in truth for seq in rec.sequences or [])
     assert rec.info["anchors_tried"] <= 4
+
+
+def test_unmask_inputs_separates_true_pairs_from_false_ones(minilm, tokenizer, cola, setup):
+    """Every true (token, position) pair gets its exact dropout mask; a token at a wrong position none."""
+    spec, params, _ = setup
+    rows = cola[4:8]
+    enc, grads = gradients(minilm, tokenizer, [r[0] for r in rows], [r[1] for r in rows], train=True, seed=1)
+    lp = spec.layers[0].prefix
+    basis = span_basis([grads[f"{lp}.attention.self.{m}.weight"] for m in ("query", "key", "value")])[0]
+    tables = EmbeddingTables.from_params(params, spec)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    true = {(int(ids[b, i]), i) for b in range(4) for i in range(int(mask[b].sum()))}
+    false = {(int(ids[b, i]), i + 1) for b in range(4) for i in range(1, int(mask[b].sum()) - 1)} - true
+    pairs = sorted(true) + sorted(false)
+    tok = torch.tensor([p[0] for p in pairs])
+    pos = torch.tensor([p[1] for p in pairs])
+    y = _layer0_inputs(tables, tok, pos, 0)
+    x, res = unmask_inputs(y, basis, spec.dropout, generator=torch.Generator().manual_seed(0))
+    n = len(true)
+    assert float(res[:n].max()) < 1e-5
+    assert float(res[n:].min()) > 1e-2
+    dropped = x[:n].eq(0).double().mean(1)  # about p = 0.1 of the coordinates
+    assert 0.04 < float(dropped.mean()) < 0.16
 
 
 def test_locate_tokens_finds_each_single_position_token(minilm, tokenizer, cola, setup):

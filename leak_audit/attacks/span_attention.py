@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.span_check import EmbeddingTables, span_basis
 from leak_audit.models import TextModelSpec
+
+if TYPE_CHECKING:
+    from leak_audit.attacks.span_dropout import DropoutRates
 
 __all__ = ["ContextSolver", "FirstLayer", "SpanAttention", "locate_tokens", "sentence_membership", "span_attention"]
 
@@ -524,8 +528,11 @@ class SpanAttention(Attack):
 
     Needs the gradients of the word and position embeddings and of layer 0's ``attention.output.dense``,
     ``intermediate.dense`` and ``output.dense`` weights (the ``full`` and embeddings + layer-0 views),
-    exact gradients (dropout off), and fewer tokens in the batch than the hidden size. Sentences it
-    returns are certified exact; it returns fewer than ``B`` when some could not be certified.
+    and fewer tokens in the batch than the hidden size. Training-mode gradients (dropout on) are
+    detected when layer 0's query/key/value gradients are tapped too, and read by
+    :func:`~leak_audit.attacks.span_dropout.span_attention_dropout`, which recovers the dropout masks.
+    Sentences it returns are certified exact; it returns fewer than ``B`` when some could not be
+    certified.
 
     Args:
         units: FFN units in the context solve.
@@ -554,6 +561,11 @@ class SpanAttention(Attack):
             "ffn": f"{lp}.output.dense.weight",
         }
 
+    @staticmethod
+    def _input_grad_names(spec: TextModelSpec) -> list[str]:
+        lp = spec.layers[0].prefix
+        return [f"{lp}.attention.self.{m}.weight" for m in ("query", "key", "value")]
+
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
         if not spec.layers:
             raise NotApplicable("the model has no encoder layers")
@@ -566,6 +578,8 @@ class SpanAttention(Attack):
                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             )
         extra = [spec.token_type_embeddings] if spec.token_type_embeddings in tapped else []
+        # layer 0's query/key/value gradients span its (masked) inputs: needed for training-mode gradients
+        extra += [n for n in self._input_grad_names(spec) if n in tapped]
         return Requirements(
             gradients=frozenset(list(names.values()) + extra),
             params=frozenset(spec.embedding_params),
@@ -589,21 +603,43 @@ class SpanAttention(Attack):
             if len(used) > 1:
                 raise NotApplicable(f"sentence pairs (token types {used}) are not supported")
             segment = int(used[0])
+        from leak_audit.attacks.span_dropout import span_attention_dropout  # imports this module
+
+        inputs = [inp.gradients[n] for n in self._input_grad_names(spec) if n in inp.gradients]
+        module = inp.replica.model.get_submodule(local)
+        rates = _dropout_rates(spec, module)
+        trained = bool(inputs) and rates.any and _masked_inputs(grads["word"], inputs, tables, segment, spec)
         with torch.no_grad():
-            result = span_attention(
-                grads,
-                tables,
-                layer,
-                inp.batch_size,
-                segment=segment,
-                position_offset=spec.position_offset,
-                cls_token_id=spec.cls_token_id,
-                always_floating=[spec.sep_token_id] if spec.sep_token_id is not None else (),
-                units=self.units,
-                max_anchors=self.max_anchors,
-                deadline=inp.deadline,
-                generator=inp.generator,
-            )
+            if trained:
+                result = span_attention_dropout(
+                    {**grads, "inputs": inputs},
+                    tables,
+                    layer,
+                    rates,
+                    inp.batch_size,
+                    segment=segment,
+                    position_offset=spec.position_offset,
+                    cls_token_id=spec.cls_token_id,
+                    always_floating=[spec.sep_token_id] if spec.sep_token_id is not None else (),
+                    max_anchors=self.max_anchors,
+                    deadline=inp.deadline,
+                    generator=inp.generator,
+                )
+            else:
+                result = span_attention(
+                    grads,
+                    tables,
+                    layer,
+                    inp.batch_size,
+                    segment=segment,
+                    position_offset=spec.position_offset,
+                    cls_token_id=spec.cls_token_id,
+                    always_floating=[spec.sep_token_id] if spec.sep_token_id is not None else (),
+                    units=self.units,
+                    max_anchors=self.max_anchors,
+                    deadline=inp.deadline,
+                    generator=inp.generator,
+                )
         return Reconstruction(
             attack=self.name,
             sequences=result.sequences or None,
@@ -615,5 +651,47 @@ class SpanAttention(Attack):
                 "anchors_converged": result.anchors_converged,
                 "rank": result.rank,
                 "length": result.length,
+                "dropout": trained,
             },
         )
+
+
+def _dropout_rates(spec: TextModelSpec, module: torch.nn.Module) -> DropoutRates:
+    """Training-mode dropout probabilities of the embeddings and of layer 0 (``module``)."""
+    from leak_audit.attacks.span_dropout import DropoutRates
+
+    def rate(path: str) -> float:
+        try:
+            return float(module.get_submodule(path).p)
+        except AttributeError:
+            return 0.0
+
+    return DropoutRates(spec.dropout, rate("attention.self.dropout"), rate("attention.output.dropout"))
+
+
+def _masked_inputs(
+    word_grad: Tensor, inputs: Sequence[Tensor], tables: EmbeddingTables, segment: int, spec: TextModelSpec
+) -> bool:
+    """Whether layer 0's inputs were dropped out: located tokens' ``LN(e)`` are not in the inputs' span.
+
+    Exact (eval-mode) gradients put every located token's input in the span (residual ~1e-7 on MiniLM);
+    training-mode gradients leave ~0.2 of its norm outside.
+    """
+    shifted = _shift(tables, spec.position_offset)
+    length = shifted.position.shape[0]
+    basis = span_basis(list(inputs))[0].float()
+    if basis.shape[1] >= basis.shape[0] - 8:
+        return False
+    bag = word_grad.abs().sum(1).nonzero().flatten()[:16]
+    base = shifted.position[:length].float()
+    if shifted.token_type is not None:
+        base = base + shifted.token_type[segment].float()
+    worst = []
+    for v in bag.tolist():
+        e = tables.word[v].float() + base
+        e = e - e.mean(1, keepdim=True)
+        g = word_grad[v].float()
+        i = int(((e @ g).abs() / (e.norm(dim=1) * g.norm()).clamp_min(1e-30)).argmin())
+        x = _inputs(shifted, torch.tensor([v]), torch.tensor([i]), segment)
+        worst.append(float((x - (x @ basis) @ basis.T).norm() / x.norm()))
+    return bool(worst) and min(worst) > 1e-3
