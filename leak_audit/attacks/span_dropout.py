@@ -9,7 +9,7 @@ themselves, because each is *sparse* (a share ``p`` of zeros) while every span i
 
 1. **Embedding masks (L1 regression).** ``x = m₁ ⊙ y'`` (``y' = LN(e)/(1 − p)``) lies in the row space
    ``S_x`` of the query/key/value gradients. Regressing ``y'`` on a basis of ``S_x`` under an L1 loss
-   (iteratively reweighted least squares) treats the dropped coordinates as outliers; the fit is exact
+   (ADMM, then greedy exact coordinate flips) treats the dropped coordinates as outliers; the fit is exact
    (residual ~1e-7) for a true (token, position) pair and fails (≥ 0.07 on MiniLM) for a false one. A
    pair that occurs in several sentences has one instance per sentence, each with its own mask; the
    search is restarted, weighting the coordinates already seen dropped, until no new instance appears.
@@ -108,6 +108,33 @@ def _l1_fit(a: Tensor, b: Tensor, weights: Tensor | None = None, iters: int = 60
     return sol
 
 
+def _l1_fit_orthonormal(basis: Tensor, b: Tensor, weights: Tensor, iters: int) -> Tensor:
+    """Batched weighted L1 regression ``min_s Σ_k w_k |(basis s)_k − b_k|`` for an orthonormal ``basis``.
+
+    Scaled ADMM on ``z = basis·s − b``: the ``s``-update is a projection (``basis`` has orthonormal
+    columns), the ``z``-update a weighted soft threshold, so an iteration costs ``O(n d r)`` instead of
+    the ``O(n d r²)`` of reweighted least squares (10-20× faster on MiniLM's layer-0 spans).
+
+    Args:
+        basis: ``[d, r]`` orthonormal columns; ``b``: ``[n, d]``; ``weights``: ``[n, d]``.
+
+    Returns:
+        ``[n, r]`` the coefficients (float64).
+    """
+    b = b.double()
+    rho = 1.0 / b.abs().mean(-1, keepdim=True).clamp_min(1e-30)
+    thr = weights.double() / rho
+    z = torch.zeros_like(b)
+    u = torch.zeros_like(b)
+    sol = b @ basis
+    for _ in range(iters):
+        sol = (b + z - u) @ basis
+        v = sol @ basis.T - b + u
+        z = v.sign() * (v.abs() - thr).clamp_min(0.0)
+        u = v - z
+    return sol
+
+
 def unmask_inputs(
     y: Tensor,
     basis_x: Tensor,
@@ -117,13 +144,13 @@ def unmask_inputs(
     tol: float = 1e-5,
     powers: Sequence[float] = (1.0, 0.5, 0.0),
     restarts: int = 2,
-    iters: int = 25,
+    iters: int = 200,
     polish: int = 6,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Recover the dropout mask of layer-0 inputs: the ``x = m ⊙ y/(1 − p)`` that lies in ``S_x``.
 
-    L1 regression of ``y' = y/(1 − p)`` on ``S_x`` with coordinate weights ``|y'_k|^(−power)``: power 1
+    L1 regression (ADMM) of ``y' = y/(1 − p)`` on ``S_x`` with coordinate weights ``|y'_k|^(−power)``: power 1
     counts dropped coordinates whatever their size (plain L1, power 0, prefers dropping small ones and can
     land on a mixture of instances of a repeated token). Rows not exact after one power are retried with
     the next; each fit is polished by greedy single-coordinate flips that shrink the residual (``polish``
@@ -168,7 +195,7 @@ def unmask_inputs(
 
 
 def _unmask(yp: Tensor, basis: Tensor, weights: Tensor, iters: int, polish: int) -> tuple[Tensor, Tensor]:
-    fit = _l1_fit(basis, yp, weights, iters) @ basis.T
+    fit = _l1_fit_orthonormal(basis, yp, weights, iters) @ basis.T
     x = torch.where((fit - yp).abs() < fit.abs(), yp, torch.zeros_like(yp))
     # The L1 optimum can sit a coordinate or two off the true mask (it spreads a small residual instead).
     # Greedy exact flips: flipping coordinate k changes ‖P⊥x‖² by 2 δ_k (P⊥x)_k + δ_k² (P⊥)_kk.
@@ -364,12 +391,21 @@ def _instances(
         if not todo:
             break
         seen = torch.stack([torch.stack(found[j]).eq(0).any(0) for j in todo]).double()
-        x2, res2 = unmask_inputs(y[todo], basis_x, p, weights=1.0 + 4.0 * seen, tol=tol, generator=generator)
-        nxt = []
-        for j, xj, rj in zip(todo, x2, res2.tolist(), strict=True):
-            if rj < tol and all(float((xj - old).norm()) > 1e-3 * float(old.norm()) for old in found[j]):
-                found[j].append(xj)
-                nxt.append(j)
+        nxt: list[int] = []
+        # up-weight the coordinates found instances dropped (another instance probably keeps them);
+        # too strong a weight can push the fit off every instance, so escalate only when needed
+        for boost in (1.0, 4.0, 0.25):
+            rows = [r for r, j in enumerate(todo) if j not in nxt]
+            if not rows:
+                break
+            x2, res2 = unmask_inputs(
+                y[[todo[r] for r in rows]], basis_x, p, weights=1.0 + boost * seen[rows], tol=tol, generator=generator
+            )
+            for r, xj, rj in zip(rows, x2, res2.tolist(), strict=True):
+                j = todo[r]
+                if rj < tol and all(float((xj - old).norm()) > 1e-3 * float(old.norm()) for old in found[j]):
+                    found[j].append(xj)
+                    nxt.append(j)
         todo = nxt
     pairs = [j for j in owner for _ in found[j]]
     xs = torch.stack([xi for j in owner for xi in found[j]]) if owner else y.new_zeros(0, y.shape[1]).double()
