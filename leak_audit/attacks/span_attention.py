@@ -609,37 +609,22 @@ class SpanAttention(Attack):
         module = inp.replica.model.get_submodule(local)
         rates = _dropout_rates(spec, module)
         trained = bool(inputs) and rates.any and _masked_inputs(grads["word"], inputs, tables, segment, spec)
+        common = {
+            "segment": segment,
+            "position_offset": spec.position_offset,
+            "cls_token_id": spec.cls_token_id,
+            "always_floating": [spec.sep_token_id] if spec.sep_token_id is not None else (),
+            "max_anchors": self.max_anchors,
+            "deadline": inp.deadline,
+            "generator": inp.generator,
+        }
         with torch.no_grad():
             if trained:
                 result = span_attention_dropout(
-                    {**grads, "inputs": inputs},
-                    tables,
-                    layer,
-                    rates,
-                    inp.batch_size,
-                    segment=segment,
-                    position_offset=spec.position_offset,
-                    cls_token_id=spec.cls_token_id,
-                    always_floating=[spec.sep_token_id] if spec.sep_token_id is not None else (),
-                    max_anchors=self.max_anchors,
-                    deadline=inp.deadline,
-                    generator=inp.generator,
+                    {**grads, "inputs": inputs}, tables, layer, rates, inp.batch_size, **common
                 )
             else:
-                result = span_attention(
-                    grads,
-                    tables,
-                    layer,
-                    inp.batch_size,
-                    segment=segment,
-                    position_offset=spec.position_offset,
-                    cls_token_id=spec.cls_token_id,
-                    always_floating=[spec.sep_token_id] if spec.sep_token_id is not None else (),
-                    units=self.units,
-                    max_anchors=self.max_anchors,
-                    deadline=inp.deadline,
-                    generator=inp.generator,
-                )
+                result = span_attention(grads, tables, layer, inp.batch_size, units=self.units, **common)
         return Reconstruction(
             attack=self.name,
             sequences=result.sequences or None,
