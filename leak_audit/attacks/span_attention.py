@@ -33,7 +33,7 @@ DAGER shares.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -187,6 +187,51 @@ def locate_tokens(
     return located, sorted(floating)
 
 
+def levenberg_marquardt(
+    residual: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    theta: Tensor,
+    scale: float,
+    iters: int,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """Batched Levenberg-Marquardt (Marquardt's diagonal damping), one problem per row of ``theta``.
+
+    Args:
+        residual: ``(rows [m], theta [m, r]) -> (residuals [m, k], Jacobians [m, k, r])`` for problems
+            ``rows``.
+        theta: ``[n, r]`` starting points (updated in place).
+        scale: divides the squared residual to give the loss; rows stop below ``tol``.
+
+    Returns:
+        ``(theta [n, r], loss [n])``.
+    """
+    n = theta.shape[0]
+    lam = torch.full((n,), 1e-3)
+    r, jac = residual(torch.arange(n), theta)
+    f = r.square().sum(-1)
+    active = torch.arange(n)
+    for _ in range(iters):
+        active = active[f[active] / scale >= tol]
+        if active.numel() == 0:
+            break
+        ja = jac[active]
+        jt = ja.transpose(1, 2)
+        jtj = (jt @ ja).double()
+        jtr = (jt @ r[active][..., None]).double()
+        a = jtj + lam[active].double()[:, None, None] * torch.diag_embed(jtj.diagonal(dim1=1, dim2=2) + 1e-12)
+        chol, info = torch.linalg.cholesky_ex(a)
+        step = torch.cholesky_solve(jtr, chol)[..., 0].float()
+        step = torch.where((info == 0)[:, None], step, torch.zeros_like(step))
+        cand = theta[active] - step
+        rn, jn = residual(active, cand)
+        fn = rn.square().sum(-1)
+        ok = fn < f[active]
+        upd = active[ok]
+        theta[upd], r[upd], jac[upd], f[upd] = cand[ok], rn[ok], jn[ok], fn[ok]
+        lam[active] = torch.where(ok, lam[active] / 3, lam[active] * 4).clamp(1e-9, 1e6)
+    return theta, f / scale
+
+
 class ContextSolver:
     """Recover the exact layer-0 attention context of an anchor (token, position) from gradient spans.
 
@@ -260,34 +305,15 @@ class ContextSolver:
             ``(contexts [n, d], loss [n])``; ``loss`` is the squared residual over ``‖γ‖²`` (about 1e-10
             for a true anchor, above 1e-5 for a false one on MiniLM).
         """
-        n = x.shape[0]
-        theta = torch.zeros(n, self.basis_c.shape[1]) if theta0 is None else theta0.clone()
-        lam = torch.full((n,), 1e-3)
-        r, jac = self.residual(x, theta)
-        f = r.square().sum(-1)
-        active = torch.arange(n)
-        for _ in range(iters):
+        theta = torch.zeros(x.shape[0], self.basis_c.shape[1]) if theta0 is None else theta0.clone()
+
+        def residual(rows: Tensor, th: Tensor) -> tuple[Tensor, Tensor]:
+            r, jac = self.residual(x[rows], th)
             assert jac is not None
-            active = active[f[active] / self.scale >= tol]
-            if active.numel() == 0:
-                break
-            ja, ra = jac[active], r[active]
-            jt = ja.transpose(1, 2)
-            jtj = (jt @ ja).double()
-            jtr = (jt @ ra[..., None]).double()
-            diag = jtj.diagonal(dim1=1, dim2=2)
-            a = jtj + lam[active].double()[:, None, None] * torch.diag_embed(diag + 1e-12)
-            chol, info = torch.linalg.cholesky_ex(a)
-            step = torch.cholesky_solve(jtr, chol)[..., 0].float()
-            step = torch.where((info == 0)[:, None], step, torch.zeros_like(step))
-            cand = theta[active] - step
-            rn, jn = self.residual(x[active], cand)
-            fn = rn.square().sum(-1)
-            ok = fn < f[active]
-            upd = active[ok]
-            theta[upd], r[upd], jac[upd], f[upd] = cand[ok], rn[ok], jn[ok], fn[ok]  # type: ignore[index]
-            lam[active] = torch.where(ok, lam[active] / 3, lam[active] * 4).clamp(1e-9, 1e6)
-        return theta @ self.basis_c.T, f / self.scale
+            return r, jac
+
+        theta, loss = levenberg_marquardt(residual, theta, self.scale, iters, tol)
+        return theta @ self.basis_c.T, loss
 
 
 def sentence_membership(
@@ -659,8 +685,8 @@ def _masked_inputs(
 ) -> bool:
     """Whether layer 0's inputs were dropped out: located tokens' ``LN(e)`` are not in the inputs' span.
 
-    Exact (eval-mode) gradients put every located token's input in the span (residual ~1e-7 on MiniLM);
-    training-mode gradients leave ~0.2 of its norm outside.
+    Exact (eval-mode) gradients put every true pair's input in the span (residual ≤ 1.4e-5 on 16 CoLA
+    sentences, B=4); training-mode gradients leave 0.05-0.4 of its norm outside.
     """
     shifted = _shift(tables, spec.position_offset)
     length = shifted.position.shape[0]
