@@ -79,6 +79,8 @@ class TextModelSpec:
     special_token_ids: frozenset[int] = field(default_factory=frozenset)
     cls_token_id: int | None = None
     sep_token_id: int | None = None
+    num_heads: int = 0
+    """Attention heads per layer (0: unknown)."""
 
     @property
     def embedding_params(self) -> tuple[str, ...]:
@@ -212,4 +214,5 @@ def text_model_spec(root: nn.Module) -> TextModelSpec:
         pad_token_id=int(pad_id) if pad_id is not None else None,
         dropout=float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0),
         special_token_ids=frozenset({int(pad_id)}) if pad_id is not None else frozenset(),
+        num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
     )

@@ -1,6 +1,6 @@
 """Gradient-inversion attacks, one per module, and their registry.
 
-Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"span_attention"``, ``"labels"``,
+Use :func:`get_attack` to build one by name (``"token_bag"``, ``"span_check"``, ``"span_attention"``, ``"span_cluster"``, ``"labels"``,
 ``"span_search"``, ...) and
 :func:`register_attack` to add your own :class:`Attack` subclass.
 """
@@ -16,6 +16,7 @@ from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.attacks.labels import LabelRecovery
 from leak_audit.attacks.span_attention import SpanAttention
 from leak_audit.attacks.span_check import SpanCheck
+from leak_audit.attacks.span_cluster import SpanCluster
 from leak_audit.attacks.span_search import SpanSearch
 from leak_audit.attacks.token_bag import TokenBag
 
@@ -49,7 +50,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, GradientMatching, DLG):
+for _cls in (TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, SpanCluster, GradientMatching, DLG):
     register_attack(_cls)
 
 
