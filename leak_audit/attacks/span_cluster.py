@@ -427,7 +427,7 @@ def order_sentence(
     for count in range(len(middle), most + 1):
         # tokens -> slots 0..count-1: every token at least once, extra copies optional (linear assignment)
         copies = [(i, True) for i in range(len(middle))] + [(i, False) for i in range(len(middle)) for _ in range(extra)]
-        cols = count + (len(copies) - count)
+        cols = len(copies)  # slots 0..count-1, then one "unused" column per optional copy
         cost = torch.zeros(len(copies), cols, dtype=torch.float64)
         for r, (i, must) in enumerate(copies):
             cost[r, :count] = -score[i, :count]
