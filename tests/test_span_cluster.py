@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
+from leak_audit.attacks.peeling import certify, label_from_coefficients, logit_gradients
 from leak_audit.attacks.span_check import EmbeddingTables
-from leak_audit.attacks.span_cluster import additive_atoms, token_query_gradients
+from leak_audit.attacks.span_cluster import SpanCluster, additive_atoms, token_query_gradients
 from leak_audit.models import text_model_spec
+from leak_audit.replica import ModelReplica
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +62,74 @@ def test_query_gradient_splits_exactly_by_token(minilm, tokenizer, cola, setup):
 
 
 def test_four_real_sentences_from_the_query_gradient_alone(minilm, tokenizer, cola, setup):
-    """B=4 real CoLA, only layer 0's query weight gradient (0.65% of the parameters): every sentence's token set
-    is recovered, and at least 3 of 4 sentences exactly (the fourth repeats a word inside the sentence)."""
+    """B=4 real CoLA, only layer 0's query weight gradient (0.65% of the parameters). Without the model
+    (no peeling): every sentence's token set, at least 3 of 4 sentences exactly (the fourth repeats a word
+    inside the sentence). With it: the three are certified and peeled, the fourth is then exact at B'=1,
+    and every label is read from the certificates' signs."""
     spec, params = setup
-    enc, grad, _ = _query_gradients(minilm, tokenizer, cola[:4])
-    attack = get_attack("span_cluster")
+    rows = cola[:4]
+    enc, grad, _ = _query_gradients(minilm, tokenizer, rows)
+    truth = [row[: int(m.sum())] for row, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
+    attack = SpanCluster(peel=False)
     req = attack.requirements(spec, [spec.layers[0].query])
+    assert not req.replica
     inp = AttackInput(
         gradients={spec.layers[0].query: grad}, params={n: params[n] for n in req.params}, spec=spec, batch_size=4,
         generator=torch.Generator().manual_seed(0),
     )
     rec = attack(inp)
-    truth = [row[: int(m.sum())] for row, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
     assert sorted(sorted(set(s)) for s in rec.sequences) == sorted(sorted(set(t)) for t in truth)  # type: ignore[union-attr]
     assert sum(t in rec.sequences for t in truth) >= 3  # type: ignore[operator]
+
+    peeling = get_attack("span_cluster")
+    assert peeling.requirements(spec, [spec.layers[0].query]).replica
+    inp = AttackInput(
+        gradients={spec.layers[0].query: grad}, params=params, spec=spec, batch_size=4,
+        generator=torch.Generator().manual_seed(0), replica=ModelReplica(minilm),
+    )
+    rec = peeling(inp)
+    assert rec.info["certified"] == 4
+    assert sorted(rec.sequences) == sorted(truth)  # type: ignore[arg-type]
+    assert rec.labels_aligned
+    assert [rec.labels[rec.sequences.index(t)] for t in truth] == [r[1] for r in rows]  # type: ignore[index,union-attr]
+
+
+def test_certificate_separates_true_from_near_miss_sentences(minilm, tokenizer, cola, setup):
+    """The exact-gradient certificate: true sentences ≤ 1e-5, a swap of two words or one wrong word ≥ 0.1."""
+    spec, params = setup
+    enc, grad, _ = _query_gradients(minilm, tokenizer, cola[:4])
+    truth = [row[: int(m.sum())] for row, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
+    tables = EmbeddingTables.from_params(params, spec)
+    bag = sorted({v for t in truth for v in t})
+    atoms = additive_atoms(tables, bag, max(map(len, truth)))
+    columns = token_query_gradients(grad, atoms)
+    replica = ModelReplica(minilm)
+    name = spec.layers[0].query
+
+    def residual(sentence: list[int], members: list[int]) -> float:
+        basis = logit_gradients(replica, params, name, sentence)
+        cols = [bag.index(v) for v in members]
+        pred = torch.stack([token_query_gradients(j, atoms)[:, cols] for j in basis])
+        return certify(columns[:, cols], pred)[0]
+
+    for i, sent in enumerate(truth):
+        others = {v for j, t in enumerate(truth) if j != i for v in t}
+        members = [v for v in set(sent) if v not in others]
+        assert residual(sent, members) < 1e-5
+        swapped = list(sent)
+        swapped[1], swapped[2] = swapped[2], swapped[1]
+        assert residual(swapped, members) > 0.1
+        wrong = list(sent)
+        wrong[-2] = tokenizer.convert_tokens_to_ids("!")
+        assert residual(wrong, [v for v in members if v in wrong]) > 0.1
+
+
+def test_labels_from_coefficient_signs():
+    assert label_from_coefficients(torch.tensor([0.2])) == 0
+    assert label_from_coefficients(torch.tensor([-0.3])) == 1
+    assert label_from_coefficients(torch.tensor([0.1, -0.4, 0.2])) == 2
+    res, alpha = certify(torch.tensor([2.0, -4.0]), torch.tensor([[1.0, -2.0]]))
+    assert res < 1e-12 and float(alpha[0]) == pytest.approx(2.0)
 
 
 def test_needs_the_query_gradient(setup):

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.span_check import EmbeddingTables, span_basis, span_check
 from leak_audit.models import TextModelSpec
 
@@ -505,13 +506,14 @@ class SpanCluster(Attack):
     name = "span_cluster"
     uses = ("span_check", "token_bag")
 
-    def __init__(self, support: float = 0.01, test_tol: float = 1e-6) -> None:
+    def __init__(self, support: float = 0.01, test_tol: float = 1e-6, peel: bool = True) -> None:
         if not 0 < support < 1:
             raise ValueError(f"support must be in (0, 1), got {support}")
         if not 0 < test_tol < 1:
             raise ValueError(f"test_tol must be in (0, 1), got {test_tol}")
         self.support = support
         self.test_tol = test_tol
+        self.peel = bool(peel)
 
     @staticmethod
     def _key(spec: TextModelSpec) -> str:
@@ -527,7 +529,9 @@ class SpanCluster(Attack):
             raise NotApplicable("the model's number of attention heads is unknown")
         extra = [spec.token_type_embeddings] if spec.token_type_embeddings in tapped else []
         return Requirements(
-            gradients=frozenset([query, *extra]), params=frozenset([*spec.embedding_params, self._key(spec)])
+            gradients=frozenset([query, *extra]),
+            params=frozenset([*spec.embedding_params, self._key(spec)]),
+            replica=self.peel,
         )
 
     def run(self, inp: AttackInput) -> Reconstruction:
@@ -546,40 +550,52 @@ class SpanCluster(Attack):
             )
             candidates = [[t for t, _, _ in c] for c in found.candidates]
             base = found.sequences
-        if inp.batch_size == 1:
-            return Reconstruction(attack=self.name, sequences=base, info={"clusters": 1})
         segment = 0
         tt = inp.gradients.get(spec.token_type_embeddings) if spec.token_type_embeddings else None
         if tt is not None and bool(tt.any()):
             segment = int(tt.abs().sum(1).nonzero().flatten()[0])
         structural = [t for t in (spec.cls_token_id, spec.sep_token_id) if t is not None]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inp.generator)) if inp.generator is not None else 0
-        with torch.no_grad():
-            result = span_cluster(
-                grad,
-                inp.params[self._key(spec)],
-                spec.num_heads,
-                tables,
-                candidates,
-                inp.batch_size,
-                segment=segment,
-                structural=structural,
-                cls_token_id=spec.cls_token_id,
-                sep_token_id=spec.sep_token_id,
-                support=self.support,
-                test_tol=self.test_tol,
-                seed=seed,
-                deadline=inp.deadline,
-            )
+        key_weight = inp.params[self._key(spec)]
+
+        def propose(g: Tensor, b: int, cands: Sequence[Sequence[int]] | None = None, single=None) -> Proposal:
+            if cands is None:
+                found = span_check([g], tables, b, sep_token_id=spec.sep_token_id, deadline=inp.deadline)
+                cands, single = [[t for t, _, _ in c] for c in found.candidates], found.sequences
+            if b == 1:
+                seqs = [list(single[0])] if single else []
+                return Proposal(seqs, sorted({int(t) for c in cands for t in c}), len(cands))
+            with torch.no_grad():
+                res = span_cluster(
+                    g, key_weight, spec.num_heads, tables, cands, b, segment=segment, structural=structural,
+                    cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, support=self.support,
+                    test_tol=self.test_tol, seed=seed, deadline=inp.deadline,
+                )
+            return Proposal(res.sequences, res.bag, res.length)
+
+        first = propose(grad, inp.batch_size, candidates, base)
+        info: dict[str, float | int] = {"clusters": len(first.sequences), "length": first.length}
+        if not self.peel or inp.replica is None:
+            return Reconstruction(attack=self.name, sequences=first.sequences, token_bag=first.bag, info=info)
+        replica = inp.replica
+        name = spec.layers[0].query
+
+        def split(g: Tensor, bag: Sequence[int], length: int) -> Tensor:
+            return token_query_gradients(g, additive_atoms(tables, bag, length, segment))
+
+        peeled = peel(
+            grad, inp.batch_size, propose, lambda s: logit_gradients(replica, inp.params, name, s, segment=segment),
+            split, first=first, structural=structural, deadline=inp.deadline,
+        )
+        info.update(certified=len(peeled.labels), rounds=peeled.rounds)
+        if not peeled.sequences:
+            return Reconstruction(attack=self.name, sequences=first.sequences, token_bag=first.bag, info=info)
+        done = len(peeled.labels) == inp.batch_size
         return Reconstruction(
             attack=self.name,
-            sequences=result.sequences,
-            token_bag=result.bag,
-            info={
-                "clusters": len(result.sequences),
-                "tested": sum(result.tested),
-                "shared": len(result.shared),
-                "rank": result.rank,
-                "length": result.length,
-            },
+            sequences=peeled.sequences,
+            token_bag=first.bag,
+            labels=peeled.labels if done else None,
+            labels_aligned=done,
+            info=info,
         )
