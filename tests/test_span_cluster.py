@@ -136,3 +136,34 @@ def test_needs_the_query_gradient(setup):
     spec, _ = setup
     with pytest.raises(NotApplicable, match="query"):
         get_attack("span_cluster").requirements(spec, [spec.layers[0].key])
+
+
+def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, cola, setup):
+    """CoLA 8-11 (the comparative run): given the right members, order_sentence recovers sentence 11 exactly
+    from its token set plus four tokens of other sentences (they are placed after it and cut off)."""
+    from leak_audit.attacks.span_cluster import order_sentence
+
+    spec, params = setup
+    enc, grad, _ = _query_gradients(minilm, tokenizer, cola[8:12])
+    truth = [row[: int(m.sum())] for row, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
+    tables = EmbeddingTables.from_params(params, spec)
+    bag = sorted({v for t in truth for v in t})
+    h = token_query_gradients(grad, additive_atoms(tables, bag, max(map(len, truth))))
+    wk = params[spec.layers[0].key].double()
+
+    def key_inputs(tok, pos):
+        e = tables.word[tok].double() + tables.position[pos].double() + tables.token_type[0].double()
+        x = torch.nn.functional.layer_norm(
+            e, (e.shape[-1],), tables.norm_weight.double(), tables.norm_bias.double(), tables.norm_eps
+        )
+        return x @ wk.T
+
+    target = truth[3]  # john was lots more obnoxious than fred .
+    ids = tokenizer.convert_tokens_to_ids
+    members = torch.stack([h[:, bag.index(ids(w))].view(12, 32) for w in ("was", "john", "lots")])
+    leaked = set(target) | {ids(w) for w in (",", "the", "you", "pay")}
+    seq, res = order_sentence(
+        leaked, members, key_inputs, 12, cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert seq == target and res < 1e-10

@@ -366,6 +366,8 @@ def order_sentence(
     group lasso of all members at once over every (token, position) pair of the set (one group per pair
     across members and heads), positions from a linear assignment of those scores (``[CLS]`` first,
     ``[SEP]`` last), then pairwise swaps polish the order while they lower the members' exact residual.
+    When no order is exact, tokens of other sentences in the set (clustering leaks) tend to be placed
+    after the sentence's own: the first prefix whose residual is exact is returned instead.
 
     Args:
         tokens: the sentence's tokens (each once); members: ``[m, H, d_h]`` query gradients of tokens that
@@ -487,6 +489,13 @@ def order_sentence(
         if best is None or cur < best[0] * 0.5:
             best = (cur, place, count)
     assert best is not None
+    if m and best[0] >= exact:
+        # tokens of other sentences that leaked into the set end up after the sentence: try its prefixes
+        for count in range(1, best[2]):
+            r = float(residuals([best[1][:count]], (fixed(count)[1:] - ref).view(-1, heads, dh))[0])
+            if r < exact:
+                best = (r, best[1][:count], count)
+                break
     return head + [middle[i] for i in best[1]] + tail, best[0]
 
 
@@ -496,11 +505,21 @@ class SpanCluster(Attack):
     Needs the weight gradient of layer 0's ``attention.self.query`` (the ``linear:…layer.0…query`` view,
     and any view containing it) plus the embedding tables and layer 0's key weight. Uses the span check's
     per-position candidates when ``span_check`` ran first, otherwise runs it. Exact (dropout-off)
-    gradients only. At ``B = 1`` it returns the span check's sentence.
+    gradients only. At ``B = 1`` the span check's sentence is the proposal.
+
+    With ``peel=True`` (default) it also needs the model (``Requirements.replica``): every proposed
+    sentence is certified by its exact gradient and subtracted, and the rest of the batch is attacked
+    again (:func:`~leak_audit.attacks.peeling.peel`); certified sentences come first, and when all ``B``
+    are certified their labels are returned aligned. Without a replica it returns the first proposal.
+    ``info``: ``clusters``, ``length``, ``certified`` and ``rounds``.
 
     Args:
         support: group-lasso support threshold (share of an anchor's largest score).
         test_tol: tolerance of the exact span test.
+        peel: certify and peel sentences with the model (needs the auditor's model replica).
+
+    Raises:
+        ValueError: ``support`` or ``test_tol`` outside ``(0, 1)``.
     """
 
     name = "span_cluster"
