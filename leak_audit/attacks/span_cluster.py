@@ -91,6 +91,7 @@ def group_lasso(
     iters: int = 300,
     rounds: int = 3,
     eps: float = 1e-3,
+    deadline: float | None = None,
 ) -> Tensor:
     """Reweighted group lasso, one problem per target, solved by FISTA.
 
@@ -102,6 +103,7 @@ def group_lasso(
     Args:
         targets: ``[m, H, d_h]``; atoms: ``[N, H, d_h]``.
         penalty: ``[N]`` base weights (0: unpenalised atom).
+        deadline: ``time.monotonic()`` value after which the iterations stop (checked every 25).
 
     Returns:
         ``[m, N]`` group norms ``‖y_n‖`` (the support scores).
@@ -116,7 +118,9 @@ def group_lasso(
     penalised = penalty > 0
     for _ in range(rounds):
         z, tk = y.clone(), 1.0
-        for _ in range(iters):
+        for it in range(iters):
+            if deadline is not None and it % 25 == 0 and time.monotonic() > deadline:
+                return y.norm(dim=2)
             grad = torch.einsum("hdn,mhd->mnh", d, torch.einsum("hdn,mnh->mhd", d, z) - targets)
             v = z - grad / lip
             shrink = (1 - lam * lam0 * weights / lip / v.norm(dim=2).clamp_min(1e-300)).clamp_min(0)
@@ -263,7 +267,7 @@ def span_cluster(
     targets = targets / targets.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
     penalty = torch.ones(keys.shape[0], dtype=torch.float64)
     penalty[-1] = 0.0  # β: every input carries it
-    scores = group_lasso(targets, keys_unit, penalty)[:, :nb]
+    scores = group_lasso(targets, keys_unit, penalty, deadline=deadline)[:, :nb]
     scores = scores / scores.max(1, keepdim=True).values.clamp_min(1e-300)
     # token-to-token affinity among anchors, symmetrised
     aff = scores[:, anchors].clone()
@@ -418,11 +422,15 @@ def order_sentence(
         r = rhs[None] - d @ sol
         return (r.square().sum((1, 2)) / rhs.square().sum((0, 1)).clamp_min(1e-300)).max(1).values
 
+    if deadline is not None and time.monotonic() > deadline:
+        m = 0  # out of time: the assignment of the (empty) scores, no search
     if m:
         unit = pair_atoms.reshape(-1, heads, dh)
         unit = unit / unit.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         targets = members.reshape(1, m * heads, dh)
-        score = group_lasso(targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64))[0]
+        score = group_lasso(
+            targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64), deadline=deadline
+        )[0]
         score = score.view(len(middle), most)
     else:
         score = torch.zeros(len(middle), most, dtype=torch.float64)
