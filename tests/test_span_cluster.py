@@ -152,11 +152,7 @@ def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, 
     wk = params[spec.layers[0].key].double()
 
     def key_inputs(tok, pos):
-        e = tables.word[tok].double() + tables.position[pos].double() + tables.token_type[0].double()
-        x = torch.nn.functional.layer_norm(
-            e, (e.shape[-1],), tables.norm_weight.double(), tables.norm_bias.double(), tables.norm_eps
-        )
-        return x @ wk.T
+        return tables.pair_inputs(tok, pos) @ wk.T
 
     target = truth[3]  # john was lots more obnoxious than fred .
     ids = tokenizer.convert_tokens_to_ids

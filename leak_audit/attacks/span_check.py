@@ -99,6 +99,20 @@ class EmbeddingTables:
             z = z + self.token_type[tt]
         return torch.nn.functional.layer_norm(z, z.shape[-1:], self.norm_weight, self.norm_bias, self.norm_eps)
 
+    def pair_inputs(
+        self, tokens: Tensor, positions: Tensor, segment: int = 0, dtype: torch.dtype = torch.float64
+    ) -> Tensor:
+        """``LayerNorm(E[v] + P[i] + T[segment])`` for pairs ``(tokens[n], positions[n])``: ``[n, d]`` in ``dtype``.
+
+        ``positions`` count from 0 (``position_offset`` is added here).
+        """
+        e = self.word[tokens].to(dtype) + self.position[positions + self.position_offset].to(dtype)
+        if self.token_type is not None:
+            e = e + self.token_type[segment].to(dtype)
+        return torch.nn.functional.layer_norm(
+            e, e.shape[-1:], self.norm_weight.to(dtype), self.norm_bias.to(dtype), self.norm_eps
+        )
+
 
 def span_basis(grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float = 30.0) -> tuple[Tensor, Tensor]:
     """Orthonormal basis of the common row space of weight gradients.

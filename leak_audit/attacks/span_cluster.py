@@ -315,13 +315,7 @@ def span_cluster(
     wk = key_weight.detach().double()
 
     def key_inputs(tok: Tensor, pos: Tensor) -> Tensor:
-        e = tables.word[tok].double() + tables.position[pos + tables.position_offset].double()
-        if tables.token_type is not None:
-            e = e + tables.token_type[segment].double()
-        x = torch.nn.functional.layer_norm(
-            e, (d,), tables.norm_weight.double(), tables.norm_bias.double(), tables.norm_eps
-        )
-        return x @ wk.T
+        return tables.pair_inputs(tok, pos, segment) @ wk.T
 
     final = sets_of(labels, shared)
     sets, sequences, residuals = [], [], []
@@ -585,7 +579,9 @@ class SpanCluster(Attack):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inp.generator)) if inp.generator is not None else 0
         key_weight = inp.params[self._key(spec)]
 
-        def propose(g: Tensor, b: int, cands: Sequence[Sequence[int]] | None = None, single=None) -> Proposal:
+        def propose(
+            g: Tensor, b: int, cands: Sequence[Sequence[int]] | None = None, single: list[list[int]] | None = None
+        ) -> Proposal:
             if cands is None:
                 found = span_check([g], tables, b, sep_token_id=spec.sep_token_id, deadline=inp.deadline)
                 cands, single = [[t for t, _, _ in c] for c in found.candidates], found.sequences
