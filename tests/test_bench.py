@@ -12,6 +12,7 @@ from leak_audit.bench.text import (
     METRICS,
     ROW_KEYS,
     BenchError,
+    bench_attack,
     parse_attacks,
     parse_batch_sizes,
     reference_for,
@@ -161,6 +162,7 @@ def test_bad_view_exits_2_with_suggestions(minilm_path, cola_file, tmp_path, cap
         (["--batch-sizes", "1,x"], ["'x' is not an integer"]),
         (["--batch-sizes", "1,1"], ["repeats '1'"]),
         (["--n", "0"], ["--n must be >= 1"]),
+        (["--max-steps", "0"], ["--max-steps must be >= 1, got 0"]),
         (["--dropout", "maybe"], ["invalid choice: 'maybe'"]),
     ],
 )
@@ -177,6 +179,33 @@ def test_bad_options_exit_2(tmp_path, capsys, args, expected):
 def test_missing_data_exits_2(tmp_path, capsys):
     assert main(["bench", "text", "--data", str(tmp_path / "none.tsv"), "--attacks", "span_check"]) == 2
     assert "none.tsv" in capsys.readouterr().err
+
+
+def test_max_steps_rows_depend_on_the_seed_alone(minilm_path, cola_file, tmp_path):
+    """Work-bounded optimisation attacks: two runs give the same numbers, whatever the machine's load."""
+    def run(out):
+        argv = ["bench", "text", "--data", str(cola_file), "--n", "1", "--batch-sizes", "1",
+                "--views", "linear:bert.encoder.layer.3.attention.self.query", "--attacks", "dlg,gradient_matching",
+                "--seed", "0", "--max-steps", "6", "--json", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        return [{k: r[k] for k in METRICS + ("attack", "label_accuracy")} for r in json.loads(out.read_text())]
+
+    first, second = run(tmp_path / "a.json"), run(tmp_path / "b.json")
+    assert [r["attack"] for r in first] == ["dlg", "gradient_matching"]
+    assert all(r["rouge1"] is not None for r in first)
+    assert first == second
+
+
+def test_bench_attack_work_bounds():
+    gm = bench_attack("gradient_matching", 200)
+    assert (gm.max_steps, gm.max_seconds, gm.discrete_steps) == (200, math.inf, 2)
+    dlg = bench_attack("dlg", 50)
+    assert (dlg.max_steps, dlg.max_seconds) == (50, math.inf)
+    assert bench_attack("span_search", 50).max_seconds == math.inf
+    assert bench_attack("span_check", 50).name == "span_check"
+    assert bench_attack("gradient_matching").max_seconds == 20.0  # registered default: time-bounded
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1, got 0"):
+        bench_attack("dlg", 0)
 
 
 # -------------------------------------------------------------------------------------- pure helpers

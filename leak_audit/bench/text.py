@@ -21,7 +21,9 @@ callback runs. A view is
 One output row per (view, batch size, attack) holds the mean of each metric over the batches (ROUGE is
 the F-measure, all metrics in ``[0, 1]``, ``None`` when the attack does not report it) and the mean
 seconds per batch; ``--attacks best`` adds a row ``best`` that takes, per batch, the attack with the
-highest ROUGE-1 (ties: token recall). Same seed, same numbers (except seconds).
+highest ROUGE-1 (ties: token recall). Same seed, same numbers (except seconds) as long as no clock stops
+an attack: pass ``--max-steps`` (work bounds for the optimisation attacks, :func:`bench_attack`) and no
+``--max-seconds``.
 
 Everything here except :func:`run_text_bench` and :func:`bench_text_command` is a pure function.
 """
@@ -58,7 +60,10 @@ from rich.progress import (
 from rich.table import Table
 from torch import nn
 
-from leak_audit.attacks import available_attacks, get_attack
+from leak_audit.attacks import Attack, available_attacks, get_attack
+from leak_audit.attacks.dlg import DLG
+from leak_audit.attacks.gradient_matching import GradientMatching
+from leak_audit.attacks.span_search import SpanSearch
 from leak_audit.auditor import Auditor
 from leak_audit.batch import TextBatch
 from leak_audit.datasets import read_tsv
@@ -76,6 +81,7 @@ __all__ = [
     "View",
     "add_text_arguments",
     "batch_gradients",
+    "bench_attack",
     "bench_text_command",
     "load_model",
     "markdown_report",
@@ -297,6 +303,38 @@ def resolve_views(text: str, model: nn.Module) -> list[View]:
         except UnsupportedModelError as exc:
             raise BenchError(f"--views: cannot find the encoder layers: {exc}") from None
     return [resolve_view(i, model, prefixes) for i in items]
+
+
+# ------------------------------------------------------------------------------------------- attacks
+
+STEP_BOUNDED: tuple[str, ...] = ("gradient_matching", "dlg", "span_search")
+"""Attacks whose default bound is wall-clock time; ``--max-steps`` replaces it by a work bound."""
+
+
+def bench_attack(name: str, max_steps: int | None = None) -> Attack:
+    """The attack ``name`` as the benchmark runs it.
+
+    Args:
+        name: a registered attack name.
+        max_steps: ``None``: the registered defaults (the optimisation attacks stop at their own
+            ``max_seconds``, so their rows depend on the machine's speed). An integer ``N >= 1``: work bounds
+            only, so that a row depends on its seed alone: ``gradient_matching`` runs ``N`` continuous steps and
+            at most ``max(1, N // 100)`` discrete rounds, ``dlg`` ``N`` L-BFGS evaluations, ``span_search`` its
+            default work bounds (200 Adam steps per stage, 64 perturbation rounds); none of them has a time
+            limit. Attacks outside :data:`STEP_BOUNDED` are unaffected.
+
+    Raises:
+        ValueError: unknown attack name (closest names listed), ``max_steps < 1``.
+    """
+    if max_steps is None or name not in STEP_BOUNDED:
+        return get_attack(name)
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    if name == "gradient_matching":
+        return GradientMatching(max_steps=max_steps, max_seconds=math.inf, discrete_steps=max(1, max_steps // 100))
+    if name == "dlg":
+        return DLG(max_steps=max_steps, max_seconds=math.inf)
+    return SpanSearch(max_seconds=math.inf)
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -602,6 +640,8 @@ class BenchConfig:
         dropout: ``"off"`` (eval-mode gradients) or ``"on"`` (training mode, seeded dropout masks).
         seed: seed of the classification head, dropout masks and attacks.
         max_seconds: time budget per audit (all attacks on one batch and view), ``None``: unbounded.
+        max_steps: work bound of the optimisation attacks instead of their time bound (see
+            :func:`bench_attack`); ``None``: their defaults.
     """
 
     data: Path
@@ -614,6 +654,7 @@ class BenchConfig:
     dropout: str
     seed: int
     max_seconds: float | None = None
+    max_steps: int | None = None
 
 
 def load_model(path: str | None, seed: int) -> tuple[nn.Module, Any, str]:
@@ -708,7 +749,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
     for view in views:
         auditor = Auditor(
             spec,
-            [get_attack(a) for a in config.attacks],
+            [bench_attack(a, config.max_steps) for a in config.attacks],
             view.parameters,
             decode,
             replica=replica,
@@ -822,6 +863,14 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="time budget per audit (one batch, one view); default none",
     )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="work bound instead of time for gradient_matching (N steps), dlg (N evaluations) and span_search "
+        "(its default work bounds): with it and without --max-seconds every row depends on its seed alone",
+    )
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows as JSON")
     parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write the rows as a markdown table")
 
@@ -841,6 +890,8 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             raise BenchError(f"--threads must be >= 1, got {args.threads}")
         if args.max_seconds is not None and args.max_seconds <= 0:
             raise BenchError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        if args.max_steps is not None and args.max_steps < 1:
+            raise BenchError(f"--max-steps must be >= 1, got {args.max_steps}")
         attacks, with_best = parse_attacks(args.attacks)
         config = BenchConfig(
             data=Path(args.data),
@@ -853,6 +904,7 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             dropout=args.dropout,
             seed=args.seed,
             max_seconds=args.max_seconds,
+            max_steps=args.max_steps,
         )
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
