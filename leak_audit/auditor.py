@@ -162,6 +162,7 @@ class Auditor:
                     generator=generator,
                     deadline=deadline,
                     replica=self.replica if plan.replica else None,
+                    noise_std=snapshot.noise_std,
                 )
                 with torch.no_grad():
                     recon = attack(inp)

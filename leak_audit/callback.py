@@ -12,6 +12,12 @@ What is captured, and when (automatic optimization):
 * ``on_before_optimizer_step``: parameter values the attacks need, *before* the update;
 * ``on_train_batch_end`` of the micro-batch that stepped: the gradients, which at that point are
   exactly what the optimizer applied (accumulated, after Lightning's gradient clipping).
+
+With an Opacus ``DPOptimizer`` (detected at ``on_train_start``) the gradients are instead copied by a
+step pre-hook on its ``original_optimizer`` (:class:`~leak_audit.privacy.ReleasedGradientCapture`): after
+per-sample clipping, noise and scaling, before the update: the gradient DP-SGD releases, not the
+non-private one Lightning's hooks see. The DP state (σ, C, the accountant's history) is copied with it,
+and the worker computes ε at δ next to the leakage.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ from leak_audit.attacks import Attack, get_attack
 from leak_audit.auditor import Auditor, failed_records
 from leak_audit.batch import BatchAdapter, TextBatch, default_batch_adapter
 from leak_audit.models import TextModelSpec, find_hf_model, text_model_spec
+from leak_audit.privacy import (
+    DEFAULT_DELTA,
+    ReleasedGradientCapture,
+    dp_state,
+    find_accountant,
+    find_dp_optimizer,
+)
 from leak_audit.recompute import EvalRecompute
 from leak_audit.replica import ModelReplica
 from leak_audit.records import AuditRecord
@@ -81,6 +94,11 @@ class LeakageAudit(Callback):
             first; ``None`` leaves it alone.
         end_timeout: seconds to wait at the end of training for audits still running.
         seed: seed of the attacks' private random generator.
+        delta: δ at which ε is reported under DP-SGD, in ``(0, 1)``; ``None``: ``1/N`` when the train
+            dataloader's dataset has a length ``N``, else :data:`~leak_audit.privacy.DEFAULT_DELTA` (1e-5).
+        privacy_engine: the Opacus ``PrivacyEngine`` (or its accountant) whose ε to report; ``None``: found
+            on the LightningModule (attribute ``privacy_engine``) or, read-only, inside the
+            ``DPOptimizer``'s accountant hook.
 
     Raises:
         ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
@@ -109,6 +127,8 @@ class LeakageAudit(Callback):
         worker_niceness: int | None = 19,
         end_timeout: float | None = 600.0,
         seed: int = 0,
+        delta: float | None = None,
+        privacy_engine: Any = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
@@ -124,6 +144,8 @@ class LeakageAudit(Callback):
             raise ValueError(f"worker_threads must be >= 1 or None, got {worker_threads!r}")
         if worker_niceness is not None and not 0 <= worker_niceness <= 19:
             raise ValueError(f"worker_niceness must be in 0..19 or None, got {worker_niceness!r}")
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1) or None, got {delta!r}")
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be callable, got {batch_adapter!r}")
         if isinstance(modules, str):
@@ -147,6 +169,8 @@ class LeakageAudit(Callback):
         self.worker_niceness = worker_niceness
         self.end_timeout = end_timeout
         self.seed = seed
+        self.delta = delta
+        self.privacy_engine = privacy_engine
         # run state (also in state_dict)
         self.audits = 0
         self.skipped = 0
@@ -163,6 +187,12 @@ class LeakageAudit(Callback):
         self._window: _Window | None = None
         self._all_params: dict[str, torch.nn.Parameter] = {}
         self._warned: set[str] = set()
+        # DP-SGD (set up in `on_train_start`, once the optimizers exist)
+        self._dp_optimizer: Any = None
+        self._accountant: Any = None
+        self._sample_rate: float | None = None
+        self._capture: ReleasedGradientCapture | None = None
+        self._delta: float = DEFAULT_DELTA
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -239,6 +269,35 @@ class LeakageAudit(Callback):
             f"steps; log {self.log_path}"
         )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active or self._capture is not None:
+            return
+        dp = find_dp_optimizer(trainer.optimizers)
+        if dp is None:
+            return
+        if self.recompute == "eval":
+            raise ValueError(
+                "LeakageAudit(recompute='eval') re-computes a gradient without DP noise, but this run trains with "
+                "an Opacus DPOptimizer, which releases the clipped and noised gradient: use recompute='observed'"
+            )
+        assert self._tap is not None and self._auditor is not None
+        self._dp_optimizer = dp
+        self._accountant, self._sample_rate = find_accountant(dp, self.privacy_engine, pl_module)
+        self._delta = self.delta if self.delta is not None else _default_delta(trainer)
+        self._capture = ReleasedGradientCapture(dp, self._tap.parameters)
+        mechanism = self._accountant.mechanism() if self._accountant is not None else None
+        if mechanism is None:
+            rank_zero_warn(
+                "LeakageAudit: DP-SGD detected but no Opacus accountant found (pass privacy_engine=); "
+                "epsilon is not reported"
+            )
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"privacy/accountant": mechanism or "none", "privacy/delta": self._delta})
+        rank_zero_info(
+            f"LeakageAudit: DP-SGD (noise multiplier {dp.noise_multiplier}, max grad norm {dp.max_grad_norm}, "
+            f"accountant {mechanism}): auditing the released (clipped, noised) gradient; epsilon at delta={self._delta:g}"
+        )
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, self.end_timeout, log=True)
 
@@ -259,6 +318,9 @@ class LeakageAudit(Callback):
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
         self._active = False
 
     # ------------------------------------------------------------------ capture
@@ -274,6 +336,9 @@ class LeakageAudit(Callback):
         t0 = time.perf_counter()
         if self._window is None or self._window.step != step:
             self._window = _Window(step)
+            if self._capture is not None:
+                assert self._auditor is not None
+                self._capture.arm(self._auditor.gradient_names)
         try:
             self._window.batches.append(self.batch_adapter(batch).detached_copy())
         except Exception as exc:  # noqa: BLE001 - a bad batch fails the audit, not training
@@ -331,7 +396,18 @@ class LeakageAudit(Callback):
             self._write(trainer, [failed_records(snap, attack_names, busy, audit_id, status="skipped")], log=True)
             return
         t0 = time.perf_counter()
-        grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
+        dp = None
+        if self._capture is not None:
+            released = self._capture.take()
+            if released is None:
+                exc = RuntimeError("the DP optimizer skipped this step (a virtual step): nothing was released")
+                self._write(trainer, [failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id)],
+                            log=True)
+                return
+            grads = released
+            dp = dp_state(self._dp_optimizer, self._accountant, self._sample_rate)
+        else:
+            grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
         copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
         pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
         batch = TextBatch.concat(w.batches, pad)
@@ -344,6 +420,7 @@ class LeakageAudit(Callback):
             batch=batch,
             modules=self._tap.modules,
             copied_bytes=copied + batch.nbytes(),
+            dp=dp,
             extra={"audit": audit_id},
         )
         ready = None
@@ -365,6 +442,10 @@ class LeakageAudit(Callback):
     def _run_audit(self, snap: AuditSnapshot) -> list[AuditRecord]:
         assert self._auditor is not None
         records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
+        if snap.dp is not None:
+            privacy = snap.dp.report(self._delta).to_dict()
+            for r in records:
+                r.privacy = privacy
         for r in records:
             r.info.setdefault("snapshot_bytes", snap.copied_bytes)
             r.info.setdefault("capture_seconds", round(float(snap.extra.get("capture_seconds", 0.0)), 6))  # type: ignore[arg-type]
@@ -401,6 +482,15 @@ class LeakageAudit(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _default_delta(trainer: Trainer) -> float:
+    """``1/N`` for a train set of ``N`` examples when its size is known, else ``DEFAULT_DELTA``."""
+    try:
+        n = len(trainer.train_dataloader.dataset)  # type: ignore[union-attr,arg-type]
+    except Exception:  # noqa: BLE001 - an iterable dataset, or no dataloader yet
+        return DEFAULT_DELTA
+    return 1.0 / n if n > 1 else DEFAULT_DELTA
 
 
 def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:

@@ -58,6 +58,7 @@ class AuditRecord:
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] | None = None
+    privacy: dict[str, Any] | None = None
     time: str = field(default_factory=iso_now)
     schema: int = SCHEMA_VERSION
 
@@ -68,8 +69,9 @@ class AuditRecord:
     def to_json(self) -> str:
         """One line of JSON (no trailing newline). ``samples`` is omitted when ``None``."""
         data = asdict(self)
-        if data["samples"] is None:
-            del data["samples"]
+        for optional in ("samples", "privacy"):
+            if data[optional] is None:
+                del data[optional]
         return json.dumps(data, separators=(",", ":"), default=_jsonable)
 
     @classmethod

@@ -12,7 +12,12 @@ from typing import Any
 
 from leak_audit.records import AuditRecord
 
-__all__ = ["AuditLog", "flatten_metrics", "log_to_loggers", "log_samples_to_wandb", "wandb_loggers"]
+PRIVACY_KEYS: tuple[str, ...] = (
+    "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "noise_std",
+)
+"""The numeric fields of a record's ``privacy`` dict that go to the loggers as ``privacy/<key>``."""
+
+__all__ = ["PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "log_samples_to_wandb", "wandb_loggers"]
 
 
 class AuditLog:
@@ -50,7 +55,9 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
     """Scalars for loggers from one audit's records.
 
     ``leak/<attack>/<metric>`` per successful attack, ``leak/max/<metric>`` the worst case over attacks
-    (every metric grows with leakage), and ``audit/seconds`` the audit's total attack time.
+    (every metric grows with leakage), ``audit/seconds`` the audit's total attack time, and with DP-SGD
+    ``privacy/<key>`` for :data:`PRIVACY_KEYS` (``privacy/epsilon`` is absent when ε is infinite or
+    could not be computed; the audit log's ``privacy.error`` says why).
     """
     out: dict[str, float] = {}
     worst: dict[str, float] = {}
@@ -61,6 +68,12 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
             out[f"leak/{r.attack}/{name}"] = float(value)
             worst[name] = max(worst.get(name, float("-inf")), float(value))
     out.update({f"leak/max/{k}": v for k, v in worst.items()})
+    privacy = next((r.privacy for r in records if r.privacy), None)
+    if privacy:
+        for key in PRIVACY_KEYS:
+            value = privacy.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"privacy/{key}"] = float(value)
     if records:
         out["audit/seconds"] = float(sum(r.seconds for r in records))
         out["audit/failed"] = float(sum(r.status == "failed" for r in records))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from leak_audit.batch import TextBatch
+from leak_audit.privacy import DPState
 
 __all__ = ["AuditSnapshot"]
 
@@ -27,6 +28,8 @@ class AuditSnapshot:
             reconstructions; never given to an attack.
         modules: the tapped module names.
         copied_bytes: bytes copied on the training thread for this snapshot.
+        dp: with DP-SGD (Opacus), the DP state at this step: the gradients are then the released ones
+            (clipped, noised, scaled), and ``dp.noise_std`` is their per-coordinate noise level.
     """
 
     step: int
@@ -37,8 +40,14 @@ class AuditSnapshot:
     batch: TextBatch
     modules: tuple[str, ...]
     copied_bytes: int = 0
+    dp: DPState | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return self.batch.batch_size
+
+    @property
+    def noise_std(self) -> float:
+        """Per-coordinate standard deviation of the DP noise in ``gradients`` (0 without DP)."""
+        return self.dp.noise_std if self.dp is not None else 0.0

@@ -50,6 +50,8 @@ class AttackInput:
         generator: the attack's private random generator (never the global one).
         deadline: ``time.monotonic()`` value after which the attack should return its best so far.
         replica: the model's architecture, to run at ``params`` (attacks whose requirements ask for it).
+        noise_std: per-coordinate standard deviation of Gaussian noise in ``gradients`` (DP-SGD's
+            ``σ·C/B``, public), ``0.0`` without DP: the noise floor for rank estimation.
     """
 
     gradients: Mapping[str, Tensor]
@@ -60,6 +62,7 @@ class AttackInput:
     generator: torch.Generator | None = None
     deadline: float | None = None
     replica: ModelReplica | None = None
+    noise_std: float = 0.0
 
     def time_left(self) -> float:
         """Seconds until the deadline (``inf`` without one)."""

@@ -614,6 +614,11 @@ class SpanAttention(Attack):
 
     def run(self, inp: AttackInput) -> Reconstruction:
         spec = inp.spec
+        if inp.noise_std > 0:
+            raise NotApplicable(
+                f"its exact certificates need noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} "
+                "per coordinate): span_check, token_bag, labels and gradient_matching rank candidates under noise"
+            )
         if inp.replica is None:
             raise NotApplicable("needs the model replica (layer 0's structure)")
         names = self._grad_names(spec)

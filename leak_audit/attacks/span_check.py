@@ -114,7 +114,28 @@ class EmbeddingTables:
         )
 
 
-def span_basis(grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float = 30.0) -> tuple[Tensor, Tensor]:
+NOISE_EDGE_MARGIN = 1.1
+"""With DP noise, singular values above ``NOISE_EDGE_MARGIN · s(√m + √d)`` count as signal."""
+
+
+def noise_edge(noise_std: float, rows: int, cols: int) -> float:
+    """Largest singular value expected from pure Gaussian noise: ``s (√rows + √cols)``.
+
+    A ``[rows, cols]`` matrix of i.i.d. ``N(0, s²)`` entries has its largest singular value at
+    ``s(√rows + √cols)`` up to fluctuations of order ``s·rows^(-1/6)`` (Bai–Yin, Tracy–Widom); a signal
+    direction is estimable from a noised gradient only when its singular value clears that edge.
+
+    Raises:
+        ValueError: ``noise_std < 0``.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    return noise_std * (rows**0.5 + cols**0.5)
+
+
+def span_basis(
+    grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float = 30.0, noise_std: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Orthonormal basis of the common row space of weight gradients.
 
     Args:
@@ -123,6 +144,9 @@ def span_basis(grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float 
         rtol: singular values below ``rtol · σ_max`` count as numerical zero.
         floor_factor: singular values below ``floor_factor · σ_min`` count as noise when the matrix is
             rank-deficient (float32 round-off sits near ``1e-8 · σ_max``).
+        noise_std: per-coordinate std of Gaussian noise added to every gradient (DP-SGD's ``σ·C/B``);
+            singular values below ``NOISE_EDGE_MARGIN ·`` :func:`noise_edge` are noise. The rank can then
+            be 0: the noise drowns every direction.
 
     Returns:
         ``(basis, singular_values)``: ``basis`` is ``[d, r]`` float64 with orthonormal columns, ``r`` the
@@ -141,7 +165,10 @@ def span_basis(grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float 
     if s.numel() == 0 or s[0] <= 0:
         raise ValueError("the weight gradient is all zeros: this step carries no signal for the span check")
     tol = rtol * s[0]
-    if s.numel() >= d:  # square or tall: the smallest singular values show the noise floor
+    if noise_std > 0:
+        tol = torch.maximum(tol, torch.tensor(NOISE_EDGE_MARGIN * noise_edge(noise_std, *stacked.shape),
+                                              dtype=s.dtype))
+    elif s.numel() >= d:  # square or tall: the smallest singular values show the noise floor
         tol = torch.maximum(tol, floor_factor * s[-1])
     rank = int((s > tol).sum())
     return vh[:rank].T.contiguous(), s
@@ -357,6 +384,7 @@ def span_check(
     vocabulary: Tensor | None = None,
     token_types: Sequence[int] | None = None,
     prune: bool = True,
+    noise_std: float = 0.0,
 ) -> SpanCheckResult:
     """Recover per-position tokens from first-layer weight gradients and assemble sequences.
 
@@ -382,6 +410,10 @@ def span_check(
             gradient); default: every row of the token-type table.
         prune: with dropout, refine only the ``max(6B, 48)`` best candidates per position after two
             C-steps (3x faster on B=8 batches, same recall on real sentences).
+        noise_std: per-coordinate std of DP noise in ``grads`` (0: none). With noise the rank counts only
+            directions above the noise edge (:func:`span_basis`), no residual is exactly zero, and tokens
+            are selected by ranking (the largest gap among the best scores, as with dropout), never by
+            ``exact_tol``. When no direction clears the edge the result is empty (rank 0).
 
     Returns:
         A :class:`SpanCheckResult`.
@@ -389,15 +421,18 @@ def span_check(
     Raises:
         ValueError: see :func:`span_basis`.
     """
-    basis, _ = span_basis(grads)
+    basis, _ = span_basis(grads, noise_std=noise_std)
     rank = basis.shape[1]
     d = basis.shape[0]
+    if rank == 0:  # DP noise drowns every direction: nothing to check
+        return SpanCheckResult([], [], [], 0, float("nan"), 0, dropout_mode=False)
+    noisy = noise_std > 0
     scorer = TokenScorer(tables, basis, vocabulary)
     ids_map = scorer.token_ids
     limit = min(max_length or tables.max_length, tables.max_length)
     # Exact gradients (dropout off, or a model without dropout): some token at the first positions is
     # an exact span member. Otherwise read the gradient as a training-mode (dropout-on) one.
-    trim = _trim_count(dropout, d)
+    trim = 0 if noisy else _trim_count(dropout, d)
     if trim and any(
         float(scorer.residuals(p, tt).min()) < exact_tol
         for p in range(min(3, limit))
@@ -436,7 +471,8 @@ def span_check(
         ids, types, scores = _best_per_token(torch.cat(ids_l), torch.cat(types_l), torch.cat(scores_l))
         best.append((int(ids[0]), float(scores[0])))
         present = _present(
-            scores, exact_tol, min_gap, robust=trim > 0, batch_size=batch_size, crowded=crowded
+            scores, exact_tol, min_gap, robust=trim > 0 or noisy, batch_size=batch_size, crowded=crowded,
+            noisy=noisy,
         )
         candidates.append([(int(ids[j]), int(types[j]), float(scores[j])) for j in range(present)])
         misses = 0 if present else misses + 1
@@ -445,7 +481,7 @@ def span_check(
     while candidates and not candidates[-1]:
         candidates.pop()
     length = len(candidates)
-    threshold = exact_tol if not trim else float("nan")
+    threshold = exact_tol if not (trim or noisy) else float("nan")
     sequences = _assemble(candidates, batch_size, sep_token_id)
     return SpanCheckResult(candidates, best[:length], sequences, rank, threshold, length, dropout_mode=trim > 0)
 
@@ -473,6 +509,7 @@ def _present(
     batch_size: int,
     crowded: bool = False,
     inside_ratio: float = 0.5,
+    noisy: bool = False,
 ) -> int:
     """How many of the sorted ``scores`` belong to tokens present at this position.
 
@@ -482,6 +519,9 @@ def _present(
     ≥ d/4, where true tokens no longer stand out by a clear gap) and ``scores`` cover a whole candidate
     vocabulary (not a shortlist, whose median is not the bulk), the position still counts as occupied
     when its best score is below ``inside_ratio`` times the median, and its ``B`` best tokens are kept.
+    With DP noise (``noisy``) a gap found after more than ``B`` candidates still marks the position as
+    occupied and keeps its ``B`` best: at B = 4 on real CoLA, non-members within 1e-3 of the span sit
+    between the true tokens and the gap even without noise.
     """
     if not robust:
         return int((scores < exact_tol).sum())
@@ -490,8 +530,8 @@ def _present(
         return 0
     ratios = s[1:] / s[:-1]
     j = int(ratios.argmax())
-    if float(ratios[j]) >= min_gap and j + 1 <= batch_size:
-        return j + 1
+    if float(ratios[j]) >= min_gap and (j + 1 <= batch_size or noisy):
+        return min(j + 1, batch_size)
     if crowded and float(scores[0]) < inside_ratio * float(scores.median()):
         return min(batch_size, len(scores))
     return 0
@@ -579,6 +619,7 @@ class SpanCheck(Attack):
             deadline=inp.deadline,
             vocabulary=vocabulary,
             token_types=token_types,
+            noise_std=inp.noise_std,
         )
         return Reconstruction(
             attack=self.name,

@@ -556,6 +556,11 @@ class SpanCluster(Attack):
         )
 
     def run(self, inp: AttackInput) -> Reconstruction:
+        if inp.noise_std > 0:
+            raise NotApplicable(
+                f"its exact certificates need noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} "
+                "per coordinate): span_check, token_bag, labels and gradient_matching rank candidates under noise"
+            )
         spec = inp.spec
         grad = inp.gradients[spec.layers[0].query]
         tables = EmbeddingTables.from_params(inp.params, spec)

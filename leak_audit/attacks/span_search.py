@@ -207,11 +207,13 @@ class SpanSearch(Attack):
             grad = inp.gradients.get(name)
             if grad is None or grad.dim() != 2 or not bool(grad.any()):
                 continue
-            v, _ = span_basis([grad])
-            if v.shape[1] < grad.shape[1] - 1:  # informative: rank below the input size
+            v, _ = span_basis([grad], noise_std=inp.noise_std)
+            if 0 < v.shape[1] < grad.shape[1] - 1:  # informative: rank below the input size
                 weight, basis = name, v.to(torch.float32)
                 break
         if weight is None or basis is None:
+            if inp.noise_std > 0:
+                return Reconstruction(attack=self.name, sequences=[], info={"rank": 0, "below_noise_floor": 1})
             raise NotApplicable("no tapped linear weight gradient has rank below its input size")
         module = weight.rsplit(".", 1)[0]
         if module.endswith(".base_layer"):

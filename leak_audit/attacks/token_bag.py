@@ -5,6 +5,11 @@ Models" (FILM, NeurIPS 2022), §3.1. An embedding lookup routes gradient only to
 nonzero rows of ``∂L/∂E_word`` (``[V, d]``) are exactly the token ids that occur in the batch. Padding
 is excluded automatically: ``nn.Embedding(padding_idx=...)`` never receives gradient at the padding row,
 and padded positions carry zero gradient under the attention mask.
+
+Under DP-SGD every row carries Gaussian noise (std ``s`` per coordinate), so "nonzero" becomes a test:
+a row's squared norm over ``s²`` is chi-square with ``d`` degrees of freedom when the token is absent,
+and a row is kept when it exceeds that law's ``1 − α/V`` quantile (Bonferroni over the ``V`` rows,
+``α = 0.01``: about one false token per hundred audits).
 """
 
 from __future__ import annotations
@@ -17,7 +22,25 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.models import TextModelSpec
 
-__all__ = ["TokenBag", "token_bag"]
+__all__ = ["TokenBag", "noise_threshold", "token_bag"]
+
+
+def noise_threshold(noise_std: float, rows: int, cols: int, alpha: float = 0.01) -> float:
+    """Row-norm threshold above which a row of ``[rows, cols]`` i.i.d. ``N(0, s²)`` noise lies with
+    probability at most ``alpha`` over all rows: ``s · sqrt(χ²_cols quantile at 1 − alpha/rows)``.
+
+    Raises:
+        ValueError: ``noise_std < 0`` or ``alpha`` not in ``(0, 1)``.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if noise_std == 0:
+        return 0.0
+    from scipy.stats import chi2
+
+    return float(noise_std * chi2.isf(alpha / rows, cols) ** 0.5)
 
 
 def token_bag(word_embedding_grad: Tensor, threshold: float = 0.0) -> Tensor:
@@ -64,5 +87,8 @@ class TokenBag(Attack):
         return Requirements(gradients=frozenset({spec.word_embeddings}))
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        ids = token_bag(inp.gradients[inp.spec.word_embeddings], self.threshold)
-        return Reconstruction(attack=self.name, token_bag=ids.tolist(), info={"num_tokens": int(ids.numel())})
+        grad = inp.gradients[inp.spec.word_embeddings]
+        threshold = max(self.threshold, noise_threshold(inp.noise_std, *grad.shape))
+        ids = token_bag(grad, threshold)
+        return Reconstruction(attack=self.name, token_bag=ids.tolist(),
+                              info={"num_tokens": int(ids.numel()), "threshold": threshold})

@@ -31,6 +31,7 @@ Everything here except :func:`run_text_bench` and :func:`bench_text_command` is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import math
@@ -64,6 +65,7 @@ from leak_audit.attacks import Attack, available_attacks, get_attack
 from leak_audit.attacks.dlg import DLG
 from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.attacks.span_search import SpanSearch
+from leak_audit.bench.dp import DPGradients, epoch_epsilon
 from leak_audit.auditor import Auditor
 from leak_audit.batch import TextBatch
 from leak_audit.datasets import read_tsv
@@ -116,6 +118,8 @@ ROW_KEYS: tuple[str, ...] = (
 )
 """The mandatory keys of a JSON row, in output order. Rows also carry :data:`EXTRA_METRICS`, ``seed``,
 ``model``, ``status_counts``, ``best_of`` and ``reference``."""
+DP_DELTA = 1e-5
+"""δ of the ``epsilon`` column (one epoch of the whole ``--data`` file at the row's batch size)."""
 DROPOUT_SEED_STRIDE = 1000003
 """Dropout masks of batch ``i`` come from ``torch.manual_seed(seed * DROPOUT_SEED_STRIDE + i)``."""
 
@@ -140,6 +144,26 @@ def parse_list(text: str, option: str) -> list[str]:
     if repeated:
         raise BenchError(f"{option} {text!r} repeats {', '.join(repr(s) for s in repeated)}")
     return items
+
+
+def parse_noise(text: str) -> tuple[float, ...]:
+    """``"0,0.01,0.1"`` -> ``(0.0, 0.01, 0.1)``: distinct noise multipliers ``>= 0``.
+
+    Raises:
+        BenchError: an empty list, a value that is not a number, a negative or repeated value.
+    """
+    out: list[float] = []
+    for item in parse_list(text, "--dp-noise"):
+        try:
+            value = float(item)
+        except ValueError:
+            raise BenchError(f"--dp-noise: {item!r} is not a number") from None
+        if not value >= 0 or not math.isfinite(value):
+            raise BenchError(f"--dp-noise: noise multipliers must be finite and >= 0, got {item!r}")
+        if value in out:
+            raise BenchError(f"--dp-noise repeats {item!r}")
+        out.append(value)
+    return tuple(out)
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -522,12 +546,32 @@ def _status_text(counts: Mapping[str, int]) -> str:
 
 _COLUMNS = ("data", "view", "B", "attack", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match",
             "label acc", "s/batch", "dropout", "params", "batches", "reference")
+_DP_COLUMNS = ("σ", "C", "ε")
+"""Added after ``params`` when the rows come from ``--dp-noise`` (noise multiplier, clipping norm, ε at 1e-5)."""
 _NUMERIC = {"B", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match", "label acc", "s/batch", "params",
-            "R-1", "R-2", "R-L", "tok rec", "exact", "labels"}
+            "R-1", "R-2", "R-L", "tok rec", "exact", "labels", *_DP_COLUMNS}
 
 
-def _cells(row: Mapping[str, Any]) -> list[str]:
-    return [
+def _has_dp(rows: Sequence[Mapping[str, Any]]) -> bool:
+    return any("noise_multiplier" in r for r in rows)
+
+
+def _columns(dp: bool) -> tuple[str, ...]:
+    if not dp:
+        return _COLUMNS
+    i = _COLUMNS.index("params") + 1
+    return (*_COLUMNS[:i], *_DP_COLUMNS, *_COLUMNS[i:])
+
+
+def _eps_text(row: Mapping[str, Any]) -> str:
+    eps = row.get("epsilon")
+    if eps is None:
+        return "∞" if row.get("noise_multiplier") == 0 else "–"
+    return f"{eps:.3g}"
+
+
+def _cells(row: Mapping[str, Any], dp: bool = False) -> list[str]:
+    cells = [
         str(row["data"]),
         str(row["view"]),
         str(row["batch_size"]),
@@ -541,6 +585,10 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
         _status_text(row.get("status_counts") or {}),
         _reference_text(row.get("reference")),
     ]
+    if dp:
+        i = _COLUMNS.index("params") + 1
+        cells[i:i] = [f"{row.get('noise_multiplier', 0):g}", f"{row.get('max_grad_norm', 0):g}", _eps_text(row)]
+    return cells
 
 
 def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mapping[str, Any] | None = None) -> str:
@@ -556,10 +604,11 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mappi
         lines.append(f"- {k}: {v}")
     if meta:
         lines.append("")
-    lines.append("| " + " | ".join(_COLUMNS) + " |")
-    lines.append("|" + "|".join("---:" if c in _NUMERIC else "---" for c in _COLUMNS) + "|")
+    dp = _has_dp(rows)
+    lines.append("| " + " | ".join(_columns(dp)) + " |")
+    lines.append("|" + "|".join("---:" if c in _NUMERIC else "---" for c in _columns(dp)) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, dp)) + " |")
     lines += [
         "",
         (
@@ -569,6 +618,11 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mappi
             "model's parameters. label acc: share of labels recovered. batches: record statuses. "
             "Reference: published values on BERT-base (LAMP, Balunović et al. 2022; DAGER, Petrov et al. "
             "2024), not measured here."
+            + (
+                " σ: noise multiplier, C: per-sample clipping norm (DP-SGD through Opacus); ε: at δ = 1e-5 "
+                "after one epoch of the whole data file at that batch size (Opacus RDP accountant)."
+                if dp else ""
+            )
         ),
         "",
     ]
@@ -587,13 +641,16 @@ def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench
     columns = {"view": "view", "B": "B", "attack": "attack", "n": "n", "R-1": "ROUGE-1", "R-2": "ROUGE-2",
                "R-L": "ROUGE-L", "tok rec": "token recall", "exact": "exact match", "labels": "label acc",
                "s/batch": "s/batch", "params": "params", "batches": "batches"}
+    dp = _has_dp(rows)
+    if dp:
+        columns.update({c: c for c in _DP_COLUMNS})
     for col in columns:
         if col == "view":
             table.add_column(col, overflow="fold", min_width=12)
         else:
             table.add_column(col, justify="left" if col in ("attack", "batches") else "right")
     for row in rows:
-        report = dict(zip(_COLUMNS, _cells(row), strict=True))
+        report = dict(zip(_columns(dp), _cells(row, dp), strict=True))
         cells = [report[c] for c in columns.values()]
         cells = [escape(c) for c in cells]
         if row["attack"] == BEST:
@@ -642,6 +699,9 @@ class BenchConfig:
         max_seconds: time budget per audit (all attacks on one batch and view), ``None``: unbounded.
         max_steps: work bound of the optimisation attacks instead of their time bound (see
             :func:`bench_attack`); ``None``: their defaults.
+        dp_noise: noise multipliers σ: each runs the whole benchmark on the gradient DP-SGD releases
+            (Opacus, :class:`~leak_audit.bench.dp.DPGradients`); ``None``: plain gradients.
+        max_grad_norm: per-sample clipping norm ``C`` with ``dp_noise``.
     """
 
     data: Path
@@ -655,6 +715,8 @@ class BenchConfig:
     seed: int
     max_seconds: float | None = None
     max_steps: int | None = None
+    dp_noise: tuple[float, ...] | None = None
+    max_grad_norm: float = 1.0
 
 
 def load_model(path: str | None, seed: int) -> tuple[nn.Module, Any, str]:
@@ -765,55 +827,81 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
         auditors[view.name] = (view, auditor)
     needed = frozenset().union(*(a.gradient_names for _, a in auditors.values()))
     batches = {b: split_batches(data, b) for b in sizes}
-    results: dict[tuple[str, int], list[list[AuditRecord]]] = {(v, b): [] for v in auditors for b in sizes}
+    sigmas: list[float | None] = list(config.dp_noise) if config.dp_noise is not None else [None]
+    results: dict[tuple[float | None, str, int], list[list[AuditRecord]]] = {
+        (s, v, b): [] for s in sigmas for v in auditors for b in sizes
+    }
+    dataset_size = len(read_tsv(config.data)) if config.dp_noise is not None else len(data)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("bench text", total=sum(len(batches[b]) for b in sizes) * len(auditors))
-        for b in sizes:
-            for i, batch in enumerate(batches[b]):
-                text_batch, grads = batch_gradients(
-                    model, tokenizer, batch, needed, train=config.dropout == "on",
-                    seed=config.seed * DROPOUT_SEED_STRIDE + i,
-                )
-                for name, (view, auditor) in auditors.items():
-                    progress.update(task, description=f"B={b} batch {i + 1}/{len(batches[b])} {escape(name[:40])}")
-                    snapshot = AuditSnapshot(
-                        step=i,
-                        epoch=0,
-                        time=time.time(),
-                        gradients={k: grads[k] for k in auditor.gradient_names if k in grads},
-                        params=params,
-                        batch=text_batch,
-                        modules=(name,),
+        total = sum(len(batches[b]) for b in sizes) * len(auditors) * len(sigmas)
+        task = progress.add_task("bench text", total=total)
+        for sigma in sigmas:
+            with contextlib.ExitStack() as stack:
+                dp = None
+                if sigma is not None:
+                    dp = stack.enter_context(
+                        DPGradients(model, sigma, config.max_grad_norm, train=config.dropout == "on")
                     )
-                    results[(name, b)].append(auditor(snapshot))
-                    progress.advance(task)
+                for b in sizes:
+                    for i, batch in enumerate(batches[b]):
+                        seed = config.seed * DROPOUT_SEED_STRIDE + i
+                        state = None
+                        if dp is not None:
+                            text_batch, grads, state = dp(tokenizer, batch, needed, seed=seed)
+                        else:
+                            text_batch, grads = batch_gradients(
+                                model, tokenizer, batch, needed, train=config.dropout == "on", seed=seed
+                            )
+                        for name, (view, auditor) in auditors.items():
+                            where = f"σ={sigma} " if sigma is not None else ""
+                            progress.update(
+                                task, description=f"{where}B={b} batch {i + 1}/{len(batches[b])} {escape(name[:40])}"
+                            )
+                            snapshot = AuditSnapshot(
+                                step=i,
+                                epoch=0,
+                                time=time.time(),
+                                gradients={k: grads[k] for k in auditor.gradient_names if k in grads},
+                                params=params,
+                                batch=text_batch,
+                                modules=(name,),
+                                dp=state,
+                            )
+                            results[(sigma, name, b)].append(auditor(snapshot))
+                            progress.advance(task)
 
     data_name = Path(config.data).stem
     rows: list[dict[str, Any]] = []
-    for name, (view, auditor) in auditors.items():
-        for b in sizes:
-            for entry in summarize(results[(name, b)], auditor.applicable, config.with_best):
-                row: dict[str, Any] = {
-                    "data": data_name,
-                    "view": name,
-                    "batch_size": b,
-                    "attack": entry["attack"],
-                    "n_sentences": entry["n_sentences"],
-                    **{m: entry[m] for m in METRICS},
-                    "seconds_per_batch": entry["seconds_per_batch"],
-                    "dropout": config.dropout,
-                    "params_fraction": view.params_fraction,
-                    **{m: entry[m] for m in EXTRA_METRICS},
-                    "seed": config.seed,
-                    "model": "all-MiniLM-L6-v2" if config.model is None else config.model,
-                    "status_counts": entry["status_counts"],
-                    "best_of": entry["best_of"],
-                    "reference": reference_for(data_name, name, b),
-                }
-                rows.append(row)
+    for sigma, name, b in results:
+        view, auditor = auditors[name]
+        dp_cols: dict[str, Any] = {}
+        if sigma is not None:
+            eps = epoch_epsilon(sigma, b, dataset_size, DP_DELTA)
+            dp_cols = {"noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
+                       "epsilon": eps if math.isfinite(eps) else None}
+        for entry in summarize(results[(sigma, name, b)], auditor.applicable, config.with_best):
+            row: dict[str, Any] = {
+                "data": data_name,
+                "view": name,
+                "batch_size": b,
+                "attack": entry["attack"],
+                "n_sentences": entry["n_sentences"],
+                **{m: entry[m] for m in METRICS},
+                "seconds_per_batch": entry["seconds_per_batch"],
+                "dropout": config.dropout,
+                "params_fraction": view.params_fraction,
+                **{m: entry[m] for m in EXTRA_METRICS},
+                "seed": config.seed,
+                "model": "all-MiniLM-L6-v2" if config.model is None else config.model,
+                "status_counts": entry["status_counts"],
+                "best_of": entry["best_of"],
+                "reference": reference_for(data_name, name, b),
+                **dp_cols,
+            }
+            rows.append(row)
     meta = {
         "model": "all-MiniLM-L6-v2 (bundled), fresh 2-class head" if config.model is None else config.model,
         "data": f"{config.data} (first {len(data)} sentences)",
@@ -871,6 +959,20 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         help="work bound instead of time for gradient_matching (N steps), dlg (N evaluations) and span_search "
         "(its default work bounds): with it and without --max-seconds every row depends on its seed alone",
     )
+    parser.add_argument(
+        "--dp-noise",
+        default=None,
+        metavar="SIGMA,...",
+        help="noise multipliers: attack the gradient DP-SGD releases (Opacus: per-sample clipping to "
+        "--max-grad-norm, Gaussian noise, /B) at each; rows gain noise_multiplier, max_grad_norm, epsilon",
+    )
+    parser.add_argument(
+        "--max-grad-norm", type=float, default=1.0, metavar="C", help="per-sample clipping norm with --dp-noise"
+    )
+    parser.add_argument(
+        "--plot", default=None, metavar="OUT.png",
+        help="with --dp-noise: ROUGE-1 and token recall against σ and ε, per view and batch size (best attack)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows as JSON")
     parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write the rows as a markdown table")
 
@@ -892,6 +994,11 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             raise BenchError(f"--max-seconds must be > 0, got {args.max_seconds}")
         if args.max_steps is not None and args.max_steps < 1:
             raise BenchError(f"--max-steps must be >= 1, got {args.max_steps}")
+        dp_noise = parse_noise(args.dp_noise) if args.dp_noise is not None else None
+        if not args.max_grad_norm > 0:
+            raise BenchError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+        if args.plot and dp_noise is None:
+            raise BenchError("--plot draws leakage against the noise multiplier: it needs --dp-noise")
         attacks, with_best = parse_attacks(args.attacks)
         config = BenchConfig(
             data=Path(args.data),
@@ -905,6 +1012,8 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             seed=args.seed,
             max_seconds=args.max_seconds,
             max_steps=args.max_steps,
+            dp_noise=dp_noise,
+            max_grad_norm=args.max_grad_norm,
         )
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
@@ -922,6 +1031,10 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
     if args.markdown:
         console.print(f"wrote {write_markdown(markdown_report(rows, command, meta), args.markdown)}", markup=False,
                       highlight=False)
+    if args.plot:
+        from leak_audit.bench.plot import plot_noise_curves
+
+        console.print(f"wrote {plot_noise_curves(rows, args.plot)}", markup=False, highlight=False)
     # A terminal wraps the table to its width; a pipe or file gets it unwrapped (up to 200 columns).
     out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
     out.print(rows_table(rows))

@@ -1,0 +1,339 @@
+"""Differential privacy next to leakage: the gradient DP-SGD releases, and the (ε, δ) spent so far.
+
+Opacus 1.6's :class:`~opacus.optimizers.DPOptimizer` privatizes a gradient in ``pre_step`` (see
+``../shared/NOTES.md``): per-sample clipping to ``max_grad_norm`` ``C`` summed into ``p.summed_grad``,
+``p.grad = summed_grad + N(0, (σ·C)²)``, division by the expected batch size ``B``, then the accountant's
+``step_hook``. Only then does the wrapped optimizer update the parameters. Lightning's
+``on_after_backward`` and ``on_before_optimizer_step`` therefore see the *non-private* gradient;
+auditing it overstates what DP releases. :class:`ReleasedGradientCapture` registers a step pre-hook on
+``dp_optimizer.original_optimizer`` instead: it runs after clip + noise + scale and before the update,
+and reads the parameters' ``.grad`` exactly as the update consumes them. It never touches the
+accountant's ``step_hook`` (replacing it, as ``attach_step_hook`` does, silently freezes ε).
+
+:func:`find_accountant` locates the accountant (given explicitly, on a ``PrivacyEngine``, or inside the
+optimizer's ``step_hook``, read-only), and :func:`privacy_report` reads ε at δ from it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_DELTA",
+    "DPState",
+    "dp_state",
+    "PrivacyReport",
+    "ReleasedGradientCapture",
+    "epsilon_for",
+    "find_accountant",
+    "find_dp_optimizer",
+    "privacy_report",
+]
+
+DEFAULT_DELTA = 1e-5
+"""δ when neither the user nor the dataset size gives one (``1/N`` is used when ``N`` is known)."""
+
+
+def _dp_optimizer_class() -> type | None:
+    try:
+        from opacus.optimizers import DPOptimizer
+    except ImportError:  # opacus is a dependency, but DP is optional at run time
+        return None
+    return DPOptimizer
+
+
+def find_dp_optimizer(optimizers: Iterable[Any]) -> Any | None:
+    """The first Opacus ``DPOptimizer`` among ``optimizers`` (Lightning may wrap it in a
+    ``LightningOptimizer``; its ``.optimizer`` is unwrapped), or ``None`` when training is not DP."""
+    cls = _dp_optimizer_class()
+    if cls is None:
+        return None
+    for opt in optimizers:
+        opt = getattr(opt, "_optimizer", opt)
+        if isinstance(opt, cls):
+            return opt
+    return None
+
+
+def _is_accountant(obj: Any) -> bool:
+    try:
+        from opacus.accountants import IAccountant
+    except ImportError:
+        return False
+    return isinstance(obj, IAccountant)
+
+
+def find_accountant(dp_optimizer: Any, *candidates: Any) -> tuple[Any | None, float | None]:
+    """The accountant that tracks ``dp_optimizer``, and the sample rate its hook charges per step.
+
+    Args:
+        dp_optimizer: an Opacus ``DPOptimizer``.
+        candidates: where to look first, in order: an ``IAccountant``, a ``PrivacyEngine`` (its
+            ``.accountant``), or any object with a ``privacy_engine`` or ``accountant`` attribute
+            (e.g. the LightningModule). ``None`` entries are ignored.
+
+    Returns:
+        ``(accountant, sample_rate)``. Without a candidate, the accountant is read from the closure of
+        ``dp_optimizer.step_hook`` (``IAccountant.get_optimizer_hook_fn``), without modifying it. The
+        sample rate comes from that closure (the hook charges it times ``accumulated_iterations``, 1
+        without virtual steps), or from the accountant's last history entry; ``None`` when neither exists yet. ``(None, None)`` when
+        no accountant is found (DP noise without accounting).
+    """
+    accountant = None
+    for c in candidates:
+        if c is None:
+            continue
+        for obj in (c, getattr(c, "accountant", None), getattr(getattr(c, "privacy_engine", None), "accountant", None)):
+            if _is_accountant(obj):
+                accountant = obj
+                break
+        if accountant is not None:
+            break
+    hook = getattr(dp_optimizer, "step_hook", None)
+    hook_rate = None
+    cells = getattr(hook, "__closure__", None) or ()
+    names = getattr(getattr(hook, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, cells, strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if accountant is None and _is_accountant(value):
+            accountant = value
+        if name == "sample_rate" and isinstance(value, (int, float)):
+            hook_rate = float(value)
+    if accountant is None:
+        return None, None
+    if hook_rate is None and getattr(accountant, "history", None):
+        hook_rate = float(accountant.history[-1][1])
+    return accountant, hook_rate
+
+
+def epsilon_for(accountant: Any, delta: float) -> tuple[float, str | None]:
+    """``(ε, error)`` spent so far at ``delta``.
+
+    ε is ``0.0`` with an empty history (no private step yet: nothing released), ``inf`` when a step ran
+    with noise multiplier 0 (no privacy), and ``nan`` with ``error`` set when the accountant cannot
+    compute it (e.g. GDP's or PRV's numerical limits), instead of raising.
+
+    Raises:
+        ValueError: ``delta`` not in ``(0, 1)``.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    history = getattr(accountant, "history", None)
+    if not history:
+        return 0.0, None
+    if any(float(h[0]) == 0.0 for h in history):
+        return math.inf, None
+    try:
+        return float(accountant.get_epsilon(delta)), None
+    except Exception as exc:  # noqa: BLE001 - an accounting failure must not stop training or the audit
+        return math.nan, f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """The DP state at one audited step, with ε at δ.
+
+    Attributes:
+        noise_multiplier: σ, the noise standard deviation in units of ``max_grad_norm``.
+        max_grad_norm: ``C``, the per-sample clipping norm (L2).
+        expected_batch_size: the divisor Opacus applies after adding the noise.
+        noise_std: per-coordinate standard deviation of the noise in the released gradient,
+            ``σ·C / expected_batch_size`` (the attacks' noise floor).
+        accountant: ``"prv"``, ``"rdp"``, ``"gdp"`` or ``None`` (no accountant found).
+        epsilon: ε spent so far at ``delta`` (``None`` without an accountant; see :func:`epsilon_for`).
+        delta: δ.
+        sample_rate: probability that a sample is in a batch, as the accountant charges it.
+        steps: private steps the accountant has recorded.
+        error: why ε could not be computed, else ``None``.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int | None
+    noise_std: float
+    accountant: str | None
+    epsilon: float | None
+    delta: float
+    sample_rate: float | None
+    steps: int
+    error: str | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric fields as ``privacy/*`` logger keys (absent values left out)."""
+        out = {
+            "privacy/noise_multiplier": self.noise_multiplier,
+            "privacy/max_grad_norm": self.max_grad_norm,
+            "privacy/noise_std": self.noise_std,
+            "privacy/delta": self.delta,
+            "privacy/steps": float(self.steps),
+        }
+        if self.epsilon is not None:
+            out["privacy/epsilon"] = self.epsilon
+        if self.sample_rate is not None:
+            out["privacy/sample_rate"] = self.sample_rate
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the audit log's ``privacy`` field). JSON has no infinity: ε = ∞ (noise
+        multiplier 0) is written as ``null`` with ``error`` saying so."""
+        eps, error = self.epsilon, self.error
+        if eps is not None and not math.isfinite(eps):
+            eps, error = None, error or ("no privacy: noise multiplier 0 (epsilon = inf)" if eps > 0 else "epsilon is NaN")
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
+            "noise_std": self.noise_std,
+            "accountant": self.accountant,
+            "epsilon": eps,
+            "delta": self.delta,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "error": error,
+        }
+
+
+@dataclass(frozen=True)
+class DPState:
+    """What DP-SGD had done at one step, copied cheaply on the training thread.
+
+    ε is computed later (:meth:`report`, in the audit worker) from a copy of the accountant's history,
+    so the training thread never pays for the accountant's numerics. Fields as in
+    :class:`PrivacyReport`; ``history`` is the accountant's ``[(σ, q, steps), ...]`` at the step.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int | None
+    noise_std: float
+    accountant: str | None
+    history: tuple[tuple[float, float, int], ...]
+    sample_rate: float | None
+
+    @property
+    def steps(self) -> int:
+        """Private steps recorded by the accountant."""
+        return int(sum(int(h[2]) for h in self.history))
+
+    def report(self, delta: float) -> PrivacyReport:
+        """ε at ``delta`` from a fresh accountant of the same mechanism with the copied history.
+
+        Raises:
+            ValueError: ``delta`` not in ``(0, 1)``.
+        """
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        eps: float | None = None
+        error = None
+        if self.accountant is not None:
+            from opacus.accountants import create_accountant
+
+            acc = create_accountant(self.accountant)
+            acc.history = [tuple(h) for h in self.history]
+            eps, error = epsilon_for(acc, delta)
+        return PrivacyReport(self.noise_multiplier, self.max_grad_norm, self.expected_batch_size, self.noise_std,
+                             self.accountant, eps, delta, self.sample_rate, self.steps, error)
+
+
+def dp_state(dp_optimizer: Any, accountant: Any | None, sample_rate: float | None = None) -> DPState:
+    """Copy the DP state of ``dp_optimizer`` and ``accountant`` now (cheap: no ε computed).
+
+    Args:
+        dp_optimizer: an Opacus ``DPOptimizer``.
+        accountant: its accountant (:func:`find_accountant`), or ``None``.
+        sample_rate: the sample rate the accountant charges, if known.
+    """
+    sigma = float(dp_optimizer.noise_multiplier)
+    clip = dp_optimizer.max_grad_norm
+    clip = float(clip) if isinstance(clip, (int, float)) else float(torch.as_tensor(clip, dtype=torch.float64).norm())
+    ebs = getattr(dp_optimizer, "expected_batch_size", None)
+    ebs = int(ebs) if ebs else None
+    mean = getattr(dp_optimizer, "loss_reduction", "mean") == "mean"
+    std = sigma * clip / (ebs if ebs and mean else 1)
+    history: tuple[tuple[float, float, int], ...] = ()
+    mechanism = None
+    if accountant is not None:
+        history = tuple((float(h[0]), float(h[1]), int(h[2])) for h in (accountant.history or []))
+        mechanism = str(accountant.mechanism())
+    return DPState(sigma, clip, ebs, std, mechanism, history, sample_rate)
+
+
+def privacy_report(
+    dp_optimizer: Any, accountant: Any | None, delta: float, sample_rate: float | None = None
+) -> PrivacyReport:
+    """The DP state of ``dp_optimizer`` and ``accountant`` now, with ε at ``delta``.
+
+    Raises:
+        ValueError: ``delta`` not in ``(0, 1)``.
+    """
+    return dp_state(dp_optimizer, accountant, sample_rate).report(delta)
+
+
+class ReleasedGradientCapture:
+    """Copies the gradient DP-SGD releases: a step pre-hook on ``dp_optimizer.original_optimizer``.
+
+    The hook fires inside ``DPOptimizer.step`` after ``pre_step`` has clipped, noised and scaled
+    ``p.grad`` (and after the accountant's hook), right before the wrapped optimizer's update. A step that
+    Opacus skips (virtual steps of ``BatchMemoryManager``) never reaches it. Nothing is copied unless
+    :meth:`arm` was called for this step.
+
+    Args:
+        dp_optimizer: an Opacus ``DPOptimizer``.
+        parameters: ``{name: parameter}`` whose ``.grad`` to copy.
+        on_capture: optional ``fn(gradients)`` called on the training thread after a copy.
+
+    Raises:
+        TypeError: ``dp_optimizer`` has no ``original_optimizer``.
+    """
+
+    def __init__(
+        self,
+        dp_optimizer: Any,
+        parameters: Mapping[str, torch.nn.Parameter],
+        on_capture: Callable[[dict[str, Tensor]], None] | None = None,
+    ) -> None:
+        original = getattr(dp_optimizer, "original_optimizer", None)
+        if original is None:
+            raise TypeError(f"expected an Opacus DPOptimizer, got {type(dp_optimizer).__name__}")
+        self.dp_optimizer = dp_optimizer
+        self.parameters = dict(parameters)
+        self.on_capture = on_capture
+        self._names: list[str] | None = None
+        self.gradients: dict[str, Tensor] | None = None
+        self._handle = original.register_step_pre_hook(self._hook)
+
+    def arm(self, names: Iterable[str] | None = None) -> None:
+        """Copy the gradients of ``names`` (default: all parameters) at the next optimizer step."""
+        self._names = list(self.parameters) if names is None else list(names)
+        self.gradients = None
+
+    def take(self) -> dict[str, Tensor] | None:
+        """The copied gradients (``None`` if the armed step has not happened) and disarm."""
+        out, self.gradients, self._names = self.gradients, None, None
+        return out
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        self._handle.remove()
+
+    def _hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._names is None:
+            return
+        grads = {}
+        for name in self._names:
+            g = self.parameters[name].grad
+            if g is not None:
+                grads[name] = g.detach().clone()
+        self.gradients = grads
+        self._names = None
+        if self.on_capture is not None:
+            self.on_capture(grads)

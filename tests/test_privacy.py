@@ -1,0 +1,212 @@
+"""DP-SGD with Opacus: the audit attacks the released gradient, and ε is reported without disturbing it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from opacus import PrivacyEngine
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+
+from leak_audit import LeakageAudit, read_audit_log
+from leak_audit.privacy import DPState, epsilon_for, find_accountant, find_dp_optimizer, privacy_report
+from tests.conftest import small_bert
+from tests.test_callback import Recorder, fit, loader
+
+QUERY0 = "model.bert.encoder.layer.0.attention.self.query.weight"
+
+
+class DPClassifier(L.LightningModule):
+    """A small BERT trained with Opacus DP-SGD, hooks mode (``wrap_model=False``), as the example does."""
+
+    def __init__(self, tokenizer, data, sigma=0.5, clip=1.0, accountant="prv", noise_seed=0, expose_engine=True):
+        super().__init__()
+        self.model = small_bert(dropout=0.0)
+        self.tokenizer = tokenizer
+        self.data = data
+        self.sigma, self.clip, self.accountant_kind, self.noise_seed = sigma, clip, accountant, noise_seed
+        self.expose_engine = expose_engine
+        self.engine: PrivacyEngine | None = None
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        b, n = ids.shape  # Opacus needs per-sample position/token-type ids (HF broadcasts them otherwise)
+        return self.model(
+            input_ids=ids, attention_mask=batch["attention_mask"], token_type_ids=torch.zeros_like(ids),
+            position_ids=torch.arange(n).expand(b, n), labels=batch["labels"],
+        ).loss
+
+    def configure_optimizers(self):
+        self.model.train()
+        engine = PrivacyEngine(accountant=self.accountant_kind)
+        _, opt, _ = engine.make_private(
+            module=self.model, optimizer=torch.optim.SGD(self.model.parameters(), lr=0.05), data_loader=self.data,
+            noise_multiplier=self.sigma, max_grad_norm=self.clip, poisson_sampling=False, wrap_model=False,
+            noise_generator=torch.Generator().manual_seed(self.noise_seed),
+        )
+        self.engine = engine
+        if self.expose_engine:
+            self.privacy_engine = engine
+        return opt
+
+
+class GradProbe(L.Callback):
+    """The tapped gradient before DP (``on_before_optimizer_step``) and ``p.grad`` after the step."""
+
+    def __init__(self):
+        self.pre, self.post = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.pre.append(pl_module.model.bert.encoder.layer[0].attention.self.query.weight.grad.clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.post.append(pl_module.model.bert.encoder.layer[0].attention.self.query.weight.grad.clone())
+
+
+def dp_fit(tokenizer, tmp_path, callbacks, max_steps=3, **kwargs):
+    L.seed_everything(0, verbose=False)
+    data = loader(tokenizer, n=32, batch_size=4)
+    module = DPClassifier(tokenizer, data, **kwargs)
+    trainer = fit(module, tmp_path, callbacks, max_steps=max_steps, train_dataloaders=data, log_every_n_steps=1,
+                  loggers=[CSVLogger(tmp_path, name="csv")])
+    return module, trainer
+
+
+def test_the_audited_gradient_is_the_released_one(tokenizer, tmp_path):
+    recorder = Recorder({QUERY0}, set())
+    probe = GradProbe()
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=[recorder, "span_check"],
+                         every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8)
+    dp_fit(tokenizer, tmp_path, [audit, probe], max_steps=3)
+
+    assert len(recorder.seen) == 3
+    for (grads, _, _), pre, post in zip(recorder.seen, probe.pre, probe.post, strict=True):
+        torch.testing.assert_close(grads[QUERY0], post, rtol=0, atol=0)  # bitwise the released gradient
+        # and not the non-private one: noise std sigma*C/B = 0.125 per coordinate dwarfs the signal
+        assert (grads[QUERY0] - pre).std() > 0.1
+        assert pre.norm() < 0.01 * grads[QUERY0].norm()
+    records = read_audit_log(audit.log_path)
+    assert {r.attack for r in records} == {"recorder", "span_check"}
+    privacy = records[0].privacy
+    assert privacy is not None
+    assert privacy["noise_multiplier"] == 0.5 and privacy["max_grad_norm"] == 1.0
+    assert privacy["noise_std"] == pytest.approx(0.5 * 1.0 / 4)
+    assert privacy["accountant"] == "prv"
+
+
+def _history_and_eps(tokenizer, tmp_path, callbacks):
+    module, _ = dp_fit(tokenizer, tmp_path, callbacks, max_steps=4)
+    assert module.engine is not None
+    return list(module.engine.accountant.history), module.engine.get_epsilon(1e-5)
+
+
+def test_epsilon_is_unchanged_by_the_callback_and_grows_with_steps(tokenizer, tmp_path):
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                         every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8, delta=1e-5)
+    with_cb = _history_and_eps(tokenizer, tmp_path / "a", [audit])
+    without = _history_and_eps(tokenizer, tmp_path / "b", [])
+    assert with_cb == without
+    assert with_cb[0] == [(0.5, 0.125, 4)]
+
+    records = [r for r in read_audit_log(audit.log_path) if r.attack == "span_check"]
+    assert [r.step for r in records] == [0, 1, 2, 3]
+    eps = [r.privacy["epsilon"] for r in records]
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False)), eps
+    assert eps[-1] == pytest.approx(with_cb[1], rel=1e-9)
+
+
+def test_logged_epsilon_equals_the_accountant_at_that_step(tokenizer, tmp_path):
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                         every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, delta=1e-4)
+    _, trainer = dp_fit(tokenizer, tmp_path, [audit], max_steps=4, accountant="rdp")
+    with open(Path(trainer.loggers[0].log_dir) / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("privacy/epsilon")]
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    for r in rows:
+        step = int(r["step"])
+        acc = RDPAccountant()
+        acc.history = [(0.5, 0.125, step + 1)]  # the audited step's own noise is already released
+        assert float(r["privacy/epsilon"]) == pytest.approx(acc.get_epsilon(1e-4), rel=1e-6)
+        assert float(r["privacy/delta"]) == 1e-4
+        assert float(r["privacy/noise_multiplier"]) == 0.5
+        assert float(r["privacy/max_grad_norm"]) == 1.0
+        assert float(r["privacy/sample_rate"]) == 0.125
+        assert float(r["privacy/steps"]) == step + 1
+    assert all(r.privacy["accountant"] == "rdp" for r in read_audit_log(audit.log_path))
+
+
+def test_accountant_found_inside_the_optimizer_hook_and_default_delta(tokenizer, tmp_path):
+    """No privacy_engine attribute: the accountant is read from the DPOptimizer's step hook; δ = 1/N."""
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                         every_n_steps=1, log_dir=tmp_path / "audit")
+    module, _ = dp_fit(tokenizer, tmp_path, [audit], max_steps=1, expose_engine=False)
+    (record,) = read_audit_log(audit.log_path)
+    assert record.privacy["accountant"] == "prv"
+    assert record.privacy["delta"] == 1 / 32
+    assert record.privacy["epsilon"] == pytest.approx(module.engine.get_epsilon(1 / 32), rel=1e-9)
+
+
+def test_recompute_eval_is_refused_under_dp(tokenizer, tmp_path):
+    audit = LeakageAudit(recompute="eval", attacks=["span_check"], every_n_steps=1, log_dir=tmp_path / "audit")
+    with pytest.raises(ValueError, match="recompute='observed'"):
+        dp_fit(tokenizer, tmp_path, [audit], max_steps=1)
+
+
+def test_non_dp_runs_have_no_privacy_fields(tokenizer, tmp_path):
+    from tests.test_callback import Classifier
+
+    audit = LeakageAudit(attacks=["span_check"], every_n_steps=1, log_dir=tmp_path / "audit")
+    fit(Classifier(tokenizer), tmp_path, [audit], max_steps=2)
+    assert audit._capture is None
+    assert all(r.privacy is None for r in read_audit_log(audit.log_path))
+    assert '"privacy"' not in audit.log_path.read_text()
+
+
+# ------------------------------------------------------------------------------ accounting edge cases
+
+
+@pytest.mark.parametrize("cls", [PRVAccountant, RDPAccountant, GaussianAccountant])
+def test_epsilon_of_an_empty_history_is_zero(cls):
+    assert epsilon_for(cls(), 1e-5) == (0.0, None)
+
+
+def test_epsilon_edge_cases():
+    acc = RDPAccountant()
+    acc.history = [(0.0, 0.1, 10)]
+    assert epsilon_for(acc, 1e-5) == (math.inf, None)
+    state = DPState(0.0, 1.0, 8, 0.0, "rdp", ((0.0, 0.1, 10),), 0.1)
+    report = state.report(1e-5)
+    assert report.epsilon == math.inf
+    assert report.to_dict()["epsilon"] is None and "noise multiplier 0" in report.to_dict()["error"]
+
+    class Broken(RDPAccountant):
+        def get_epsilon(self, delta, **kwargs):
+            raise RuntimeError("numerical trouble")
+
+    broken = Broken()
+    broken.history = [(1.0, 0.1, 10)]
+    eps, error = epsilon_for(broken, 1e-5)
+    assert math.isnan(eps) and error == "RuntimeError: numerical trouble"
+    with pytest.raises(ValueError, match="delta must be in \\(0, 1\\), got 0"):
+        epsilon_for(acc, 0)
+    with pytest.raises(ValueError, match="delta must be in \\(0, 1\\) or None, got 2"):
+        LeakageAudit(delta=2)
+
+
+def test_finders_without_dp():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert find_dp_optimizer([opt]) is None
+    engine = PrivacyEngine(accountant="gdp")
+    model = torch.nn.Linear(2, 2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 2)), batch_size=2)
+    _, dp, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   data_loader=data, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    assert find_dp_optimizer([opt, dp]) is dp
+    assert find_accountant(dp, None, engine) == (engine.accountant, 0.25)
+    report = privacy_report(dp, engine.accountant, 1e-5, 0.25)
+    assert (report.epsilon, report.steps, report.accountant) == (0.0, 0, "gdp")  # GDP before the first step
