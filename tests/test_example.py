@@ -41,3 +41,18 @@ def test_example_default_data_and_fail_on_breach(tmp_path):
     # the token bag of generated PII tickets is fully exposed, so the gate must breach
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "synthetic support tickets" in proc.stdout and "BREACH" in proc.stdout
+
+
+def test_example_with_dp_sgd_audits_the_released_gradient(tmp_path):
+    proc = run_example(tmp_path, "--dp", "--noise-multiplier", "0.5", "--max-grad-norm", "1.0", "--n", "32",
+                       "--max-steps", "3", "--every-n-steps", "2", "--no-wandb")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DP-SGD: noise multiplier 0.5, max grad norm 1" in proc.stdout
+    records = [r for r in read_audit_log(tmp_path / "audit.jsonl") if r.status == "ok"]
+    assert records and all(r.privacy is not None for r in records)
+    first = records[0].privacy
+    assert first["accountant"] == "prv" and first["delta"] == 1 / 32 and first["noise_std"] == 0.5 / 8
+    assert first["epsilon"] > 0
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0]
+    assert "privacy/epsilon" in header and "privacy/noise_multiplier" in header
