@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
+from leak_audit.attacks._optim import GradientDistance
 from leak_audit.attacks.dlg import DLG
 from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.metrics import rouge
@@ -278,3 +279,41 @@ def test_gradient_matching_rejects_bad_arguments(kwargs, message):
 def test_dlg_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DLG(**kwargs)
+
+
+def test_gradient_matching_on_dp_noised_gradients(model, spec, params, replica, tokenizer, sentences):
+    """The full gradient plus DP-style noise: one std for every coordinate, the noise's norm 0.1% of the
+    gradient's. The noise-aware length still comes from the position-embedding gradient.
+
+    Measured, mean ROUGE-1 of these 4 sentences (300 steps): 0.89 without noise; 0.68 at 0.1% noise,
+    0.30 at 0.3%, 0.19 at 1% (0.03 at 1% before weighting the cosine terms by signal share: the query
+    and key weights' signal-to-noise ratio is then 0.08). Uniform DP noise drowns the small tensors
+    first, and those pin down the tokens."""
+    attack = GradientMatching(max_steps=300, max_seconds=60, discrete_steps=3)
+    tapped = {n for n, _ in model.named_parameters()}
+    r1 = []
+    for k, (sentence, label) in enumerate(sentences[:4]):
+        enc, grads = gradients(model, tokenizer, [sentence], [label], train=False)
+        total = sum(float(g.square().sum()) for g in grads.values()) ** 0.5
+        numel = sum(g.numel() for g in grads.values())
+        std = 1e-3 * total / numel**0.5
+        gen = torch.Generator().manual_seed(100 + k)
+        noisy = {n: g + std * torch.randn(g.shape, generator=gen) for n, g in grads.items()}
+        inp = _input(attack, spec, params, replica, noisy, tapped, seed=k)
+        rec = _run(attack, AttackInput(**{**inp.__dict__, "noise_std": std}))
+        assert rec.info["length_source"] == "position_embeddings"
+        assert len(rec.sequences[0]) == enc["input_ids"].shape[1]
+        r1.append(_rouge(tokenizer, rec.sequences[0], enc["input_ids"][0].tolist())["rouge1"])
+    assert sum(r1) / len(r1) >= 0.5, r1
+
+
+def test_cosine_distance_weights_tensors_by_signal_share():
+    gen = torch.Generator().manual_seed(0)
+    signal = [torch.randn(64, 64, generator=gen), torch.zeros(64, 64)]
+    std = 0.01
+    noisy = [t + std * torch.randn(t.shape, generator=gen) for t in signal]
+    dist = GradientDistance(noisy, "cos", noise_std=std)
+    assert dist.weights[0] == pytest.approx(1.0, abs=1e-3)
+    assert dist.active == [0]  # the pure-noise tensor no longer counts
+    assert float(dist(signal)) == pytest.approx(0.0, abs=1e-3)
+    assert GradientDistance(noisy, "cos").active == [0, 1]

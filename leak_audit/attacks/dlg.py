@@ -113,7 +113,8 @@ class DLG(Attack):
         deadline = min(start + self.max_seconds, start + inp.time_left())
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
         b = max(1, inp.batch_size)
-        length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length)
+        length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length,
+                                          noise_std=inp.noise_std)
         length = max(1, min(length, spec.max_positions - spec.position_offset))
         layout = Layout.build([length] * b, spec, fix_special=False)
         distance = GradientDistance([inp.gradients[n] for n in names], "l2")

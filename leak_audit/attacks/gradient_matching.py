@@ -329,7 +329,8 @@ class GradientMatching(Attack):
             lengths = [len(s) for s in seeds] + [longest] * (b - len(seeds))
             info["length_source"] = "span_check"
         else:
-            length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length)
+            length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length,
+                                          noise_std=inp.noise_std)
             length = max(2, min(length, spec.max_positions - spec.position_offset))
             lengths = [length] * b
             info["length_source"] = source
@@ -348,7 +349,8 @@ class GradientMatching(Attack):
             info["vocabulary"] = "all"
         vocabulary = torch.tensor(vocab, dtype=torch.long)
 
-        distance = GradientDistance([inp.gradients[n] for n in names], self.loss, self.alpha)
+        distance = GradientDistance([inp.gradients[n] for n in names], self.loss, self.alpha,
+                                    noise_std=inp.noise_std)
         obj = Objective(replica, inp.params, names, distance, layout, deadline)
         lm = self._language_prior()
 
