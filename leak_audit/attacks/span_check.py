@@ -15,8 +15,9 @@ Two issues beyond the paper's decoder setting:
 
 * **Additive embeddings at B > 1.** If tokens ``v`` and ``w`` both occur at positions ``i`` and ``j``
   somewhere in the batch, ``E[v] + P[i]`` is a linear combination of three real inputs, so false
-  candidates also pass the check. Per-position *recall* stays exact; precision needs the next layer
-  (issue 3). We report the candidates and assemble sequences by rank.
+  candidates also pass the check. Per-position *recall* stays exact; precision needs more than this
+  layer (``span_attention`` uses layer 0's attention and FFN, ``span_cluster`` the query's per-token
+  structure). We report the candidates and assemble sequences by rank.
 * **Dropout.** In training mode the layer sees ``x ⊙ m / (1 - p)`` with a Bernoulli mask ``m``, which
   breaks exact membership. We shortlist by the plain residual and re-rank by a *trimmed* residual
   (least trimmed squares: refit after dropping the worst ``≈ p + 3σ`` share of coordinates), which is
@@ -542,7 +543,7 @@ def _assemble(candidates: list[list[tuple[int, int, float]]], batch_size: int, s
 
     Sequence ``b`` takes the ``b``-th best candidate of each position (the best one when fewer are
     present) and ends after ``sep_id``. At ``B = 1`` this is exact; at ``B > 1`` it recovers the tokens
-    at each position but not which sentence each belongs to (next-layer filtering does that, issue 3).
+    at each position but not which sentence each belongs to (``span_attention`` and ``span_cluster`` do).
     """
     seqs: list[list[int]] = [[] for _ in range(max(1, batch_size))]
     done = [False] * len(seqs)
