@@ -188,7 +188,6 @@ class LeakageAudit(Callback):
         self._all_params: dict[str, torch.nn.Parameter] = {}
         self._warned: set[str] = set()
         # DP-SGD (set up in `on_train_start`, once the optimizers exist)
-        self._dp_optimizer: Any = None
         self._accountant: Any = None
         self._sample_rate: float | None = None
         self._capture: ReleasedGradientCapture | None = None
@@ -281,7 +280,6 @@ class LeakageAudit(Callback):
                 "an Opacus DPOptimizer, which releases the clipped and noised gradient: use recompute='observed'"
             )
         assert self._tap is not None and self._auditor is not None
-        self._dp_optimizer = dp
         self._accountant, self._sample_rate = find_accountant(dp, self.privacy_engine, pl_module)
         self._delta = self.delta if self.delta is not None else _default_delta(trainer)
         self._capture = ReleasedGradientCapture(dp, self._tap.parameters)
@@ -383,6 +381,7 @@ class LeakageAudit(Callback):
         self.audits += 1
         audit_id = self.audits
         attack_names = [a.name for a in self._auditor.attacks]
+        released = self._capture.take() if self._capture is not None else None  # never kept past its step
         if w.error is not None or w.params is None or not w.batches:
             exc = w.error or RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
             snap = self._empty_snapshot(trainer, w)
@@ -398,14 +397,13 @@ class LeakageAudit(Callback):
         t0 = time.perf_counter()
         dp = None
         if self._capture is not None:
-            released = self._capture.take()
             if released is None:
                 exc = RuntimeError("the DP optimizer skipped this step (a virtual step): nothing was released")
                 self._write(trainer, [failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id)],
                             log=True)
                 return
             grads = released
-            dp = dp_state(self._dp_optimizer, self._accountant, self._sample_rate)
+            dp = dp_state(self._capture.dp_optimizer, self._accountant, self._sample_rate)
         else:
             grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
         copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
