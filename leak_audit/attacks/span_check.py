@@ -403,7 +403,8 @@ def span_check(
         min_gap: with dropout, the present tokens must score at least ``min_gap`` times lower than the
             next candidate (scores are floored at ``exact_tol``).
         max_length: positions to scan at most (default: the model's maximum).
-        patience: stop after this many consecutive positions without any present token.
+        patience: stop after this many consecutive positions without any present token (after the
+            first ``4 · patience`` positions when none has shown a token at all).
         deadline: ``time.monotonic()`` value after which scanning stops.
         vocabulary: candidate token ids (e.g. the token bag recovered from the word-embedding gradient);
             default: every token.
@@ -477,8 +478,8 @@ def span_check(
         )
         candidates.append([(int(ids[j]), int(types[j]), float(scores[j])) for j in range(present)])
         misses = 0 if present else misses + 1
-        if misses >= patience and any(candidates):
-            break
+        if misses >= patience and (any(candidates) or pos + 1 >= 4 * patience):
+            break  # the sequences ended, or nothing stands out even where [CLS] must be (noise)
     while candidates and not candidates[-1]:
         candidates.pop()
     length = len(candidates)
