@@ -17,7 +17,7 @@ optimizer's ``step_hook``, read-only), and :func:`privacy_report` reads ε at δ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,21 +167,6 @@ class PrivacyReport:
     steps: int
     error: str | None = None
 
-    def metrics(self) -> dict[str, float]:
-        """The numeric fields as ``privacy/*`` logger keys (absent values left out)."""
-        out = {
-            "privacy/noise_multiplier": self.noise_multiplier,
-            "privacy/max_grad_norm": self.max_grad_norm,
-            "privacy/noise_std": self.noise_std,
-            "privacy/delta": self.delta,
-            "privacy/steps": float(self.steps),
-        }
-        if self.epsilon is not None:
-            out["privacy/epsilon"] = self.epsilon
-        if self.sample_rate is not None:
-            out["privacy/sample_rate"] = self.sample_rate
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the audit log's ``privacy`` field). JSON has no infinity: ε = ∞ (noise
         multiplier 0) is written as ``null`` with ``error`` saying so."""
@@ -289,7 +274,6 @@ class ReleasedGradientCapture:
     Args:
         dp_optimizer: an Opacus ``DPOptimizer``.
         parameters: ``{name: parameter}`` whose ``.grad`` to copy.
-        on_capture: optional ``fn(gradients)`` called on the training thread after a copy.
 
     Raises:
         TypeError: ``dp_optimizer`` has no ``original_optimizer``.
@@ -299,14 +283,12 @@ class ReleasedGradientCapture:
         self,
         dp_optimizer: Any,
         parameters: Mapping[str, torch.nn.Parameter],
-        on_capture: Callable[[dict[str, Tensor]], None] | None = None,
     ) -> None:
         original = getattr(dp_optimizer, "original_optimizer", None)
         if original is None:
             raise TypeError(f"expected an Opacus DPOptimizer, got {type(dp_optimizer).__name__}")
         self.dp_optimizer = dp_optimizer
         self.parameters = dict(parameters)
-        self.on_capture = on_capture
         self._names: list[str] | None = None
         self.gradients: dict[str, Tensor] | None = None
         self._handle = original.register_step_pre_hook(self._hook)
@@ -335,5 +317,3 @@ class ReleasedGradientCapture:
                 grads[name] = g.detach().clone()
         self.gradients = grads
         self._names = None
-        if self.on_capture is not None:
-            self.on_capture(grads)

@@ -82,3 +82,19 @@ def gradients(model, tokenizer, sentences: Sequence[str], labels: Sequence[int],
     model.zero_grad()
     model.eval()
     return enc, grads
+
+
+@pytest.fixture(scope="module")
+def spec(minilm, tokenizer):
+    """Where the pretrained MiniLM keeps its tensors (modules with their own model override this)."""
+    from leak_audit.models import text_model_spec
+
+    return text_model_spec(minilm).with_tokenizer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tables(minilm, spec):
+    """The pretrained MiniLM's embedding tables and LayerNorm, for the span check."""
+    from leak_audit.attacks.span_check import EmbeddingTables
+
+    return EmbeddingTables.from_params({n: p.detach() for n, p in minilm.named_parameters()}, spec)

@@ -8,22 +8,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, get_attack
-from leak_audit.attacks.span_check import EmbeddingTables, span_check
+from leak_audit.attacks.span_check import span_check
 from leak_audit.attacks.token_bag import token_bag
-from leak_audit.models import text_model_spec
 from tests.conftest import gradients
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
-
-
-@pytest.fixture(scope="module")
-def spec(minilm, tokenizer):
-    return text_model_spec(minilm).with_tokenizer(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tables(minilm, spec):
-    return EmbeddingTables.from_params({n: p.detach() for n, p in minilm.named_parameters()}, spec)
 
 
 def batches(rows, batch_size, count):

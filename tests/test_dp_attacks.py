@@ -7,26 +7,15 @@ import json
 import pytest
 import torch
 
-from leak_audit.attacks.span_check import EmbeddingTables, span_basis, span_check
+from leak_audit.attacks.span_check import span_basis, span_check
 from leak_audit.attacks.token_bag import noise_threshold, token_bag
 from leak_audit.bench.dp import epoch_epsilon
 from leak_audit.bench.text import BenchError, parse_noise
 from leak_audit.cli import main
-from leak_audit.models import text_model_spec
 from tests.conftest import data_file, gradients
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
 WORD = "bert.embeddings.word_embeddings.weight"
-
-
-@pytest.fixture(scope="module")
-def spec(minilm, tokenizer):
-    return text_model_spec(minilm).with_tokenizer(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tables(minilm, spec):
-    return EmbeddingTables.from_params({n: p.detach() for n, p in minilm.named_parameters()}, spec)
 
 
 def noised(grad, relative, seed=0):
