@@ -210,3 +210,25 @@ def test_finders_without_dp():
     assert find_accountant(dp, None, engine) == (engine.accountant, 0.25)
     report = privacy_report(dp, engine.accountant, 1e-5, 0.25)
     assert (report.epsilon, report.steps, report.accountant) == (0.0, 0, "gdp")  # GDP before the first step
+
+
+def test_rdp_stands_in_when_the_accountant_cannot_answer():
+    # GDP's root finder fails on this short history (a real Opacus failure, not a mock)
+    history = ((0.01, 0.01, 3),)
+    report = DPState(0.01, 1.0, 8, 0.00125, "gdp", history, 0.01).report(1e-5)
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert report.epsilon == pytest.approx(rdp.get_epsilon(1e-5))
+    assert report.accountant == "gdp" and report.epsilon_accountant == "rdp"
+    assert report.error.startswith("gdp failed (ValueError") and "upper bound" in report.error
+    assert report.to_dict()["epsilon_accountant"] == "rdp"
+
+
+def test_prv_is_not_run_at_small_sigma():
+    # PRV at sigma 0.01 takes minutes and ~18 GB (PRV_MIN_NOISE_MULTIPLIER); this must return at once
+    history = ((0.01, 0.001, 10),)
+    report = DPState(0.01, 1.0, 8, 0.00125, "prv", history, 0.001).report(1e-5)
+    assert report.epsilon_accountant == "rdp" and "prv skipped (sigma below" in report.error
+    assert math.isfinite(report.epsilon) and report.epsilon > 1e4
+    ok = DPState(1.0, 1.0, 8, 0.125, "prv", ((1.0, 0.01, 10),), 0.01).report(1e-5)
+    assert (ok.epsilon_accountant, ok.error) == ("prv", None) and 0 < ok.epsilon < 1
