@@ -11,6 +11,7 @@ notes full of fake personal data, audits every 12 optimizer steps (3 epochs), lo
     python examples/text_classification.py --recompute eval --log-samples    # worst case, show text
     python examples/text_classification.py --dp --noise-multiplier 0.5 --max-grad-norm 1.0   # DP-SGD (Opacus)
     python examples/text_classification.py --dp --target-epsilon 8                # σ chosen for ε = 8
+    python examples/text_classification.py --lora --lora-r 8 --lora-targets query,value   # LoRA (peft)
 
 With ``--dp`` the model trains with Opacus DP-SGD (``PrivacyEngine.make_private`` in hooks mode,
 ``wrap_model=False``: the Hugging Face model stays the module Lightning trains, Opacus only adds per-sample
@@ -21,6 +22,12 @@ needs the model in training mode when ``make_private`` runs (``configure_optimiz
 per-sample clipping rejects, so ``training_step`` passes them as ``[B, L]``. Batches are the loader's own
 (``poisson_sampling=False``): the accountant then assumes Poisson sampling that the loader does not do,
 an approximation Opacus documents.
+
+With ``--lora`` the model is wrapped by ``peft.get_peft_model`` (``LoraConfig``, task ``SEQ_CLS``): the
+base weights are frozen, the LoRA adapters and the classification head train (AdamW, lr 1e-3 unless
+``--lr`` is given), and the audit taps ``modules="peft"``, every trainable adapter, unless ``--modules``
+says otherwise. LoRA's ``B`` starts at zero, so the first audits see only ``lora_B`` gradients; once
+``B`` has moved, layer 0's ``lora_A`` gradients span short sentences' inputs (see the README).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from leak_audit.cli import gate_table
 from leak_audit.datasets import read_tsv, synthetic_pii_dataset
 from leak_audit.gate import evaluate_gate, parse_threshold
 from leak_audit.metrics import TEXT_METRICS
+from leak_audit.privacy import privacy_report
 
 
 def default_model_path() -> str:
@@ -59,10 +67,19 @@ def default_model_path() -> str:
 class SequenceClassifier(L.LightningModule):
     """A Hugging Face sequence classifier trained with AdamW. Batches are tokenizer dicts with ``labels``."""
 
-    def __init__(self, model_path: str, num_labels: int = 2, lr: float = 5e-5, dp: dict | None = None) -> None:
+    def __init__(
+        self, model_path: str, num_labels: int = 2, lr: float = 5e-5, dp: dict | None = None, lora: dict | None = None
+    ) -> None:
         super().__init__()
         hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
         self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+        if lora is not None:  # {"r", "alpha", "targets", "dropout"}: base frozen, adapters and head trainable
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["targets"], lora_dropout=lora["dropout"],
+                task_type="SEQ_CLS",
+            ))
         # from_pretrained returns eval mode and Lightning keeps submodule modes: fine-tune with dropout on,
         # as Hugging Face's Trainer does.
         self.model.train()
@@ -82,7 +99,7 @@ class SequenceClassifier(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
         if self.dp is None:
             return optimizer
         from opacus import PrivacyEngine
@@ -147,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-5, 1e-3 with --lora)")
     p.add_argument("--every-n-steps", type=int, default=12, help="audit every N optimizer steps")
     p.add_argument(
         "--modules",
@@ -174,6 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-epsilon", type=float, default=None,
                    help="with --dp: choose σ so that training ends at this ε (overrides --noise-multiplier)")
     p.add_argument("--delta", type=float, default=None, help="δ for ε (default 1/N for N training examples)")
+    p.add_argument("--lora", action="store_true", help="fine-tune LoRA adapters (peft) instead of the whole model")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r (with --lora)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="lora_alpha (with --lora)")
+    p.add_argument("--lora-targets", default="query,value", help="comma-separated modules to adapt (with --lora)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="lora_dropout (with --lora)")
     p.add_argument(
         "--train-threads",
         type=int,
@@ -198,7 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         source = f"synthetic support tickets and clinical notes (n={args.n}, seed={args.seed})"
     console.print(f"data: {source}; {len(rows)} examples, e.g. [italic]{rows[0][0]!r}[/italic]")
 
-    module = SequenceClassifier(args.model or default_model_path(), num_labels=max(y for _, y in rows) + 1, lr=args.lr)
+    if args.lora and args.dp:
+        sys.exit("--lora with --dp is not supported yet: Opacus's per-sample hooks on peft adapters are untested here")
+    lora = None
+    if args.lora:
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        if args.lora_r < 1 or not targets:
+            sys.exit(f"--lora needs --lora-r >= 1 and module names in --lora-targets, got {args.lora_r} and {targets}")
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets, "dropout": args.lora_dropout}
+    lr = args.lr if args.lr is not None else (1e-3 if args.lora else 5e-5)
+    try:
+        module = SequenceClassifier(args.model or default_model_path(), num_labels=max(y for _, y in rows) + 1, lr=lr,
+                                    lora=lora)
+    except ValueError as exc:  # peft: a target module that does not exist
+        sys.exit(f"--lora-targets: {exc}")
     loader = make_loader(rows, module.tokenizer, args.batch_size, args.max_length, args.seed)
     delta = args.delta if args.delta is not None else 1.0 / len(rows)
     if args.dp:
@@ -206,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                      "target_epsilon": args.target_epsilon, "delta": delta, "epochs": args.epochs, "seed": args.seed}
     log_dir = Path(args.log_dir)
     audit = LeakageAudit(
-        modules=args.modules,
+        modules=args.modules if args.modules or not args.lora else "peft",
         every_n_steps=args.every_n_steps,
-        attacks=args.attacks or ("token_bag", "span_check", "labels"),
+        attacks=args.attacks or ((("span_check", "labels") if args.lora else ("token_bag", "span_check", "labels"))),
         log_dir=log_dir,
         log_samples=args.log_samples,
         recompute=args.recompute,
@@ -239,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if module.privacy_engine is not None:
         opt = trainer.optimizers[0]
+        report = privacy_report(opt, module.privacy_engine.accountant, delta)  # RDP stands in where PRV cannot
         console.print(
             f"DP-SGD: noise multiplier {opt.noise_multiplier:.3g}, max grad norm {opt.max_grad_norm:g}; "
-            f"epsilon {module.privacy_engine.get_epsilon(delta):.3g} at delta {delta:.3g} after {trainer.global_step} steps"
+            f"epsilon {report.epsilon:.3g} at delta {delta:.3g} ({report.epsilon_accountant} accountant) "
+            f"after {trainer.global_step} steps"
         )
     console.print(summary_table(audit.log_path))
     rows_gate = evaluate_gate(read_audit_log(audit.log_path), thresholds)

@@ -18,11 +18,66 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["EncoderLayerSpec", "TextModelSpec", "UnsupportedModelError", "find_hf_model", "text_model_spec"]
+__all__ = [
+    "EncoderLayerSpec",
+    "LoraSpec",
+    "TextModelSpec",
+    "UnsupportedModelError",
+    "find_hf_model",
+    "lora_specs",
+    "text_model_spec",
+]
 
 
 class UnsupportedModelError(TypeError):
     """The model's architecture is not one the text attacks know how to read."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One active LoRA adapter on a linear layer (``peft``): ``y = W x + scaling · B A x``.
+
+    Attributes:
+        module: module name of the adapted linear layer, e.g. ``"...layer.0.attention.self.query"``.
+        a: parameter name of ``A`` (``lora_A``), shape ``[r, d_in]``.
+        b: parameter name of ``B`` (``lora_B``), shape ``[d_out, r]``.
+        scaling: ``lora_alpha / r`` (or ``/ √r`` with rsLoRA).
+        rank: ``r``.
+        dropout: ``lora_dropout`` probability applied to ``x`` before ``A`` in training mode.
+    """
+
+    module: str
+    a: str
+    b: str
+    scaling: float
+    rank: int
+    dropout: float = 0.0
+
+
+def lora_specs(root: nn.Module, prefix: str = "") -> tuple[LoraSpec, ...]:
+    """The active LoRA adapters on linear layers inside ``root`` (names relative to ``root``, with
+    ``prefix`` prepended), in module order. Empty without ``peft`` adapters."""
+    out = []
+    for name, module in root.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
+            continue
+        active = getattr(module, "active_adapters", None) or list(lora_a.keys())
+        for adapter in ([active] if isinstance(active, str) else active):
+            if adapter not in lora_a or not isinstance(lora_a[adapter], nn.Linear):
+                continue
+            drops = getattr(module, "lora_dropout", None)
+            drop = drops[adapter] if isinstance(drops, nn.ModuleDict) and adapter in drops else None
+            mod_name = _join(prefix, name)
+            out.append(LoraSpec(
+                module=mod_name,
+                a=_join(mod_name, "lora_A", adapter, "weight"),
+                b=_join(mod_name, "lora_B", adapter, "weight"),
+                scaling=float(getattr(module, "scaling", {}).get(adapter, 1.0)),
+                rank=int(lora_a[adapter].out_features),
+                dropout=float(getattr(drop, "p", 0.0) or 0.0),
+            ))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -33,6 +88,7 @@ class EncoderLayerSpec:
         prefix: module name of the layer, e.g. ``"model.bert.encoder.layer.0"``.
         query, key, value: *weight* parameter names of the three projections (each ``[d, d]``).
         modules: module names of ``query``, ``key`` and ``value``.
+        lora: the LoRA adapters on these three projections (``peft``), if any.
     """
 
     prefix: str
@@ -40,6 +96,7 @@ class EncoderLayerSpec:
     key: str
     value: str
     modules: tuple[str, str, str]
+    lora: tuple[LoraSpec, ...] = ()
 
     @property
     def input_projections(self) -> tuple[str, str, str]:
@@ -177,7 +234,8 @@ def text_model_spec(root: nn.Module) -> TextModelSpec:
             inner = _unwrap_linear(getattr(attn, proj_name))
             suffix = "base_layer.weight" if inner is not getattr(attn, proj_name) else "weight"
             weights.append(_join(mod_name, suffix))
-        layers.append(EncoderLayerSpec(lp, weights[0], weights[1], weights[2], mods))  # type: ignore[arg-type]
+        adapters = tuple(a for a in lora_specs(attn, _join(lp, "attention", "self")) if a.module in mods)
+        layers.append(EncoderLayerSpec(lp, weights[0], weights[1], weights[2], mods, adapters))  # type: ignore[arg-type]
 
     config = hf.config
     num_labels = int(getattr(config, "num_labels", 0) or 0)

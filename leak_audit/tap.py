@@ -8,7 +8,13 @@ pattern:
   Hugging Face model work when it sits in a LightningModule attribute;
 * a glob (``"*.attention.self.query"``, ``"bert.encoder.layer.[01].*"``), matched against full names and
   their dotted suffixes;
-* ``"*"`` (or ``None`` for the whole list): the whole model.
+* ``"*"`` (or ``None`` for the whole list): the whole model;
+* ``"peft"``: every trainable module of a ``peft`` model, i.e. what PEFT training updates and shares: the
+  adapters (LoRA ``lora_A``/``lora_B``, bottleneck adapters, ...) and the ``modules_to_save`` copies (e.g.
+  the classifier head). Adapter globs such as ``"*.lora_A*"`` or ``"*lora*"`` select parts of it.
+
+Only trainable parameters are ever tapped: the frozen base weights of a PEFT model (``base_layer``,
+``original_module``) never are, and a pattern that names only frozen modules is an error that says so.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ModuleSelectionError", "GradientTap", "select_modules"]
+__all__ = ["PEFT", "ModuleSelectionError", "GradientTap", "peft_modules", "select_modules"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -52,6 +58,25 @@ def _suggest(pattern: str, names: Sequence[str], n: int = 5) -> list[str]:
     return ranked[:n]
 
 
+PEFT = "peft"
+"""The pattern that selects every trainable module of a ``peft`` model."""
+
+
+def peft_modules(root: nn.Module) -> list[str]:
+    """Names of the ``peft`` modules inside ``root`` that hold trainable parameters: adapter layers
+    (``BaseTunerLayer``: LoRA, IA³, bottleneck adapters, ...) and ``modules_to_save`` wrappers.
+    Empty when ``peft`` is not installed or ``root`` has none."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [
+        name for name, m in root.named_modules()
+        if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper) and any(p.requires_grad for p in m.parameters())
+    ]
+
+
 def select_modules(root: nn.Module, patterns: str | Iterable[str] | None) -> dict[str, nn.Module]:
     """Resolve ``patterns`` to the submodules of ``root`` they name.
 
@@ -80,7 +105,15 @@ def select_modules(root: nn.Module, patterns: str | Iterable[str] | None) -> dic
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ModuleSelectionError(f"module patterns must be strings, got {pattern!r}")
-        hits = [n for n in names if _matches(pattern, n)] if pattern not in ("*", "") else [""]
+        if pattern == PEFT:
+            hits = peft_modules(root)
+            if not hits:
+                raise ModuleSelectionError(
+                    f"modules={PEFT!r} selects the trainable adapters of a peft model, but {type(root).__name__} has "
+                    "none with trainable parameters (wrap the model with peft.get_peft_model, or name modules)"
+                )
+        else:
+            hits = [n for n in names if _matches(pattern, n)] if pattern not in ("*", "") else [""]
         if not hits:
             close = _suggest(pattern, names)
             raise ModuleSelectionError(
@@ -95,9 +128,13 @@ def select_modules(root: nn.Module, patterns: str | Iterable[str] | None) -> dic
                 if has_params
                 else "it has no parameters (e.g. a dropout or activation module)"
             )
+            hint = ""
+            if has_params and peft_modules(root):
+                hint = (f" This is a peft model, whose base weights are frozen: tap its adapters with modules={PEFT!r} "
+                        "or a glob such as '*lora*'.")
             raise ModuleSelectionError(
                 f"module pattern {pattern!r} matches {hits[:3]}{' ...' if len(hits) > 3 else ''} but {why}; "
-                "only trainable parameters have gradients to audit."
+                f"only trainable parameters have gradients to audit.{hint}"
             )
         for n in trainable:
             chosen[n] = all_modules[n]

@@ -56,3 +56,16 @@ def test_example_with_dp_sgd_audits_the_released_gradient(tmp_path):
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     header = metrics.read_text().splitlines()[0]
     assert "privacy/epsilon" in header and "privacy/noise_multiplier" in header
+
+
+def test_example_with_lora_taps_only_the_adapters(tmp_path):
+    cola = data_file("cola_dev.tsv")
+    proc = run_example(tmp_path, "--lora", "--lora-r", "8", "--lora-dropout", "0", "--data", str(cola), "--n", "16",
+                       "--batch-size", "1", "--max-steps", "3", "--every-n-steps", "2", "--no-wandb")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_audit_log(tmp_path / "audit.jsonl")
+    assert {r.attack for r in records} == {"span_check", "labels"}
+    # modules="peft": the 12 LoRA-adapted projections (6 layers x query, value) and the trained head
+    modules = records[0].modules
+    assert len(modules) == 13 and sum(m.endswith(("query", "value")) for m in modules) == 12
+    assert sum("classifier" in m for m in modules) == 1

@@ -23,6 +23,16 @@ Two issues beyond the paper's decoder setting:
   (least trimmed squares: refit after dropping the worst ``≈ p + 3σ`` share of coordinates), which is
   zero again for the true token because dropout only zeroes coordinates. Selection is by ranking plus
   an adaptive gap, never by one fixed threshold.
+
+**LoRA** (``peft``, DAGER's LoRA mode). For ``y = W x + s·B A x`` with ``W`` frozen, ``∂L/∂A = s Bᵀ Σ_t δ_t x_tᵀ``
+(``[r, d]``): its rows lie in the inputs' span and span all of it while the batch has at most ``r``
+distinct inputs; stacking the ``lora_A`` gradients of layer 0's query/key/value raises that to
+``r`` per adapted projection. LoRA starts with ``B = 0``, so at the first steps ``∂L/∂A = 0`` and only
+``∂L/∂B = s Σ_t δ_t (A x_t)ᵀ`` (``[d_out, r]``) carries the inputs: its row space in ``R^r`` is
+``span{A x_t}``, and while it has fewer than ``r`` dimensions every input satisfies ``nᵀ A x = 0`` for each
+``n`` orthogonal to it (:func:`lora_input_constraints`). Candidates are then scored by their residual
+against those constraints. With more distinct inputs than these ranks the span is not observed: the
+check cannot certify tokens there (a physical limit, not a tuning one).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ __all__ = [
     "trimmed_residuals",
     "TokenScorer",
     "clipped_residuals",
+    "lora_input_constraints",
 ]
 
 
@@ -115,6 +126,9 @@ class EmbeddingTables:
         )
 
 
+LORA_EXACT_TOL = 1e-5
+"""Residual fraction below which a token satisfies LoRA input constraints (:func:`lora_input_constraints`)."""
+
 NOISE_EDGE_MARGIN = 1.1
 """With DP noise, singular values above ``NOISE_EDGE_MARGIN · s(√m + √d)`` count as signal."""
 
@@ -175,6 +189,50 @@ def span_basis(
     return vh[:rank].T.contiguous(), s
 
 
+def lora_input_constraints(
+    grads_b: Sequence[Tensor], lora_a: Sequence[Tensor], rtol: float = 1e-5, gap: float = 1e3
+) -> Tensor:
+    """Linear constraints every layer input of the batch satisfies, read from LoRA ``B`` gradients.
+
+    ``∂L/∂B = s Σ_t δ_t (A x_t)ᵀ`` (``[d_out, r]``) has row space ``span{A x_t} ⊂ R^r``. While that has
+    rank ``k < r`` (fewer than ``r`` distinct inputs), each unit vector ``n`` orthogonal to it gives a
+    constraint ``(nᵀA) x_t = 0`` on every input.
+
+    Args:
+        grads_b: ``lora_B`` gradients ``[d_out_k, r_k]``.
+        lora_a: the matching ``lora_A`` weights ``[r_k, d]`` at the audited step.
+        rtol, gap: numerical-rank rule of :func:`~leak_audit.attacks._optim.numerical_rank`.
+
+    Returns:
+        ``[m, d]`` float64 with orthonormal rows spanning the constraints (``m = 0``: every gradient has
+        full rank ``r``, the batch has at least ``r`` distinct inputs and nothing is constrained).
+
+    Raises:
+        ValueError: the two lists differ in length or a ``B`` gradient does not match its ``A``.
+    """
+    from leak_audit.attacks._optim import numerical_rank
+
+    if len(grads_b) != len(lora_a):
+        raise ValueError(f"need one lora_A weight per lora_B gradient, got {len(lora_a)} and {len(grads_b)}")
+    rows = []
+    d = None
+    for g, a in zip(grads_b, lora_a, strict=True):
+        if g.dim() != 2 or a.dim() != 2 or g.shape[1] != a.shape[0]:
+            raise ValueError(f"lora_B gradient {tuple(g.shape)} does not match lora_A {tuple(a.shape)}")
+        d = a.shape[1]
+        k, _ = numerical_rank(g, rtol=rtol, gap=gap)
+        if k == 0 or k >= g.shape[1]:
+            continue  # no signal, or the batch fills R^r
+        _, _, vh = torch.linalg.svd(g.detach().double(), full_matrices=True)
+        rows.append(vh[k:] @ a.detach().double())  # [r - k, d]
+    if not rows:
+        return torch.zeros(0, d or 0, dtype=torch.float64)
+    c = torch.cat(rows)
+    _, sv, vh = torch.linalg.svd(c, full_matrices=False)
+    keep = int((sv > 1e-10 * sv[0]).sum())
+    return vh[:keep]
+
+
 class TokenScorer:
     """Projection residuals of every vocabulary token's layer-0 input, position by position.
 
@@ -189,10 +247,15 @@ class TokenScorer:
         tables: embedding tables and LayerNorm.
         basis: ``[d, r]`` orthonormal basis of the gradient's row space.
         token_ids: candidate token ids (default: the whole vocabulary). Scores are aligned with them.
+        complement: ``basis`` spans the *orthogonal complement* of the subspace instead (LoRA
+            constraints, where the subspace is most of ``R^d``): the residual is then ``‖Vᵀx‖ / ‖x‖``.
     """
 
-    def __init__(self, tables: EmbeddingTables, basis: Tensor, token_ids: Tensor | None = None) -> None:
+    def __init__(
+        self, tables: EmbeddingTables, basis: Tensor, token_ids: Tensor | None = None, complement: bool = False
+    ) -> None:
         f64 = torch.float64
+        self.complement = complement
         self.tables = tables
         self.basis = basis.to(f64)
         self.d = int(tables.word.shape[1])
@@ -238,7 +301,8 @@ class TokenScorer:
             + 2 * (self._e_gb + (cq * self._gb).sum()) * inv_sigma
             + self._beta_sq
         )
-        res_sq = (norm_sq - (proj**2).sum(1)).clamp_min(0)
+        proj_sq = (proj**2).sum(1)
+        res_sq = proj_sq if self.complement else (norm_sq - proj_sq).clamp_min(0)
         return (res_sq / norm_sq).sqrt()
 
     def inputs(self, token_ids: Tensor, position: int, token_type: int = 0) -> Tensor:
@@ -386,12 +450,14 @@ def span_check(
     token_types: Sequence[int] | None = None,
     prune: bool = True,
     noise_std: float = 0.0,
+    constraints: Tensor | None = None,
 ) -> SpanCheckResult:
     """Recover per-position tokens from first-layer weight gradients and assemble sequences.
 
     Args:
         grads: weight gradients ``[d_out, d]`` of linear maps whose input is the embedding output
-            (layer 0's query, key and/or value).
+            (layer 0's query, key and/or value, or their ``lora_A`` gradients ``[r, d]``). May be empty
+            when ``constraints`` are given.
         tables: the embedding tables and LayerNorm at the audited step.
         batch_size: ``B``, number of sequences behind the gradient.
         dropout: the model's embedding dropout probability in training mode. If the gradient has exact
@@ -416,25 +482,41 @@ def span_check(
             directions above the noise edge (:func:`span_basis`), no residual is exactly zero, and tokens
             are selected by ranking (the largest gap among the best scores, as with dropout), never by
             ``exact_tol``. When no direction clears the edge the result is empty (rank 0).
+        constraints: ``[m, d]`` orthonormal rows ``c`` with ``c·x_t = 0`` for every input
+            (:func:`lora_input_constraints`), used when ``grads`` is empty: candidates are scored by
+            their residual against them (exact gradients only). ``rank`` is then ``d - m``.
 
     Returns:
         A :class:`SpanCheckResult`.
 
     Raises:
-        ValueError: see :func:`span_basis`.
+        ValueError: see :func:`span_basis`; neither gradients nor constraints; constraints with DP noise.
     """
-    basis, _ = span_basis(grads, noise_std=noise_std)
-    rank = basis.shape[1]
-    d = basis.shape[0]
+    complement = not grads
+    if complement:
+        if constraints is None or constraints.shape[0] == 0:
+            raise ValueError("span_check needs first-layer weight gradients or LoRA input constraints")
+        if noise_std > 0:
+            raise ValueError("LoRA input constraints are exact rank deficits: they do not survive DP noise")
+        basis = constraints.T.contiguous()
+        d = basis.shape[0]
+        rank = d - basis.shape[1]
+        # a few constraints leave most of R^d: a random token sits within 1e-3 of it far more often than in
+        # a low-rank span (true tokens score ~1e-7 here, as with exact gradients)
+        exact_tol = min(exact_tol, LORA_EXACT_TOL)
+    else:
+        basis, _ = span_basis(grads, noise_std=noise_std)
+        rank = basis.shape[1]
+        d = basis.shape[0]
     if rank == 0:  # DP noise drowns every direction: nothing to check
         return SpanCheckResult([], [], [], 0, float("nan"), 0, dropout_mode=False)
     noisy = noise_std > 0
-    scorer = TokenScorer(tables, basis, vocabulary)
+    scorer = TokenScorer(tables, basis, vocabulary, complement=complement)
     ids_map = scorer.token_ids
     limit = min(max_length or tables.max_length, tables.max_length)
     # Exact gradients (dropout off, or a model without dropout): some token at the first positions is
     # an exact span member. Otherwise read the gradient as a training-mode (dropout-on) one.
-    trim = 0 if noisy else _trim_count(dropout, d)
+    trim = 0 if noisy or complement else _trim_count(dropout, d)
     if trim and any(
         float(scorer.residuals(p, tt).min()) < exact_tol
         for p in range(min(3, limit))
@@ -589,20 +671,40 @@ class SpanCheck(Attack):
         if not spec.layers:
             raise NotApplicable("the model has no encoder layers")
         usable = [n for n in spec.layers[0].input_projections if n in tapped]
-        if not usable:
+        adapters = [a for a in spec.layers[0].lora if a.a in tapped or a.b in tapped]
+        if not usable and not adapters:
             raise NotApplicable(
-                "needs the weight gradient of layer 0's attention query, key or value "
-                f"(e.g. {spec.layers[0].modules[0]!r}); none of them is tapped"
+                "needs the weight gradient of layer 0's attention query, key or value, or of a LoRA adapter on "
+                f"one of them (e.g. {spec.layers[0].modules[0]!r}); none of them is tapped"
             )
+        lora = [n for a in adapters for n in (a.a, a.b) if n in tapped]
         # the token-type embedding's gradient, when tapped, says which segment ids occur
         extra = [spec.token_type_embeddings] if spec.token_type_embeddings in tapped else []
-        return Requirements(gradients=frozenset(usable + extra), params=frozenset(spec.embedding_params))
+        return Requirements(
+            gradients=frozenset(usable + lora + extra),
+            params=frozenset(spec.embedding_params) | {a.a for a in adapters if a.b in tapped},
+        )
 
     def run(self, inp: AttackInput) -> Reconstruction:
         spec = inp.spec
         grads = [inp.gradients[n] for n in spec.layers[0].input_projections if n in inp.gradients]
+        adapters = spec.layers[0].lora
+        # lora_A gradients span the inputs like the frozen weight's would; they are exactly 0 while B = 0
+        grads += [g for a in adapters if (g := inp.gradients.get(a.a)) is not None and bool(g.any())]
+        constraints = None
         if not grads:
-            raise NotApplicable("no gradient of layer 0's query/key/value in this snapshot")
+            pairs = [(inp.gradients[a.b], inp.params[a.a]) for a in adapters if a.b in inp.gradients and a.a in inp.params]
+            if not pairs:
+                raise NotApplicable("no gradient of layer 0's query/key/value (or of their LoRA adapters) in this snapshot")
+            if inp.noise_std > 0:
+                raise NotApplicable("with B = 0 only lora_B's exact rank deficit locates the inputs; DP noise hides it")
+            constraints = lora_input_constraints([g for g, _ in pairs], [a for _, a in pairs])
+            if constraints.shape[0] == 0:
+                ranks = [min(g.shape) for g, _ in pairs]
+                raise NotApplicable(
+                    f"lora_A gradients are zero (B = 0) and every lora_B gradient has full rank {ranks}: the batch has "
+                    "at least r distinct inputs, more than the adapters' rank can show"
+                )
         tables = EmbeddingTables.from_params(inp.params, spec)
         bag = inp.priors.get("token_bag")
         vocabulary = torch.tensor(bag.token_bag, dtype=torch.long) if bag is not None and bag.token_bag else None
@@ -622,6 +724,7 @@ class SpanCheck(Attack):
             vocabulary=vocabulary,
             token_types=token_types,
             noise_std=inp.noise_std,
+            constraints=constraints,
         )
         return Reconstruction(
             attack=self.name,
@@ -631,6 +734,7 @@ class SpanCheck(Attack):
                 "rank": result.rank,
                 "length": result.length,
                 "grads_used": len(grads),
+                "lora_constraints": 0 if constraints is None else int(constraints.shape[0]),
                 "dropout_mode": int(result.dropout_mode),
                 "vocabulary": int(vocabulary.numel()) if vocabulary is not None else spec.vocab_size,
             },

@@ -66,10 +66,11 @@ from leak_audit.attacks.dlg import DLG
 from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.attacks.span_search import SpanSearch
 from leak_audit.bench.dp import DPGradients, epoch_epsilon
+from leak_audit.bench.lora import LoraSetup, train_adapters, wrap_lora
 from leak_audit.auditor import Auditor
 from leak_audit.batch import TextBatch
 from leak_audit.datasets import read_tsv
-from leak_audit.models import UnsupportedModelError, text_model_spec
+from leak_audit.models import UnsupportedModelError, find_hf_model, text_model_spec
 from leak_audit.records import AuditRecord
 from leak_audit.replica import ModelReplica
 from leak_audit.snapshot import AuditSnapshot
@@ -249,8 +250,10 @@ def resolve_view(text: str, model: nn.Module, layer_prefixes: Sequence[str] | No
     """The :class:`View` a view string names on ``model`` (a Hugging Face model).
 
     Args:
-        text: ``"full"``, ``"layer:K"`` or ``"linear:NAME"`` (``NAME`` a module name of ``model`` that
-            owns a ``weight``, e.g. ``"bert.encoder.layer.0.attention.self.query"``).
+        text: ``"full"`` (every trainable parameter: on a LoRA model the adapters and the head),
+            ``"lora"`` (the ``lora_A``/``lora_B`` weights alone), ``"layer:K"`` or ``"linear:NAME"``
+            (``NAME`` a module name of ``model`` that owns a ``weight``, e.g.
+            ``"bert.encoder.layer.0.attention.self.query"``).
         model: the Hugging Face model; parameter names are relative to it.
         layer_prefixes: module names of the encoder layers (default: from
             :func:`~leak_audit.models.text_model_spec`).
@@ -265,6 +268,12 @@ def resolve_view(text: str, model: nn.Module, layer_prefixes: Sequence[str] | No
     kind, sep, arg = text.partition(":")
     if text == "full":
         names = [n for n, p in named.items() if p.requires_grad]
+    elif text == "lora":
+        from leak_audit.bench.lora import lora_parameter_names
+
+        names = lora_parameter_names(model)
+        if not names:
+            raise BenchError("view 'lora' taps the LoRA adapters, but the model has none: add --lora-r R")
     elif kind == "layer" and sep:
         if layer_prefixes is None:
             try:
@@ -305,9 +314,9 @@ def resolve_view(text: str, model: nn.Module, layer_prefixes: Sequence[str] | No
         elif text in ("layer", "linear"):
             close = [f"{text}:K" if text == "layer" else f"{text}:MODULE_NAME"]
         else:
-            close = difflib.get_close_matches(text, ["full"], n=1, cutoff=0.4)
+            close = difflib.get_close_matches(text, ["full", "lora"], n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BenchError(f"unknown view {text!r}.{hint} Views are full, layer:K or linear:MODULE_NAME")
+        raise BenchError(f"unknown view {text!r}.{hint} Views are full, lora, layer:K or linear:MODULE_NAME")
     if not names:
         raise BenchError(f"view {text!r} has no trainable parameter (all requires_grad=False)")
     return View(text, tuple(names), sum(named[n].numel() for n in names), total)
@@ -548,19 +557,26 @@ _COLUMNS = ("data", "view", "B", "attack", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L",
             "label acc", "s/batch", "dropout", "params", "batches", "reference")
 _DP_COLUMNS = ("σ", "C", "ε")
 """Added after ``params`` when the rows come from ``--dp-noise`` (noise multiplier, clipping norm, ε at 1e-5)."""
-_NUMERIC = {"B", "n", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match", "label acc", "s/batch", "params",
+_NUMERIC = {"B", "n", "LoRA r", "LoRA steps", "ROUGE-1", "ROUGE-2", "ROUGE-L", "token recall", "exact match", "label acc", "s/batch", "params",
             "R-1", "R-2", "R-L", "tok rec", "exact", "labels", *_DP_COLUMNS}
+
+
+_LORA_COLUMNS = ("LoRA r", "LoRA steps")
+"""Added after ``params`` when the rows come from ``--lora-r`` (adapter rank, training steps before the attack)."""
 
 
 def _has_dp(rows: Sequence[Mapping[str, Any]]) -> bool:
     return any("noise_multiplier" in r for r in rows)
 
 
-def _columns(dp: bool) -> tuple[str, ...]:
-    if not dp:
-        return _COLUMNS
+def _has_lora(rows: Sequence[Mapping[str, Any]]) -> bool:
+    return any("lora_r" in r for r in rows)
+
+
+def _columns(dp: bool, lora: bool = False) -> tuple[str, ...]:
     i = _COLUMNS.index("params") + 1
-    return (*_COLUMNS[:i], *_DP_COLUMNS, *_COLUMNS[i:])
+    extra = (*(_LORA_COLUMNS if lora else ()), *(_DP_COLUMNS if dp else ()))
+    return (*_COLUMNS[:i], *extra, *_COLUMNS[i:])
 
 
 def _eps_text(row: Mapping[str, Any]) -> str:
@@ -570,7 +586,7 @@ def _eps_text(row: Mapping[str, Any]) -> str:
     return f"{eps:.3g}"
 
 
-def _cells(row: Mapping[str, Any], dp: bool = False) -> list[str]:
+def _cells(row: Mapping[str, Any], dp: bool = False, lora: bool = False) -> list[str]:
     cells = [
         str(row["data"]),
         str(row["view"]),
@@ -585,9 +601,11 @@ def _cells(row: Mapping[str, Any], dp: bool = False) -> list[str]:
         _status_text(row.get("status_counts") or {}),
         _reference_text(row.get("reference")),
     ]
+    i = _COLUMNS.index("params") + 1
     if dp:
-        i = _COLUMNS.index("params") + 1
         cells[i:i] = [f"{row.get('noise_multiplier', 0):g}", f"{row.get('max_grad_norm', 0):g}", _eps_text(row)]
+    if lora:
+        cells[i:i] = [str(row.get("lora_r", "–")), str(row.get("lora_steps", "–"))]
     return cells
 
 
@@ -604,11 +622,11 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mappi
         lines.append(f"- {k}: {v}")
     if meta:
         lines.append("")
-    dp = _has_dp(rows)
-    lines.append("| " + " | ".join(_columns(dp)) + " |")
-    lines.append("|" + "|".join("---:" if c in _NUMERIC else "---" for c in _columns(dp)) + "|")
+    dp, lora = _has_dp(rows), _has_lora(rows)
+    lines.append("| " + " | ".join(_columns(dp, lora)) + " |")
+    lines.append("|" + "|".join("---:" if c in _NUMERIC else "---" for c in _columns(dp, lora)) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, dp)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, dp, lora)) + " |")
     lines += [
         "",
         (
@@ -622,6 +640,11 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mappi
                 " σ: noise multiplier, C: per-sample clipping norm (DP-SGD through Opacus); ε: at δ = 1e-5 "
                 "after one epoch of the whole data file at that batch size (Opacus RDP accountant)."
                 if dp else ""
+            )
+            + (
+                " LoRA r: adapter rank; LoRA steps: adapter training steps before the attacked batches (0: at "
+                "initialisation, lora_B = 0, so every lora_A gradient is 0)."
+                if lora else ""
             )
         ),
         "",
@@ -641,7 +664,9 @@ def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench
     columns = {"view": "view", "B": "B", "attack": "attack", "n": "n", "R-1": "ROUGE-1", "R-2": "ROUGE-2",
                "R-L": "ROUGE-L", "tok rec": "token recall", "exact": "exact match", "labels": "label acc",
                "s/batch": "s/batch", "params": "params", "batches": "batches"}
-    dp = _has_dp(rows)
+    dp, lora = _has_dp(rows), _has_lora(rows)
+    if lora:
+        columns.update({"r": "LoRA r", "steps": "LoRA steps"})
     if dp:
         columns.update({c: c for c in _DP_COLUMNS})
     for col in columns:
@@ -650,7 +675,7 @@ def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench
         else:
             table.add_column(col, justify="left" if col in ("attack", "batches") else "right")
     for row in rows:
-        report = dict(zip(_columns(dp), _cells(row, dp), strict=True))
+        report = dict(zip(_columns(dp, lora), _cells(row, dp, lora), strict=True))
         cells = [report[c] for c in columns.values()]
         cells = [escape(c) for c in cells]
         if row["attack"] == BEST:
@@ -702,6 +727,8 @@ class BenchConfig:
         dp_noise: noise multipliers σ: each runs the whole benchmark on the gradient DP-SGD releases
             (Opacus, :class:`~leak_audit.bench.dp.DPGradients`); ``None``: plain gradients.
         max_grad_norm: per-sample clipping norm ``C`` with ``dp_noise``.
+        lora: fine-tune with LoRA adapters (:mod:`leak_audit.bench.lora`) and attack their gradients at
+            each of ``lora.steps``; ``None``: full fine-tuning.
     """
 
     data: Path
@@ -717,6 +744,7 @@ class BenchConfig:
     max_steps: int | None = None
     dp_noise: tuple[float, ...] | None = None
     max_grad_norm: float = 1.0
+    lora: LoraSetup | None = None
 
 
 def load_model(path: str | None, seed: int) -> tuple[nn.Module, Any, str]:
@@ -796,13 +824,18 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
         raise BenchError(f"no batch size fits {len(data)} sentences (--batch-sizes {config.batch_sizes})")
 
     model, tokenizer, _ = load_model(config.model, config.seed)
+    if config.lora is not None:
+        try:
+            model = wrap_lora(model, config.lora, config.seed)
+        except ValueError as exc:
+            raise BenchError(f"--lora-targets: {exc}") from None
     views = resolve_views(config.views, model)
     try:
         spec = text_model_spec(model).with_tokenizer(tokenizer)
+        replica = ModelReplica(*reversed(find_hf_model(model)))
     except UnsupportedModelError as exc:
         raise BenchError(f"--model: {exc}") from None
-    replica = ModelReplica(model, "")
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = {n: p.detach() for n, p in model.named_parameters()}  # shares storage: sees adapter training
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -828,17 +861,27 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
     needed = frozenset().union(*(a.gradient_names for _, a in auditors.values()))
     batches = {b: split_batches(data, b) for b in sizes}
     sigmas: list[float | None] = list(config.dp_noise) if config.dp_noise is not None else [None]
-    results: dict[tuple[float | None, str, int], list[list[AuditRecord]]] = {
-        (s, v, b): [] for s in sigmas for v in auditors for b in sizes
+    stages: list[int | None] = list(config.lora.steps) if config.lora is not None else [None]
+    results: dict[tuple[int | None, float | None, str, int], list[list[AuditRecord]]] = {
+        (t, s, v, b): [] for t in stages for s in sigmas for v in auditors for b in sizes
     }
-    dataset_size = len(read_tsv(config.data)) if config.dp_noise is not None else len(data)
+    all_rows = read_tsv(config.data) if config.dp_noise is not None or config.lora is not None else data
+    dataset_size = len(all_rows)
+    train_rows = list(all_rows[len(data):]) + list(data)  # adapter training starts after the audited sentences
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        total = sum(len(batches[b]) for b in sizes) * len(auditors) * len(sigmas)
+        total = sum(len(batches[b]) for b in sizes) * len(auditors) * len(sigmas) * len(stages)
         task = progress.add_task("bench text", total=total)
-        for sigma in sigmas:
+        done_steps = 0
+        for stage, sigma in ((t, s) for t in stages for s in sigmas):
+            if stage is not None and config.lora is not None and stage > done_steps:
+                progress.update(task, description=f"training the adapters to step {stage}")
+                offset = done_steps * config.lora.train_batch_size % len(train_rows)
+                train_adapters(model, tokenizer, train_rows[offset:] + train_rows[:offset], stage - done_steps,
+                               config.lora, seed=config.seed + done_steps, train=config.dropout == "on")
+                done_steps = stage
             with contextlib.ExitStack() as stack:
                 dp = None
                 if sigma is not None:
@@ -856,7 +899,8 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                                 model, tokenizer, batch, needed, train=config.dropout == "on", seed=seed
                             )
                         for name, (view, auditor) in auditors.items():
-                            where = f"σ={sigma} " if sigma is not None else ""
+                            where = (f"σ={sigma} " if sigma is not None else "") + (
+                                f"LoRA step {stage} " if stage is not None else "")
                             progress.update(
                                 task, description=f"{where}B={b} batch {i + 1}/{len(batches[b])} {escape(name[:40])}"
                             )
@@ -870,19 +914,22 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                                 modules=(name,),
                                 dp=state,
                             )
-                            results[(sigma, name, b)].append(auditor(snapshot))
+                            results[(stage, sigma, name, b)].append(auditor(snapshot))
                             progress.advance(task)
 
     data_name = Path(config.data).stem
     rows: list[dict[str, Any]] = []
-    for sigma, name, b in results:
+    for stage, sigma, name, b in results:
         view, auditor = auditors[name]
         dp_cols: dict[str, Any] = {}
+        if stage is not None and config.lora is not None:
+            dp_cols.update(lora_r=config.lora.r, lora_alpha=config.lora.alpha, lora_targets=list(config.lora.targets),
+                           lora_steps=stage)
         if sigma is not None:
             eps = epoch_epsilon(sigma, b, dataset_size, DP_DELTA)
-            dp_cols = {"noise_multiplier": sigma, "max_grad_norm": config.max_grad_norm,
-                       "epsilon": eps if math.isfinite(eps) else None}
-        for entry in summarize(results[(sigma, name, b)], auditor.applicable, config.with_best):
+            dp_cols.update(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
+                           epsilon=eps if math.isfinite(eps) else None)
+        for entry in summarize(results[(stage, sigma, name, b)], auditor.applicable, config.with_best):
             row: dict[str, Any] = {
                 "data": data_name,
                 "view": name,
@@ -909,6 +956,11 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
         "dropout": config.dropout,
         "torch": f"{torch.__version__}, {torch.get_num_threads()} thread(s)",
     }
+    if config.lora is not None:
+        lo = config.lora
+        meta["LoRA"] = (f"r={lo.r}, alpha={lo.alpha:g}, targets {','.join(lo.targets)}, lora_dropout {lo.dropout:g}; "
+                        f"attacked after {', '.join(map(str, lo.steps))} AdamW steps (lr {lo.lr:g}, batch "
+                        f"{lo.train_batch_size}) on the rest of the data file; base frozen, head trainable")
     return rows, meta
 
 
@@ -973,6 +1025,20 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, metavar="OUT.png",
         help="with --dp-noise: ROUGE-1 and token recall against σ and ε, per view and batch size (best attack)",
     )
+    parser.add_argument(
+        "--lora-r", type=int, default=None, metavar="R",
+        help="fine-tune with LoRA adapters of rank R (peft; base frozen, head trainable) and attack their gradients; "
+        "the 'lora' view taps the adapters alone, 'full' every trainable parameter",
+    )
+    parser.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="lora_alpha (default 16)")
+    parser.add_argument(
+        "--lora-targets", default="query,value", metavar="NAME,...", help="modules to adapt (default query,value)"
+    )
+    parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="lora_dropout (default 0)")
+    parser.add_argument(
+        "--lora-steps", default="0", metavar="N,...",
+        help="attack after these many adapter training steps (AdamW, lr 1e-3, batch 8; default 0: at initialisation)",
+    )
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows as JSON")
     parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write the rows as a markdown table")
 
@@ -1000,6 +1066,20 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
         if args.plot and dp_noise is None:
             raise BenchError("--plot draws leakage against the noise multiplier: it needs --dp-noise")
         attacks, with_best = parse_attacks(args.attacks)
+        lora = None
+        if args.lora_r is not None:
+            steps = parse_list(args.lora_steps, "--lora-steps")
+            if not all(re.fullmatch(r"\d+", x) for x in steps):
+                raise BenchError(f"--lora-steps must be non-negative integers, got {args.lora_steps!r}")
+            try:
+                lora = LoraSetup(
+                    r=args.lora_r, alpha=args.lora_alpha, targets=tuple(parse_list(args.lora_targets, "--lora-targets")),
+                    dropout=args.lora_dropout, steps=tuple(sorted({int(x) for x in steps})),
+                )
+            except ValueError as exc:
+                raise BenchError(f"--lora-*: {exc}") from None
+        elif "lora" in parse_list(args.views, "--views"):
+            raise BenchError("--views lora taps LoRA adapters: add --lora-r R (e.g. --lora-r 8)")
         config = BenchConfig(
             data=Path(args.data),
             model=args.model,
@@ -1014,6 +1094,7 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             max_steps=args.max_steps,
             dp_noise=dp_noise,
             max_grad_norm=args.max_grad_norm,
+            lora=lora,
         )
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)

@@ -1,0 +1,127 @@
+"""LoRA fine-tuning for the benchmark: wrap the model with ``peft`` and train its adapters.
+
+``leak-audit bench text --lora-r R`` attacks the gradients of a LoRA fine-tuning run (Hu et al. 2021, via
+Hugging Face ``peft``): the base model is frozen and only the adapters ``A`` (``[r, d_in]``), ``B``
+(``[d_out, r]``) and the classifier head (peft's ``modules_to_save``) train. LoRA starts with ``B = 0``,
+which leaves every ``lora_A`` gradient exactly zero at the first step, so leakage is measured at
+initialisation and again after the adapters have trained for some steps (``--lora-steps 0,50``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LoraSetup", "lora_parameter_names", "train_adapters", "wrap_lora"]
+
+
+@dataclass(frozen=True)
+class LoraSetup:
+    """The LoRA configuration of a benchmark run.
+
+    Attributes:
+        r: adapter rank.
+        alpha: ``lora_alpha`` (the update is scaled by ``alpha / r``).
+        targets: module names to adapt (``peft``'s ``target_modules``), e.g. ``("query", "value")``.
+        dropout: ``lora_dropout`` (applied to the adapter's input in training mode).
+        steps: adapter training steps after which the batches are attacked, ascending (0: at
+            initialisation, ``B = 0``).
+        lr: AdamW learning rate of that training.
+        train_batch_size: batch size of that training.
+    """
+
+    r: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+    steps: tuple[int, ...] = (0,)
+    lr: float = 1e-3
+    train_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module name, e.g. query,value")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.dropout}")
+        if not self.steps or any(s < 0 for s in self.steps) or list(self.steps) != sorted(set(self.steps)):
+            raise ValueError(f"LoRA steps must be distinct non-negative integers in ascending order, got {self.steps}")
+
+
+def wrap_lora(model: nn.Module, setup: LoraSetup, seed: int) -> nn.Module:
+    """``peft.get_peft_model`` with ``setup`` on a sequence classifier (``A`` drawn from ``seed``).
+
+    Returns:
+        The peft model, in eval mode: base weights frozen, adapters and head trainable.
+
+    Raises:
+        ValueError: a target matches no module of ``model`` (the message lists the linear layers).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in setup.targets if t not in linear]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no linear layer; valid names: {', '.join(linear)}")
+    config = LoraConfig(
+        r=setup.r, lora_alpha=setup.alpha, target_modules=list(setup.targets), lora_dropout=setup.dropout,
+        task_type="SEQ_CLS",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, config).eval()
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the trainable ``lora_A`` / ``lora_B`` weights of a peft model, in model order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)]
+
+
+def train_adapters(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[tuple[str, int]],
+    steps: int,
+    setup: LoraSetup,
+    *,
+    seed: int,
+    train: bool,
+) -> None:
+    """Train the trainable parameters of ``model`` for ``steps`` AdamW steps, in place.
+
+    Batches of ``setup.train_batch_size`` sentences cycle through ``rows`` in order. The model is left in
+    eval mode with its gradients cleared.
+
+    Args:
+        model: the peft model.
+        tokenizer: its tokenizer.
+        rows: ``(sentence, label)`` training data.
+        steps: optimizer steps (0: nothing happens).
+        setup: learning rate and batch size.
+        seed: seeds the dropout masks of the training batches.
+        train: training mode (dropout on) during the steps.
+    """
+    if steps <= 0:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=setup.lr)
+    batches = itertools.cycle([rows[i:i + setup.train_batch_size] for i in range(0, len(rows), setup.train_batch_size)])
+    torch.manual_seed(seed)
+    model.train(train)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                batch = next(batches)
+                enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True, truncation=True)
+                loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

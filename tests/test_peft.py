@@ -1,0 +1,163 @@
+"""PEFT / LoRA: tapping adapters, the span check on LoRA gradients, a real Trainer run on a peft model."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from leak_audit import LeakageAudit, ModuleSelectionError, read_audit_log
+from leak_audit.attacks.span_check import EmbeddingTables, lora_input_constraints, span_check
+from leak_audit.models import text_model_spec
+from leak_audit.tap import GradientTap
+from tests.conftest import small_bert
+from tests.test_callback import fit
+
+peft = pytest.importorskip("peft")
+
+
+def lora_minilm(path: str, r: int = 8, targets=("query", "value"), seed: int = 0):
+    """A fresh pretrained MiniLM (dropout off) wrapped with LoRA adapters; the base is frozen."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    config = peft.LoraConfig(r=r, lora_alpha=16, target_modules=list(targets), task_type="SEQ_CLS")
+    return peft.get_peft_model(model, config)
+
+
+def short_sentences(cola, tokenizer, max_tokens: int, n: int) -> list[tuple[str, int]]:
+    return [(s, y) for s, y in cola if len(tokenizer(s).input_ids) <= max_tokens][:n]
+
+
+def one_gradient(model, tokenizer, sentence: str, label: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+    enc = tokenizer([sentence], return_tensors="pt")
+    model.eval()
+    model.zero_grad()
+    model(**enc, labels=torch.tensor([label])).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return enc.input_ids[0].tolist(), grads
+
+
+# ------------------------------------------------------------------------------------------------ tapping
+
+
+def test_peft_tap_selects_only_trainable_adapters(minilm_path):
+    model = lora_minilm(minilm_path)
+    tap = GradientTap(model, "peft")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(tap.parameters) == trainable  # adapters + the head peft trains (modules_to_save)
+    assert sum(".lora_A." in n or ".lora_B." in n for n in tap.parameters) == 24  # 6 layers x (q, v) x (A, B)
+    assert not any("base_layer" in n or "original_module" in n for n in tap.parameters)
+    lora_a = GradientTap(model, "*.lora_A*")
+    assert len(lora_a.parameters) == 12 and all(".lora_A." in n for n in lora_a.parameters)
+    assert set(GradientTap(model, "*lora*").parameters) == {n for n in trainable if "lora_" in n}
+
+
+def test_frozen_module_request_says_it_is_frozen(minilm_path):
+    model = lora_minilm(minilm_path)
+    for frozen in ("bert.encoder.layer.0.attention.self.key", "bert.encoder.layer.0.attention.self.query.base_layer"):
+        with pytest.raises(ModuleSelectionError, match=r"frozen \(requires_grad=False\).*modules='peft'"):
+            GradientTap(model, frozen)
+    with pytest.raises(ModuleSelectionError, match="has none with trainable parameters"):
+        GradientTap(small_bert(), "peft")
+
+
+# ------------------------------------------------------------------------------------- span check on LoRA
+
+
+def test_span_check_on_lora_a_gradients_recovers_real_cola_sentences(minilm_path, tokenizer, cola):
+    # after some training lora_B != 0 and the stacked lora_A gradients of layer 0's query and value span
+    # the inputs while the sentence has <= 2r = 16 tokens
+    model = lora_minilm(minilm_path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    spec = text_model_spec(model).with_tokenizer(tokenizer)
+    tables = EmbeddingTables.from_params({n: p.detach() for n, p in model.named_parameters()}, spec)
+    rows = short_sentences(cola, tokenizer, 16, 12)
+    exact = 0
+    for sentence, label in rows:
+        ids, grads = one_gradient(model, tokenizer, sentence, label)
+        lora_a = [grads[a.a] for a in spec.layers[0].lora]
+        assert len(lora_a) == 2 and all(g.shape == (8, 384) for g in lora_a)
+        result = span_check(lora_a, tables, 1, sep_token_id=spec.sep_token_id)
+        assert result.rank == len(ids)
+        exact += result.sequences == [ids]
+    assert exact >= 0.95 * len(rows)
+
+
+def test_span_check_at_initialisation_reads_lora_b_when_tokens_are_below_r(minilm_path, tokenizer, cola):
+    # LoRA starts at B = 0: every lora_A gradient is exactly zero, lora_B's row space is span{A x_t}
+    model = lora_minilm(minilm_path, r=16)
+    spec = text_model_spec(model).with_tokenizer(tokenizer)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tables = EmbeddingTables.from_params(params, spec)
+    rows = short_sentences(cola, tokenizer, 15, 8)
+    exact = 0
+    for sentence, label in rows:
+        ids, grads = one_gradient(model, tokenizer, sentence, label)
+        adapters = spec.layers[0].lora
+        assert all(not grads[a.a].any() for a in adapters)
+        constraints = lora_input_constraints([grads[a.b] for a in adapters], [params[a.a] for a in adapters])
+        assert constraints.shape == (2 * (16 - len(ids)), 384)
+        result = span_check([], tables, 1, sep_token_id=spec.sep_token_id, constraints=constraints)
+        exact += result.sequences == [ids]
+    assert exact >= 0.95 * len(rows)
+    # r distinct inputs or more fill R^r: no constraint is left (the physical limit of this view)
+    long_sentence = next(s for s, _ in cola if len(tokenizer(s).input_ids) >= 16)
+    _, grads = one_gradient(model, tokenizer, long_sentence, 0)
+    full = lora_input_constraints([grads[a.b] for a in adapters], [params[a.a] for a in adapters])
+    assert full.shape == (0, 384)
+
+
+# --------------------------------------------------------------------------------------- the callback
+
+
+class LoraClassifier(L.LightningModule):
+    def __init__(self, model, tokenizer, lr: float = 5e-3) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@pytest.mark.slow
+def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokenizer, cola, tmp_path):
+    model = lora_minilm(minilm_path)
+    rows = short_sentences(cola, tokenizer, 14, 4)
+
+    def collate(items):
+        enc = tokenizer([s for s, _ in items], return_tensors="pt", padding=True)
+        return {**enc, "labels": torch.tensor([y for _, y in items])}
+
+    module = LoraClassifier(model, tokenizer)
+    audit = LeakageAudit(modules="peft", every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8,
+                         attacks=("span_check", "labels"))
+    fit(module, tmp_path, [audit], max_steps=4, train_dataloaders=DataLoader(rows, batch_size=1, collate_fn=collate))
+    assert audit._tap is not None
+    tapped = set(audit._tap.parameters)
+    assert tapped == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or "modules_to_save" in n for n in tapped)
+    records = read_audit_log(audit.log_path)
+    span = {r.step: r for r in records if r.attack == "span_check"}
+    assert sorted(span) == [0, 1, 2, 3]
+    # step 0: B = 0 and these sentences have more than r = 8 tokens, so no span is observable yet;
+    # once AdamW has moved lora_B, every later audited sentence comes back exactly
+    assert span[0].status == "skipped" and "full rank" in span[0].error
+    assert all(span[s].status == "ok" and span[s].metrics["exact_match"] == 1.0 for s in (1, 2, 3))
+    labels = [r for r in records if r.attack == "labels"]
+    assert labels and all(r.metrics["label_accuracy"] == 1.0 for r in labels)
