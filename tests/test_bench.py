@@ -164,6 +164,9 @@ def test_bad_view_exits_2_with_suggestions(minilm_path, cola_file, tmp_path, cap
         (["--n", "0"], ["--n must be >= 1"]),
         (["--max-steps", "0"], ["--max-steps must be >= 1, got 0"]),
         (["--dropout", "maybe"], ["invalid choice: 'maybe'"]),
+        (["--views", "lora"], ["--views lora taps LoRA adapters: add --lora-r R"]),
+        (["--lora-r", "0"], ["LoRA rank r must be >= 1, got 0"]),
+        (["--lora-r", "8", "--lora-steps", "5,x"], ["--lora-steps must be non-negative integers"]),
     ],
 )
 def test_bad_options_exit_2(tmp_path, capsys, args, expected):
@@ -252,3 +255,18 @@ def test_small_parsers():
     assert reference_for("sst2_dev", "full", 1)[0]["rouge1"] == 0.888
     assert [r["source"] for r in reference_for("cola_dev", "full", 4)] == ["DAGER"]
     assert reference_for("cola_dev", "layer:0", 1) is None and reference_for("imdb", "full", 1) is None
+
+
+def test_lora_rows_at_initialisation_and_after_training(minilm_path, cola_file, tmp_path):
+    """LoRA r=8 on query/value, B=1, the two shortest of the first CoLA sentences: at step 0 (B = 0) the
+    span check reads lora_B's rank deficit, after 3 AdamW steps the lora_A gradients; both exact."""
+    short = tmp_path / "short.tsv"
+    short.write_text("sentence\tlabel\nBill left.\t1\nThe dog barked.\t1\n")
+    out = tmp_path / "lora.json"
+    argv = ["bench", "text", "--data", str(short), "--n", "2", "--batch-sizes", "1", "--views", "lora",
+            "--attacks", "span_check", "--lora-r", "8", "--lora-steps", "0,3", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["lora_steps"], r["lora_r"], r["n_sentences"]) for r in rows] == [(0, 8, 2), (3, 8, 2)]
+    assert all(r["exact_match"] == 1.0 and r["rouge1"] == 1.0 for r in rows)
+    assert rows[0]["params_fraction"] < 0.004  # the 24 adapter matrices alone
