@@ -516,7 +516,10 @@ def span_check(
     limit = min(max_length or tables.max_length, tables.max_length)
     # Exact gradients (dropout off, or a model without dropout): some token at the first positions is
     # an exact span member. Otherwise read the gradient as a training-mode (dropout-on) one.
-    trim = 0 if noisy or complement else _trim_count(dropout, d)
+    # every stacked row independent (e.g. lora_A gradients with more tokens than r): the span may be only
+    # partly observed; exact members can still show (tokens == rank), dropout-robust refits cannot help
+    saturated = not complement and rank >= sum(int(g.shape[0]) for g in grads)
+    trim = 0 if noisy or complement or saturated else _trim_count(dropout, d)
     if trim and any(
         float(scorer.residuals(p, tt).min()) < exact_tol
         for p in range(min(3, limit))
