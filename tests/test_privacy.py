@@ -151,6 +151,16 @@ def test_accountant_found_inside_the_optimizer_hook_and_default_delta(tokenizer,
     assert record.privacy["epsilon"] == pytest.approx(module.engine.get_epsilon(1 / 32), rel=1e-9)
 
 
+def test_small_noise_warns_that_gradient_matching_is_missing(tokenizer, tmp_path):
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                         every_n_steps=1, log_dir=tmp_path / "audit")
+    with pytest.warns(UserWarning, match=r"noise multiplier 0.001 < 0.01.*'gradient_matching'"):
+        dp_fit(tokenizer, tmp_path, [audit], max_steps=1, sigma=0.001)
+    (record,) = read_audit_log(audit.log_path)
+    # PRV is not run at this sigma: RDP stands in, and says so
+    assert record.privacy["epsilon_accountant"] == "rdp" and record.privacy["epsilon"] > 100
+
+
 def test_recompute_eval_is_refused_under_dp(tokenizer, tmp_path):
     audit = LeakageAudit(recompute="eval", attacks=["span_check"], every_n_steps=1, log_dir=tmp_path / "audit")
     with pytest.raises(ValueError, match="recompute='observed'"):
