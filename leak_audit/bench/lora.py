@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from leak_audit.models import lora_specs
+
 __all__ = ["LoraSetup", "lora_parameter_names", "train_adapters", "wrap_lora"]
 
 
@@ -78,8 +80,8 @@ def wrap_lora(model: nn.Module, setup: LoraSetup, seed: int) -> nn.Module:
 
 
 def lora_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the trainable ``lora_A`` / ``lora_B`` weights of a peft model, in model order."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)]
+    """Names of the active ``lora_A`` / ``lora_B`` weights of a peft model (:func:`~leak_audit.models.lora_specs`)."""
+    return [name for spec in lora_specs(model) for name in (spec.a, spec.b)]
 
 
 def train_adapters(
@@ -91,11 +93,12 @@ def train_adapters(
     *,
     seed: int,
     train: bool,
+    start: int = 0,
 ) -> None:
     """Train the trainable parameters of ``model`` for ``steps`` AdamW steps, in place.
 
-    Batches of ``setup.train_batch_size`` sentences cycle through ``rows`` in order. The model is left in
-    eval mode with its gradients cleared.
+    Batches of ``setup.train_batch_size`` sentences cycle through ``rows`` in order, beginning where
+    ``start`` earlier steps stopped. The model is left in eval mode with its gradients cleared.
 
     Args:
         model: the peft model.
@@ -105,12 +108,14 @@ def train_adapters(
         setup: learning rate and batch size.
         seed: seeds the dropout masks of the training batches.
         train: training mode (dropout on) during the steps.
+        start: steps already trained (a later call continues the cycle through ``rows``).
     """
     if steps <= 0:
         return
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=setup.lr)
-    batches = itertools.cycle([rows[i:i + setup.train_batch_size] for i in range(0, len(rows), setup.train_batch_size)])
+    size = setup.train_batch_size
+    batches = itertools.islice(itertools.cycle([rows[i:i + size] for i in range(0, len(rows), size)]), start, None)
     torch.manual_seed(seed)
     model.train(train)
     try:

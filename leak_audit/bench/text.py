@@ -876,11 +876,10 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
         task = progress.add_task("bench text", total=total)
         done_steps = 0
         for stage, sigma in ((t, s) for t in stages for s in sigmas):
-            if stage is not None and config.lora is not None and stage > done_steps:
+            if config.lora is not None and stage is not None and stage > done_steps:
                 progress.update(task, description=f"training the adapters to step {stage}")
-                offset = done_steps * config.lora.train_batch_size % len(train_rows)
-                train_adapters(model, tokenizer, train_rows[offset:] + train_rows[:offset], stage - done_steps,
-                               config.lora, seed=config.seed + done_steps, train=config.dropout == "on")
+                train_adapters(model, tokenizer, train_rows, stage - done_steps, config.lora,
+                               seed=config.seed + done_steps, train=config.dropout == "on", start=done_steps)
                 done_steps = stage
             with contextlib.ExitStack() as stack:
                 dp = None
@@ -921,13 +920,13 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
     rows: list[dict[str, Any]] = []
     for stage, sigma, name, b in results:
         view, auditor = auditors[name]
-        dp_cols: dict[str, Any] = {}
-        if stage is not None and config.lora is not None:
-            dp_cols.update(lora_r=config.lora.r, lora_alpha=config.lora.alpha, lora_targets=list(config.lora.targets),
+        setting: dict[str, Any] = {}  # LoRA and DP-SGD columns
+        if config.lora is not None:
+            setting.update(lora_r=config.lora.r, lora_alpha=config.lora.alpha, lora_targets=list(config.lora.targets),
                            lora_steps=stage)
         if sigma is not None:
             eps = epoch_epsilon(sigma, b, dataset_size, DP_DELTA)
-            dp_cols.update(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
+            setting.update(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm,
                            epsilon=eps if math.isfinite(eps) else None)
         for entry in summarize(results[(stage, sigma, name, b)], auditor.applicable, config.with_best):
             row: dict[str, Any] = {
@@ -946,7 +945,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                 "status_counts": entry["status_counts"],
                 "best_of": entry["best_of"],
                 "reference": reference_for(data_name, name, b),
-                **dp_cols,
+                **setting,
             }
             rows.append(row)
     meta = {
