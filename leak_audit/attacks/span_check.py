@@ -31,8 +31,9 @@ distinct inputs; stacking the ``lora_A`` gradients of layer 0's query/key/value 
 ``∂L/∂B = s Σ_t δ_t (A x_t)ᵀ`` (``[d_out, r]``) carries the inputs: its row space in ``R^r`` is
 ``span{A x_t}``, and while it has fewer than ``r`` dimensions every input satisfies ``nᵀ A x = 0`` for each
 ``n`` orthogonal to it (:func:`lora_input_constraints`). Candidates are then scored by their residual
-against those constraints. With more distinct inputs than these ranks the span is not observed: the
-check cannot certify tokens there (a physical limit, not a tuning one).
+against those constraints. With more distinct inputs than these ranks the span is only partly observed:
+no token can be certified there (a physical limit, not a tuning one), and :func:`partial_span` ranks
+tokens by their share of the observed slice instead (best effort, reported as ``partial``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ __all__ = [
     "TokenScorer",
     "clipped_residuals",
     "lora_input_constraints",
+    "partial_span",
+    "group_lasso",
 ]
 
 
@@ -385,6 +388,8 @@ class SpanCheckResult:
         threshold: the score below which a candidate counts as present.
         length: number of positions scanned that hold at least one token.
         dropout_mode: whether the gradient was read as a training-mode (dropout-on) one.
+        partial: the span was only partly observed (more distinct inputs than its rank) and the
+            candidates are a ranking (:func:`partial_span`), not certified members.
     """
 
     candidates: list[list[tuple[int, int, float]]]
@@ -394,6 +399,7 @@ class SpanCheckResult:
     threshold: float
     length: int
     dropout_mode: bool = False
+    partial: bool = False
 
 
 def _trim_count(dropout: float, d: int) -> int:
@@ -531,6 +537,12 @@ def span_check(
     segments = list(range(tables.num_token_types)) if token_types is None else sorted({int(t) for t in token_types})
     if not segments or not all(0 <= t < tables.num_token_types for t in segments):
         raise ValueError(f"token_types must be a non-empty subset of 0..{tables.num_token_types - 1}, got {token_types}")
+    if saturated and not noisy and rank <= d // 2 and not any(
+        float(scorer.residuals(p, tt).min()) < exact_tol for p in range(min(3, limit)) for tt in segments
+    ):
+        # more distinct inputs than observed directions (and a slice small enough to say something): no token
+        # is certified; recover them by joint sparse recovery instead
+        return partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
     # with dropout, after two C-steps only the best candidates are refined further (B true ones at most)
     refine = max(6 * batch_size, 48) if prune else None
     # Rank >= d/4 and a candidate set small enough to score whole: keep the B best per occupied position.
@@ -571,6 +583,147 @@ def span_check(
     threshold = exact_tol if not (trim or noisy) else float("nan")
     sequences = _assemble(candidates, batch_size, sep_token_id)
     return SpanCheckResult(candidates, best[:length], sequences, rank, threshold, length, dropout_mode=trim > 0)
+
+
+PARTIAL_SCAN = 64
+"""Positions :func:`partial_span` considers (from 0)."""
+
+PARTIAL_CANDIDATES = 32
+"""Tokens per position (at least; ``8B`` at batch size ``B``) that :func:`partial_span` passes to the joint fit."""
+
+PARTIAL_KEEP = 0.15
+"""An atom counts as present when its group-lasso weight is at least this share of the largest one."""
+
+
+def group_lasso(
+    target: Tensor, atoms: Tensor, lam: float = 0.05, iterations: int = 2000, tol: float = 1e-7
+) -> Tensor:
+    """Row-sparse least squares: ``min_W ½‖target − W·atoms‖² + λ·max_a‖Sᵀatoms_a‖ · Σ_a ‖W[:, a]‖``.
+
+    The convex (ℓ2,1) relaxation of joint sparse recovery from multiple measurement vectors (Cotter,
+    Rao, Engan, Kreutz-Delgado 2005; Tropp 2006): every row of ``target`` is a combination of the same
+    few atoms. Solved by FISTA (Beck & Teboulle 2009) with group soft-thresholding.
+
+    Args:
+        target: ``[k, d]`` rows to explain.
+        atoms: ``[n, d]`` dictionary (unit rows).
+        lam: penalty as a share of the largest atom correlation ``max_a ‖target · atoms_aᵀ‖`` (above it,
+            the solution is 0).
+        iterations: FISTA steps at most; ``tol``: stop when the relative change of ``W`` is below it.
+
+    Returns:
+        ``[n]`` the norm of each atom's weights ``‖W[:, a]‖`` (0 for atoms left out).
+
+    Raises:
+        ValueError: ``target`` and ``atoms`` disagree on ``d``, or ``lam`` is not in ``(0, 1)``.
+    """
+    if target.dim() != 2 or atoms.dim() != 2 or target.shape[1] != atoms.shape[1]:
+        raise ValueError(f"target [k, d] and atoms [n, d] must share d, got {tuple(target.shape)} and {tuple(atoms.shape)}")
+    if not 0 < lam < 1:
+        raise ValueError(f"lam must be in (0, 1), got {lam}")
+    lipschitz = float(torch.linalg.matrix_norm(atoms, 2)) ** 2
+    threshold = lam * float((target @ atoms.T).norm(dim=0).max()) / lipschitz
+    w = torch.zeros(target.shape[0], atoms.shape[0], dtype=atoms.dtype, device=atoms.device)
+    z, t = w.clone(), 1.0
+    for _ in range(iterations):
+        v = z + (target - z @ atoms) @ atoms.T / lipschitz
+        w_next = v * (1 - threshold / v.norm(dim=0, keepdim=True).clamp_min(1e-30)).clamp_min(0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = w_next + (t - 1) / t_next * (w_next - w)
+        change = float((w_next - w).norm()) / max(float(w_next.norm()), 1e-30)
+        w, t = w_next, t_next
+        if change < tol:
+            break
+    return w.norm(dim=0)
+
+
+def partial_span(
+    scorer: TokenScorer,
+    batch_size: int,
+    positions: int,
+    segments: Sequence[int] = (0,),
+    sep_token_id: int | None = None,
+    deadline: float | None = None,
+) -> SpanCheckResult:
+    """Token recovery when the gradient shows only part of the inputs' span (joint sparse recovery).
+
+    With more distinct inputs ``T`` than observed directions ``k`` (``lora_A`` gradients of rank ``r`` per
+    adapter and ``T > r``, where DAGER's LoRA mode stops) the observed subspace ``S = span(basis)`` is a
+    ``k``-dimensional slice of ``span{x_t}``: no token lies in ``S``, but every row of ``S`` is a combination
+    of the same ``T`` true inputs. Two steps:
+
+    1. **Shortlist.** Score every candidate ``(v, i)`` by its energy fraction in ``S``, ``1 − res(v, i)²``
+       (:class:`TokenScorer`), minus the token's mean over the scanned positions (this removes what a
+       token shares with every input: frequent subwords, LayerNorm's outlier dimensions), and keep the
+       best ``max(32, 8B)`` tokens per position.
+    2. **Joint fit.** Explain ``S`` by the fewest shortlisted inputs (:func:`group_lasso`, the ℓ2,1
+       relaxation of multiple-measurement-vector sparse recovery). At each position the inputs with a
+       weight of at least :data:`PARTIAL_KEEP` of the largest are present (``B`` at most); the scan ends
+       at two positions in a row with none once a ``[SEP]`` was kept, and sequences end after theirs.
+
+    On 12 real CoLA sentences of 17–23 tokens (MiniLM, LoRA r = 8 on query/value, ``k = 16``) the
+    shortlist puts a true token first at 37% of positions, the joint fit at 90%.
+
+    Args:
+        scorer: residuals against the observed subspace (its ``basis`` is ``[d, k]`` orthonormal).
+        batch_size: ``B``: at most ``B`` tokens per position are kept.
+        positions: positions scanned (from 0).
+        segments: token types tried (a token keeps its best-scoring type).
+        sep_token_id: end-of-sequence token id: sequences end after it.
+        deadline: ``time.monotonic()`` value after which the scan stops (the fit still runs).
+
+    Returns:
+        A :class:`SpanCheckResult` with ``partial = True`` and ``threshold = nan``; a candidate's score is
+        ``1 −`` its weight relative to the largest (0 for the strongest input).
+
+    Raises:
+        ValueError: ``positions < 1`` or ``batch_size < 1``.
+    """
+    if positions < 1:
+        raise ValueError(f"positions must be >= 1, got {positions}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    residual_rows, type_rows = [], []
+    for pos in range(positions):
+        if deadline is not None and time.monotonic() > deadline and residual_rows:
+            break
+        best, which = torch.stack([scorer.residuals(pos, tt) for tt in segments]).min(0)  # [K]
+        residual_rows.append(best)
+        type_rows.append(torch.as_tensor(segments)[which])
+    energy = 1 - torch.stack(residual_rows) ** 2  # [P, K]
+    centred = energy - energy.mean(0, keepdim=True)
+    n_pos = centred.shape[0]
+    per_pos = min(max(PARTIAL_CANDIDATES, 8 * batch_size), centred.shape[1])
+    short = centred.topk(per_pos, dim=1).indices  # [P, C] columns of scorer.token_ids
+    ids_map = scorer.token_ids
+    types = torch.stack(type_rows)
+    x = torch.cat([
+        scorer.inputs(ids_map[short[p]], p, 0) if len(segments) == 1 and segments[0] == 0
+        else torch.stack([scorer.inputs(ids_map[short[p, j : j + 1]], p, int(types[p, short[p, j]]))[0]
+                          for j in range(per_pos)])
+        for p in range(n_pos)
+    ])
+    x = x / x.norm(dim=1, keepdim=True)
+    weight = group_lasso(scorer.basis.T, x).view(n_pos, per_pos)
+    weight = weight / weight.max().clamp_min(1e-30)
+    candidates: list[list[tuple[int, int, float]]] = []
+    empty, seen_sep = 0, False
+    for pos in range(n_pos):
+        w, order = weight[pos].sort(descending=True)
+        keep = [j for j, wj in zip(order.tolist(), w.tolist(), strict=True) if wj >= PARTIAL_KEEP][:batch_size]
+        col = short[pos]
+        candidates.append([(int(ids_map[col[j]]), int(types[pos, col[j]]), 1.0 - float(weight[pos, j])) for j in keep])
+        seen_sep = seen_sep or any(c[0] == sep_token_id for c in candidates[-1])
+        empty = 0 if keep else empty + 1
+        if empty >= 2 and (seen_sep or sep_token_id is None):
+            break
+    while candidates and not candidates[-1]:
+        candidates.pop()
+    best = [(c[0][0], c[0][2]) if c else (-1, 1.0) for c in candidates]
+    sequences = _assemble(candidates, batch_size, sep_token_id)
+    return SpanCheckResult(
+        candidates, best, sequences, int(scorer.basis.shape[1]), float("nan"), len(candidates), partial=True
+    )
 
 
 def _best_per_token(ids: Tensor, types: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -739,6 +892,7 @@ class SpanCheck(Attack):
                 "grads_used": len(grads),
                 "lora_constraints": 0 if constraints is None else int(constraints.shape[0]),
                 "dropout_mode": int(result.dropout_mode),
+                "partial": int(result.partial),
                 "vocabulary": int(vocabulary.numel()) if vocabulary is not None else spec.vocab_size,
             },
         )
