@@ -32,8 +32,9 @@ distinct inputs; stacking the ``lora_A`` gradients of layer 0's query/key/value 
 ``span{A x_t}``, and while it has fewer than ``r`` dimensions every input satisfies ``nᵀ A x = 0`` for each
 ``n`` orthogonal to it (:func:`lora_input_constraints`). Candidates are then scored by their residual
 against those constraints. With more distinct inputs than these ranks the span is only partly observed:
-no token can be certified there (a physical limit, not a tuning one), and :func:`partial_span` ranks
-tokens by their share of the observed slice instead (best effort, reported as ``partial``).
+no token can be certified there (a physical limit, not a tuning one). :func:`partial_span` then
+recovers tokens by joint sparse recovery: every observed direction combines the same few true inputs
+(best effort, reported as ``partial``).
 """
 
 from __future__ import annotations
@@ -525,21 +526,19 @@ def span_check(
     # every stacked row independent (e.g. lora_A gradients with more tokens than r): the span may be only
     # partly observed; exact members can still show (tokens == rank), dropout-robust refits cannot help
     saturated = not complement and rank >= sum(int(g.shape[0]) for g in grads)
-    trim = 0 if noisy or complement or saturated else _trim_count(dropout, d)
-    if trim and any(
-        float(scorer.residuals(p, tt).min()) < exact_tol
-        for p in range(min(3, limit))
-        for tt in range(tables.num_token_types)
-    ):
-        trim = 0
-    if trim and trim >= d - rank - 8:
-        trim = 0  # too many inputs to refit on the kept coordinates: fall back to plain residuals
     segments = list(range(tables.num_token_types)) if token_types is None else sorted({int(t) for t in token_types})
     if not segments or not all(0 <= t < tables.num_token_types for t in segments):
         raise ValueError(f"token_types must be a non-empty subset of 0..{tables.num_token_types - 1}, got {token_types}")
-    if saturated and not noisy and rank <= d // 2 and not any(
-        float(scorer.residuals(p, tt).min()) < exact_tol for p in range(min(3, limit)) for tt in segments
-    ):
+
+    def exact_members_show() -> bool:  # some token at the first positions lies in the span
+        return any(float(scorer.residuals(p, tt).min()) < exact_tol for p in range(min(3, limit)) for tt in segments)
+
+    trim = 0 if noisy or complement or saturated else _trim_count(dropout, d)
+    if trim and exact_members_show():
+        trim = 0
+    if trim and trim >= d - rank - 8:
+        trim = 0  # too many inputs to refit on the kept coordinates: fall back to plain residuals
+    if saturated and not noisy and rank <= d // 2 and not exact_members_show():
         # more distinct inputs than observed directions (and a slice small enough to say something): no token
         # is certified; recover them by joint sparse recovery instead
         return partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
@@ -598,7 +597,7 @@ PARTIAL_KEEP = 0.15
 def group_lasso(
     target: Tensor, atoms: Tensor, lam: float = 0.05, iterations: int = 2000, tol: float = 1e-7
 ) -> Tensor:
-    """Row-sparse least squares: ``min_W ½‖target − W·atoms‖² + λ·max_a‖Sᵀatoms_a‖ · Σ_a ‖W[:, a]‖``.
+    """Row-sparse least squares: ``min_W ½‖target − W·atoms‖² + λ · Σ_a ‖W[:, a]‖`` (``W`` is ``[k, n]``).
 
     The convex (ℓ2,1) relaxation of joint sparse recovery from multiple measurement vectors (Cotter,
     Rao, Engan, Kreutz-Delgado 2005; Tropp 2006): every row of ``target`` is a combination of the same
@@ -607,8 +606,8 @@ def group_lasso(
     Args:
         target: ``[k, d]`` rows to explain.
         atoms: ``[n, d]`` dictionary (unit rows).
-        lam: penalty as a share of the largest atom correlation ``max_a ‖target · atoms_aᵀ‖`` (above it,
-            the solution is 0).
+        lam: ``λ`` as a share of the largest atom correlation ``max_a ‖target · atoms_aᵀ‖`` (at a share
+            of 1 the solution is 0).
         iterations: FISTA steps at most; ``tol``: stop when the relative change of ``W`` is below it.
 
     Returns:
@@ -662,7 +661,8 @@ def partial_span(
        at two positions in a row with none once a ``[SEP]`` was kept, and sequences end after theirs.
 
     On 12 real CoLA sentences of 17–23 tokens (MiniLM, LoRA r = 8 on query/value, ``k = 16``) the
-    shortlist puts a true token first at 37% of positions, the joint fit at 90%.
+    shortlist puts a true token first at 37% of positions, the joint fit at 84% (90% when told the
+    sentence length).
 
     Args:
         scorer: residuals against the observed subspace (its ``basis`` is ``[d, k]`` orthonormal).
@@ -697,12 +697,14 @@ def partial_span(
     short = centred.topk(per_pos, dim=1).indices  # [P, C] columns of scorer.token_ids
     ids_map = scorer.token_ids
     types = torch.stack(type_rows)
-    x = torch.cat([
-        scorer.inputs(ids_map[short[p]], p, 0) if len(segments) == 1 and segments[0] == 0
-        else torch.stack([scorer.inputs(ids_map[short[p, j : j + 1]], p, int(types[p, short[p, j]]))[0]
-                          for j in range(per_pos)])
-        for p in range(n_pos)
-    ])
+    x = torch.empty(n_pos, per_pos, scorer.d, dtype=torch.float64)
+    for p in range(n_pos):
+        cols = short[p]
+        col_types = types[p, cols]
+        for tt in col_types.unique().tolist():
+            same = col_types == tt
+            x[p, same] = scorer.inputs(ids_map[cols[same]], p, tt)
+    x = x.view(n_pos * per_pos, scorer.d)
     x = x / x.norm(dim=1, keepdim=True)
     weight = group_lasso(scorer.basis.T, x).view(n_pos, per_pos)
     weight = weight / weight.max().clamp_min(1e-30)
@@ -719,7 +721,8 @@ def partial_span(
             break
     while candidates and not candidates[-1]:
         candidates.pop()
-    best = [(c[0][0], c[0][2]) if c else (-1, 1.0) for c in candidates]
+    top = weight[: len(candidates)].argmax(1)
+    best = [(int(ids_map[short[p, j]]), 1.0 - float(weight[p, j])) for p, j in enumerate(top.tolist())]
     sequences = _assemble(candidates, batch_size, sep_token_id)
     return SpanCheckResult(
         candidates, best, sequences, int(scorer.basis.shape[1]), float("nan"), len(candidates), partial=True
