@@ -249,6 +249,31 @@ def test_batch_of_two_with_label_and_bag_priors(model, spec, params, replica, to
     assert rec.info["distance"] < rec.info["init_distance"]
 
 
+def test_exchange_assigns_position_tokens_to_their_sentences(model, spec, params, replica, tokenizer, sentences):
+    """B = 2 with a seed whose tokens are right at every position but belong to the other sentence at
+    four positions (what span_check gives past its rank on LoRA gradients): the discrete phase's
+    cross-sequence exchange gives both sentences back exactly; without it the search stays wrong."""
+    from leak_audit.attacks.base import Reconstruction
+
+    batch = [p for p in sentences if len(tokenizer(p[0])["input_ids"]) >= 9][:2]
+    enc, grads = gradients(model, tokenizer, [s for s, _ in batch], [y for _, y in batch], train=False)
+    refs = [enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist() for b in range(2)]
+    seeds = [list(r) for r in refs]
+    for pos in (1, 3, 5, 7):
+        seeds[0][pos], seeds[1][pos] = refs[1][pos], refs[0][pos]
+    assert all(seeds[b] != refs[b] for b in range(2))
+    tapped = {n for n, _ in model.named_parameters()}
+    priors = {
+        "labels": Reconstruction("labels", labels=[y for _, y in batch]),
+        "span_check": Reconstruction("span_check", sequences=seeds),
+    }
+    attack = GradientMatching(max_steps=1, max_seconds=120, discrete_steps=2, top_k=1, candidates=1)
+    inp = _input(attack, spec, params, replica, grads, tapped, priors=priors)
+    rec = _run(attack, AttackInput(**{**inp.__dict__, "batch_size": 2}))
+    assert rec.info["seeded"] == 1
+    assert sorted(rec.sequences) == sorted(refs)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -16,7 +16,9 @@ embeddings and its LayerNorm) and labels ``y`` minimising a gradient distance ``
    Every ``project_every`` steps the current point is projected to tokens (heaviest mixture token and
    nearest token by cosine) and scored on the real token ids; the best projection is kept, and an
    exact one (scale-invariant relative gradient distance below ``exact_tol``) ends the attack.
-2. **Discrete phase** (LAMP's transformations) from the best projection: sweeps of single-token
+2. **Discrete phase** (LAMP's transformations) from the best projection: at ``B > 1`` exchanges of the
+   tokens two sequences hold at the same position (which assigns position-wise tokens, e.g. those
+   ``span_check`` finds past its rank on LoRA gradients, to their sentences), sweeps of single-token
    replacements (candidates per position: the continuous solution's nearest tokens, the sequence's
    own tokens, and a HotFlip/GCG first-order estimate), then random swaps / token moves / span moves.
    Candidates are scored by ``D`` on the real token ids (plus ``lm_weight`` × the mean token negative
@@ -185,8 +187,8 @@ class GradientMatching(Attack):
         max_length: sequence length ``L`` when neither a seed, the position-embedding gradient nor a
             gradient's rank gives it.
         discrete_share: share of ``max_seconds`` kept for the discrete phase, in ``[0, 1)``.
-        discrete_steps: discrete rounds at most (a round: one replacement sweep, then ``candidates``
-            random reorderings).
+        discrete_steps: discrete rounds at most (a round: one exchange pass at ``B > 1``, one replacement
+            sweep, then ``candidates`` random reorderings).
         candidates: random reorderings (swap, move a token, move a span) scored per round.
         top_k: replacement candidates per position and source (heaviest mixture tokens, nearest tokens,
             HotFlip estimate).
@@ -451,8 +453,10 @@ class GradientMatching(Attack):
         search = _DiscreteSearch(layout, score, keep, deadline, self.exact_tol, linearized)
         rounds = stale = 0
         while rounds < self.discrete_steps and stale < self.patience and not search.done():
-            # a sweep of single-token replacements, then a round of random reorderings (LAMP's moves)
-            improved = search.sweep()
+            # exchanges across sequences (B > 1), a sweep of single-token replacements, then a round of
+            # random reorderings (LAMP's moves)
+            improved = search.exchange() if b > 1 else False
+            improved = search.sweep() or improved
             cands = _moves(search.ids, layout, keep.neighbours, self.candidates, gen, reorder_only=True)
             improved = search.try_candidates(cands) or improved
             rounds += 1
@@ -686,7 +690,8 @@ class _DiscreteSearch:
 
     :meth:`sweep` tries, position by position, each of the position's replacement tokens (the ``top_k``
     of the continuous solution, and the ``top_k`` of a first-order HotFlip/GCG estimate at the current
-    sequence) and keeps any that lowers the score (coordinate descent). :meth:`try_candidates` scores a list of
+    sequence) and keeps any that lowers the score (coordinate descent). :meth:`exchange` swaps tokens between
+    sequences at one position (``B > 1``). :meth:`try_candidates` scores a list of
     sequences and keeps the best when it is better.
     """
 
@@ -753,6 +758,29 @@ class _DiscreteSearch:
                     cand = self.ids.clone()
                     cand[b, pos] = tok
                     improved = self._offer(cand) or improved
+        return improved
+
+    def exchange(self) -> bool:
+        """One pass of cross-sequence exchanges (``B > 1``): at each position, every pair of sequences
+        that both have a free token there swaps it, and the best swap that lowers the score is kept.
+
+        This is the move that assigns tokens to sentences: the analytic attacks on low-rank gradients
+        (``span_check`` past its rank) recover the tokens at each position but not whose they are,
+        and no within-sequence move or single replacement can fix that assignment.
+        """
+        improved = False
+        b_, n_ = self.ids.shape
+        for pos in range(n_):
+            rows = [b for b in range(b_) if bool(self.layout.free[b, pos])]
+            cands = []
+            for b, c in itertools.combinations(rows, 2):
+                if int(self.ids[b, pos]) != int(self.ids[c, pos]):
+                    cand = self.ids.clone()
+                    cand[b, pos], cand[c, pos] = self.ids[c, pos], self.ids[b, pos]
+                    cands.append(cand)
+            if self.done():
+                break
+            improved = self.try_candidates(cands) or improved
         return improved
 
     def try_candidates(self, cands: Sequence[Tensor]) -> bool:
