@@ -52,6 +52,16 @@ def cola() -> list[tuple[str, int]]:
     return read_tsv(data_file("cola_dev.tsv"))
 
 
+@pytest.fixture(scope="session")
+def cifar10() -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared CIFAR-10 test images: ``([N, 3, 32, 32]`` floats in ``[0, 1]``, ``[N]`` labels)."""
+    import numpy as np
+
+    data = np.load(data_file("cifar10_test_500.npz"))
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 255
+    return images, torch.from_numpy(data["labels"]).long()
+
+
 def small_bert(vocab_size: int = 30522, dropout: float = 0.1, seed: int = 0):
     """A random-init 2-layer BERT classifier (d=64) using the MiniLM tokenizer's vocabulary."""
     from transformers import BertConfig, BertForSequenceClassification
