@@ -7,6 +7,9 @@ input (missing file, unparsable line, unknown metric, no successful audit).
 ``leak-audit bench text --data FILE.tsv [--views full,layer:0,linear:MODULE] [--attacks best|NAME,...] ...``
 runs the attacks on real sentences and reports per-attack leakage and seconds per batch (see
 :mod:`leak_audit.bench.text`); it exits 0 on success and 2 on bad input.
+
+``leak-audit bench image --data FILE.npz [--batch-sizes 1,4,8] [--attacks dlg,inverting_gradients]`` does the
+same for images (PSNR, SSIM, LPIPS; :mod:`leak_audit.bench.image`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from leak_audit.bench.image import add_image_arguments, bench_image_command
 from leak_audit.bench.text import add_text_arguments, bench_text_command
 from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
 from leak_audit.records import AuditLogError, read_audit_log
@@ -82,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_text_arguments(text)
     text.set_defaults(func=bench_text_command)
+    image = bench_sub.add_parser(
+        "image",
+        help="PSNR/SSIM/LPIPS of image reconstructions (DLG, Inverting Gradients) per batch size",
+        description="Exit 0: done. 2: bad input (unreadable data, unknown attack, bad option).",
+    )
+    add_image_arguments(image)
+    image.set_defaults(func=bench_image_command)
     return parser
 
 

@@ -133,3 +133,31 @@ def test_lpips_offline_is_reported_unavailable_and_never_raises():
         assert math.isnan(score_image_reconstruction(x, x)["lpips"])
     with pytest.raises(ValueError, match="net_type"):
         lpips_status("resnet")
+
+
+def test_bench_image_writes_rows_markdown_and_grid(cifar10, tmp_path):
+    """``leak-audit bench image`` on 2 real CIFAR-10 images with a tiny step budget: exit 0, one row per
+    (attack, B) with the issue's keys, a markdown table and a PNG grid; bad input exits 2."""
+    import json
+
+    from leak_audit.cli import main
+    from tests.conftest import data_file
+
+    npz = str(data_file("cifar10_test_500.npz"))
+    out = tmp_path / "rows.json"
+    rc = main(["bench", "image", "--data", npz, "--n", "2", "--batch-sizes", "1,2", "--max-steps", "20",
+               "--json", str(out), "--markdown", str(tmp_path / "rows.md"), "--grid", str(tmp_path / "grid.png")])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["attack"], r["batch_size"]) for r in rows] == [
+        ("dlg", 1), ("inverting_gradients", 1), ("dlg", 2), ("inverting_gradients", 2)
+    ]
+    for r in rows:
+        assert {"psnr", "ssim", "lpips", "label_accuracy", "seconds_per_batch"} <= set(r)
+        assert r["n_images"] == 2 and 0 < r["psnr"] < 60
+    assert rows[0]["label_accuracy"] == 1.0  # iDLG at B = 1
+    assert "| cifar10_test_500 | dlg | 1 | 2 |" in (tmp_path / "rows.md").read_text()
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "image", "--data", npz, "--attacks", "dgl"]) == 2
+    assert main(["bench", "image", "--data", str(tmp_path / "none.npz")]) == 2
+    assert main(["bench", "image", "--data", npz, "--n", "1", "--batch-sizes", "2"]) == 2

@@ -13,8 +13,8 @@ observed one:
 
 :func:`invert_images` is a pure function of a gradient function, the observed gradients and public
 metadata (batch shape, number of classes, the box of valid pixel values); it never sees the private
-images. ``leak_audit.attacks.image_dlg`` and ``leak_audit.attacks.inverting_gradients`` are its two
-registered configurations.
+images. :data:`IMAGE_ATTACKS` holds the two published configurations, run by name with
+:func:`reconstruct_images`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from leak_audit.attacks._optim import GradientDistance
 
-__all__ = ["ImageInversion", "invert_images", "total_variation"]
+__all__ = ["IMAGE_ATTACKS", "ImageInversion", "invert_images", "reconstruct_images", "total_variation"]
 
 GradFn = Callable[[Tensor, Tensor, bool], Sequence[Tensor]]
 """``(images [B, C, H, W], labels [B] or soft [B, K], create_graph) -> gradients`` (the matched tensors)."""
@@ -206,3 +206,39 @@ def invert_images(
             best = (d, x.detach().clone(), final_labels)
     assert best is not None
     return ImageInversion(best[1], best[2], best[0], steps_total, runs, time.monotonic() - start)
+
+
+IMAGE_ATTACKS: dict[str, dict[str, object]] = {
+    "dlg": {"loss": "l2", "optimizer": "lbfgs", "max_steps": 3000},
+    "inverting_gradients": {"loss": "cos", "tv_weight": 1e-4, "optimizer": "adam", "max_steps": 3000, "restarts": 2},
+}
+"""The published configurations of :func:`invert_images`: DLG (Zhu et al. 2019) and Inverting Gradients
+(Geiping et al. 2020, their CIFAR settings: ``tv = 1e-4``, signed Adam at step size 0.1; 2 restarts here
+against their 4 to 8, for a CPU budget). ``max_steps`` is per restart."""
+
+
+def reconstruct_images(
+    attack: str,
+    grad_fn: GradFn,
+    targets: Sequence[Tensor],
+    shape: Sequence[int],
+    num_classes: int,
+    *,
+    labels: Tensor | None = None,
+    max_steps: int | None = None,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    deadline: float | None = None,
+    generator: torch.Generator | None = None,
+) -> ImageInversion:
+    """Run the named configuration of :data:`IMAGE_ATTACKS` (``max_steps`` overrides its default).
+
+    Raises:
+        ValueError: an unknown attack (the message lists the valid names), or see :func:`invert_images`.
+    """
+    if attack not in IMAGE_ATTACKS:
+        raise ValueError(f"unknown image attack {attack!r}; valid: {', '.join(IMAGE_ATTACKS)}")
+    options = dict(IMAGE_ATTACKS[attack])
+    if max_steps is not None:
+        options["max_steps"] = max_steps
+    return invert_images(grad_fn, targets, shape, num_classes, labels=labels, bounds=bounds, deadline=deadline,
+                         generator=generator, **options)  # type: ignore[arg-type]

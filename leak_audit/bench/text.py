@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -696,6 +696,28 @@ def write_json(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (``args.argv`` when set, else ``sys.argv``), echoed in markdown reports."""
+    argv = getattr(args, "argv", None)
+    return "leak-audit " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def wrote(console: Console, path: Path) -> None:
+    """Say that ``path`` was written."""
+    console.print(f"wrote {path}", markup=False, highlight=False)
+
+
 def write_markdown(text: str, path: str | Path) -> Path:
     """Write the markdown report (creating parent folders)."""
     path = Path(path)
@@ -1095,26 +1117,19 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             max_grad_norm=args.max_grad_norm,
             lora=lora,
         )
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
-        try:
+        with intra_op_threads(args.threads):
             rows, meta = run_text_bench(config, console)
-        finally:
-            torch.set_num_threads(threads)
     except BenchError as exc:
         print(f"leak-audit bench text: error: {exc}", file=sys.stderr)
         return 2
-    argv = getattr(args, "argv", None)
-    command = "leak-audit " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.json:
-        console.print(f"wrote {write_json(rows, args.json)}", markup=False, highlight=False)
+        wrote(console, write_json(rows, args.json))
     if args.markdown:
-        console.print(f"wrote {write_markdown(markdown_report(rows, command, meta), args.markdown)}", markup=False,
-                      highlight=False)
+        wrote(console, write_markdown(markdown_report(rows, command_line(args), meta), args.markdown))
     if args.plot:
         from leak_audit.bench.plot import plot_noise_curves
 
-        console.print(f"wrote {plot_noise_curves(rows, args.plot)}", markup=False, highlight=False)
+        wrote(console, plot_noise_curves(rows, args.plot))
     # A terminal wraps the table to its width; a pipe or file gets it unwrapped (up to 200 columns).
     out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
     out.print(rows_table(rows))
