@@ -12,9 +12,10 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from leak_audit.replica import parameter_gradients
 
 __all__ = ["ImageReplica", "cross_entropy"]
 
@@ -65,16 +66,7 @@ class ImageReplica:
         Raises:
             KeyError: a name is not a parameter of the model.
         """
-        unknown = [k for k in names if k not in self.parameter_names]
-        if unknown:
-            raise KeyError(f"not parameters of the replicated model: {unknown[:5]}")
-        values = dict(params)
-        leaves = []
-        for k in names:
-            leaf = values[k].detach().requires_grad_(True)
-            values[k] = leaf
-            leaves.append(leaf)
-        with torch.enable_grad():
-            loss = self.loss(self.logits(values, images), labels)
-            grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
-        return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)]
+        return parameter_gradients(
+            params, names, self.parameter_names, lambda values: self.loss(self.logits(values, images), labels),
+            create_graph=create_graph,
+        )

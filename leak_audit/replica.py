@@ -10,14 +10,49 @@ runs it with :func:`torch.func.functional_call` on a snapshot's parameters.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["ModelReplica"]
+__all__ = ["ModelReplica", "parameter_gradients"]
+
+
+def parameter_gradients(
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    known: Sequence[str],
+    loss: Callable[[dict[str, Tensor]], Tensor],
+    *,
+    create_graph: bool = False,
+) -> list[Tensor]:
+    """``∂loss(values)/∂values[k]`` for each ``k`` in ``names``, where ``values`` is ``params`` with those
+    entries replaced by fresh leaves (the others stay constants); an unused parameter gets zeros.
+
+    Args:
+        params: parameter values by name.
+        names: the parameters to differentiate (each in ``known``).
+        known: every parameter name of the model.
+        loss: maps the values to a scalar loss (runs the model).
+        create_graph: keep the graph (the gradients stay differentiable w.r.t. the loss's other inputs).
+
+    Raises:
+        KeyError: a name is not in ``known``.
+    """
+    unknown = [k for k in names if k not in known]
+    if unknown:
+        raise KeyError(f"not parameters of the replicated model: {unknown[:5]}")
+    values = dict(params)
+    leaves = []
+    for k in names:
+        leaf = values[k].detach().requires_grad_(True)
+        values[k] = leaf
+        leaves.append(leaf)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss(values), leaves, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)]
 
 
 class ModelReplica:
@@ -108,16 +143,8 @@ class ModelReplica:
         Raises:
             KeyError: a name is not a parameter of the model.
         """
-        unknown = [k for k in names if k not in self.parameter_names]
-        if unknown:
-            raise KeyError(f"not parameters of the replicated model: {unknown[:5]}")
-        values = dict(params)
-        leaves = []
-        for k in names:
-            leaf = values[k].detach().requires_grad_(True)
-            values[k] = leaf
-            leaves.append(leaf)
-        with torch.enable_grad():
-            out = self.forward(values, labels=labels, train=train, **inputs)
-            grads = torch.autograd.grad(out.loss, leaves, create_graph=create_graph, allow_unused=True)
-        return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)]
+        return parameter_gradients(
+            params, names, self.parameter_names,
+            lambda values: self.forward(values, labels=labels, train=train, **inputs).loss,
+            create_graph=create_graph,
+        )

@@ -59,28 +59,35 @@ def test_dlg_recovers_a_real_cifar10_image(cifar10):
 
 def test_dlg_without_labels_optimises_soft_labels(cifar10):
     """Original DLG: no label prior, soft labels optimised jointly; the label comes back and the
-    gradient distance falls by orders of magnitude from the random start."""
+    gradient distance falls by orders of magnitude from the random start (measured: 0.60 -> 3e-6,
+    PSNR 7.8 -> 32.4 dB)."""
     images, labels = cifar10
     model = LeNet(seed=0)
     x, y = images[1:2], labels[1:2]
     target, grad_fn, _ = _observed(model, x, y)
+    start = invert_images(grad_fn, target, x.shape, 10, loss="l2", optimizer="lbfgs", max_steps=1, bounds=(0.0, 1.0))
     res = invert_images(grad_fn, target, x.shape, 10, loss="l2", optimizer="lbfgs", max_steps=1500, bounds=(0.0, 1.0))
     assert res.labels.tolist() == y.tolist()
-    assert float(psnr(res.images, x).min()) >= 18.0
+    assert res.distance < 1e-3 * start.distance
+    assert float(psnr(res.images, x).min()) >= 25.0
 
 
 def test_inverting_gradients_lowers_cosine_distance_and_stays_in_the_box(cifar10):
     """Inverting Gradients' configuration (cosine + TV, signed Adam, restarts): images stay in [0, 1],
-    and two restarts keep the better one."""
+    both restarts run, and 200 steps lower the cosine distance of the random start (measured: 0.057 ->
+    0.0059)."""
     images, labels = cifar10
     model = LeNet(seed=0)
     x, y = images[2:4], labels[2:4]
     target, grad_fn, _ = _observed(model, x, y)
-    res = invert_images(grad_fn, target, x.shape, 10, labels=y, loss="cos", tv_weight=1e-4, optimizer="adam",
-                        max_steps=200, restarts=2, bounds=(0.0, 1.0), generator=torch.Generator().manual_seed(1))
+    options = dict(labels=y, loss="cos", tv_weight=1e-4, optimizer="adam", restarts=2, bounds=(0.0, 1.0))
+    start = invert_images(grad_fn, target, x.shape, 10, max_steps=1, generator=torch.Generator().manual_seed(1),
+                          **options)
+    res = invert_images(grad_fn, target, x.shape, 10, max_steps=200, generator=torch.Generator().manual_seed(1),
+                        **options)
     assert res.restarts == 2 and res.steps == 400
     assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
-    assert res.distance < 0.05  # 1 - cos, from ~1 at the random start
+    assert res.distance < 0.2 * start.distance
 
 
 def test_invert_images_rejects_bad_arguments():

@@ -771,6 +771,8 @@ class _DiscreteSearch:
         improved = False
         b_, n_ = self.ids.shape
         for pos in range(n_):
+            if self.done():
+                break
             rows = [b for b in range(b_) if bool(self.layout.free[b, pos])]
             cands = []
             for b, c in itertools.combinations(rows, 2):
@@ -778,8 +780,6 @@ class _DiscreteSearch:
                     cand = self.ids.clone()
                     cand[b, pos], cand[c, pos] = self.ids[c, pos], self.ids[b, pos]
                     cands.append(cand)
-            if self.done():
-                break
             improved = self.try_candidates(cands) or improved
         return improved
 

@@ -147,11 +147,11 @@ def invert_images(
         leaves = [x] if z is None else [x, z]
         steps = 0
 
-        def objective(create_graph: bool = True) -> tuple[Tensor, Tensor]:
+        def objective() -> Tensor:
+            """Gradient distance plus the total-variation prior (differentiable w.r.t. the leaves)."""
             lab = labels if z is None else z.softmax(-1)
-            d = distance(grad_fn(x, lab, create_graph))
-            total = d + tv_weight * total_variation(x) if tv_weight > 0 else d
-            return total, d
+            d = distance(grad_fn(x, lab, True))
+            return d + tv_weight * total_variation(x) if tv_weight > 0 else d
 
         if optimizer == "lbfgs":
             opt = torch.optim.LBFGS(
@@ -164,7 +164,7 @@ def invert_images(
                 if steps >= max_steps or (deadline is not None and time.monotonic() >= deadline):
                     raise _OutOfBudget
                 opt.zero_grad()
-                total, _ = objective()
+                total = objective()
                 total.backward()
                 steps += 1
                 return total
@@ -183,8 +183,7 @@ def invert_images(
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
             while steps < max_steps and not (deadline is not None and time.monotonic() >= deadline):
                 opt.zero_grad()
-                total, _ = objective()
-                total.backward()
+                objective().backward()
                 x.grad.sign_()  # type: ignore[union-attr]
                 opt.step()
                 sched.step()
@@ -193,17 +192,14 @@ def invert_images(
                     with torch.no_grad():
                         x.clamp_(*bounds)
         steps_total += steps
-        with torch.no_grad():
-            if bounds is not None:
-                x.clamp_(*bounds)
-            lab = labels if z is None else z.softmax(-1)
-            with torch.enable_grad():
-                d = float(distance([g.detach() for g in grad_fn(x.detach(), lab.detach(), False)]))
+        final = x.detach() if bounds is None else x.detach().clamp(*bounds)
+        lab = labels if z is None else z.detach().softmax(-1)
+        d = float(distance(grad_fn(final, lab, False)))
         if not math.isfinite(d):
             d = math.inf
         if best is None or d < best[0]:
             final_labels = labels if z is None else z.detach().argmax(-1)
-            best = (d, x.detach().clone(), final_labels)
+            best = (d, final, final_labels)
     assert best is not None
     return ImageInversion(best[1], best[2], best[0], steps_total, runs, time.monotonic() - start)
 
