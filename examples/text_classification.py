@@ -42,13 +42,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from rich.console import Console
-from rich.table import Table
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
-from leak_audit.cli import gate_table
+from leak_audit.cli import gate_table, summary_table
 from leak_audit.datasets import read_tsv, synthetic_pii_dataset
 from leak_audit.gate import evaluate_gate, parse_threshold
 from leak_audit.metrics import TEXT_METRICS
@@ -129,30 +128,6 @@ def make_loader(rows: list[tuple[str, int]], tokenizer, batch_size: int, max_len
 
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=gen)
-
-
-def summary_table(log_path: Path) -> Table:
-    """Worst value of each metric per attack (rows: metrics; columns: attacks)."""
-    records = read_audit_log(log_path)
-    attacks = list(dict.fromkeys(r.attack for r in records))
-    table = Table(title=f"Leakage summary, worst over audits ({log_path})")
-    table.add_column("metric")
-    for a in attacks:
-        table.add_column(a, justify="right")
-    for m in [m for m in TEXT_METRICS if any(m in r.metrics for r in records)]:
-        cells = []
-        for a in attacks:
-            vals = [r.metrics[m] for r in records if r.attack == a and r.status == "ok" and m in r.metrics]
-            cells.append(f"{max(vals):.3f}" if vals else "-")
-        table.add_row(m, *cells)
-    for status in ("ok", "failed", "skipped"):
-        table.add_row(f"audits {status}", *[str(sum(r.attack == a and r.status == status for r in records)) for a in attacks])
-    secs = []
-    for a in attacks:
-        ok = [r.seconds for r in records if r.attack == a and r.status == "ok"]
-        secs.append(f"{sum(ok) / len(ok):.2f}" if ok else "-")
-    table.add_row("seconds/audit", *secs)
-    return table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -280,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             f"epsilon {report.epsilon:.3g} at delta {delta:.3g} ({report.epsilon_accountant} accountant) "
             f"after {trainer.global_step} steps"
         )
-    console.print(summary_table(audit.log_path))
+    console.print(summary_table(read_audit_log(audit.log_path), TEXT_METRICS,
+                                f"Leakage summary, worst over audits ({audit.log_path})"))
     rows_gate = evaluate_gate(read_audit_log(audit.log_path), thresholds)
     console.print(gate_table(rows_gate, title="Release gate"))
     breach = any(not r.passed for r in rows_gate)

@@ -1,7 +1,7 @@
 """leak_audit: measure, while you train, how much of each batch an attacker could rebuild from the gradients."""
 
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, available_attacks, get_attack
-from leak_audit.batch import TextBatch
+from leak_audit.batch import BatchAdapterError, ImageBatch, TextBatch
 from leak_audit.callback import LeakageAudit
 from leak_audit.records import AuditRecord, read_audit_log
 from leak_audit.tap import ModuleSelectionError
@@ -10,6 +10,8 @@ __all__ = [
     "Attack",
     "AttackInput",
     "AuditRecord",
+    "BatchAdapterError",
+    "ImageBatch",
     "LeakageAudit",
     "ModuleSelectionError",
     "NotApplicable",

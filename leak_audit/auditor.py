@@ -1,7 +1,8 @@
 """One audit, start to finish: attacks on a snapshot, scores, audit records.
 
 This is what the worker runs. It is independent of Lightning, so it can be tested, benchmarked and
-reused on a snapshot built by hand.
+reused on a snapshot built by hand. It is the same for text and images: the spec, the replica, the
+attacks and the scorer (:mod:`leak_audit.scoring`) carry what differs.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, order_attacks
-from leak_audit.metrics import match_sequences, score_text_reconstruction
+from leak_audit.attacks.base import ModelSpec
+from leak_audit.image_replica import ImageReplica
 from leak_audit.models import TextModelSpec
 from leak_audit.records import AuditRecord
 from leak_audit.recompute import EvalRecompute
 from leak_audit.replica import ModelReplica
+from leak_audit.scoring import ImageScorer, Scorer, TextScorer
 from leak_audit.snapshot import AuditSnapshot
 
 __all__ = ["Auditor", "failed_records"]
@@ -51,11 +54,16 @@ class Auditor:
     """Runs a fixed set of attacks against snapshots and scores each reconstruction.
 
     Args:
-        spec: the model's architecture spec (with the tokenizer's special tokens).
-        attacks: attack objects; run in dependency order.
+        spec: the model's architecture spec: a :class:`~leak_audit.models.TextModelSpec` (with the
+            tokenizer's special tokens) or an :class:`~leak_audit.models.ImageModelSpec`.
+        attacks: attack objects of the spec's modality; run in dependency order.
         tapped: names of the tapped parameters (the view the attacker observes).
-        decode: token ids -> text, for ROUGE and samples.
-        log_samples: put original and reconstructed text into the records (opt-in: it is private data).
+        decode: token ids -> text, for ROUGE and samples (text; default: ids joined by spaces).
+        scorer: turns reconstructions into metrics (:mod:`leak_audit.scoring`); default
+            :class:`~leak_audit.scoring.TextScorer` for a text spec, an
+            :class:`~leak_audit.scoring.ImageScorer` that writes no samples for an image spec.
+        log_samples: with the default text scorer, put original and reconstructed text into the records
+            (opt-in: it is private data). Image samples are the ``ImageScorer``'s ``samples_dir``.
         recompute: ``"observed"`` attacks the gradient the optimizer applied; ``"eval"`` recomputes it
             with dropout off via ``recomputer``.
         recomputer: required for ``recompute="eval"``.
@@ -63,21 +71,25 @@ class Auditor:
         seed: seed of the attacks' private generator.
         replica: the model's architecture for attacks that run the model (``Requirements.replica``);
             without one those attacks are skipped.
+
+    Raises:
+        ValueError: a bad ``recompute``, or ``recompute="eval"`` without a recomputer.
     """
 
     def __init__(
         self,
-        spec: TextModelSpec,
+        spec: ModelSpec,
         attacks: Sequence[Attack],
         tapped: Collection[str],
-        decode: Decode,
+        decode: Decode | None = None,
         *,
+        scorer: Scorer | None = None,
         log_samples: bool = False,
         recompute: str = "observed",
         recomputer: EvalRecompute | None = None,
         max_seconds: float | None = None,
         seed: int = 0,
-        replica: ModelReplica | None = None,
+        replica: ModelReplica | ImageReplica | None = None,
     ) -> None:
         if recompute not in ("observed", "eval"):
             raise ValueError(f"recompute must be 'observed' or 'eval', got {recompute!r}")
@@ -86,7 +98,12 @@ class Auditor:
         self.spec = spec
         self.attacks = order_attacks(attacks)
         self.tapped = frozenset(tapped)
-        self.decode = decode
+        if scorer is None:
+            if isinstance(spec, TextModelSpec):
+                scorer = TextScorer(spec, decode or _join_ids, log_samples=log_samples)
+            else:
+                scorer = ImageScorer()
+        self.scorer = scorer
         self.log_samples = log_samples
         self.recompute = recompute
         self.recomputer = recomputer
@@ -163,12 +180,14 @@ class Auditor:
                     deadline=deadline,
                     replica=self.replica if plan.replica else None,
                     noise_std=snapshot.noise_std,
+                    input_shape=snapshot.input_shape,
+                    input_range=snapshot.input_range,
                 )
                 with torch.no_grad():
                     recon = attack(inp)
                 seconds = time.perf_counter() - t0
                 priors[attack.name] = recon
-                metrics, samples = self._score(recon, snapshot)
+                score = self.scorer(recon, snapshot)
             except NotApplicable as exc:
                 records.append(
                     AuditRecord(status="skipped", error=str(exc), seconds=time.perf_counter() - t0, **base)
@@ -179,28 +198,13 @@ class Auditor:
                     AuditRecord(status="failed", error=_error_text(exc), seconds=time.perf_counter() - t0, **base)
                 )
                 continue
-            info = {**info_common, **{k: v for k, v in recon.info.items() if isinstance(v, int | float | str)}}
-            records.append(
-                AuditRecord(status="ok", metrics=metrics, seconds=round(seconds, 4), info=info, samples=samples, **base)
-            )
+            info = {**info_common, **{k: v for k, v in {**recon.info, **score.info}.items()
+                                      if isinstance(v, int | float | str)}}
+            records.append(AuditRecord(
+                status="ok", metrics=score.metrics, seconds=round(seconds, 4), info=info, samples=score.samples, **base
+            ))
         return records
 
-    def _score(self, recon: Reconstruction, snapshot: AuditSnapshot) -> tuple[dict[str, float], list[dict] | None]:
-        special = self.spec.special_token_ids
-        metrics = score_text_reconstruction(recon, snapshot.batch, self.decode, special)
-        if not self.log_samples:
-            return metrics, None
-        refs = [[t for t in s if t not in special] for s in snapshot.batch.sequences()]
-        samples: list[dict] = []
-        if recon.sequences is not None:
-            preds = [[t for t in s if t not in special] for s in recon.sequences]
-            matched = dict((j, i) for i, j in match_sequences(preds, refs))
-            for j, ref in enumerate(refs):
-                i = matched.get(j)
-                samples.append({"reference": self.decode(ref), "reconstruction": self.decode(preds[i]) if i is not None else ""})
-        elif recon.token_bag is not None:
-            bag = [t for t in recon.token_bag if t not in special]
-            samples.append({"reference": " | ".join(self.decode(r) for r in refs), "reconstruction": self.decode(bag)})
-        if recon.labels is not None and snapshot.batch.labels is not None:
-            samples.append({"labels": snapshot.batch.labels.tolist(), "recovered_labels": list(recon.labels)})
-        return metrics, samples
+
+def _join_ids(ids: Sequence[int]) -> str:
+    return " ".join(str(int(i)) for i in ids)

@@ -1,15 +1,19 @@
 """What the audit reads from a training batch, and how a user points it at their own batch layout.
 
-The default adapter understands mappings (``dict``, Hugging Face ``BatchEncoding``) with the keys
-``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` and ``labels`` (or ``label``).
-For any other layout pass ``batch_adapter=`` to :class:`~leak_audit.LeakageAudit`, a function from your
-batch to a :class:`TextBatch`::
+Text: the default adapter (:func:`default_batch_adapter`) understands mappings (``dict``, Hugging Face
+``BatchEncoding``) with the keys ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` and
+``labels`` (or ``label``). Images: :func:`default_image_batch_adapter` understands ``(images, labels)``
+tuples or lists (a ``TensorDataset`` or torchvision loader) and mappings with ``pixel_values`` or
+``images`` and ``labels`` (or ``label``). For any other layout pass ``batch_adapter=`` to
+:class:`~leak_audit.LeakageAudit`, a function from your batch to a :class:`TextBatch` or an
+:class:`ImageBatch`::
 
     def my_adapter(batch):
         ids, mask, y = batch                    # e.g. a tuple from your collate_fn
         return TextBatch(input_ids=ids, attention_mask=mask, labels=y)
 
     LeakageAudit(..., batch_adapter=my_adapter)
+    LeakageAudit(..., batch_adapter=lambda b: ImageBatch(b["x"], b["y"], value_range=(-1.0, 1.0)))
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BatchAdapterError", "TextBatch", "default_batch_adapter", "BatchAdapter"]
+__all__ = [
+    "BatchAdapter",
+    "BatchAdapterError",
+    "ImageBatch",
+    "TextBatch",
+    "default_batch_adapter",
+    "default_image_batch_adapter",
+]
 
 
 class BatchAdapterError(TypeError):
-    """The batch could not be read as a text batch."""
+    """The batch could not be read as a text or image batch (the message says what was found and what is valid)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,83 @@ class TextBatch:
         return TextBatch(ids, mask, tt, labels)
 
 
-BatchAdapter = Callable[[Any], TextBatch]
+@dataclass(frozen=True)
+class ImageBatch:
+    """The private images of one optimizer step.
+
+    Attributes:
+        images: ``[B, C, H, W]`` floating-point model inputs, exactly as the model receives them.
+        labels: ``[B]`` int64 class labels.
+        value_range: ``(low, high)``, the box of valid input values (public: ``(0, 1)`` for pixels scaled
+            to ``[0, 1]``, ``(-1, 1)`` after ``Normalize(0.5, 0.5)``, ...). ``None``: see :attr:`bounds`.
+
+    Raises:
+        BatchAdapterError: a wrong rank or dtype, labels that do not match ``B``, or ``low >= high``.
+    """
+
+    images: Tensor
+    labels: Tensor
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Tensor) or self.images.dim() != 4 or not self.images.is_floating_point():
+            got = f"{self.images.dtype} tensor of shape {tuple(self.images.shape)}" if isinstance(self.images, Tensor) \
+                else type(self.images).__name__
+            raise BatchAdapterError(f"images must be a floating-point [B, C, H, W] tensor, got {got}")
+        if (not isinstance(self.labels, Tensor) or self.labels.dim() != 1
+                or self.labels.dtype != torch.long or self.labels.shape[0] != self.images.shape[0]):
+            got = f"{self.labels.dtype} tensor of shape {tuple(self.labels.shape)}" if isinstance(self.labels, Tensor) \
+                else type(self.labels).__name__
+            raise BatchAdapterError(f"labels must be an int64 [B] tensor with B = {self.images.shape[0]}, got {got}")
+        if self.value_range is not None and not float(self.value_range[0]) < float(self.value_range[1]):
+            raise BatchAdapterError(f"value_range must be (low, high) with low < high, got {self.value_range}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of valid input values: :attr:`value_range` when given, else ``(0, 1)`` when every
+        value lies in ``[0, 1]``, ``(0, 255)`` when in ``[0, 255]``, else the batch's own ``(min, max)``
+        (normalised inputs; pass ``value_range`` for the exact box). Attacks clamp to it; PSNR and SSIM
+        use ``high - low`` as the data range."""
+        if self.value_range is not None:
+            return float(self.value_range[0]), float(self.value_range[1])
+        if self.images.numel() == 0:
+            return 0.0, 1.0
+        lo, hi = float(self.images.min()), float(self.images.max())
+        for box in ((0.0, 1.0), (0.0, 255.0)):
+            if box[0] <= lo and hi <= box[1]:
+                return box
+        return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+    def detached_copy(self, device: torch.device | str | None = None) -> ImageBatch:
+        """An independent copy (optionally moved to ``device``)."""
+        cp = (lambda t: t.detach().to(device, copy=True)) if device is not None else (lambda t: t.detach().clone())
+        return ImageBatch(cp(self.images), cp(self.labels), self.value_range)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, self.labels))
+
+    @staticmethod
+    def concat(batches: Sequence[ImageBatch]) -> ImageBatch:
+        """Join micro-batches (gradient accumulation) into one batch.
+
+        Raises:
+            BatchAdapterError: the micro-batches' image shapes differ.
+        """
+        if len(batches) == 1:
+            return batches[0]
+        shapes = {tuple(b.images.shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise BatchAdapterError(f"micro-batches of one step have different image shapes {sorted(shapes)}")
+        ranges = {b.value_range for b in batches}
+        return ImageBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]),
+                          ranges.pop() if len(ranges) == 1 else None)
+
+
+BatchAdapter = Callable[[Any], TextBatch | ImageBatch]
 
 
 def default_batch_adapter(batch: Any) -> TextBatch:
@@ -128,3 +215,51 @@ def default_batch_adapter(batch: Any) -> TextBatch:
     if labels is not None:
         labels = torch.as_tensor(labels).reshape(-1)
     return TextBatch(ids, mask, batch.get("token_type_ids"), labels)
+
+
+_IMAGE_KEYS = ("pixel_values", "images")
+_LABEL_KEYS = ("labels", "label")
+
+
+def _describe(batch: Any) -> str:
+    """What a batch is, for error messages: its type, keys or element types, and tensor shapes."""
+    def one(x: Any) -> str:
+        return f"Tensor{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+
+    if isinstance(batch, Mapping):
+        return f"{type(batch).__name__} with keys {{{', '.join(f'{k!r}: {one(v)}' for k, v in batch.items())}}}"
+    if isinstance(batch, list | tuple):
+        return f"{type(batch).__name__} of {len(batch)} ({', '.join(one(x) for x in batch[:4])}{', ...' if len(batch) > 4 else ''})"
+    return one(batch)
+
+
+def default_image_batch_adapter(batch: Any) -> ImageBatch:
+    """Read an image batch: an ``(images, labels)`` tuple or list, or a mapping with ``pixel_values`` or
+    ``images`` and ``labels`` (or ``label``). Images ``[B, C, H, W]`` floating point (``[B, H, W]`` is
+    read as one channel), labels ``[B]`` integers.
+
+    Raises:
+        BatchAdapterError: another layout; the message describes the batch it got, the layouts this
+            adapter reads, and how to pass a ``batch_adapter``.
+    """
+    if isinstance(batch, ImageBatch):
+        return batch
+    images = labels = None
+    if isinstance(batch, Mapping):
+        images = next((batch[k] for k in _IMAGE_KEYS if k in batch), None)
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+    elif isinstance(batch, list | tuple) and len(batch) == 2:
+        images, labels = batch
+    if not isinstance(images, Tensor) or labels is None:
+        raise BatchAdapterError(
+            f"cannot read an image batch from {_describe(batch)}; the default image adapter reads an "
+            "(images, labels) tuple or list, or a mapping with 'pixel_values' or 'images' and 'labels' or 'label' "
+            "(images [B, C, H, W] float, labels [B] int). Pass LeakageAudit(batch_adapter=fn) with "
+            "fn(batch) -> leak_audit.ImageBatch(images, labels)."
+        )
+    if images.dim() == 3:
+        images = images[:, None]
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise BatchAdapterError(f"labels must be integer class ids, got {labels.dtype} in {_describe(batch)}")
+    return ImageBatch(images, labels.reshape(-1).long())

@@ -18,6 +18,12 @@ step pre-hook on its ``original_optimizer`` (:class:`~leak_audit.privacy.Release
 per-sample clipping, noise and scaling, before the update: the gradient DP-SGD releases, not the
 non-private one Lightning's hooks see. The DP state (σ, C, the accountant's history) is copied with it,
 and the worker computes ε at δ next to the leakage.
+
+Text or images (``modality``, decided at ``setup``): a text model is a Hugging Face BERT-family model
+(:class:`~leak_audit.models.TextModelSpec`, :class:`~leak_audit.replica.ModelReplica`, text attacks and
+:class:`~leak_audit.scoring.TextScorer`); an image model is any classifier from ``[B, C, H, W]`` images to
+logits (:class:`~leak_audit.models.ImageModelSpec`, :class:`~leak_audit.image_replica.ImageReplica`,
+image attacks and :class:`~leak_audit.scoring.ImageScorer`). Everything else is shared.
 """
 
 from __future__ import annotations
@@ -32,10 +38,25 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from leak_audit.attacks import Attack, get_attack
+from leak_audit.attacks import Attack, check_attack_name, get_attack
 from leak_audit.auditor import Auditor, failed_records
-from leak_audit.batch import BatchAdapter, TextBatch, default_batch_adapter
-from leak_audit.models import TextModelSpec, find_hf_model, text_model_spec
+from leak_audit.batch import (
+    BatchAdapter,
+    BatchAdapterError,
+    ImageBatch,
+    TextBatch,
+    default_batch_adapter,
+    default_image_batch_adapter,
+)
+from leak_audit.image_replica import ImageReplica
+from leak_audit.models import (
+    MODALITIES,
+    TextModelSpec,
+    find_hf_model,
+    image_model_spec,
+    model_modality,
+    text_model_spec,
+)
 from leak_audit.privacy import (
     DEFAULT_DELTA,
     ReleasedGradientCapture,
@@ -46,18 +67,25 @@ from leak_audit.privacy import (
 from leak_audit.recompute import EvalRecompute
 from leak_audit.replica import ModelReplica
 from leak_audit.records import AuditRecord
+from leak_audit.scoring import ImageScorer
 from leak_audit.sinks import AuditLog, flatten_metrics, log_samples_to_wandb, log_to_loggers
 from leak_audit.snapshot import AuditSnapshot
 from leak_audit.tap import GradientTap
 from leak_audit.worker import AuditWorker
 
-__all__ = ["LeakageAudit", "DEFAULT_ATTACKS"]
+__all__ = ["LeakageAudit", "DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS"]
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention", "labels")
+"""Text attacks run when ``attacks`` is not given."""
+DEFAULT_IMAGE_ATTACKS: tuple[str, ...] = ("dlg",)
+"""Image attacks run when ``attacks`` is not given: DLG, bounded to 1000 evaluations and 30 s per audit."""
+_DEFAULTS = {"text": DEFAULT_ATTACKS, "image": DEFAULT_IMAGE_ATTACKS}
 SMALL_NOISE_MULTIPLIER = 0.01
 """Below this DP noise multiplier gradient_matching measurably beats the default attacks
 (benchmarks/README.md, DP-SGD section); the callback warns when it is not among the attacks."""
 PROGRESS_BAR_KEY = "leak/max/rouge1"
+PROGRESS_BAR_KEYS = {"text": PROGRESS_BAR_KEY, "image": "leak/max/psnr"}
+MODALITY_CHOICES: tuple[str, ...] = ("auto", *MODALITIES)
 
 
 @dataclass
@@ -65,7 +93,7 @@ class _Window:
     """The micro-batches of one audited optimizer step, collected until the step happens."""
 
     step: int
-    batches: list[TextBatch] = field(default_factory=list)
+    batches: list[TextBatch | ImageBatch] = field(default_factory=list)
     params: dict[str, torch.Tensor] | None = None
     copied_bytes: int = 0
     capture_seconds: float = 0.0
@@ -77,17 +105,23 @@ class LeakageAudit(Callback):
 
     Args:
         modules: submodules whose parameter gradients the attacker observes: names relative to the
-            LightningModule or to the Hugging Face model inside it (``"bert.encoder.layer.0.attention.self.query"``),
-            globs (``"*.attention.self.query"``), or ``None`` for the whole model.
+            LightningModule or to the model inside it (``"bert.encoder.layer.0.attention.self.query"``,
+            ``"fc"``), globs (``"*.attention.self.query"``), or ``None`` for the whole model.
         every_n_steps: audit the optimizer steps ``0, N, 2N, ...`` (counted like ``trainer.global_step``).
-        attacks: registered attack names or :class:`~leak_audit.attacks.Attack` objects.
-        log_dir: directory of ``audit.jsonl``.
-        log_samples: store and send original and reconstructed text. Off by default: reconstructions *are*
-            the private data.
+        attacks: attack names registered for the model's modality, or :class:`~leak_audit.attacks.Attack`
+            objects; ``None``: :data:`DEFAULT_ATTACKS` for text, :data:`DEFAULT_IMAGE_ATTACKS` for images.
+            Names are checked at construction against the registry (both modalities under ``"auto"``),
+            and resolved for the model's modality at ``setup`` (``"dlg"`` is the text or the image DLG).
+        log_dir: directory of ``audit.jsonl`` (and, for images with ``log_samples``, of ``samples/``).
+        log_samples: store and send original and reconstructed text; for images, write each audit's
+            originals and reconstructions to ``log_dir/samples/*.npz`` (the record holds the file name,
+            never pixels). Off by default: reconstructions *are* the private data.
         recompute: ``"observed"`` (default) attacks exactly the gradient the optimizer applied, dropout
             included: what actually leaves a client or goes into DP accounting. ``"eval"`` re-runs the
             step with dropout off on a private model copy: the worst-case attacker who controls the model.
-        batch_adapter: ``fn(batch) -> TextBatch`` for batches that are not mappings with ``input_ids``.
+        batch_adapter: ``fn(batch) -> TextBatch`` (text) or ``fn(batch) -> ImageBatch`` (images) for other
+            batch layouts than the defaults (:func:`~leak_audit.batch.default_batch_adapter`,
+            :func:`~leak_audit.batch.default_image_batch_adapter`).
         tokenizer: decodes reconstructions for ROUGE; defaults to ``pl_module.tokenizer`` if present.
         max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is
             busy, never queued without bound.
@@ -102,23 +136,39 @@ class LeakageAudit(Callback):
         privacy_engine: the Opacus ``PrivacyEngine`` (or its accountant) whose ε to report; ``None``: found
             on the LightningModule (attribute ``privacy_engine``) or, read-only, inside the
             ``DPOptimizer``'s accountant hook.
+        modality: ``"text"``, ``"image"`` or ``"auto"`` (default), decided at ``setup`` from the model alone
+            (:func:`~leak_audit.models.model_modality`), never from a batch, so a wrong guess fails before
+            training starts: a Hugging Face model inside decides by its ``main_input_name``
+            (``input_ids``: text, ``pixel_values``: images); without one the model is audited as an image
+            classifier (the text attacks need a Hugging Face BERT-family model).
+        network: images only: the module name, inside the LightningModule, of the classifier that maps the
+            training images to logits (``""``: the LightningModule's own ``forward``); ``None`` finds it
+            (:func:`~leak_audit.models.find_image_network`: a Hugging Face image model, else the one child
+            holding every trainable parameter, else the LightningModule's ``forward``). Image attacks run a
+            private copy of it in eval mode with batch-mean cross-entropy.
 
     Raises:
         ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
             at ``setup``, a module pattern matches nothing or only frozen modules
-            (:class:`~leak_audit.tap.ModuleSelectionError`), or no attack can use the tapped view.
+            (:class:`~leak_audit.tap.ModuleSelectionError`), no attack can use the tapped view, an attack
+            does not exist for the model's modality, ``recompute="eval"`` on an image model, or ``network``
+            on a text model.
+        UnsupportedModelError: at ``setup``, no network can be found (images) or the model is no
+            BERT-family model (text).
 
     Example::
 
         audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", every_n_steps=50)
         Trainer(callbacks=[audit]).fit(model, datamodule)
+        audit = LeakageAudit(every_n_steps=50)                  # a CNN: DLG on the whole model's gradient
+        Trainer(callbacks=[audit]).fit(cnn_module, image_loader)
     """
 
     def __init__(
         self,
         modules: str | Sequence[str] | None = None,
         every_n_steps: int = 50,
-        attacks: Iterable[str | Attack] = DEFAULT_ATTACKS,
+        attacks: Iterable[str | Attack] | None = None,
         log_dir: str | Path = "leak_audit_logs",
         log_samples: bool = False,
         recompute: str = "observed",
@@ -132,6 +182,8 @@ class LeakageAudit(Callback):
         seed: int = 0,
         delta: float | None = None,
         privacy_engine: Any = None,
+        modality: str = "auto",
+        network: str | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
@@ -151,20 +203,39 @@ class LeakageAudit(Callback):
             raise ValueError(f"delta must be in (0, 1) or None, got {delta!r}")
         if batch_adapter is not None and not callable(batch_adapter):
             raise ValueError(f"batch_adapter must be callable, got {batch_adapter!r}")
+        if modality not in MODALITY_CHOICES:
+            raise ValueError(f"modality must be one of {', '.join(map(repr, MODALITY_CHOICES))}, got {modality!r}")
+        if network is not None and not isinstance(network, str):
+            raise ValueError(f"network must be a module name (str) or None, got {network!r}")
         if isinstance(modules, str):
             modules = [modules]
         self.modules = list(modules) if modules is not None else None
         self.every_n_steps = every_n_steps
-        self.attacks = [get_attack(a) for a in attacks]
-        if not self.attacks:
-            raise ValueError("attacks is empty; name at least one, e.g. 'span_check'")
-        names = [a.name for a in self.attacks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"attacks must have distinct names, got {names}")
+        self.modality = modality
+        self.network = network
+        self._requested = list(attacks) if attacks is not None else None
+        if self._requested is not None:
+            if not self._requested:
+                raise ValueError("attacks is empty; name at least one (e.g. 'span_check', or 'dlg' for images), "
+                                 "or pass None for the defaults")
+            allowed = MODALITIES if modality == "auto" else (modality,)
+            for a in self._requested:
+                if isinstance(a, str):
+                    check_attack_name(a, allowed)
+                elif isinstance(a, Attack):
+                    if a.modality not in allowed:
+                        raise ValueError(f"attack {a!r} reads {a.modality} models, but modality={modality!r}")
+                else:
+                    raise TypeError(f"attacks are names or Attack objects, got {type(a).__name__}: {a!r}")
+            names = [a if isinstance(a, str) else a.name for a in self._requested]
+            if len(set(names)) != len(names):
+                raise ValueError(f"attacks must have distinct names, got {names}")
+        # resolved for the model's modality at `setup`; right away when the modality is given
+        self.attacks: list[Attack] = [] if modality == "auto" else self._resolve_attacks(modality)
         self.log_dir = Path(log_dir)
         self.log_samples = log_samples
         self.recompute = recompute
-        self.batch_adapter: Callable[[Any], TextBatch] = batch_adapter or default_batch_adapter
+        self.batch_adapter = batch_adapter
         self.tokenizer = tokenizer
         self.max_pending = max_pending
         self.max_seconds = max_seconds
@@ -184,6 +255,8 @@ class LeakageAudit(Callback):
         self._active = False
         self._tap: GradientTap | None = None
         self._auditor: Auditor | None = None
+        self._modality: str | None = None  # "text" or "image", set at `setup`
+        self._adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self._spec: TextModelSpec | None = None
         self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
         self._log: AuditLog | None = None
@@ -224,38 +297,25 @@ class LeakageAudit(Callback):
         self.worst = dict(state_dict.get("worst", {}))
 
     # ------------------------------------------------------------------ setup / teardown
+    def _resolve_attacks(self, modality: str) -> list[Attack]:
+        return [get_attack(a, modality) for a in (self._requested or _DEFAULTS[modality])]
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._active:
             return
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
+        self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
+        self.attacks = self._resolve_attacks(self._modality)
         self._tap = GradientTap(pl_module, self.modules)
-        hf_name, hf_model = find_hf_model(pl_module)
-        replica = ModelReplica(hf_model, hf_name)  # shares the live parameters' storage
-        recomputer = EvalRecompute(replica) if self.recompute == "eval" else None
-        self._auditor = Auditor(
-            self._spec,
-            self.attacks,
-            self._tap.parameters.keys(),
-            _decoder(tokenizer),
-            log_samples=self.log_samples,
-            recompute=self.recompute,
-            recomputer=recomputer,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            replica=replica,
-        )
+        if self._modality == "text":
+            self._auditor = self._text_auditor(pl_module)
+        else:
+            self._auditor = self._image_auditor(pl_module)
         if not self._auditor.applicable:
             reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())
             raise ValueError(f"no attack can use the tapped modules {list(self._tap.modules)}: {reasons}")
         for name, plan in self._auditor.plan.items():
             if isinstance(plan, str):
                 rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
-        if tokenizer is None:
-            rank_zero_warn(
-                "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
-                "ROUGE is computed on token ids instead of words."
-            )
         self._all_params = dict(pl_module.named_parameters())
         if not trainer.is_global_zero:
             return  # audits run on rank zero (issue 7 adds per-rank scope)
@@ -266,9 +326,58 @@ class LeakageAudit(Callback):
         )
         self._active = True
         rank_zero_info(
-            f"LeakageAudit: tapping {len(self._tap.parameters)} tensors ({self._tap.numel:,} parameters) in "
-            f"{len(self._tap.modules)} module(s); attacks {self._auditor.applicable}; every {self.every_n_steps} "
-            f"steps; log {self.log_path}"
+            f"LeakageAudit: {self._modality} model; tapping {len(self._tap.parameters)} tensors "
+            f"({self._tap.numel:,} parameters) in {len(self._tap.modules)} module(s); attacks "
+            f"{self._auditor.applicable}; every {self.every_n_steps} steps; log {self.log_path}"
+        )
+
+    def _text_auditor(self, pl_module: LightningModule) -> Auditor:
+        """Hugging Face BERT-family model: text spec, storage-sharing replica, optional eval recompute."""
+        assert self._tap is not None
+        if self.network is not None:
+            raise ValueError(f"network={self.network!r} applies to image models; the text audit finds the Hugging "
+                             "Face model itself (pass modality='image' if this is an image model)")
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
+        hf_name, hf_model = find_hf_model(pl_module)
+        replica = ModelReplica(hf_model, hf_name)  # shares the live parameters' storage
+        if tokenizer is None:
+            rank_zero_warn(
+                "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
+                "ROUGE is computed on token ids instead of words."
+            )
+        return Auditor(
+            self._spec,
+            self.attacks,
+            self._tap.parameters.keys(),
+            _decoder(tokenizer),
+            log_samples=self.log_samples,
+            recompute=self.recompute,
+            recomputer=EvalRecompute(replica) if self.recompute == "eval" else None,
+            max_seconds=self.max_seconds,
+            seed=self.seed,
+            replica=replica,
+        )
+
+    def _image_auditor(self, pl_module: LightningModule) -> Auditor:
+        """Image classifier: image spec, storage-sharing replica of its network, image scorer."""
+        assert self._tap is not None
+        if self.recompute == "eval":
+            raise ValueError("recompute='eval' is implemented for text models only; image audits attack the observed "
+                             "gradient (recompute='observed')")
+        if self.batch_adapter is None:
+            self._adapter = default_image_batch_adapter
+        spec = image_model_spec(pl_module, self.network)
+        replica = ImageReplica(pl_module.get_submodule(spec.network), prefix=spec.network)
+        scorer = ImageScorer(samples_dir=self.log_dir / "samples" if self.log_samples else None)
+        return Auditor(
+            spec,
+            self.attacks,
+            self._tap.parameters.keys(),
+            scorer=scorer,
+            max_seconds=self.max_seconds,
+            seed=self.seed,
+            replica=replica,
         )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -294,7 +403,8 @@ class LeakageAudit(Callback):
             )
         for logger in trainer.loggers:
             logger.log_hyperparams({"privacy/accountant": mechanism or "none", "privacy/delta": self._delta})
-        if 0 < dp.noise_multiplier < SMALL_NOISE_MULTIPLIER and "gradient_matching" not in self._auditor.applicable:
+        if (self._modality == "text" and 0 < dp.noise_multiplier < SMALL_NOISE_MULTIPLIER
+                and "gradient_matching" not in self._auditor.applicable):
             rank_zero_warn(
                 f"LeakageAudit: noise multiplier {dp.noise_multiplier} < {SMALL_NOISE_MULTIPLIER}: at such noise the "
                 "span attacks read nothing while gradient_matching still recovers text (CoLA, B=1: ROUGE-1 0.58 at "
@@ -347,7 +457,12 @@ class LeakageAudit(Callback):
                 assert self._auditor is not None
                 self._capture.arm(self._auditor.gradient_names)
         try:
-            self._window.batches.append(self.batch_adapter(batch).detached_copy())
+            read = self._adapter(batch)
+            expected = ImageBatch if self._modality == "image" else TextBatch
+            if not isinstance(read, expected):
+                raise BatchAdapterError(f"batch_adapter returned {type(read).__name__}; a {self._modality} model "
+                                        f"needs a leak_audit.{expected.__name__}")
+            self._window.batches.append(read.detached_copy())
         except Exception as exc:  # noqa: BLE001 - a bad batch fails the audit, not training
             self._window.error = exc
         self._window.capture_seconds += time.perf_counter() - t0
@@ -379,11 +494,9 @@ class LeakageAudit(Callback):
             self.last_audited_step = w.step
             self._dispatch(trainer, w)
         self._write(trainer, self._worker.drain() if self._worker else [], log=True)
-        if PROGRESS_BAR_KEY in self.worst:
-            pl_module.log(
-                PROGRESS_BAR_KEY, self.worst[PROGRESS_BAR_KEY], prog_bar=True, logger=False, on_step=True,
-                on_epoch=False, batch_size=1,
-            )
+        key = PROGRESS_BAR_KEYS.get(self._modality or "text", PROGRESS_BAR_KEY)
+        if key in self.worst:
+            pl_module.log(key, self.worst[key], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def _dispatch(self, trainer: Trainer, w: _Window) -> None:
         assert self._worker is not None and self._tap is not None and self._auditor is not None
@@ -391,7 +504,13 @@ class LeakageAudit(Callback):
         audit_id = self.audits
         attack_names = [a.name for a in self._auditor.attacks]
         released = self._capture.take() if self._capture is not None else None  # never kept past its step
-        if w.error is not None or w.params is None or not w.batches:
+        batch: TextBatch | ImageBatch | None = None
+        if w.error is None and w.params is not None and w.batches:
+            try:
+                batch = self._concat(w.batches)
+            except Exception as exc:  # noqa: BLE001 - micro-batches that do not join fail the audit
+                w.error = exc
+        if batch is None:
             exc = w.error or RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
             snap = self._empty_snapshot(trainer, w)
             self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {exc}")
@@ -416,8 +535,6 @@ class LeakageAudit(Callback):
         else:
             grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
         copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
-        pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
-        batch = TextBatch.concat(w.batches, pad)
         snap = AuditSnapshot(
             step=w.step,
             epoch=trainer.current_epoch,
@@ -437,9 +554,22 @@ class LeakageAudit(Callback):
         snap.extra["capture_seconds"] = w.capture_seconds + time.perf_counter() - t0
         self._worker.submit(snap, ready)
 
+    def _concat(self, batches: Sequence[TextBatch | ImageBatch]) -> TextBatch | ImageBatch:
+        """The micro-batches of one accumulation window as one batch."""
+        if all(isinstance(b, ImageBatch) for b in batches):
+            return ImageBatch.concat(batches)  # type: ignore[arg-type]
+        pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
+        return TextBatch.concat(batches, pad)  # type: ignore[arg-type]
+
     def _empty_snapshot(self, trainer: Trainer, w: _Window) -> AuditSnapshot:
-        empty = torch.zeros(0, 0, dtype=torch.long)
-        batch = w.batches[0] if w.batches else TextBatch(empty, empty)
+        batch: TextBatch | ImageBatch
+        if w.batches:
+            batch = w.batches[0]
+        elif self._modality == "image":
+            batch = ImageBatch(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long))
+        else:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            batch = TextBatch(empty, empty)
         return AuditSnapshot(
             step=w.step, epoch=trainer.current_epoch, time=time.time(), gradients={}, params={}, batch=batch,
             modules=self._tap.modules if self._tap else (),
@@ -482,7 +612,7 @@ class LeakageAudit(Callback):
             metrics["audit/skipped"] = float(self.skipped)
             if log:
                 log_to_loggers(trainer.loggers, metrics, step=records[0].step)
-                if self.log_samples:
+                if self.log_samples and self._modality == "text":  # image samples are .npz files
                     log_samples_to_wandb(trainer.loggers, records, step=records[0].step)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -500,7 +630,8 @@ def _default_delta(trainer: Trainer) -> float:
     return 1.0 / n if n > 1 else DEFAULT_DELTA
 
 
-def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
+def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str] | None:
+    """Token ids -> words with ``tokenizer``; ``None`` without one (the auditor then joins the ids)."""
     if tokenizer is None:
-        return lambda ids: " ".join(str(int(i)) for i in ids)
+        return None
     return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)

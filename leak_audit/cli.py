@@ -24,9 +24,9 @@ from rich.table import Table
 from leak_audit.bench.image import add_image_arguments, bench_image_command
 from leak_audit.bench.text import add_text_arguments, bench_text_command
 from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
-from leak_audit.records import AuditLogError, read_audit_log
+from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
 
-__all__ = ["main", "gate_table"]
+__all__ = ["main", "gate_table", "summary_table"]
 
 EXIT_PASS, EXIT_BREACH, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -40,6 +40,30 @@ def gate_table(rows: Sequence[GateRow], title: str = "leak-audit gate") -> Table
         worst = "missing" if r.worst is None else f"{r.worst:.4f}"
         verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
         table.add_row(r.metric, worst, f"{r.threshold:g}", verdict, r.where)
+    return table
+
+
+def summary_table(records: Sequence[AuditRecord], metrics: Sequence[str], title: str) -> Table:
+    """Worst (largest) value of each of ``metrics`` per attack over the ``ok`` records, then the count of
+    records per status and the mean seconds of an ``ok`` audit (rows: metrics; columns: attacks)."""
+    attacks = list(dict.fromkeys(r.attack for r in records))
+    table = Table(title=title)
+    table.add_column("metric")
+    for a in attacks:
+        table.add_column(a, justify="right")
+    for m in [m for m in metrics if any(m in r.metrics for r in records)]:
+        cells = []
+        for a in attacks:
+            vals = [r.metrics[m] for r in records if r.attack == a and r.status == "ok" and m in r.metrics]
+            cells.append(f"{max(vals):.3f}" if vals else "-")
+        table.add_row(m, *cells)
+    for status in ("ok", "failed", "skipped"):
+        table.add_row(f"audits {status}", *[str(sum(r.attack == a and r.status == status for r in records)) for a in attacks])
+    secs = []
+    for a in attacks:
+        ok = [r.seconds for r in records if r.attack == a and r.status == "ok"]
+        secs.append(f"{sum(ok) / len(ok):.2f}" if ok else "-")
+    table.add_row("seconds/audit", *secs)
     return table
 
 

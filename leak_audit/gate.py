@@ -11,12 +11,15 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from leak_audit.image_metrics import IMAGE_METRICS
 from leak_audit.metrics import TEXT_METRICS
 from leak_audit.records import AuditRecord
 
 __all__ = ["GateError", "GateRow", "KNOWN_METRICS", "evaluate_gate", "parse_threshold"]
 
-KNOWN_METRICS: tuple[str, ...] = TEXT_METRICS
+KNOWN_METRICS: tuple[str, ...] = tuple(dict.fromkeys(TEXT_METRICS + tuple(m for m in IMAGE_METRICS if m != "lpips")))
+"""Text metrics and the image ones that grow with leakage (``psnr`` in dB, ``ssim``); LPIPS is a distance
+and is never a record metric (see :mod:`leak_audit.scoring`)."""
 
 
 class GateError(ValueError):

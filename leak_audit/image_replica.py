@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from leak_audit.replica import parameter_gradients
+from leak_audit.replica import local_names, parameter_gradients
 
 __all__ = ["ImageReplica", "cross_entropy"]
 
@@ -37,17 +37,28 @@ class ImageReplica:
         model: the live classifier, ``images [B, C, H, W] -> logits [B, K]`` (an output with a
             ``.logits`` attribute, as from ``transformers``, works too).
         loss: ``(logits, labels) -> scalar``; default :func:`cross_entropy` (batch mean).
+        prefix: the model's module name inside the audited root (``""``: the model is the root);
+            parameter names given to and returned by this class are then root-relative
+            (``prefix + "." + local``), as in :class:`~leak_audit.replica.ModelReplica`.
+
+    Attributes:
+        parameter_names: every parameter's (root-relative) name.
+        trainable: names of the parameters that train (``requires_grad``); a snapshot must hold their values.
     """
 
-    def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy) -> None:
+    def __init__(
+        self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy, prefix: str = ""
+    ) -> None:
         memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
         self.model = copy.deepcopy(model, memo).eval()
         self.loss = loss
-        self.parameter_names = tuple(n for n, _ in model.named_parameters())
+        self.prefix = prefix + "." if prefix else ""
+        self.parameter_names = tuple(self.prefix + n for n, _ in model.named_parameters())
+        self.trainable = frozenset(self.prefix + n for n, p in model.named_parameters() if p.requires_grad)
 
     def logits(self, params: Mapping[str, Tensor], images: Tensor) -> Tensor:
-        """Logits ``[B, K]`` of ``images`` ``[B, C, H, W]`` at ``params`` (eval mode)."""
-        out = functional_call(self.model, dict(params), args=(images,), strict=False)
+        """Logits ``[B, K]`` of ``images`` ``[B, C, H, W]`` at ``params`` (root-relative names; eval mode)."""
+        out = functional_call(self.model, local_names(params, self.prefix), args=(images,), strict=False)
         return out.logits if hasattr(out, "logits") else out
 
     def gradients(

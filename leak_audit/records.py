@@ -9,8 +9,10 @@
 
 ``status`` is ``ok``, ``failed`` (``error`` says why; training went on) or ``skipped`` (the attack had
 nothing to work with in the tapped view, or the worker was still busy with an earlier audit).
-``samples`` (reference and reconstructed text) is present only when the user opted in with
-``log_samples=True``.
+``samples`` is present only when the user opted in with ``log_samples=True``: reference and reconstructed
+text for text models; for image models never pixels, only ``[{"file": "samples/<name>.npz", "images": B}]``,
+the path (relative to the log's folder) of the file holding the originals and reconstructions. Image
+metrics are ``psnr`` (dB), ``ssim`` and ``label_accuracy``.
 """
 
 from __future__ import annotations

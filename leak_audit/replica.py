@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["ModelReplica", "parameter_gradients"]
+__all__ = ["ModelReplica", "local_names", "parameter_gradients"]
+
+
+def local_names(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``params`` whose names start with ``prefix`` (``"model."``, or ``""`` for all), renamed without it."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
 
 
 def parameter_gradients(
@@ -77,8 +83,7 @@ class ModelReplica:
 
     def local(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Root-relative ``params`` renamed to the replica's own names (others dropped)."""
-        n = len(self.prefix)
-        return {k[n:]: v for k, v in params.items() if k.startswith(self.prefix)}
+        return local_names(params, self.prefix)
 
     def input_embeddings(self, params: Mapping[str, Tensor]) -> Tensor:
         """The word-embedding table ``[V, d]`` at the snapshot's values."""

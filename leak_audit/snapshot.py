@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from leak_audit.batch import TextBatch
+from leak_audit.batch import ImageBatch, TextBatch
 from leak_audit.privacy import DPState
 
 __all__ = ["AuditSnapshot"]
@@ -24,8 +24,9 @@ class AuditSnapshot:
             accumulation and clipping), for the tapped parameters the attacks use.
         params: ``{parameter_name: tensor}``, parameter values *before* the update, for the parameters the
             attacks need (embedding tables, LayerNorm, ...). Frozen parameters are shared, not copied.
-        batch: the private inputs, used to recompute gradients (``recompute="eval"``) and to score
-            reconstructions; never given to an attack.
+        batch: the private inputs (a :class:`~leak_audit.batch.TextBatch` or an
+            :class:`~leak_audit.batch.ImageBatch`), used to recompute gradients (``recompute="eval"``) and
+            to score reconstructions; never given to an attack (only its public shape and value box).
         modules: the tapped module names.
         copied_bytes: bytes copied on the training thread for this snapshot.
         dp: with DP-SGD (Opacus), the DP state at this step: the gradients are then the released ones
@@ -37,7 +38,7 @@ class AuditSnapshot:
     time: float
     gradients: dict[str, Tensor]
     params: dict[str, Tensor]
-    batch: TextBatch
+    batch: TextBatch | ImageBatch
     modules: tuple[str, ...]
     copied_bytes: int = 0
     dp: DPState | None = None
@@ -51,3 +52,13 @@ class AuditSnapshot:
     def noise_std(self) -> float:
         """Per-coordinate standard deviation of the DP noise in ``gradients`` (0 without DP)."""
         return self.dp.noise_std if self.dp is not None else 0.0
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Public shape of one example: ``(C, H, W)`` for images, ``()`` for text."""
+        return tuple(int(s) for s in self.batch.images.shape[1:]) if isinstance(self.batch, ImageBatch) else ()
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        """Public ``(low, high)`` box of valid image values (:attr:`ImageBatch.bounds`), ``None`` for text."""
+        return self.batch.bounds if isinstance(self.batch, ImageBatch) else None

@@ -2,8 +2,13 @@
 
 An attack is a pure function of an :class:`AttackInput`: the observed gradients of the tapped
 parameters, a snapshot of parameter values, the model's architecture spec and public batch metadata
-(the batch size). It never sees the private batch. It returns a :class:`Reconstruction`, which
-:mod:`leak_audit.metrics` scores against the private batch.
+(the batch size; for images also the image shape and the box of valid pixel values). It never sees the
+private batch. It returns a :class:`Reconstruction`, which :mod:`leak_audit.scoring` scores against the
+private batch.
+
+Attacks belong to one modality (:attr:`Attack.modality`, ``"text"`` or ``"image"``): text attacks get a
+:class:`~leak_audit.models.TextModelSpec` and a :class:`~leak_audit.replica.ModelReplica`, image attacks
+an :class:`~leak_audit.models.ImageModelSpec` and an :class:`~leak_audit.image_replica.ImageReplica`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from leak_audit.models import TextModelSpec
+from leak_audit.image_replica import ImageReplica
+from leak_audit.models import ImageModelSpec, TextModelSpec
 from leak_audit.replica import ModelReplica
 
-__all__ = ["Attack", "AttackInput", "NotApplicable", "Reconstruction", "Requirements"]
+__all__ = ["Attack", "AttackInput", "ModelSpec", "NotApplicable", "Reconstruction", "Requirements"]
+
+ModelSpec = TextModelSpec | ImageModelSpec
+"""Where an audited model keeps the tensors attacks read: text or image."""
 
 
 class NotApplicable(Exception):
@@ -44,7 +53,8 @@ class AttackInput:
     Attributes:
         gradients: ``{parameter_name: grad}``, the observed gradients (same shapes as the parameters).
         params: ``{parameter_name: value}``, parameter values at the audited step.
-        spec: where the model's tensors are, see :class:`~leak_audit.models.TextModelSpec`.
+        spec: where the model's tensors are, see :class:`~leak_audit.models.TextModelSpec` and
+            :class:`~leak_audit.models.ImageModelSpec`.
         batch_size: number of examples ``B`` behind the gradient (public metadata).
         priors: results of attacks that ran earlier in the same audit, by attack name.
         generator: the attack's private random generator (never the global one).
@@ -52,17 +62,23 @@ class AttackInput:
         replica: the model's architecture, to run at ``params`` (attacks whose requirements ask for it).
         noise_std: per-coordinate standard deviation of Gaussian noise in ``gradients`` (DP-SGD's
             ``σ·C/B``, public), ``0.0`` without DP: the noise floor for rank estimation.
+        input_shape: shape of one example, public metadata: ``(C, H, W)`` for images; ``()`` for text
+            (text attacks infer sequence lengths).
+        input_range: ``(low, high)`` box of valid input values for images (public: the preprocessing),
+            ``None`` for text.
     """
 
     gradients: Mapping[str, Tensor]
     params: Mapping[str, Tensor]
-    spec: TextModelSpec
+    spec: ModelSpec
     batch_size: int
     priors: Mapping[str, Reconstruction] = field(default_factory=dict)
     generator: torch.Generator | None = None
     deadline: float | None = None
-    replica: ModelReplica | None = None
+    replica: ModelReplica | ImageReplica | None = None
     noise_std: float = 0.0
+    input_shape: tuple[int, ...] = ()
+    input_range: tuple[float, float] | None = None
 
     def time_left(self) -> float:
         """Seconds until the deadline (``inf`` without one)."""
@@ -78,8 +94,9 @@ class Reconstruction:
         sequences: ``B'`` recovered token-id sequences (special tokens included), in the attack's order.
         token_bag: the recovered *set* of token ids, without order or counts.
         position_candidates: for each position ``i``, the token ids the attack found there (any sentence).
-        labels: recovered labels; aligned with ``sequences`` when ``labels_aligned`` is true, otherwise an
-            unordered multiset of the batch's labels.
+        labels: recovered labels; aligned with ``sequences`` (or ``images``) when ``labels_aligned`` is
+            true, otherwise an unordered multiset of the batch's labels.
+        images: ``[B', C, H, W]`` reconstructed images in the model's input space (image attacks).
         info: diagnostics (ranks, scores, counts), numbers or short strings.
     """
 
@@ -89,6 +106,7 @@ class Reconstruction:
     position_candidates: list[list[int]] | None = None
     labels: list[int] | None = None
     labels_aligned: bool = False
+    images: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,14 +115,16 @@ class Attack(ABC):
 
     Subclasses set :attr:`name`, implement :meth:`requirements` (raising :class:`NotApplicable` when the
     tapped parameters do not suffice) and :meth:`run`. :attr:`uses` lists attacks whose results the attack
-    consumes from ``AttackInput.priors`` when they ran first.
+    consumes from ``AttackInput.priors`` when they ran first. :attr:`modality` (``"text"`` by default or
+    ``"image"``) says which models the attack reads; names are unique per modality.
     """
 
     name: ClassVar[str]
     uses: ClassVar[tuple[str, ...]] = ()
+    modality: ClassVar[str] = "text"
 
     @abstractmethod
-    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+    def requirements(self, spec: ModelSpec, tapped: Collection[str]) -> Requirements:
         """The gradients (a subset of ``tapped``) and parameters this attack reads.
 
         Raises:
