@@ -163,7 +163,7 @@ def test_bench_image_writes_rows_markdown_and_grid(cifar10, tmp_path):
         assert {"psnr", "ssim", "lpips", "label_accuracy", "seconds_per_batch"} <= set(r)
         assert r["n_images"] == 2 and 0 < r["psnr"] < 60
     assert rows[0]["label_accuracy"] == 1.0  # iDLG at B = 1
-    assert "| cifar10_test_500 | dlg | 1 | 2 |" in (tmp_path / "rows.md").read_text()
+    assert "| cifar10_test_500 | LeNet (DLG, sigmoid) | dlg | 1 | 2 |" in (tmp_path / "rows.md").read_text()
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "image", "--data", npz, "--attacks", "dgl"]) == 2
     assert main(["bench", "image", "--data", str(tmp_path / "none.npz")]) == 2

@@ -12,7 +12,11 @@ seconds_per_batch, n_images, steps}``; ``--grid`` draws originals above reconstr
 batch of every (attack, B).
 
 Attacks (:data:`~leak_audit.attacks.image_inversion.IMAGE_ATTACKS`): ``dlg`` (l2 distance, L-BFGS) and
-``inverting_gradients`` (cosine + total variation, signed Adam, 2 restarts).
+``inverting_gradients`` (cosine + total variation, signed Adam, 2 restarts); and ``peftleak``, the
+malicious-provider attack on bottleneck-adapter gradients (:mod:`leak_audit.attacks.peftleak`): its
+model is the crafted ViT for ``--vit-hidden``/``--vit-layers``/``--vit-patch`` with adapters of
+``--adapter-r`` units, its public images the last ``--public`` images of ``--data`` (disjoint from the
+audited ones), and its rows add ``patches`` (the fraction of patches recovered exactly).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from rich.table import Table
 
 from leak_audit.attacks.image_inversion import IMAGE_ATTACKS, reconstruct_images
 from leak_audit.attacks.labels import label_counts_from_bias
+from leak_audit.attacks.peftleak import malicious_vit, peftleak
 from leak_audit.bench.text import (
     BenchError,
     command_line,
@@ -49,8 +54,9 @@ from leak_audit.image_replica import ImageReplica
 __all__ = ["ImageBenchConfig", "add_image_arguments", "bench_image_command", "load_images", "run_image_bench"]
 
 
-def load_images(path: str | Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images of an ``.npz`` file as ``([n, C, H, W]`` floats in ``[0, 1]``, ``[n]`` labels).
+def load_images(path: str | Path, n: int, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (``last``: last) ``n`` images of an ``.npz`` file as ``([n, C, H, W]`` floats in ``[0, 1]``,
+    ``[n]`` labels).
 
     Raises:
         BenchError: unreadable file, missing ``images``/``labels`` arrays, wrong shapes or dtype, ``n`` too large.
@@ -65,9 +71,10 @@ def load_images(path: str | Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{images.dtype} {images.shape} and labels {labels.shape}")
     if n > len(images):
         raise BenchError(f"--n {n} exceeds the {len(images)} images in {path}")
-    x = torch.from_numpy(images[:n]).float() / 255
+    part = slice(len(images) - n, None) if last else slice(0, n)
+    x = torch.from_numpy(images[part]).float() / 255
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.from_numpy(labels[:n].astype(np.int64))
+    return x.contiguous(), torch.from_numpy(labels[part].astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,68 @@ class ImageBenchConfig:
     seed: int = 0
     max_steps: int | None = None
     max_seconds: float | None = None
+    public: int = 200
+    vit_hidden: int = 384
+    vit_layers: int = 12
+    vit_patch: int = 8
+    adapter_r: int = 64
+    measurements: int = 3
+
+
+PEFTLEAK = "peftleak"
+ATTACKS = (*IMAGE_ATTACKS, PEFTLEAK)
+
+
+def _peftleak_rows(config: ImageBenchConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   console: Console, first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
+    from transformers import ViTConfig
+
+    public, _ = load_images(config.data, config.public, last=True)
+    total = len(np.load(config.data)["labels"])
+    if config.public + config.n > total:
+        raise BenchError(f"--public {config.public} + --n {config.n} exceed the {total} images of {config.data}: "
+                         "the provider's public images must not include the audited ones")
+    heads = max(1, config.vit_hidden // 64)
+    vit = ViTConfig(image_size=images.shape[-1], patch_size=config.vit_patch, num_channels=images.shape[1],
+                    hidden_size=config.vit_hidden, num_hidden_layers=config.vit_layers, num_attention_heads=heads,
+                    intermediate_size=4 * config.vit_hidden, num_labels=num_classes)
+    try:
+        model, design = malicious_vit(vit, public, r=config.adapter_r, measurements=config.measurements,
+                                      seed=config.seed)
+    except ValueError as exc:
+        raise BenchError(f"peftleak: {exc}") from None
+    name = (f"ViT D={config.vit_hidden} L={config.vit_layers} patch {config.vit_patch}, "
+            f"Houlsby adapters r={config.adapter_r} (crafted)")
+    rows = []
+    for b in config.batch_sizes:
+        batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, config.n - b + 1, b)]
+        scores: list[dict[str, float]] = []
+        fractions: list[float] = []
+        seconds = 0.0
+        for k, (x, y) in enumerate(batches):
+            model.zero_grad()
+            model(pixel_values=x, labels=y).loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if ".adapter." in n and p.grad is not None}
+            t0 = time.monotonic()
+            res = peftleak(grads, design, b, deadline=None if config.max_seconds is None else t0 + config.max_seconds)
+            seconds += time.monotonic() - t0
+            fractions.append(res.recovered_fraction)
+            scores.append(score_image_reconstruction(res.images.clamp(0, 1), x, 1.0))
+            if k == 0:
+                first[(PEFTLEAK, b)] = (x, res.images.clamp(0, 1))
+        mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
+        lp = mean("lpips")
+        rows.append({
+            "data": config.data.stem, "model": name, "attack": PEFTLEAK, "batch_size": b,
+            "n_images": len(batches) * b, "psnr": round(mean("psnr"), 3), "ssim": round(mean("ssim"), 4),
+            "lpips": None if math.isnan(lp) else round(lp, 4), "label_accuracy": None,
+            "patches": round(sum(fractions) / len(fractions), 4),
+            "seconds_per_batch": round(seconds / len(batches), 2), "steps_per_batch": 0, "seed": config.seed,
+        })
+        console.print(f"peftleak B={b}: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}, "
+                      f"patches {rows[-1]['patches']:.3f}, {rows[-1]['seconds_per_batch']:.2f} s/batch",
+                      markup=False, highlight=False)
+    return rows
 
 
 def run_image_bench(
@@ -106,6 +175,8 @@ def run_image_bench(
         if not batches:
             raise BenchError(f"--n {config.n} is smaller than batch size {b}")
         for attack in config.attacks:
+            if attack == PEFTLEAK:
+                continue
             scores: list[dict[str, float]] = []
             seconds = steps = 0.0
             for k, (x, y) in enumerate(batches):
@@ -141,6 +212,8 @@ def run_image_bench(
             })
             console.print(f"{attack} B={b}: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}, "
                           f"{rows[-1]['seconds_per_batch']:.1f} s/batch", markup=False, highlight=False)
+    if PEFTLEAK in config.attacks:
+        rows += _peftleak_rows(config, images, labels, num_classes, console, first)
     return rows, first
 
 
@@ -148,12 +221,14 @@ def markdown_report(rows: list[dict[str, Any]], command: str) -> str:
     """The rows as a markdown table under the command that produced them."""
     lines = ["# leak-audit bench image", "", "```", command, "```", "",
              f"- LPIPS: {lpips_status()}", "",
-             "| data | attack | B | images | PSNR (dB) | SSIM | LPIPS | label acc | s/batch | steps |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| data | model | attack | B | images | PSNR (dB) | SSIM | LPIPS | label acc | patches | s/batch | steps |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lp = "–" if r["lpips"] is None else f"{r['lpips']:.3f}"
-        lines.append(f"| {r['data']} | {r['attack']} | {r['batch_size']} | {r['n_images']} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.3f} | {lp} | {r['label_accuracy']:.3f} | {r['seconds_per_batch']:.1f} | "
+        acc = "–" if r["label_accuracy"] is None else f"{r['label_accuracy']:.3f}"
+        patches = f"{r['patches']:.3f}" if "patches" in r else "–"
+        lines.append(f"| {r['data']} | {r['model']} | {r['attack']} | {r['batch_size']} | {r['n_images']} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | {acc} | {patches} | {r['seconds_per_batch']:.2f} | "
                      f"{r['steps_per_batch']} |")
     lines += ["", "PSNR and SSIM: mean over all images (matched to reconstructions by least MSE); "
               "LPIPS: – when unavailable offline."]
@@ -170,7 +245,7 @@ def write_grid(first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], 
 
     keys = list(first)
     per_row = max(2, min(per_row, max(len(x) for x, _ in first.values())))
-    fig, axes = plt.subplots(2 * len(keys), per_row, figsize=(per_row * 1.2, 2.6 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(keys), per_row, figsize=(per_row * 1.0, 2.2 * len(keys)), squeeze=False)
     for r, key in enumerate(keys):
         x, rec = first[key]
         order = dict((j, i) for i, j in match_images(rec, x))
@@ -184,7 +259,7 @@ def write_grid(first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], 
                     ax.imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray" if pic.shape[-1] == 1 else None,
                               vmin=0, vmax=1)
         axes[2 * r, 0].set_title(f"{key[0]}, B={key[1]}: originals / reconstructions", loc="left", fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / (2.2 * len(keys)), bottom=0.01, wspace=0.04, hspace=0.18)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -199,7 +274,15 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=32, help="images read from the top of --data (default 32)")
     parser.add_argument("--batch-sizes", default="1,4,8", metavar="B,...", help="comma-separated (default 1,4,8)")
     parser.add_argument("--attacks", default="dlg,inverting_gradients", metavar="NAME,...",
-                        help=f"comma-separated, from: {', '.join(IMAGE_ATTACKS)}")
+                        help=f"comma-separated, from: {', '.join(ATTACKS)}")
+    parser.add_argument("--public", type=int, default=200, metavar="N",
+                        help="peftleak: the provider's public images, the last N of --data (default 200)")
+    parser.add_argument("--vit-hidden", type=int, default=384, help="peftleak: ViT hidden size (default 384)")
+    parser.add_argument("--vit-layers", type=int, default=12, help="peftleak: ViT layers (default 12)")
+    parser.add_argument("--vit-patch", type=int, default=8, help="peftleak: ViT patch size (default 8)")
+    parser.add_argument("--adapter-r", type=int, default=64, help="peftleak: adapter bottleneck units (default 64)")
+    parser.add_argument("--measurements", type=int, default=3,
+                        help="peftleak: binnings per patch position (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model's weights and the attacks' starts")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -220,11 +303,15 @@ def bench_image_command(args: argparse.Namespace, console: Console) -> int:
         if args.max_seconds is not None and not args.max_seconds > 0:
             raise BenchError(f"--max-seconds must be > 0, got {args.max_seconds}")
         attacks = parse_list(args.attacks, "--attacks")
-        unknown = [a for a in attacks if a not in IMAGE_ATTACKS]
+        unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
-            raise BenchError(f"--attacks: unknown image attack(s) {unknown}; valid: {', '.join(IMAGE_ATTACKS)}")
+            raise BenchError(f"--attacks: unknown image attack(s) {unknown}; valid: {', '.join(ATTACKS)}")
+        if min(args.public, args.adapter_r, args.measurements) < 1:
+            raise BenchError("--public, --adapter-r and --measurements must be >= 1, got "
+                             f"{args.public}, {args.adapter_r}, {args.measurements}")
         config = ImageBenchConfig(Path(args.data), args.n, tuple(parse_batch_sizes(args.batch_sizes)),
-                                  tuple(attacks), args.seed, args.max_steps, args.max_seconds)
+                                  tuple(attacks), args.seed, args.max_steps, args.max_seconds, args.public,
+                                  args.vit_hidden, args.vit_layers, args.vit_patch, args.adapter_r, args.measurements)
         with intra_op_threads(args.threads):
             rows, first = run_image_bench(config, console)
     except BenchError as exc:
@@ -237,11 +324,12 @@ def bench_image_command(args: argparse.Namespace, console: Console) -> int:
     if args.grid:
         wrote(console, write_grid(first, args.grid))
     table = Table(title="leak-audit bench image")
-    for col in ("attack", "B", "PSNR", "SSIM", "LPIPS", "label acc", "s/batch"):
+    for col in ("attack", "B", "PSNR", "SSIM", "LPIPS", "label acc", "patches", "s/batch"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["attack"], str(r["batch_size"]), f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-                      "–" if r["lpips"] is None else f"{r['lpips']:.3f}", f"{r['label_accuracy']:.3f}",
-                      f"{r['seconds_per_batch']:.1f}")
+                      "–" if r["lpips"] is None else f"{r['lpips']:.3f}",
+                      "–" if r["label_accuracy"] is None else f"{r['label_accuracy']:.3f}",
+                      f"{r['patches']:.3f}" if "patches" in r else "–", f"{r['seconds_per_batch']:.2f}")
     console.print(table)
     return 0
