@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from leak_audit.vit_adapters import AdapterSite, add_bottleneck_adapters, vit_layers
+from leak_audit.vit_adapters import AdaptedLinear, AdapterSite, add_bottleneck_adapters, vit_layers
 
 __all__ = ["Chain", "PEFTLeakDesign", "PEFTLeakReconstruction", "malicious_vit", "peftleak"]
 
@@ -220,8 +220,8 @@ def malicious_vit(
                 att.q_proj.weight[rows, P + torch.arange(T)] = 1.0
                 att.k_proj.weight[rows, P + torch.arange(T)] = 1.0
             att.v_proj.weight.copy_(eye)
-            att.o_proj.base.weight.copy_(eye) if hasattr(att.o_proj, "base") else att.o_proj.weight.copy_(eye)
-            fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2.base
+            _frozen(att.o_proj).weight.copy_(eye)
+            fc1, fc2 = layer.mlp.fc1, _frozen(layer.mlp.fc2)
             fc1.weight[:D] = eye
             fc1.weight[D : 2 * D] = -eye
             fc2.weight[:, :D] = eye
@@ -229,8 +229,7 @@ def malicious_vit(
         last = layers[-1].attention  # head 0 averages every token into the class token
         last.v_proj.weight[0] = v
         last.v_proj.weight[1:hd, :P] = torch.randn(hd - 1, P, generator=gen) / math.sqrt(P)
-        o = last.o_proj.base if hasattr(last.o_proj, "base") else last.o_proj
-        o.weight[out_dims, :hd] = torch.randn(len(out_dims), hd, generator=gen)
+        _frozen(last.o_proj).weight[out_dims, :hd] = torch.randn(len(out_dims), hd, generator=gen)
         model.classifier.weight[:, out_dims] = torch.randn(cfg.num_labels, len(out_dims), generator=gen) * 4.0
 
     # measurements of public tokens: u = LayerNorm(x) per (image, position)
@@ -300,6 +299,11 @@ def malicious_vit(
         chains=chains, public_mean=public_images.float().mean(0),
     )
     return model, design
+
+
+def _frozen(linear: nn.Module) -> nn.Linear:
+    """The backbone ``nn.Linear`` of an output projection, with or without an adapter after it."""
+    return linear.base if isinstance(linear, AdaptedLinear) else linear
 
 
 def _patches(images: Tensor, ps: int) -> Tensor:

@@ -100,6 +100,24 @@ PEFTLEAK = "peftleak"
 ATTACKS = (*IMAGE_ATTACKS, PEFTLEAK)
 
 
+def _row(config: ImageBenchConfig, model: str, attack: str, b: int, n_batches: int, scores: list[dict[str, float]],
+         seconds: float, steps: float, console: Console, **extra: Any) -> dict[str, Any]:
+    """One table row: means over the batches' scores, per-batch time and steps; printed as it is made."""
+    mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
+    lp = mean("lpips")
+    row = {
+        "data": config.data.stem, "model": model, "attack": attack, "batch_size": b, "n_images": n_batches * b,
+        "psnr": round(mean("psnr"), 3), "ssim": round(mean("ssim"), 4), "lpips": None if math.isnan(lp) else round(lp, 4),
+        "label_accuracy": round(mean("label_accuracy"), 4) if "label_accuracy" in scores[0] else None, **extra,
+        "seconds_per_batch": round(seconds / n_batches, 2), "steps_per_batch": round(steps / n_batches),
+        "seed": config.seed,
+    }
+    more = f", patches {row['patches']:.3f}" if "patches" in row else ""
+    console.print(f"{attack} B={b}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}{more}, "
+                  f"{row['seconds_per_batch']:.2f} s/batch", markup=False, highlight=False)
+    return row
+
+
 def _peftleak_rows(config: ImageBenchConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                    console: Console, first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
     from transformers import ViTConfig
@@ -109,7 +127,9 @@ def _peftleak_rows(config: ImageBenchConfig, images: torch.Tensor, labels: torch
     if config.public + config.n > total:
         raise BenchError(f"--public {config.public} + --n {config.n} exceed the {total} images of {config.data}: "
                          "the provider's public images must not include the audited ones")
-    heads = max(1, config.vit_hidden // 64)
+    if config.vit_hidden % 64:
+        raise BenchError(f"--vit-hidden must be a multiple of 64 (heads of 64 dimensions), got {config.vit_hidden}")
+    heads = config.vit_hidden // 64
     vit = ViTConfig(image_size=images.shape[-1], patch_size=config.vit_patch, num_channels=images.shape[1],
                     hidden_size=config.vit_hidden, num_hidden_layers=config.vit_layers, num_attention_heads=heads,
                     intermediate_size=4 * config.vit_hidden, num_labels=num_classes)
@@ -137,18 +157,8 @@ def _peftleak_rows(config: ImageBenchConfig, images: torch.Tensor, labels: torch
             scores.append(score_image_reconstruction(res.images.clamp(0, 1), x, 1.0))
             if k == 0:
                 first[(PEFTLEAK, b)] = (x, res.images.clamp(0, 1))
-        mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
-        lp = mean("lpips")
-        rows.append({
-            "data": config.data.stem, "model": name, "attack": PEFTLEAK, "batch_size": b,
-            "n_images": len(batches) * b, "psnr": round(mean("psnr"), 3), "ssim": round(mean("ssim"), 4),
-            "lpips": None if math.isnan(lp) else round(lp, 4), "label_accuracy": None,
-            "patches": round(sum(fractions) / len(fractions), 4),
-            "seconds_per_batch": round(seconds / len(batches), 2), "steps_per_batch": 0, "seed": config.seed,
-        })
-        console.print(f"peftleak B={b}: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}, "
-                      f"patches {rows[-1]['patches']:.3f}, {rows[-1]['seconds_per_batch']:.2f} s/batch",
-                      markup=False, highlight=False)
+        rows.append(_row(config, name, PEFTLEAK, b, len(batches), scores, seconds, 0, console,
+                         patches=round(sum(fractions) / len(fractions), 4)))
     return rows
 
 
@@ -201,17 +211,7 @@ def run_image_bench(
                 ))
                 if k == 0:
                     first[(attack, b)] = (x, res.images.clamp(0, 1))
-            mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
-            lp = mean("lpips")
-            rows.append({
-                "data": config.data.stem, "model": "LeNet (DLG, sigmoid)", "attack": attack, "batch_size": b,
-                "n_images": len(batches) * b, "psnr": round(mean("psnr"), 3), "ssim": round(mean("ssim"), 4),
-                "lpips": None if math.isnan(lp) else round(lp, 4), "label_accuracy": round(mean("label_accuracy"), 4),
-                "seconds_per_batch": round(seconds / len(batches), 2), "steps_per_batch": round(steps / len(batches)),
-                "seed": config.seed,
-            })
-            console.print(f"{attack} B={b}: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}, "
-                          f"{rows[-1]['seconds_per_batch']:.1f} s/batch", markup=False, highlight=False)
+            rows.append(_row(config, "LeNet (DLG, sigmoid)", attack, b, len(batches), scores, seconds, steps, console))
     if PEFTLEAK in config.attacks:
         rows += _peftleak_rows(config, images, labels, num_classes, console, first)
     return rows, first
