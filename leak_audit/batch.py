@@ -74,6 +74,11 @@ class TextBatch:
         mask = self.attention_mask.detach().cpu().bool()
         return [ids[b][mask[b]].tolist() for b in range(ids.shape[0])]
 
+    @property
+    def device(self) -> torch.device:
+        """Where ``input_ids`` lives."""
+        return self.input_ids.device
+
     def detached_copy(self, device: torch.device | str | None = None) -> TextBatch:
         """An independent copy (optionally moved to ``device``)."""
 
@@ -161,6 +166,11 @@ class ImageBatch:
             if box[0] <= lo and hi <= box[1]:
                 return box
         return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``images`` lives."""
+        return self.images.device
 
     def detached_copy(self, device: torch.device | str | None = None) -> ImageBatch:
         """An independent copy (optionally moved to ``device``)."""

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from leak_audit.attacks import Attack, check_attack_name, get_attack
 from leak_audit.auditor import Auditor, failed_records
+from leak_audit.distributed import gather_to_all
 from leak_audit.batch import (
     BatchAdapter,
     BatchAdapterError,
@@ -70,8 +71,8 @@ from leak_audit.records import AuditRecord
 from leak_audit.scoring import ImageScorer
 from leak_audit.sinks import AuditLog, flatten_metrics, log_samples_to_wandb, log_to_loggers
 from leak_audit.snapshot import AuditSnapshot
-from leak_audit.tap import GradientTap
-from leak_audit.worker import AuditWorker
+from leak_audit.tap import GradientTap, LocalGradientCapture
+from leak_audit.worker import AuditWorker, PeakMemory
 
 __all__ = ["LeakageAudit", "DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS"]
 
@@ -86,6 +87,7 @@ SMALL_NOISE_MULTIPLIER = 0.01
 PROGRESS_BAR_KEY = "leak/max/rouge1"
 PROGRESS_BAR_KEYS = {"text": PROGRESS_BAR_KEY, "image": "leak/max/psnr"}
 MODALITY_CHOICES: tuple[str, ...] = ("auto", *MODALITIES)
+SCOPES: tuple[str, ...] = ("global", "local")
 
 
 @dataclass
@@ -146,6 +148,19 @@ class LeakageAudit(Callback):
             (:func:`~leak_audit.models.find_image_network`: a Hugging Face image model, else the one child
             holding every trainable parameter, else the LightningModule's ``forward``). Image attacks run a
             private copy of it in eval mode with batch-mean cross-entropy.
+        scope: what the attacker observes under multi-process training (``strategy="ddp"``).
+            ``"global"`` (default): the gradient the optimizer applies, averaged over every rank's batch,
+            attacked on rank 0 against the global batch (each audited step gathers the ranks' inputs to
+            rank 0). ``"local"``: every rank attacks its own gradient before DDP's all-reduce (and before
+            gradient clipping, which acts on the reduced gradient): what one federated client would send.
+            Records then carry ``info["process_rank"]``. With one process both scopes audit the same batch;
+            ``"local"`` reads the gradient from backward hooks, before clipping.
+        attack_device: where the attacks run (``"cpu"``, ``"cuda:1"``, ...); ``None``: the training device.
+            Snapshots are copied there by the worker, and frozen weights once.
+
+    Under DDP, logging and the audit log are rank-zero: with ``scope="local"`` the other ranks' finished
+    audits reach rank 0 at the next audited step (or at the end of training); after an exception only
+    rank 0's own audits are written.
 
     Raises:
         ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
@@ -184,6 +199,8 @@ class LeakageAudit(Callback):
         privacy_engine: Any = None,
         modality: str = "auto",
         network: str | None = None,
+        scope: str = "global",
+        attack_device: str | torch.device | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
@@ -207,6 +224,14 @@ class LeakageAudit(Callback):
             raise ValueError(f"modality must be one of {', '.join(map(repr, MODALITY_CHOICES))}, got {modality!r}")
         if network is not None and not isinstance(network, str):
             raise ValueError(f"network must be a module name (str) or None, got {network!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
+        if attack_device is not None:
+            try:
+                attack_device = torch.device(attack_device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"attack_device must name a torch device ('cpu', 'cuda', 'cuda:1', ...) or be None, "
+                                 f"got {attack_device!r}") from exc
         if isinstance(modules, str):
             modules = [modules]
         self.modules = list(modules) if modules is not None else None
@@ -245,6 +270,8 @@ class LeakageAudit(Callback):
         self.seed = seed
         self.delta = delta
         self.privacy_engine = privacy_engine
+        self.scope = scope
+        self.attack_device = attack_device
         # run state (also in state_dict)
         self.audits = 0
         self.skipped = 0
@@ -268,6 +295,14 @@ class LeakageAudit(Callback):
         self._sample_rate: float | None = None
         self._capture: ReleasedGradientCapture | None = None
         self._delta: float = DEFAULT_DELTA
+        # placement and multi-process state (set at `setup` / `on_train_start`)
+        self._rank = 0
+        self._world = 1
+        self._local: LocalGradientCapture | None = None
+        self._device: torch.device | None = None  # where the attacks run
+        self._frozen: dict[str, torch.Tensor] = {}  # frozen weights copied to another attack device
+        self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
+        self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -279,12 +314,24 @@ class LeakageAudit(Callback):
         """The audit log, ``log_dir / "audit.jsonl"``."""
         return self.log_dir / "audit.jsonl"
 
+    @property
+    def next_audit_step(self) -> int:
+        """The first optimizer step the schedule audits from now on."""
+        n = self.every_n_steps
+        return 0 if self.last_audited_step < 0 else (self.last_audited_step // n + 1) * n
+
     def state_dict(self) -> dict[str, Any]:
+        """Audits done, skipped and failed, the schedule's position, worst values so far, and the log path.
+
+        Saved in the checkpoint, so a run resumed from it continues the schedule (no step is audited
+        twice) and appends to the same audit log.
+        """
         return {
             "audits": self.audits,
             "skipped": self.skipped,
             "failed": self.failed,
             "last_audited_step": self.last_audited_step,
+            "next_audit_step": self.next_audit_step,
             "worst": dict(self.worst),
             "log_path": str(self.log_path),
         }
@@ -295,6 +342,10 @@ class LeakageAudit(Callback):
         self.failed = int(state_dict.get("failed", 0))
         self.last_audited_step = int(state_dict.get("last_audited_step", -1))
         self.worst = dict(state_dict.get("worst", {}))
+        saved = state_dict.get("log_path")
+        if saved and Path(saved).resolve() != self.log_path.resolve():
+            rank_zero_warn(f"LeakageAudit: the checkpoint's audit log was {saved}; this run appends to {self.log_path} "
+                           "(pass log_dir= to continue the old one)")
 
     # ------------------------------------------------------------------ setup / teardown
     def _resolve_attacks(self, modality: str) -> list[Attack]:
@@ -306,10 +357,7 @@ class LeakageAudit(Callback):
         self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
         self.attacks = self._resolve_attacks(self._modality)
         self._tap = GradientTap(pl_module, self.modules)
-        if self._modality == "text":
-            self._auditor = self._text_auditor(pl_module)
-        else:
-            self._auditor = self._image_auditor(pl_module)
+        self._auditor = self._build_auditor(pl_module)
         if not self._auditor.applicable:
             reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())
             raise ValueError(f"no attack can use the tapped modules {list(self._tap.modules)}: {reasons}")
@@ -317,21 +365,30 @@ class LeakageAudit(Callback):
             if isinstance(plan, str):
                 rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
         self._all_params = dict(pl_module.named_parameters())
-        if not trainer.is_global_zero:
-            return  # audits run on rank zero (issue 7 adds per-rank scope)
-        self._log = AuditLog(self.log_path)
-        self._worker = AuditWorker(
-            self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
-            niceness=self.worker_niceness,
-        )
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+        if trainer.is_global_zero:
+            self._log = AuditLog(self.log_path)
+        if self.scope == "local" or trainer.is_global_zero:  # global scope: only rank 0 attacks
+            self._worker = AuditWorker(
+                self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
+                niceness=self.worker_niceness,
+            )
+        if self.scope == "local" and self.recompute == "observed":
+            self._local = LocalGradientCapture(self._tap.parameters)
         self._active = True
+        where = f"; scope {self.scope} over {self._world} processes" if self._world > 1 else ""
         rank_zero_info(
             f"LeakageAudit: {self._modality} model; tapping {len(self._tap.parameters)} tensors "
             f"({self._tap.numel:,} parameters) in {len(self._tap.modules)} module(s); attacks "
-            f"{self._auditor.applicable}; every {self.every_n_steps} steps; log {self.log_path}"
+            f"{self._auditor.applicable}; every {self.every_n_steps} steps{where}; log {self.log_path}"
         )
 
-    def _text_auditor(self, pl_module: LightningModule) -> Auditor:
+    def _build_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
+        if self._modality == "text":
+            return self._text_auditor(pl_module, device)
+        return self._image_auditor(pl_module, device)
+
+    def _text_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
         """Hugging Face BERT-family model: text spec, storage-sharing replica, optional eval recompute."""
         assert self._tap is not None
         if self.network is not None:
@@ -340,8 +397,8 @@ class LeakageAudit(Callback):
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
         hf_name, hf_model = find_hf_model(pl_module)
-        replica = ModelReplica(hf_model, hf_name)  # shares the live parameters' storage
-        if tokenizer is None:
+        replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
+        if tokenizer is None and device is None:
             rank_zero_warn(
                 "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
                 "ROUGE is computed on token ids instead of words."
@@ -359,7 +416,7 @@ class LeakageAudit(Callback):
             replica=replica,
         )
 
-    def _image_auditor(self, pl_module: LightningModule) -> Auditor:
+    def _image_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
         """Image classifier: image spec, storage-sharing replica of its network, image scorer."""
         assert self._tap is not None
         if self.recompute == "eval":
@@ -368,7 +425,7 @@ class LeakageAudit(Callback):
         if self.batch_adapter is None:
             self._adapter = default_image_batch_adapter
         spec = image_model_spec(pl_module, self.network)
-        replica = ImageReplica(pl_module.get_submodule(spec.network), prefix=spec.network)
+        replica = ImageReplica(pl_module.get_submodule(spec.network), prefix=spec.network, device=device)
         scorer = ImageScorer(samples_dir=self.log_dir / "samples" if self.log_samples else None)
         return Auditor(
             spec,
@@ -381,8 +438,19 @@ class LeakageAudit(Callback):
         )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active or self._capture is not None:
+        if not self._active:
             return
+        if self._device is None:
+            # The strategy has placed the model by now (it had not at `setup`): the replica is rebuilt to share
+            # the placed weights, on the attack device.
+            self._device = self.attack_device if self.attack_device is not None else pl_module.device
+            if self._worker is not None:
+                self._auditor = self._build_auditor(pl_module, self._device)
+            self._all_params = dict(pl_module.named_parameters())
+        if self._capture is None:
+            self._setup_dp(trainer, pl_module)
+
+    def _setup_dp(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dp = find_dp_optimizer(trainer.optimizers)
         if dp is None:
             return
@@ -391,6 +459,9 @@ class LeakageAudit(Callback):
                 "LeakageAudit(recompute='eval') re-computes a gradient without DP noise, but this run trains with "
                 "an Opacus DPOptimizer, which releases the clipped and noised gradient: use recompute='observed'"
             )
+        if self.scope == "local":
+            raise ValueError("LeakageAudit(scope='local') reads gradients before DP-SGD clips and noises them; with an "
+                             "Opacus DPOptimizer use scope='global', which audits the released gradient")
         assert self._tap is not None and self._auditor is not None
         self._accountant, self._sample_rate = find_accountant(dp, self.privacy_engine, pl_module)
         self._delta = self.delta if self.delta is not None else _default_delta(trainer)
@@ -416,7 +487,7 @@ class LeakageAudit(Callback):
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, self.end_timeout, log=True)
+        self._finish(trainer, self.end_timeout, log=True, collective=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._finish(trainer, timeout=5.0, log=False)
@@ -425,19 +496,25 @@ class LeakageAudit(Callback):
         if stage == "fit":
             self._finish(trainer, self.end_timeout, log=False)
 
-    def _finish(self, trainer: Trainer, timeout: float | None, *, log: bool) -> None:
+    def _finish(self, trainer: Trainer, timeout: float | None, *, log: bool, collective: bool = False) -> None:
+        """Join the worker and write what it finished. ``collective``: every rank is here (end of training),
+        so the other ranks' results can still be sent to rank 0."""
         if self._worker is not None:
             done = self._worker.close(timeout)
             if not done:
-                rank_zero_warn(f"LeakageAudit: an audit still running after {timeout}s was abandoned")
-            self._write(trainer, self._worker.drain(), log=log)
+                self._warn_once("abandoned", f"LeakageAudit: an audit still running after {timeout}s was abandoned")
+            self._collect(trainer, log=log)
             self._worker = None
+        if self._exchanging and (collective or trainer.is_global_zero):
+            self._exchange(trainer, log=log, collective=collective)
         if self._log is not None:
             self._log.close()
             self._log = None
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        if self._local is not None:
+            self._local.take()
         self._active = False
 
     # ------------------------------------------------------------------ capture
@@ -453,9 +530,11 @@ class LeakageAudit(Callback):
         t0 = time.perf_counter()
         if self._window is None or self._window.step != step:
             self._window = _Window(step)
+            assert self._auditor is not None
             if self._capture is not None:
-                assert self._auditor is not None
                 self._capture.arm(self._auditor.gradient_names)
+            if self._local is not None:
+                self._local.arm(self._auditor.gradient_names)
         try:
             read = self._adapter(batch)
             expected = ImageBatch if self._modality == "image" else TextBatch
@@ -469,7 +548,7 @@ class LeakageAudit(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         w = self._window
-        if not self._active or w is None or w.step != trainer.global_step or w.params is not None:
+        if not self._active or self._worker is None or w is None or w.step != trainer.global_step or w.params is not None:
             return
         assert self._auditor is not None
         t0 = time.perf_counter()
@@ -479,6 +558,10 @@ class LeakageAudit(Callback):
             if p.requires_grad:  # trainable: the update is in place, so copy
                 w.params[name] = p.detach().clone()
                 w.copied_bytes += p.numel() * p.element_size()
+            elif self._device is not None and p.device != self._device:  # frozen, attacked elsewhere: copy once
+                if name not in self._frozen:
+                    self._frozen[name] = p.detach().to(self._device)
+                w.params[name] = self._frozen[name]
             else:  # frozen: shared, it never changes
                 w.params[name] = p.detach()
         w.capture_seconds += time.perf_counter() - t0
@@ -493,47 +576,86 @@ class LeakageAudit(Callback):
             self._window = None
             self.last_audited_step = w.step
             self._dispatch(trainer, w)
-        self._write(trainer, self._worker.drain() if self._worker else [], log=True)
+            if self._exchanging:  # every rank reaches this step: send finished audits to rank 0
+                self._collect(trainer, log=True)
+                self._exchange(trainer, log=True, collective=True)
+        self._collect(trainer, log=True)
         key = PROGRESS_BAR_KEYS.get(self._modality or "text", PROGRESS_BAR_KEY)
         if key in self.worst:
             pl_module.log(key, self.worst[key], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
+    @property
+    def _exchanging(self) -> bool:
+        """Whether finished audits travel between ranks: ``scope="local"`` with several processes."""
+        return self.scope == "local" and self._world > 1
+
+    def _join(self, w: _Window) -> TextBatch | ImageBatch | None:
+        """The window's micro-batches as one batch; ``None`` (with ``w.error`` set) when capture failed."""
+        if w.error is None and w.batches:
+            try:
+                return self._concat(w.batches)
+            except Exception as exc:  # noqa: BLE001 - micro-batches that do not join fail the audit
+                w.error = exc
+        return None
+
+    def _gather_batch(self, batch: TextBatch | ImageBatch | None, w: _Window) -> TextBatch | ImageBatch | None:
+        """``scope="global"`` under DDP: every rank's batch, joined in rank order on rank 0 (a collective)."""
+        mine: TextBatch | ImageBatch | str = (
+            batch.detached_copy("cpu") if batch is not None else f"rank {self._rank}: {w.error or 'no batch seen'}"
+        )
+        parts = gather_to_all(mine)
+        bad = [p for p in parts if isinstance(p, str)]
+        if bad:
+            w.error = RuntimeError("; ".join(bad))  # type: ignore[arg-type]
+            return None
+        try:
+            return self._concat(parts)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001
+            w.error = exc
+            return None
+
     def _dispatch(self, trainer: Trainer, w: _Window) -> None:
-        assert self._worker is not None and self._tap is not None and self._auditor is not None
+        assert self._tap is not None and self._auditor is not None
         self.audits += 1
         audit_id = self.audits
         attack_names = [a.name for a in self._auditor.attacks]
         released = self._capture.take() if self._capture is not None else None  # never kept past its step
-        batch: TextBatch | ImageBatch | None = None
-        if w.error is None and w.params is not None and w.batches:
-            try:
-                batch = self._concat(w.batches)
-            except Exception as exc:  # noqa: BLE001 - micro-batches that do not join fail the audit
-                w.error = exc
-        if batch is None:
-            exc = w.error or RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
-            snap = self._empty_snapshot(trainer, w)
-            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {exc}")
-            self._write(trainer, [failed_records(snap, attack_names, exc, audit_id)], log=True)
+        local = self._local.take() if self._local is not None else None
+        batch = self._join(w)
+        if self.scope == "global" and self._world > 1:
+            batch = self._gather_batch(batch, w)  # every rank takes part; only rank 0 attacks
+        if self._worker is None:
             return
+        if batch is not None and w.params is None:
+            w.error = RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
+            batch = None
+        if batch is None:
+            exc = w.error or RuntimeError("no batch was captured for this step")
+            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {exc}")
+            self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id))
+            return
+        assert w.params is not None
         if self._worker.busy:
             self.skipped += 1
-            snap = self._empty_snapshot(trainer, w)
             busy = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
-            self._write(trainer, [failed_records(snap, attack_names, busy, audit_id, status="skipped")], log=True)
+            self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, busy, audit_id,
+                                               status="skipped"))
             return
         t0 = time.perf_counter()
         dp = None
         if self._capture is not None:
             if released is None:
                 exc = RuntimeError("the DP optimizer skipped this step (a virtual step): nothing was released")
-                self._write(trainer, [failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id)],
-                            log=True)
+                self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id))
                 return
             grads = released
             dp = dp_state(self._capture.dp_optimizer, self._accountant, self._sample_rate)
+        elif self.recompute == "eval":
+            grads = {}
+        elif local is not None:
+            grads = local
         else:
-            grads = {} if self.recompute == "eval" else self._tap.capture(self._auditor.gradient_names)
+            grads = self._tap.capture(self._auditor.gradient_names)
         copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
         snap = AuditSnapshot(
             step=w.step,
@@ -555,7 +677,7 @@ class LeakageAudit(Callback):
         self._worker.submit(snap, ready)
 
     def _concat(self, batches: Sequence[TextBatch | ImageBatch]) -> TextBatch | ImageBatch:
-        """The micro-batches of one accumulation window as one batch."""
+        """The micro-batches of one accumulation window (or of every rank) as one batch."""
         if all(isinstance(b, ImageBatch) for b in batches):
             return ImageBatch.concat(batches)  # type: ignore[arg-type]
         pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
@@ -578,27 +700,84 @@ class LeakageAudit(Callback):
     # ------------------------------------------------------------------ worker side
     def _run_audit(self, snap: AuditSnapshot) -> list[AuditRecord]:
         assert self._auditor is not None
-        records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
+        if self._device is not None:
+            snap = snap.to(self._device)
+        with PeakMemory(self._device) as peak:
+            records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
         if snap.dp is not None:
             privacy = snap.dp.report(self._delta).to_dict()
             for r in records:
                 r.privacy = privacy
         for r in records:
             r.info.setdefault("snapshot_bytes", snap.copied_bytes)
+            if peak.bytes is not None:
+                r.info.setdefault("peak_bytes", peak.bytes)
             r.info.setdefault("capture_seconds", round(float(snap.extra.get("capture_seconds", 0.0)), 6))  # type: ignore[arg-type]
-        return records
+        return self._persist(records)
 
     def _audit_crashed(self, snap: AuditSnapshot, exc: BaseException) -> list[AuditRecord]:
         names = [a.name for a in self._auditor.attacks] if self._auditor else ["?"]
-        return failed_records(snap, names, exc, int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
+        return self._persist(failed_records(snap, names, exc, int(snap.extra.get("audit", 0))))  # type: ignore[arg-type]
+
+    def _persist(self, records: list[AuditRecord]) -> list[AuditRecord]:
+        """Stamp the rank and, on rank 0, append to the audit log right away (from the worker thread), so a
+        finished audit is durable before training even hears of it."""
+        self._stamp(records)
+        if self._log is not None:
+            self._log.write(records)
+        return records
+
+    def _stamp(self, records: Sequence[AuditRecord]) -> None:
+        if self._world > 1:
+            for r in records:
+                r.info.setdefault("process_rank", self._rank)
+                r.info.setdefault("scope", self.scope)
 
     # ------------------------------------------------------------------ results
-    def _write(self, trainer: Trainer, results: Sequence[list[AuditRecord]], *, log: bool) -> None:
+    def _emit(self, trainer: Trainer, records: list[AuditRecord]) -> None:
+        """Records made on the Trainer's thread (skipped or failed audits): into the log now on rank 0, into
+        the next exchange elsewhere."""
+        self._stamp(records)
+        if self._log is not None:
+            self._log.write(records)
+        if self._exchanging:
+            self._buffer.append(records)
+        else:
+            self._report(trainer, [records], log=True)
+
+    def _collect(self, trainer: Trainer, *, log: bool) -> None:
+        """Results the worker finished (already in the log on rank 0): reported now, or buffered for the next
+        exchange between ranks."""
+        results = self._worker.drain() if self._worker is not None else []
+        if self._exchanging:
+            self._buffer.extend(results)
+        else:
+            self._report(trainer, results, log=log)
+
+    def _exchange(self, trainer: Trainer, *, log: bool, collective: bool) -> None:
+        """``scope="local"`` under DDP: every rank's buffered results to rank 0, which writes the other ranks'
+        records to the log and reports every audited step once, over all ranks. Without ``collective``
+        (after an exception) rank 0 reports only its own."""
+        mine, self._buffer = self._buffer, []
+        parts = gather_to_all((self.skipped, mine)) if collective else [(self.skipped, mine)]
+        if not trainer.is_global_zero:
+            return
+        by_step: dict[int, list[AuditRecord]] = {}
+        for rank, (skipped, results) in enumerate(parts):
+            if rank != self._rank:
+                self._skipped_elsewhere[rank] = int(skipped)
+            for records in results:
+                if rank != self._rank and self._log is not None:
+                    self._log.write(records)
+                if records:
+                    by_step.setdefault(records[0].step, []).extend(records)
+        self._report(trainer, [by_step[s] for s in sorted(by_step)], log=log)
+
+    def _report(self, trainer: Trainer, results: Sequence[list[AuditRecord]], *, log: bool) -> None:
+        """Counters, worst values, loggers and W&B samples for finished audits (already in the log)."""
         for records in results:
             if not records:
                 continue
-            if self._log is not None:
-                self._log.write(records)
             failed = [r for r in records if r.status == "failed"]
             if failed:
                 self._warn_once(
@@ -609,7 +788,7 @@ class LeakageAudit(Callback):
             for key, value in metrics.items():
                 if key.startswith("leak/"):
                     self.worst[key] = max(self.worst.get(key, float("-inf")), value)
-            metrics["audit/skipped"] = float(self.skipped)
+            metrics["audit/skipped"] = float(self.skipped + sum(self._skipped_elsewhere.values()))
             if log:
                 log_to_loggers(trainer.loggers, metrics, step=records[0].step)
                 if self.log_samples and self._modality == "text":  # image samples are .npz files

@@ -10,6 +10,10 @@ runs the attacks on real sentences and reports per-attack leakage and seconds pe
 
 ``leak-audit bench image --data FILE.npz [--batch-sizes 1,4,8] [--attacks dlg,inverting_gradients]`` does the
 same for images (PSNR, SSIM, LPIPS; :mod:`leak_audit.bench.image`).
+
+``leak-audit bench overhead --steps 300 --every-n-steps 50 [--attacks NAME,...] [--data FILE.tsv] ...`` times
+training steps of the pretrained MiniLM with and without ``LeakageAudit`` in interleaved runs (steps/s,
+slowdown ratio, audits ok/skipped/failed, audit latency; :mod:`leak_audit.bench.overhead`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leak_audit.bench.image import add_image_arguments, bench_image_command
+from leak_audit.bench.overhead import add_overhead_arguments, bench_overhead_command
 from leak_audit.bench.text import add_text_arguments, bench_text_command
 from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
 from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
@@ -117,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_image_arguments(image)
     image.set_defaults(func=bench_image_command)
+    overhead = bench_sub.add_parser(
+        "overhead",
+        help="training steps/s with and without LeakageAudit (pretrained MiniLM, interleaved runs)",
+        description="Time optimizer steps of the pretrained MiniLM on real sentences without and with "
+        "LeakageAudit, in interleaved runs (baseline, audit, ...; same seed and data order). "
+        "Exit 0: done. 2: bad input (missing data file, unknown attack or module, bad option).",
+    )
+    add_overhead_arguments(overhead)
+    overhead.set_defaults(func=bench_overhead_command)
     return parser
 
 

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -40,6 +41,8 @@ class ImageReplica:
         prefix: the model's module name inside the audited root (``""``: the model is the root);
             parameter names given to and returned by this class are then root-relative
             (``prefix + "." + local``), as in :class:`~leak_audit.replica.ModelReplica`.
+        device: where the replica runs (``None``: where the model is); see
+            :class:`~leak_audit.replica.ModelReplica`.
 
     Attributes:
         parameter_names: every parameter's (root-relative) name.
@@ -47,10 +50,16 @@ class ImageReplica:
     """
 
     def __init__(
-        self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy, prefix: str = ""
+        self,
+        model: nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
+        prefix: str = "",
+        device: torch.device | str | None = None,
     ) -> None:
         memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
         self.model = copy.deepcopy(model, memo).eval()
+        if device is not None:
+            self.model.to(device)
         self.loss = loss
         self.prefix = prefix + "." if prefix else ""
         self.parameter_names = tuple(self.prefix + n for n, _ in model.named_parameters())

@@ -72,11 +72,15 @@ class ModelReplica:
         hf_model: the live Hugging Face model.
         prefix: the model's module name inside the audited root (``""`` if it is the root); parameter
             names given to and returned by this class are root-relative (``prefix + "." + local``).
+        device: where the replica runs (``None``: where the model is). On another device than the live
+            model the frozen weights are copied there once (attacks placed off the training device).
     """
 
-    def __init__(self, hf_model: nn.Module, prefix: str = "") -> None:
+    def __init__(self, hf_model: nn.Module, prefix: str = "", device: torch.device | str | None = None) -> None:
         memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in hf_model.parameters()}
         self.model = copy.deepcopy(hf_model, memo).eval()
+        if device is not None:
+            self.model.to(device)  # a no-op on the live model's device: the storage stays shared
         self.prefix = prefix + "." if prefix else ""
         self.parameter_names = tuple(self.prefix + n for n, _ in hf_model.named_parameters())
         self.trainable = frozenset(self.prefix + n for n, p in hf_model.named_parameters() if p.requires_grad)

@@ -6,6 +6,7 @@ All sinks are called on the Trainer's thread, on global rank zero only.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,19 @@ PRIVACY_KEYS: tuple[str, ...] = (
 )
 """The numeric fields of a record's ``privacy`` dict that go to the loggers as ``privacy/<key>``."""
 
-__all__ = ["PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "log_samples_to_wandb", "wandb_loggers"]
+MEMORY_KEYS: tuple[str, ...] = ("snapshot_bytes", "peak_bytes")
+"""Per-audit memory figures in a record's ``info`` that go to the loggers as ``audit/<key>`` (bytes)."""
+
+__all__ = ["MEMORY_KEYS", "PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "log_samples_to_wandb", "wandb_loggers"]
 
 
 class AuditLog:
-    """Append-only ``audit.jsonl``: each record is one line, flushed and fsynced before ``write`` returns.
+    """Append-only ``audit.jsonl``: each record is one line, fsynced before ``write`` returns.
 
     Opening never truncates: a resumed run appends to the same file, and records already written are
-    never rewritten.
+    never rewritten. Each ``write`` is one ``os.write`` of whole lines on an ``O_APPEND`` descriptor, so a
+    process killed at any moment (SIGKILL included) leaves only whole lines behind; ``write`` is
+    thread-safe (the worker writes finished audits itself, the Trainer's thread writes skipped ones).
 
     Args:
         path: file to append to; parent directories are created.
@@ -33,29 +39,44 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
 
     def write(self, records: Sequence[AuditRecord]) -> None:
+        """Append ``records``, one JSON line each, and fsync.
+
+        Raises:
+            ValueError: the log was closed.
+        """
         if not records:
             return
-        self._fh.write("".join(r.to_json() + "\n" for r in records))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        data = "".join(r.to_json() + "\n" for r in records).encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"the audit log {self.path} is closed")
+            view = memoryview(data)
+            while view:  # a regular file takes it in one call; loop only for the short-write corner case
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     @property
     def closed(self) -> bool:
-        return self._fh.closed
+        return self._fd is None
 
 
 def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
     """Scalars for loggers from one audit's records.
 
     ``leak/<attack>/<metric>`` per successful attack, ``leak/max/<metric>`` the worst case over attacks
-    (every metric grows with leakage), ``audit/seconds`` the audit's total attack time, and with DP-SGD
+    (every metric grows with leakage; with records of several ranks, the worst rank), ``audit/seconds`` the
+    audit's total attack time, ``audit/snapshot_bytes`` and ``audit/peak_bytes`` (:data:`MEMORY_KEYS`), and
+    with DP-SGD
     ``privacy/<key>`` for :data:`PRIVACY_KEYS` (``privacy/epsilon`` is absent when ε is infinite or
     could not be computed; the audit log's ``privacy.error`` says why).
     """
@@ -65,7 +86,8 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
         if r.status != "ok":
             continue
         for name, value in r.metrics.items():
-            out[f"leak/{r.attack}/{name}"] = float(value)
+            key = f"leak/{r.attack}/{name}"  # several ranks' records (scope="local"): the worst
+            out[key] = max(out.get(key, float("-inf")), float(value))
             worst[name] = max(worst.get(name, float("-inf")), float(value))
     out.update({f"leak/max/{k}": v for k, v in worst.items()})
     privacy = next((r.privacy for r in records if r.privacy), None)
@@ -77,6 +99,10 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
     if records:
         out["audit/seconds"] = float(sum(r.seconds for r in records))
         out["audit/failed"] = float(sum(r.status == "failed" for r in records))
+    for key in MEMORY_KEYS:
+        values = [float(r.info[key]) for r in records if isinstance(r.info.get(key), int | float)]
+        if values:
+            out[f"audit/{key}"] = max(values)
     return out
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
 from leak_audit.batch import ImageBatch, TextBatch
@@ -43,6 +44,19 @@ class AuditSnapshot:
     copied_bytes: int = 0
     dp: DPState | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> AuditSnapshot:
+        """This snapshot with its tensors on ``device`` (itself when they are all there already)."""
+        device = torch.device(device)
+        tensors = [*self.gradients.values(), *self.params.values()]
+        if all(t.device == device for t in tensors) and self.batch.device == device:
+            return self
+        return replace(
+            self,
+            gradients={k: v.to(device) for k, v in self.gradients.items()},
+            params={k: v.to(device) for k, v in self.params.items()},
+            batch=self.batch.detached_copy(device) if self.batch.device != device else self.batch,
+        )
 
     @property
     def batch_size(self) -> int:

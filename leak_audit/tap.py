@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PEFT", "ModuleSelectionError", "GradientTap", "peft_modules", "select_modules"]
+__all__ = ["PEFT", "ModuleSelectionError", "GradientTap", "LocalGradientCapture", "peft_modules", "select_modules"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -182,4 +182,53 @@ class GradientTap:
             grad = self.parameters[name].grad
             if grad is not None:
                 out[name] = grad.detach().clone()
+        return out
+
+
+class LocalGradientCapture:
+    """This process's own gradient of chosen parameters, read by tensor hooks during backward.
+
+    Under DDP the reducer all-reduces ``.grad`` across ranks, so ``.grad`` at the optimizer step holds the
+    average over every rank's batch. What one rank *contributes* (what a federated client would send) is the
+    gradient its own backward computes, before that all-reduce: a hook on each parameter tensor sees it
+    (hooks run before the gradient is accumulated into ``.grad`` and before DDP's reducer). Summed over the
+    micro-batches of an accumulation window it is the local gradient of the whole step (Lightning already
+    scales each micro-batch's loss by ``1 / accumulate_grad_batches``). Gradient clipping acts later, on the
+    reduced gradient, so this is the gradient before clipping.
+
+    Args:
+        parameters: ``{name: parameter}`` to watch.
+
+    Usage: ``arm(names)`` before the first backward of the step, ``take()`` after the last one; hooks are
+    registered only between the two, so steps that are not audited cost nothing.
+    """
+
+    def __init__(self, parameters: dict[str, nn.Parameter]) -> None:
+        self.parameters = parameters
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, names: Iterable[str]) -> None:
+        """Start summing the gradients of ``names`` (a subset of ``parameters``); re-arming restarts."""
+        self.take()
+        for name in names:
+            self._handles.append(self.parameters[name].register_hook(self._hook(name)))
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def add(grad: torch.Tensor) -> None:
+            g = grad.detach()
+            self._sums[name] = self._sums[name] + g if name in self._sums else g.clone()
+
+        return add
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The summed local gradients since ``arm`` (parameters that got none are left out); disarms."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        out, self._sums = self._sums, {}
         return out
