@@ -231,9 +231,23 @@ class Slow(Attack):
         return Reconstruction(self.name)
 
 
+class StepTimes(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
 def test_busy_worker_skips_audits_instead_of_queueing(tokenizer, tmp_path):
     audit = LeakageAudit(attacks=[Slow()], every_n_steps=1, log_dir=tmp_path / "a")
-    fit(Classifier(tokenizer), tmp_path, [audit], max_steps=6)
+    timer = StepTimes()  # listed after the audit: its end hook runs after the audit's dispatch
+    fit(Classifier(tokenizer), tmp_path, [audit, timer], max_steps=6)
+    # each audit sleeps 2 s: a step that waited for one would take at least that long
+    assert len(timer.times) == 6 and max(timer.times) < 1.0, timer.times
     records = read_audit_log(audit.log_path)
     assert audit.skipped > 0
     assert sum(r.status == "skipped" for r in records) == audit.skipped
