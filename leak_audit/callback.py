@@ -300,6 +300,7 @@ class LeakageAudit(Callback):
         self._world = 1
         self._local: LocalGradientCapture | None = None
         self._device: torch.device | None = None  # where the attacks run
+        self._built_on: torch.device | None = None  # the model's device when the auditor was built
         self._frozen: dict[str, torch.Tensor] = {}  # frozen weights copied to another attack device
         self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
         self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
@@ -358,6 +359,13 @@ class LeakageAudit(Callback):
         self.attacks = self._resolve_attacks(self._modality)
         self._tap = GradientTap(pl_module, self.modules)
         self._auditor = self._build_auditor(pl_module)
+        self._built_on = pl_module.device
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if self._modality == "text" and tokenizer is None:
+            rank_zero_warn(
+                "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
+                "ROUGE is computed on token ids instead of words."
+            )
         if not self._auditor.applicable:
             reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())
             raise ValueError(f"no attack can use the tapped modules {list(self._tap.modules)}: {reasons}")
@@ -398,11 +406,6 @@ class LeakageAudit(Callback):
         self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
         hf_name, hf_model = find_hf_model(pl_module)
         replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
-        if tokenizer is None and device is None:
-            rank_zero_warn(
-                "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
-                "ROUGE is computed on token ids instead of words."
-            )
         return Auditor(
             self._spec,
             self.attacks,
@@ -441,10 +444,10 @@ class LeakageAudit(Callback):
         if not self._active:
             return
         if self._device is None:
-            # The strategy has placed the model by now (it had not at `setup`): the replica is rebuilt to share
-            # the placed weights, on the attack device.
+            # The strategy has placed the model by now (it may not have at `setup`): if it moved, or the attacks
+            # run elsewhere, the replica is rebuilt to share the placed weights, on the attack device.
             self._device = self.attack_device if self.attack_device is not None else pl_module.device
-            if self._worker is not None:
+            if self._worker is not None and (pl_module.device != self._built_on or self._device != self._built_on):
                 self._auditor = self._build_auditor(pl_module, self._device)
             self._all_params = dict(pl_module.named_parameters())
         if self._capture is None:
