@@ -1,8 +1,11 @@
 """The ``leak-audit`` command line.
 
-``leak-audit gate AUDIT.jsonl --max rouge1=0.5 [--max token_recall=0.9 ...]`` prints one row per
-metric and exits 0 when every metric passes, 1 on a breach (or a metric no record reports), and 2 on bad
-input (missing file, unparsable line, unknown metric, no successful audit).
+``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--format text|json|junit]
+[--output FILE]`` evaluates a leakage policy (:mod:`leak_audit.policy`; ``--max`` adds max rules) and prints
+one row per rule; it exits 0 when no rule fails (warnings included), 1 on a breach (or a metric no record in
+a rule's scope reports), and 2 on bad input (missing or malformed log or policy, unknown metric, no
+successful audit). ``--format json|junit`` prints the machine-readable report instead, or writes it to
+``--output FILE`` and prints the table.
 
 ``leak-audit bench text --data FILE.tsv [--views full,layer:0,linear:MODULE] [--attacks best|NAME,...] ...``
 runs the attacks on real sentences and reports per-attack leakage and seconds per batch (see
@@ -21,31 +24,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from leak_audit.bench.image import add_image_arguments, bench_image_command
 from leak_audit.bench.overhead import add_overhead_arguments, bench_overhead_command
 from leak_audit.bench.text import add_text_arguments, bench_text_command
-from leak_audit.gate import GateError, GateRow, evaluate_gate, parse_threshold
+from leak_audit.gate import GateError, policy_from_args
+from leak_audit.policy import GatePolicy, GateReport
 from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.report import add_report_arguments, report_command
 
-__all__ = ["main", "gate_table", "summary_table"]
+__all__ = ["main", "policy_table", "summary_table"]
 
 EXIT_PASS, EXIT_BREACH, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def gate_table(rows: Sequence[GateRow], title: str = "leak-audit gate") -> Table:
-    """A rich table of gate rows: metric, worst value, threshold, verdict, where the worst value came from."""
-    table = Table(title=title)
-    for col in ("metric", "worst", "max", "verdict", "worst at"):
-        table.add_column(col, justify="right" if col in ("worst", "max") else "left")
-    for r in rows:
-        worst = "missing" if r.worst is None else f"{r.worst:.4f}"
-        verdict = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
-        table.add_row(r.metric, worst, f"{r.threshold:g}", verdict, r.where)
-    return table
 
 
 def summary_table(records: Sequence[AuditRecord], metrics: Sequence[str], title: str) -> Table:
@@ -72,21 +67,67 @@ def summary_table(records: Sequence[AuditRecord], metrics: Sequence[str], title:
     return table
 
 
+_STATUS_STYLE = {"pass": "[green]pass[/green]", "warn": "[yellow]WARN[/yellow]", "fail": "[red]FAIL[/red]"}
+
+
+def policy_table(report: GateReport, title: str = "leak-audit gate") -> Table:
+    """A rich table of a :class:`~leak_audit.policy.GateReport`: one row per rule with its aggregated value,
+    limit, warn level, aggregation, status and where the worst value came from."""
+    table = Table(title=title)
+    for col in ("rule", "value", "threshold", "warn", "aggregation", "status", "worst at"):
+        table.add_column(col, justify="right" if col in ("value", "threshold", "warn") else "left")
+    for res in report.results:
+        rule = res.rule
+        agg = f"mean_last_k (k={rule.k})" if rule.aggregation == "mean_last_k" else rule.aggregation
+        warn = "-" if rule.warn is None else f"{rule.warn:g}"
+        cells = (rule.name, res.value_text, f"{rule.direction} {rule.threshold:g}", warn, agg)
+        table.add_row(*(Text(c) for c in cells), _STATUS_STYLE[res.status], Text(res.where))
+    return table
+
+
+def _gate_policy(args: argparse.Namespace) -> GatePolicy:
+    if args.policy is None and not args.max:
+        raise GateError("give a policy (--policy leak-policy.toml) or thresholds (--max METRIC=VALUE, e.g. rouge1=0.5)")
+    if args.output is not None and args.format == "text":
+        raise GateError("--output writes a json or junit report: add --format json or --format junit")
+    policy = policy_from_args(args.policy, args.max)
+    assert policy is not None
+    return policy
+
+
+def _print_text(report: GateReport, console: Console) -> None:
+    if not console.is_terminal and console.width < 160:  # a CI log or a pipe is no 80-column terminal
+        console = Console(file=console.file, width=160)
+    console.print(policy_table(report))
+    for res in report.results:
+        if res.status != "pass":
+            named = "" if res.rule.name == res.rule.metric else f"{res.rule.name}: "  # messages start with the metric
+            console.print(f"{res.status.upper()} {named}{res.message}", markup=False, highlight=False, soft_wrap=True)
+    verdict = {"pass": "PASS", "warn": "WARN", "fail": "BREACH"}[report.verdict]
+    console.print(f"verdict: {verdict}", markup=False, highlight=False)
+
+
 def _gate(args: argparse.Namespace, console: Console) -> int:
     try:
-        thresholds = dict(parse_threshold(t) for t in args.max)
+        policy = _gate_policy(args)
         records = read_audit_log(args.audit_log)
-        rows = evaluate_gate(records, thresholds)
+        report = policy.evaluate(records)
     except (GateError, AuditLogError) as exc:
         print(f"leak-audit gate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    console.print(gate_table(rows))
-    failed = [r for r in rows if not r.passed]
-    for r in failed:
-        why = "no successful record reports it" if r.worst is None else f"{r.worst:.4f} > {r.threshold:g}"
-        console.print(f"FAIL {r.metric}: {why}", markup=False, highlight=False)
-    console.print("verdict: " + ("BREACH" if failed else "PASS"), markup=False, highlight=False)
-    return EXIT_BREACH if failed else EXIT_PASS
+    document = {"json": report.to_json, "junit": report.to_junit}.get(args.format)
+    if document is None:
+        _print_text(report, console)
+    elif args.output is None:
+        sys.stdout.write(document().rstrip("\n") + "\n")
+    else:
+        try:
+            Path(args.output).write_text(document(), encoding="utf-8")
+        except OSError as exc:
+            print(f"leak-audit gate: error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        _print_text(report, console)
+    return EXIT_PASS if report.passed else EXIT_BREACH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,18 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser(
         "gate",
-        help="fail (exit 1) when the worst leakage in an audit log exceeds thresholds",
-        description="Exit 0: pass. 1: a metric exceeds its maximum or is missing. 2: bad input.",
+        help="fail (exit 1) when an audit log breaks a leakage policy or thresholds",
+        description="Evaluate a leakage policy (--policy, and/or --max rules) on an audit log. "
+        "Exit 0: pass (warnings included). 1: a rule fails (a value beyond its limit, or no successful audit "
+        "in its scope reports the metric). 2: bad input (missing or malformed log or policy, unknown metric, "
+        "no successful audit).",
     )
     gate.add_argument("audit_log", help="path to audit.jsonl")
+    gate.add_argument("--policy", metavar="FILE", help="TOML policy of [[rule]] tables (see leak_audit.policy)")
     gate.add_argument(
         "--max",
         action="append",
         default=[],
         metavar="METRIC=VALUE",
-        help="maximum allowed worst-case value, e.g. rouge1=0.5 (repeatable)",
+        help="maximum allowed worst-case value, e.g. rouge1=0.5 or epsilon=8 (repeatable; added to --policy's rules)",
+    )
+    gate.add_argument(
+        "--format",
+        choices=("text", "json", "junit"),
+        default="text",
+        help="text: a table and the verdict (default); json or junit: the report document on stdout, or in --output",
+    )
+    gate.add_argument(
+        "--output", metavar="FILE", help="write the json/junit report to FILE and print the text table to stdout"
     )
     gate.set_defaults(func=_gate)
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML page (summary, gate verdict, plots, audit table) of an audit log",
+        description="Exit 0: page written, whatever the verdict (a breach is shown, not enforced: use "
+        "'leak-audit gate' to fail a release). 2: bad input (missing or malformed log, bad policy, unwritable output).",
+    )
+    add_report_arguments(report)
+    report.set_defaults(func=report_command)
     bench = sub.add_parser("bench", help="benchmark the attacks on real data", description="Benchmark the attacks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     text = bench_sub.add_parser(

@@ -1,29 +1,23 @@
-"""Release gate: compare the worst leakage in an audit log with thresholds.
+"""Release gate, the ``--max METRIC=VALUE`` form: compare the worst leakage in an audit log with maxima.
 
 Every metric grows with leakage, so a threshold is a maximum: the gate fails when the worst value over
 all successful (``status == "ok"``) records, across attacks and steps, exceeds it. A metric that no record
 reports is a failure too: a gate must not pass on missing evidence.
+
+This is the shorthand of a :class:`~leak_audit.policy.GatePolicy` of max rules aggregated by ``max``;
+:func:`evaluate_gate` evaluates exactly that policy. Policies with warn levels, other aggregations and
+scopes (attacks, modules, steps) live in :mod:`leak_audit.policy`.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from leak_audit.image_metrics import IMAGE_METRICS
-from leak_audit.metrics import TEXT_METRICS
+from leak_audit.policy import KNOWN_METRICS, GateError, GatePolicy, check_metric
 from leak_audit.records import AuditRecord
 
-__all__ = ["GateError", "GateRow", "KNOWN_METRICS", "evaluate_gate", "parse_threshold"]
-
-KNOWN_METRICS: tuple[str, ...] = tuple(dict.fromkeys(TEXT_METRICS + tuple(m for m in IMAGE_METRICS if m != "lpips")))
-"""Text metrics and the image ones that grow with leakage (``psnr`` in dB, ``ssim``); LPIPS is a distance
-and is never a record metric (see :mod:`leak_audit.scoring`)."""
-
-
-class GateError(ValueError):
-    """Bad gate input: an unknown metric, a malformed threshold, or no successful record."""
+__all__ = ["GateError", "GateRow", "KNOWN_METRICS", "evaluate_gate", "parse_threshold", "policy_from_args"]
 
 
 @dataclass(frozen=True)
@@ -45,24 +39,18 @@ class GateRow:
     where: str = ""
 
 
-def _check_metric(name: str) -> None:
-    if name not in KNOWN_METRICS:
-        close = difflib.get_close_matches(name, KNOWN_METRICS, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise GateError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(KNOWN_METRICS)}")
-
-
 def parse_threshold(text: str) -> tuple[str, float]:
-    """Parse ``"metric=value"``.
+    """Parse ``"metric=value"`` (a record metric of :data:`KNOWN_METRICS`, or ``epsilon``).
 
     Raises:
-        GateError: not of that form, unknown metric (with the closest names), or value not a number.
+        GateError: not of that form, unknown metric (with the closest names), or value not a number
+            (a :class:`~leak_audit.policy.PolicyError`, a subclass, for the metric).
     """
     if "=" not in text:
         raise GateError(f"threshold {text!r} is not of the form METRIC=VALUE (e.g. rouge1=0.5)")
     name, _, raw = text.partition("=")
     name = name.strip()
-    _check_metric(name)
+    check_metric(name)
     try:
         value = float(raw)
     except ValueError:
@@ -76,21 +64,27 @@ def evaluate_gate(records: Sequence[AuditRecord], thresholds: Mapping[str, float
     Raises:
         GateError: no thresholds, an unknown metric, or no record with ``status == "ok"``.
     """
-    if not thresholds:
-        raise GateError("no thresholds given (e.g. --max rouge1=0.5)")
-    for name in thresholds:
-        _check_metric(name)
-    ok = [r for r in records if r.status == "ok"]
-    if not ok:
-        statuses = sorted({r.status for r in records}) or ["none"]
-        raise GateError(f"the audit log has no successful audit (record statuses: {', '.join(statuses)})")
-    rows = []
-    for name, limit in thresholds.items():
-        worst: float | None = None
-        where = ""
-        for r in ok:
-            v = r.metrics.get(name)
-            if v is not None and (worst is None or v > worst):
-                worst, where = float(v), f"{r.attack}@step {r.step}"
-        rows.append(GateRow(name, worst, limit, worst is not None and worst <= limit, where))
-    return rows
+    report = GatePolicy.from_thresholds(thresholds).evaluate(records)
+    return [
+        GateRow(r.rule.metric, r.value, r.rule.threshold, r.status != "fail", r.where) for r in report.results
+    ]
+
+
+def policy_from_args(policy_file: str | None, maxes: Sequence[str]) -> GatePolicy | None:
+    """The policy of ``--policy FILE`` and ``--max METRIC=VALUE ...``, combined as ``leak-audit gate`` does
+    (the file's rules, then one max rule per ``--max``); ``None`` when neither is given.
+
+    Raises:
+        leak_audit.policy.GateError: a bad policy file or threshold (``PolicyError`` is a subclass).
+    """
+    parts = []
+    if policy_file is not None:
+        parts.append(GatePolicy.from_toml(policy_file))
+    if maxes:
+        parts.append(GatePolicy.from_thresholds(dict(parse_threshold(t) for t in maxes)))
+    if not parts:
+        return None
+    policy = parts[0]
+    for extra in parts[1:]:
+        policy = policy + extra
+    return policy

@@ -55,7 +55,7 @@ def test_cli_exit_codes(log, tmp_path, capsys):
     assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 0
     assert main(["gate", str(log), "--max", "rouge1=0.5", "--max", "token_recall=0.9"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL token_recall: 1.0000 > 0.9" in out and "BREACH" in out
+    assert "FAIL token_recall = 1 (max over 1 audit; worst token_bag@step 0) > max 0.9" in out and "BREACH" in out
     assert main(["gate", str(log), "--max", "exact_match=0.5"]) == 1  # missing metric fails
     assert main(["gate", str(tmp_path / "nope.jsonl"), "--max", "rouge1=0.5"]) == 2
     assert main(["gate", str(log), "--max", "rogue1=0.5"]) == 2
