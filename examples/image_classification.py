@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
 from leak_audit.bench.image import load_images, write_grid
 from leak_audit.bench.text import BenchError
-from leak_audit.cli import gate_table, summary_table
-from leak_audit.gate import GateError, evaluate_gate, parse_threshold
+from leak_audit.cli import policy_table, summary_table
+from leak_audit.gate import GateError, parse_threshold
+from leak_audit.policy import GatePolicy
 from leak_audit.image_metrics import IMAGE_METRICS
 from leak_audit.image_models import LeNet
 
@@ -184,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         if steps:
             console.print(f"{attack} PSNR (dB) by step: {', '.join(steps)}", highlight=False)
     try:
-        rows = evaluate_gate(records, thresholds)
+        report = GatePolicy.from_thresholds(thresholds).evaluate(records)
     except GateError as exc:  # e.g. every audit failed: nothing to judge
         console.print(f"[red]release gate: {exc}[/red]")
         return 1
-    console.print(gate_table(rows, title="Release gate"))
-    breach = any(not r.passed for r in rows)
+    console.print(policy_table(report, title="Release gate"))
+    breach = not report.passed
     console.print(
         ("[red]verdict: BREACH[/red]" if breach else "[green]verdict: PASS[/green]")
         + f"  (check again with: leak-audit gate {audit.log_path} " + " ".join(f"--max {t}" for t in args.gate) + ")"

@@ -47,10 +47,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
-from leak_audit.cli import gate_table, summary_table
+from leak_audit.cli import policy_table, summary_table
 from leak_audit.datasets import read_tsv, synthetic_pii_dataset
-from leak_audit.gate import evaluate_gate, parse_threshold
+from leak_audit.gate import parse_threshold
 from leak_audit.metrics import TEXT_METRICS
+from leak_audit.policy import GatePolicy, PolicyError
 from leak_audit.privacy import privacy_report
 
 
@@ -157,8 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["rouge1=0.5", "token_recall=0.5", "label_accuracy=0.75"],
         metavar="METRIC=MAX",
-        help="release-gate thresholds for the final verdict",
+        help="release-gate thresholds for the final verdict (max rules)",
     )
+    p.add_argument("--policy", default=None, metavar="FILE.toml",
+                   help="a leakage policy (e.g. examples/leak-policy.toml), checked during training and at the end; "
+                   "its rules are added to --gate's")
+    p.add_argument("--on-breach", choices=("warn", "stop", "raise"), default="warn",
+                   help="what a breached policy rule does during training (default warn)")
     p.add_argument("--fail-on-breach", action="store_true", help="exit 1 when the gate fails")
     p.add_argument("--dp", action="store_true", help="train with DP-SGD (Opacus) and audit the released gradient")
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise multiplier σ (with --dp)")
@@ -186,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.train_threads)
     console = Console()
     L.seed_everything(args.seed, verbose=False)
-    thresholds = dict(parse_threshold(t) for t in args.gate)
+    try:
+        policy = GatePolicy.from_thresholds(dict(parse_threshold(t) for t in args.gate))
+        if args.policy:
+            policy = policy + GatePolicy.from_toml(args.policy)
+    except (PolicyError, ValueError) as exc:
+        sys.exit(f"--gate/--policy: {exc}")
     if args.data:
         rows = read_tsv(args.data, limit=args.n)
         source = args.data
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         log_samples=args.log_samples,
         recompute=args.recompute,
         delta=delta,
+        policy=policy,
+        on_breach=args.on_breach,
     )
     loggers: list[Logger] = [CSVLogger(save_dir=log_dir, name="csv")]
     if not args.no_wandb:
@@ -257,14 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     console.print(summary_table(read_audit_log(audit.log_path), TEXT_METRICS,
                                 f"Leakage summary, worst over audits ({audit.log_path})"))
-    rows_gate = evaluate_gate(read_audit_log(audit.log_path), thresholds)
-    console.print(gate_table(rows_gate, title="Release gate"))
-    breach = any(not r.passed for r in rows_gate)
+    report = policy.evaluate(read_audit_log(audit.log_path))
+    console.print(policy_table(report, title="Release gate"))
+    breach = not report.passed
+    verdict = {"pass": "[green]verdict: PASS[/green]", "warn": "[yellow]verdict: WARN[/yellow]",
+               "fail": "[red]verdict: BREACH[/red]"}[report.verdict]
     console.print(
-        ("[red]verdict: BREACH[/red]" if breach else "[green]verdict: PASS[/green]")
+        verdict
         + f"  (check again with: leak-audit gate {audit.log_path} "
         + " ".join(f"--max {t}" for t in args.gate)
-        + ")"
+        + (f" --policy {args.policy}" if args.policy else "")
+        + f"; report: leak-audit report {audit.log_path} -o {log_dir / 'report.html'})"
     )
     if args.log_samples:
         for r in read_audit_log(audit.log_path):

@@ -2,7 +2,9 @@
 
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, available_attacks, get_attack
 from leak_audit.batch import BatchAdapterError, ImageBatch, TextBatch
+from leak_audit.breach import LeakageThresholdExceeded
 from leak_audit.callback import LeakageAudit
+from leak_audit.policy import GatePolicy, MetricRule, PolicyError
 from leak_audit.records import AuditRecord, read_audit_log
 from leak_audit.tap import ModuleSelectionError
 
@@ -11,10 +13,14 @@ __all__ = [
     "AttackInput",
     "AuditRecord",
     "BatchAdapterError",
+    "GatePolicy",
     "ImageBatch",
     "LeakageAudit",
+    "LeakageThresholdExceeded",
+    "MetricRule",
     "ModuleSelectionError",
     "NotApplicable",
+    "PolicyError",
     "Reconstruction",
     "TextBatch",
     "available_attacks",

@@ -67,12 +67,15 @@ from leak_audit.privacy import (
 )
 from leak_audit.recompute import EvalRecompute
 from leak_audit.replica import ModelReplica
-from leak_audit.records import AuditRecord
+from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
 from leak_audit.scoring import ImageScorer
-from leak_audit.sinks import AuditLog, flatten_metrics, log_samples_to_wandb, log_to_loggers
+from leak_audit.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
+from leak_audit.policy import GateError, GatePolicy
+from leak_audit.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
+from leak_audit.wandb_dashboard import WandbDashboard
 from leak_audit.snapshot import AuditSnapshot
 from leak_audit.tap import GradientTap, LocalGradientCapture
-from leak_audit.worker import AuditWorker, PeakMemory
+from leak_audit.worker import WORKER_KINDS, AuditWorker, PeakMemory, ProcessAuditWorker
 
 __all__ = ["LeakageAudit", "DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS"]
 
@@ -129,8 +132,21 @@ class LeakageAudit(Callback):
             busy, never queued without bound.
         max_seconds: time budget of one audit's attacks.
         worker_threads: intra-op threads of the background worker on CPU.
-        worker_niceness: Linux ``nice`` value (0..19) of the worker thread, so busy cores serve training
-            first; ``None`` leaves it alone.
+        worker_niceness: Linux ``nice`` value (0..19) of the worker, so busy cores serve training first;
+            ``None`` leaves it alone.
+        worker: ``"thread"`` (default): attacks run on a background thread (and a side CUDA stream on a
+            GPU). ``"process"``: on a child process forked at ``on_train_start`` (CPU attacks only), with
+            its own interpreter lock; snapshots reach it through shared memory
+            (:class:`~leak_audit.worker.ProcessAuditWorker`).
+        policy: the leakage policy to check while training: a :class:`~leak_audit.policy.GatePolicy`, the
+            path of a policy TOML file (the release gate's, ``leak-audit gate --policy``), or its parsed
+            mapping (``{"rule": [{"metric": "rouge1", "max": 0.5}, ...]}``, e.g. from a LightningCLI YAML).
+            Evaluated on rank zero after every finished audit over the run's successful audits; the
+            verdict goes to the loggers (``gate/verdict``: 0 pass, 1 warn, 2 fail) and the W&B summary.
+        on_breach: what a breached rule (a measured value beyond its limit) does
+            (:mod:`leak_audit.breach`): ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``, the
+            decision reduced across ranks) or ``"raise"`` (:class:`~leak_audit.breach.LeakageThresholdExceeded`).
+        wandb_alert: with a ``WandbLogger`` and a policy, send a W&B alert (``run.alert``) per breached rule.
         end_timeout: seconds to wait at the end of training for audits still running.
         seed: seed of the attacks' private random generator.
         delta: δ at which ε is reported under DP-SGD, in ``(0, 1)``; ``None``: ``1/N`` when the train
@@ -201,6 +217,10 @@ class LeakageAudit(Callback):
         network: str | None = None,
         scope: str = "global",
         attack_device: str | torch.device | None = None,
+        worker: str = "thread",
+        policy: GatePolicy | str | Path | dict[str, Any] | None = None,
+        on_breach: str = "warn",
+        wandb_alert: bool = False,
     ) -> None:
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
@@ -224,6 +244,16 @@ class LeakageAudit(Callback):
             raise ValueError(f"modality must be one of {', '.join(map(repr, MODALITY_CHOICES))}, got {modality!r}")
         if network is not None and not isinstance(network, str):
             raise ValueError(f"network must be a module name (str) or None, got {network!r}")
+        if worker not in WORKER_KINDS:
+            raise ValueError(f"worker must be one of {', '.join(map(repr, WORKER_KINDS))}, got {worker!r}")
+        if on_breach not in BREACH_ACTIONS:
+            raise ValueError(f"on_breach must be one of {', '.join(map(repr, BREACH_ACTIONS))}, got {on_breach!r}")
+        if not isinstance(wandb_alert, bool):
+            raise ValueError(f"wandb_alert must be a bool, got {wandb_alert!r}")
+        self.policy = GatePolicy.coerce(policy)  # a malformed policy fails here (PolicyError, a ValueError)
+        if self.policy is None and (on_breach != "warn" or wandb_alert):
+            raise ValueError(f"on_breach={on_breach!r} / wandb_alert={wandb_alert} act on a policy: pass policy= "
+                             "(a GatePolicy, a policy TOML path, or a mapping with 'rule' entries)")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
         if attack_device is not None:
@@ -272,12 +302,17 @@ class LeakageAudit(Callback):
         self.privacy_engine = privacy_engine
         self.scope = scope
         self.attack_device = attack_device
+        self.worker = worker
+        self.on_breach = on_breach
+        self.wandb_alert = wandb_alert
         # run state (also in state_dict)
         self.audits = 0
         self.skipped = 0
         self.failed = 0
         self.last_audited_step = -1
         self.worst: dict[str, float] = {}
+        self.breach: Breach | None = None  # the first breached policy rule, if any
+        self.verdict: str | None = None  # the policy's latest verdict: "pass", "warn" or "fail"
         # set up in `setup`
         self._active = False
         self._tap: GradientTap | None = None
@@ -285,7 +320,8 @@ class LeakageAudit(Callback):
         self._modality: str | None = None  # "text" or "image", set at `setup`
         self._adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self._spec: TextModelSpec | None = None
-        self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
+        self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | ProcessAuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
+        self._attacks_here = False  # whether this rank runs attacks (set at `setup`)
         self._log: AuditLog | None = None
         self._window: _Window | None = None
         self._all_params: dict[str, torch.nn.Parameter] = {}
@@ -304,6 +340,10 @@ class LeakageAudit(Callback):
         self._frozen: dict[str, torch.Tensor] = {}  # frozen weights copied to another attack device
         self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
         self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
+        # policy and dashboards (rank 0)
+        self._history: list[AuditRecord] = []  # successful records so far, without samples, for the policy
+        self._resumed = False
+        self._dashboards: list[WandbDashboard] | None = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -335,6 +375,8 @@ class LeakageAudit(Callback):
             "next_audit_step": self.next_audit_step,
             "worst": dict(self.worst),
             "log_path": str(self.log_path),
+            "verdict": self.verdict,
+            "breach": self.breach.to_dict() if self.breach else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -343,6 +385,8 @@ class LeakageAudit(Callback):
         self.failed = int(state_dict.get("failed", 0))
         self.last_audited_step = int(state_dict.get("last_audited_step", -1))
         self.worst = dict(state_dict.get("worst", {}))
+        self.verdict = state_dict.get("verdict")
+        self._resumed = True  # the policy's history is read back from the audit log at `on_train_start`
         saved = state_dict.get("log_path")
         if saved and Path(saved).resolve() != self.log_path.resolve():
             rank_zero_warn(f"LeakageAudit: the checkpoint's audit log was {saved}; this run appends to {self.log_path} "
@@ -376,7 +420,8 @@ class LeakageAudit(Callback):
         self._rank, self._world = trainer.global_rank, trainer.world_size
         if trainer.is_global_zero:
             self._log = AuditLog(self.log_path)
-        if self.scope == "local" or trainer.is_global_zero:  # global scope: only rank 0 attacks
+        self._attacks_here = self.scope == "local" or trainer.is_global_zero  # global scope: only rank 0 attacks
+        if self._attacks_here and self.worker == "thread":
             self._worker = AuditWorker(
                 self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
                 niceness=self.worker_niceness,
@@ -447,11 +492,33 @@ class LeakageAudit(Callback):
             # The strategy has placed the model by now (it may not have at `setup`): if it moved, or the attacks
             # run elsewhere, the replica is rebuilt to share the placed weights, on the attack device.
             self._device = self.attack_device if self.attack_device is not None else pl_module.device
-            if self._worker is not None and (pl_module.device != self._built_on or self._device != self._built_on):
+            if self._attacks_here and (pl_module.device != self._built_on or self._device != self._built_on):
                 self._auditor = self._build_auditor(pl_module, self._device)
             self._all_params = dict(pl_module.named_parameters())
         if self._capture is None:
             self._setup_dp(trainer, pl_module)
+        if self._resumed and self.policy is not None and trainer.is_global_zero and not self._history:
+            self._history = self._read_history()
+        if self._attacks_here and self._worker is None and self.worker == "process":
+            if self._device.type != "cpu" or pl_module.device.type != "cpu":
+                raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (the model "
+                                 f"is on {pl_module.device}, attacks on {self._device}): use worker='thread'")
+            # forked now, once the replica, the DP setup and the log are final: the child holds a copy of them
+            self._worker = ProcessAuditWorker(
+                self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
+                niceness=self.worker_niceness,
+            )
+
+    def _read_history(self) -> list[AuditRecord]:
+        """A resumed run's earlier successful audits, from its audit log, so the policy sees the whole run."""
+        if not self.log_path.is_file():
+            return []
+        try:
+            records = read_audit_log(self.log_path)
+        except AuditLogError as exc:
+            rank_zero_warn(f"LeakageAudit: the policy starts without the earlier audits: {exc}")
+            return []
+        return [_light(r) for r in records if r.status == "ok" and r.step <= self.last_audited_step]
 
     def _setup_dp(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dp = find_dp_optimizer(trainer.optimizers)
@@ -491,6 +558,8 @@ class LeakageAudit(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, self.end_timeout, log=True, collective=True)
+        if self.on_breach == "raise":  # audits that finished after the last step can still breach
+            self._decide(trainer, collective=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._finish(trainer, timeout=5.0, log=False)
@@ -561,6 +630,8 @@ class LeakageAudit(Callback):
             if p.requires_grad:  # trainable: the update is in place, so copy
                 w.params[name] = p.detach().clone()
                 w.copied_bytes += p.numel() * p.element_size()
+            elif isinstance(self._worker, ProcessAuditWorker):  # frozen: the forked child has its own copy
+                continue
             elif self._device is not None and p.device != self._device:  # frozen, attacked elsewhere: copy once
                 if name not in self._frozen:
                     self._frozen[name] = p.detach().to(self._device)
@@ -575,7 +646,9 @@ class LeakageAudit(Callback):
         if not self._active:
             return
         w = self._window
-        if w is not None and trainer.global_step > w.step:  # the audited optimizer step just happened
+        audited = w is not None and trainer.global_step > w.step
+        if audited:  # the audited optimizer step just happened
+            assert w is not None
             self._window = None
             self.last_audited_step = w.step
             self._dispatch(trainer, w)
@@ -583,6 +656,8 @@ class LeakageAudit(Callback):
                 self._collect(trainer, log=True)
                 self._exchange(trainer, log=True, collective=True)
         self._collect(trainer, log=True)
+        if self.on_breach != "warn" and (audited or self._world == 1):  # a point every rank reaches
+            self._decide(trainer, collective=self._world > 1)
         key = PROGRESS_BAR_KEYS.get(self._modality or "text", PROGRESS_BAR_KEY)
         if key in self.worst:
             pl_module.log(key, self.worst[key], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
@@ -703,6 +778,9 @@ class LeakageAudit(Callback):
     # ------------------------------------------------------------------ worker side
     def _run_audit(self, snap: AuditSnapshot) -> list[AuditRecord]:
         assert self._auditor is not None
+        missing = [n for n in self._auditor.param_names if n not in snap.params]
+        if missing:  # frozen weights left out of a process worker's snapshot: the child's fork-time copy
+            snap.params.update({n: self._all_params[n].detach() for n in missing})
         if self._device is not None:
             snap = snap.to(self._device)
         with PeakMemory(self._device) as peak:
@@ -792,15 +870,86 @@ class LeakageAudit(Callback):
                 if key.startswith("leak/"):
                     self.worst[key] = max(self.worst.get(key, float("-inf")), value)
             metrics["audit/skipped"] = float(self.skipped + sum(self._skipped_elsewhere.values()))
+            step = records[0].step
+            report = self._check_policy(records, step)
+            if report is not None:
+                metrics["gate/verdict"] = float(("pass", "warn", "fail").index(report.verdict))
             if log:
-                log_to_loggers(trainer.loggers, metrics, step=records[0].step)
-                if self.log_samples and self._modality == "text":  # image samples are .npz files
-                    log_samples_to_wandb(trainer.loggers, records, step=records[0].step)
+                log_to_loggers(trainer.loggers, metrics, step=step)
+                try:
+                    for dashboard in self._wandb(trainer):
+                        dashboard.update(records, step)
+                        if report is not None:
+                            dashboard.verdict(
+                                report.verdict, {r.rule.name: r.status for r in report.results},
+                                {b.rule: b.message for b in find_breaches(report, step)}, step,
+                            )
+                except Exception as exc:  # noqa: BLE001 - a dashboard error must not stop training
+                    self._warn_once("wandb", f"LeakageAudit: the W&B dashboard failed at step {step}: {exc!r}")
+
+    def _wandb(self, trainer: Trainer) -> list[WandbDashboard]:
+        """One dashboard per ``WandbLogger`` (made at the first finished audit, on rank zero)."""
+        if self._dashboards is None:
+            self._dashboards = [
+                WandbDashboard(lg.experiment, self._modality or "text", log_samples=self.log_samples,
+                               log_dir=self.log_dir, alert=self.wandb_alert)
+                for lg in wandb_loggers(trainer.loggers)
+            ]
+        return self._dashboards
+
+    def _check_policy(self, records: Sequence[AuditRecord], step: int) -> Any:
+        """Evaluate the policy over the run so far (rank zero); note the first breach and warn about each rule."""
+        if self.policy is None:
+            return None
+        self._history.extend(_light(r) for r in records if r.status == "ok")
+        try:
+            report = self.policy.evaluate(self._history)
+        except GateError:  # no successful audit yet: nothing to judge
+            return None
+        except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
+            self._warn_once("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
+            return None
+        self.verdict = report.verdict
+        for result in report.results:
+            if result.status == "warn":
+                self._warn_once(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "
+                                f"{result.message}")
+        for breach in find_breaches(report, step):
+            if self.breach is None:
+                self.breach = breach
+            self._warn_once(f"policy-fail:{breach.rule}", f"LeakageAudit: leakage policy breached at step {step}: "
+                            f"{breach.message}" + ("" if self.on_breach == "warn" else f" (on_breach={self.on_breach!r})"))
+        return report
+
+    def _decide(self, trainer: Trainer, *, collective: bool) -> None:
+        """Act on a breach (``on_breach`` "stop" or "raise"), the decision reduced across ranks."""
+        found = self.breach is not None
+        if collective:
+            found = bool(trainer.strategy.reduce_boolean_decision(found, all=False))
+        if not found:
+            return
+        message = self.breach.message if self.breach is not None else ""
+        if collective:  # the other ranks learn rank zero's message
+            message = trainer.strategy.broadcast(message, src=0)
+        if self.on_breach == "stop":
+            if not trainer.should_stop:
+                rank_zero_info(f"LeakageAudit: stopping training at step {trainer.global_step}: {message}")
+            trainer.should_stop = True
+        elif self.on_breach == "raise":
+            step = self.breach.step if self.breach is not None else trainer.global_step
+            raise LeakageThresholdExceeded(f"leakage policy breached (audit of step {step}): {message}", self.breach)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _light(record: AuditRecord) -> AuditRecord:
+    """What the policy reads of a record (no samples, no info), so the run's history stays small."""
+    return AuditRecord(step=record.step, attack=record.attack, status=record.status, epoch=record.epoch,
+                       modules=list(record.modules), audit=record.audit, metrics=dict(record.metrics),
+                       privacy=dict(record.privacy) if record.privacy else None, time=record.time)
 
 
 def _default_delta(trainer: Trainer) -> float:

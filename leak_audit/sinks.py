@@ -1,4 +1,4 @@
-"""Where audit results go: the durable audit log, every Lightning logger, and W&B extras.
+"""Where audit results go: the durable audit log and every Lightning logger (W&B views: :mod:`leak_audit.wandb_dashboard`).
 
 All sinks are called on the Trainer's thread, on global rank zero only.
 """
@@ -21,7 +21,7 @@ PRIVACY_KEYS: tuple[str, ...] = (
 MEMORY_KEYS: tuple[str, ...] = ("snapshot_bytes", "peak_bytes")
 """Per-audit memory figures in a record's ``info`` that go to the loggers as ``audit/<key>`` (bytes)."""
 
-__all__ = ["MEMORY_KEYS", "PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "log_samples_to_wandb", "wandb_loggers"]
+__all__ = ["MEMORY_KEYS", "PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "wandb_loggers"]
 
 
 class AuditLog:
@@ -121,21 +121,3 @@ def wandb_loggers(loggers: Sequence[Any]) -> list[Any]:
     except ImportError:  # pragma: no cover - lightning is a dependency
         return []
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
-
-
-def log_samples_to_wandb(loggers: Sequence[Any], records: Sequence[AuditRecord], step: int) -> None:
-    """A ``wandb.Table`` of original vs reconstructed text per audit (only called with ``log_samples``)."""
-    targets = wandb_loggers(loggers)
-    rows = [
-        [step, r.attack, s.get("reference", ""), s.get("reconstruction", ""), s.get("rouge1")]
-        for r in records
-        if r.samples
-        for s in r.samples
-    ]
-    if not targets or not rows:
-        return
-    import wandb
-
-    for lg in targets:
-        table = wandb.Table(columns=["step", "attack", "original", "reconstruction", "rouge1"], data=rows)
-        lg.experiment.log({"leak/samples": table, "trainer/global_step": step})

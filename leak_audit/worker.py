@@ -27,7 +27,10 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["AuditWorker", "PeakMemory"]
+__all__ = ["AuditWorker", "PeakMemory", "ProcessAuditWorker", "WORKER_KINDS"]
+
+WORKER_KINDS: tuple[str, ...] = ("thread", "process")
+"""``LeakageAudit(worker=...)``: a background thread (default), or a forked CPU process."""
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -46,6 +49,24 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
     elif hasattr(obj, "__dataclass_fields__"):
         for name in obj.__dataclass_fields__:
             yield from _tensors(getattr(obj, name))
+
+
+def _check_settings(max_pending: int, num_threads: int | None, niceness: int | None) -> None:
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+    if niceness is not None and not 0 <= niceness <= 19:
+        raise ValueError(f"niceness must be in 0..19 or None, got {niceness}")
+
+
+def _drain(box: queue.SimpleQueue[R]) -> list[R]:
+    out = []
+    while True:
+        try:
+            out.append(box.get_nowait())
+        except queue.Empty:
+            return out
 
 
 class AuditWorker(Generic[S, R]):
@@ -75,12 +96,7 @@ class AuditWorker(Generic[S, R]):
         niceness: int | None = 19,
         name: str = "leak-audit-worker",
     ) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
-        if niceness is not None and not 0 <= niceness <= 19:
-            raise ValueError(f"niceness must be in 0..19 or None, got {niceness}")
+        _check_settings(max_pending, num_threads, niceness)
         self._niceness = niceness
         self.thread_niceness: int | None = None  # what the worker thread actually got (Linux)
         self._fn = fn
@@ -128,12 +144,7 @@ class AuditWorker(Generic[S, R]):
 
     def drain(self) -> list[R]:
         """Results finished since the last call, oldest first (never blocks)."""
-        out = []
-        while True:
-            try:
-                out.append(self._outbox.get_nowait())
-            except queue.Empty:
-                return out
+        return _drain(self._outbox)
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop accepting audits, let the queued ones finish, and join the thread.
@@ -194,6 +205,179 @@ class AuditWorker(Generic[S, R]):
             result = self._fn(snapshot)
             self._stream.synchronize()
         return result
+
+
+class ProcessAuditWorker(Generic[S, R]):
+    """Run ``fn(snapshot)`` in a forked child process (CPU only), with at most ``max_pending`` in flight.
+
+    The same interface as :class:`AuditWorker`. The child is forked once, at construction, so it holds a
+    copy-on-write image of everything ``fn`` reaches (the attack replica, frozen weights, the open audit
+    log) as it was then; build this worker only once that state is final. Snapshots travel through a
+    ``torch.multiprocessing`` queue: CPU tensors move into shared memory (one copy, made by the queue's
+    feeder thread, not the caller), and tensors already in shared memory (frozen weights after the first
+    audit) pass as handles. Results come back pickled and are collected by a reader thread. The child has
+    its own interpreter lock, so attack code in Python never holds up the training thread's.
+
+    The child lowers its own priority (``niceness``), runs ``num_threads`` intra-op threads, and exits when
+    its parent dies (it polls its parent id every second), so a killed training run leaves no orphan
+    writing to the audit log. If the child dies (out of memory, a signal), every audit in flight becomes
+    ``on_error(snapshot, exc)`` in the parent, and the next ``submit`` forks a fresh child.
+
+    Args:
+        fn, on_error, max_pending, num_threads, niceness, name: as for :class:`AuditWorker` (``on_error``
+            runs in the child for an exception in ``fn``, in the parent when the child died).
+
+    Raises:
+        ValueError: as :class:`AuditWorker`; also on a platform without ``fork``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[S], R],
+        on_error: Callable[[S, BaseException], R],
+        *,
+        max_pending: int = 1,
+        num_threads: int | None = 1,
+        niceness: int | None = 19,
+        name: str = "leak-audit-worker",
+    ) -> None:
+        import torch.multiprocessing as mp
+
+        _check_settings(max_pending, num_threads, niceness)
+        if "fork" not in mp.get_all_start_methods():
+            raise ValueError("worker='process' forks a child process, which this platform cannot do; use 'thread'")
+        self._fn = fn
+        self._on_error = on_error
+        self._max_pending = max_pending
+        self._num_threads = num_threads
+        self._niceness = niceness
+        self._name = name
+        self._ctx = mp.get_context("fork")
+        self._outbox: queue.SimpleQueue[R] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: dict[int, S] = {}  # submitted, not yet answered: id -> snapshot (for a child that dies)
+        self._next_id = 0
+        self._closed = False
+        self._start_child()
+
+    def _start_child(self) -> None:
+        self._inbox = self._ctx.Queue()
+        self._results = self._ctx.Queue()
+        self._process = self._ctx.Process(target=self._child, args=(os.getpid(),), name=self._name, daemon=True)
+        self._process.start()
+        self._reader = threading.Thread(target=self._read, args=(self._process, self._results),
+                                        name=f"{self._name}-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id."""
+        return self._process.pid
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight >= self._max_pending
+
+    def submit(self, snapshot: S, ready: torch.cuda.Event | None = None) -> bool:
+        """As :meth:`AuditWorker.submit`; CUDA snapshots are refused (``ValueError``): fork and CUDA do not mix."""
+        if ready is not None:
+            raise ValueError("worker='process' runs attacks on the CPU; CUDA snapshots need worker='thread'")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the audit worker is closed")
+            if len(self._pending) >= self._max_pending:
+                return False
+            if not self._process.is_alive():
+                self._start_child()
+            self._next_id += 1
+            job = self._next_id
+            self._pending[job] = snapshot
+        self._inbox.put((job, snapshot))
+        return True
+
+    def drain(self) -> list[R]:
+        """Results finished since the last call, oldest first (never blocks)."""
+        return _drain(self._outbox)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Let the submitted audits finish, then stop the child; past ``timeout`` it is killed and the audits
+        still in flight become failed ones. Returns whether the child finished on its own."""
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+        if first and self._process.is_alive():
+            self._inbox.put(None)
+        self._process.join(timeout)
+        finished = not self._process.is_alive()
+        if not finished:
+            self._process.kill()
+            self._process.join()
+        self._reader.join()
+        return finished
+
+    # -- parent side
+    def _read(self, process: Any, results: Any) -> None:
+        while True:
+            try:
+                job, result = results.get(timeout=0.2)
+            except queue.Empty:
+                if process.is_alive():
+                    continue
+                try:  # the child is gone: take what it sent last, then fail the rest
+                    job, result = results.get(timeout=0.2)
+                except queue.Empty:
+                    break
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                self._pending.pop(job, None)
+            if result is not None:
+                self._outbox.put(result)
+        with self._lock:
+            lost, self._pending = self._pending, {}
+        code = process.exitcode
+        for snapshot in lost.values():
+            exc = RuntimeError(f"the audit worker process died (exit code {code})")
+            try:
+                result = self._on_error(snapshot, exc)
+            except BaseException:  # noqa: BLE001
+                continue
+            if result is not None:
+                self._outbox.put(result)
+
+    # -- child side
+    def _child(self, parent: int) -> None:
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
+        if self._niceness is not None and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), self._niceness))
+            except OSError:
+                pass
+        while True:
+            try:
+                item = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return  # orphaned: the training process is gone
+                continue
+            if item is None:
+                return
+            job, snapshot = item
+            try:
+                result = self._fn(snapshot)
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a failed audit
+                try:
+                    result = self._on_error(snapshot, exc)
+                except BaseException:  # noqa: BLE001
+                    result = None  # type: ignore[assignment]
+            del snapshot, item
+            self._results.put((job, result))
 
 
 def _resident_bytes() -> int | None:

@@ -1,6 +1,6 @@
 """A real two-process DDP run on CPU (gloo) with LeakageAudit, launched by tests/test_ddp.py.
 
-    python -m tests.ddp_job --scope global|local --log-dir DIR [--steps 4] [--every-n-steps 2]
+    python -m tests.ddp_job --scope global|local --log-dir DIR [--steps 4] [--every-n-steps 2] [--stop-above R]
 
 Lightning's DDP launcher starts the second process by running this same command again; both train a
 small random BERT on the MiniLM tokenizer's vocabulary, 2 sentences per rank and step.
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--log-dir", required=True)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--every-n-steps", type=int, default=2)
+    p.add_argument("--stop-above", type=float, default=None,
+                   help="on_breach='stop' with a policy token_recall max R; each rank prints where it stopped")
     args = p.parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
@@ -53,13 +55,16 @@ def main() -> None:
 
     loader = DataLoader(rows, batch_size=2, shuffle=False, collate_fn=collate)
     audit = LeakageAudit(attacks=["token_bag", "labels"], every_n_steps=args.every_n_steps, log_dir=args.log_dir,
-                         scope=args.scope, max_pending=4)
+                         scope=args.scope, max_pending=4,
+                         policy={"rule": [{"metric": "token_recall", "max": args.stop_above}]} if args.stop_above else None,
+                         on_breach="stop" if args.stop_above else "warn")
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=args.steps, callbacks=[audit], logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(Classifier(tokenizer), loader)
+    print(f"rank {trainer.global_rank} stopped at step {trainer.global_step}", flush=True)
 
 
 if __name__ == "__main__":

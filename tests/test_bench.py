@@ -273,7 +273,8 @@ def test_lora_rows_at_initialisation_and_after_training(minilm_path, cola_file, 
 
 
 def test_bench_overhead_smoke(minilm_path, tmp_path):
-    """``bench overhead`` end to end on CoLA: a baseline and an audit run, timed steps, finished audits.
+    """``bench overhead`` end to end on CoLA: a baseline and an audit run per worker kind, timed steps,
+    finished audits.
 
     Two fast attacks and one training thread keep it short: the default span attacks take tens of seconds
     per audit on 2 cores, and two training threads on 2 busy cores ran ~6x slower per step than one."""
@@ -281,11 +282,12 @@ def test_bench_overhead_smoke(minilm_path, tmp_path):
     out = tmp_path / "overhead.json"
     argv = ["bench", "overhead", "--data", str(cola), "--steps", "12", "--every-n-steps", "4", "--repeats", "1",
             "--warmup", "2", "--batch-size", "4", "--attacks", "token_bag,labels", "--train-threads", "1",
-            "--json", str(out)]  # fmt: skip
+            "--worker", "thread,process", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     rows = {r["setting"]: r for r in report["rows"]}
-    assert set(rows) == {"baseline", "audit"}
+    assert set(rows) == {"baseline", "audit (thread worker)", "audit (process worker)"}
+    assert report["settings"]["workers"] == ["thread", "process"]
     assert report["settings"]["torch"] and report["settings"]["train_threads"] == 1
     assert report["settings"]["attacks"] == ["token_bag", "labels"]
     for r in rows.values():
@@ -293,16 +295,20 @@ def test_bench_overhead_smoke(minilm_path, tmp_path):
         assert r["steps_per_second_median"] > 0 and r["steps_per_second_mean"] > 0
         assert r["ratio_mean"] > 0 and len(r["ratio_per_repeat"]) == 1
     assert rows["baseline"]["ratio_mean"] == 1.0 and rows["baseline"]["audits"] is None
-    audit = rows["audit"]
-    assert audit["audits"] == 3  # steps 0, 4, 8
-    assert audit["audits_ok"] >= 1 and audit["audits_failed"] == 0 and audit["audits_unfinished"] == 0
-    assert audit["audits_ok"] + audit["audits_skipped"] == 3
-    assert audit["audit_latency_p50_seconds"] > 0 and audit["capture_ms_per_audit"] > 0
+    for kind in ("thread", "process"):
+        audit = rows[f"audit ({kind} worker)"]
+        assert audit["audits"] == 3  # steps 0, 4, 8
+        assert audit["audits_ok"] >= 1 and audit["audits_failed"] == 0 and audit["audits_unfinished"] == 0
+        assert audit["audits_ok"] + audit["audits_skipped"] == 3
+        assert audit["audit_latency_p50_seconds"] > 0 and audit["capture_ms_per_audit"] > 0
 
 
 def test_bench_overhead_missing_data_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["bench", "overhead", "--data", str(tmp_path / "none.tsv"), "--steps", "4"]) == 2
     assert "none.tsv" in capsys.readouterr().err
+    (tmp_path / "one.tsv").write_text("sentence\tlabel\nA cat sat.\t1\n")
+    assert main(["bench", "overhead", "--data", str(tmp_path / "one.tsv"), "--steps", "8", "--worker", "thread,fork"]) == 2
+    assert "--worker must be among thread, process, got 'fork'" in capsys.readouterr().err
     monkeypatch.setenv("LEAK_AUDIT_DATA", str(tmp_path / "empty"))  # the default file is absent too
     assert main(["bench", "overhead", "--steps", "4"]) == 2
     err = capsys.readouterr().err

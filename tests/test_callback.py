@@ -72,8 +72,9 @@ def fit(module, tmp_path: Path, callbacks=(), max_steps=6, loggers=False, train_
     return trainer
 
 
-def test_audits_are_recorded_and_logged(tokenizer, tmp_path):
-    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8)
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_audits_are_recorded_and_logged(tokenizer, tmp_path, worker):
+    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, worker=worker)
     logger = CSVLogger(tmp_path, name="csv")
     fit(Classifier(tokenizer), tmp_path, [audit], max_steps=5, loggers=[logger], log_every_n_steps=1)
 
@@ -102,10 +103,12 @@ def _train_weights(tokenizer, tmp_path, callbacks):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_final_weights_are_bitwise_identical_with_and_without_the_audit(tokenizer, tmp_path):
-    """Dropout on, an audit every step: the callback must not touch training's RNG or tensors."""
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_final_weights_are_bitwise_identical_with_and_without_the_audit(tokenizer, tmp_path, worker):
+    """Dropout on, an audit every step: the callback must not touch training's RNG or tensors (the process
+    worker moves frozen weights into shared memory, which must not change them either)."""
     without = _train_weights(tokenizer, tmp_path / "a", [])
-    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8)
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8, worker=worker)
     with_audit = _train_weights(tokenizer, tmp_path / "b", [audit])
     assert len(read_audit_log(audit.log_path)) == 6 * len(DEFAULT_ATTACKS)
     assert without.keys() == with_audit.keys()
@@ -274,7 +277,8 @@ def test_wandb_offline_run_holds_the_logged_keys(tokenizer, tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(project="leak-audit-test", save_dir=str(tmp_path), offline=True)
-    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "a", log_samples=True, max_pending=8)
+    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "a", log_samples=True, max_pending=8,
+                         policy={"rule": [{"metric": "token_recall", "max": 1.0}]})
     fit(Classifier(tokenizer), tmp_path, [audit], max_steps=3, loggers=[logger])
     import wandb
 
@@ -282,7 +286,9 @@ def test_wandb_offline_run_holds_the_logged_keys(tokenizer, tmp_path, monkeypatc
     runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     data = runs[0].read_bytes()
-    for key in (b"leak/max/token_recall", b"leak/span_check/rouge1", b"leak/samples", b"audit/seconds"):
+    for key in (b"leak/max/token_recall", b"leak/span_check/rouge1", b"leak/samples", b"audit/seconds",
+                b"leak/charts/rouge1_per_attack", b"leak/charts/token_recall_per_attack", b"gate/verdict",
+                b"leak/worst/token_recall", b"trainer/global_step"):
         assert key in data, key
     records = read_audit_log(audit.log_path)
     assert all(r.samples for r in records if r.attack == "span_check")

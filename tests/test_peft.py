@@ -179,7 +179,9 @@ class LoraClassifier(L.LightningModule):
 
 
 @pytest.mark.slow
-def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokenizer, cola, tmp_path):
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokenizer, cola, tmp_path, worker):
+    """With worker="process" the frozen base weights never travel: the forked child reads its own copy."""
     model = lora_minilm(minilm_path)
     rows = short_sentences(cola, tokenizer, 14, 4)
 
@@ -189,7 +191,7 @@ def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokeni
 
     module = LoraClassifier(model, tokenizer)
     audit = LeakageAudit(modules="peft", every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8,
-                         attacks=("span_check", "labels"))
+                         attacks=("span_check", "labels"), worker=worker)
     fit(module, tmp_path, [audit], max_steps=4, train_dataloaders=DataLoader(rows, batch_size=1, collate_fn=collate))
     assert audit._tap is not None
     tapped = set(audit._tap.parameters)

@@ -1,3 +1,4 @@
+import os
 import threading
 import time
 
@@ -64,3 +65,73 @@ def test_only_the_worker_thread_is_niced_on_linux():
     w.close(timeout=10)
     assert w.drain() == [19] and w.thread_niceness == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+# ---------------------------------------------------------------- the forked-process worker
+def _double_sum(snapshot):
+    return float(snapshot["x"].sum()) * 2, os.getpid()
+
+
+def test_process_worker_runs_in_a_child_and_reads_shared_tensors():
+    from leak_audit.worker import ProcessAuditWorker
+
+    w = ProcessAuditWorker(_double_sum, lambda s, e: ("failed", str(e)), max_pending=2)
+    assert w.submit({"x": torch.arange(4.0)}) and w.submit({"x": torch.ones(1000, 1000)})
+    assert w.close(timeout=60)
+    (a, pid_a), (b, pid_b) = w.drain()
+    assert (a, b) == (12.0, 2_000_000.0)
+    assert pid_a == pid_b == w.pid != os.getpid()
+
+
+def test_process_worker_backpressure_errors_and_niceness():
+    from leak_audit.worker import ProcessAuditWorker
+
+    def slow_or_boom(s):
+        if s == "boom":
+            raise RuntimeError("attack exploded")
+        time.sleep(0.5)
+        return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+
+    w = ProcessAuditWorker(slow_or_boom, lambda s, e: f"failed: {e}", max_pending=1, niceness=19, num_threads=1)
+    t0 = time.perf_counter()
+    assert w.submit("slow")
+    assert time.perf_counter() - t0 < 0.1  # the caller never waits for the audit
+    assert w.busy and not w.submit("other")
+    deadline = time.time() + 30
+    while w.busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert w.submit("boom")
+    assert w.close(timeout=30)
+    assert w.drain() == [(19, 1), "failed: attack exploded"]
+
+
+def test_process_worker_turns_a_dead_child_into_failed_audits_and_restarts():
+    import signal
+
+    from leak_audit.worker import ProcessAuditWorker
+
+    w = ProcessAuditWorker(lambda s: time.sleep(s) or s, lambda s, e: f"failed {s}: {e}", max_pending=1)
+    first = w.pid
+    assert w.submit(30)
+    time.sleep(0.5)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.time() + 20
+    results = []
+    while not results and time.time() < deadline:
+        time.sleep(0.1)
+        results = w.drain()
+    assert results == ["failed 30: the audit worker process died (exit code -9)"]
+    assert w.submit(0) and w.pid != first  # a fresh child
+    assert w.close(timeout=30)
+    assert w.drain() == [0]
+
+
+def test_process_worker_close_kills_an_audit_past_the_timeout():
+    from leak_audit.worker import ProcessAuditWorker
+
+    w = ProcessAuditWorker(lambda s: time.sleep(s) or s, lambda s, e: f"failed {s}", max_pending=1)
+    w.submit(60)
+    t0 = time.perf_counter()
+    assert w.close(timeout=0.5) is False
+    assert time.perf_counter() - t0 < 10
+    assert w.drain() == ["failed 60"]

@@ -69,6 +69,7 @@ from leak_audit.callback import DEFAULT_ATTACKS, LeakageAudit
 from leak_audit.datasets import read_tsv
 from leak_audit.models import UnsupportedModelError
 from leak_audit.records import AuditRecord, read_audit_log
+from leak_audit.worker import WORKER_KINDS
 
 __all__ = [
     "BASELINE",
@@ -117,13 +118,15 @@ class OverheadConfig:
         steps: optimizer steps per run.
         every_n_steps: the callback audits steps ``0, N, 2N, ...``.
         batch_size: sentences per optimizer step.
-        repeats: pairs of runs (baseline, audit), interleaved.
+        repeats: rounds of interleaved runs (the baseline, then one audited run per worker).
         warmup: first steps of each run left out of the step-time statistics.
         attacks: attack names, or ``None`` for the callback's defaults (:data:`DEFAULT_ATTACKS`).
         modules: tapped modules (names or globs), or ``None`` for the whole model.
         train_threads: torch intra-op threads of the training thread; ``None`` keeps torch's count.
         worker_threads: intra-op threads of the audit worker (``None``: torch's default).
         worker_niceness: ``nice`` value 0..19 of the worker thread, ``None`` leaves it alone.
+        workers: the callback's ``worker`` settings to compare (``"thread"``, ``"process"``: a forked CPU
+            process); each is one audited setting, run interleaved with the others and the baseline.
         accelerator: ``"cpu"`` or ``"cuda"`` (already resolved, see :func:`resolve_accelerator`).
         max_length: tokens per sentence after truncation.
         seed: seed of the head, dropout, data order and attacks.
@@ -144,12 +147,22 @@ class OverheadConfig:
     train_threads: int | None = None
     worker_threads: int | None = 1
     worker_niceness: int | None = 19
+    workers: tuple[str, ...] = ("thread",)
     accelerator: str = "cpu"
     max_length: int = 64
     seed: int = 0
     end_timeout: float = 600.0
     recompute: str = "observed"
     log_dir: Path | None = None
+
+    def setting(self, worker: str) -> str:
+        """The row name of the audited runs with ``worker``: ``"audit"``, or ``"audit (<worker> worker)"`` when
+        several workers are compared."""
+        return AUDIT if len(self.workers) == 1 else f"{AUDIT} ({worker} worker)"
+
+    def log_name(self, worker: str, repeat: int) -> str:
+        """The folder of one audited run's log under ``log_dir``."""
+        return f"audit_{repeat}" if len(self.workers) == 1 else f"audit_{worker}_{repeat}"
 
     def validate(self) -> None:
         """Raise :class:`BenchError` naming the first option out of range."""
@@ -167,6 +180,13 @@ class OverheadConfig:
             raise BenchError(f"--worker-threads must be >= 1, got {self.worker_threads}")
         if self.worker_niceness is not None and not 0 <= self.worker_niceness <= 19:
             raise BenchError(f"--worker-niceness must be in 0..19 or 'none', got {self.worker_niceness}")
+        if not self.workers or len(set(self.workers)) != len(self.workers):
+            raise BenchError(f"--worker needs distinct kinds among {', '.join(WORKER_KINDS)}, got {self.workers}")
+        for kind in self.workers:
+            if kind not in WORKER_KINDS:
+                raise BenchError(f"--worker must be among {', '.join(WORKER_KINDS)}, got {kind!r}")
+        if "process" in self.workers and self.accelerator != "cpu":
+            raise BenchError("--worker process forks a CPU process; it needs --accelerator cpu")
         if not self.end_timeout > 0:
             raise BenchError(f"--end-timeout must be > 0 seconds, got {self.end_timeout}")
         if self.accelerator not in ("cpu", "cuda"):
@@ -522,7 +542,7 @@ def _load_example() -> ModuleType:
     return module
 
 
-def _make_audit(config: OverheadConfig, log_dir: Path) -> LeakageAudit:
+def _make_audit(config: OverheadConfig, log_dir: Path, worker: str = "thread") -> LeakageAudit:
     return LeakageAudit(
         modules=list(config.modules) if config.modules else None,
         every_n_steps=config.every_n_steps,
@@ -531,6 +551,7 @@ def _make_audit(config: OverheadConfig, log_dir: Path) -> LeakageAudit:
         recompute=config.recompute,
         worker_threads=config.worker_threads,
         worker_niceness=config.worker_niceness,
+        worker=worker,
         end_timeout=config.end_timeout,
         seed=config.seed,
         modality="text",
@@ -588,6 +609,7 @@ def run_once(
     make_loader: Any,
     repeat: int,
     log_dir: Path | None,
+    worker: str = "thread",
 ) -> RunResult:
     """Train a copy of ``template`` for ``config.steps`` steps, with the callback when ``log_dir`` is
     given (its audit log goes there), and time every step.
@@ -599,12 +621,13 @@ def run_once(
         make_loader: ``make_loader(rows, tokenizer, batch_size, max_length, seed)`` of the example.
         repeat: the repeat index stored in the result.
         log_dir: where the callback writes ``audit.jsonl``; ``None``: the baseline, no callback.
+        worker: the callback's ``worker`` (audited runs).
     """
     L.seed_everything(config.seed, verbose=False)
     module = copy.deepcopy(template)
     loader = make_loader(list(rows), module.tokenizer, config.batch_size, config.max_length, config.seed)
     timer = StepTimer(synchronize=config.accelerator == "cuda")
-    audit = _make_audit(config, log_dir) if log_dir is not None else None
+    audit = _make_audit(config, log_dir, worker) if log_dir is not None else None
     callbacks: list[L.Callback] = [timer, *([audit] if audit is not None else []), timer.end]
     trainer = _trainer(config, callbacks, config.steps)
     t0 = time.perf_counter()
@@ -612,7 +635,7 @@ def run_once(
     t1 = time.perf_counter()
     end_wait = t1 - timer.last_end if timer.last_end is not None else 0.0
     result = RunResult(
-        setting=AUDIT if audit is not None else BASELINE,
+        setting=config.setting(worker) if audit is not None else BASELINE,
         repeat=repeat,
         step_seconds=timer.times[config.warmup:],
         fit_seconds=t1 - t0,
@@ -658,7 +681,8 @@ def run_overhead_bench(
     except (FileNotFoundError, ValueError) as exc:
         raise BenchError(f"--data: {exc}") from None
     if config.log_dir is not None:  # the callback appends to an existing log: never mix runs
-        stale = [config.log_dir / f"audit_{r}" / "audit.jsonl" for r in range(config.repeats)]
+        stale = [config.log_dir / config.log_name(w, r) / "audit.jsonl" for r in range(config.repeats)
+                 for w in config.workers]
         stale = [p for p in stale if p.exists()]
         if stale:
             raise BenchError(f"--log-dir: {stale[0]} exists (the callback would append to it); give an empty folder")
@@ -677,13 +701,15 @@ def run_overhead_bench(
         template = example.SequenceClassifier(model_path, num_labels=max(y for _, y in rows) + 1)
         attacks = check_audit_setup(config, template, Path(tmp) / "check")
         train_threads = torch.get_num_threads()
-        total = 2 * config.repeats
+        total = (1 + len(config.workers)) * config.repeats
         for repeat in range(config.repeats):
-            for setting in (BASELINE, AUDIT):
+            for worker in (None, *config.workers):
+                setting = BASELINE if worker is None else config.setting(worker)
                 console.print(f"[dim]run {len(runs) + 1}/{total}: {setting}, repeat {repeat + 1}, "
                               f"{config.steps} steps[/dim]")
-                log_dir = logs / f"audit_{repeat}" if setting == AUDIT else None
-                runs.append(run_once(config, template, rows, example.make_loader, repeat, log_dir))
+                log_dir = logs / config.log_name(worker, repeat) if worker is not None else None
+                runs.append(run_once(config, template, rows, example.make_loader, repeat, log_dir,
+                                     worker or "thread"))
     summary = summarize_runs(runs)
     settings = {
         "model": f"{MODEL_NAME} (bundled), fresh {max(y for _, y in rows) + 1}-class head, AdamW lr 5e-5, dropout on",
@@ -696,6 +722,7 @@ def run_overhead_bench(
         "train_threads": train_threads,
         "worker_threads": config.worker_threads,
         "worker_niceness": config.worker_niceness,
+        "workers": list(config.workers),
         "steps": config.steps,
         "warmup": config.warmup,
         "batch_size": config.batch_size,
@@ -729,7 +756,7 @@ def add_overhead_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="sentences per step (default 8)")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="interleaved (baseline, audit) pairs of runs (default 2)")
+                        help="rounds of interleaved runs: baseline, then audit per --worker (default 2)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run not timed (default 5)")
     parser.add_argument("--train-threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads for training (default: torch's, "
@@ -738,6 +765,9 @@ def add_overhead_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads of the audit worker (default 1)")
     parser.add_argument("--worker-niceness", default="19", metavar="N|none",
                         help="nice value 0..19 of the worker thread, or 'none' to leave it (default 19)")
+    parser.add_argument("--worker", default="thread", metavar="KIND[,KIND]",
+                        help="where attacks run: thread (a background thread), process (a forked CPU process), or "
+                        "both, comma-separated, to compare them in interleaved runs (default thread)")
     parser.add_argument("--modules", nargs="+", default=None, metavar="NAME",
                         help="tapped modules, names or globs (default: the whole model)")
     parser.add_argument("--recompute", choices=("observed", "eval"), default="observed",
@@ -782,6 +812,7 @@ def bench_overhead_command(args: argparse.Namespace, console: Console) -> int:
             train_threads=args.train_threads,
             worker_threads=args.worker_threads,
             worker_niceness=parse_niceness(args.worker_niceness),
+            workers=tuple(parse_list(args.worker, "--worker")),
             accelerator=resolve_accelerator(args.accelerator, torch.cuda.is_available()),
             max_length=args.max_length,
             seed=args.seed,
