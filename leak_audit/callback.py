@@ -142,7 +142,8 @@ class LeakageAudit(Callback):
             path of a policy TOML file (the release gate's, ``leak-audit gate --policy``), or its parsed
             mapping (``{"rule": [{"metric": "rouge1", "max": 0.5}, ...]}``, e.g. from a LightningCLI YAML).
             Evaluated on rank zero after every finished audit over the run's successful audits; the
-            verdict goes to the loggers (``gate/verdict``: 0 pass, 1 warn, 2 fail) and the W&B summary.
+            verdict goes to the loggers (``gate/verdict``: 0 pass, 1 warn, 2 fail; rules with no measured
+            value yet do not count) and the W&B summary.
         on_breach: what a breached rule (a measured value beyond its limit) does
             (:mod:`leak_audit.breach`): ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``, the
             decision reduced across ranks) or ``"raise"`` (:class:`~leak_audit.breach.LeakageThresholdExceeded`).
@@ -338,6 +339,7 @@ class LeakageAudit(Callback):
         self._device: torch.device | None = None  # where the attacks run
         self._built_on: torch.device | None = None  # the model's device when the auditor was built
         self._frozen: dict[str, torch.Tensor] = {}  # frozen weights copied to another attack device
+        self._fork_versions: dict[str, int] = {}  # worker="process": frozen parameters' versions at the fork
         self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
         self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
         # policy and dashboards (rank 0)
@@ -386,6 +388,8 @@ class LeakageAudit(Callback):
         self.last_audited_step = int(state_dict.get("last_audited_step", -1))
         self.worst = dict(state_dict.get("worst", {}))
         self.verdict = state_dict.get("verdict")
+        saved_breach = state_dict.get("breach")
+        self.breach = Breach(**saved_breach) if isinstance(saved_breach, dict) else None
         self._resumed = True  # the policy's history is read back from the audit log at `on_train_start`
         saved = state_dict.get("log_path")
         if saved and Path(saved).resolve() != self.log_path.resolve():
@@ -420,6 +424,12 @@ class LeakageAudit(Callback):
         self._rank, self._world = trainer.global_rank, trainer.world_size
         if trainer.is_global_zero:
             self._log = AuditLog(self.log_path)
+        if self.worker == "process":  # checked on every rank, so no rank fails alone and leaves the others waiting
+            where = {trainer.strategy.root_device.type, *( [self.attack_device.type] if self.attack_device else [])}
+            if where != {"cpu"}:
+                raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (training "
+                                 f"on {trainer.strategy.root_device}, attacks on {self.attack_device or 'the same'}): "
+                                 "use worker='thread'")
         self._attacks_here = self.scope == "local" or trainer.is_global_zero  # global scope: only rank 0 attacks
         if self._attacks_here and self.worker == "thread":
             self._worker = AuditWorker(
@@ -500,10 +510,9 @@ class LeakageAudit(Callback):
         if self._resumed and self.policy is not None and trainer.is_global_zero and not self._history:
             self._history = self._read_history()
         if self._attacks_here and self._worker is None and self.worker == "process":
-            if self._device.type != "cpu" or pl_module.device.type != "cpu":
-                raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (the model "
-                                 f"is on {pl_module.device}, attacks on {self._device}): use worker='thread'")
-            # forked now, once the replica, the DP setup and the log are final: the child holds a copy of them
+            # forked now, once the replica, the DP setup and the log are final: the child holds a copy of them;
+            # frozen weights are not sent while they stay as they were at the fork (same tensor version)
+            self._fork_versions = {n: p._version for n, p in self._all_params.items() if not p.requires_grad}
             self._worker = ProcessAuditWorker(
                 self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
                 niceness=self.worker_niceness,
@@ -630,7 +639,7 @@ class LeakageAudit(Callback):
             if p.requires_grad:  # trainable: the update is in place, so copy
                 w.params[name] = p.detach().clone()
                 w.copied_bytes += p.numel() * p.element_size()
-            elif isinstance(self._worker, ProcessAuditWorker):  # frozen: the forked child has its own copy
+            elif self._fork_versions.get(name) == p._version:  # frozen since the fork: the child has this copy
                 continue
             elif self._device is not None and p.device != self._device:  # frozen, attacked elsewhere: copy once
                 if name not in self._frozen:
@@ -752,7 +761,11 @@ class LeakageAudit(Callback):
             ready = torch.cuda.Event()
             ready.record()
         snap.extra["capture_seconds"] = w.capture_seconds + time.perf_counter() - t0
-        self._worker.submit(snap, ready)
+        try:
+            self._worker.submit(snap, ready)
+        except Exception as exc:  # noqa: BLE001 - e.g. no fresh worker process could be forked: a failed audit
+            self._warn_once("submit", f"LeakageAudit: audit at step {w.step} could not start: {exc}")
+            self._emit(trainer, failed_records(snap, attack_names, exc, audit_id))
 
     def _concat(self, batches: Sequence[TextBatch | ImageBatch]) -> TextBatch | ImageBatch:
         """The micro-batches of one accumulation window (or of every rank) as one batch."""
@@ -873,7 +886,7 @@ class LeakageAudit(Callback):
             step = records[0].step
             report = self._check_policy(records, step)
             if report is not None:
-                metrics["gate/verdict"] = float(("pass", "warn", "fail").index(report.verdict))
+                metrics["gate/verdict"] = float(("pass", "warn", "fail").index(self.verdict or "pass"))
             if log:
                 log_to_loggers(trainer.loggers, metrics, step=step)
                 try:
@@ -881,7 +894,8 @@ class LeakageAudit(Callback):
                         dashboard.update(records, step)
                         if report is not None:
                             dashboard.verdict(
-                                report.verdict, {r.rule.name: r.status for r in report.results},
+                                self.verdict or "pass",
+                                {r.rule.name: r.status if r.value is not None else "no data" for r in report.results},
                                 {b.rule: b.message for b in find_breaches(report, step)}, step,
                             )
                 except Exception as exc:  # noqa: BLE001 - a dashboard error must not stop training
@@ -909,7 +923,9 @@ class LeakageAudit(Callback):
         except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
             self._warn_once("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
             return None
-        self.verdict = report.verdict
+        measured = [r for r in report.results if r.value is not None]  # no evidence yet is not a verdict yet
+        self.verdict = ("fail" if any(r.status == "fail" for r in measured)
+                        else "warn" if any(r.status == "warn" for r in measured) else "pass")
         for result in report.results:
             if result.status == "warn":
                 self._warn_once(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "

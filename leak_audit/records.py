@@ -91,6 +91,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 _REQUIRED = {"schema": int, "step": int, "attack": str, "status": str, "metrics": dict}
+_OPTIONAL = {"epoch": int, "audit": int, "batch_size": int, "seconds": int | float, "modules": list,
+             "error": str | None, "info": dict, "samples": list | None, "privacy": dict | None, "time": str}
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -125,6 +127,12 @@ def read_audit_log(path: str | Path) -> list[AuditRecord]:
         for key, typ in _REQUIRED.items():
             if not isinstance(data.get(key), typ):
                 raise AuditLogError(f"{path}:{number}: field {key!r} missing or not {typ.__name__}", number)
+        for key, typ in _OPTIONAL.items():  # readers (gate, report) rely on these types
+            if key in data and (not isinstance(data[key], typ) or isinstance(data[key], bool)):
+                raise AuditLogError(f"{path}:{number}: field {key!r} has the wrong type "
+                                    f"({type(data[key]).__name__})", number)
+        if not all(isinstance(m, str) for m in data.get("modules", [])):
+            raise AuditLogError(f"{path}:{number}: field 'modules' must be a list of strings", number)
         if data["schema"] > SCHEMA_VERSION:
             raise AuditLogError(
                 f"{path}:{number}: schema {data['schema']} is newer than this leak_audit ({SCHEMA_VERSION})", number

@@ -486,7 +486,7 @@ def _audit_table(records: Sequence[AuditRecord], attacks: Sequence[str], sets: S
         "seconds", "error"]
     body = []
     for r in _sorted(records, attacks):
-        cells = [f'<td class="num">{r.step}</td>', f'<td class="num">{r.audit}</td>', f"<td>{_e(r.attack)}</td>",
+        cells = [f'<td class="num">{r.step}</td>', f'<td class="num">{_e(r.audit)}</td>', f"<td>{_e(r.attack)}</td>",
                  f'<td class="status">{_e(r.status)}</td>']
         if with_rank:
             cells.append(f'<td class="num">{_e(r.info.get("process_rank", ""))}</td>')
@@ -553,7 +553,7 @@ def _samples_section(records: Sequence[AuditRecord], include_samples: bool, base
     parts = [head, '<p class="privacy warn-box" data-samples="included"><b>This page contains reconstructed '
              "samples: private data.</b> Share it as you would the training data.</p>"]
     for r in _sorted(with_samples, attacks):
-        parts.append(f"<h3>step {r.step} · audit {r.audit} · {_e(r.attack)}</h3>")
+        parts.append(f"<h3>step {_e(r.step)} · audit {_e(r.audit)} · {_e(r.attack)}</h3>")
         for sample in r.samples or []:
             file = sample.get("file") if isinstance(sample, Mapping) else None
             if isinstance(file, str):

@@ -8,15 +8,16 @@ What it adds to the scalars every Lightning logger gets (:func:`~leak_audit.sink
 
 * ``define_metric``: ``leak/*``, ``privacy/*``, ``audit/*`` and ``gate/*`` are plotted against
   ``trainer/global_step``; ``leak/*`` summaries keep the maximum (the worst case), not the last value.
-* ``leak/charts/<metric>_per_attack``: one line per attack over steps (``wandb.plot.line_series``), for the
+* ``charts/<metric>_per_attack``: one line per attack over steps (``wandb.plot.line_series``), for the
   headline metrics (text: ROUGE-1 and token recall; images: PSNR and SSIM).
-* ``leak/charts/leakage_vs_epsilon``: the worst value of the headline metric against ε (DP-SGD runs,
+* ``charts/leakage_vs_epsilon``: the worst value of the headline metric against ε (DP-SGD runs,
   ``wandb.plot.line``).
-* With ``log_samples=True`` only: ``leak/samples``, a table of original vs reconstructed text with the
-  recovered words highlighted; for image models ``leak/images/<attack>``, originals and reconstructions
+* With ``log_samples=True`` only: ``samples/text``, a table of original vs reconstructed text with the
+  recovered words highlighted; for image models ``samples/images/<attack>``, originals and reconstructions
   side by side (read from the audit's ``.npz`` sample file).
 * ``run.summary``: ``leak/worst/<metric>`` (the worst value of every metric over the run, with the attack
-  and step it came from) and, with a policy, ``gate/verdict`` and ``gate/<rule>``.
+  and step it came from) and, with a policy, ``gate/result`` (pass, warn or fail; rules without a
+  measured value yet do not count) and ``gate/rule/<rule>`` (pass, warn, fail or "no data").
 * ``alert=True``: one ``run.alert`` per breached rule (W&B sends it by e-mail or Slack when online).
 
 Charts are rebuilt from the whole history at each audit (W&B tables are immutable once logged), so the
@@ -143,7 +144,7 @@ class WandbDashboard:
             keys = sorted(per_attack)
             xs = [sorted(per_attack[a]) for a in keys]
             ys = [[per_attack[a][s] for s in x] for a, x in zip(keys, xs, strict=True)]
-            payload[f"leak/charts/{metric}_per_attack"] = wandb.plot.line_series(
+            payload[f"charts/{metric}_per_attack"] = wandb.plot.line_series(
                 xs=xs, ys=ys, keys=keys, title=f"{metric} per attack", xname="step")
         headline = HEADLINE_METRICS[self.modality][0]
         eps = next((r.privacy.get("epsilon") for r in records if r.privacy), None)
@@ -152,7 +153,7 @@ class WandbDashboard:
             self._epsilon[step] = (float(eps), worst_now)
             rows = [[e, v, s] for s, (e, v) in sorted(self._epsilon.items())]
             table = wandb.Table(columns=["epsilon", f"worst {headline}", "step"], data=rows)
-            payload["leak/charts/leakage_vs_epsilon"] = wandb.plot.line(
+            payload["charts/leakage_vs_epsilon"] = wandb.plot.line(
                 table, "epsilon", f"worst {headline}", title=f"worst {headline} vs epsilon")
         if self.log_samples:
             payload.update(self._samples(records, wandb))
@@ -174,9 +175,9 @@ class WandbDashboard:
                 elif "file" in s:
                     panels = self._image_panels(r, s, wandb)
                     if panels:
-                        out[f"leak/images/{r.attack}"] = panels
+                        out[f"samples/images/{r.attack}"] = panels
         if rows:
-            out["leak/samples"] = wandb.Table(
+            out["samples/text"] = wandb.Table(
                 columns=["step", "attack", "original", "reconstruction", "rouge1"], data=rows)
         return out
 
@@ -207,9 +208,9 @@ class WandbDashboard:
                 per run).
             step: the optimizer step the verdict was reached at.
         """
-        self.run.summary["gate/verdict"] = verdict
+        self.run.summary["gate/result"] = verdict  # "gate/verdict" is the logged number (0 pass, 1 warn, 2 fail)
         for name, status in rules.items():
-            self.run.summary[f"gate/{name}"] = status
+            self.run.summary[f"gate/rule/{name}"] = status
         if not self.alert:
             return
         for name, message in breaches.items():

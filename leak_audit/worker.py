@@ -22,6 +22,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -207,6 +208,17 @@ class AuditWorker(Generic[S, R]):
         return result
 
 
+@dataclass
+class _Child(Generic[S]):
+    """One forked child and what belongs to it alone: its queues, the jobs it owes, the thread reading it."""
+
+    process: Any
+    inbox: Any
+    results: Any
+    pending: dict[int, S] = field(default_factory=dict)  # job id -> snapshot, in submission (= answer) order
+    reader: threading.Thread | None = None
+
+
 class ProcessAuditWorker(Generic[S, R]):
     """Run ``fn(snapshot)`` in a forked child process (CPU only), with at most ``max_pending`` in flight.
 
@@ -214,18 +226,22 @@ class ProcessAuditWorker(Generic[S, R]):
     copy-on-write image of everything ``fn`` reaches (the attack replica, frozen weights, the open audit
     log) as it was then; build this worker only once that state is final. Snapshots travel through a
     ``torch.multiprocessing`` queue: CPU tensors move into shared memory (one copy, made by the queue's
-    feeder thread, not the caller), and tensors already in shared memory (frozen weights after the first
-    audit) pass as handles. Results come back pickled and are collected by a reader thread. The child has
-    its own interpreter lock, so attack code in Python never holds up the training thread's.
+    feeder thread, not the caller), and tensors already in shared memory pass as handles. Results come
+    back pickled and are collected by a reader thread. The child has its own interpreter lock, so attack
+    code in Python never holds up the training thread's.
 
-    The child lowers its own priority (``niceness``), runs ``num_threads`` intra-op threads, and exits when
-    its parent dies (it polls its parent id every second), so a killed training run leaves no orphan
-    writing to the audit log. If the child dies (out of memory, a signal), every audit in flight becomes
-    ``on_error(snapshot, exc)`` in the parent, and the next ``submit`` forks a fresh child.
+    The child lowers its own priority (``niceness``), runs ``num_threads`` intra-op threads, ignores
+    ``SIGINT`` (the parent closes it), restores the default ``SIGTERM``/``SIGUSR1`` handling (not the
+    Trainer's), and dies with its parent (Linux ``PR_SET_PDEATHSIG``; elsewhere it checks its parent before
+    every audit), so a killed training run leaves no orphan writing to the audit log.
+
+    Failures become ``on_error(snapshot, exc)`` results, never lost jobs: an exception in ``fn`` (in the
+    child); a snapshot that cannot be pickled, an answer that cannot be read, or a child that died (out
+    of memory, a signal; in the parent). After a death the next ``submit`` first fails the dead child's
+    jobs, then forks a fresh child; if that fork fails, ``submit`` raises ``RuntimeError``.
 
     Args:
-        fn, on_error, max_pending, num_threads, niceness, name: as for :class:`AuditWorker` (``on_error``
-            runs in the child for an exception in ``fn``, in the parent when the child died).
+        fn, on_error, max_pending, num_threads, niceness, name: as for :class:`AuditWorker`.
 
     Raises:
         ValueError: as :class:`AuditWorker`; also on a platform without ``fork``.
@@ -255,49 +271,63 @@ class ProcessAuditWorker(Generic[S, R]):
         self._ctx = mp.get_context("fork")
         self._outbox: queue.SimpleQueue[R] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._pending: dict[int, S] = {}  # submitted, not yet answered: id -> snapshot (for a child that dies)
         self._next_id = 0
         self._closed = False
-        self._start_child()
+        self._child = self._fork()
 
-    def _start_child(self) -> None:
-        self._inbox = self._ctx.Queue()
-        self._results = self._ctx.Queue()
-        self._process = self._ctx.Process(target=self._child, args=(os.getpid(),), name=self._name, daemon=True)
-        self._process.start()
-        self._reader = threading.Thread(target=self._read, args=(self._process, self._results),
-                                        name=f"{self._name}-reader", daemon=True)
-        self._reader.start()
+    def _fork(self) -> _Child[S]:
+        inbox, results = self._ctx.Queue(), self._ctx.Queue()
+        process = self._ctx.Process(target=self._child_main, args=(os.getpid(), inbox, results), name=self._name,
+                                    daemon=True)
+        child: _Child[S] = _Child(process, inbox, results)
+        # a snapshot the feeder thread cannot pickle fails its job instead of vanishing
+        inbox._on_queue_feeder_error = lambda exc, obj: self._answer(child, obj[0], None, exc)
+        process.start()
+        child.reader = threading.Thread(target=self._read, args=(child,), name=f"{self._name}-reader", daemon=True)
+        child.reader.start()
+        return child
 
     @property
     def pid(self) -> int | None:
-        """The child's process id."""
-        return self._process.pid
+        """The current child's process id."""
+        return self._child.process.pid
 
     @property
     def in_flight(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._child.pending)
 
     @property
     def busy(self) -> bool:
         return self.in_flight >= self._max_pending
 
     def submit(self, snapshot: S, ready: torch.cuda.Event | None = None) -> bool:
-        """As :meth:`AuditWorker.submit`; CUDA snapshots are refused (``ValueError``): fork and CUDA do not mix."""
+        """As :meth:`AuditWorker.submit`.
+
+        Raises:
+            ValueError: a CUDA snapshot (``ready`` given): fork and CUDA do not mix.
+            RuntimeError: the worker was closed, or a fresh child could not be forked.
+        """
         if ready is not None:
             raise ValueError("worker='process' runs attacks on the CPU; CUDA snapshots need worker='thread'")
+        if self._closed:
+            raise RuntimeError("the audit worker is closed")
+        if not self._child.process.is_alive():
+            dead = self._child
+            assert dead.reader is not None
+            dead.reader.join()  # it fails the dead child's jobs (and writes them) before anything is forked
+            self._release(dead)
+            try:
+                self._child = self._fork()
+            except OSError as exc:  # out of memory or processes: this audit fails, the next one tries again
+                raise RuntimeError(f"could not fork a new audit worker process: {exc}") from exc
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the audit worker is closed")
-            if len(self._pending) >= self._max_pending:
+            if len(self._child.pending) >= self._max_pending:
                 return False
-            if not self._process.is_alive():
-                self._start_child()
             self._next_id += 1
             job = self._next_id
-            self._pending[job] = snapshot
-        self._inbox.put((job, snapshot))
+            self._child.pending[job] = snapshot
+        self._child.inbox.put((job, snapshot))
         return True
 
     def drain(self) -> list[R]:
@@ -307,51 +337,82 @@ class ProcessAuditWorker(Generic[S, R]):
     def close(self, timeout: float | None = None) -> bool:
         """Let the submitted audits finish, then stop the child; past ``timeout`` it is killed and the audits
         still in flight become failed ones. Returns whether the child finished on its own."""
+        child = self._child
         with self._lock:
             first = not self._closed
             self._closed = True
-        if first and self._process.is_alive():
-            self._inbox.put(None)
-        self._process.join(timeout)
-        finished = not self._process.is_alive()
+        if first and child.process.is_alive():
+            child.inbox.put(None)
+        child.process.join(timeout)
+        finished = not child.process.is_alive()
         if not finished:
-            self._process.kill()
-            self._process.join()
-        self._reader.join()
+            child.process.kill()
+            child.process.join()
+        assert child.reader is not None
+        child.reader.join()
+        self._release(child)
         return finished
 
+    @staticmethod
+    def _release(child: _Child[S]) -> None:
+        """Close a finished child's queues without waiting on their feeder threads."""
+        for q in (child.inbox, child.results):
+            q.cancel_join_thread()
+            q.close()
+
     # -- parent side
-    def _read(self, process: Any, results: Any) -> None:
-        while True:
-            try:
-                job, result = results.get(timeout=0.2)
-            except queue.Empty:
-                if process.is_alive():
-                    continue
-                try:  # the child is gone: take what it sent last, then fail the rest
-                    job, result = results.get(timeout=0.2)
-                except queue.Empty:
-                    break
-            except (EOFError, OSError):
-                break
-            with self._lock:
-                self._pending.pop(job, None)
-            if result is not None:
-                self._outbox.put(result)
+    def _answer(self, child: _Child[S], job: int, result: R | None, exc: BaseException | None = None) -> None:
+        """Settle ``job``: its result, or ``on_error`` of its snapshot when ``exc`` is given."""
         with self._lock:
-            lost, self._pending = self._pending, {}
-        code = process.exitcode
-        for snapshot in lost.values():
-            exc = RuntimeError(f"the audit worker process died (exit code {code})")
+            snapshot = child.pending.pop(job, None)
+        if exc is not None:
+            if snapshot is None:
+                return
             try:
                 result = self._on_error(snapshot, exc)
             except BaseException:  # noqa: BLE001
+                return
+        if result is not None:
+            self._outbox.put(result)
+
+    def _oldest(self, child: _Child[S]) -> int | None:
+        with self._lock:
+            return next(iter(child.pending), None)
+
+    def _read(self, child: _Child[S]) -> None:
+        while True:
+            try:
+                job, result = child.results.get(timeout=0.2)
+            except queue.Empty:
+                if child.process.is_alive():
+                    continue
+                try:  # the child is gone: take what it sent last, then fail the rest
+                    job, result = child.results.get(timeout=0.2)
+                except queue.Empty:
+                    break
+                except Exception:  # noqa: BLE001
+                    break
+            except (EOFError, OSError):
+                break
+            except Exception as exc:  # noqa: BLE001 - an unreadable answer: the child answers in order
+                oldest = self._oldest(child)
+                if oldest is not None:
+                    self._answer(child, oldest, None, RuntimeError(f"the audit's result could not be read: {exc!r}"))
                 continue
-            if result is not None:
-                self._outbox.put(result)
+            self._answer(child, job, result)
+        code = child.process.exitcode
+        while (oldest := self._oldest(child)) is not None:
+            self._answer(child, oldest, None, RuntimeError(f"the audit worker process died (exit code {code})"))
 
     # -- child side
-    def _child(self, parent: int) -> None:
+    def _child_main(self, parent: int, inbox: Any, results: Any) -> None:
+        import signal
+
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to training, which closes the worker
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, signal.SIG_DFL)  # not the Trainer's handlers, inherited by the fork
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
         if self._niceness is not None and hasattr(os, "setpriority"):
@@ -361,10 +422,12 @@ class ProcessAuditWorker(Generic[S, R]):
                 pass
         while True:
             try:
-                item = self._inbox.get(timeout=1.0)
+                item = inbox.get(timeout=1.0)
             except queue.Empty:
-                if os.getppid() != parent:
-                    return  # orphaned: the training process is gone
+                item = ...
+            if os.getppid() != parent:
+                return  # orphaned: the training process is gone; write nothing more
+            if item is ...:
                 continue
             if item is None:
                 return
@@ -377,7 +440,21 @@ class ProcessAuditWorker(Generic[S, R]):
                 except BaseException:  # noqa: BLE001
                     result = None  # type: ignore[assignment]
             del snapshot, item
-            self._results.put((job, result))
+            results.put((job, result))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _resident_bytes() -> int | None:

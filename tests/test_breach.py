@@ -140,15 +140,15 @@ def test_dashboard_defines_metrics_charts_and_worst_case_summary(monkeypatch):
     assert any(name == "privacy/*" for name, _ in run.defined)
     last = run.logged[-1]
     assert last["trainer/global_step"] == 10
-    assert {"leak/charts/rouge1_per_attack", "leak/charts/token_recall_per_attack",
-            "leak/charts/leakage_vs_epsilon"} <= last.keys()
-    chart = last["leak/charts/leakage_vs_epsilon"]
+    assert {"charts/rouge1_per_attack", "charts/token_recall_per_attack",
+            "charts/leakage_vs_epsilon"} <= last.keys()
+    chart = last["charts/leakage_vs_epsilon"]
     assert chart.table.data == [[1.0, 0.4, 0], [2.0, 0.9, 10]]  # worst rouge1 over attacks vs epsilon
     assert run.summary["leak/worst/rouge1"] == 0.9 and run.summary["leak/worst/rouge1/at"] == "span_check@step 10"
-    assert "leak/samples" not in last  # samples are opt-in
+    assert "samples/text" not in last  # samples are opt-in
     board.verdict("fail", {"rouge1": "fail"}, {"rouge1": "rouge1 = 0.9 > max 0.5"}, 10)
     board.verdict("fail", {"rouge1": "fail"}, {"rouge1": "rouge1 = 0.95 > max 0.5"}, 20)
-    assert run.summary["gate/verdict"] == "fail" and run.summary["gate/rouge1"] == "fail"
+    assert run.summary["gate/result"] == "fail" and run.summary["gate/rule/rouge1"] == "fail"
     assert len(run.alerts) == 1 and "step 10: rouge1 = 0.9 > max 0.5" in run.alerts[0]["text"]
 
 
@@ -158,7 +158,7 @@ def test_samples_table_highlights_recovered_words(monkeypatch):
     board = WandbDashboard(run, "text", log_samples=True)
     sample = {"reference": "the cat <sat>", "reconstruction": "the dog <sat>", "rouge1": 0.67}
     board.update([_rec(0, "span_check", 0.67, samples=[sample])], 0)
-    table = run.logged[-1]["leak/samples"]
+    table = run.logged[-1]["samples/text"]
     recon = table.data[0][3]
     assert "&lt;sat&gt;" in recon.html and "<sat>" not in recon.html  # escaped
     ref_html, rec_html = highlight_recovered("the cat sat", "the dog sat")
@@ -179,10 +179,50 @@ def test_image_panels_pair_originals_with_reconstructions(tmp_path):
     rec = AuditRecord(step=5, attack="dlg", status="ok", metrics={"psnr": 31.5, "ssim": 0.9},
                       samples=[{"file": "samples/a.npz", "images": 2}])
     board.update([rec], 5)
-    panels = run.logged[-1]["leak/images/dlg"]
+    panels = run.logged[-1]["samples/images/dlg"]
     assert len(panels) == 2 and panels[0]._caption == "step 5 #0: original | reconstruction (PSNR 31.5 dB)"
     assert panels[0].image.size == (16, 8)  # original and reconstruction side by side
-    assert "leak/charts/psnr_per_attack" in run.logged[-1]
+    assert "charts/psnr_per_attack" in run.logged[-1]
     quiet = Recorder()
     WandbDashboard(quiet, "image", log_dir=tmp_path).update([rec], 5)  # log_samples off: no pixels leave
-    assert not any(k.startswith("leak/images") for k in quiet.logged[-1])
+    assert not any(k.startswith("samples/images") for k in quiet.logged[-1])
+
+
+def _slow_token_bag():
+    from leak_audit.attacks.token_bag import TokenBag
+
+    class Slow(TokenBag):
+        def run(self, inp):
+            time.sleep(1.0)  # finishes after the last step: the breach is known only at the end of training
+            return super().run(inp)
+
+    return Slow()
+
+
+def test_raise_on_a_breach_found_after_the_last_step(tokenizer, tmp_path):
+    audit = LeakageAudit(attacks=[_slow_token_bag()], every_n_steps=1, log_dir=tmp_path / "a", policy=LEAKY,
+                         on_breach="raise")
+    with pytest.raises(LeakageThresholdExceeded, match="audit of step 0"):
+        fit(Classifier(tokenizer), tmp_path, [audit], max_steps=1)
+    assert [r.step for r in read_audit_log(audit.log_path)] == [0]
+
+
+def test_rules_without_evidence_do_not_make_the_training_verdict_fail(tokenizer, tmp_path):
+    """An epsilon rule in a run without DP-SGD has no value: the gate fails on it at release time, but during
+    training the verdict (and gate/verdict) reflects only what was measured."""
+    policy = {"rule": [{"metric": "token_recall", "max": 1.0}, {"metric": "epsilon", "max": 8.0}]}
+    audit = LeakageAudit(attacks=["token_bag"], every_n_steps=2, log_dir=tmp_path / "a", policy=policy,
+                         on_breach="stop", max_pending=8)
+    trainer = fit(Classifier(tokenizer), tmp_path, [audit], max_steps=4)
+    assert trainer.global_step == 4 and audit.verdict == "pass" and audit.breach is None
+    report = GatePolicy.coerce(policy).evaluate(read_audit_log(audit.log_path))
+    assert report.verdict == "fail" and "no record has a privacy field" in report.results[1].message
+
+
+def test_the_breach_survives_a_checkpoint(tokenizer, tmp_path):
+    audit = LeakageAudit(attacks=["token_bag"], every_n_steps=2, log_dir=tmp_path / "a", policy=LEAKY, max_pending=8)
+    with pytest.warns(UserWarning, match="policy breached"):
+        fit(Classifier(tokenizer), tmp_path, [audit], max_steps=1)
+    resumed = LeakageAudit(attacks=["token_bag"], every_n_steps=2, log_dir=tmp_path / "a", policy=LEAKY)
+    resumed.load_state_dict(audit.state_dict())
+    assert resumed.breach == audit.breach and resumed.breach.step == 0 and resumed.verdict == "fail"

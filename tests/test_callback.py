@@ -105,8 +105,8 @@ def _train_weights(tokenizer, tmp_path, callbacks):
 
 @pytest.mark.parametrize("worker", ["thread", "process"])
 def test_final_weights_are_bitwise_identical_with_and_without_the_audit(tokenizer, tmp_path, worker):
-    """Dropout on, an audit every step: the callback must not touch training's RNG or tensors (the process
-    worker moves frozen weights into shared memory, which must not change them either)."""
+    """Dropout on, an audit every step: the callback must not touch training's RNG or tensors (with the process
+    worker too: the fork and the shared-memory copies of each snapshot must not change training)."""
     without = _train_weights(tokenizer, tmp_path / "a", [])
     audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8, worker=worker)
     with_audit = _train_weights(tokenizer, tmp_path / "b", [audit])
@@ -286,8 +286,8 @@ def test_wandb_offline_run_holds_the_logged_keys(tokenizer, tmp_path, monkeypatc
     runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     data = runs[0].read_bytes()
-    for key in (b"leak/max/token_recall", b"leak/span_check/rouge1", b"leak/samples", b"audit/seconds",
-                b"leak/charts/rouge1_per_attack", b"leak/charts/token_recall_per_attack", b"gate/verdict",
+    for key in (b"leak/max/token_recall", b"leak/span_check/rouge1", b"samples/text", b"audit/seconds",
+                b"charts/rouge1_per_attack", b"charts/token_recall_per_attack", b"gate/verdict",
                 b"leak/worst/token_recall", b"trainer/global_step"):
         assert key in data, key
     records = read_audit_log(audit.log_path)

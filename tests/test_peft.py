@@ -181,7 +181,8 @@ class LoraClassifier(L.LightningModule):
 @pytest.mark.slow
 @pytest.mark.parametrize("worker", ["thread", "process"])
 def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokenizer, cola, tmp_path, worker):
-    """With worker="process" the frozen base weights never travel: the forked child reads its own copy."""
+    """With worker="process" the frozen base weights are left out of the snapshots (the child reads its fork-time
+    copy): the span check's exact recoveries below need them right."""
     model = lora_minilm(minilm_path)
     rows = short_sentences(cola, tokenizer, 14, 4)
 
@@ -194,6 +195,9 @@ def test_callback_audits_a_peft_model_and_taps_only_adapters(minilm_path, tokeni
                          attacks=("span_check", "labels"), worker=worker)
     fit(module, tmp_path, [audit], max_steps=4, train_dataloaders=DataLoader(rows, batch_size=1, collate_fn=collate))
     assert audit._tap is not None
+    if worker == "process":  # the base weights (and only frozen ones) were recorded as the child's own copy
+        assert audit._fork_versions and not any(".lora_" in n for n in audit._fork_versions)
+        assert any("word_embeddings" in n for n in audit._fork_versions)
     tapped = set(audit._tap.parameters)
     assert tapped == {n for n, p in module.named_parameters() if p.requires_grad}
     assert all(".lora_" in n or "modules_to_save" in n for n in tapped)

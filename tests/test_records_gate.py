@@ -73,3 +73,16 @@ def test_cli_names_the_malformed_line(log, capsys):
     with pytest.raises(AuditLogError) as exc:
         read_audit_log(log)
     assert exc.value.line == 6
+
+
+@pytest.mark.parametrize(("field", "value"), [("audit", "<i>3</i>"), ("epoch", 1.5), ("batch_size", True),
+                                               ("seconds", "fast"), ("modules", ["ok", 3]), ("info", [])])
+def test_reader_rejects_fields_of_the_wrong_type(tmp_path, field, value):
+    """Readers (gate, report) rely on the schema's types: a string audit number would reach the HTML report."""
+    import json
+
+    path = tmp_path / "audit.jsonl"
+    line = {"schema": 1, "step": 0, "attack": "x", "status": "ok", "metrics": {}, field: value}
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(AuditLogError, match=f"audit.jsonl:1: field '{field}'"):
+        read_audit_log(path)

@@ -132,3 +132,22 @@ def test_needs_embedding_and_layer0_gradients(setup):
         SpanAttention().requirements(spec, ["bert.encoder.layer.0.attention.self.query.weight"])
     with pytest.raises(ValueError, match="units must be >= 1"):
         SpanAttention(units=0)
+
+
+def test_an_uncertified_batch_still_scores_zero_sentences_and_its_located_tokens(minilm, tokenizer, cola, setup):
+    """Without layer 0's attention gradients nothing is certified: the record must say ROUGE-1 0 (not carry no
+    metrics, which reads as 'not measured'), and position recall credits the tokens placed at one position."""
+    from leak_audit.batch import TextBatch
+    from leak_audit.metrics import score_text_reconstruction
+
+    spec, params, _ = setup
+    rows = cola[:4]
+    enc, grads = gradients(minilm, tokenizer, [r[0] for r in rows], [r[1] for r in rows], train=True)
+    lp = spec.layers[0].prefix
+    rec = _run(setup, grads, 4, [n for n in params if not n.startswith(f"{lp}.attention.self.")])
+    batch = TextBatch(enc["input_ids"], enc["attention_mask"])
+    metrics = score_text_reconstruction(rec, batch, lambda ids: tokenizer.decode(ids), spec.special_token_ids)
+    certified = rec.info["certified"]
+    assert certified < 4 and metrics["exact_match"] == certified / 4
+    assert {"rouge1", "token_recall", "exact_match", "position_recall"} <= metrics.keys()
+    assert metrics["position_recall"] > 0.5  # most tokens sit at one position and are placed there

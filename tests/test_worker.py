@@ -1,6 +1,7 @@
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -135,3 +136,80 @@ def test_process_worker_close_kills_an_audit_past_the_timeout():
     assert w.close(timeout=0.5) is False
     assert time.perf_counter() - t0 < 10
     assert w.drain() == ["failed 60"]
+
+
+def test_process_worker_restart_keeps_each_childs_jobs_apart():
+    """A job submitted right after the child died belongs to the fresh child: it is answered once, ok."""
+    import signal
+
+    from leak_audit.worker import ProcessAuditWorker
+
+    w = ProcessAuditWorker(lambda s: time.sleep(s) or f"ok {s}", lambda s, e: f"failed {s}", max_pending=2)
+    assert w.submit(30)
+    time.sleep(0.5)
+    os.kill(w.pid, signal.SIGKILL)
+    w._child.process.join(5)  # dead and reaped, but the old reader (polling every 0.2 s) has not noticed yet
+    assert w.submit(0.2)
+    assert w.in_flight == 1  # only the new job; the dead child's was failed before the fork
+    assert w.close(timeout=30)
+    assert w.drain() == ["failed 30", "ok 0.2"]
+
+
+def test_process_worker_fails_a_snapshot_that_cannot_be_pickled():
+    from leak_audit.worker import ProcessAuditWorker
+
+    w = ProcessAuditWorker(lambda s: "ran", lambda s, e: f"failed: {type(e).__name__}", max_pending=1)
+    assert w.submit({"callback": lambda: None})  # lambdas do not pickle
+    deadline = time.time() + 20
+    while w.busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert not w.busy  # the job was settled, the worker takes the next one
+    assert w.submit({"x": 1})
+    assert w.close(timeout=30)
+    out = w.drain()
+    assert out == ["failed: AttributeError", "ran"]  # "Can't pickle local object": failed, not lost
+
+
+CHILD_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from leak_audit.worker import ProcessAuditWorker
+
+out = Path(sys.argv[1])
+def job(n):
+    time.sleep(1.0)
+    with out.open("a") as fh:
+        fh.write(f"{n}\n")
+    return n
+w = ProcessAuditWorker(job, lambda s, e: None, max_pending=3)
+print(w.pid, flush=True)
+for n in range(3):
+    w.submit(n)
+time.sleep(60)
+"""
+
+
+def test_process_worker_child_dies_with_its_parent(tmp_path):
+    """SIGKILL the training process with three 1 s audits queued: the child goes too and writes nothing more."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "written.txt"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    child = int(proc.stdout.readline())
+    time.sleep(0.3)  # the first audit is running
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the audit child outlived its parent")
+    time.sleep(1.5)
+    assert not out.exists() or len(out.read_text().split()) == 0

@@ -656,9 +656,14 @@ class SpanAttention(Attack):
                 )
             else:
                 result = span_attention(grads, tables, layer, inp.batch_size, units=self.units, **common)
+        positions: list[list[int]] = [[] for _ in range(result.length)]
+        for token, position in result.located.items():  # tokens placed at one position, certified or not
+            if 0 <= position < result.length:
+                positions[position].append(int(token))
         return Reconstruction(
             attack=self.name,
-            sequences=result.sequences or None,
+            sequences=list(result.sequences),  # none certified: an empty list scores 0, not "no metrics"
+            position_candidates=positions,
             info={
                 "certified": len(result.sequences),
                 "located": len(result.located),
