@@ -110,6 +110,12 @@ def test_group_lasso_finds_the_common_support_of_a_partial_slice():
         group_lasso(target, atoms, lam=1.5)
     with pytest.raises(ValueError, match="share d"):
         group_lasso(target, atoms[:, :32])
+    # an audit's deadline ends the fit: past it, exactly the first 10 FISTA steps run (tol=0: no early stop)
+    import time
+
+    late = group_lasso(target, atoms, tol=0.0, deadline=time.monotonic() - 1)
+    assert torch.equal(late, group_lasso(target, atoms, tol=0.0, iterations=10))
+    assert not torch.equal(late, group_lasso(target, atoms, tol=0.0, iterations=11))
 
 
 def test_span_check_beyond_lora_rank_recovers_most_positions_of_real_cola_sentences(minilm_path, tokenizer, cola):

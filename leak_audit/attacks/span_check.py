@@ -595,7 +595,8 @@ PARTIAL_KEEP = 0.15
 
 
 def group_lasso(
-    target: Tensor, atoms: Tensor, lam: float = 0.05, iterations: int = 2000, tol: float = 1e-7
+    target: Tensor, atoms: Tensor, lam: float = 0.05, iterations: int = 2000, tol: float = 1e-7,
+    deadline: float | None = None,
 ) -> Tensor:
     """Row-sparse least squares: ``min_W ½‖target − W·atoms‖² + λ · Σ_a ‖W[:, a]‖`` (``W`` is ``[k, n]``).
 
@@ -609,6 +610,8 @@ def group_lasso(
         lam: ``λ`` as a share of the largest atom correlation ``max_a ‖target · atoms_aᵀ‖`` (at a share
             of 1 the solution is 0).
         iterations: FISTA steps at most; ``tol``: stop when the relative change of ``W`` is below it.
+        deadline: ``time.monotonic()`` value after which the iterations stop (checked every 10 steps; at
+            least 10 run), so an audit's ``max_seconds`` holds; the weights are then those reached so far.
 
     Returns:
         ``[n]`` the norm of each atom's weights ``‖W[:, a]‖`` (0 for atoms left out).
@@ -624,7 +627,9 @@ def group_lasso(
     threshold = lam * float((target @ atoms.T).norm(dim=0).max()) / lipschitz
     w = torch.zeros(target.shape[0], atoms.shape[0], dtype=atoms.dtype, device=atoms.device)
     z, t = w.clone(), 1.0
-    for _ in range(iterations):
+    for it in range(iterations):
+        if deadline is not None and it and it % 10 == 0 and time.monotonic() > deadline:
+            break
         v = z + (target - z @ atoms) @ atoms.T / lipschitz
         w_next = v * (1 - threshold / v.norm(dim=0, keepdim=True).clamp_min(1e-30)).clamp_min(0)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
@@ -670,7 +675,8 @@ def partial_span(
         positions: positions scanned (from 0).
         segments: token types tried (a token keeps its best-scoring type).
         sep_token_id: end-of-sequence token id: sequences end after it.
-        deadline: ``time.monotonic()`` value after which the scan stops (the fit still runs).
+        deadline: ``time.monotonic()`` value after which the scan stops and the joint fit ends early
+            (:func:`group_lasso` stops iterating; the weights reached so far decide).
 
     Returns:
         A :class:`SpanCheckResult` with ``partial = True`` and ``threshold = nan``; a candidate's score is
@@ -706,7 +712,7 @@ def partial_span(
             x[p, same] = scorer.inputs(ids_map[cols[same]], p, tt)
     x = x.view(n_pos * per_pos, scorer.d)
     x = x / x.norm(dim=1, keepdim=True)
-    weight = group_lasso(scorer.basis.T, x).view(n_pos, per_pos)
+    weight = group_lasso(scorer.basis.T, x, deadline=deadline).view(n_pos, per_pos)
     weight = weight / weight.max().clamp_min(1e-30)
     candidates: list[list[tuple[int, int, float]]] = []
     empty, seen_sep = 0, False
