@@ -40,8 +40,7 @@ from leak_audit import LeakageAudit, available_attacks, read_audit_log
 from leak_audit.bench.image import load_images, write_grid
 from leak_audit.bench.text import BenchError
 from leak_audit.cli import policy_table, summary_table
-from leak_audit.gate import GateError, parse_threshold
-from leak_audit.policy import GatePolicy
+from leak_audit.gate import GateError, policy_from_args
 from leak_audit.image_metrics import IMAGE_METRICS
 from leak_audit.image_models import LeNet
 
@@ -147,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     L.seed_everything(args.seed, verbose=False)
     try:
-        thresholds = dict(parse_threshold(t) for t in args.gate)
-    except ValueError as exc:
+        policy = policy_from_args(None, args.gate)
+    except GateError as exc:
         sys.exit(f"--gate: {exc}")
     images, labels, source = load_data(args.data, args.n)
     num_classes = max(2, int(labels.max()) + 1)
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if steps:
             console.print(f"{attack} PSNR (dB) by step: {', '.join(steps)}", highlight=False)
     try:
-        report = GatePolicy.from_thresholds(thresholds).evaluate(records)
+        report = policy.evaluate(records)
     except GateError as exc:  # e.g. every audit failed: nothing to judge
         console.print(f"[red]release gate: {exc}[/red]")
         return 1

@@ -49,9 +49,8 @@ from transformers import logging as hf_logging
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
 from leak_audit.cli import policy_table, summary_table
 from leak_audit.datasets import read_tsv, synthetic_pii_dataset
-from leak_audit.gate import parse_threshold
+from leak_audit.gate import GateError, policy_from_args
 from leak_audit.metrics import TEXT_METRICS
-from leak_audit.policy import GatePolicy, PolicyError
 from leak_audit.privacy import privacy_report
 
 
@@ -193,10 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     L.seed_everything(args.seed, verbose=False)
     try:
-        policy = GatePolicy.from_thresholds(dict(parse_threshold(t) for t in args.gate))
-        if args.policy:
-            policy = policy + GatePolicy.from_toml(args.policy)
-    except (PolicyError, ValueError) as exc:
+        policy = policy_from_args(args.policy, args.gate)
+    except GateError as exc:
         sys.exit(f"--gate/--policy: {exc}")
     if args.data:
         rows = read_tsv(args.data, limit=args.n)

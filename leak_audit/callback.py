@@ -28,6 +28,7 @@ image attacks and :class:`~leak_audit.scoring.ImageScorer`). Everything else is 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -963,9 +964,7 @@ class LeakageAudit(Callback):
 
 def _light(record: AuditRecord) -> AuditRecord:
     """What the policy reads of a record (no samples, no info), so the run's history stays small."""
-    return AuditRecord(step=record.step, attack=record.attack, status=record.status, epoch=record.epoch,
-                       modules=list(record.modules), audit=record.audit, metrics=dict(record.metrics),
-                       privacy=dict(record.privacy) if record.privacy else None, time=record.time)
+    return dataclasses.replace(record, samples=None, info={})
 
 
 def _default_delta(trainer: Trainer) -> float:

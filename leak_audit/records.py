@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log"]
+__all__ = ["SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "skipped")
@@ -80,6 +80,26 @@ class AuditRecord:
     def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def worst_values(
+    records: Iterable[AuditRecord], worst: dict[str, tuple[float, str]] | None = None
+) -> dict[str, tuple[float, str]]:
+    """Per metric, the largest value over the ``ok`` records (every metric grows with leakage) and
+    ``"<attack>@step <n>"`` where it was first reached.
+
+    Args:
+        records: audit records (other statuses are ignored).
+        worst: a previous result to update in place (incremental use); ``None``: a new dict.
+    """
+    worst = {} if worst is None else worst
+    for r in records:
+        if r.status != "ok":
+            continue
+        for name, value in r.metrics.items():
+            if name not in worst or float(value) > worst[name][0]:
+                worst[name] = (float(value), f"{r.attack}@step {r.step}")
+    return worst
 
 
 def _jsonable(obj: Any) -> Any:

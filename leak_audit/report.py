@@ -53,7 +53,7 @@ from rich.console import Console
 
 from leak_audit.gate import policy_from_args
 from leak_audit.policy import GateError, GatePolicy
-from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.records import AuditLogError, AuditRecord, read_audit_log, worst_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -159,18 +159,6 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h} h {m:02d} min {s:02d} s" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
-
-
-def _worst(records: Sequence[AuditRecord]) -> dict[str, tuple[float, str]]:
-    """Per metric, the largest value over ``ok`` records and ``"<attack>@step <n>"`` where it was reached."""
-    worst: dict[str, tuple[float, str]] = {}
-    for r in records:
-        if r.status != "ok":
-            continue
-        for name, value in r.metrics.items():
-            if name not in worst or float(value) > worst[name][0]:
-                worst[name] = (float(value), f"{r.attack}@step {r.step}")
-    return worst
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -411,7 +399,7 @@ def _summary(records: Sequence[AuditRecord], source: str | None, attacks: Sequen
 
 
 def _worst_table(records: Sequence[AuditRecord]) -> str:
-    worst = _worst(records)
+    worst = worst_values(records)
     if not worst:
         return '<p class="note">No successful audit: no worst values.</p>'
     rows = "".join(

@@ -18,7 +18,8 @@ What it adds to the scalars every Lightning logger gets (:func:`~leak_audit.sink
 * ``run.summary``: ``leak/worst/<metric>`` (the worst value of every metric over the run, with the attack
   and step it came from) and, with a policy, ``gate/result`` (pass, warn or fail; rules without a
   measured value yet do not count) and ``gate/rule/<rule>`` (pass, warn, fail or "no data").
-* ``alert=True``: one ``run.alert`` per breached rule (W&B sends it by e-mail or Slack when online).
+* ``alert=True``: one ``run.alert`` per breached rule (delivery, by e-mail or Slack, is W&B's when the run
+  is online; tested here only as the call).
 
 Charts are rebuilt from the whole history at each audit (W&B tables are immutable once logged), so the
 latest chart in the run always covers the whole run.
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from leak_audit.records import AuditRecord
+from leak_audit.records import AuditRecord, worst_values
 
 __all__ = ["HEADLINE_METRICS", "WandbDashboard", "highlight_recovered"]
 
@@ -134,8 +135,7 @@ class WandbDashboard:
                 v = float(value)
                 series = self._series.setdefault(name, {}).setdefault(r.attack, {})
                 series[r.step] = max(series.get(r.step, float("-inf")), v)
-                if name not in self._worst or v > self._worst[name][0]:
-                    self._worst[name] = (v, f"{r.attack}@step {r.step}")
+        worst_values(ok, self._worst)
         payload: dict[str, Any] = {}
         for metric in HEADLINE_METRICS[self.modality]:
             per_attack = self._series.get(metric)

@@ -35,7 +35,9 @@ def test_the_example_config_configures_and_runs_the_audit(minilm_path, tmp_path,
     records = read_audit_log(tmp_path / "audit" / "audit.jsonl")
     assert sorted({r.step for r in records}) == [0, 2]
     assert {r.attack for r in records} == {"token_bag", "span_check", "labels"}
-    assert audit.verdict in ("pass", "warn", "fail")  # the policy was evaluated during training
+    # the policy was evaluated during training: token_bag recovers every token, and the example policy's
+    # token_recall rule (mean of the last 3 audits, max 0.9) fails on 1.0
+    assert audit.verdict == "fail" and audit.breach is not None and audit.breach.metric == "token_recall"
 
 
 def test_an_inline_policy_in_yaml_is_accepted(tmp_path):
