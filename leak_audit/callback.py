@@ -758,9 +758,10 @@ class LeakageAudit(Callback):
             extra={"audit": audit_id},
         )
         ready = None
-        if any(t.is_cuda for t in grads.values()):
+        cuda = [t for t in grads.values() if t.is_cuda]
+        if cuda:  # after the copies, on the training stream of the gradients' GPU
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(cuda[0].device))
         snap.extra["capture_seconds"] = w.capture_seconds + time.perf_counter() - t0
         try:
             self._worker.submit(snap, ready)

@@ -160,11 +160,11 @@ class ImageScorer:
         path = self.samples_dir / f"audit{audit:05d}-step{snapshot.step:07d}-{recon.attack}.npz"
         np.savez_compressed(
             path,
-            originals=(target[tgt_idx] + lo).numpy().astype(np.float32),
-            reconstructions=(preds[rec_idx] + lo).numpy().astype(np.float32),
+            originals=(target[tgt_idx] + lo).cpu().numpy().astype(np.float32),
+            reconstructions=(preds[rec_idx] + lo).cpu().numpy().astype(np.float32),
             labels=batch.labels[tgt_idx].cpu().numpy(),
             recovered_labels=recovered,
-            psnr=psnr(preds[rec_idx], target[tgt_idx], float(batch.bounds[1] - batch.bounds[0])).numpy(),
-            ssim=ssim(preds[rec_idx], target[tgt_idx], float(batch.bounds[1] - batch.bounds[0])).numpy(),
+            psnr=psnr(preds[rec_idx], target[tgt_idx], float(batch.bounds[1] - batch.bounds[0])).cpu().numpy(),
+            ssim=ssim(preds[rec_idx], target[tgt_idx], float(batch.bounds[1] - batch.bounds[0])).cpu().numpy(),
         )
         return [{"file": os.path.relpath(path, self.samples_dir.parent), "images": len(pairs)}]

@@ -109,7 +109,7 @@ class AuditWorker(Generic[S, R]):
         self._lock = threading.Lock()
         self._in_flight = 0
         self._closed = False
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -193,18 +193,21 @@ class AuditWorker(Generic[S, R]):
                 self._outbox.put(result)
 
     def _run(self, snapshot: S, ready: torch.cuda.Event | None) -> R:
-        if ready is None:
+        cuda = [t for t in _tensors(snapshot) if t.is_cuda]
+        if ready is None or not cuda:
             return self._fn(snapshot)
-        if self._stream is None:
-            # Lowest priority: the side stream yields to training kernels.
-            self._stream = torch.cuda.Stream(priority=0)
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(ready)
-            for t in _tensors(snapshot):
-                if t.is_cuda:
-                    t.record_stream(self._stream)
+        # The side stream must be on the snapshot's GPU (under DDP rank r trains on cuda:r, while this
+        # thread's current device is cuda:0). Priority 0 is the lowest: it yields to training kernels.
+        device = cuda[0].device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device, priority=0)
+        with torch.cuda.stream(stream):  # also makes the stream's device current for this thread
+            stream.wait_event(ready)
+            for t in cuda:
+                t.record_stream(stream)
             result = self._fn(snapshot)
-            self._stream.synchronize()
+            stream.synchronize()
         return result
 
 

@@ -125,6 +125,7 @@ def test_bad_scope_and_attack_device_fail_eagerly():
         LeakageAudit(attack_device="gpu0")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_attacks_placed_on_the_cpu_while_training_on_cuda(tokenizer, tmp_path):
     audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, attack_device="cpu")

@@ -213,3 +213,62 @@ def test_process_worker_child_dies_with_its_parent(tmp_path):
         raise AssertionError("the audit child outlived its parent")
     time.sleep(1.5)
     assert not out.exists() or len(out.read_text().split()) == 0
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:1`` and records ``record_stream`` calls (no GPU needed)."""
+
+    calls: list = []
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+    def record_stream(self, stream):
+        _OnGpu.calls.append(("record_stream", stream.device))
+
+
+def test_side_stream_is_made_on_the_snapshots_gpu_and_waits_for_the_copies(monkeypatch):
+    """The CUDA path's order of calls, with torch.cuda faked: a low-priority stream on the snapshot's GPU
+    (cuda:1, not the worker thread's current cuda:0), made once; it waits on the training stream's event
+    before the attack runs and marks every snapshot tensor with ``record_stream``."""
+    calls = _OnGpu.calls
+    calls.clear()
+
+    class FakeStream:
+        def __init__(self, device=None, priority=0):
+            self.device = torch.device(device)
+            calls.append(("stream", self.device, priority))
+
+        def wait_event(self, event):
+            calls.append(("wait_event", event))
+
+        def synchronize(self):
+            calls.append(("synchronize",))
+
+    class FakeContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            calls.append(("enter", self.stream.device))
+
+        def __exit__(self, *exc):
+            calls.append(("exit",))
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", FakeContext)
+    snapshot = {"g": torch.zeros(2).as_subclass(_OnGpu), "h": [torch.ones(1).as_subclass(_OnGpu), 3]}
+    worker = AuditWorker(lambda s: calls.append(("attack",)) or "done", lambda s, e: repr(e), niceness=None)
+    assert worker.submit(snapshot, ready="event-1")
+    assert worker.close(timeout=10)
+    assert worker.drain() == ["done"]
+    assert calls == [
+        ("stream", torch.device("cuda", 1), 0), ("enter", torch.device("cuda", 1)), ("wait_event", "event-1"),
+        ("record_stream", torch.device("cuda", 1)), ("record_stream", torch.device("cuda", 1)), ("attack",),
+        ("synchronize",), ("exit",),
+    ]

@@ -248,8 +248,11 @@ class Layout:
     attention_mask: Tensor
 
     @classmethod
-    def build(cls, lengths: Sequence[int], spec: TextModelSpec, *, fix_special: bool) -> Layout:
-        """``[CLS]`` first and ``[SEP]`` last are fixed when ``fix_special`` and the spec knows their ids.
+    def build(
+        cls, lengths: Sequence[int], spec: TextModelSpec, *, fix_special: bool, device: torch.device | str | None = None
+    ) -> Layout:
+        """``[CLS]`` first and ``[SEP]`` last are fixed when ``fix_special`` and the spec knows their ids. The
+        tensors are on ``device`` (default: the CPU).
 
         Raises:
             ValueError: a length below 1 (or below 2 with fixed special tokens).
@@ -272,7 +275,7 @@ class Layout:
                 free[i, 1 : n - 1] = True
             else:
                 free[i, :n] = True
-        return cls(lengths, template, free, mask)
+        return cls(lengths, template.to(device), free.to(device), mask.to(device))
 
     @property
     def batch_size(self) -> int:
@@ -290,7 +293,7 @@ class Layout:
         """``[B, L_max]`` ids of sequences whose lengths match :attr:`lengths` (template elsewhere)."""
         out = self.template.clone()
         for i, s in enumerate(seqs):
-            out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=out.device)
         return self.ids(out)
 
 
@@ -298,7 +301,8 @@ def random_embeddings(shape: Sequence[int], table: Tensor, generator: torch.Gene
     """Gaussian embeddings with the table's per-coordinate mean and standard deviation: ``[*shape]``."""
     t = table.detach().float()
     mean, std = t.mean(0), t.std(0)
-    return mean + std * torch.randn(*shape, generator=generator, dtype=torch.float32)
+    noise = torch.randn(*shape, generator=generator, dtype=torch.float32)  # the attack's own (CPU) generator
+    return mean + std * noise.to(t.device)
 
 
 def nearest_tokens(embeds: Tensor, table: Tensor, vocabulary: Tensor, k: int = 1) -> Tensor:

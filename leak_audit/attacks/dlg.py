@@ -116,14 +116,14 @@ class DLG(Attack):
         length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length,
                                           noise_std=inp.noise_std)
         length = max(1, min(length, spec.max_positions - spec.position_offset))
-        layout = Layout.build([length] * b, spec, fix_special=False)
+        layout = Layout.build([length] * b, spec, fix_special=False, device=replica.input_embeddings(inp.params).device)
         distance = GradientDistance([inp.gradients[n] for n in names], "l2")
         obj = Objective(replica, inp.params, names, distance, layout, deadline)
         table = obj.table
         num_labels = max(2, spec.num_labels)
 
         x = random_embeddings((b, length, table.shape[1]), table, gen).requires_grad_(True)
-        z = torch.randn(b, num_labels, generator=gen).requires_grad_(True)
+        z = torch.randn(b, num_labels, generator=gen).to(table.device).requires_grad_(True)
         opt = torch.optim.LBFGS(
             [x, z], lr=self.lr, max_iter=20, history_size=self.history_size, line_search_fn="strong_wolfe"
         )
@@ -156,7 +156,7 @@ class DLG(Attack):
         except _OutOfBudget:
             pass
         labels = state["z"].argmax(-1)
-        ids = nearest_tokens(state["x"], table, torch.arange(table.shape[0]), 1)[..., 0]
+        ids = nearest_tokens(state["x"], table, torch.arange(table.shape[0], device=table.device), 1)[..., 0]
         with torch.no_grad():
             proj, rel = obj.score_ids(ids, labels)
         info = {

@@ -336,7 +336,8 @@ class GradientMatching(Attack):
             length = max(2, min(length, spec.max_positions - spec.position_offset))
             lengths = [length] * b
             info["length_source"] = source
-        layout = Layout.build(lengths, spec, fix_special=True)
+        dev = replica.input_embeddings(inp.params).device  # the attack's tensors live with the snapshot's
+        layout = Layout.build(lengths, spec, fix_special=True, device=dev)
         info["length"] = max(lengths)
         info["seeded"] = int(bool(seeds))
 
@@ -349,7 +350,7 @@ class GradientMatching(Attack):
         else:
             vocab = [t for t in range(spec.vocab_size) if t not in special]
             info["vocabulary"] = "all"
-        vocabulary = torch.tensor(vocab, dtype=torch.long)
+        vocabulary = torch.tensor(vocab, dtype=torch.long, device=dev)
 
         distance = GradientDistance([inp.gradients[n] for n in names], self.loss, self.alpha,
                                     noise_std=inp.noise_std)
@@ -366,12 +367,13 @@ class GradientMatching(Attack):
         prior_labels = list(lp.labels) if lp is not None and lp.labels and len(lp.labels) == b else None
         num_labels = max(2, spec.num_labels)
         if prior_labels is not None:
-            label_options = [torch.tensor(p) for p in _distinct_permutations(prior_labels, limit=24)]
+            label_options = [torch.tensor(p, device=dev) for p in _distinct_permutations(prior_labels, limit=24)]
             info["labels_source"] = "labels"
         else:
             combos = num_labels**b
             label_options = (
-                [torch.tensor(c) for c in itertools.product(range(num_labels), repeat=b)] if combos <= 32 else []
+                [torch.tensor(c, device=dev) for c in itertools.product(range(num_labels), repeat=b)]
+                if combos <= 32 else []
             )
             info["labels_source"] = "optimised"
         fixed_labels: Tensor | None = label_options[0] if prior_labels is not None else None
@@ -411,7 +413,7 @@ class GradientMatching(Attack):
             w0 = space.init_seed(seed_ids, gen) if seed_ids is not None and r == 0 else space.init_random(layout, gen)
             z0 = None
             if fixed_labels is None:
-                z0 = 0.01 * torch.randn(b, num_labels, generator=gen)
+                z0 = 0.01 * torch.randn(b, num_labels, generator=gen).to(dev)
                 guess = label_guess if label_guess is not None else _bias_label_guess(inp, b)
                 if guess is None and label_options:
                     # a wrong label flips the sign of the gradient (cosine ≈ -1, a stationary point for
@@ -434,7 +436,7 @@ class GradientMatching(Attack):
         info["continuous_distance"] = min(lasts) if lasts else float("nan")
         if keep.ids is None:  # no time for a single step: project a random start
             w0 = space.init_random(layout, gen)
-            labels = fixed_labels if fixed_labels is not None else torch.zeros(b, dtype=torch.long)
+            labels = fixed_labels if fixed_labels is not None else torch.zeros(b, dtype=torch.long, device=dev)
             ids = layout.ids(space.projections(w0)[0])
             keep.offer(*score(ids, labels), ids, labels, neighbours=space.neighbours(w0, self.top_k))
         info["projected_distance"] = keep.distance
@@ -657,7 +659,7 @@ class _Space:
     def init_random(self, layout: Layout, gen: torch.Generator) -> Tensor:
         b, n = layout.free.shape
         if self.kind == "simplex":
-            return torch.randn(b, n, self.cand.shape[0], generator=gen)
+            return torch.randn(b, n, self.cand.shape[0], generator=gen).to(self.table.device)
         return random_embeddings((b, n, self.table.shape[1]), self.table, gen)
 
     def init_seed(self, ids: Tensor, gen: torch.Generator) -> Tensor:
@@ -665,15 +667,16 @@ class _Space:
         if self.kind == "free":
             return self.table[ids].clone()
         k = self.cand.shape[0]
-        lookup = torch.full((int(max(int(ids.max()), int(self.vocabulary.max()))) + 1,), -1, dtype=torch.long)
-        lookup[self.vocabulary] = torch.arange(k)
+        dev = self.table.device
+        lookup = torch.full((int(max(int(ids.max()), int(self.vocabulary.max()))) + 1,), -1, dtype=torch.long, device=dev)
+        lookup[self.vocabulary] = torch.arange(k, device=dev)
         idx = lookup[ids]
         missing = idx < 0
         if bool(missing.any()):
             near = nearest_tokens(self.table[ids[missing]], self.table, self.vocabulary, 1)[..., 0]
             idx[missing] = lookup[near]
-        w = 0.1 * torch.randn(*ids.shape, k, generator=gen)
-        w.scatter_add_(-1, idx[..., None], torch.full((*ids.shape, 1), math.log(k) + 3.0))
+        w = 0.1 * torch.randn(*ids.shape, k, generator=gen).to(dev)
+        w.scatter_add_(-1, idx[..., None], torch.full((*ids.shape, 1), math.log(k) + 3.0, device=dev))
         return w
 
 

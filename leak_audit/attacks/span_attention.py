@@ -206,10 +206,10 @@ def levenberg_marquardt(
         ``(theta [n, r], loss [n])``.
     """
     n = theta.shape[0]
-    lam = torch.full((n,), 1e-3)
-    r, jac = residual(torch.arange(n), theta)
+    lam = torch.full((n,), 1e-3, device=theta.device)
+    r, jac = residual(torch.arange(n, device=theta.device), theta)
     f = r.square().sum(-1)
-    active = torch.arange(n)
+    active = torch.arange(n, device=theta.device)
     for _ in range(iters):
         active = active[f[active] / scale >= tol]
         if active.numel() == 0:
@@ -305,7 +305,7 @@ class ContextSolver:
             ``(contexts [n, d], loss [n])``; ``loss`` is the squared residual over ``‖γ‖²`` (about 1e-10
             for a true anchor, above 1e-5 for a false one on MiniLM).
         """
-        theta = torch.zeros(x.shape[0], self.basis_c.shape[1]) if theta0 is None else theta0.clone()
+        theta = torch.zeros(x.shape[0], self.basis_c.shape[1], device=x.device) if theta0 is None else theta0.clone()
 
         def residual(rows: Tensor, th: Tensor) -> tuple[Tensor, Tensor]:
             r, jac = self.residual(x[rows], th)
@@ -340,11 +340,12 @@ def sentence_membership(
     m = (w[:, :, None] * (values.double() - context.double()[None])).reshape(keys.shape[0], -1).T
     m = m / m.norm(dim=0).clamp_min(1e-300).max()
     rest = [j for j in range(keys.shape[0]) if j != anchor]
+    m = m.cpu()  # SciPy's NNLS
     sol, res = nnls(m[:, rest].numpy(), -m[:, anchor].numpy(), maxiter=20 * keys.shape[0])
     z = torch.zeros(keys.shape[0], dtype=torch.float64)
     z[rest] = torch.from_numpy(sol)
     z[anchor] = 1.0
-    return z, float(res)
+    return z.to(keys.device), float(res)
 
 
 @dataclass

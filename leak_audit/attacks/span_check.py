@@ -186,7 +186,7 @@ def span_basis(
     tol = rtol * s[0]
     if noise_std > 0:
         tol = torch.maximum(tol, torch.tensor(NOISE_EDGE_MARGIN * noise_edge(noise_std, *stacked.shape),
-                                              dtype=s.dtype))
+                                              dtype=s.dtype, device=s.device))
     elif s.numel() >= d:  # square or tall: the smallest singular values show the noise floor
         tol = torch.maximum(tol, floor_factor * s[-1])
     rank = int((s > tol).sum())
@@ -265,7 +265,8 @@ class TokenScorer:
         self.d = int(tables.word.shape[1])
         # candidate vocabulary: every token, or a subset (e.g. the batch's token bag)
         self.token_ids = (
-            torch.arange(tables.word.shape[0], device=tables.word.device) if token_ids is None else token_ids.long()
+            torch.arange(tables.word.shape[0], device=tables.word.device)
+            if token_ids is None else token_ids.long().to(tables.word.device)
         )
         word = tables.word.detach()[self.token_ids].to(f64)
         self._ce = word - word.mean(dim=1, keepdim=True)  # centred token embeddings [V, d]
@@ -695,7 +696,7 @@ def partial_span(
             break
         best, which = torch.stack([scorer.residuals(pos, tt) for tt in segments]).min(0)  # [K]
         residual_rows.append(best)
-        type_rows.append(torch.as_tensor(segments)[which])
+        type_rows.append(torch.as_tensor(segments, device=which.device)[which])
     energy = 1 - torch.stack(residual_rows) ** 2  # [P, K]
     centred = energy - energy.mean(0, keepdim=True)
     n_pos = centred.shape[0]
@@ -703,7 +704,7 @@ def partial_span(
     short = centred.topk(per_pos, dim=1).indices  # [P, C] columns of scorer.token_ids
     ids_map = scorer.token_ids
     types = torch.stack(type_rows)
-    x = torch.empty(n_pos, per_pos, scorer.d, dtype=torch.float64)
+    x = torch.empty(n_pos, per_pos, scorer.d, dtype=torch.float64, device=scorer.basis.device)
     for p in range(n_pos):
         cols = short[p]
         col_types = types[p, cols]
@@ -745,7 +746,7 @@ def _best_per_token(ids: Tensor, types: Tensor, scores: Tensor) -> tuple[Tensor,
         if tok not in seen:
             seen.add(tok)
             keep.append(j)
-    idx = torch.tensor(keep)
+    idx = torch.tensor(keep, device=ids.device)
     return ids[idx], types[idx], scores[idx]
 
 

@@ -114,7 +114,7 @@ def group_lasso(
     lam0 = dtt.norm(dim=2).max(1).values[:, None].clamp_min(1e-300)
     m, n = targets.shape[0], atoms.shape[0]
     weights = penalty[None].expand(m, n)
-    y = torch.zeros(m, n, atoms.shape[1], dtype=targets.dtype)
+    y = torch.zeros(m, n, atoms.shape[1], dtype=targets.dtype, device=targets.device)
     penalised = penalty > 0
     for _ in range(rounds):
         z, tk = y.clone(), 1.0
@@ -150,7 +150,7 @@ def spectral_clusters(affinity: Tensor, k: int, seed: int = 0, restarts: int = 1
     norm = affinity / torch.outer(deg.sqrt(), deg.sqrt())
     _, vecs = torch.linalg.eigh(norm)
     u = vecs[:, -k:]
-    u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+    u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
     best: tuple[float, list[int]] | None = None
     for r in range(restarts):
         cent, lab = kmeans2(u, k, minit="++", seed=seed + r)
@@ -265,7 +265,7 @@ def span_cluster(
         raise NotApplicable("the batch has only structural tokens")
     targets = h[:, anchors].T.reshape(len(anchors), heads, dh)
     targets = targets / targets.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
-    penalty = torch.ones(keys.shape[0], dtype=torch.float64)
+    penalty = torch.ones(keys.shape[0], dtype=torch.float64, device=keys.device)
     penalty[-1] = 0.0  # β: every input carries it
     scores = group_lasso(targets, keys_unit, penalty, deadline=deadline)[:, :nb]
     scores = scores / scores.max(1, keepdim=True).values.clamp_min(1e-300)
@@ -423,7 +423,8 @@ def order_sentence(
         unit = unit / unit.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         targets = members.reshape(1, m * heads, dh)
         score = group_lasso(
-            targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64), deadline=deadline
+            targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64, device=unit.device),
+            deadline=deadline,
         )[0]
         score = score.view(len(middle), most)
     else:
@@ -438,7 +439,7 @@ def order_sentence(
             cost[r, :count] = -score[i, :count]
             if must:
                 cost[r, count:] = 1e9
-        rows, assigned = linear_sum_assignment(cost.numpy())
+        rows, assigned = linear_sum_assignment(cost.cpu().numpy())
         place = [0] * count
         for r, c in zip(rows, assigned, strict=True):
             if c < count:

@@ -101,7 +101,7 @@ def _l1_fit(a: Tensor, b: Tensor, weights: Tensor | None = None, iters: int = 60
     batched = a if a.dim() == 3 else a.expand(b.shape[0], *a.shape)
     prior = torch.ones_like(b) if weights is None else weights.double()
     w = prior
-    eye = torch.eye(batched.shape[-1], dtype=torch.float64)
+    eye = torch.eye(batched.shape[-1], dtype=torch.float64, device=batched.device)
     sol = b.new_zeros(b.shape[0], batched.shape[-1])
     eps = 1.0
     for _ in range(iters):
@@ -188,13 +188,14 @@ def unmask_inputs(
     mag = yp.abs().mean(-1, keepdim=True)
     inv = mag / yp.abs().clamp_min(1e-3 * mag)
     x = torch.zeros_like(yp)
-    res = torch.full((yp.shape[0],), float("inf"), dtype=torch.float64)
+    res = torch.full((yp.shape[0],), float("inf"), dtype=torch.float64, device=yp.device)
     for power in [*powers, *([None] * restarts)]:
         todo = (res >= tol).nonzero().flatten()
         if todo.numel() == 0:
             break
         if power is None:
-            w = inv[todo] * (0.25 + 1.5 * torch.rand(todo.numel(), yp.shape[1], generator=generator, dtype=yp.dtype))
+            noise = torch.rand(todo.numel(), yp.shape[1], generator=generator, dtype=yp.dtype).to(yp.device)
+            w = inv[todo] * (0.25 + 1.5 * noise)
         else:
             w = inv[todo] ** power
         if weights is not None:
@@ -220,7 +221,7 @@ def _zero_top(y: Tensor, rank: int) -> Tensor:
     """``y`` ``[n, d]`` with each row's ``rank``-th largest coordinate (by magnitude) set to zero."""
     k = y.abs().argsort(-1, descending=True)[:, rank]
     out = y.clone()
-    out[torch.arange(y.shape[0]), k] = 0.0
+    out[torch.arange(y.shape[0], device=y.device), k] = 0.0
     return out
 
 
@@ -230,7 +231,7 @@ def _unmask(yp: Tensor, weights: Tensor, *, basis: Tensor, iters: int, polish: i
     # The L1 optimum can sit a coordinate or two off the true mask (it spreads a small residual instead).
     # Greedy exact flips: flipping coordinate k changes ‖P⊥x‖² by 2 δ_k (P⊥x)_k + δ_k² (P⊥)_kk.
     p_diag = 1.0 - basis.square().sum(1)
-    rows = torch.arange(x.shape[0])
+    rows = torch.arange(x.shape[0], device=x.device)
     for _ in range(polish):
         r = x - (x @ basis) @ basis.T
         f = r.square().sum(1)
@@ -315,7 +316,7 @@ def context_from_hidden(
     nvec = ((h1.double() - layer.ln1_bias.double()) / layer.ln1_weight.double())  # [n, d]
     n, d = nvec.shape
     wos = (layer.wo.double() @ basis_c.double()) / (1.0 - p)  # [d, r]
-    design = torch.cat([nvec[:, :, None], torch.ones(n, d, 1, dtype=torch.float64), -wos.expand(n, d, -1)], -1)
+    design = torch.cat([nvec[:, :, None], torch.ones(n, d, 1, dtype=torch.float64, device=nvec.device), -wos.expand(n, d, -1)], -1)
     target = x.double() + layer.bo.double() / (1.0 - p)
     sol = _l1_fit(design, target)
     res = ((design @ sol[..., None])[..., 0] - target).abs()
@@ -365,8 +366,8 @@ def dropped_membership(
     r_cols = (torch.arange(n)[:, None, None] * heads + torch.arange(heads)[None, :, None]).expand(n, heads, dh).reshape(-1)
     r_vals = (-val / scale).reshape(-1)
     m = heads * dh
-    a_r = coo_matrix((r_vals.numpy(), (r_rows.numpy(), r_cols.numpy())), shape=(m, n * heads))
-    a_eq = hstack([coo_matrix((a_z / scale).numpy()), a_r, identity(m), -identity(m)]).tocsr()
+    a_r = coo_matrix((r_vals.cpu().numpy(), (r_rows.numpy(), r_cols.numpy())), shape=(m, n * heads))
+    a_eq = hstack([coo_matrix((a_z / scale).cpu().numpy()), a_r, identity(m), -identity(m)]).tocsr()
     ub_rows = np.arange(n * heads)
     a_ub = hstack(
         [
@@ -540,7 +541,7 @@ def span_attention_dropout(
                 )
             except RuntimeError:
                 continue
-            z = torch.zeros(len(pairs), dtype=torch.float64)
+            z = torch.zeros(len(pairs), dtype=torch.float64, device=z_live.device)
             z[live] = z_live
             seq, members = _read(z, pairs)
             if seq is None or slack > certify_tol or seq in sequences:

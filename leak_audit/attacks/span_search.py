@@ -221,7 +221,8 @@ class SpanSearch(Attack):
         rank = basis.shape[1]
         bsz = max(1, inp.batch_size)
         table = replica.input_embeddings(params).detach().float()
-        special = torch.tensor(sorted(spec.special_token_ids), dtype=torch.long)
+        dev = table.device  # token ids live with the model's tensors
+        special = torch.tensor(sorted(spec.special_token_ids), dtype=torch.long, device=dev)
         cls_id, sep_id = spec.cls_token_id, spec.sep_token_id
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
 
@@ -246,21 +247,21 @@ class SpanSearch(Attack):
         def total(cache: list[Tensor]) -> Tensor:
             return span_distance(torch.cat(cache)[None], basis)[0]
 
-        allowed = torch.ones(table.shape[0], dtype=torch.bool)
+        allowed = torch.ones(table.shape[0], dtype=torch.bool, device=dev)
         allowed[special] = False
         bag = inp.priors.get("token_bag")
         if bag is not None and bag.token_bag:
             allowed = torch.zeros_like(allowed)
-            allowed[torch.tensor(bag.token_bag)] = True
+            allowed[torch.tensor(bag.token_bag, device=dev)] = True
             allowed[special] = False
         allowed_ids = allowed.nonzero().flatten()
 
         # a seed from span_check whose total length matches the rank (one input per token)
-        seeded, current, best = 0, None, torch.tensor(float("inf"))
+        seeded, current, best = 0, None, torch.tensor(float("inf"), device=dev)
         prior = inp.priors.get("span_check")
         if prior is not None and prior.sequences and len(prior.sequences) == bsz:
             if sum(len(q) for q in prior.sequences) == rank and min(len(q) for q in prior.sequences) >= 2:
-                current = [torch.tensor(q, dtype=torch.long) for q in prior.sequences]
+                current = [torch.tensor(q, dtype=torch.long, device=dev) for q in prior.sequences]
                 best, seeded = total(states(current)), 1
         steps = 0
         pool = allowed_ids
@@ -269,14 +270,14 @@ class SpanSearch(Attack):
             length = max(3, rank // bsz)
             r = self.restarts
             init = allowed_ids[torch.randint(len(allowed_ids), (r, bsz, length), generator=gen)]
-            fixed = torch.zeros(length, dtype=torch.bool)
+            fixed = torch.zeros(length, dtype=torch.bool, device=dev)
             if cls_id is not None:
                 init[..., 0], fixed[0] = cls_id, True
             if sep_id is not None:
                 init[..., -1], fixed[-1] = sep_id, True
             emb = table[init].reshape(r * bsz, length, -1).clone().requires_grad_(True)
             opt = torch.optim.Adam([emb], lr=self.lr)
-            loss = torch.zeros(r)
+            loss = torch.zeros(r, device=dev)
             for steps in range(1, self.steps + 1):
                 with torch.enable_grad():
                     x = inputs_of(embeds=emb).reshape(r, bsz * length, -1)

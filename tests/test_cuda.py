@@ -1,0 +1,77 @@
+"""The CUDA side stream, on a real GPU. Every test skips cleanly without one (CI has none).
+
+The CPU-side checks of the same code are ``test_worker.py::test_side_stream_is_made_on_the_snapshots_gpu_...``
+(the call order, with torch.cuda faked) and ``test_device_placement.py`` (every attack on a simulated
+accelerator).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from leak_audit import LeakageAudit, read_audit_log
+from leak_audit.worker import AuditWorker
+from tests.test_callback import Classifier, loader
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ALL_TEXT_ATTACKS = ["labels", "token_bag", "span_check", "span_attention", "span_cluster", "span_search"]
+
+
+def test_the_worker_reads_the_snapshot_after_its_copy_even_when_training_overwrites_the_source():
+    """The copy is queued on the training stream behind a long matmul; the source is overwritten right
+    after. The audit, on its own low-priority stream, must see the copied values, not zeros or the
+    overwrite, and must run on a stream other than the training one."""
+    dev = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=dev)
+    seen = {}
+
+    def audit(snap):
+        seen["stream"] = torch.cuda.current_stream(dev)
+        return float(snap["g"].double().sum())
+
+    expected = float((a @ a).double().sum())  # the true value, computed (and synchronised) beforehand
+    worker = AuditWorker(audit, lambda s, e: repr(e))
+    source = a @ a  # long enough that the copy is still queued when submit returns
+    snap = {"g": source.clone()}
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(dev))
+    assert worker.submit(snap, ready)
+    del snap
+    source.zero_()
+    source += 7.0
+    assert worker.close(timeout=60)
+    (result,) = worker.drain()
+    assert result == pytest.approx(expected, rel=1e-6)
+    assert seen["stream"] != torch.cuda.default_stream(dev)
+    assert seen["stream"].priority == 0  # the lowest priority CUDA offers
+
+
+def _train(tokenizer, tmp_path, callbacks, steps=6):
+    L.seed_everything(123, verbose=False)
+    trainer = L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        accelerator="cuda", devices=1)
+    module = Classifier(tokenizer, dropout=0.1)
+    trainer.fit(module, loader(tokenizer))
+    return module, torch.cuda.get_rng_state(), torch.get_rng_state()
+
+
+def test_audits_on_the_gpu_leave_training_rng_untouched_and_succeed(tokenizer, tmp_path):
+    """Dropout on, an audit every step, every text attack on the training GPU: the CUDA and CPU RNG states
+    after training equal those of a run without the audit, and every audit succeeds."""
+    _, cuda_rng, cpu_rng = _train(tokenizer, tmp_path / "a", [])
+    audit = LeakageAudit(attacks=ALL_TEXT_ATTACKS, every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8,
+                         end_timeout=None)
+    _, cuda_rng_audited, cpu_rng_audited = _train(tokenizer, tmp_path / "b", [audit])
+    assert torch.equal(cuda_rng, cuda_rng_audited)
+    assert torch.equal(cpu_rng, cpu_rng_audited)
+    records = read_audit_log(audit.log_path)
+    assert len(records) == 6 * len(ALL_TEXT_ATTACKS)
+    failed = [(r.attack, r.error) for r in records if r.status == "failed"]
+    assert not failed, failed
+    assert all(r.metrics["token_recall"] == 1.0 for r in records if r.attack == "token_bag")
+    assert all(isinstance(r.info.get("peak_bytes"), int) and r.info["peak_bytes"] > 0 for r in records
+               if r.status == "ok")
