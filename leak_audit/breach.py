@@ -72,7 +72,7 @@ class LeakageThresholdExceeded(RuntimeError):
 
 def find_breaches(report: GateReport, step: int) -> list[Breach]:
     """The rules of ``report`` that fail on a measured value (missing evidence is not a breach here)."""
-    return [_breach(r, step) for r in report.results if r.status == "fail" and r.value is not None]
+    return [_breach(r, step) for r in report.measured().breaches()]
 
 
 def _breach(result: RuleResult, step: int) -> Breach:

@@ -71,7 +71,7 @@ from leak_audit.replica import ModelReplica
 from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
 from leak_audit.scoring import ImageScorer
 from leak_audit.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
-from leak_audit.policy import GateError, GatePolicy
+from leak_audit.policy import STATUSES, GateError, GatePolicy, GateReport
 from leak_audit.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
 from leak_audit.wandb_dashboard import WandbDashboard
 from leak_audit.snapshot import AuditSnapshot
@@ -641,7 +641,11 @@ class LeakageAudit(Callback):
                 w.params[name] = p.detach().clone()
                 w.copied_bytes += p.numel() * p.element_size()
             elif self._fork_versions.get(name) == p._version:  # frozen since the fork: the child has this copy
-                continue
+                continue  # (writes through ``p.data`` do not bump ``_version``: such a change goes unseen)
+            elif isinstance(self._worker, ProcessAuditWorker):  # frozen, changed since the fork: copy it, since
+                # the queue moves what it sends into shared memory (it would swap the live weight's storage)
+                w.params[name] = p.detach().clone()
+                w.copied_bytes += p.numel() * p.element_size()
             elif self._device is not None and p.device != self._device:  # frozen, attacked elsewhere: copy once
                 if name not in self._frozen:
                     self._frozen[name] = p.detach().to(self._device)
@@ -886,19 +890,20 @@ class LeakageAudit(Callback):
                     self.worst[key] = max(self.worst.get(key, float("-inf")), value)
             metrics["audit/skipped"] = float(self.skipped + sum(self._skipped_elsewhere.values()))
             step = records[0].step
-            report = self._check_policy(records, step)
-            if report is not None:
-                metrics["gate/verdict"] = float(("pass", "warn", "fail").index(self.verdict or "pass"))
+            checked = self._check_policy(records, step)
+            if checked is not None:
+                metrics["gate/verdict"] = float(STATUSES.index(self.verdict or "pass"))
             if log:
                 log_to_loggers(trainer.loggers, metrics, step=step)
                 try:
                     for dashboard in self._wandb(trainer):
                         dashboard.update(records, step)
-                        if report is not None:
+                        if checked is not None:
+                            report, breaches = checked
                             dashboard.verdict(
                                 self.verdict or "pass",
                                 {r.rule.name: r.status if r.value is not None else "no data" for r in report.results},
-                                {b.rule: b.message for b in find_breaches(report, step)}, step,
+                                {b.rule: b.message for b in breaches}, step,
                             )
                 except Exception as exc:  # noqa: BLE001 - a dashboard error must not stop training
                     self._warn_once("wandb", f"LeakageAudit: the W&B dashboard failed at step {step}: {exc!r}")
@@ -913,8 +918,9 @@ class LeakageAudit(Callback):
             ]
         return self._dashboards
 
-    def _check_policy(self, records: Sequence[AuditRecord], step: int) -> Any:
-        """Evaluate the policy over the run so far (rank zero); note the first breach and warn about each rule."""
+    def _check_policy(self, records: Sequence[AuditRecord], step: int) -> tuple[GateReport, list[Breach]] | None:
+        """Evaluate the policy over the run so far (rank zero); note the first breach and warn about each rule.
+        Returns the report and its breaches, or ``None`` when there is nothing to judge."""
         if self.policy is None:
             return None
         self._history.extend(_light(r) for r in records if r.status == "ok")
@@ -925,19 +931,18 @@ class LeakageAudit(Callback):
         except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
             self._warn_once("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
             return None
-        measured = [r for r in report.results if r.value is not None]  # no evidence yet is not a verdict yet
-        self.verdict = ("fail" if any(r.status == "fail" for r in measured)
-                        else "warn" if any(r.status == "warn" for r in measured) else "pass")
+        self.verdict = report.measured().verdict  # no evidence yet is not a verdict yet
         for result in report.results:
             if result.status == "warn":
                 self._warn_once(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "
                                 f"{result.message}")
-        for breach in find_breaches(report, step):
+        breaches = find_breaches(report, step)
+        for breach in breaches:
             if self.breach is None:
                 self.breach = breach
             self._warn_once(f"policy-fail:{breach.rule}", f"LeakageAudit: leakage policy breached at step {step}: "
                             f"{breach.message}" + ("" if self.on_breach == "warn" else f" (on_breach={self.on_breach!r})"))
-        return report
+        return report, breaches
 
     def _decide(self, trainer: Trainer, *, collective: bool) -> None:
         """Act on a breach (``on_breach`` "stop" or "raise"), the decision reduced across ranks."""

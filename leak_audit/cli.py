@@ -78,9 +78,7 @@ def policy_table(report: GateReport, title: str = "leak-audit gate") -> Table:
         table.add_column(col, justify="right" if col in ("value", "threshold", "warn") else "left")
     for res in report.results:
         rule = res.rule
-        agg = f"mean_last_k (k={rule.k})" if rule.aggregation == "mean_last_k" else rule.aggregation
-        warn = "-" if rule.warn is None else f"{rule.warn:g}"
-        cells = (rule.name, res.value_text, f"{rule.direction} {rule.threshold:g}", warn, agg)
+        cells = (rule.name, res.value_text, rule.threshold_text, rule.warn_text, rule.aggregation_text)
         table.add_row(*(Text(c) for c in cells), _STATUS_STYLE[res.status], Text(res.where))
     return table
 

@@ -12,7 +12,7 @@ scopes (attacks, modules, steps) live in :mod:`leak_audit.policy`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from leak_audit.policy import KNOWN_METRICS, GateError, GatePolicy, check_metric
 from leak_audit.records import AuditRecord
@@ -77,14 +77,9 @@ def policy_from_args(policy_file: str | None, maxes: Sequence[str]) -> GatePolic
     Raises:
         leak_audit.policy.GateError: a bad policy file or threshold (``PolicyError`` is a subclass).
     """
-    parts = []
-    if policy_file is not None:
-        parts.append(GatePolicy.from_toml(policy_file))
+    rules = GatePolicy.from_toml(policy_file).rules if policy_file is not None else ()
     if maxes:
-        parts.append(GatePolicy.from_thresholds(dict(parse_threshold(t) for t in maxes)))
-    if not parts:
-        return None
-    policy = parts[0]
-    for extra in parts[1:]:
-        policy = policy + extra
-    return policy
+        taken = {r.name for r in rules}
+        extra = GatePolicy.from_thresholds(dict(parse_threshold(t) for t in maxes)).rules
+        rules += tuple(replace(r, name=f"{r.name} (--max)") if r.name in taken else r for r in extra)
+    return GatePolicy(rules) if rules else None

@@ -198,6 +198,26 @@ class MetricRule:
         """The hard limit: ``max`` or ``min``."""
         return float(self.max if self.max is not None else self.min)  # type: ignore[arg-type]
 
+    @property
+    def threshold_text(self) -> str:
+        """The limit as written, never rounded: ``"max 0.5"``, ``"min 20"``."""
+        return f"{self.direction} {_g(self.threshold)}"
+
+    @property
+    def warn_text(self) -> str:
+        """The warn level as written (``"0.3"``), or ``"-"`` without one."""
+        return "-" if self.warn is None else _g(self.warn)
+
+    @property
+    def limit_text(self) -> str:
+        """:attr:`threshold_text` and the warn level: ``"max 0.5, warn 0.3"``."""
+        return self.threshold_text + (f", warn {self.warn_text}" if self.warn is not None else "")
+
+    @property
+    def aggregation_text(self) -> str:
+        """``"max"``, ``"last"``, ..., or ``"mean_last_k (k=3)"``."""
+        return f"mean_last_k (k={self.k})" if self.aggregation == "mean_last_k" else self.aggregation
+
     def in_scope(self, record: AuditRecord) -> bool:
         """Whether ``record`` is in the rule's scope (attack, module patterns, step range); status aside."""
         if self.attacks and record.attack not in self.attacks:
@@ -392,6 +412,10 @@ class GateReport:
         """The failing results (a metric beyond its limit, or reported by no record in scope)."""
         return [r for r in self.results if r.status == "fail"]
 
+    def measured(self) -> GateReport:
+        """The results with a value: what a run in progress is judged on (no evidence yet is no verdict yet)."""
+        return GateReport(tuple(r for r in self.results if r.value is not None))
+
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "exit_code": self.exit_code, "results": [r.to_dict() for r in self.results]}
 
@@ -419,9 +443,7 @@ class GateReport:
 
 def _junit_details(res: RuleResult) -> str:
     r = res.rule
-    lines = [res.message, f"rule: {r.metric} {r.direction} {_g(r.threshold)}, aggregation {r.aggregation}"]
-    if r.aggregation == "mean_last_k":
-        lines[-1] += f" (k={r.k})"
+    lines = [res.message, f"rule: {r.metric} {r.direction} {_g(r.threshold)}, aggregation {r.aggregation_text}"]
     if r.warn is not None:
         lines[-1] += f", warn {_g(r.warn)}"
     scope = r.scope_dict()
@@ -454,11 +476,12 @@ class GatePolicy:
         bad = [r for r in rules if not isinstance(r, MetricRule)]
         if bad:
             raise PolicyError(f"policy rules must be MetricRule objects, got {bad[0]!r}")
+        seen: set[str] = set()
+        for r in rules:  # names key the reports, warnings, W&B summaries and alerts
+            if r.name in seen:
+                raise PolicyError(f"two rules are named {r.name!r}: give each a distinct name (name = \"...\")")
+            seen.add(r.name)
         object.__setattr__(self, "rules", rules)
-
-    def __add__(self, other: GatePolicy) -> GatePolicy:
-        """Both policies' rules, ``self``'s first."""
-        return GatePolicy(self.rules + other.rules)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> GatePolicy:

@@ -412,14 +412,6 @@ def _worst_table(records: Sequence[AuditRecord]) -> str:
             "with leakage).</p>")
 
 
-def _threshold_text(rule: Any) -> str:
-    """``"max 0.5, warn 0.3"`` for a rule (``"min ..."`` for a lower bound)."""
-    parts = [f"{rule.direction} {_fmt_num(rule.threshold)}"]
-    if rule.warn is not None:
-        parts.append(f"warn {_fmt_num(rule.warn)}")
-    return ", ".join(parts)
-
-
 def _gate(records: Sequence[AuditRecord], policy: GatePolicy | None) -> tuple[str, str | None]:
     """The gate section and the verdict word (``None`` without a policy or without a verdict)."""
     head = '<section id="gate"><h2>Gate</h2>'
@@ -439,13 +431,12 @@ def _gate(records: Sequence[AuditRecord], policy: GatePolicy | None) -> tuple[st
     for res in report.results:
         rule = res.rule
         status = str(res.status)
-        value = res.value
-        value_text = "missing" if value is None else _fmt(str(rule.metric), float(value))
-        agg = f"mean_last_k (k={rule.k})" if rule.aggregation == "mean_last_k" else str(rule.aggregation)
+        value_text = res.value_text  # as precise as the comparison with the limit needs
+        agg = rule.aggregation_text
         rows.append(
             f'<tr class="r-{_e(status)}"><td>{_e(rule.name)}</td><td>{_e(rule.metric)}</td>'
             f"<td>{_e(agg)}</td><td class=\"num\">{value_text}</td>"
-            f"<td>{_e(_threshold_text(rule))}</td><td class=\"status\">{_e(status)}</td>"
+            f"<td>{_e(rule.limit_text)}</td><td class=\"status\">{_e(status)}</td>"
             f"<td>{_e(res.message or '')}</td><td>{_e(res.where or '')}</td></tr>"
         )
     table = ("<table class=\"grid wide\"><thead><tr><th>rule</th><th>metric</th><th>aggregation</th><th>value</th>"
@@ -502,18 +493,15 @@ def _image_grid(path: Path) -> str:
     n = len(originals)
     if n == 0:
         raise ValueError("no image in the file")
-    lo, hi = float(originals.min()), float(originals.max())
-    scale = hi - lo if hi > lo else 1.0
     from matplotlib.figure import Figure
+
+    from leak_audit.scoring import display_images
 
     fig = Figure(figsize=(1.1 * n + 0.4, 2.5), dpi=100, layout="constrained")
     axes = fig.subplots(2, n, squeeze=False)
-    for row, images in enumerate((originals, recons)):
+    for row, images in enumerate(display_images(originals, recons)):
         for i in range(n):
-            img = np.clip((images[i] - lo) / scale, 0.0, 1.0)
-            img = img.transpose(1, 2, 0) if img.ndim == 3 else img
-            if img.ndim == 3 and img.shape[2] == 1:
-                img = img[:, :, 0]
+            img = images[i] if i < len(images) else np.zeros_like(images[0])
             ax = axes[row][i]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

@@ -33,7 +33,7 @@ from leak_audit.metrics import label_accuracy, match_sequences, score_text_recon
 from leak_audit.models import TextModelSpec
 from leak_audit.snapshot import AuditSnapshot
 
-__all__ = ["ImageScorer", "Score", "Scorer", "TextScorer"]
+__all__ = ["ImageScorer", "Score", "Scorer", "TextScorer", "display_images"]
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -168,3 +168,21 @@ class ImageScorer:
             ssim=ssim(preds[rec_idx], target[tgt_idx], float(batch.bounds[1] - batch.bounds[0])).cpu().numpy(),
         )
         return [{"file": os.path.relpath(path, self.samples_dir.parent), "images": len(pairs)}]
+
+
+def display_images(originals: np.ndarray, reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image samples (as :class:`ImageScorer` writes them) ready to show: ``[N, C, H, W]`` each, in any
+    value range, to ``[N, H, W, C]`` in ``[0, 1]`` (``[N, H, W]`` for one channel).
+
+    Both are scaled on the *originals'* range and clipped, so a noisy reconstruction is shown as it is,
+    not stretched to full contrast (which would make it look better than it is).
+    """
+    lo, hi = float(originals.min()), float(originals.max())
+    scale = hi - lo if hi > lo else 1.0
+
+    def show(images: np.ndarray) -> np.ndarray:
+        out = np.clip((images - lo) / scale, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return out[..., 0] if out.shape[-1] == 1 else out
+
+    return show(originals), show(reconstructions)
+

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from leak_audit.records import AuditRecord, worst_values
+from leak_audit.scoring import display_images
 
 __all__ = ["HEADLINE_METRICS", "WandbDashboard", "highlight_recovered"]
 
@@ -76,13 +77,6 @@ def highlight_recovered(reference: str, reconstruction: str) -> tuple[str, str]:
         else:
             ref_html.append(html.escape(word))
     return " ".join(ref_html), " ".join(rec_html)
-
-
-def _unit_range(img: np.ndarray) -> np.ndarray:
-    """``[C, H, W]`` in any range -> ``[H, W, C]`` in ``[0, 1]`` for display (min-max per image)."""
-    lo, hi = float(img.min()), float(img.max())
-    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    return np.transpose(img, (1, 2, 0)) if img.ndim == 3 else img
 
 
 class WandbDashboard:
@@ -190,8 +184,12 @@ class WandbDashboard:
         except (OSError, KeyError, ValueError):
             return []
         panels = []
-        for i in range(min(len(originals), len(recons), 8)):
-            pair = np.concatenate([_unit_range(originals[i]), _unit_range(recons[i])], axis=1)
+        n = min(len(originals), len(recons), 8)
+        if n == 0:
+            return []
+        shown, rebuilt = display_images(originals[:n], recons[:n])  # one scale: the originals'
+        for i in range(n):
+            pair = np.concatenate([shown[i], rebuilt[i]], axis=1)
             caption = f"step {r.step} #{i}: original | reconstruction"
             if psnr is not None and i < len(psnr):
                 caption += f" (PSNR {float(psnr[i]):.1f} dB)"

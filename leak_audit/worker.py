@@ -11,7 +11,7 @@ thread; worker errors are kept and surfaced later) and NeMo's EMA callback (a pr
   default 1, and on Linux lowers its own scheduling priority (``nice`` 19 by default), so that when the
   cores are all busy the kernel runs training first and the audit in what is left.
 * **CUDA.** The snapshot's tensors are cloned on the training stream and an event is recorded after the
-  copies; the worker waits on that event from a private low-priority stream, and marks every snapshot
+  copies; the worker waits on that event from a private stream, and marks every snapshot
   tensor with ``record_stream`` so the caching allocator does not hand its memory back to training early.
 """
 
@@ -197,7 +197,8 @@ class AuditWorker(Generic[S, R]):
         if ready is None or not cuda:
             return self._fn(snapshot)
         # The side stream must be on the snapshot's GPU (under DDP rank r trains on cuda:r, while this
-        # thread's current device is cuda:0). Priority 0 is the lowest: it yields to training kernels.
+        # thread's current device is cuda:0). Priority 0 is CUDA's lowest, but also the default stream's, so
+        # the side stream runs beside training without yielding to it: backpressure and max_seconds bound it.
         device = cuda[0].device
         stream = self._streams.get(device)
         if stream is None:
@@ -416,6 +417,11 @@ class ProcessAuditWorker(Generic[S, R]):
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
             if sig is not None:
                 signal.signal(sig, signal.SIG_DFL)  # not the Trainer's handlers, inherited by the fork
+        try:  # Linux: when memory runs out the kernel kills the audit, not training (unprivileged: may only raise)
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write("1000")
+        except OSError:
+            pass
         if self._num_threads is not None:
             torch.set_num_threads(self._num_threads)
         if self._niceness is not None and hasattr(os, "setpriority"):

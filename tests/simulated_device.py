@@ -129,7 +129,6 @@ class SimulatedAccelerator(TorchDispatchMode):
             pass
         elif func in _INDEXING:
             self_arg = args[0]
-            others = [t for t in tensors if t is not self_arg and not isinstance(t, AcceleratorTensor)]
             index_like = [t for t in flat[1:] if isinstance(t, torch.Tensor)]
             if isinstance(self_arg, AcceleratorTensor):
                 values = args[2] if len(args) > 2 else None
@@ -137,7 +136,6 @@ class SimulatedAccelerator(TorchDispatchMode):
                     raise DeviceMixError(f"{func}: values on the cpu, self on the accelerator, shape {tuple(values.shape)}")
             elif any(isinstance(t, AcceleratorTensor) for t in index_like) and self_arg.dim() > 0:
                 raise DeviceMixError(f"{func}: indexing a cpu tensor {tuple(self_arg.shape)} with accelerator indices")
-            del others
         elif accel or target:
             cpu = [t for t in tensors if not isinstance(t, AcceleratorTensor) and t.dim() > 0]
             if cpu:

@@ -226,3 +226,20 @@ def test_the_breach_survives_a_checkpoint(tokenizer, tmp_path):
     resumed = LeakageAudit(attacks=["token_bag"], every_n_steps=2, log_dir=tmp_path / "a", policy=LEAKY)
     resumed.load_state_dict(audit.state_dict())
     assert resumed.breach == audit.breach and resumed.breach.step == 0 and resumed.verdict == "fail"
+
+
+def test_image_panels_show_a_faint_reconstruction_faint():
+    """Both halves are scaled on the originals' range: a near-constant reconstruction stays near-constant
+    (scaled on its own range it would fill 0..255 and look like an image)."""
+    pytest.importorskip("wandb")
+    import numpy as np
+
+    from leak_audit.scoring import display_images
+
+    rng = np.random.default_rng(0)
+    originals = rng.random((1, 3, 8, 8), dtype=np.float32)
+    recons = 0.5 + 0.01 * rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    shown, rebuilt = display_images(originals, recons)
+    assert shown.shape == rebuilt.shape == (1, 8, 8, 3)
+    assert float(np.ptp(rebuilt)) < 0.1 and float(np.ptp(shown)) > 0.9
+    assert display_images(originals[:, :1], recons[:, :1])[1].shape == (1, 8, 8)  # one channel: [N, H, W]

@@ -292,3 +292,33 @@ def test_wandb_offline_run_holds_the_logged_keys(tokenizer, tmp_path, monkeypatc
         assert key in data, key
     records = read_audit_log(audit.log_path)
     assert all(r.samples for r in records if r.attack == "span_check")
+
+
+class _TouchFrozen(L.Callback):
+    """Changes a frozen weight in place after the fork (a version bump), as a user's schedule might."""
+
+    def __init__(self, name):
+        self.name, self.ptrs = name, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        p = pl_module.get_parameter(self.name)
+        if trainer.global_step == 1:
+            with torch.no_grad():
+                p.mul_(1.0001)
+        self.ptrs.append(p.data_ptr())
+
+
+def test_process_worker_sends_a_copy_of_a_frozen_weight_changed_after_the_fork(tokenizer, tmp_path):
+    """A frozen weight changed after the fork is sent again; the queue moves what it sends into shared memory,
+    so it must send a copy, never the live weight (whose storage would be swapped under training)."""
+    name = "model.bert.embeddings.word_embeddings.weight"
+    module = Classifier(tokenizer)
+    module.get_parameter(name).requires_grad_(False)
+    touch = _TouchFrozen(name)
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8, worker="process",
+                         attacks=("span_check",), modules="bert.encoder.layer.0")
+    fit(module, tmp_path, [touch, audit], max_steps=4)
+    weight = module.get_parameter(name)
+    assert not weight.is_shared() and len(set(touch.ptrs)) == 1 and weight.data_ptr() == touch.ptrs[0]
+    records = read_audit_log(audit.log_path)
+    assert [r.status for r in records] == ["ok"] * 4

@@ -17,13 +17,14 @@ from tests.test_callback import Classifier, loader
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-ALL_TEXT_ATTACKS = ["labels", "token_bag", "span_check", "span_attention", "span_cluster", "span_search"]
+# the analytic text attacks (the optimisation ones, dlg and gradient_matching, run 20 s each by default)
+ANALYTIC_TEXT_ATTACKS = ["labels", "token_bag", "span_check", "span_attention", "span_cluster", "span_search"]
 
 
 def test_the_worker_reads_the_snapshot_after_its_copy_even_when_training_overwrites_the_source():
     """The copy is queued on the training stream behind a long matmul; the source is overwritten right
-    after. The audit, on its own low-priority stream, must see the copied values, not zeros or the
-    overwrite, and must run on a stream other than the training one."""
+    after. The audit, on its own stream, must wait for the copy (the ready event): it sees the copied values,
+    not memory the copy has yet to fill. It runs on a stream other than the training one."""
     dev = torch.device("cuda")
     a = torch.randn(4096, 4096, device=dev)
     seen = {}
@@ -46,7 +47,7 @@ def test_the_worker_reads_the_snapshot_after_its_copy_even_when_training_overwri
     (result,) = worker.drain()
     assert result == pytest.approx(expected, rel=1e-6)
     assert seen["stream"] != torch.cuda.default_stream(dev)
-    assert seen["stream"].priority == 0  # the lowest priority CUDA offers
+    assert seen["stream"].priority == 0  # CUDA's lowest (the default stream's too)
 
 
 def _train(tokenizer, tmp_path, callbacks, steps=6):
@@ -60,18 +61,18 @@ def _train(tokenizer, tmp_path, callbacks, steps=6):
 
 
 def test_audits_on_the_gpu_leave_training_rng_untouched_and_succeed(tokenizer, tmp_path):
-    """Dropout on, an audit every step, every text attack on the training GPU: the CUDA and CPU RNG states
-    after training equal those of a run without the audit, and every audit succeeds."""
+    """Dropout on, an audit every step, the analytic text attacks on the training GPU: the CUDA and CPU RNG states
+    after training equal those of a run without the audit, and no audit fails."""
     _, cuda_rng, cpu_rng = _train(tokenizer, tmp_path / "a", [])
-    audit = LeakageAudit(attacks=ALL_TEXT_ATTACKS, every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8,
+    audit = LeakageAudit(attacks=ANALYTIC_TEXT_ATTACKS, every_n_steps=1, log_dir=tmp_path / "audit", max_pending=8,
                          end_timeout=None)
     _, cuda_rng_audited, cpu_rng_audited = _train(tokenizer, tmp_path / "b", [audit])
     assert torch.equal(cuda_rng, cuda_rng_audited)
     assert torch.equal(cpu_rng, cpu_rng_audited)
     records = read_audit_log(audit.log_path)
-    assert len(records) == 6 * len(ALL_TEXT_ATTACKS)
+    assert len(records) == 6 * len(ANALYTIC_TEXT_ATTACKS)
     failed = [(r.attack, r.error) for r in records if r.status == "failed"]
     assert not failed, failed
     assert all(r.metrics["token_recall"] == 1.0 for r in records if r.attack == "token_bag")
-    assert all(isinstance(r.info.get("peak_bytes"), int) and r.info["peak_bytes"] >= 0 for r in records
+    assert all(isinstance(r.info.get("peak_bytes"), int) and r.info["peak_bytes"] > 0 for r in records
                if r.status == "ok")

@@ -396,6 +396,20 @@ def test_report_serialisations_agree(recs):
     report = GatePolicy.from_toml(REPO / "examples" / "leak-policy.toml").evaluate(recs)
     assert isinstance(report, GateReport)
     assert json.loads(report.to_json()) == report.to_dict()
-    assert report.to_dict()["verdict"] == report.verdict
+    # rouge1 (max 0.5) breaches at step 10 (0.6); token_recall's mean of the last 3 (0.8) and exact_match pass
+    assert report.to_dict()["verdict"] == report.verdict == "fail"
+    assert [r.rule.name for r in report.breaches()] == ["rouge1"]
     root = ET.fromstring(report.to_junit().encode())
-    assert int(root.get("failures")) == len(report.breaches())
+    assert root.get("failures") == "1" and root.get("tests") == "3"
+
+
+def test_rule_names_are_unique_and_max_rules_beside_a_file_get_their_own():
+    """Names key the report, the warnings, the W&B summary and alerts: two rules may not share one."""
+    from leak_audit.gate import policy_from_args
+
+    with pytest.raises(PolicyError, match="two rules are named 'token_recall': give each a distinct name"):
+        GatePolicy.from_mapping({"rule": [{"metric": "token_recall", "max": 0.9},
+                                          {"metric": "token_recall", "max": 0.5, "aggregation": "last"}]})
+    policy = policy_from_args(REPO / "examples" / "leak-policy.toml", ["token_recall=0.5", "psnr=20"])
+    assert [r.name for r in policy.rules] == ["rouge1", "token_recall", "exact_match", "token_recall (--max)", "psnr"]
+    assert [(r.metric, r.threshold) for r in policy.rules[3:]] == [("token_recall", 0.5), ("psnr", 20.0)]

@@ -107,7 +107,7 @@ def test_text_run_page_has_summary_verdict_plots_and_table(tmp_path):
 
     gate = _section(page, "gate")
     assert 'data-verdict="fail">BREACH</div>' in gate  # rouge1 reaches 0.6 > 0.5
-    assert '<td>rouge1</td><td>rouge1</td><td>max</td><td class="num">0.600</td><td>max 0.5</td>' in gate
+    assert '<td>rouge1</td><td>rouge1</td><td>max</td><td class="num">0.6</td><td>max 0.5</td>' in gate
     assert "token_recall = 0.9 " in gate and "&lt;= max 0.95" in gate
 
     # one PNG per plot: by attack, by module set (two sets), vs epsilon (DP), seconds
@@ -386,3 +386,13 @@ def test_report_renders_in_chromium_without_console_errors(report_page, tmp_path
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # not a blank page
     red = (np.abs(pixels - np.array([198, 40, 40])).sum(axis=2) < 30).sum()  # the BREACH banner (#c62828)
     assert red > 2000, red
+
+
+def test_gate_table_never_rounds_a_failing_value_onto_its_limit():
+    """ε = 8.00001 against max 8 fails; the table must not show it as 8."""
+    rec = AuditRecord(step=0, attack="token_bag", status="ok", modules=["m"], metrics={"rouge1": 0.1},
+                      privacy={"epsilon": 8.00001, "delta": 1e-5})
+    page = render_report([rec], policy=GatePolicy.from_thresholds({"epsilon": 8, "rouge1": 0.123456}))
+    gate = _section(page, "gate")
+    assert "<td class=\"num\">8.00001</td><td>max 8</td>" in gate
+    assert "max 0.123456" in gate

@@ -91,7 +91,8 @@ def test_process_worker_backpressure_errors_and_niceness():
         if s == "boom":
             raise RuntimeError("attack exploded")
         time.sleep(0.5)
-        return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+        oom = Path("/proc/self/oom_score_adj")  # Linux: the OOM killer's first choice is the child
+        return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads(), int(oom.read_text()) if oom.exists() else 1000
 
     w = ProcessAuditWorker(slow_or_boom, lambda s, e: f"failed: {e}", max_pending=1, niceness=19, num_threads=1)
     t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def test_process_worker_backpressure_errors_and_niceness():
         time.sleep(0.05)
     assert w.submit("boom")
     assert w.close(timeout=30)
-    assert w.drain() == [(19, 1), "failed: attack exploded"]
+    assert w.drain() == [(19, 1, 1000), "failed: attack exploded"]
 
 
 def test_process_worker_turns_a_dead_child_into_failed_audits_and_restarts():
