@@ -13,6 +13,7 @@ an :class:`~leak_audit.models.ImageModelSpec` and an :class:`~leak_audit.image_r
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
@@ -26,7 +27,11 @@ from leak_audit.image_replica import ImageReplica
 from leak_audit.models import ImageModelSpec, TextModelSpec
 from leak_audit.replica import ModelReplica
 
-__all__ = ["Attack", "AttackInput", "ModelSpec", "NotApplicable", "Reconstruction", "Requirements"]
+__all__ = ["COSTS", "Attack", "AttackInput", "Budget", "ModelSpec", "NotApplicable", "Reconstruction", "Requirements"]
+
+COSTS: tuple[str, ...] = ("analytic", "search", "optimisation")
+"""Cost classes of attacks, cheapest first: closed-form reads of the gradient (seconds at most), discrete
+or continuous searches with exact certificates, and gradient-matching optimisation (runs to its budget)."""
 
 ModelSpec = TextModelSpec | ImageModelSpec
 """Where an audited model keeps the tensors attacks read: text or image."""
@@ -47,6 +52,38 @@ class Requirements:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """The time limit of one attack run: the earlier of the attack's own limit and the audit's deadline.
+
+    Made by :meth:`AttackInput.budget` when the attack starts. An attack checks :meth:`expired` in every
+    loop that can take long, and when it stops because of it and :attr:`audit_bound` is true, it returns a
+    :class:`Reconstruction` with ``timed_out=True``: the audit's budget, not the attack's own stopping
+    rule, ended it, so its result is partial and must not be read as "found nothing".
+
+    Attributes:
+        start: ``time.monotonic()`` when the attack started (seconds).
+        deadline: ``time.monotonic()`` value at which the attack must return (``inf``: none).
+        audit_bound: the audit's deadline is the earlier limit (stopping at it is a timeout).
+    """
+
+    start: float
+    deadline: float
+    audit_bound: bool
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed."""
+        return time.monotonic() >= self.deadline
+
+    def left(self) -> float:
+        """Seconds until the deadline (``inf`` without one; negative once passed)."""
+        return self.deadline - time.monotonic()
+
+    def fraction(self, share: float) -> float:
+        """The ``time.monotonic()`` value when ``share`` (in ``[0, 1]``) of the budget has passed."""
+        return self.start + share * (self.deadline - self.start) if math.isfinite(self.deadline) else math.inf
+
+
+@dataclass(frozen=True)
 class AttackInput:
     """Everything an attack may use.
 
@@ -58,7 +95,8 @@ class AttackInput:
         batch_size: number of examples ``B`` behind the gradient (public metadata).
         priors: results of attacks that ran earlier in the same audit, by attack name.
         generator: the attack's private random generator (never the global one).
-        deadline: ``time.monotonic()`` value after which the attack should return its best so far.
+        deadline: ``time.monotonic()`` value after which the attack must return its best so far, with
+            ``Reconstruction.timed_out`` set if it had not finished (see :meth:`budget`).
         replica: the model's architecture, to run at ``params`` (attacks whose requirements ask for it).
         noise_std: per-coordinate standard deviation of Gaussian noise in ``gradients`` (DP-SGD's
             ``σ·C/B``, public), ``0.0`` without DP: the noise floor for rank estimation.
@@ -84,6 +122,14 @@ class AttackInput:
         """Seconds until the deadline (``inf`` without one)."""
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
+    def budget(self, own_seconds: float = math.inf) -> Budget:
+        """The attack's :class:`Budget` from now: ``own_seconds`` (the attack's own time limit, part of
+        its definition; ``inf``: none) capped by the audit's :attr:`deadline`."""
+        start = time.monotonic()
+        own = start + own_seconds
+        audit = math.inf if self.deadline is None else self.deadline
+        return Budget(start=start, deadline=min(own, audit), audit_bound=audit < own)
+
 
 @dataclass
 class Reconstruction:
@@ -97,7 +143,11 @@ class Reconstruction:
         labels: recovered labels; aligned with ``sequences`` (or ``images``) when ``labels_aligned`` is
             true, otherwise an unordered multiset of the batch's labels.
         images: ``[B', C, H, W]`` reconstructed images in the model's input space (image attacks).
-        info: diagnostics (ranks, scores, counts), numbers or short strings.
+        info: diagnostics (ranks, scores, counts), numbers or short strings. A timed-out attack says how
+            far it got under ``info["progress"]`` (a short string, e.g. ``"scanned 4096 of 30522 tokens"``).
+        timed_out: the audit's time budget stopped the attack before its own stopping rule did (see
+            :class:`Budget`): the result is partial, a lower bound on what the attack finds, recorded with
+            status ``timeout`` and never as a measured value.
     """
 
     attack: str
@@ -108,6 +158,7 @@ class Reconstruction:
     labels_aligned: bool = False
     images: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    timed_out: bool = False
 
 
 class Attack(ABC):
@@ -116,12 +167,15 @@ class Attack(ABC):
     Subclasses set :attr:`name`, implement :meth:`requirements` (raising :class:`NotApplicable` when the
     tapped parameters do not suffice) and :meth:`run`. :attr:`uses` lists attacks whose results the attack
     consumes from ``AttackInput.priors`` when they ran first. :attr:`modality` (``"text"`` by default or
-    ``"image"``) says which models the attack reads; names are unique per modality.
+    ``"image"``) says which models the attack reads; names are unique per modality. :attr:`cost` (one of
+    :data:`COSTS`) places the attack in an audit's fixed run order: cheap analytic attacks first, then
+    searches, then optimisation, whatever order the user listed them in.
     """
 
     name: ClassVar[str]
     uses: ClassVar[tuple[str, ...]] = ()
     modality: ClassVar[str] = "text"
+    cost: ClassVar[str] = "analytic"
 
     @abstractmethod
     def requirements(self, spec: ModelSpec, tapped: Collection[str]) -> Requirements:

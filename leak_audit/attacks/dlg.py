@@ -66,6 +66,7 @@ class DLG(Attack):
     """
 
     name = "dlg"
+    cost = "optimisation"
 
     def __init__(
         self,

@@ -209,6 +209,7 @@ class GradientMatching(Attack):
     """
 
     name = "gradient_matching"
+    cost = "optimisation"
     uses = ("labels", "token_bag", "span_check")
 
     def __init__(

@@ -147,6 +147,7 @@ class ImageDLG(_ImageInversionAttack):
     """
 
     name = "dlg"
+    cost = "optimisation"
     config = "dlg"
 
 
@@ -156,6 +157,7 @@ class InvertingGradients(_ImageInversionAttack):
     """
 
     name = "inverting_gradients"
+    cost = "optimisation"
     config = "inverting_gradients"
 
 

@@ -150,6 +150,7 @@ class SpanSearch(Attack):
     """
 
     name = "span_search"
+    cost = "search"
     uses = ("span_check", "token_bag")
 
     def __init__(
