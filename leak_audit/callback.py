@@ -131,7 +131,10 @@ class LeakageAudit(Callback):
         tokenizer: decodes reconstructions for ROUGE; defaults to ``pl_module.tokenizer`` if present.
         max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is
             busy, never queued without bound.
-        max_seconds: time budget of one audit's attacks.
+        max_seconds: time budget of *each* attack of an audit (seconds, from the attack's start; ``None``:
+            unbounded), so a slow attack cannot starve another; an audit takes at most about
+            ``len(attacks) * max_seconds``. An attack stopped by it is recorded as ``timeout``: missing
+            evidence for the gate, never a low value.
         worker_threads: intra-op threads of the background worker on CPU.
         worker_niceness: Linux ``nice`` value (0..19) of the worker, so busy cores serve training first;
             ``None`` leaves it alone.
@@ -208,7 +211,7 @@ class LeakageAudit(Callback):
         batch_adapter: BatchAdapter | None = None,
         tokenizer: Any = None,
         max_pending: int = 1,
-        max_seconds: float | None = 120.0,
+        max_seconds: float | None = 60.0,
         worker_threads: int | None = 1,
         worker_niceness: int | None = 19,
         end_timeout: float | None = 600.0,
@@ -311,6 +314,7 @@ class LeakageAudit(Callback):
         self.audits = 0
         self.skipped = 0
         self.failed = 0
+        self.timeouts = 0
         self.last_audited_step = -1
         self.worst: dict[str, float] = {}
         self.breach: Breach | None = None  # the first breached policy rule, if any
@@ -374,6 +378,7 @@ class LeakageAudit(Callback):
             "audits": self.audits,
             "skipped": self.skipped,
             "failed": self.failed,
+            "timeouts": self.timeouts,
             "last_audited_step": self.last_audited_step,
             "next_audit_step": self.next_audit_step,
             "worst": dict(self.worst),
@@ -386,6 +391,7 @@ class LeakageAudit(Callback):
         self.audits = int(state_dict.get("audits", 0))
         self.skipped = int(state_dict.get("skipped", 0))
         self.failed = int(state_dict.get("failed", 0))
+        self.timeouts = int(state_dict.get("timeouts", 0))
         self.last_audited_step = int(state_dict.get("last_audited_step", -1))
         self.worst = dict(state_dict.get("worst", {}))
         self.verdict = state_dict.get("verdict")
@@ -528,7 +534,7 @@ class LeakageAudit(Callback):
         except AuditLogError as exc:
             rank_zero_warn(f"LeakageAudit: the policy starts without the earlier audits: {exc}")
             return []
-        return [_light(r) for r in records if r.status == "ok" and r.step <= self.last_audited_step]
+        return [_light(r) for r in records if r.status in _JUDGED and r.step <= self.last_audited_step]
 
     def _setup_dp(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dp = find_dp_optimizer(trainer.optimizers)
@@ -884,6 +890,14 @@ class LeakageAudit(Callback):
                     "failed", f"LeakageAudit: attack {failed[0].attack!r} failed at step {failed[0].step}: {failed[0].error}"
                 )
             self.failed += any(r.status == "failed" for r in records)
+            timeout = [r for r in records if r.status == "timeout"]
+            if timeout:
+                self._warn_once(
+                    "timeout", f"LeakageAudit: attack {timeout[0].attack!r} ran out of time at step {timeout[0].step} "
+                    f"({timeout[0].error}); a timed-out attack is missing evidence, not a low value: raise "
+                    "max_seconds or audit less often"
+                )
+            self.timeouts += len(timeout)
             metrics = flatten_metrics(records)
             for key, value in metrics.items():
                 if key.startswith("leak/"):
@@ -923,7 +937,7 @@ class LeakageAudit(Callback):
         Returns the report and its breaches, or ``None`` when there is nothing to judge."""
         if self.policy is None:
             return None
-        self._history.extend(_light(r) for r in records if r.status == "ok")
+        self._history.extend(_light(r) for r in records if r.status in _JUDGED)
         try:
             report = self.policy.evaluate(self._history)
         except GateError:  # no successful audit yet: nothing to judge
@@ -968,9 +982,15 @@ class LeakageAudit(Callback):
             rank_zero_warn(message)
 
 
+_JUDGED = ("ok", "timeout")
+"""Statuses the policy reads: measured values, and timed-out attacks (missing evidence, or a partial value
+that already proves a breach)."""
+
+
 def _light(record: AuditRecord) -> AuditRecord:
-    """What the policy reads of a record (no samples, no info), so the run's history stays small."""
-    return dataclasses.replace(record, samples=None, info={})
+    """What the policy reads of a record (no samples; of ``info`` only partial values), so the run's
+    history stays small."""
+    return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items() if k.startswith("partial_")})
 
 
 def _default_delta(trainer: Trainer) -> float:

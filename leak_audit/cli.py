@@ -35,7 +35,7 @@ from leak_audit.bench.overhead import add_overhead_arguments, bench_overhead_com
 from leak_audit.bench.text import add_text_arguments, bench_text_command
 from leak_audit.gate import GateError, policy_from_args
 from leak_audit.policy import GatePolicy, GateReport
-from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.records import STATUSES, AuditLogError, AuditRecord, read_audit_log
 from leak_audit.report import add_report_arguments, report_command
 
 __all__ = ["main", "policy_table", "summary_table"]
@@ -57,7 +57,7 @@ def summary_table(records: Sequence[AuditRecord], metrics: Sequence[str], title:
             vals = [r.metrics[m] for r in records if r.attack == a and r.status == "ok" and m in r.metrics]
             cells.append(f"{max(vals):.3f}" if vals else "-")
         table.add_row(m, *cells)
-    for status in ("ok", "failed", "skipped"):
+    for status in STATUSES:
         table.add_row(f"audits {status}", *[str(sum(r.attack == a and r.status == status for r in records)) for a in attacks])
     secs = []
     for a in attacks:

@@ -29,7 +29,13 @@ for a min rule) across attacks, modules and ranks. Then aggregate over steps: ``
 per-step values, ``last`` the value at the largest step, ``mean_last_k`` the mean of the last ``k`` steps'
 values (all of them when fewer). The rule fails when the aggregate is beyond its limit, warns when it is
 only beyond ``warn``, and fails when no record in scope reports the metric: a gate must not pass on
-missing evidence. The gate's verdict is ``fail`` if any rule fails, else ``warn`` if any warns, else
+missing evidence.
+
+An attack stopped by its time budget (``status == "timeout"``) is missing evidence, never a measured low
+value: it does not count, and the rule's message says how many timed-out attacks in scope were left out.
+One exception makes a breach certain: a timed-out attack's partial value (``info["partial_<metric>"]``) is
+a lower bound on what it would have found, so a ``max`` rule aggregated by ``max`` fails when a partial
+value is already beyond the limit. The gate's verdict is ``fail`` if any rule fails, else ``warn`` if any warns, else
 ``pass``; only ``fail`` fails the gate (:attr:`GateReport.exit_code` 1).
 
 Every metric grows with leakage, so the usual rule is a ``max``; a ``min`` rule bounds from below, e.g. a
@@ -260,7 +266,10 @@ class MetricRule:
             best = per_step.get(r.step)
             if best is None or sign * v > sign * best[0]:  # ties keep the first record
                 per_step[r.step] = (v, r)
+        partial = self._partial_breach(records)
         if not per_step:
+            if partial is not None:
+                return partial
             return RuleResult(self, "fail", None, self._missing_message(records), "", 0)
         steps = sorted(per_step)
         where = ""
@@ -289,7 +298,31 @@ class MetricRule:
             text += f" {op} warn {_g(self.warn)} (limit: {self.direction} {_g(self.threshold)})"
         else:
             text += f" {'<=' if self.direction == 'max' else '>='} {self.direction} {_g(self.threshold)}"
+        if status != "fail" and partial is not None:
+            return partial
+        timeouts = sum(r.status == "timeout" and self.in_scope(r) for r in records)
+        if timeouts:
+            text += f"; {_n(timeouts, 'timed-out attack')} not counted (missing evidence)"
         return RuleResult(self, status, value, text, where, n)
+
+    def _partial_breach(self, records: Sequence[AuditRecord]) -> RuleResult | None:
+        """A fail from timed-out attacks' partial values, where they prove one: a partial result is a
+        lower bound on what the attack would have found, so for a ``max`` rule aggregated by ``max`` a
+        partial value beyond the limit is a breach. Otherwise a timed-out attack is missing evidence."""
+        if self.direction != "max" or self.aggregation != "max" or self.metric in PRIVACY_METRICS:
+            return None
+        worst: tuple[float, AuditRecord] | None = None
+        for r in records:
+            v = r.info.get(f"partial_{self.metric}") if r.status == "timeout" and self.in_scope(r) else None
+            if _is_number(v) and not math.isnan(v) and (worst is None or v > worst[0]):
+                worst = (float(v), r)
+        if worst is None or not worst[0] > self.threshold:
+            return None
+        value, rec = worst
+        where = f"{rec.attack}@step {rec.step}"
+        text = (f"{self.metric} >= {_fmt(value, self.threshold, self.warn)} (partial result of {where}, which timed "
+                f"out: a lower bound) > {self.direction} {_g(self.threshold)}")
+        return RuleResult(self, "fail", value, text, where, 1)
 
     def _status(self, value: float) -> str:
         if self.direction == "max":
@@ -305,6 +338,9 @@ class MetricRule:
         scope = f" in scope ({scope})" if scope else ""
         text = f"{self.metric}: no successful audit{scope} reports it; a gate must not pass on missing evidence"
         ok = [r for r in records if r.status == "ok"]
+        timeouts = sorted({r.attack for r in records if r.status == "timeout" and self.in_scope(r)})
+        if timeouts:
+            text += f" (timed out, which is not a measurement: {', '.join(timeouts)})"
         if self.metric in PRIVACY_METRICS:
             nulls = [r for r in ok if self.in_scope(r) and isinstance(r.privacy, dict)]
             if nulls:

@@ -7,8 +7,17 @@
      "attack": "span_check", "status": "ok", "error": null,
      "metrics": {"rouge1": 1.0, "token_recall": 1.0}, "seconds": 0.61, "info": {"rank": 96}}
 
-``status`` is ``ok``, ``failed`` (``error`` says why; training went on) or ``skipped`` (the attack had
-nothing to work with in the tapped view, or the worker was still busy with an earlier audit).
+``status`` is ``ok``, ``timeout`` (the attack's time budget ended it before it finished: missing
+evidence, never a measured value; its partial metrics are in ``info`` as ``partial_<metric>`` and
+``info["progress"]`` says how far it got), ``failed`` (``error`` says why; training went on) or
+``skipped`` (the attack had nothing to work with in the tapped view, or the worker was still busy with an
+earlier audit). Only ``ok`` records carry ``metrics``.
+
+Two worst cases are kept apart. The *oracle* (``leak/max/*``, :func:`worst_values`) takes per audit the
+attack that scored highest against the real batch: the worst case over the attack portfolio, which no
+single attacker without the answer achieves. The *attacker's pick* (``info["attacker_pick"] = 1``,
+``leak/pick/*``) is the one record per audit an attacker would keep from its own evidence, the smallest
+gradient residual (``info["gradient_residual"]``).
 ``samples`` is present only when the user opted in with ``log_samples=True``: reference and reconstructed
 text for text models; for image models never pixels, only ``[{"file": "samples/<name>.npz", "images": B}]``,
 the path (relative to the log's folder) of the file holding the originals and reconstructions. Image
@@ -25,10 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
+__all__ = ["PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "skipped")
+STATUSES = ("ok", "timeout", "failed", "skipped")
+PICK = "attacker_pick"
+"""``info`` key (value ``1``) of the record an attacker without the answer would keep in its audit: the
+smallest gradient residual (:mod:`leak_audit.attacks.evidence`)."""
 
 
 class AuditLogError(ValueError):
@@ -86,7 +98,7 @@ def worst_values(
     records: Iterable[AuditRecord], worst: dict[str, tuple[float, str]] | None = None
 ) -> dict[str, tuple[float, str]]:
     """Per metric, the largest value over the ``ok`` records (every metric grows with leakage) and
-    ``"<attack>@step <n>"`` where it was first reached.
+    ``"<attack>@step <n>"`` where it was first reached: the oracle over attacks (see the module docstring).
 
     Args:
         records: audit records (other statuses are ignored).

@@ -53,7 +53,7 @@ from rich.console import Console
 
 from leak_audit.gate import policy_from_args
 from leak_audit.policy import GateError, GatePolicy
-from leak_audit.records import AuditLogError, AuditRecord, read_audit_log, worst_values
+from leak_audit.records import PICK, AuditLogError, AuditRecord, read_audit_log, worst_values
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -229,13 +229,15 @@ def _plot_by(records: Sequence[AuditRecord], metrics: Sequence[str], key: Callab
         by_audit[(r.audit, r.step)].add(r.status)
     skipped = sorted({step for (_, step), st in by_audit.items() if st == {"skipped"}})
     failed = sorted({r.step for r in records if r.status == "failed"})
+    timeout = sorted({r.step for r in records if r.status == "timeout"})
     for ax, metric in zip(axes, metrics, strict=True):
         series = _series(records, key, lambda r: float(r.step), metric)
         for k in keys:
             if k in series:
                 xs, ys = zip(*series[k], strict=True)
                 ax.plot(xs, ys, "-o", ms=4, color=colors[k], label=_short(k), alpha=0.9)
-        for steps, color, label in ((skipped, "0.55", "audit skipped"), (failed, "#c62828", "an attack failed")):
+        for steps, color, label in ((skipped, "0.55", "audit skipped"), (failed, "#c62828", "an attack failed"),
+                                    (timeout, "#ef6c00", "an attack timed out")):
             for i, step in enumerate(steps):
                 ax.axvline(step, color=color, ls=":", lw=1.2, alpha=0.7, label=label if i == 0 else None)
         ax.set_title(_label(metric))
@@ -321,7 +323,7 @@ def _plots(records: Sequence[AuditRecord], attacks: Sequence[str], sets: Sequenc
         parts.append(_figure("leakage-by-attack", title, _plot_by(records, metrics, lambda r: r.attack, attacks, "attack"),
                              f"Each point: an attack's value at an audited step ({kind}; the largest when several "
                              "records share the step). Dotted lines, if any: audits skipped entirely (grey), steps where an "
-                             "attack failed (red)."))
+                             "attack failed (red) or ran out of time (orange; missing evidence, no point)."))
     else:
         parts.append(_note("leakage-by-attack", title, "no successful audit with metrics, nothing to plot."))
     title = "(b) leakage over steps, per tapped module set"
@@ -365,6 +367,7 @@ def _summary(records: Sequence[AuditRecord], source: str | None, attacks: Sequen
     rows: list[tuple[str, str]] = [("audit log", _e(source) if source else "–")]
     rows.append(("audits", f"{len(audits)} ({len(ran)} ran, {len(audits) - len(ran)} skipped entirely)"))
     rows.append(("records", f"{len(records)}: <span class=\"s-ok\">{status['ok']} ok</span>, "
+                 f"<span class=\"{'s-timeout' if status['timeout'] else 's-zero'}\">{status['timeout']} timed out</span>, "
                  f"<span class=\"{'s-failed' if status['failed'] else 's-zero'}\">{status['failed']} failed</span>, "
                  f"<span class=\"s-skipped\">{status['skipped']} skipped</span>"))
     if records:
@@ -402,14 +405,24 @@ def _worst_table(records: Sequence[AuditRecord]) -> str:
     worst = worst_values(records)
     if not worst:
         return '<p class="note">No successful audit: no worst values.</p>'
+    picked = worst_values(r for r in records if r.info.get(PICK))
     rows = "".join(
-        f"<tr><td>{_e(m)}</td><td class=\"num\">{_fmt(m, worst[m][0])}</td><td>{_e(worst[m][1])}</td></tr>"
+        f"<tr><td>{_e(m)}</td><td class=\"num\">{_fmt(m, worst[m][0])}</td><td>{_e(worst[m][1])}</td>"
+        f"<td class=\"num\">{_fmt(m, picked[m][0]) if m in picked else '–'}</td>"
+        f"<td>{_e(picked[m][1]) if m in picked else ''}</td></tr>"
         for m in _ordered_metrics(worst)
     )
-    return ("<h3>Worst value per metric</h3><table class=\"grid\"><thead><tr><th>metric</th><th>worst</th>"
-            f"<th>where</th></tr></thead><tbody>{rows}</tbody></table>"
-            '<p class="note">Largest value over successful records, all attacks and steps (every metric grows '
-            "with leakage).</p>")
+    timeouts = sum(r.status == "timeout" for r in records)
+    missing = (f" {timeouts} timed-out attack record(s) are missing evidence and count in neither column."
+               if timeouts else "")
+    return ("<h3>Worst value per metric</h3><table class=\"grid\"><thead><tr><th>metric</th>"
+            "<th>worst (oracle)</th><th>where</th><th>worst (attacker's pick)</th><th>where</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+            '<p class="note"><b>Oracle:</b> the largest value over successful records of every attack and step, '
+            "each scored against the real batch (every metric grows with leakage): the worst case over the "
+            "attack portfolio, which no single attacker without the answer achieves. <b>Attacker's pick:</b> per "
+            "audit, the one reconstruction an attacker keeps from its own evidence, the smallest gradient "
+            f"residual; '–' where no record of the log has one.{_e(missing)}</p>")
 
 
 def _gate(records: Sequence[AuditRecord], policy: GatePolicy | None) -> tuple[str, str | None]:
@@ -456,22 +469,25 @@ def _sorted(records: Sequence[AuditRecord], attacks: Sequence[str]) -> list[Audi
 def _audit_table(records: Sequence[AuditRecord], attacks: Sequence[str], sets: Sequence[str]) -> str:
     if not records:
         return '<section id="audits"><h2>Audits</h2><p class="note">The log holds no record.</p></section>'
-    metrics = _ordered_metrics(m for r in records for m in r.metrics)
+    metrics = _ordered_metrics({*(m for r in records for m in r.metrics),
+                                *(k[len("partial_"):] for r in records if r.status == "timeout"
+                                  for k in r.info if k.startswith("partial_"))})
     with_eps = any(r.privacy for r in records)
     with_modules = len(sets) > 1
     with_rank = any("process_rank" in r.info for r in records)
-    head = ["step", "audit", "attack", "status"] + (["rank"] if with_rank else []) + (
+    head = ["step", "audit", "attack", "status", "pick"] + (["rank"] if with_rank else []) + (
         ["modules"] if with_modules else []) + [_label(m) for m in metrics] + (["ε"] if with_eps else []) + [
         "seconds", "error"]
     body = []
     for r in _sorted(records, attacks):
         cells = [f'<td class="num">{r.step}</td>', f'<td class="num">{_e(r.audit)}</td>', f"<td>{_e(r.attack)}</td>",
-                 f'<td class="status">{_e(r.status)}</td>']
+                 f'<td class="status">{_e(r.status)}</td>',
+                 f'<td>{"attacker" if r.info.get(PICK) else ""}</td>']
         if with_rank:
             cells.append(f'<td class="num">{_e(r.info.get("process_rank", ""))}</td>')
         if with_modules:
             cells.append(f"<td>{_e(_module_set(r))}</td>")
-        cells += [f'<td class="num">{_fmt(m, r.metrics[m]) if m in r.metrics else ""}</td>' for m in metrics]
+        cells += [f'<td class="num">{_metric_cell(r, m)}</td>' for m in metrics]
         if with_eps:
             eps = _epsilon(r)
             cells.append(f'<td class="num">{f"{eps:.4g}" if eps is not None else ("∞" if r.privacy else "")}</td>')
@@ -481,6 +497,16 @@ def _audit_table(records: Sequence[AuditRecord], attacks: Sequence[str], sets: S
     header = "".join(f"<th>{_e(h)}</th>" for h in head)
     return (f'<section id="audits"><h2>Audits</h2><table class="grid wide audits"><thead><tr>{header}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></section>")
+
+
+def _metric_cell(r: AuditRecord, metric: str) -> str:
+    """The record's value, or for a timed-out attack its partial value as a lower bound (``≥ x``)."""
+    if metric in r.metrics:
+        return _fmt(metric, r.metrics[metric])
+    partial = r.info.get(f"partial_{metric}") if r.status == "timeout" else None
+    if isinstance(partial, int | float) and not isinstance(partial, bool) and math.isfinite(partial):
+        return f'<span class="partial" title="partial result of a timed-out attack">≥ {_fmt(metric, partial)}</span>'
+    return ""
 
 
 def _image_grid(path: Path) -> str:
@@ -569,6 +595,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td.error { color: var(--fail); word-break: break-word; min-width: 240px; max-width: 420px; }
 tr.r-failed td.status, tr.r-fail td.status, .s-failed { color: var(--fail); font-weight: 600; }
 tr.r-skipped td, .s-skipped { color: var(--muted); }
+tr.r-timeout td.status, .s-timeout { color: #ef6c00; font-weight: 600; }
+.partial { color: var(--muted); font-style: italic; }
 tr.r-ok td.status, tr.r-pass td.status, .s-ok { color: var(--ok); font-weight: 600; }
 tr.r-warn td.status { color: var(--warn); font-weight: 600; }
 tr.r-fail { background: #fdecea; }

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from leak_audit.records import AuditRecord
+from leak_audit.records import PICK, AuditRecord
 
 PRIVACY_KEYS: tuple[str, ...] = (
     "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "noise_std",
@@ -73,9 +73,12 @@ class AuditLog:
 def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
     """Scalars for loggers from one audit's records.
 
-    ``leak/<attack>/<metric>`` per successful attack, ``leak/max/<metric>`` the worst case over attacks
-    (every metric grows with leakage; with records of several ranks, the worst rank), ``audit/seconds`` the
-    audit's total attack time, ``audit/snapshot_bytes`` and ``audit/peak_bytes`` (:data:`MEMORY_KEYS`), and
+    ``leak/<attack>/<metric>`` per successful attack, ``leak/max/<metric>`` the oracle's worst case over
+    attacks (each scored against the real batch; every metric grows with leakage; with records of several
+    ranks, the worst rank), ``leak/pick/<metric>`` the attacker's pick (the record marked
+    :data:`~leak_audit.records.PICK`: what an attacker without the answer keeps; with several ranks, the
+    worst rank's), ``audit/seconds`` the audit's total attack time, ``audit/timeout`` and ``audit/failed``
+    the attacks stopped by their budget or failed (a timed-out attack reports no ``leak/`` value), ``audit/snapshot_bytes`` and ``audit/peak_bytes`` (:data:`MEMORY_KEYS`), and
     with DP-SGD
     ``privacy/<key>`` for :data:`PRIVACY_KEYS` (``privacy/epsilon`` is absent when ε is infinite or
     could not be computed; the audit log's ``privacy.error`` says why).
@@ -90,6 +93,11 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
             out[key] = max(out.get(key, float("-inf")), float(value))
             worst[name] = max(worst.get(name, float("-inf")), float(value))
     out.update({f"leak/max/{k}": v for k, v in worst.items()})
+    for r in records:
+        if r.status == "ok" and r.info.get(PICK):
+            for name, value in r.metrics.items():
+                key = f"leak/pick/{name}"
+                out[key] = max(out.get(key, float("-inf")), float(value))
     privacy = next((r.privacy for r in records if r.privacy), None)
     if privacy:
         for key in PRIVACY_KEYS:
@@ -99,6 +107,7 @@ def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:
     if records:
         out["audit/seconds"] = float(sum(r.seconds for r in records))
         out["audit/failed"] = float(sum(r.status == "failed" for r in records))
+        out["audit/timeout"] = float(sum(r.status == "timeout" for r in records))
     for key in MEMORY_KEYS:
         values = [float(r.info[key]) for r in records if isinstance(r.info.get(key), int | float)]
         if values:

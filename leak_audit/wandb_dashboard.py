@@ -15,8 +15,11 @@ What it adds to the scalars every Lightning logger gets (:func:`~leak_audit.sink
 * With ``log_samples=True`` only: ``samples/text``, a table of original vs reconstructed text with the
   recovered words highlighted; for image models ``samples/images/<attack>``, originals and reconstructions
   side by side (read from the audit's ``.npz`` sample file).
-* ``run.summary``: ``leak/worst/<metric>`` (the worst value of every metric over the run, with the attack
-  and step it came from) and, with a policy, ``gate/result`` (pass, warn or fail; rules without a
+* ``run.summary``: ``leak/worst/<metric>`` (the oracle: the worst value of every metric over the run and
+  every attack, each scored against the real batch, with the attack and step it came from),
+  ``leak/pick_worst/<metric>`` (the same over the attacker's picks only: per audit the reconstruction an
+  attacker without the answer keeps, the smallest gradient residual), ``audit/timeouts`` (attacks stopped
+  by their budget: missing evidence, never charted as a value) and, with a policy, ``gate/result`` (pass, warn or fail; rules without a
   measured value yet do not count) and ``gate/rule/<rule>`` (pass, warn, fail or "no data").
 * ``alert=True``: one ``run.alert`` per breached rule (delivery, by e-mail or Slack, is W&B's when the run
   is online; tested here only as the call).
@@ -35,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from leak_audit.records import AuditRecord, worst_values
+from leak_audit.records import PICK, AuditRecord, worst_values
 from leak_audit.scoring import display_images
 
 __all__ = ["HEADLINE_METRICS", "WandbDashboard", "highlight_recovered"]
@@ -105,7 +108,9 @@ class WandbDashboard:
         self.alert = alert
         self._series: dict[str, dict[str, dict[int, float]]] = {}  # metric -> attack -> step -> worst value
         self._epsilon: dict[int, tuple[float, float]] = {}  # step -> (epsilon, worst headline value)
-        self._worst: dict[str, tuple[float, str]] = {}  # metric -> (value, "attack@step")
+        self._worst: dict[str, tuple[float, str]] = {}  # metric -> (value, "attack@step"), the oracle
+        self._picked: dict[str, tuple[float, str]] = {}  # the same over the attacker's picks
+        self._timeouts = 0
         self._alerted: set[str] = set()
         self._defined = False
 
@@ -130,6 +135,8 @@ class WandbDashboard:
                 series = self._series.setdefault(name, {}).setdefault(r.attack, {})
                 series[r.step] = max(series.get(r.step, float("-inf")), v)
         worst_values(ok, self._worst)
+        worst_values((r for r in ok if r.info.get(PICK)), self._picked)
+        self._timeouts += sum(r.status == "timeout" for r in records)
         payload: dict[str, Any] = {}
         for metric in HEADLINE_METRICS[self.modality]:
             per_attack = self._series.get(metric)
@@ -154,9 +161,11 @@ class WandbDashboard:
         if payload:
             payload["trainer/global_step"] = step
             self.run.log(payload)
-        for name, (value, where) in self._worst.items():
-            self.run.summary[f"leak/worst/{name}"] = value
-            self.run.summary[f"leak/worst/{name}/at"] = where
+        for prefix, worst in (("leak/worst", self._worst), ("leak/pick_worst", self._picked)):
+            for name, (value, where) in worst.items():
+                self.run.summary[f"{prefix}/{name}"] = value
+                self.run.summary[f"{prefix}/{name}/at"] = where
+        self.run.summary["audit/timeouts"] = self._timeouts
 
     def _samples(self, records: Sequence[AuditRecord], wandb: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -38,6 +38,18 @@ def test_flatten_gives_per_attack_and_worst_case():
     assert m["audit/failed"] == 1.0
 
 
+def test_flatten_keeps_the_oracle_and_the_attackers_pick_apart():
+    picked = rec("dlg", rouge1=0.2)
+    picked.info["attacker_pick"] = 1
+    timed_out = rec("gradient_matching", "timeout")
+    timed_out.info["partial_rouge1"] = 0.9
+    m = flatten_metrics([rec(rouge1=0.7), picked, timed_out])
+    assert m["leak/max/rouge1"] == 0.7  # the oracle: the best attack against the truth
+    assert m["leak/pick/rouge1"] == 0.2  # what an attacker without the answer keeps
+    assert "leak/gradient_matching/rouge1" not in m  # a timed-out attack reports no value
+    assert m["audit/timeout"] == 1.0 and m["audit/failed"] == 0.0
+
+
 def test_gate_verdicts(log):
     records = read_audit_log(log)
     rows = evaluate_gate(records, {"rouge1": 0.5, "token_recall": 0.9})

@@ -159,6 +159,23 @@ def test_no_policy_shows_worst_values():
     assert "BREACH" not in page and "PASS" not in page
 
 
+def test_timeouts_and_the_attackers_pick_are_shown_apart():
+    records = text_records()
+    records[0].info["attacker_pick"] = 1  # span_check at step 0: rouge1 0.2
+    records.append(AuditRecord(step=40, attack="dlg", status="timeout", modules=[QUERY], batch_size=8, audit=99,
+                               seconds=30.0, error="stopped by its 30 s budget before it finished (step 12 of 300)",
+                               info={"partial_rouge1": 0.35, "progress": "step 12 of 300"}))
+    page = render_report(records)
+    assert "1 timed out</span>" in _section(page, "summary")
+    gate = _section(page, "gate")
+    # the oracle (0.600, span_check@step 40) next to the attacker's pick (0.200 at step 0)
+    assert ("<td>rouge1</td><td class=\"num\">0.600</td><td>span_check@step 40</td>"
+            "<td class=\"num\">0.200</td><td>span_check@step 0</td>") in gate
+    assert "1 timed-out attack record(s) are missing evidence" in gate
+    timeout_row = re.search(r'<tr class="r-timeout">.*?</tr>', _section(page, "audits")).group(0)
+    assert "≥ 0.350" in timeout_row and "step 12 of 300" in timeout_row
+
+
 def test_warn_and_pass_verdicts_and_toml_policy(tmp_path):
     recs = text_records()
     toml = tmp_path / "policy.toml"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import COSTS, Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.dlg import DLG
 from leak_audit.attacks.gradient_matching import GradientMatching
 from leak_audit.attacks.image_attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
@@ -29,6 +29,8 @@ __all__ = [
     "MODALITIES",
     "Attack",
     "AttackInput",
+    "Budget",
+    "COSTS",
     "NotApplicable",
     "Reconstruction",
     "Requirements",
@@ -51,14 +53,17 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     """Register an :class:`Attack` subclass under its ``name`` and ``modality`` (usable as a decorator).
 
     Raises:
-        ValueError: the name is empty, the modality unknown, or the name already registered to another
-            class of the same modality.
+        ValueError: the name is empty, the modality or cost class unknown, or the name already registered
+            to another class of the same modality.
     """
     name = getattr(cls, "name", "")
     if not name:
         raise ValueError(f"{cls.__name__} has no `name`")
     modality = getattr(cls, "modality", "text")
     _check_modality(modality)
+    cost = getattr(cls, "cost", COSTS[0])
+    if cost not in COSTS:
+        raise ValueError(f"{cls.__name__}.cost must be one of {', '.join(COSTS)}, got {cost!r}")
     registry = _REGISTRY[modality]
     if name in registry and registry[name] is not cls:
         raise ValueError(f"a {modality} attack named {name!r} is already registered ({registry[name].__name__})")
@@ -137,17 +142,27 @@ def get_attack(attack: str | Attack, modality: str = "text") -> Attack:
 
 
 def order_attacks(attacks: Iterable[Attack]) -> list[Attack]:
-    """Order attacks so that each runs after the attacks listed in its ``uses`` (stable otherwise)."""
-    pending = list(attacks)
+    """The fixed run order of an audit's attacks, whatever order they were listed in.
+
+    Each attack runs after the attacks in its ``uses`` (when present); among those ready, the cheapest
+    :attr:`~Attack.cost` class first (:data:`~leak_audit.attacks.base.COSTS`), then by name. Since every
+    attack has its own time budget and random generator, the order changes no result; it puts the fast
+    exact attacks' records first and lets later attacks reuse their results.
+    """
+    pending = sorted(attacks, key=_rank)
     names = {a.name for a in pending}
     done: list[Attack] = []
     while pending:
-        for a in pending:
-            if all(u not in names or u in {d.name for d in done} for u in a.uses):
-                done.append(a)
-                pending.remove(a)
-                break
-        else:  # a cycle: keep the given order
+        finished = {d.name for d in done}
+        ready = next((a for a in pending if all(u not in names or u in finished for u in a.uses)), None)
+        if ready is None:  # a cycle: the rest in rank order
             done.extend(pending)
             break
+        done.append(ready)
+        pending.remove(ready)
     return done
+
+
+def _rank(attack: Attack) -> tuple[int, str]:
+    cost = getattr(attack, "cost", COSTS[0])
+    return (COSTS.index(cost) if cost in COSTS else len(COSTS), attack.name)

@@ -20,8 +20,12 @@ callback runs. A view is
 
 One output row per (view, batch size, attack) holds the mean of each metric over the batches (ROUGE is
 the F-measure, all metrics in ``[0, 1]``, ``None`` when the attack does not report it) and the mean
-seconds per batch; ``--attacks best`` adds a row ``best`` that takes, per batch, the attack with the
-highest ROUGE-1 (ties: token recall). Same seed, same numbers (except seconds) as long as no clock stops
+seconds per batch; ``--attacks best`` adds two rows: ``best``, the oracle, takes per batch the attack
+whose reconstruction scored the highest ROUGE-1 against the real batch (ties: token recall), the worst
+case over the attack portfolio; ``pick`` takes per batch the attack an attacker without the answer would
+keep, the smallest gradient residual (:mod:`leak_audit.attacks.evidence`). ``--max-seconds`` is each
+attack's own budget, as in the callback; an attack it stops counts as ``timeout``, never as a low value.
+Same seed, same numbers (except seconds) as long as no clock stops
 an attack: pass ``--max-steps`` (work bounds for the optimisation attacks, :func:`bench_attack`) and no
 ``--max-seconds``.
 
@@ -71,12 +75,13 @@ from leak_audit.auditor import Auditor
 from leak_audit.batch import TextBatch
 from leak_audit.datasets import read_tsv
 from leak_audit.models import UnsupportedModelError, find_hf_model, text_model_spec
-from leak_audit.records import AuditRecord
+from leak_audit.records import PICK, AuditRecord
 from leak_audit.replica import ModelReplica
 from leak_audit.snapshot import AuditSnapshot
 
 __all__ = [
     "BEST",
+    "PICK_ROW",
     "METRICS",
     "ROW_KEYS",
     "BenchConfig",
@@ -103,6 +108,9 @@ __all__ = [
 ]
 
 BEST = "best"
+"""The oracle row: per batch the attack that scored highest against the real batch."""
+PICK_ROW = "pick"
+"""The attacker's-pick row: per batch the attack with the smallest gradient residual (its own evidence)."""
 METRICS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "token_recall", "exact_match")
 """The metrics every row carries (means over batches; ``None`` when the attack does not report one)."""
 EXTRA_METRICS: tuple[str, ...] = ("token_precision", "position_recall", "label_accuracy")
@@ -436,13 +444,37 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def _status_counts(records: Sequence[AuditRecord]) -> dict[str, int]:
     counts = Counter(r.status for r in records)
-    return {s: counts.get(s, 0) for s in ("ok", "skipped", "failed")}
+    return {s: counts.get(s, 0) for s in ("ok", "timeout", "skipped", "failed")}
 
 
 def _best_key(record: AuditRecord) -> tuple[float, float]:
     r1 = record.metrics.get("rouge1")
     tr = record.metrics.get("token_recall")
     return (-1.0 if r1 is None else float(r1), -1.0 if tr is None else float(tr))
+
+
+def _portfolio_entry(
+    name: str, batches: Sequence[Sequence[AuditRecord]], chosen: set[str], choose: Any
+) -> dict[str, Any]:
+    """One row over the attacks in ``chosen``: per batch the ok record ``choose(ok_records)`` picks."""
+    picks: list[AuditRecord] = []
+    seconds: list[float] = []
+    timed_out = 0
+    for batch in batches:
+        mine = [r for r in batch if r.attack in chosen]
+        seconds.append(sum(float(r.seconds) for r in mine))
+        timed_out += any(r.status == "timeout" for r in mine)
+        found = choose([r for r in mine if r.status == "ok"])
+        if found is not None:
+            picks.append(found)
+    entry: dict[str, Any] = {"attack": name, "n_sentences": sum(r.batch_size for r in picks)}
+    for m in (*METRICS, *EXTRA_METRICS):
+        entry[m] = _mean([float(r.metrics[m]) for r in picks if r.metrics.get(m) is not None])
+    entry["seconds_per_batch"] = _mean(seconds)
+    entry["status_counts"] = {"ok": len(picks), "timeout": timed_out, "skipped": 0,
+                              "failed": len(batches) - len(picks)}
+    entry["best_of"] = dict(Counter(r.attack for r in picks))
+    return entry
 
 
 def summarize(
@@ -453,16 +485,22 @@ def summarize(
     Args:
         batches: per batch, the records the auditor returned (one per attack).
         attacks: the attacks to report, in order (records of other attacks are ignored).
-        with_best: append an entry ``best``: per batch, the ok record with the highest ``rouge1`` (ties:
-            ``token_recall``; a missing metric counts as -1; further ties: the earlier attack).
+        with_best: append two entries over the attacks. ``best`` is the *oracle*: per batch, the ok record
+            that scored highest against the real batch (``rouge1``, ties ``token_recall``; a missing metric
+            counts as -1; further ties: the earlier attack), the worst case over the attack portfolio,
+            which no single attacker without the answer achieves. ``pick`` is the *attacker's pick*: per
+            batch the ok record an attacker keeps from its own evidence, the smallest gradient residual
+            (``info["attacker_pick"]``, :mod:`leak_audit.attacks.evidence`).
 
     Returns:
         Dicts with ``attack``, ``n_sentences`` (sentences in batches the attack scored), every metric of
         :data:`METRICS` and :data:`EXTRA_METRICS` (mean over the batches that report it, rounded to 6
-        digits, else ``None``), ``seconds_per_batch`` (mean wall seconds; for ``best`` the mean over batches
-        of the summed seconds of all ``attacks``), ``status_counts`` (``{"ok", "skipped", "failed"}``:
-        records, or for ``best`` batches with / without a scored attack) and ``best_of`` (``best`` only:
-        ``{attack: batches it won}``, otherwise ``None``).
+        digits, else ``None``), ``seconds_per_batch`` (mean wall seconds; for ``best`` and ``pick`` the mean
+        over batches of the summed seconds of all ``attacks``), ``status_counts`` (``{"ok", "timeout",
+        "skipped", "failed"}``: records; for ``best`` and ``pick``: batches with a chosen record
+        (``ok``), batches in which at least one attack ran out of time (``timeout``: the row may be lower
+        than without a budget) and batches with nothing chosen (``failed``)) and ``best_of`` (``best`` and
+        ``pick``: ``{attack: batches it was chosen in}``, otherwise ``None``).
     """
     out = []
     for attack in attacks:
@@ -477,21 +515,9 @@ def summarize(
         out.append(entry)
     if with_best:
         chosen = set(attacks)
-        picks: list[AuditRecord] = []
-        seconds: list[float] = []
-        for batch in batches:
-            mine = [r for r in batch if r.attack in chosen]
-            seconds.append(sum(float(r.seconds) for r in mine))
-            ok = [r for r in mine if r.status == "ok"]
-            if ok:
-                picks.append(max(ok, key=_best_key))
-        entry = {"attack": BEST, "n_sentences": sum(r.batch_size for r in picks)}
-        for m in (*METRICS, *EXTRA_METRICS):
-            entry[m] = _mean([float(r.metrics[m]) for r in picks if r.metrics.get(m) is not None])
-        entry["seconds_per_batch"] = _mean(seconds)
-        entry["status_counts"] = {"ok": len(picks), "skipped": 0, "failed": len(batches) - len(picks)}
-        entry["best_of"] = dict(Counter(r.attack for r in picks))
-        out.append(entry)
+        out.append(_portfolio_entry(BEST, batches, chosen, lambda ok: max(ok, key=_best_key) if ok else None))
+        out.append(_portfolio_entry(PICK_ROW, batches, chosen,
+                                    lambda ok: next((r for r in ok if r.info.get(PICK)), None)))
     return out
 
 
@@ -591,7 +617,7 @@ def _cells(row: Mapping[str, Any], dp: bool = False, lora: bool = False) -> list
         str(row["data"]),
         str(row["view"]),
         str(row["batch_size"]),
-        str(row["attack"]),
+        _attack_text(str(row["attack"])),
         str(row["n_sentences"]),
         *(_fmt(row[m]) for m in METRICS),
         _fmt(row.get("label_accuracy")),
@@ -607,6 +633,10 @@ def _cells(row: Mapping[str, Any], dp: bool = False, lora: bool = False) -> list
     if lora:
         cells[i:i] = [str(row.get("lora_r", "–")), str(row.get("lora_steps", "–"))]
     return cells
+
+
+def _attack_text(attack: str) -> str:
+    return {BEST: f"{BEST} (oracle)", PICK_ROW: f"{PICK_ROW} (attacker)"}.get(attack, attack)
 
 
 def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mapping[str, Any] | None = None) -> str:
@@ -631,9 +661,14 @@ def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, meta: Mappi
         "",
         (
             "ROUGE: F-measure; every metric is the mean over the batches the attack scored, in [0, 1]; "
-            "–: the attack does not report it. `best`: per batch the attack with the highest ROUGE-1 "
-            "(ties: token recall); its s/batch is the sum over all attacks. params: tapped share of the "
-            "model's parameters. label acc: share of labels recovered. batches: record statuses. "
+            "–: the attack does not report it. `best (oracle)`: per batch the attack whose reconstruction "
+            "scored the highest ROUGE-1 against the real batch (ties: token recall): the worst case over the "
+            "attack portfolio, not one attacker's result. `pick (attacker)`: per batch the attack an attacker "
+            "without the answer keeps, the smallest gradient residual of its reconstruction. Their s/batch is "
+            "the sum over all attacks; their batches column counts batches, and `timeout` there counts batches "
+            "in which some attack ran out of its budget (that row may be lower than without a budget). params: "
+            "tapped share of the model's parameters. label acc: share of labels recovered. batches: record "
+            "statuses (`timeout`: stopped by its budget; missing evidence, not counted in the means). "
             "Reference: published values on BERT-base (LAMP, Balunović et al. 2022; DAGER, Petrov et al. "
             "2024), not measured here."
             + (
@@ -678,7 +713,7 @@ def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench
         report = dict(zip(_columns(dp, lora), _cells(row, dp, lora), strict=True))
         cells = [report[c] for c in columns.values()]
         cells = [escape(c) for c in cells]
-        if row["attack"] == BEST:
+        if row["attack"] in (BEST, PICK_ROW):
             cells = [f"[bold]{c}[/bold]" for c in cells]
         table.add_row(*cells)
     return table
@@ -743,7 +778,8 @@ class BenchConfig:
         with_best: add the ``best`` row per setting.
         dropout: ``"off"`` (eval-mode gradients) or ``"on"`` (training mode, seeded dropout masks).
         seed: seed of the classification head, dropout masks and attacks.
-        max_seconds: time budget per audit (all attacks on one batch and view), ``None``: unbounded.
+        max_seconds: time budget of each attack on one batch and view (as the callback's), ``None``:
+            unbounded.
         max_steps: work bound of the optimisation attacks instead of their time bound (see
             :func:`bench_attack`); ``None``: their defaults.
         dp_noise: noise multipliers σ: each runs the whole benchmark on the gradient DP-SGD releases
@@ -1022,7 +1058,8 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="S",
-        help="time budget per audit (one batch, one view); default none",
+        help="time budget of each attack on one batch and view (as the callback's max_seconds); an attack it "
+        "stops is counted as timeout, never as a low value; default none",
     )
     parser.add_argument(
         "--max-steps",
