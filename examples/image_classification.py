@@ -36,7 +36,7 @@ from rich.console import Console
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from leak_audit import LeakageAudit, available_attacks, read_audit_log
+from leak_audit import ImageBatch, LeakageAudit, available_attacks, read_audit_log
 from leak_audit.bench.image import load_images, write_grid
 from leak_audit.bench.text import BenchError
 from leak_audit.cli import policy_table, summary_table
@@ -66,6 +66,16 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def audit_batch(batch: list[torch.Tensor]) -> ImageBatch:
+    """What the audit reads from a training batch: the images with their public box of valid values. The
+    pixels are scaled to [0, 1] (``load_data``), so the box is ``(0, 1)``; after a ``Normalize(mean, std)``
+    it would be ``(min(-mean / std), max((1 - mean) / std))``. Without a declared box the audit accepts only
+    the standard pixel boxes [0, 1] and [0, 255] and fails on anything else, never reading the box off the
+    private batch."""
+    images, labels = batch
+    return ImageBatch(images, labels, value_range=(0.0, 1.0))
 
 
 def load_data(path: str | None, n: int | None) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -106,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modules", nargs="+", default=None, help="tapped modules (names or globs); default: the whole model")
     p.add_argument("--attacks", nargs="+", default=None,
                    help=f"image attacks, from {available_attacks('image')} (default: dlg)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="time budget of one audit's attacks")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time budget of each attack of an audit (seconds)")
     p.add_argument("--max-pending", type=int, default=16,
                    help="audits queued or running at once; more due audits are skipped (training an 8x8 LeNet is "
                         "faster than DLG, so the demo queues them)")
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         audit = LeakageAudit(
             modules=args.modules, every_n_steps=args.every_n_steps, attacks=args.attacks, log_dir=log_dir,
             log_samples=args.log_samples, max_pending=args.max_pending, max_seconds=args.max_seconds,
-            seed=args.seed, modality="image",
+            seed=args.seed, modality="image", batch_adapter=audit_batch,
         )
     except ValueError as exc:
         sys.exit(f"LeakageAudit: {exc}")

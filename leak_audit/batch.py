@@ -4,7 +4,9 @@ Text: the default adapter (:func:`default_batch_adapter`) understands mappings (
 ``BatchEncoding``) with the keys ``input_ids``, ``attention_mask`` and optionally ``token_type_ids`` and
 ``labels`` (or ``label``). Images: :func:`default_image_batch_adapter` understands ``(images, labels)``
 tuples or lists (a ``TensorDataset`` or torchvision loader) and mappings with ``pixel_values`` or
-``images`` and ``labels`` (or ``label``). For any other layout pass ``batch_adapter=`` to
+``images`` and ``labels`` (or ``label``); it reads pixels in ``[0, 1]`` or ``[0, 255]``, and normalised
+images need an adapter that declares their public ``value_range`` (:attr:`ImageBatch.bounds`). For any
+other layout pass ``batch_adapter=`` to
 :class:`~leak_audit.LeakageAudit`, a function from your batch to a :class:`TextBatch` or an
 :class:`ImageBatch`::
 
@@ -13,6 +15,7 @@ tuples or lists (a ``TensorDataset`` or torchvision loader) and mappings with ``
         return TextBatch(input_ids=ids, attention_mask=mask, labels=y)
 
     LeakageAudit(..., batch_adapter=my_adapter)
+    # normalised with Normalize(0.5, 0.5): declare the box
     LeakageAudit(..., batch_adapter=lambda b: ImageBatch(b["x"], b["y"], value_range=(-1.0, 1.0)))
 """
 
@@ -123,8 +126,11 @@ class ImageBatch:
     Attributes:
         images: ``[B, C, H, W]`` floating-point model inputs, exactly as the model receives them.
         labels: ``[B]`` int64 class labels.
-        value_range: ``(low, high)``, the box of valid input values (public: ``(0, 1)`` for pixels scaled
-            to ``[0, 1]``, ``(-1, 1)`` after ``Normalize(0.5, 0.5)``, ...). ``None``: see :attr:`bounds`.
+        value_range: ``(low, high)``, the box of valid input values, from the preprocessing (public):
+            ``(0, 1)`` for pixels scaled to ``[0, 1]``, ``(-1, 1)`` after ``Normalize(0.5, 0.5)``,
+            ``(min_c(-mean_c / std_c), max_c((1 - mean_c) / std_c))`` after ``Normalize(mean, std)`` of
+            ``[0, 1]`` pixels. ``None``: only the standard pixel boxes ``(0, 1)`` and ``(0, 255)`` are
+            recognised (see :attr:`bounds`); normalised inputs must declare it.
 
     Raises:
         BatchAdapterError: a wrong rank or dtype, labels that do not match ``B``, or ``low >= high``.
@@ -153,10 +159,19 @@ class ImageBatch:
 
     @property
     def bounds(self) -> tuple[float, float]:
-        """``(low, high)`` of valid input values: :attr:`value_range` when given, else ``(0, 1)`` when every
-        value lies in ``[0, 1]``, ``(0, 255)`` when in ``[0, 255]``, else the batch's own ``(min, max)``
-        (normalised inputs; pass ``value_range`` for the exact box). Attacks clamp to it; PSNR and SSIM
-        use ``high - low`` as the data range."""
+        """``(low, high)`` of valid input values, the box the attacks clamp to (PSNR and SSIM use
+        ``high - low`` as the data range). It is public information about the preprocessing, never a
+        statistic of the private images: :attr:`value_range` when given, else one of the two standard
+        pixel formats, ``(0, 1)`` when every value lies in ``[0, 1]`` or ``(0, 255)`` when every value lies
+        in ``[0, 255]`` (which of the two formats a pipeline produces is public; the batch only tells
+        which one this is, so a ``[0, 255]`` batch that happens to lie in ``[0, 1]`` is read as ``(0, 1)``:
+        declare :attr:`value_range` to be exact).
+
+        Raises:
+            BatchAdapterError: no :attr:`value_range` was given and the values lie outside both standard
+                boxes (e.g. normalised inputs): the box would have to be read off the private batch.
+                Pass ``ImageBatch(images, labels, value_range=(low, high))`` through a ``batch_adapter``.
+        """
         if self.value_range is not None:
             return float(self.value_range[0]), float(self.value_range[1])
         if self.images.numel() == 0:
@@ -165,7 +180,12 @@ class ImageBatch:
         for box in ((0.0, 1.0), (0.0, 255.0)):
             if box[0] <= lo and hi <= box[1]:
                 return box
-        return (lo, hi) if hi > lo else (lo, lo + 1.0)
+        raise BatchAdapterError(
+            f"the images lie in [{lo:.4g}, {hi:.4g}], outside both standard pixel boxes [0, 1] and [0, 255], and no "
+            "value_range was declared; the attacks' box of valid values must be public, not read off the private "
+            "batch. Declare it from your preprocessing (e.g. (-1, 1) after Normalize(0.5, 0.5)): "
+            "LeakageAudit(batch_adapter=lambda b: leak_audit.ImageBatch(b[0], b[1], value_range=(low, high)))."
+        )
 
     @property
     def device(self) -> torch.device:
@@ -184,17 +204,22 @@ class ImageBatch:
     def concat(batches: Sequence[ImageBatch]) -> ImageBatch:
         """Join micro-batches (gradient accumulation) into one batch.
 
+        The joined batch keeps the micro-batches' declared :attr:`value_range` (one that declares none
+        takes it from the others).
+
         Raises:
-            BatchAdapterError: the micro-batches' image shapes differ.
+            BatchAdapterError: the micro-batches' image shapes differ, or they declare different value ranges.
         """
         if len(batches) == 1:
             return batches[0]
         shapes = {tuple(b.images.shape[1:]) for b in batches}
         if len(shapes) > 1:
             raise BatchAdapterError(f"micro-batches of one step have different image shapes {sorted(shapes)}")
-        ranges = {b.value_range for b in batches}
+        ranges = {tuple(map(float, b.value_range)) for b in batches if b.value_range is not None}
+        if len(ranges) > 1:
+            raise BatchAdapterError(f"micro-batches of one step declare different value_range {sorted(ranges)}")
         return ImageBatch(torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]),
-                          ranges.pop() if len(ranges) == 1 else None)
+                          ranges.pop() if ranges else None)  # type: ignore[arg-type]
 
 
 BatchAdapter = Callable[[Any], TextBatch | ImageBatch]
@@ -246,7 +271,9 @@ def _describe(batch: Any) -> str:
 def default_image_batch_adapter(batch: Any) -> ImageBatch:
     """Read an image batch: an ``(images, labels)`` tuple or list, or a mapping with ``pixel_values`` or
     ``images`` and ``labels`` (or ``label``). Images ``[B, C, H, W]`` floating point (``[B, H, W]`` is
-    read as one channel), labels ``[B]`` integers.
+    read as one channel), labels ``[B]`` integers. It declares no ``value_range``: the box is then a
+    standard pixel box, and normalised images fail their audit (:attr:`ImageBatch.bounds`) until an
+    adapter declares it.
 
     Raises:
         BatchAdapterError: another layout; the message describes the batch it got, the layouts this

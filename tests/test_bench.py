@@ -9,6 +9,7 @@ import pytest
 
 from leak_audit.bench.text import (
     BEST,
+    PICK_ROW,
     METRICS,
     ROW_KEYS,
     BenchError,
@@ -60,7 +61,7 @@ def test_end_to_end_json_schema(first_run):
     linear = f"linear:{QUERY}"
     # B=8 > n=4 is skipped; token_bag needs the word-embedding gradient, absent from the linear view
     assert {(r["view"], r["batch_size"], r["attack"]) for r in rows} == {
-        *((v, b, a) for v in ("full", linear) for b in (1, 2) for a in ("span_check", BEST)),
+        *((v, b, a) for v in ("full", linear) for b in (1, 2) for a in ("span_check", BEST, PICK_ROW)),
         ("full", 1, "token_bag"),
         ("full", 2, "token_bag"),
     }
@@ -85,6 +86,8 @@ def test_end_to_end_json_schema(first_run):
     parts = [row(rows, "full", 2, a)["seconds_per_batch"] for a in ("span_check", "token_bag")]
     assert best["seconds_per_batch"] == pytest.approx(sum(parts), abs=1e-4)
     assert best["best_of"] == {"span_check": 2}
+    # the attacker keeps span_check too: token_bag has no sequences, so no gradient residual
+    assert row(rows, "full", 2, PICK_ROW)["best_of"] == {"span_check": 2}
     assert [ref["source"] for ref in row(rows, "full", 1, "span_check")["reference"]] == ["LAMP", "DAGER"]
     assert row(rows, linear, 1, "span_check")["reference"] is None
 
@@ -214,8 +217,9 @@ def test_bench_attack_work_bounds():
 # -------------------------------------------------------------------------------------- pure helpers
 
 
-def rec(attack, step, status="ok", seconds=1.0, **metrics):
-    return AuditRecord(step=step, attack=attack, status=status, batch_size=2, metrics=metrics, seconds=seconds)
+def rec(attack, step, status="ok", seconds=1.0, info=None, **metrics):
+    return AuditRecord(step=step, attack=attack, status=status, batch_size=2, metrics=metrics, seconds=seconds,
+                       info=info or {})
 
 
 def test_summarize_best_per_batch():
@@ -230,17 +234,28 @@ def test_summarize_best_per_batch():
             rec("b", 1, status="failed", seconds=3.0),
             rec("bag", 1, token_recall=1.0),
         ],
+        [
+            rec("a", 2, rouge1=0.1, token_recall=0.2, info={"attacker_pick": 1}),
+            rec("b", 2, status="timeout", seconds=2.0, info={"partial_rouge1": 0.9}),
+            rec("bag", 2, token_recall=1.0),
+        ],
     ]
     out = {e["attack"]: e for e in summarize(batches, ["bag", "a", "b"], with_best=True)}
-    assert out["a"]["rouge1"] == pytest.approx(0.65) and out["a"]["n_sentences"] == 4
-    assert out["b"]["n_sentences"] == 2 and out["b"]["status_counts"] == {"ok": 1, "skipped": 0, "failed": 1}
+    assert out["a"]["rouge1"] == pytest.approx(1.4 / 3, abs=1e-6) and out["a"]["n_sentences"] == 6
+    # a timed-out attack is missing evidence: its partial 0.9 counts nowhere
+    assert out["b"]["n_sentences"] == 2 and out["b"]["rouge1"] == 0.5
+    assert out["b"]["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 1}
     assert out["b"]["seconds_per_batch"] == 2.0
     assert out["bag"]["rouge1"] is None and out["bag"]["token_recall"] == 1.0
     best = out[BEST]
-    assert best["best_of"] == {"b": 1, "a": 1}  # batch 0: tie on rouge1, b wins on token recall
-    assert best["rouge1"] == pytest.approx(0.65) and best["token_recall"] == pytest.approx(0.9)
-    assert best["seconds_per_batch"] == pytest.approx(4.0)  # (1+1+1 + 1+3+1) / 2
-    assert best["n_sentences"] == 4
+    assert best["best_of"] == {"b": 1, "a": 2}  # batch 0: tie on rouge1, b wins on token recall
+    assert best["rouge1"] == pytest.approx(1.4 / 3, abs=1e-6) and best["token_recall"] == pytest.approx(2.0 / 3, abs=1e-6)
+    assert best["seconds_per_batch"] == pytest.approx(4.0)  # (1+1+1 + 1+3+1 + 1+2+1) / 3
+    assert best["n_sentences"] == 6
+    assert best["status_counts"] == {"ok": 3, "timeout": 1, "skipped": 0, "failed": 0}  # batch 2 is marked
+    pick = out[PICK_ROW]  # only batch 2 has a record with the attacker's mark
+    assert pick["best_of"] == {"a": 1} and pick["rouge1"] == pytest.approx(0.1)
+    assert pick["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 2}
 
 
 def test_small_parsers():
@@ -257,7 +272,7 @@ def test_small_parsers():
     assert reference_for("cola_dev", "layer:0", 1) is None and reference_for("imdb", "full", 1) is None
 
 
-def test_lora_rows_at_initialisation_and_after_training(minilm_path, cola_file, tmp_path):
+def test_lora_rows_at_initialisation_and_after_training(minilm_path, tmp_path):
     """LoRA r=8 on query/value, B=1, the two shortest of the first CoLA sentences: at step 0 (B = 0) the
     span check reads lora_B's rank deficit, after 3 AdamW steps the lora_A gradients; both exact."""
     short = tmp_path / "short.tsv"
@@ -272,15 +287,14 @@ def test_lora_rows_at_initialisation_and_after_training(minilm_path, cola_file, 
     assert rows[0]["params_fraction"] < 0.004  # the 24 adapter matrices alone
 
 
-def test_bench_overhead_smoke(minilm_path, tmp_path):
+def test_bench_overhead_smoke(minilm_path, cola_file, tmp_path):
     """``bench overhead`` end to end on CoLA: a baseline and an audit run per worker kind, timed steps,
     finished audits.
 
     Two fast attacks and one training thread keep it short: the default span attacks take tens of seconds
     per audit on 2 cores, and two training threads on 2 busy cores ran ~6x slower per step than one."""
-    cola = data_file("cola_dev.tsv")  # skips with the reason when ../shared/data is absent
     out = tmp_path / "overhead.json"
-    argv = ["bench", "overhead", "--data", str(cola), "--steps", "12", "--every-n-steps", "4", "--repeats", "1",
+    argv = ["bench", "overhead", "--data", str(cola_file), "--steps", "12", "--every-n-steps", "4", "--repeats", "1",
             "--warmup", "2", "--batch-size", "4", "--attacks", "token_bag,labels", "--train-threads", "1",
             "--worker", "thread,process", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0

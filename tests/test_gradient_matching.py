@@ -179,32 +179,43 @@ def test_only_the_word_embeddings_is_not_enough(spec):
 
 
 def test_dlg_lowers_the_gradient_distance_but_recovers_little_text(model, spec, params, replica, tokenizer, sentences):
-    """The classic baseline through the Auditor: L-BFGS drives the l2 gradient distance down by 5
-    orders of magnitude, yet the nearest tokens of its embeddings are not the sentence (measured
-    ROUGE-1 0.0 on 4/4 sentences): the reference point gradient matching is compared with.
+    """The classic baseline through the Auditor, B = 1, 300 L-BFGS evaluations, on the first 4 sentences x
+    attack seeds 0, 1, 2 (every run counts, none picked): L-BFGS drives the l2 gradient distance down by
+    5 orders of magnitude in most runs and its soft label then lands on the true class, yet the nearest
+    tokens of its embeddings are not the sentence: the reference point gradient matching is compared with.
 
-    Measured over 4 sentences x 3 seeds: 8/12 runs end below 2e-4 of the start; in 4/12 the random soft
-    label starts on the wrong class and L-BFGS stalls at 0.83 (the failure iDLG's label step fixes).
-    Auditor seed 1 is one of the converging runs."""
+    Measured (these 12 runs; one thread, 8 to 13 s a run on 2 shared cores): 9/12 end below 1e-3 of the start
+    distance (the others stall at 0.08 to 0.39, where the random soft label starts on the wrong class: the
+    failure iDLG's label step fixes), 10/12 labels right, mean ROUGE-1 0.0. Over 8 sentences x seeds 0-4:
+    33/40 below 1e-3, 36/40 labels right, ROUGE-1 0.0 in 39/40 runs (0.083 in one). The bars keep a margin
+    below those rates; an attack that does not optimise (distance ratio 1) fails the first."""
     from leak_audit.auditor import Auditor
     from leak_audit.batch import default_batch_adapter
     from leak_audit.snapshot import AuditSnapshot
 
     tapped = {n for n, _ in model.named_parameters()}
     auditor = Auditor(
-        spec, [DLG(max_steps=300, max_seconds=60)], tapped, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        replica=replica, seed=1,
+        spec, [DLG(max_steps=300, max_seconds=600)], tapped,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True), replica=replica, seed=0,
     )
-    sentence, label = sentences[1]
-    enc, grads = gradients(model, tokenizer, [sentence], [label], train=False)
-    batch = default_batch_adapter({**enc, "labels": torch.tensor([label])})
-    snap = AuditSnapshot(0, 0, 0.0, grads, {n: params[n] for n in auditor.param_names}, batch, ("",))
-    (record,) = auditor(snap)
-    assert record.status == "ok", record.error
-    info = record.info
-    assert info["steps"] == 300 and info["length"] == enc["input_ids"].shape[1]
-    assert info["continuous_distance"] <= 1e-3 * info["init_distance"], info
-    assert 0.0 <= record.metrics["rouge1"] <= 1.0  # reported; DLG is weak on text
+    ratios, labels_right, r1 = [], 0, []
+    for sentence, label in sentences[:4]:
+        enc, grads = gradients(model, tokenizer, [sentence], [label], train=False)
+        batch = default_batch_adapter({**enc, "labels": torch.tensor([label])})
+        for seed in range(3):  # the attack's generator is seeded with auditor.seed + snapshot.step
+            snap = AuditSnapshot(seed, 0, 0.0, grads, {n: params[n] for n in auditor.param_names}, batch, ("",))
+            (record,) = auditor(snap)
+            assert record.status == "ok", record.error
+            info = record.info
+            assert info["steps"] == 300 and info["length"] == enc["input_ids"].shape[1]
+            assert info["continuous_distance"] <= info["init_distance"], info
+            ratios.append(info["continuous_distance"] / info["init_distance"])
+            labels_right += record.metrics["label_accuracy"] == 1.0
+            r1.append(record.metrics["rouge1"])
+    assert sum(r <= 1e-3 for r in ratios) >= 6, ratios  # measured 9/12
+    assert sorted(ratios)[5] <= 1e-4, ratios  # the 6th best run: measured 5.1e-6 (8/12 below 1e-4)
+    assert labels_right >= 8, labels_right  # measured 10/12
+    assert sum(r1) / len(r1) <= 0.2, r1  # weak on text: measured 0.0
 
 
 def test_other_losses_and_the_language_model_prior(model, spec, params, replica, tokenizer, sentences, tmp_path):

@@ -1,6 +1,6 @@
 """LeakageAudit on image classifiers inside real Lightning Trainer runs (DLG's LeNet, CPU).
 
-Real images: CIFAR-10 from ../shared/data (skipped with the reason when absent) and scikit-learn's
+Real images: CIFAR-10 from ../shared/data (the test fails, naming the path, when it is absent) and scikit-learn's
 bundled 8×8 digits (always there). The step budgets of the attacks, not wall-clock ones, bind.
 """
 
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from leak_audit import BatchAdapterError, ImageBatch, LeakageAudit, read_audit_log
 from leak_audit.attacks import get_attack
-from leak_audit.attacks.image_attacks import InvertingGradients
+from leak_audit.attacks.image_attacks import ImageDLG, InvertingGradients
 from leak_audit.batch import default_image_batch_adapter
 from leak_audit.image_models import LeNet
 from leak_audit.models import UnsupportedModelError, find_image_network, model_modality
@@ -156,6 +156,64 @@ def test_default_image_batch_adapter_reads_tuples_and_mappings_and_names_what_it
         default_image_batch_adapter((x, y.float()))
     with pytest.raises(BatchAdapterError, match=r"labels must be an int64 \[B\] tensor with B = 3"):
         ImageBatch(x, y[:2])
+
+
+def test_the_value_box_is_declared_or_a_standard_pixel_box_never_read_off_the_private_batch():
+    """Undeclared and outside [0, 1] and [0, 255] (normalised inputs): a BatchAdapterError that names the values
+    seen and how to declare the box; a declared value_range is used exactly as given, whatever the pixels."""
+    x, y = torch.rand(3, 3, 8, 8), torch.tensor([1, 2, 3])
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    normalised = (x - 0.5) / 0.25  # Normalize(0.5, 0.25): values in [-2, 2]
+    with pytest.raises(BatchAdapterError, match=r"images lie in \[-2, 2\], outside both standard pixel boxes .*"
+                                                 r"no value_range was declared.*value_range=\(low, high\)"):
+        ImageBatch(normalised, y).bounds  # noqa: B018
+    with pytest.raises(BatchAdapterError, match=r"\[-2, 2\]"):
+        default_image_batch_adapter((normalised, y)).bounds  # noqa: B018
+    with pytest.raises(BatchAdapterError, match=r"\[0, 256\]"):
+        ImageBatch(x * 256, y).bounds  # noqa: B018
+    # declared: as given, not the batch's own [-2, 2] (nor a standard box)
+    assert ImageBatch(normalised, y, (-3.0, 3.0)).bounds == (-3.0, 3.0)
+    assert ImageBatch(x * 0.5, y, (-1, 1)).bounds == (-1.0, 1.0)
+    assert ImageBatch(normalised, y, (-3.0, 3.0)).detached_copy().bounds == (-3.0, 3.0)
+    # micro-batches: one declared box covers those that declare none; two different boxes are an error
+    joined = ImageBatch.concat([ImageBatch(normalised[:1], y[:1], (-3, 3)), ImageBatch(normalised[1:], y[1:])])
+    assert joined.bounds == (-3.0, 3.0)
+    with pytest.raises(BatchAdapterError, match="different value_range"):
+        ImageBatch.concat([ImageBatch(normalised[:1], y[:1], (-3, 3)), ImageBatch(normalised[1:], y[1:], (-2, 2))])
+
+
+class BoxSpyDLG(ImageDLG):
+    """DLG (20 steps) that also reports the value box it was given in the record's ``info``."""
+
+    def _run(self, inp):
+        recon = super()._run(inp)
+        recon.info["box_low"], recon.info["box_high"] = inp.input_range
+        return recon
+
+
+def test_normalised_images_fail_the_audit_not_training_until_value_range_is_declared(tmp_path):
+    """Digits normalised to [-1, 1] (Normalize(0.5, 0.5)) through the default adapter: every audit is a failed
+    record whose error says to declare value_range, with a warning, and training runs to the end; an adapter
+    declaring value_range=(-1, 1) makes the audit ok, and the attack receives exactly that box."""
+    x, y = digits(4)
+    loader = DataLoader(TensorDataset(x * 2 - 1, y), batch_size=2)
+    audit = LeakageAudit(attacks=[BoxSpyDLG(max_steps=20)], every_n_steps=1, log_dir=tmp_path / "a", max_pending=4,
+                         worker_niceness=None)
+    with pytest.warns(UserWarning, match=r"attack 'dlg' failed at step 0: BatchAdapterError: the images lie in "
+                                         r"\[-1, 1\].*value_range=\(low, high\)"):
+        trainer = fit(ImageClassifier(channels=1, size=8), loader, tmp_path, [audit], max_steps=2)
+    assert trainer.global_step == 2 and audit.failed == 2
+    records = read_audit_log(audit.log_path)
+    assert [(r.step, r.status) for r in records] == [(0, "failed"), (1, "failed")]
+    assert all("no value_range was declared" in r.error and not r.metrics for r in records)
+
+    declared = LeakageAudit(attacks=[BoxSpyDLG(max_steps=20)], every_n_steps=1, log_dir=tmp_path / "b",
+                            max_pending=4, worker_niceness=None,
+                            batch_adapter=lambda b: ImageBatch(b[0], b[1], value_range=(-1.0, 1.0)))
+    fit(ImageClassifier(channels=1, size=8), loader, tmp_path, [declared], max_steps=1)
+    (record,) = read_audit_log(declared.log_path)
+    assert record.status == "ok", record.error
+    assert (record.info["box_low"], record.info["box_high"]) == (-1.0, 1.0) and record.metrics["psnr"] > 0
 
 
 def test_unreadable_batches_fail_the_audit_and_a_batch_adapter_fixes_them(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from leak_audit import LeakageAudit, read_audit_log
+from leak_audit.attacks import Attack, Reconstruction, Requirements
 from leak_audit.callback import DEFAULT_ATTACKS
 from tests.conftest import REPO
 from tests.test_callback import QUERY0, Classifier, Recorder, fit, loader
@@ -104,18 +105,46 @@ def test_local_scope_reads_the_gradient_before_clipping(tokenizer, tmp_path):
     assert total > 0.01  # clipping to 0.005 scales every gradient by < 0.5: the audited one was not clipped
 
 
+HOG_BYTES = 64 * 2**20
+
+
+class MemoryHog(Attack):
+    """Holds ``HOG_BYTES`` of written float32 memory for 0.2 s (ten samples of the 20 ms peak sampler)."""
+
+    name = "memory_hog"
+
+    def requirements(self, spec, tapped):
+        return Requirements(gradients=frozenset({QUERY0}))
+
+    def run(self, inp):
+        block = torch.ones(HOG_BYTES // 4)  # 64 MiB: glibc maps it fresh, writing it makes it resident
+        time.sleep(0.2)
+        assert float(block[-1]) == 1.0
+        return Reconstruction(self.name)
+
+
 def test_records_and_loggers_carry_the_memory_figures(tokenizer, tmp_path):
+    """``peak_bytes`` is the audit's peak memory over its start (on CPU: the process's resident set, sampled
+    every 20 ms): an attack that holds 64 MiB for 0.2 s makes every record of its audit report at least
+    most of it (training frees little meanwhile); one figure per audit, on every record of it."""
     from lightning.pytorch.loggers import CSVLogger
 
-    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, attack_device="cpu")
+    audit = LeakageAudit(every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, attack_device="cpu",
+                         attacks=[*DEFAULT_ATTACKS, MemoryHog()])
     logger = CSVLogger(tmp_path, name="csv")
     fit(Classifier(tokenizer), tmp_path, [audit], max_steps=3, loggers=[logger], log_every_n_steps=1)
     records = read_audit_log(audit.log_path)
+    assert Counter(r.audit for r in records) == {1: len(DEFAULT_ATTACKS) + 1, 2: len(DEFAULT_ATTACKS) + 1}
+    assert {r.status for r in records if r.attack == "memory_hog"} == {"ok"}
     assert all(r.info["snapshot_bytes"] > 0 for r in records)
-    if sys.platform.startswith("linux"):
-        assert all(isinstance(r.info["peak_bytes"], int) and r.info["peak_bytes"] >= 0 for r in records)
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("peak_bytes on CPU reads the resident set from /proc/self/statm (Linux); absent here")
+    assert all(isinstance(r.info["peak_bytes"], int) and r.info["peak_bytes"] >= 0.75 * HOG_BYTES for r in records), \
+        [(r.audit, r.attack, r.info.get("peak_bytes")) for r in records]
+    for a in (1, 2):
+        assert len({r.info["peak_bytes"] for r in records if r.audit == a}) == 1  # one figure per audit
     text = Path(logger.log_dir, "metrics.csv").read_text()
-    assert "audit/snapshot_bytes" in text and "audit/skipped" in text
+    assert "audit/snapshot_bytes" in text and "audit/peak_bytes" in text and "audit/skipped" in text
 
 
 def test_bad_scope_and_attack_device_fail_eagerly():

@@ -3,6 +3,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from leak_audit.worker import AuditWorker
@@ -53,10 +54,7 @@ def test_training_never_waits_on_a_slow_audit():
 
 
 def test_only_the_worker_thread_is_niced_on_linux():
-    import os
     import sys
-
-    import pytest
 
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread nice values are a Linux feature")
@@ -91,8 +89,7 @@ def test_process_worker_backpressure_errors_and_niceness():
         if s == "boom":
             raise RuntimeError("attack exploded")
         time.sleep(0.5)
-        oom = Path("/proc/self/oom_score_adj")  # Linux: the OOM killer's first choice is the child
-        return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads(), int(oom.read_text()) if oom.exists() else 1000
+        return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
 
     w = ProcessAuditWorker(slow_or_boom, lambda s, e: f"failed: {e}", max_pending=1, niceness=19, num_threads=1)
     t0 = time.perf_counter()
@@ -104,7 +101,23 @@ def test_process_worker_backpressure_errors_and_niceness():
         time.sleep(0.05)
     assert w.submit("boom")
     assert w.close(timeout=30)
-    assert w.drain() == [(19, 1, 1000), "failed: attack exploded"]
+    assert w.drain() == [(19, 1), "failed: attack exploded"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/oom_score_adj").exists(),
+                    reason="the OOM score is set through /proc/self/oom_score_adj (Linux), absent here")
+def test_process_worker_child_is_the_oom_killers_first_choice():
+    """When memory runs out the kernel kills the audit, not training: the child's OOM score adjustment is the
+    maximum, 1000, and training's own is untouched."""
+    from leak_audit.worker import ProcessAuditWorker
+
+    oom = Path("/proc/self/oom_score_adj")
+    before = int(oom.read_text())
+    w = ProcessAuditWorker(lambda s: int(Path("/proc/self/oom_score_adj").read_text()), lambda s, e: f"failed: {e}")
+    assert w.submit("x")
+    assert w.close(timeout=30)
+    assert w.drain() == [1000]
+    assert int(oom.read_text()) == before
 
 
 def test_process_worker_turns_a_dead_child_into_failed_audits_and_restarts():
