@@ -124,6 +124,11 @@ def test_image_attacks_on_an_accelerator_match_the_cpu():
 
     cpu = _audit(model, spec, attacks(), grads, batch, None, accelerated=False)
     accel = _audit(model, spec, attacks(), grads, batch, None, accelerated=True)
+    for records in (cpu, accel):  # all three apply to LeNet with every gradient tapped: none may be skipped
+        assert {n: r.status for n, r in records.items()} == dict.fromkeys(("labels", "dlg", "inverting_gradients"),
+                                                                         "ok"), {n: r.error for n, r in records.items()}
+        assert records["labels"].metrics["label_accuracy"] == 1.0  # the bias gradient gives the label multiset
+        assert all({"psnr", "ssim"} <= records[n].metrics.keys() for n in ("dlg", "inverting_gradients"))
     _assert_same(cpu, accel)
 
 
