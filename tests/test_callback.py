@@ -94,6 +94,13 @@ def test_audits_are_recorded_and_logged(tokenizer, tmp_path, worker):
     assert sorted(int(r["step"]) for r in logged) == [0, 2, 4]
     assert all(float(r["leak/max/token_recall"]) == 1.0 for r in logged)
     assert any(r.get("leak/span_check/position_recall") for r in rows)
+    # every audit names the one reconstruction an attacker would keep, from its gradient residual alone
+    for step in (0, 2, 4):
+        mine = [r for r in records if r.step == step]
+        picked = [r for r in mine if r.info.get("attacker_pick")]
+        assert len(picked) == 1 and picked[0].info["gradient_residual"] == min(
+            r.info["gradient_residual"] for r in mine if "gradient_residual" in r.info)
+    assert sorted(int(r["step"]) for r in rows if r.get("leak/pick/rouge1")) == [0, 2, 4]
 
 
 def _train_weights(tokenizer, tmp_path, callbacks):

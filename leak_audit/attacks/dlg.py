@@ -31,9 +31,11 @@ from leak_audit.attacks._optim import (
     nearest_tokens,
     random_embeddings,
 )
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import (
     Attack,
     AttackInput,
+    Budget,
     NotApplicable,
     Reconstruction,
     Requirements,
@@ -55,7 +57,11 @@ class DLG(Attack):
 
     Args:
         max_steps: gradient evaluations (L-BFGS closure calls, line-search calls included) at most.
-        max_seconds: wall-clock budget (seconds), also bounded by ``AttackInput.deadline``.
+        max_seconds: the attack's own wall-clock budget (seconds), capped by the audit's deadline
+            (:meth:`~leak_audit.attacks.base.AttackInput.budget`), checked before every gradient
+            evaluation: a run ends within one evaluation (plus the final projection) of it. Stopped by the
+            audit's deadline before ``max_steps`` (and without diverging), the result is ``timed_out``
+            with ``info["progress"]``.
         max_length: sequence length when neither the position-embedding gradient nor a gradient's rank
             gives it (special tokens included).
         lr: L-BFGS step length (1 in the paper).
@@ -100,18 +106,21 @@ class DLG(Attack):
         return Requirements(gradients=frozenset(names), params=frozenset({spec.word_embeddings}), replica=True)
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        start = time.monotonic()
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
         with torch.enable_grad():
-            return self._run(inp, start)
+            return self._run(inp, budget)
 
-    def _run(self, inp: AttackInput, start: float) -> Reconstruction:
+    def _run(self, inp: AttackInput, budget: Budget) -> Reconstruction:
+        start = budget.start
         spec, replica = inp.spec, inp.replica
         if replica is None:
             raise NotApplicable("DLG runs the model, but no model replica was given")
         names = sorted(n for n in matched_gradient_names(spec, inp.gradients) if n in replica.parameter_names)
         if not names:
             raise NotApplicable("none of the tapped gradients belongs to the replicated model")
-        deadline = min(start + self.max_seconds, start + inp.time_left())
+        deadline = budget.deadline
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
         b = max(1, inp.batch_size)
         length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length,
@@ -128,10 +137,14 @@ class DLG(Attack):
         opt = torch.optim.LBFGS(
             [x, z], lr=self.lr, max_iter=20, history_size=self.history_size, line_search_fn="strong_wolfe"
         )
-        state: dict[str, Any] = {"evals": 0, "first": math.nan, "last": math.nan, "best": math.inf, "x": x.detach().clone(), "z": z.detach().clone()}
+        state: dict[str, Any] = {"evals": 0, "first": math.nan, "last": math.nan, "best": math.inf,
+                                 "x": x.detach().clone(), "z": z.detach().clone(), "timed": False}
 
         def closure() -> torch.Tensor:
-            if state["evals"] >= self.max_steps or time.monotonic() >= deadline:
+            if state["evals"] >= self.max_steps:
+                raise _OutOfBudget
+            if late(deadline):
+                state["timed"] = True
                 raise _OutOfBudget
             opt.zero_grad()
             grads = obj.grads_embeds(x, z.softmax(-1), create_graph=True)
@@ -171,10 +184,14 @@ class DLG(Attack):
             "length_source": source,
             "seconds": round(time.monotonic() - start, 3),
         }
+        timed_out = bool(state["timed"]) and budget.audit_bound
+        if timed_out:
+            info["progress"] = f"{state['evals']} of {self.max_steps} gradient evaluations"
         return Reconstruction(
             attack=self.name,
             sequences=layout.sequences(ids),
             labels=[int(v) for v in labels.tolist()],
             labels_aligned=True,
             info=info,
+            timed_out=timed_out,
         )

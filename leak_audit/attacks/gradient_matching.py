@@ -73,9 +73,11 @@ from leak_audit.attacks._optim import (
     nearest_tokens,
     random_embeddings,
 )
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import (
     Attack,
     AttackInput,
+    Budget,
     NotApplicable,
     Reconstruction,
     Requirements,
@@ -180,7 +182,13 @@ class GradientMatching(Attack):
             per-coordinate standard deviation).
         label_lr: Adam step size of the soft-label logits (when labels are optimised).
         max_steps: continuous-phase steps (gradient evaluations) per restart.
-        max_seconds: wall-clock budget of one run (seconds), also bounded by ``AttackInput.deadline``.
+        max_seconds: the attack's own wall-clock budget of one run (seconds), capped by the audit's
+            deadline (:meth:`~leak_audit.attacks.base.AttackInput.budget`). The phases split the budget
+            (``discrete_share``, equal continuous slices per restart); the deadline is checked before each
+            seed scoring, label-start evaluation, Adam step or L-BFGS evaluation and discrete candidate,
+            so a run ends within one gradient evaluation of it. When the audit's deadline is the earlier
+            limit and time ended a phase (not ``exact_tol``, ``max_steps``, ``discrete_steps`` or
+            ``patience``), the result is ``timed_out`` with ``info["progress"]``.
         restarts: independent random initialisations (the first starts from the span-check seed when
             there is one); each gets an equal share of the continuous time budget, and the best
             projection seen over all of them goes on to the discrete phase.
@@ -297,9 +305,11 @@ class GradientMatching(Attack):
         return Requirements(gradients=frozenset(names), params=frozenset({spec.word_embeddings}), replica=True)
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        start = time.monotonic()
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
         with torch.enable_grad():
-            return self._run(inp, start)
+            return self._run(inp, budget)
 
     # ------------------------------------------------------------------ pieces
     def _language_prior(self) -> LanguagePrior | None:
@@ -309,7 +319,8 @@ class GradientMatching(Attack):
             self._lm = LanguagePrior(self.lm_path, self.lm_tokenizer)
         return self._lm
 
-    def _run(self, inp: AttackInput, start: float) -> Reconstruction:
+    def _run(self, inp: AttackInput, budget: Budget) -> Reconstruction:
+        start = budget.start
         spec, replica = inp.spec, inp.replica
         if replica is None:
             raise NotApplicable("gradient matching runs the model, but no model replica was given")
@@ -318,7 +329,8 @@ class GradientMatching(Attack):
         )
         if not names:
             raise NotApplicable("none of the tapped gradients belongs to the replicated model")
-        deadline = min(start + self.max_seconds, start + inp.time_left())
+        deadline = budget.deadline
+        timed = False  # time (a phase's share of the budget, or the deadline) ended a phase
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
         b = max(1, inp.batch_size)
         info: dict[str, Any] = {"matched_tensors": len(names), "loss": self.loss}
@@ -386,6 +398,9 @@ class GradientMatching(Attack):
         if seeds:
             seed_ids = layout.from_sequences(seeds + [seeds[0][: lengths[-1]]] * (b - len(seeds)))
             for lab in label_options or ([fixed_labels] if fixed_labels is not None else []):
+                if best is not None and late(deadline):
+                    timed = True
+                    break
                 s, d, rel = score(seed_ids, lab)
                 if best is None or s < best[0]:
                     best = (s, d, rel, seed_ids, lab)
@@ -408,7 +423,10 @@ class GradientMatching(Attack):
         steps_total, firsts, lasts = 0, [], []
         for r in range(self.restarts):
             now = time.monotonic()
-            if now >= cont_deadline or keep.relative < self.exact_tol:
+            if keep.relative < self.exact_tol:
+                break
+            if now >= cont_deadline:
+                timed = True  # restarts left
                 break
             slice_end = now + (cont_deadline - now) / (self.restarts - r)
             w0 = space.init_seed(seed_ids, gen) if seed_ids is not None and r == 0 else space.init_random(layout, gen)
@@ -421,13 +439,19 @@ class GradientMatching(Attack):
                     # the soft labels): start from the label assignment that fits the start point best
                     with torch.no_grad():
                         x0 = obj.embed(space.embeddings(w0))
-                        guess = min(
-                            label_options,
-                            key=lambda lab: float(obj.distance(obj.grads_embeds(x0, lab, create_graph=False))),
-                        )
+                        fits: list[tuple[float, Tensor]] = []
+                        for lab in label_options:
+                            if fits and late(slice_end):
+                                timed = True
+                                break
+                            fits.append((float(obj.distance(obj.grads_embeds(x0, lab, create_graph=False))), lab))
+                        guess = min(fits, key=lambda f: f[0])[1]
                 if guess is not None:
                     z0 = z0 + 3.0 * torch.nn.functional.one_hot(guess, num_labels).float()
-            steps, first, last = self._continuous(obj, space, w0, z0, fixed_labels, slice_end, score, keep)
+            steps, first, last, cut = self._continuous(
+                obj, space, w0, z0, fixed_labels, slice_end, score, keep, deadline
+            )
+            timed = timed or cut
             steps_total += steps
             firsts.append(first)
             lasts.append(last)
@@ -464,8 +488,15 @@ class GradientMatching(Attack):
             improved = search.try_candidates(cands) or improved
             rounds += 1
             stale = 0 if improved else stale + 1
+        timed = timed or search.cut
         current = (search.score, search.distance, search.relative, search.ids, search.labels)
         accepted = search.accepted
+        timed_out = timed and budget.audit_bound and current[2] >= self.exact_tol
+        if timed_out:
+            info["progress"] = (
+                f"{steps_total} continuous steps over {len(firsts)} of {self.restarts} restarts, {rounds} of "
+                f"{self.discrete_steps} discrete rounds; relative distance {current[2]:.3g}"
+            )
         info.update(
             discrete_rounds=rounds,
             discrete_accepted=accepted,
@@ -476,7 +507,7 @@ class GradientMatching(Attack):
         if lm is not None:
             info["score"] = current[0]
         info["seconds"] = round(time.monotonic() - start, 3)
-        return self._result(layout, current[3], current[4], info)
+        return self._result(layout, current[3], current[4], info, timed_out=timed_out)
 
     def _continuous(
         self,
@@ -488,12 +519,15 @@ class GradientMatching(Attack):
         slice_end: float,
         score: Any,
         keep: _Best,
-    ) -> tuple[int, float, float]:
+        deadline: float,
+    ) -> tuple[int, float, float, bool]:
         """Adam on ``D + λ·reg`` until ``slice_end`` or :attr:`max_steps`, projecting every
-        :attr:`project_every` steps (and at the end) and offering each projection to ``keep``.
+        :attr:`project_every` steps (and at the end) and offering each projection to ``keep``. Past the
+        run's ``deadline`` a projection is scored only while ``keep`` holds none.
 
         Returns:
-            ``(steps, distance at the first step, lowest distance)``.
+            ``(steps, distance at the first step, lowest distance, whether time ended it)``: time ended it
+            when ``slice_end`` came before :attr:`max_steps`, an exact projection or a diverged step.
         """
         w = w0.clone().requires_grad_(True)
         lr = self.lr if self.lr is not None else space.default_lr
@@ -508,12 +542,15 @@ class GradientMatching(Attack):
         layout = obj.layout
         free = layout.free
         first, lowest, steps = math.nan, math.inf, 0
+        cut = False
         seen: set[tuple[int, ...]] = set()
 
         def project() -> None:
             with torch.no_grad():
                 labels = fixed_labels if z is None else z.argmax(-1)
                 for proj in space.projections(w):
+                    if keep.ids is not None and late(deadline):
+                        return  # out of time: keep what was scored
                     ids = layout.ids(proj)
                     key = tuple(ids.flatten().tolist()) + tuple(labels.tolist())
                     if key in seen:
@@ -525,7 +562,7 @@ class GradientMatching(Attack):
 
         if not bool(free.any()):
             project()
-            return 0, math.nan, math.nan
+            return 0, math.nan, math.nan, False
         leaves = [w] if z is None else [w, z]
         last = math.nan
 
@@ -552,8 +589,11 @@ class GradientMatching(Attack):
             lbfgs = torch.optim.LBFGS(leaves, lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe")
 
             def closure() -> Tensor:
-                nonlocal steps
-                if steps >= self.max_steps or time.monotonic() >= slice_end or keep.relative < self.exact_tol:
+                nonlocal steps, cut
+                if steps >= self.max_steps or keep.relative < self.exact_tol:
+                    raise _OutOfBudget
+                if late(slice_end):
+                    cut = True
                     raise _OutOfBudget
                 loss = evaluate()
                 steps += 1
@@ -567,11 +607,12 @@ class GradientMatching(Attack):
             except _OutOfBudget:
                 pass
             project()
-            return steps, first, lowest
+            return steps, first, lowest, cut
         opt = torch.optim.Adam(groups)
         while steps < self.max_steps:
             progress = max(steps / self.max_steps, (time.monotonic() - t0) / budget)
             if progress >= 1:
+                cut = True  # steps < max_steps: the slice's time ran out
                 break
             decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
             for g in opt.param_groups:
@@ -584,17 +625,20 @@ class GradientMatching(Attack):
             if steps % self.project_every == 0:
                 project()
                 if keep.relative < self.exact_tol:  # the projection reproduces the gradient: done
-                    return steps, first, lowest
+                    return steps, first, lowest, False
         project()
-        return steps, first, lowest
+        return steps, first, lowest, cut
 
-    def _result(self, layout: Layout, ids: Tensor, labels: Tensor | None, info: dict[str, Any]) -> Reconstruction:
+    def _result(
+        self, layout: Layout, ids: Tensor, labels: Tensor | None, info: dict[str, Any], timed_out: bool = False
+    ) -> Reconstruction:
         return Reconstruction(
             attack=self.name,
             sequences=layout.sequences(ids),
             labels=None if labels is None else [int(v) for v in labels.tolist()],
             labels_aligned=labels is not None,
             info={k: (round(v, 8) if isinstance(v, float) else v) for k, v in info.items()},
+            timed_out=timed_out,
         )
 
 
@@ -712,6 +756,7 @@ class _DiscreteSearch:
         self.score, self.distance, self.relative = keep.score, keep.distance, keep.relative
         self.ids, self.labels = keep.ids, keep.labels
         self.accepted = 0
+        self.cut = False  # the deadline stopped the search (not exactness)
         self.evaluated: set[tuple[int, ...]] = {tuple(self.ids.flatten().tolist())}
 
     def _fresh(self, ids: Tensor) -> bool:
@@ -723,7 +768,13 @@ class _DiscreteSearch:
         return True
 
     def done(self) -> bool:
-        return self.relative < self.exact_tol or time.monotonic() >= self.deadline
+        """Exact, or past the deadline (which sets :attr:`cut`)."""
+        if self.relative < self.exact_tol:
+            return True
+        if late(self.deadline):
+            self.cut = True
+            return True
+        return False
 
     def _offer(self, ids: Tensor) -> bool:
         if not self._fresh(ids):

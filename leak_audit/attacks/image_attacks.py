@@ -11,21 +11,23 @@ Both inversions match exactly the tapped gradients (any subset of the network's 
 network functionally at the snapshot's parameter values (:class:`~leak_audit.image_replica.ImageReplica`,
 eval mode, batch-mean cross-entropy), clamp images to the public box of valid input values
 (``AttackInput.input_range``) and stop at ``max_steps`` gradient evaluations or at the earlier of their
-own ``max_seconds`` and the audit's deadline, returning the best images so far. At ``B = 1`` the label is
+own ``max_seconds`` and the audit's deadline (checked before every gradient evaluation), returning the
+best images so far; stopped by the audit's deadline, the result is ``timed_out`` with ``info["progress"]``
+(evaluations and restarts run). At ``B = 1`` the label is
 fixed first by iDLG's rule when the last linear layer's gradient is tapped, as in iDLG; otherwise soft
 labels are optimised with the images (DLG).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks._budget import started_late
+from leak_audit.attacks.base import Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.image_inversion import IMAGE_ATTACKS, invert_images
 from leak_audit.attacks.labels import LabelRecovery, label_counts_from_bias, label_from_weight
 from leak_audit.image_replica import ImageReplica
@@ -59,7 +61,8 @@ class _ImageInversionAttack(Attack):
 
     Args:
         max_steps: gradient evaluations per restart at most (L-BFGS line-search calls included).
-        max_seconds: wall-clock budget in seconds, also bounded by the audit's deadline.
+        max_seconds: the attack's own wall-clock budget in seconds, capped by the audit's deadline
+            (:meth:`~leak_audit.attacks.base.AttackInput.budget`).
         restarts: random starts; the lowest gradient distance wins (``None``: the configuration's own).
 
     Raises:
@@ -91,10 +94,13 @@ class _ImageInversionAttack(Attack):
         return Requirements(gradients=names, replica=True)
 
     def run(self, inp: AttackInput) -> Reconstruction:
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
         with torch.enable_grad():  # the auditor runs attacks under no_grad; inversion differentiates
-            return self._run(inp)
+            return self._run(inp, budget)
 
-    def _run(self, inp: AttackInput) -> Reconstruction:
+    def _run(self, inp: AttackInput, budget: Budget) -> Reconstruction:
         spec, replica = inp.spec, inp.replica
         if not isinstance(spec, ImageModelSpec) or not isinstance(replica, ImageReplica):
             raise NotApplicable(f"{self.name} inverts image classifiers: it needs an ImageModelSpec and an ImageReplica")
@@ -103,7 +109,6 @@ class _ImageInversionAttack(Attack):
         names = sorted(n for n in inp.gradients if n in replica.parameter_names)
         if not names:
             raise NotApplicable("none of the tapped gradients belongs to the image network")
-        start = time.monotonic()
         targets = [inp.gradients[n] for n in names]
         device = targets[0].device
         params = dict(inp.params)
@@ -122,7 +127,7 @@ class _ImageInversionAttack(Attack):
             options["restarts"] = self.restarts
         res = invert_images(
             grad_fn, targets, (inp.batch_size, *inp.input_shape), num_classes, labels=known,
-            bounds=inp.input_range, deadline=start + min(self.max_seconds, inp.time_left()),
+            bounds=inp.input_range, deadline=budget.deadline,
             generator=inp.generator, **options,  # type: ignore[arg-type]
         )
         info = {
@@ -133,9 +138,15 @@ class _ImageInversionAttack(Attack):
             "matched_tensors": len(names),
             "seconds": round(res.seconds, 3),
         }
+        timed_out = res.cut_short and budget.audit_bound
+        if timed_out:
+            info["progress"] = (
+                f"{res.steps} gradient evaluations over {res.restarts} of {options.get('restarts', 1)} restarts "
+                f"(at most {self.max_steps} each)"
+            )
         return Reconstruction(
             attack=self.name, images=res.images, labels=[int(v) for v in res.labels.tolist()], labels_aligned=True,
-            info=info,
+            info=info, timed_out=timed_out,
         )
 
 

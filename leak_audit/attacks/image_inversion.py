@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import late
 from leak_audit.attacks._optim import GradientDistance
 
 __all__ = ["IMAGE_ATTACKS", "ImageInversion", "invert_images", "reconstruct_images", "total_variation"]
@@ -56,6 +57,8 @@ class ImageInversion:
         steps: gradient evaluations over all restarts.
         restarts: restarts run.
         seconds: wall-clock time.
+        cut_short: the deadline stopped the search before its own end (a restart before ``max_steps`` or
+            L-BFGS convergence, or restarts left to run).
     """
 
     images: Tensor
@@ -64,6 +67,7 @@ class ImageInversion:
     steps: int
     restarts: int
     seconds: float
+    cut_short: bool = False
 
 
 class _OutOfBudget(Exception):
@@ -106,7 +110,9 @@ def invert_images(
         restarts: independent random starts; the lowest gradient distance wins.
         bounds: ``(low, high)`` box of valid input values (e.g. ``(0, 1)`` for unnormalised pixels);
             images are clamped to it after every Adam step and at the end. ``None``: unbounded.
-        deadline: ``time.monotonic()`` value after which the search stops and returns its best.
+        deadline: ``time.monotonic()`` value after which the search stops and returns its best (checked
+            before every gradient evaluation; at least one restart runs, its final scoring included), with
+            ``cut_short`` set.
         generator: random source of the starts (the attack's own, never the global one).
 
     Returns:
@@ -134,8 +140,10 @@ def invert_images(
     start = time.monotonic()
     best: tuple[float, Tensor, Tensor] | None = None
     steps_total = runs = 0
+    cut = False
     for _ in range(restarts):
-        if deadline is not None and time.monotonic() >= deadline and best is not None:
+        if best is not None and late(deadline):
+            cut = True  # restarts left
             break
         runs += 1
         x = torch.randn(*[int(s) for s in shape], generator=gen)
@@ -160,8 +168,11 @@ def invert_images(
             )
 
             def closure() -> Tensor:
-                nonlocal steps
-                if steps >= max_steps or (deadline is not None and time.monotonic() >= deadline):
+                nonlocal steps, cut
+                if steps >= max_steps:
+                    raise _OutOfBudget
+                if late(deadline):
+                    cut = True
                     raise _OutOfBudget
                 opt.zero_grad()
                 total = objective()
@@ -181,7 +192,10 @@ def invert_images(
             opt = torch.optim.Adam(leaves, lr=lr)
             milestones = [int(max_steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-            while steps < max_steps and not (deadline is not None and time.monotonic() >= deadline):
+            while steps < max_steps:
+                if late(deadline):
+                    cut = True
+                    break
                 opt.zero_grad()
                 objective().backward()
                 x.grad.sign_()  # type: ignore[union-attr]
@@ -201,7 +215,7 @@ def invert_images(
             final_labels = labels if z is None else z.detach().argmax(-1)
             best = (d, final, final_labels)
     assert best is not None
-    return ImageInversion(best[1], best[2], best[0], steps_total, runs, time.monotonic() - start)
+    return ImageInversion(best[1], best[2], best[0], steps_total, runs, time.monotonic() - start, cut_short=cut)
 
 
 IMAGE_ATTACKS: dict[str, dict[str, object]] = {

@@ -23,6 +23,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.models import TextModelSpec
 
@@ -92,7 +93,9 @@ class LabelRecovery(Attack):
     """Registered attack ``"labels"``: labels from the classifier's last-layer gradient.
 
     Uses the classifier bias gradient when tapped (exact at ``B = 1``, counts at ``B > 1``); otherwise the
-    weight gradient (iDLG, ``B = 1``, ≥ 3 classes).
+    weight gradient (iDLG, ``B = 1``, ≥ 3 classes). Analytic (a few vector operations, no time limit of
+    its own): it only checks that the audit's deadline has not passed when it starts (then it returns at
+    once, timed out).
     """
 
     name = "labels"
@@ -107,6 +110,8 @@ class LabelRecovery(Attack):
         return Requirements(gradients=frozenset(names))
 
     def run(self, inp: AttackInput) -> Reconstruction:
+        if (late := started_late(self.name, inp.budget())) is not None:
+            return late
         spec = inp.spec
         bias = inp.gradients.get(spec.classifier_bias) if spec.classifier_bias else None
         weight = inp.gradients.get(spec.classifier_weight) if spec.classifier_weight else None

@@ -22,13 +22,13 @@ sentence's label (``y = argmin_c α_c`` if some ``α_c < 0``, else class 0).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import late
 from leak_audit.attacks.base import NotApplicable
 from leak_audit.replica import ModelReplica
 
@@ -59,6 +59,7 @@ class PeelResult:
         coefficients: per certified sentence, ``α`` ``[C − 1]``.
         residuals: per certified sentence, the certificate's relative residual.
         rounds: propose → certify rounds run.
+        cut_short: the deadline stopped the rounds (or a round's certificates) with sentences left.
     """
 
     sequences: list[list[int]] = field(default_factory=list)
@@ -66,6 +67,7 @@ class PeelResult:
     coefficients: list[Tensor] = field(default_factory=list)
     residuals: list[float] = field(default_factory=list)
     rounds: int = 0
+    cut_short: bool = False
 
 
 def logit_gradients(
@@ -154,7 +156,8 @@ def peel(
         first: the first round's proposal when it is already computed (the attack's priors).
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
-        deadline: ``time.monotonic()`` value after which no new round starts.
+        deadline: ``time.monotonic()`` value after which no new round and no further certificate starts
+            (the result then has ``cut_short`` set).
 
     Returns:
         A :class:`PeelResult`; its sequences are the proposal's when nothing could be certified.
@@ -167,7 +170,8 @@ def peel(
     while len(out.sequences) < batch_size:
         b = batch_size - len(out.sequences)
         if proposal is None:
-            if out.rounds and deadline is not None and time.monotonic() > deadline:
+            if out.rounds and late(deadline):
+                out.cut_short = True
                 break
             try:
                 proposal = propose(left.to(grad.dtype), b)
@@ -183,6 +187,9 @@ def peel(
             members = sorted(index[v] for v in set(seq) if v not in others and v not in structural and v in index)
             if not members or seq in out.sequences:
                 continue
+            if late(deadline):
+                out.cut_short = True
+                break
             if columns is None:
                 columns = split(left, proposal.bag, proposal.length)
             basis = contribution(seq)

@@ -32,7 +32,6 @@ DAGER shares.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.span_check import EmbeddingTables, span_basis
 from leak_audit.models import TextModelSpec
@@ -193,6 +193,7 @@ def levenberg_marquardt(
     scale: float,
     iters: int,
     tol: float,
+    deadline: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Batched Levenberg-Marquardt (Marquardt's diagonal damping), one problem per row of ``theta``.
 
@@ -201,6 +202,8 @@ def levenberg_marquardt(
             ``rows``.
         theta: ``[n, r]`` starting points (updated in place).
         scale: divides the squared residual to give the loss; rows stop below ``tol``.
+        deadline: ``time.monotonic()`` value after which no new iteration starts (the points reached so
+            far are returned).
 
     Returns:
         ``(theta [n, r], loss [n])``.
@@ -212,7 +215,7 @@ def levenberg_marquardt(
     active = torch.arange(n, device=theta.device)
     for _ in range(iters):
         active = active[f[active] / scale >= tol]
-        if active.numel() == 0:
+        if active.numel() == 0 or late(deadline):
             break
         ja = jac[active]
         jt = ja.transpose(1, 2)
@@ -297,9 +300,11 @@ class ContextSolver:
         return r, torch.cat([j1, j2], 1)
 
     def solve(
-        self, x: Tensor, theta0: Tensor | None = None, iters: int = 40, tol: float = 1e-12
+        self, x: Tensor, theta0: Tensor | None = None, iters: int = 40, tol: float = 1e-12,
+        deadline: float | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Levenberg-Marquardt from ``theta0`` (default zero).
+        """Levenberg-Marquardt from ``theta0`` (default zero), stopped early at ``deadline`` (a
+        ``time.monotonic()`` value).
 
         Returns:
             ``(contexts [n, d], loss [n])``; ``loss`` is the squared residual over ``‖γ‖²`` (about 1e-10
@@ -312,7 +317,7 @@ class ContextSolver:
             assert jac is not None
             return r, jac
 
-        theta, loss = levenberg_marquardt(residual, theta, self.scale, iters, tol)
+        theta, loss = levenberg_marquardt(residual, theta, self.scale, iters, tol, deadline)
         return theta @ self.basis_c.T, loss
 
 
@@ -357,6 +362,8 @@ class SpanAttentionResult:
         located: ``{token: position}`` of tokens at one position; ``floating`` the others.
         anchors_tried, anchors_converged: context solves run and solved.
         rank: rank of the attention-output gradient (``= number of tokens`` when exact).
+        cut_short: the deadline stopped the search while sentences and anchors were left to try.
+        progress: how far it got, a short string (e.g. ``"3 of 8 sentences certified, 5 anchors tried"``).
     """
 
     sequences: list[list[int]]
@@ -366,6 +373,14 @@ class SpanAttentionResult:
     anchors_converged: int
     rank: int
     length: int
+    cut_short: bool = False
+    progress: str = ""
+
+    @staticmethod
+    def describe(sequences: int, batch_size: int, tried: int, stage: str = "") -> str:
+        """The ``progress`` line: sentences certified of ``B`` and anchors tried (``stage``: where it stopped)."""
+        done = f"{sequences} of {batch_size} sentences certified, {tried} anchors tried"
+        return f"{done}; {stage}" if stage else done
 
 
 def span_attention(
@@ -401,7 +416,9 @@ def span_attention(
         certify_tol: a sentence is accepted when every position's residual fraction in the three spans
             is below this (true sentences ~1e-7, one wrong token ≥ 0.04 on MiniLM).
         max_anchors: cap on context solves (default ``4B + 8``).
-        deadline: ``time.monotonic()`` value after which no new round starts.
+        deadline: ``time.monotonic()`` value after which the search stops (checked after the setup, between
+            Levenberg-Marquardt iterations and before each anchor's membership solve); the result then has
+            ``cut_short`` set and holds the sentences certified so far.
         generator: random generator (FFN units).
 
     Returns:
@@ -425,10 +442,16 @@ def span_attention(
             f"the first layer's gradients have rank {rank} of {d}: the batch has about as many tokens as the "
             "hidden size, so its inputs span the whole space (physical limit of span checks)"
         )
+    if late(deadline):
+        return SpanAttentionResult([], {}, [], 0, 0, rank, length, cut_short=True,
+                                   progress=SpanAttentionResult.describe(0, batch_size, 0, "stopped in the setup"))
     shifted = _shift(tables, position_offset)
     located, floating = locate_tokens(
         grads["word"], shifted, length, segment, always_floating=always_floating
     )
+    if late(deadline):
+        return SpanAttentionResult([], located, floating, 0, 0, rank, length, cut_short=True,
+                                   progress=SpanAttentionResult.describe(0, batch_size, 0, "stopped in the setup"))
     fset = set(floating)
     always_floating = set(always_floating)
     # candidate (token, position) pairs: located tokens at their position, floating tokens anywhere
@@ -447,17 +470,21 @@ def span_attention(
     sequences: list[list[int]] = []
     covered: set[tuple[int, int]] = set()
     tried = converged = 0
+    cut = False  # the deadline stopped the search with work left
 
     found_contexts: list[Tensor] = []
 
     def attempt(todo: list[int], warm: bool = False) -> None:
-        nonlocal tried, converged
+        nonlocal tried, converged, cut
         tried += len(todo)
         theta0 = None
         if warm and found_contexts:
             theta0 = (torch.cat(found_contexts).mean(0) @ basis_c).expand(len(todo), -1)
-        ctx, loss = solver.solve(x[todo], theta0)
+        ctx, loss = solver.solve(x[todo], theta0, deadline=deadline)
         for j, c, f in zip(todo, ctx, loss.tolist(), strict=True):
+            if len(sequences) < batch_size and late(deadline):
+                cut = True  # this anchor (and the rest of the round) was not finished
+                return
             if f > solve_tol:
                 continue
             converged += 1
@@ -472,20 +499,33 @@ def span_attention(
             ids = torch.tensor(seq, dtype=torch.long)
             found_contexts.append(layer.forward(_inputs(shifted, ids, torch.arange(len(seq)), segment)[None])[0][0])
 
+    def result() -> SpanAttentionResult:
+        stage = "stopped by the deadline" if cut else ""
+        return SpanAttentionResult(
+            sequences, located, floating, tried, converged, rank, length, cut_short=cut,
+            progress=SpanAttentionResult.describe(len(sequences), batch_size, tried, stage),
+        )
+
     # 1. located tokens: each is in exactly one sentence
     done: set[int] = set()
-    while len(sequences) < batch_size and tried < cap and not _late(deadline):
+    while len(sequences) < batch_size and tried < cap and not cut:
         todo = [j for j in anchors if j not in done and pairs[j] not in covered]
         todo = todo[: max(1, min(batch_size - len(sequences), cap - tried))]
         if not todo:
             break
+        if late(deadline):
+            cut = True
+            break
         done.update(todo)
         attempt(todo)
-        if not converged:  # not one located token solves: the gradient is not exact (dropout, DP noise)
-            return SpanAttentionResult(sequences, located, floating, tried, converged, rank, length)
+        if not converged and not cut:  # not one located token solves: the gradient is not exact (dropout, DP noise)
+            return result()
     # 1b. located tokens whose solve failed from zero: once more from the mean of the certified contexts
     retry = [j for j in anchors if pairs[j] not in covered]
-    while retry and found_contexts and len(sequences) < batch_size and tried < cap and not _late(deadline):
+    while retry and found_contexts and len(sequences) < batch_size and tried < cap and not cut:
+        if late(deadline):
+            cut = True
+            break
         n = max(1, min(batch_size - len(sequences), cap - tried))
         todo, retry = retry[:n], retry[n:]
         attempt(todo, warm=True)
@@ -499,18 +539,17 @@ def span_attention(
         key=lambda j: (pairs[j][1], pairs[j][0]),
     )
     pool = first + [j for j in rest if j not in first]
-    while len(sequences) < batch_size and tried < cap and not _late(deadline):
+    while len(sequences) < batch_size and tried < cap and not cut:
         todo = [j for j in pool if j not in done and pairs[j] not in covered]
         todo = todo[: max(1, min(2 * (batch_size - len(sequences)), cap - tried))]
         if not todo:
             break
+        if late(deadline):
+            cut = True
+            break
         done.update(todo)
         attempt(todo, warm=True)
-    return SpanAttentionResult(sequences, located, floating, tried, converged, rank, length)
-
-
-def _late(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() > deadline
+    return result()
 
 
 def _shift(tables: EmbeddingTables, offset: int) -> EmbeddingTables:
@@ -560,6 +599,12 @@ class SpanAttention(Attack):
     :func:`~leak_audit.attacks.span_dropout.span_attention_dropout`, which recovers the dropout masks.
     Sentences it returns are certified exact; it returns fewer than ``B`` when some could not be
     certified.
+
+    Budget: no time limit of its own. The audit's deadline is checked after the setup (gradient spans,
+    token location, dropout-mask recovery), between Levenberg-Marquardt iterations and before each
+    anchor's membership solve. Stopped by it with sentences and anchors left to try, it returns the
+    certified sentences so far with ``timed_out`` set and ``info["progress"]`` (e.g. ``"3 of 8 sentences
+    certified, 5 anchors tried; stopped by the deadline"``).
 
     Args:
         units: FFN units in the context solve.
@@ -622,6 +667,9 @@ class SpanAttention(Attack):
             )
         if inp.replica is None:
             raise NotApplicable("needs the model replica (layer 0's structure)")
+        budget = inp.budget()
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
         names = self._grad_names(spec)
         grads = {role: inp.gradients[n] for role, n in names.items()}
         tables = EmbeddingTables.from_params(inp.params, spec)
@@ -647,7 +695,7 @@ class SpanAttention(Attack):
             "cls_token_id": spec.cls_token_id,
             "always_floating": [spec.sep_token_id] if spec.sep_token_id is not None else (),
             "max_anchors": self.max_anchors,
-            "deadline": inp.deadline,
+            "deadline": budget.deadline,
             "generator": inp.generator,
         }
         with torch.no_grad():
@@ -661,11 +709,14 @@ class SpanAttention(Attack):
         for token, position in result.located.items():  # tokens placed at one position, certified or not
             if 0 <= position < result.length:
                 positions[position].append(int(token))
+        timed_out = result.cut_short and budget.audit_bound
         return Reconstruction(
             attack=self.name,
             sequences=list(result.sequences),  # none certified: an empty list scores 0, not "no metrics"
             position_candidates=positions,
+            timed_out=timed_out,
             info={
+                **({"progress": result.progress} if timed_out else {}),
                 "certified": len(result.sequences),
                 "located": len(result.located),
                 "floating": len(result.floating),

@@ -40,13 +40,13 @@ recovers tokens by joint sparse recovery: every observed direction combines the 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.models import TextModelSpec
 
@@ -276,8 +276,9 @@ class TokenScorer:
         self._gb = self._gamma * self._beta
         self._gamma_basis = self._gamma[:, None] * self.basis  # [d, r]
         self._e_proj = self._ce @ self._gamma_basis  # [V, r]
-        self._e_sq = (self._ce**2).sum(1)  # [V]
-        self._e_g2 = (self._ce**2) @ self._g2  # [V]
+        ce_sq = self._ce**2
+        self._e_sq = ce_sq.sum(1)  # [V]
+        self._e_g2 = ce_sq @ self._g2  # [V]
         self._e_gb = self._ce @ self._gb  # [V]
         self._beta_proj = self._beta @ self.basis  # [r]
         self._beta_sq = float((self._beta**2).sum())
@@ -392,6 +393,9 @@ class SpanCheckResult:
         dropout_mode: whether the gradient was read as a training-mode (dropout-on) one.
         partial: the span was only partly observed (more distinct inputs than its rank) and the
             candidates are a ranking (:func:`partial_span`), not certified members.
+        cut_short: the deadline stopped the work before its own end (the scan had not reached the end of
+            the sequences, or the joint fit had not converged): the candidates are those found so far.
+        progress: how far it got, a short string (e.g. ``"scanned 7 positions, 7 with tokens"``).
     """
 
     candidates: list[list[tuple[int, int, float]]]
@@ -402,6 +406,8 @@ class SpanCheckResult:
     length: int
     dropout_mode: bool = False
     partial: bool = False
+    cut_short: bool = False
+    progress: str = ""
 
 
 def _trim_count(dropout: float, d: int) -> int:
@@ -412,9 +418,15 @@ def _trim_count(dropout: float, d: int) -> int:
 
 
 def clipped_residuals(
-    scorer: TokenScorer, position: int, token_type: int = 0, kappa: float = 1.0, chunk: int = 4096
-) -> Tensor:
-    """Outlier-robust residual of every candidate token at ``position``: ``[K]``, aligned with ``scorer.token_ids``.
+    scorer: TokenScorer,
+    position: int,
+    token_type: int = 0,
+    kappa: float = 1.0,
+    chunk: int = 4096,
+    deadline: float | None = None,
+) -> Tensor | None:
+    """Outlier-robust residual of every candidate token at ``position``: ``[K]``, aligned with ``scorer.token_ids``
+    (``None`` when ``deadline``, a ``time.monotonic()`` value checked between chunks, passed first).
 
     ``sqrt(Σ_j min(r_j², κ² · mean(x²)) / ‖x‖²)`` with ``r = x − V Vᵀx``. Clipping caps the cost of a
     coordinate that dropout zeroed; without it a token whose input concentrates in a few outlier
@@ -432,6 +444,8 @@ def clipped_residuals(
     beta = t.norm_bias.detach().float()
     out = torch.empty(word.shape[0], dtype=torch.float32, device=word.device)
     for lo in range(0, word.shape[0], chunk):
+        if lo and late(deadline):
+            return None
         x = torch.nn.functional.layer_norm(word[lo : lo + chunk].float() + q, (scorer.d,), gamma, beta, t.norm_eps)
         r = torch.addmm(x, x @ basis, basis.T, alpha=-1.0)
         sq = x.square_()
@@ -479,7 +493,9 @@ def span_check(
         max_length: positions to scan at most (default: the model's maximum).
         patience: stop after this many consecutive positions without any present token (after the
             first ``4 · patience`` positions when none has shown a token at all).
-        deadline: ``time.monotonic()`` value after which scanning stops.
+        deadline: ``time.monotonic()`` value after which the work stops (checked between setup stages,
+            positions, token types and vocabulary chunks); the result then holds the positions scanned in
+            full and has ``cut_short`` set.
         vocabulary: candidate token ids (e.g. the token bag recovered from the word-embedding gradient);
             default: every token.
         token_types: segment ids to try (e.g. the rows of the token-type embedding with a nonzero
@@ -518,6 +534,13 @@ def span_check(
         d = basis.shape[0]
     if rank == 0:  # DP noise drowns every direction: nothing to check
         return SpanCheckResult([], [], [], 0, float("nan"), 0, dropout_mode=False)
+
+    def cut_before_scan(stage: str) -> SpanCheckResult:
+        return SpanCheckResult([], [], [], rank, float("nan"), 0, cut_short=True,
+                               progress=f"stopped {stage}: no position scanned")
+
+    if late(deadline):
+        return cut_before_scan("after the span basis")
     noisy = noise_std > 0
     scorer = TokenScorer(tables, basis, vocabulary, complement=complement)
     ids_map = scorer.token_ids
@@ -531,18 +554,32 @@ def span_check(
     if not segments or not all(0 <= t < tables.num_token_types for t in segments):
         raise ValueError(f"token_types must be a non-empty subset of 0..{tables.num_token_types - 1}, got {token_types}")
 
-    def exact_members_show() -> bool:  # some token at the first positions lies in the span
-        return any(float(scorer.residuals(p, tt).min()) < exact_tol for p in range(min(3, limit)) for tt in segments)
+    def exact_members_show() -> bool | None:  # some token at the first positions lies in the span
+        for p in range(min(3, limit)):
+            for tt in segments:
+                if late(deadline):
+                    return None  # the deadline passed first
+                if float(scorer.residuals(p, tt).min()) < exact_tol:
+                    return True
+        return False
 
     trim = 0 if noisy or complement or saturated else _trim_count(dropout, d)
-    if trim and exact_members_show():
-        trim = 0
+    if trim:
+        shows = exact_members_show()
+        if shows is None:
+            return cut_before_scan("while testing for exact span members")
+        if shows:
+            trim = 0
     if trim and trim >= d - rank - 8:
         trim = 0  # too many inputs to refit on the kept coordinates: fall back to plain residuals
-    if saturated and not noisy and rank <= d // 2 and not exact_members_show():
-        # more distinct inputs than observed directions (and a slice small enough to say something): no token
-        # is certified; recover them by joint sparse recovery instead
-        return partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
+    if saturated and not noisy and rank <= d // 2:
+        shows = exact_members_show()
+        if shows is None:
+            return cut_before_scan("while testing for exact span members")
+        if not shows:
+            # more distinct inputs than observed directions (and a slice small enough to say something): no
+            # token is certified; recover them by joint sparse recovery instead
+            return partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
     # with dropout, after two C-steps only the best candidates are refined further (B true ones at most)
     refine = max(6 * batch_size, 48) if prune else None
     # Rank >= d/4 and a candidate set small enough to score whole: keep the B best per occupied position.
@@ -550,14 +587,23 @@ def span_check(
     candidates: list[list[tuple[int, int, float]]] = []
     best: list[tuple[int, float]] = []
     misses = 0
+    cut = False  # the deadline stopped the scan (a position it interrupted is dropped)
     for pos in range(limit):
-        if deadline is not None and time.monotonic() > deadline:
-            break
         ids_l, types_l, scores_l = [], [], []
         for tt in segments:
+            if late(deadline):
+                cut = True
+                break
             if trim:
                 n = ids_map.numel()
-                idx = clipped_residuals(scorer, pos, tt).topk(min(shortlist, n), largest=False).indices if n > shortlist else torch.arange(n)
+                if n > shortlist:
+                    clipped = clipped_residuals(scorer, pos, tt, deadline=deadline)
+                    if clipped is None or late(deadline):
+                        cut = True
+                        break
+                    idx = clipped.topk(min(shortlist, n), largest=False).indices
+                else:
+                    idx = torch.arange(n)
                 ids = ids_map[idx]
                 score = trimmed_residuals(scorer.inputs(ids, pos, tt), basis, trim, keep=refine)
             else:
@@ -567,6 +613,8 @@ def span_check(
             ids_l.append(ids)
             types_l.append(torch.full_like(ids, tt))
             scores_l.append(score)
+        if cut:
+            break
         ids, types, scores = _best_per_token(torch.cat(ids_l), torch.cat(types_l), torch.cat(scores_l))
         best.append((int(ids[0]), float(scores[0])))
         present = _present(
@@ -577,12 +625,17 @@ def span_check(
         misses = 0 if present else misses + 1
         if misses >= patience and (any(candidates) or pos + 1 >= 4 * patience):
             break  # the sequences ended, or nothing stands out even where [CLS] must be (noise)
+    scanned = len(candidates)
     while candidates and not candidates[-1]:
         candidates.pop()
     length = len(candidates)
     threshold = exact_tol if not (trim or noisy) else float("nan")
     sequences = _assemble(candidates, batch_size, sep_token_id)
-    return SpanCheckResult(candidates, best[:length], sequences, rank, threshold, length, dropout_mode=trim > 0)
+    progress = f"scanned {scanned} positions, {length} with tokens" + (
+        "; the deadline stopped the scan before the sequences ended" if cut else ""
+    )
+    return SpanCheckResult(candidates, best[:length], sequences, rank, threshold, length, dropout_mode=trim > 0,
+                           cut_short=cut, progress=progress)
 
 
 PARTIAL_SCAN = 64
@@ -620,6 +673,13 @@ def group_lasso(
     Raises:
         ValueError: ``target`` and ``atoms`` disagree on ``d``, or ``lam`` is not in ``(0, 1)``.
     """
+    return _group_lasso(target, atoms, lam, iterations, tol, deadline)[0]
+
+
+def _group_lasso(
+    target: Tensor, atoms: Tensor, lam: float, iterations: int, tol: float, deadline: float | None
+) -> tuple[Tensor, bool]:
+    """:func:`group_lasso`, and whether the deadline stopped it before convergence or ``iterations``."""
     if target.dim() != 2 or atoms.dim() != 2 or target.shape[1] != atoms.shape[1]:
         raise ValueError(f"target [k, d] and atoms [n, d] must share d, got {tuple(target.shape)} and {tuple(atoms.shape)}")
     if not 0 < lam < 1:
@@ -629,8 +689,8 @@ def group_lasso(
     w = torch.zeros(target.shape[0], atoms.shape[0], dtype=atoms.dtype, device=atoms.device)
     z, t = w.clone(), 1.0
     for it in range(iterations):
-        if deadline is not None and it and it % 10 == 0 and time.monotonic() > deadline:
-            break
+        if it and it % 10 == 0 and late(deadline):
+            return w.norm(dim=0), True
         v = z + (target - z @ atoms) @ atoms.T / lipschitz
         w_next = v * (1 - threshold / v.norm(dim=0, keepdim=True).clamp_min(1e-30)).clamp_min(0)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
@@ -639,7 +699,7 @@ def group_lasso(
         w, t = w_next, t_next
         if change < tol:
             break
-    return w.norm(dim=0)
+    return w.norm(dim=0), False
 
 
 def partial_span(
@@ -677,7 +737,8 @@ def partial_span(
         segments: token types tried (a token keeps its best-scoring type).
         sep_token_id: end-of-sequence token id: sequences end after it.
         deadline: ``time.monotonic()`` value after which the scan stops and the joint fit ends early
-            (:func:`group_lasso` stops iterating; the weights reached so far decide).
+            (:func:`group_lasso` stops iterating; the weights reached so far decide); the result then has
+            ``cut_short`` set.
 
     Returns:
         A :class:`SpanCheckResult` with ``partial = True`` and ``threshold = nan``; a candidate's score is
@@ -692,7 +753,7 @@ def partial_span(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     residual_rows, type_rows = [], []
     for pos in range(positions):
-        if deadline is not None and time.monotonic() > deadline and residual_rows:
+        if residual_rows and late(deadline):
             break
         best, which = torch.stack([scorer.residuals(pos, tt) for tt in segments]).min(0)  # [K]
         residual_rows.append(best)
@@ -713,7 +774,8 @@ def partial_span(
             x[p, same] = scorer.inputs(ids_map[cols[same]], p, tt)
     x = x.view(n_pos * per_pos, scorer.d)
     x = x / x.norm(dim=1, keepdim=True)
-    weight = group_lasso(scorer.basis.T, x, deadline=deadline).view(n_pos, per_pos)
+    weight, fit_cut = _group_lasso(scorer.basis.T, x, 0.05, 2000, 1e-7, deadline)
+    weight = weight.view(n_pos, per_pos)
     weight = weight / weight.max().clamp_min(1e-30)
     candidates: list[list[tuple[int, int, float]]] = []
     empty, seen_sep = 0, False
@@ -731,8 +793,10 @@ def partial_span(
     top = weight[: len(candidates)].argmax(1)
     best = [(int(ids_map[short[p, j]]), 1.0 - float(weight[p, j])) for p, j in enumerate(top.tolist())]
     sequences = _assemble(candidates, batch_size, sep_token_id)
+    progress = f"scanned {n_pos} of {positions} positions; joint fit " + ("cut" if fit_cut else "converged")
     return SpanCheckResult(
-        candidates, best, sequences, int(scorer.basis.shape[1]), float("nan"), len(candidates), partial=True
+        candidates, best, sequences, int(scorer.basis.shape[1]), float("nan"), len(candidates), partial=True,
+        cut_short=n_pos < positions or fit_cut, progress=progress,
     )
 
 
@@ -817,6 +881,11 @@ class SpanCheck(Attack):
     ``token_bag`` ran first (the word-embedding gradient is tapped), candidates are restricted to the
     recovered bag, as an attacker who sees that gradient would do; otherwise the whole vocabulary.
 
+    Budget: no time limit of its own; the audit's deadline is checked between setup stages (span basis,
+    token scorer, exact-member test), before each position and token type of the scan, and between
+    vocabulary chunks of the dropout shortlist. Stopped by it, it returns the positions scanned so far with
+    ``timed_out`` set and ``info["progress"]`` (e.g. ``"scanned 7 positions, 7 with tokens; ..."``).
+
     Args:
         shortlist: tokens per position re-ranked when gradients carry dropout.
         exact_tol: residual fraction below which a token counts as present for exact gradients.
@@ -852,6 +921,9 @@ class SpanCheck(Attack):
         )
 
     def run(self, inp: AttackInput) -> Reconstruction:
+        budget = inp.budget()
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
         spec = inp.spec
         grads = [inp.gradients[n] for n in spec.layers[0].input_projections if n in inp.gradients]
         adapters = spec.layers[0].lora
@@ -886,17 +958,20 @@ class SpanCheck(Attack):
             sep_token_id=spec.sep_token_id,
             shortlist=self.shortlist,
             exact_tol=self.exact_tol,
-            deadline=inp.deadline,
+            deadline=budget.deadline,
             vocabulary=vocabulary,
             token_types=token_types,
             noise_std=inp.noise_std,
             constraints=constraints,
         )
+        timed_out = result.cut_short and budget.audit_bound
         return Reconstruction(
             attack=self.name,
             sequences=result.sequences,
             position_candidates=[[tok for tok, _, _ in c] for c in result.candidates],
+            timed_out=timed_out,
             info={
+                **({"progress": result.progress} if timed_out else {}),
                 "rank": result.rank,
                 "length": result.length,
                 "grads_used": len(grads),

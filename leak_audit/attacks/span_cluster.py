@@ -32,13 +32,13 @@ clustering membership untested.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.span_check import EmbeddingTables, span_basis, span_check
@@ -103,13 +103,31 @@ def group_lasso(
     Args:
         targets: ``[m, H, d_h]``; atoms: ``[N, H, d_h]``.
         penalty: ``[N]`` base weights (0: unpenalised atom).
-        deadline: ``time.monotonic()`` value after which the iterations stop (checked every 25).
+        deadline: ``time.monotonic()`` value after which the iterations stop (checked before each one: on
+            long sentences one iteration of the word-order lasso takes ~0.4 s).
 
     Returns:
         ``[m, N]`` group norms ``‖y_n‖`` (the support scores).
     """
+    return _group_lasso(targets, atoms, penalty, lam=lam, iters=iters, rounds=rounds, eps=eps, deadline=deadline)[0]
+
+
+def _group_lasso(
+    targets: Tensor,
+    atoms: Tensor,
+    penalty: Tensor,
+    *,
+    lam: float = 0.02,
+    iters: int = 300,
+    rounds: int = 3,
+    eps: float = 1e-3,
+    deadline: float | None = None,
+    lipschitz: float | None = None,
+) -> tuple[Tensor, bool]:
+    """:func:`group_lasso`, and whether the deadline stopped it before its rounds ended. ``lipschitz``: the
+    step's constant ``max_h ‖atoms[:, h]‖₂²`` when the caller knows it (atoms repeated across members)."""
     d = atoms.permute(1, 2, 0)  # H x d_h x N
-    lip = float(torch.linalg.matrix_norm(d, 2).max()) ** 2
+    lip = float(torch.linalg.matrix_norm(d, 2).max()) ** 2 if lipschitz is None else lipschitz
     dtt = torch.einsum("hdn,mhd->mnh", d, targets)
     lam0 = dtt.norm(dim=2).max(1).values[:, None].clamp_min(1e-300)
     m, n = targets.shape[0], atoms.shape[0]
@@ -118,9 +136,9 @@ def group_lasso(
     penalised = penalty > 0
     for _ in range(rounds):
         z, tk = y.clone(), 1.0
-        for it in range(iters):
-            if deadline is not None and it % 25 == 0 and time.monotonic() > deadline:
-                return y.norm(dim=2)
+        for _ in range(iters):
+            if late(deadline):
+                return y.norm(dim=2), True
             grad = torch.einsum("hdn,mhd->mnh", d, torch.einsum("hdn,mnh->mhd", d, z) - targets)
             v = z - grad / lip
             shrink = (1 - lam * lam0 * weights / lip / v.norm(dim=2).clamp_min(1e-300)).clamp_min(0)
@@ -131,7 +149,7 @@ def group_lasso(
         g = y.norm(dim=2)
         top = g[:, penalised].max(1, keepdim=True).values.clamp_min(1e-300)
         weights = penalty[None] / (g / top + eps)
-    return y.norm(dim=2)
+    return y.norm(dim=2), False
 
 
 def spectral_clusters(affinity: Tensor, k: int, seed: int = 0, restarts: int = 10) -> list[int]:
@@ -171,6 +189,10 @@ class SpanClusterResult:
         tested: per sentence, whether every member passed the exact span test (fact 2).
         shared: tokens found to occur in several sentences.
         bag: the batch's tokens; ``length`` the longest sentence's length.
+        cut_short: the deadline cut a stage short (the group lasso, the reassignment rounds or a word-order
+            search): the sentences are those reached so far.
+        progress: the stages the deadline cut, comma-separated (e.g. ``"group lasso, word order"``; empty
+            when none was).
     """
 
     sequences: list[list[int]]
@@ -181,6 +203,8 @@ class SpanClusterResult:
     length: int
     rank: int
     info: dict[str, float] = field(default_factory=dict)
+    cut_short: bool = False
+    progress: str = ""
 
 
 def _relres(target: Tensor, atoms: Tensor) -> float:
@@ -227,7 +251,9 @@ def span_cluster(
         margin: the test is informative when ``|tokens| + n + 1 ≤ d_h − margin``.
         refine: rounds of reassignment by the exact test.
         seed: k-means seed.
-        deadline: ``time.monotonic()`` value after which word-order searches stop at their best so far.
+        deadline: ``time.monotonic()`` value after which the group lasso, the reassignment rounds and the
+            word-order searches stop at their best so far (the result then has ``cut_short`` set; the
+            remaining steps are cheap: clustering, and word order by assignment only).
 
     Returns:
         A :class:`SpanClusterResult`.
@@ -267,7 +293,11 @@ def span_cluster(
     targets = targets / targets.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
     penalty = torch.ones(keys.shape[0], dtype=torch.float64, device=keys.device)
     penalty[-1] = 0.0  # β: every input carries it
-    scores = group_lasso(targets, keys_unit, penalty, deadline=deadline)[:, :nb]
+    cut: list[str] = []  # the stages the deadline cut
+    scores, lasso_cut = _group_lasso(targets, keys_unit, penalty, deadline=deadline)
+    scores = scores[:, :nb]
+    if lasso_cut:
+        cut.append("group lasso")
     scores = scores / scores.max(1, keepdim=True).values.clamp_min(1e-300)
     # token-to-token affinity among anchors, symmetrised
     aff = scores[:, anchors].clone()
@@ -288,10 +318,17 @@ def span_cluster(
     shared: set[int] = set()
     tested = [False] * k
     for _ in range(refine):
+        if late(deadline):
+            cut.append("reassignment")
+            break
         sets = sets_of(labels, shared)
         new_labels, new_shared = list(labels), set()
         testable = [len(s) + min(len(s) + margin, length) + 1 <= dh - margin for s in sets]
+        stopped = False
         for a in range(len(anchors)):
+            if late(deadline):
+                stopped = True
+                break
             v = bag[anchors[a]]
             res = []
             for c, s in enumerate(sets):
@@ -306,6 +343,9 @@ def span_cluster(
                 new_labels[a] = min(ok, key=lambda c: res[c])
             elif all(testable):
                 new_shared.add(a)
+        if stopped:  # this round's reassignment is incomplete: keep the previous one
+            cut.append("reassignment")
+            break
         tested = [
             testable[c] and all(a not in new_shared for a, lab in enumerate(new_labels) if lab == c) for c in range(k)
         ]
@@ -323,10 +363,12 @@ def span_cluster(
         if not s - set(structural):
             continue
         mem = [a for a, lab in enumerate(labels) if lab == c and a not in shared]
-        seq, res = order_sentence(
+        seq, res, order_cut = _order_sentence(
             s, targets[mem], key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id,
             generator=torch.Generator().manual_seed(seed + c), deadline=deadline,
         )
+        if order_cut and "word order" not in cut:
+            cut.append("word order")
         sets.append(s)
         sequences.append(seq)
         residuals.append(res)
@@ -339,7 +381,14 @@ def span_cluster(
         length=length,
         rank=int(span_basis([grad])[0].shape[1]),
         info={"fit": fit, "anchors": float(len(anchors))},
+        cut_short=bool(cut),
+        progress=", ".join(cut),
     )
+
+
+ORDER_CHUNK = 64
+"""Placements :func:`order_sentence` scores per batched least-squares call (the deadline is checked between
+calls): a sweep over a 50-token sentence's ~1300 swaps took 7 s in one call."""
 
 
 def order_sentence(
@@ -374,19 +423,45 @@ def order_sentence(
         sweeps: steepest-descent steps per start; extra: copies a token may add inside the sentence
             (lengths ``|tokens| .. |tokens| + extra`` are tried); restarts: perturbed restarts while the
             residual is above ``exact``; generator: the perturbations; deadline: ``time.monotonic()`` value
-            after which the search returns its best so far.
+            after which the search returns its best so far (already past at the start: the tokens in id
+            order, unsearched).
 
     Returns:
         ``(sequence, residual)``: the ordered sentence and the members' largest relative squared residual
         (``nan`` without members).
     """
+    seq, res, _ = _order_sentence(
+        tokens, members, key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id, sweeps=sweeps,
+        extra=extra, restarts=restarts, exact=exact, generator=generator, deadline=deadline,
+    )
+    return seq, res
+
+
+def _order_sentence(
+    tokens: Collection[int],
+    members: Tensor,
+    key_inputs: Callable[[Tensor, Tensor], Tensor],
+    heads: int,
+    *,
+    cls_token_id: int | None,
+    sep_token_id: int | None,
+    sweeps: int = 40,
+    extra: int = 2,
+    restarts: int = 6,
+    exact: float = 1e-10,
+    generator: torch.Generator | None = None,
+    deadline: float | None = None,
+) -> tuple[list[int], float, bool]:
+    """:func:`order_sentence`, and whether the deadline cut its search short."""
     from scipy.optimize import linear_sum_assignment
 
     middle = sorted(t for t in tokens if t not in (cls_token_id, sep_token_id))
     head = [cls_token_id] if cls_token_id is not None else []
     tail = [sep_token_id] if sep_token_id is not None else []
     if not middle:
-        return head + tail, float("nan")
+        return head + tail, float("nan"), False
+    if members.shape[0] and late(deadline):
+        return head + middle + tail, float("nan"), True  # out of time: the tokens unordered (by id), no search
     start = len(head)
     most = len(middle) + extra
     slots = list(range(start, start + most))
@@ -416,21 +491,36 @@ def order_sentence(
         r = rhs[None] - d @ sol
         return (r.square().sum((1, 2)) / rhs.square().sum((0, 1)).clamp_min(1e-300)).max(1).values
 
-    if deadline is not None and time.monotonic() > deadline:
-        m = 0  # out of time: the assignment of the (empty) scores, no search
+    def move_residuals(places: list[list[int]], tail_atoms: Tensor) -> Tensor:
+        """:func:`residuals` in chunks of :data:`ORDER_CHUNK` placements; past the deadline it stops after
+        the chunk in hand (the residuals of the first placements only)."""
+        out = []
+        for lo in range(0, len(places), ORDER_CHUNK):
+            if lo and late(deadline):
+                break
+            out.append(residuals(places[lo : lo + ORDER_CHUNK], tail_atoms))
+        return torch.cat(out)
+
+    cut = False  # the deadline cut the search short
     if m:
         unit = pair_atoms.reshape(-1, heads, dh)
         unit = unit / unit.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         targets = members.reshape(1, m * heads, dh)
-        score = group_lasso(
+        # the atoms repeat per member: their spectral norms are those of the H distinct blocks (one SVD each
+        # instead of m·H, several seconds on long sentences)
+        lip = float(torch.linalg.matrix_norm(unit.permute(1, 2, 0), 2).max()) ** 2
+        score, cut = _group_lasso(
             targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64, device=unit.device),
-            deadline=deadline,
-        )[0]
-        score = score.view(len(middle), most)
+            deadline=deadline, lipschitz=lip,
+        )
+        score = score[0].view(len(middle), most)
     else:
         score = torch.zeros(len(middle), most, dtype=torch.float64)
     best: tuple[float, list[int], int] | None = None
     for count in range(len(middle), most + 1):
+        if m and best is not None and late(deadline):
+            cut = True  # longer counts left untried
+            break
         # tokens -> slots 0..count-1: every token at least once, extra copies optional (linear assignment)
         copies = [(i, True) for i in range(len(middle))] + [(i, False) for i in range(len(middle)) for _ in range(extra)]
         cols = len(copies)  # slots 0..count-1, then one "unused" column per optional copy
@@ -452,8 +542,12 @@ def order_sentence(
         tail_atoms = (fx[1:] - ref).view(-1, heads, dh)
 
         def descend(place: list[int]) -> tuple[float, list[int]]:
+            nonlocal cut
             cur = float(residuals([place], tail_atoms)[0])
             for _ in range(sweeps):  # steepest descent over swaps and single-slot replacements
+                if cur >= exact and late(deadline):
+                    cut = True
+                    break
                 moves: list[list[int]] = []
                 for i in range(count):
                     for j in range(i + 1, count):
@@ -469,17 +563,21 @@ def order_sentence(
                                 moves.append(trial)
                 if not moves:
                     break
-                res = residuals(moves, tail_atoms)
+                res = move_residuals(moves, tail_atoms)
                 j = int(res.argmin())
                 if float(res[j]) >= cur:
+                    cut = cut or len(res) < len(moves)  # the deadline stopped the scan of the moves
                     break
                 cur, place = float(res[j]), moves[j]
-                if cur < exact or (deadline is not None and time.monotonic() > deadline):
+                if cur < exact:
                     break
             return cur, place
 
         cur, place = descend(place)
         for _ in range(restarts if cur >= exact else 0):  # perturb the best order and descend again
+            if late(deadline):
+                cut = True
+                break
             trial = list(place)
             for _ in range(3):
                 i, j = torch.randint(0, count, (2,), generator=generator).tolist()
@@ -487,7 +585,7 @@ def order_sentence(
             r, trial = descend(trial)
             if r < cur:
                 cur, place = r, trial
-            if cur < exact or (deadline is not None and time.monotonic() > deadline):
+            if cur < exact:
                 break
         if best is None or cur < best[0] * 0.5:
             best = (cur, place, count)
@@ -499,7 +597,7 @@ def order_sentence(
             if r < exact:
                 best = (r, best[1][:count], count)
                 break
-    return head + [middle[i] for i in best[1]] + tail, best[0]
+    return head + [middle[i] for i in best[1]] + tail, best[0], cut
 
 
 class SpanCluster(Attack):
@@ -515,6 +613,12 @@ class SpanCluster(Attack):
     again (:func:`~leak_audit.attacks.peeling.peel`); certified sentences come first, and when all ``B``
     are certified their labels are returned aligned. Without a replica it returns the first proposal.
     ``info``: ``clusters``, ``length``, ``certified`` and ``rounds``.
+
+    Budget: no time limit of its own. The audit's deadline is passed to every stage (the span check, the
+    group lasso, the reassignment rounds, the word-order searches, the peeling rounds and their
+    certificates), each of which stops at it with its best so far. Cut short by it, the attack returns the
+    certified sentences and the last proposal with ``timed_out`` set and ``info["progress"]`` (e.g.
+    ``"1 of 4 sentences certified in 2 peeling rounds; the deadline cut the word order"``).
 
     Args:
         support: group-lasso support threshold (share of an anchor's largest score).
@@ -562,6 +666,11 @@ class SpanCluster(Attack):
                 f"its exact certificates need noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} "
                 "per coordinate): span_check, token_bag, labels and gradient_matching rank candidates under noise"
             )
+        budget = inp.budget()
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
+        deadline = budget.deadline
+        cut: list[str] = []  # what the deadline cut, in order
         spec = inp.spec
         grad = inp.gradients[spec.layers[0].query]
         tables = EmbeddingTables.from_params(inp.params, spec)
@@ -573,10 +682,15 @@ class SpanCluster(Attack):
             bag = inp.priors.get("token_bag")
             vocab = torch.tensor(bag.token_bag, dtype=torch.long) if bag is not None and bag.token_bag else None
             found = span_check(
-                [grad], tables, inp.batch_size, sep_token_id=spec.sep_token_id, deadline=inp.deadline, vocabulary=vocab
+                [grad], tables, inp.batch_size, sep_token_id=spec.sep_token_id, deadline=deadline, vocabulary=vocab
             )
             candidates = [[t for t, _, _ in c] for c in found.candidates]
             base = found.sequences
+            if found.cut_short:  # the tokens are incomplete: no clustering on them
+                return Reconstruction(
+                    attack=self.name, sequences=base, timed_out=budget.audit_bound,
+                    info={"progress": f"span check: {found.progress}", "clusters": 0, "length": found.length},
+                )
         segment = 0
         tt = inp.gradients.get(spec.token_type_embeddings) if spec.token_type_embeddings else None
         if tt is not None and bool(tt.any()):
@@ -589,7 +703,10 @@ class SpanCluster(Attack):
             g: Tensor, b: int, cands: Sequence[Sequence[int]] | None = None, single: list[list[int]] | None = None
         ) -> Proposal:
             if cands is None:
-                found = span_check([g], tables, b, sep_token_id=spec.sep_token_id, deadline=inp.deadline)
+                found = span_check([g], tables, b, sep_token_id=spec.sep_token_id, deadline=deadline)
+                if found.cut_short:
+                    cut.append("span check")
+                    raise NotApplicable("the deadline cut the span check")  # ends the peeling rounds
                 cands, single = [[t for t, _, _ in c] for c in found.candidates], found.sequences
             if b == 1:
                 seqs = [list(single[0])] if single else []
@@ -598,14 +715,30 @@ class SpanCluster(Attack):
                 res = span_cluster(
                     g, key_weight, spec.num_heads, tables, cands, b, segment=segment, structural=structural,
                     cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, support=self.support,
-                    test_tol=self.test_tol, seed=seed, deadline=inp.deadline,
+                    test_tol=self.test_tol, seed=seed, deadline=deadline,
                 )
+            if res.cut_short:
+                cut.extend(c for c in res.progress.split(", ") if c not in cut)
             return Proposal(res.sequences, res.bag, res.length)
 
+        def finish(
+            sequences: list[list[int]], certified: int | None = None, labels: list[int] | None = None
+        ) -> Reconstruction:
+            timed_out = bool(cut) and budget.audit_bound
+            if timed_out:
+                peeled_so_far = "" if certified is None else (
+                    f"{certified} of {inp.batch_size} sentences certified in {info.get('rounds', 0)} peeling rounds; "
+                )
+                info["progress"] = f"{peeled_so_far}the deadline cut the {', '.join(cut)}"
+            return Reconstruction(
+                attack=self.name, sequences=sequences, token_bag=first.bag, labels=labels,
+                labels_aligned=labels is not None, info=info, timed_out=timed_out,
+            )
+
         first = propose(grad, inp.batch_size, candidates, base)
-        info: dict[str, float | int] = {"clusters": len(first.sequences), "length": first.length}
+        info: dict[str, float | int | str] = {"clusters": len(first.sequences), "length": first.length}
         if not self.peel or inp.replica is None:
-            return Reconstruction(attack=self.name, sequences=first.sequences, token_bag=first.bag, info=info)
+            return finish(first.sequences)
         replica = inp.replica
         name = spec.layers[0].query
 
@@ -614,17 +747,14 @@ class SpanCluster(Attack):
 
         peeled = peel(
             grad, inp.batch_size, propose, lambda s: logit_gradients(replica, inp.params, name, s, segment=segment),
-            split, first=first, structural=structural, deadline=inp.deadline,
+            split, first=first, structural=structural, deadline=deadline,
         )
         info.update(certified=len(peeled.labels), rounds=peeled.rounds)
+        if peeled.cut_short and "peeling" not in cut:
+            cut.append("peeling")
         if not peeled.sequences:
-            return Reconstruction(attack=self.name, sequences=first.sequences, token_bag=first.bag, info=info)
+            return finish(first.sequences, len(peeled.labels))
         done = len(peeled.labels) == inp.batch_size
-        return Reconstruction(
-            attack=self.name,
-            sequences=peeled.sequences,
-            token_bag=first.bag,
-            labels=peeled.labels if done else None,
-            labels_aligned=done,
-            info=info,
-        )
+        if done:
+            cut.clear()  # every sentence certified: whatever was cut on the way, the result is complete
+        return finish(peeled.sequences, len(peeled.labels), labels=peeled.labels if done else None)

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leak_audit.attacks._budget import late
 from leak_audit.attacks.base import NotApplicable
 from leak_audit.attacks.span_attention import (
     FirstLayer,
     SpanAttentionResult,
     _inputs,
-    _late,
     _shift,
     levenberg_marquardt,
     locate_tokens,
@@ -156,6 +156,7 @@ def unmask_inputs(
     iters: int = 200,
     polish: int = 6,
     generator: torch.Generator | None = None,
+    deadline: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Recover the dropout mask of layer-0 inputs: the ``x = m ⊙ y/(1 − p)`` that lies in ``S_x``.
 
@@ -178,6 +179,8 @@ def unmask_inputs(
             outlier coordinate (tens of times the mean magnitude) traps every weighting. Only rows with a
             residual below ``near`` are retried (false pairs stay ≥ 0.07 on MiniLM).
         generator: draws the random weights.
+        deadline: ``time.monotonic()`` value after which no further round (power, restart, forced drop)
+            starts after the first; rows keep their best fit so far.
 
     Returns:
         ``(x [n, d], residual [n])``: the masked inputs (float64) and ``‖x − proj(x)‖ / ‖x‖``; about
@@ -189,9 +192,9 @@ def unmask_inputs(
     inv = mag / yp.abs().clamp_min(1e-3 * mag)
     x = torch.zeros_like(yp)
     res = torch.full((yp.shape[0],), float("inf"), dtype=torch.float64, device=yp.device)
-    for power in [*powers, *([None] * restarts)]:
+    for k, power in enumerate([*powers, *([None] * restarts)]):
         todo = (res >= tol).nonzero().flatten()
-        if todo.numel() == 0:
+        if todo.numel() == 0 or (k and late(deadline)):
             break
         if power is None:
             noise = torch.rand(todo.numel(), yp.shape[1], generator=generator, dtype=yp.dtype).to(yp.device)
@@ -207,7 +210,7 @@ def unmask_inputs(
         # a dropped outlier coordinate (MiniLM's LayerNorm outputs have one at ~50× the mean magnitude) is
         # what no weighting recovers: the fit keeps it and spreads the error. Force it dropped.
         todo = ((res >= tol) & (res < near)).nonzero().flatten()
-        if todo.numel() == 0:
+        if todo.numel() == 0 or late(deadline):
             break
         yz = _zero_top(yp[todo], rank)  # its weight becomes the largest (1e3): the fit keeps it at zero
         w = mag[todo] / yz.abs().clamp_min(1e-3 * mag[todo])
@@ -282,15 +285,18 @@ class HiddenSolver:
         jac = jac - self.basis_a @ (self.basis_a.T @ jac)
         return r, jac
 
-    def solve(self, h0: Tensor, iters: int = 40, tol: float = 1e-12) -> tuple[Tensor, Tensor]:
-        """Levenberg-Marquardt from ``h0`` ``[n, d]`` (projected onto ``S_h1``).
+    def solve(
+        self, h0: Tensor, iters: int = 40, tol: float = 1e-12, deadline: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Levenberg-Marquardt from ``h0`` ``[n, d]`` (projected onto ``S_h1``), stopped early at
+        ``deadline`` (a ``time.monotonic()`` value).
 
         Returns:
             ``(h1 [n, d], loss [n])``; ``loss`` is the squared residual over ``‖γ‖²`` (~1e-11 at a true
             solution on MiniLM).
         """
         alpha, loss = levenberg_marquardt(
-            lambda _rows, th: self._residual(th), h0.float() @ self.basis_h1, self.scale, iters, tol
+            lambda _rows, th: self._residual(th), h0.float() @ self.basis_h1, self.scale, iters, tol, deadline
         )
         return alpha @ self.basis_h1.T, loss
 
@@ -388,10 +394,18 @@ def dropped_membership(
 
 
 def _instances(
-    y: Tensor, basis_x: Tensor, p: float, tol: float, max_count: int, generator: torch.Generator | None
-) -> tuple[list[int], Tensor]:
-    """Every masked instance of each candidate pair: ``(pair index per instance, x [m, d])``."""
-    x, res = unmask_inputs(y, basis_x, p, tol=tol, generator=generator)
+    y: Tensor,
+    basis_x: Tensor,
+    p: float,
+    tol: float,
+    max_count: int,
+    generator: torch.Generator | None,
+    deadline: float | None = None,
+) -> tuple[list[int], Tensor, bool]:
+    """Every masked instance of each candidate pair: ``(pair index per instance, x [m, d], cut)``, ``cut``
+    when ``deadline`` (a ``time.monotonic()`` value) stopped the search for instances early."""
+    x, res = unmask_inputs(y, basis_x, p, tol=tol, generator=generator, deadline=deadline)
+    cut = late(deadline)
     ok = res < tol
     owner = ok.nonzero().flatten().tolist()
     found: dict[int, list[Tensor]] = {j: [x[j]] for j in owner}
@@ -401,18 +415,25 @@ def _instances(
     # the largest coordinates dropped (see ``unmask_inputs``).
     attempts: list[tuple[str, float]] = [("boost", 1.0), ("boost", 4.0), ("boost", 0.25), ("drop", 0), ("drop", 1)]
     for _ in range(max_count - 1):
+        if cut:
+            break
         seen = {j: torch.stack(found[j]).eq(0).any(0).double() for j in todo}
         nxt: list[int] = []
         for kind, arg in attempts:
             rest = [j for j in todo if j not in nxt]
             if not rest:
                 break
+            if late(deadline):
+                cut = True
+                break
             if kind == "boost":
                 weights = 1.0 + arg * torch.stack([seen[j] for j in rest])
-                x2, res2 = unmask_inputs(y[rest], basis_x, p, weights=weights, tol=tol, generator=generator)
+                x2, res2 = unmask_inputs(y[rest], basis_x, p, weights=weights, tol=tol, generator=generator,
+                                         deadline=deadline)
             else:
                 yz = _zero_top(y[rest], int(arg))
-                x2, res2 = unmask_inputs(yz, basis_x, p, tol=tol, restarts=0, forced=0, generator=generator)
+                x2, res2 = unmask_inputs(yz, basis_x, p, tol=tol, restarts=0, forced=0, generator=generator,
+                                         deadline=deadline)
             for j, xj, rj in zip(rest, x2, res2.tolist(), strict=True):
                 if rj < tol and all(float((xj - old).norm()) > 1e-3 * float(old.norm()) for old in found[j]):
                     found[j].append(xj)
@@ -422,7 +443,7 @@ def _instances(
             break
     pairs = [j for j in owner for _ in found[j]]
     xs = torch.stack([xi for j in owner for xi in found[j]]) if owner else y.new_zeros(0, y.shape[1]).double()
-    return pairs, xs
+    return pairs, xs, cut
 
 
 def span_attention_dropout(
@@ -460,7 +481,9 @@ def span_attention_dropout(
             for an accepted sentence (true sentences 2.4e-5 to 5.5e-4 on 16 CoLA sentences, B=4; a
             missing or wrong member ≥ 1).
         max_anchors: cap on anchors tried (default ``4B + 8``); ``deadline``: ``time.monotonic()`` after
-            which no new anchor starts; ``generator``: picks the FFN units.
+            which the search stops (checked after the setup, between rounds of the mask recovery, between
+            Levenberg-Marquardt iterations and before each anchor's linear program; the result then has
+            ``cut_short`` set); ``generator``: picks the FFN units.
 
     Returns:
         A :class:`~leak_audit.attacks.span_attention.SpanAttentionResult`.
@@ -483,6 +506,9 @@ def span_attention_dropout(
             f"the first layer's gradients have rank {rank} of {d}: the batch has about as many tokens as the "
             "hidden size, so its inputs span the whole space (physical limit of span checks)"
         )
+    setup_cut = SpanAttentionResult.describe(0, batch_size, 0, "stopped in the setup")
+    if late(deadline):
+        return SpanAttentionResult([], {}, [], 0, 0, rank, length, cut_short=True, progress=setup_cut)
     shifted = _shift(tables, position_offset)
     located, floating = locate_tokens(grads["word"], shifted, length, segment, always_floating=always_floating)
     fset = set(floating)
@@ -493,10 +519,14 @@ def span_attention_dropout(
     tok = torch.tensor([c[0] for c in cands], dtype=torch.long)
     pos = torch.tensor([c[1] for c in cands], dtype=torch.long)
     y = _inputs(shifted, tok, pos, segment)
-    owner, xs = _instances(y, basis_x, rates.embeddings, input_tol, batch_size, generator)
+    owner, xs, cut = _instances(y, basis_x, rates.embeddings, input_tol, batch_size, generator, deadline)
+    if cut:
+        setup_cut = SpanAttentionResult.describe(0, batch_size, 0, "stopped while recovering the dropout masks")
+        return SpanAttentionResult([], located, floating, 0, 0, rank, length, cut_short=True, progress=setup_cut)
     pairs = [cands[j] for j in owner]
     if not pairs:
-        return SpanAttentionResult([], located, floating, 0, 0, rank, length)
+        return SpanAttentionResult([], located, floating, 0, 0, rank, length,
+                                   progress=SpanAttentionResult.describe(0, batch_size, 0))
     xf = xs.float()
     h, dh = layer.heads, layer.head_size
     q = F.linear(xf, layer.wq, layer.bq).view(-1, h, dh)
@@ -515,16 +545,22 @@ def span_attention_dropout(
     sequences: list[list[int]] = []
     covered: set[int] = set()
     tried = converged = 0
-    while len(sequences) < batch_size and tried < cap and not _late(deadline):
+    while len(sequences) < batch_size and tried < cap and not cut:
         todo = [j for j in order if j not in covered][: max(1, min(batch_size - len(sequences), cap - tried))]
         if not todo:
+            break
+        if late(deadline):
+            cut = True
             break
         order = [j for j in order if j not in todo]
         tried += len(todo)
         h0 = F.layer_norm(xf[todo] + layer.bo, (d,), layer.ln1_weight, layer.ln1_bias, layer.ln1_eps)
-        h1, loss = solver.solve(h0)
+        h1, loss = solver.solve(h0, deadline=deadline)
         for j, hj, f in zip(todo, h1, loss.tolist(), strict=True):
-            if f > solve_tol or j in covered or len(sequences) >= batch_size or _late(deadline):
+            if len(sequences) < batch_size and late(deadline):
+                cut = True  # this anchor (and the rest of the round) was not finished
+                break
+            if f > solve_tol or j in covered or len(sequences) >= batch_size:
                 continue
             converged += 1
             # the solve may land on another instance of a repeated pair: try each instance's input
@@ -548,7 +584,11 @@ def span_attention_dropout(
                 continue
             sequences.append(seq)
             covered.update(members)
-    return SpanAttentionResult(sequences, located, floating, tried, converged, rank, length)
+    stage = "stopped by the deadline" if cut else ""
+    return SpanAttentionResult(
+        sequences, located, floating, tried, converged, rank, length, cut_short=cut,
+        progress=SpanAttentionResult.describe(len(sequences), batch_size, tried, stage),
+    )
 
 
 def _read(z: Tensor, pairs: Sequence[tuple[int, int]], cut: float = 0.5) -> tuple[list[int] | None, list[int]]:

@@ -30,19 +30,32 @@ rank is the total number of tokens; without better information the batch is spli
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leak_audit.attacks._budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.span_check import span_basis
 from leak_audit.models import TextModelSpec
 from leak_audit.replica import ModelReplica
 
-__all__ = ["SpanSearch", "module_inputs", "span_distance"]
+__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "SpanSearch", "module_inputs", "span_distance"]
+
+SCORE_CHUNK = 2**21
+"""Elements (candidates × inputs × width) of the layer inputs the discrete search scores in one batch.
+
+A move scores every candidate of a pool against the whole batch's inputs, ``[K, N, d]``, after running
+the model on the ``K`` candidates: at B = 16 on SST-2 (MiniLM, layer 3, 369 tokens, a pool of ~4600
+tokens) one unchunked replacement step held a ``[4600, 369, 384]`` tensor (2.6 GB, 15 GB peak with its
+QR) and ran for minutes between two deadline checks (a 10 s budget overran to 206 s). Chunks of at most
+this many elements and :data:`SCORE_TOKENS` candidate tokens (a few tenths of a second each on MiniLM,
+one thread) let the deadline be checked between chunks."""
+
+SCORE_TOKENS = 256
+"""Candidate tokens (rows × sequence length) the discrete search runs through the model in one batch."""
 
 
 class _Captured(Exception):
@@ -136,7 +149,14 @@ class SpanSearch(Attack):
         steps: Adam steps of the continuous stage.
         lr: Adam learning rate (embedding units).
         pool_per_position: nearest tokens per position that enter the candidate pool.
-        max_seconds: time budget of one run (``inp.deadline`` also applies).
+        max_seconds: the attack's own time budget of one run, capped by the audit's deadline
+            (:meth:`~leak_audit.attacks.base.AttackInput.budget`). The continuous stage gets the first half;
+            the discrete descent checks the deadline between candidate chunks of at most
+            :data:`SCORE_CHUNK` elements, so a run ends within one chunk (a fraction of a second on MiniLM)
+            of it. When the audit's deadline is the earlier limit and time (the continuous stage's half,
+            or the end) stopped a stage before its own rule (``steps``, no improving move,
+            ``max_perturbations``) without an exact result, the run is ``timed_out`` and
+            ``info["progress"]`` says how far each stage got.
         max_perturbations: perturb-and-descend rounds at most (a work bound: with a generous
             ``max_seconds`` the result depends only on the seed, not on the machine's speed).
         exact_tol: ``D`` below which the reconstruction is certified exact and the search stops.
@@ -196,12 +216,12 @@ class SpanSearch(Attack):
                             replica=True)
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        t_start = time.monotonic()
-        deadline = t_start + self.max_seconds
-        if inp.deadline is not None:
-            deadline = min(deadline, inp.deadline)
         if inp.replica is None:
             raise NotApplicable("span_search runs the model, but no model replica was given")
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
+        deadline = budget.deadline
         spec, replica, params = inp.spec, inp.replica, inp.params
         weight, basis = None, None
         for _, name in self._candidates(spec, inp.gradients.keys()):
@@ -234,16 +254,33 @@ class SpanSearch(Attack):
         # A batch hypothesis is a list of B 1-D token tensors (lengths may differ); states are cached per
         # sequence so a move re-runs only the sequence it changes.
         def states(seqs: list[Tensor]) -> list[Tensor]:
-            return [inputs_of(q[None])[0] for q in seqs]
+            out: list[Tensor | None] = [None] * len(seqs)
+            by_length: dict[int, list[int]] = {}
+            for j, q in enumerate(seqs):
+                by_length.setdefault(len(q), []).append(j)
+            for group in by_length.values():  # sequences of one length in one forward (no padding)
+                x = inputs_of(torch.stack([seqs[j] for j in group]))
+                for j, xj in zip(group, x, strict=True):
+                    out[j] = xj
+            return out  # type: ignore[return-value]
 
         def score_rows(cache: list[Tensor], b: int, rows: Tensor) -> Tensor:
-            """D of the batch with sequence ``b`` replaced by each row of ``rows`` ``[K, L_b]``: ``[K]``."""
-            x = inputs_of(rows)  # [K, L_b, d]
+            """D of the batch with sequence ``b`` replaced by each row of ``rows`` ``[K, L_b]``: ``[K']``, scored
+            in chunks of at most :data:`SCORE_CHUNK` elements; past the deadline it stops after the chunk in
+            hand (``K' ≤ K``: the scores of the first ``K'`` rows)."""
             others = [c for j, c in enumerate(cache) if j != b]
-            if others:
-                rest = torch.cat(others)[None].expand(rows.shape[0], -1, -1)
-                x = torch.cat([x, rest], dim=1)
-            return span_distance(x, basis)
+            rest = torch.cat(others) if others else None
+            inputs = rows.shape[1] + (rest.shape[0] if rest is not None else 0)
+            per = max(1, min(SCORE_CHUNK // (inputs * basis.shape[0]), SCORE_TOKENS // rows.shape[1]))
+            out = []
+            for lo in range(0, rows.shape[0], per):
+                if lo and late(deadline):
+                    break
+                x = inputs_of(rows[lo : lo + per])  # [k, L_b, d]
+                if rest is not None:
+                    x = torch.cat([x, rest[None].expand(x.shape[0], -1, -1)], dim=1)
+                out.append(span_distance(x, basis))
+            return torch.cat(out)
 
         def total(cache: list[Tensor]) -> Tensor:
             return span_distance(torch.cat(cache)[None], basis)[0]
@@ -266,6 +303,7 @@ class SpanSearch(Attack):
                 best, seeded = total(states(current)), 1
         steps = 0
         pool = allowed_ids
+        timed = False  # time (the continuous stage's half of the budget, or the deadline) ended a stage
         if current is None:
             # 1. continuous relaxation with equal lengths, restarts as one batch
             length = max(3, rank // bsz)
@@ -287,7 +325,8 @@ class SpanSearch(Attack):
                     loss.sum().backward()
                 emb.grad[:, fixed] = 0
                 opt.step()
-                if time.monotonic() > t_start + 0.5 * (deadline - t_start):
+                if steps < self.steps and late(budget.fraction(0.5)):
+                    timed = True
                     break
             emb = emb.detach().reshape(r, bsz, length, -1)[int(loss.detach().argmin())]
             # 2. projection to tokens and the candidate pool
@@ -309,10 +348,18 @@ class SpanSearch(Attack):
         sweeps = restarts_done = 0
 
         def descend(seqs: list[Tensor], value: Tensor) -> tuple[list[Tensor], Tensor]:
-            nonlocal sweeps
+            nonlocal sweeps, timed
             seqs = [q.clone() for q in seqs]
+            if float(value) <= self.exact_tol:
+                return seqs, value
+            if late(deadline):
+                timed = True
+                return seqs, value
             cache = states(seqs)
-            while time.monotonic() < deadline and float(value) > self.exact_tol:
+            while float(value) > self.exact_tol:
+                if late(deadline):
+                    timed = True
+                    break
                 sweeps += 1
                 improved = False
                 for b in range(bsz):
@@ -325,9 +372,13 @@ class SpanSearch(Attack):
                         if s[j] < value - 1e-9:
                             seqs[b], value, improved = rows[j].clone(), s[j], True
                             cache[b] = inputs_of(seqs[b][None])[0]
-                        if float(value) <= self.exact_tol or time.monotonic() > deadline:
+                        if float(value) <= self.exact_tol:
                             return seqs, value
-                    if time.monotonic() > deadline:
+                        if late(deadline):
+                            timed = True
+                            return seqs, value
+                    if late(deadline):
+                        timed = True
                         return seqs, value
                     moves = []
                     for i in free:  # swap and move within the sequence
@@ -354,7 +405,10 @@ class SpanSearch(Attack):
             return seqs, value
 
         current, best = descend(current, best)
-        while float(best) > self.exact_tol and time.monotonic() < deadline and restarts_done < self.max_perturbations:
+        while float(best) > self.exact_tol and restarts_done < self.max_perturbations:
+            if late(deadline):
+                timed = True
+                break
             restarts_done += 1
             trial = [q.clone() for q in current]
             for _ in range(2):
@@ -367,15 +421,24 @@ class SpanSearch(Attack):
             if value < best:
                 current, best = trial, value
         length = max(len(q) for q in current)
+        exact = float(best) <= self.exact_tol
+        timed_out = timed and budget.audit_bound and not exact
+        progress = (
+            (f"continuous stage {steps} of {self.steps} steps" if not seeded else "seeded by span_check")
+            + f", {sweeps} descent sweeps, {restarts_done} of {self.max_perturbations} perturbations"
+            + f"; D = {float(best):.3g}"
+        )
         return Reconstruction(
             attack=self.name,
             sequences=[q.tolist() for q in current],
+            timed_out=timed_out,
             info={
+                **({"progress": progress} if timed_out else {}),
                 "module": module,
                 "rank": rank,
                 "length": length,
                 "distance": round(float(best), 6),
-                "exact": int(float(best) <= self.exact_tol),
+                "exact": int(exact),
                 "steps": steps,
                 "pool": int(pool.numel()),
                 "sweeps": sweeps,

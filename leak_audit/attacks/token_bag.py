@@ -19,6 +19,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
+from leak_audit.attacks._budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.models import TextModelSpec
 
@@ -68,6 +69,9 @@ def token_bag(word_embedding_grad: Tensor, threshold: float = 0.0) -> Tensor:
 class TokenBag(Attack):
     """Registered attack ``"token_bag"``: the set of tokens in the batch, from the word-embedding gradient.
 
+    Analytic (one pass over the gradient's rows, no time limit of its own): it only checks that the
+    audit's deadline has not passed when it starts (then it returns at once, timed out).
+
     Args:
         threshold: row-norm threshold, see :func:`token_bag`.
     """
@@ -87,6 +91,8 @@ class TokenBag(Attack):
         return Requirements(gradients=frozenset({spec.word_embeddings}))
 
     def run(self, inp: AttackInput) -> Reconstruction:
+        if (late := started_late(self.name, inp.budget())) is not None:
+            return late
         grad = inp.gradients[inp.spec.word_embeddings]
         threshold = max(self.threshold, noise_threshold(inp.noise_std, *grad.shape))
         ids = token_bag(grad, threshold)
