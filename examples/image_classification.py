@@ -37,12 +37,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from leak_audit import ImageBatch, LeakageAudit, available_attacks, read_audit_log
-from leak_audit.bench.image import load_images, write_grid
-from leak_audit.bench.text import BenchError
-from leak_audit.cli import policy_table, summary_table
-from leak_audit.gate import GateError, policy_from_args
-from leak_audit.image_metrics import IMAGE_METRICS
-from leak_audit.image_models import LeNet
+from leak_audit.cli.bench.image import load_images, write_grid
+from leak_audit.cli.bench.text import BenchError
+from leak_audit.cli.main import policy_table, summary_table
+from leak_audit.gate.thresholds import GateError, policy_from_args
+from leak_audit.metrics.image import IMAGE_METRICS
+from leak_audit.demos.image_models import LeNet
 
 
 class ImageClassifier(L.LightningModule):

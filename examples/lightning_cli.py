@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_classification import SequenceClassifier, default_model_path, make_loader  # noqa: E402
 
-from leak_audit.datasets import read_tsv, synthetic_pii_dataset  # noqa: E402
+from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset  # noqa: E402
 
 
 class Classifier(SequenceClassifier):
@@ -34,7 +34,7 @@ class Sentences(L.LightningDataModule):
     """Labelled sentences from a TSV (``sentence``, ``label``), or the seeded fake-PII demo set.
 
     Args:
-        data: TSV path; ``None``: :func:`~leak_audit.datasets.synthetic_pii_dataset`.
+        data: TSV path; ``None``: :func:`~leak_audit.demos.datasets.synthetic_pii_dataset`.
         n: examples to use.
         batch_size: sentences per step.
         max_length: tokens per sentence after truncation.

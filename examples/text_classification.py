@@ -47,11 +47,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
-from leak_audit.cli import policy_table, summary_table
-from leak_audit.datasets import read_tsv, synthetic_pii_dataset
-from leak_audit.gate import GateError, policy_from_args
-from leak_audit.metrics import TEXT_METRICS
-from leak_audit.privacy import privacy_report
+from leak_audit.cli.main import policy_table, summary_table
+from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset
+from leak_audit.gate.thresholds import GateError, policy_from_args
+from leak_audit.metrics.text import TEXT_METRICS
+from leak_audit.capture.privacy import privacy_report
 
 
 def default_model_path() -> str:

@@ -1,8 +1,8 @@
 """``LeakageAudit``: a Lightning callback that measures gradient leakage while you train.
 
-It only wires pieces together: the :class:`~leak_audit.tap.GradientTap` chooses parameters, the
-callback copies what one audit needs into an :class:`~leak_audit.snapshot.AuditSnapshot` on the
-training thread, an :class:`~leak_audit.worker.AuditWorker` runs the :class:`~leak_audit.auditor.Auditor`
+It only wires pieces together: the :class:`~leak_audit.capture.tap.GradientTap` chooses parameters, the
+callback copies what one audit needs into an :class:`~leak_audit.capture.snapshot.AuditSnapshot` on the
+training thread, an :class:`~leak_audit.runtime.worker.AuditWorker` runs the :class:`~leak_audit.runtime.auditor.Auditor`
 in the background, and finished audits are drained on the Trainer's thread into the audit log, every
 logger and the progress bar.
 
@@ -14,16 +14,16 @@ What is captured, and when (automatic optimization):
   exactly what the optimizer applied (accumulated, after Lightning's gradient clipping).
 
 With an Opacus ``DPOptimizer`` (detected at ``on_train_start``) the gradients are instead copied by a
-step pre-hook on its ``original_optimizer`` (:class:`~leak_audit.privacy.ReleasedGradientCapture`): after
+step pre-hook on its ``original_optimizer`` (:class:`~leak_audit.capture.privacy.ReleasedGradientCapture`): after
 per-sample clipping, noise and scaling, before the update: the gradient DP-SGD releases, not the
 non-private one Lightning's hooks see. The DP state (σ, C, the accountant's history) is copied with it,
 and the worker computes ε at δ next to the leakage.
 
 Text or images (``modality``, decided at ``setup``): a text model is a Hugging Face BERT-family model
-(:class:`~leak_audit.models.TextModelSpec`, :class:`~leak_audit.replica.ModelReplica`, text attacks and
-:class:`~leak_audit.scoring.TextScorer`); an image model is any classifier from ``[B, C, H, W]`` images to
-logits (:class:`~leak_audit.models.ImageModelSpec`, :class:`~leak_audit.image_replica.ImageReplica`,
-image attacks and :class:`~leak_audit.scoring.ImageScorer`). Everything else is shared.
+(:class:`~leak_audit.models.TextModelSpec`, :class:`~leak_audit.models.replica.ModelReplica`, text attacks and
+:class:`~leak_audit.metrics.scoring.TextScorer`); an image model is any classifier from ``[B, C, H, W]`` images to
+logits (:class:`~leak_audit.models.ImageModelSpec`, :class:`~leak_audit.models.image_replica.ImageReplica`,
+image attacks and :class:`~leak_audit.metrics.scoring.ImageScorer`). Everything else is shared.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from leak_audit.attacks import Attack, check_attack_name, get_attack
-from leak_audit.auditor import Auditor, failed_records
-from leak_audit.distributed import gather_to_all
-from leak_audit.batch import (
+from leak_audit.runtime.auditor import Auditor, failed_records
+from leak_audit.capture.distributed import gather_to_all
+from leak_audit.capture.batch import (
     BatchAdapter,
     BatchAdapterError,
     ImageBatch,
@@ -50,7 +50,7 @@ from leak_audit.batch import (
     default_batch_adapter,
     default_image_batch_adapter,
 )
-from leak_audit.image_replica import ImageReplica
+from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import (
     MODALITIES,
     TextModelSpec,
@@ -59,24 +59,24 @@ from leak_audit.models import (
     model_modality,
     text_model_spec,
 )
-from leak_audit.privacy import (
+from leak_audit.capture.privacy import (
     DEFAULT_DELTA,
     ReleasedGradientCapture,
     dp_state,
     find_accountant,
     find_dp_optimizer,
 )
-from leak_audit.recompute import EvalRecompute
-from leak_audit.replica import ModelReplica
-from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
-from leak_audit.scoring import ImageScorer
-from leak_audit.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
-from leak_audit.policy import STATUSES, GateError, GatePolicy, GateReport
-from leak_audit.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
-from leak_audit.wandb_dashboard import WandbDashboard
-from leak_audit.snapshot import AuditSnapshot
-from leak_audit.tap import GradientTap, LocalGradientCapture
-from leak_audit.worker import WORKER_KINDS, AuditWorker, PeakMemory, ProcessAuditWorker
+from leak_audit.runtime.recompute import EvalRecompute
+from leak_audit.models.replica import ModelReplica
+from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.metrics.scoring import ImageScorer
+from leak_audit.gate.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
+from leak_audit.gate.policy import STATUSES, GateError, GatePolicy, GateReport
+from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
+from leak_audit.results.wandb_dashboard import WandbDashboard
+from leak_audit.capture.snapshot import AuditSnapshot
+from leak_audit.capture.tap import GradientTap, LocalGradientCapture
+from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, PeakMemory, ProcessAuditWorker
 
 __all__ = ["LeakageAudit", "DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS"]
 
@@ -126,8 +126,8 @@ class LeakageAudit(Callback):
             included: what actually leaves a client or goes into DP accounting. ``"eval"`` re-runs the
             step with dropout off on a private model copy: the worst-case attacker who controls the model.
         batch_adapter: ``fn(batch) -> TextBatch`` (text) or ``fn(batch) -> ImageBatch`` (images) for other
-            batch layouts than the defaults (:func:`~leak_audit.batch.default_batch_adapter`,
-            :func:`~leak_audit.batch.default_image_batch_adapter`).
+            batch layouts than the defaults (:func:`~leak_audit.capture.batch.default_batch_adapter`,
+            :func:`~leak_audit.capture.batch.default_image_batch_adapter`).
         tokenizer: decodes reconstructions for ROUGE; defaults to ``pl_module.tokenizer`` if present.
         max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is
             busy, never queued without bound.
@@ -141,21 +141,21 @@ class LeakageAudit(Callback):
         worker: ``"thread"`` (default): attacks run on a background thread (and a side CUDA stream on a
             GPU). ``"process"``: on a child process forked at ``on_train_start`` (CPU attacks only), with
             its own interpreter lock; snapshots reach it through shared memory
-            (:class:`~leak_audit.worker.ProcessAuditWorker`).
-        policy: the leakage policy to check while training: a :class:`~leak_audit.policy.GatePolicy`, the
+            (:class:`~leak_audit.runtime.worker.ProcessAuditWorker`).
+        policy: the leakage policy to check while training: a :class:`~leak_audit.gate.policy.GatePolicy`, the
             path of a policy TOML file (the release gate's, ``leak-audit gate --policy``), or its parsed
             mapping (``{"rule": [{"metric": "rouge1", "max": 0.5}, ...]}``, e.g. from a LightningCLI YAML).
             Evaluated on rank zero after every finished audit over the run's successful audits; the
             verdict goes to the loggers (``gate/verdict``: 0 pass, 1 warn, 2 fail; rules with no measured
             value yet do not count) and the W&B summary.
         on_breach: what a breached rule (a measured value beyond its limit) does
-            (:mod:`leak_audit.breach`): ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``, the
-            decision reduced across ranks) or ``"raise"`` (:class:`~leak_audit.breach.LeakageThresholdExceeded`).
+            (:mod:`leak_audit.gate.breach`): ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``, the
+            decision reduced across ranks) or ``"raise"`` (:class:`~leak_audit.gate.breach.LeakageThresholdExceeded`).
         wandb_alert: with a ``WandbLogger`` and a policy, send a W&B alert (``run.alert``) per breached rule.
         end_timeout: seconds to wait at the end of training for audits still running.
         seed: seed of the attacks' private random generator.
         delta: δ at which ε is reported under DP-SGD, in ``(0, 1)``; ``None``: ``1/N`` when the train
-            dataloader's dataset has a length ``N``, else :data:`~leak_audit.privacy.DEFAULT_DELTA` (1e-5).
+            dataloader's dataset has a length ``N``, else :data:`~leak_audit.capture.privacy.DEFAULT_DELTA` (1e-5).
         privacy_engine: the Opacus ``PrivacyEngine`` (or its accountant) whose ε to report; ``None``: found
             on the LightningModule (attribute ``privacy_engine``) or, read-only, inside the
             ``DPOptimizer``'s accountant hook.
@@ -186,7 +186,7 @@ class LeakageAudit(Callback):
     Raises:
         ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
             at ``setup``, a module pattern matches nothing or only frozen modules
-            (:class:`~leak_audit.tap.ModuleSelectionError`), no attack can use the tapped view, an attack
+            (:class:`~leak_audit.capture.tap.ModuleSelectionError`), no attack can use the tapped view, an attack
             does not exist for the model's modality, ``recompute="eval"`` on an image model, or ``network``
             on a text model.
         UnsupportedModelError: at ``setup``, no network can be found (images) or the model is no

@@ -92,7 +92,7 @@ def minilm(minilm_path: str):
 
 @pytest.fixture(scope="session")
 def cola() -> list[tuple[str, int]]:
-    from leak_audit.datasets import read_tsv
+    from leak_audit.demos.datasets import read_tsv
 
     return read_tsv(data_file("cola_dev.tsv"))
 
@@ -150,6 +150,6 @@ def spec(minilm, tokenizer):
 @pytest.fixture(scope="module")
 def tables(minilm, spec):
     """The pretrained MiniLM's embedding tables and LayerNorm, for the span check."""
-    from leak_audit.attacks.span_check import EmbeddingTables
+    from leak_audit.attacks.text.span_check import EmbeddingTables
 
     return EmbeddingTables.from_params({n: p.detach() for n, p in minilm.named_parameters()}, spec)

@@ -35,7 +35,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer
 
-    from leak_audit.datasets import synthetic_pii_dataset
+    from leak_audit.demos.datasets import synthetic_pii_dataset
 
     p = argparse.ArgumentParser()
     p.add_argument("--scope", required=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, get_attack
-from leak_audit.attacks.span_check import span_check
-from leak_audit.attacks.token_bag import token_bag
+from leak_audit.attacks.text.span_check import span_check
+from leak_audit.attacks.text.token_bag import token_bag
 from tests.conftest import gradients
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
@@ -102,9 +102,9 @@ def test_labels_exact_at_batch_1(minilm, tokenizer, cola, spec):
 
 def test_span_check_attack_scores_through_the_auditor(minilm, tokenizer, cola, spec):
     """The registered attack, fed a snapshot of one linear module, scores ROUGE-1 = exact match = 1."""
-    from leak_audit.auditor import Auditor
-    from leak_audit.batch import default_batch_adapter
-    from leak_audit.snapshot import AuditSnapshot
+    from leak_audit.runtime.auditor import Auditor
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
 
     sentence, label = cola[7]
     enc, grads = gradients(minilm, tokenizer, [sentence], [label], train=False)

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from leak_audit.attacks import Attack, AttackInput, Reconstruction, Requirements, get_attack, order_attacks
-from leak_audit.attacks.dlg import DLG
-from leak_audit.auditor import Auditor
-from leak_audit.batch import default_batch_adapter
-from leak_audit.policy import GatePolicy
-from leak_audit.replica import ModelReplica
-from leak_audit.snapshot import AuditSnapshot
+from leak_audit.attacks.text.dlg import DLG
+from leak_audit.runtime.auditor import Auditor
+from leak_audit.capture.batch import default_batch_adapter
+from leak_audit.gate.policy import GatePolicy
+from leak_audit.models.replica import ModelReplica
+from leak_audit.capture.snapshot import AuditSnapshot
 from tests.conftest import gradients
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from leak_audit.bench.text import (
+from leak_audit.cli.bench.text import (
     BEST,
     PICK_ROW,
     METRICS,
@@ -21,8 +21,8 @@ from leak_audit.bench.text import (
     split_batches,
     summarize,
 )
-from leak_audit.cli import main
-from leak_audit.records import AuditRecord
+from leak_audit.cli.main import main
+from leak_audit.results.records import AuditRecord
 from tests.conftest import data_file
 
 QUERY = "bert.encoder.layer.0.attention.self.query"

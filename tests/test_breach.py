@@ -11,10 +11,10 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from leak_audit import LeakageAudit, read_audit_log
-from leak_audit.breach import LeakageThresholdExceeded
-from leak_audit.policy import GatePolicy, PolicyError
-from leak_audit.records import AuditRecord
-from leak_audit.wandb_dashboard import WandbDashboard, highlight_recovered
+from leak_audit.gate.breach import LeakageThresholdExceeded
+from leak_audit.gate.policy import GatePolicy, PolicyError
+from leak_audit.results.records import AuditRecord
+from leak_audit.results.wandb_dashboard import WandbDashboard, highlight_recovered
 from tests.test_callback import Classifier, fit
 
 LEAKY = {"rule": [{"metric": "token_recall", "max": 0.5}]}  # token_bag recovers every token: recall 1.0
@@ -195,7 +195,7 @@ def test_image_panels_pair_originals_with_reconstructions(tmp_path):
 
 
 def _slow_token_bag():
-    from leak_audit.attacks.token_bag import TokenBag
+    from leak_audit.attacks.text.token_bag import TokenBag
 
     class Slow(TokenBag):
         def run(self, inp):
@@ -240,7 +240,7 @@ def test_image_panels_show_a_faint_reconstruction_faint():
     pytest.importorskip("wandb")
     import numpy as np
 
-    from leak_audit.scoring import display_images
+    from leak_audit.metrics.scoring import display_images
 
     rng = np.random.default_rng(0)
     originals = rng.random((1, 3, 8, 8), dtype=np.float32)

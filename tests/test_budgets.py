@@ -21,16 +21,16 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, Reconstruction, available_attacks, get_attack
-from leak_audit.attacks._budget import NO_TIME_LEFT
-from leak_audit.attacks.dlg import DLG
-from leak_audit.attacks.gradient_matching import GradientMatching
-from leak_audit.attacks.image_attacks import ImageDLG, InvertingGradients
-from leak_audit.attacks.span_search import SpanSearch
-from leak_audit.datasets import read_tsv
-from leak_audit.image_models import LeNet
-from leak_audit.image_replica import ImageReplica
+from leak_audit.attacks.budget import NO_TIME_LEFT
+from leak_audit.attacks.text.dlg import DLG
+from leak_audit.attacks.text.gradient_matching import GradientMatching
+from leak_audit.attacks.image.attacks import ImageDLG, InvertingGradients
+from leak_audit.attacks.text.span_search import SpanSearch
+from leak_audit.demos.datasets import read_tsv
+from leak_audit.demos.image_models import LeNet
+from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import image_model_spec, text_model_spec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 from tests.conftest import data_file, gradients
 
 SLACK = 1.5

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from leak_audit import LeakageAudit, ModuleSelectionError, TextBatch, read_audit_log
 from leak_audit.attacks import Attack, AttackInput, Reconstruction, Requirements
 from leak_audit.callback import DEFAULT_ATTACKS
-from leak_audit.datasets import synthetic_pii_dataset
+from leak_audit.demos.datasets import synthetic_pii_dataset
 from leak_audit.models import TextModelSpec
 from tests.conftest import small_bert
 

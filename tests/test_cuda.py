@@ -15,7 +15,7 @@ import torch
 
 from leak_audit import LeakageAudit, read_audit_log
 from leak_audit.attacks import Attack, Reconstruction, Requirements
-from leak_audit.worker import AuditWorker
+from leak_audit.runtime.worker import AuditWorker
 from tests.test_callback import QUERY0, Classifier, loader
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

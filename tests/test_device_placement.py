@@ -17,17 +17,17 @@ import pytest
 import torch
 
 from leak_audit.attacks import get_attack
-from leak_audit.attacks.dlg import DLG
-from leak_audit.attacks.gradient_matching import GradientMatching
-from leak_audit.attacks.image_attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
-from leak_audit.attacks.span_search import SpanSearch
-from leak_audit.auditor import Auditor
-from leak_audit.batch import ImageBatch, default_batch_adapter
-from leak_audit.image_models import LeNet
-from leak_audit.image_replica import ImageReplica
+from leak_audit.attacks.text.dlg import DLG
+from leak_audit.attacks.text.gradient_matching import GradientMatching
+from leak_audit.attacks.image.attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
+from leak_audit.attacks.text.span_search import SpanSearch
+from leak_audit.runtime.auditor import Auditor
+from leak_audit.capture.batch import ImageBatch, default_batch_adapter
+from leak_audit.demos.image_models import LeNet
+from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import TextModelSpec, image_model_spec, text_model_spec
-from leak_audit.replica import ModelReplica
-from leak_audit.snapshot import AuditSnapshot
+from leak_audit.models.replica import ModelReplica
+from leak_audit.capture.snapshot import AuditSnapshot
 from tests.conftest import gradients, small_bert
 from tests.simulated_device import ACCEL, AcceleratorTensor, DeviceMixError, SimulatedAccelerator
 

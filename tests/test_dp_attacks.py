@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from leak_audit.attacks.span_check import span_basis, span_check
-from leak_audit.attacks.token_bag import noise_threshold, token_bag
-from leak_audit.bench.dp import epoch_epsilon
-from leak_audit.bench.text import BenchError, parse_noise
-from leak_audit.cli import main
+from leak_audit.attacks.text.span_check import span_basis, span_check
+from leak_audit.attacks.text.token_bag import noise_threshold, token_bag
+from leak_audit.cli.bench.dp import epoch_epsilon
+from leak_audit.cli.bench.text import BenchError, parse_noise
+from leak_audit.cli.main import main
 from tests.conftest import data_file, gradients
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"

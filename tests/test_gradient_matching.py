@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks._optim import GradientDistance
-from leak_audit.attacks.dlg import DLG
-from leak_audit.attacks.gradient_matching import GradientMatching
-from leak_audit.metrics import rouge
+from leak_audit.attacks.optim import GradientDistance
+from leak_audit.attacks.text.dlg import DLG
+from leak_audit.attacks.text.gradient_matching import GradientMatching
+from leak_audit.metrics.text import rouge
 from leak_audit.models import text_model_spec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients, small_bert
 
 V = 8000
@@ -108,9 +108,9 @@ def test_gradient_matching_recovers_sentences_without_priors(model, spec, params
 def test_exact_span_check_seed_is_returned_without_optimisation(model, spec, params, replica, tokenizer, sentences):
     """token_bag + labels + span_check ran first and span_check is exact: the seed comes back as is,
     through the Auditor too (which runs attacks under no_grad, in dependency order)."""
-    from leak_audit.auditor import Auditor
-    from leak_audit.batch import default_batch_adapter
-    from leak_audit.snapshot import AuditSnapshot
+    from leak_audit.runtime.auditor import Auditor
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
 
     sentence, label = sentences[3]  # 10 tokens: within the small model's span-check capacity
     enc, grads = gradients(model, tokenizer, [sentence], [label], train=False)
@@ -189,9 +189,9 @@ def test_dlg_lowers_the_gradient_distance_but_recovers_little_text(model, spec, 
     failure iDLG's label step fixes), 10/12 labels right, mean ROUGE-1 0.0. Over 8 sentences x seeds 0-4:
     33/40 below 1e-3, 36/40 labels right, ROUGE-1 0.0 in 39/40 runs (0.083 in one). The bars keep a margin
     below those rates; an attack that does not optimise (distance ratio 1) fails the first."""
-    from leak_audit.auditor import Auditor
-    from leak_audit.batch import default_batch_adapter
-    from leak_audit.snapshot import AuditSnapshot
+    from leak_audit.runtime.auditor import Auditor
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
 
     tapped = {n for n, _ in model.named_parameters()}
     auditor = Auditor(

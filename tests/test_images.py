@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from leak_audit.attacks.image_inversion import invert_images, total_variation
+from leak_audit.attacks.image.inversion import invert_images, total_variation
 from leak_audit.attacks.labels import label_counts_from_bias
-from leak_audit.image_metrics import lpips, lpips_status, match_images, psnr, score_image_reconstruction, ssim
-from leak_audit.image_models import LeNet
-from leak_audit.image_replica import ImageReplica
+from leak_audit.metrics.image import lpips, lpips_status, match_images, psnr, score_image_reconstruction, ssim
+from leak_audit.demos.image_models import LeNet
+from leak_audit.models.image_replica import ImageReplica
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +147,7 @@ def test_bench_image_writes_rows_markdown_and_grid(cifar10, tmp_path):
     (attack, B) with the issue's keys, a markdown table and a PNG grid; bad input exits 2."""
     import json
 
-    from leak_audit.cli import main
+    from leak_audit.cli.main import main
     from tests.conftest import data_file
 
     npz = str(data_file("cifar10_test_500.npz"))

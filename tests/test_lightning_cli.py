@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from leak_audit import LeakageAudit, read_audit_log
-from leak_audit.policy import GatePolicy
+from leak_audit.gate.policy import GatePolicy
 from tests.conftest import REPO
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from leak_audit.attacks import Reconstruction
-from leak_audit.batch import TextBatch
-from leak_audit.metrics import (
+from leak_audit.capture.batch import TextBatch
+from leak_audit.metrics.text import (
     exact_match,
     label_accuracy,
     match_sequences,

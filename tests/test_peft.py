@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from leak_audit import LeakageAudit, ModuleSelectionError, read_audit_log
-from leak_audit.attacks.span_check import EmbeddingTables, group_lasso, lora_input_constraints, span_check
+from leak_audit.attacks.text.span_check import EmbeddingTables, group_lasso, lora_input_constraints, span_check
 from leak_audit.models import text_model_spec
-from leak_audit.tap import GradientTap
+from leak_audit.capture.tap import GradientTap
 from tests.conftest import small_bert
 from tests.test_callback import fit
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from leak_audit.attacks.peftleak import malicious_vit, peftleak
-from leak_audit.image_metrics import match_images, ssim
-from leak_audit.vit_adapters import AdaptedLinear, add_bottleneck_adapters
+from leak_audit.threats.peftleak import malicious_vit, peftleak
+from leak_audit.metrics.image import match_images, ssim
+from leak_audit.threats.vit_adapters import AdaptedLinear, add_bottleneck_adapters
 
 
 def _config(layers: int = 4, hidden: int = 384, heads: int = 6) -> ViTConfig:
@@ -112,7 +112,7 @@ def test_bench_image_runs_peftleak(cifar10, tmp_path):
     recovered patch share, and the public images may not overlap the audited ones."""
     import json
 
-    from leak_audit.cli import main
+    from leak_audit.cli.main import main
     from tests.conftest import data_file
 
     npz = str(data_file("cifar10_test_500.npz"))

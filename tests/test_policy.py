@@ -1,4 +1,4 @@
-"""The leakage policy (leak_audit.policy) and ``leak-audit gate --policy`` on crafted audit logs."""
+"""The leakage policy (leak_audit.gate.policy) and ``leak-audit gate --policy`` on crafted audit logs."""
 
 import json
 import re
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from leak_audit.cli import main
-from leak_audit.gate import GateError, evaluate_gate
-from leak_audit.policy import AGGREGATIONS, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
-from leak_audit.records import AuditRecord, read_audit_log
-from leak_audit.sinks import AuditLog
+from leak_audit.cli.main import main
+from leak_audit.gate.thresholds import GateError, evaluate_gate
+from leak_audit.gate.policy import AGGREGATIONS, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
+from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.results.sinks import AuditLog
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "model.bert.encoder.layer.0.attention.self.query"
@@ -379,7 +379,7 @@ def test_cli_junit_and_output_file(tmp_path, log, capsys):
     }
     cases = suite.findall("testcase")
     assert [c.get("name") for c in cases] == ["rouge1", "token_recall", "exact_match", "psnr"]
-    assert {c.get("classname") for c in cases} == {"leak_audit.gate"}
+    assert {c.get("classname") for c in cases} == {"leak_audit.gate.thresholds"}
     failed = [c.get("name") for c in cases if c.find("failure") is not None]
     assert failed == ["token_recall", "psnr"]
     failure = cases[1].find("failure")
@@ -405,7 +405,7 @@ def test_report_serialisations_agree(recs):
 
 def test_rule_names_are_unique_and_max_rules_beside_a_file_get_their_own():
     """Names key the report, the warnings, the W&B summary and alerts: two rules may not share one."""
-    from leak_audit.gate import policy_from_args
+    from leak_audit.gate.thresholds import policy_from_args
 
     with pytest.raises(PolicyError, match="two rules are named 'token_recall': give each a distinct name"):
         GatePolicy.from_mapping({"rule": [{"metric": "token_recall", "max": 0.9},

@@ -14,7 +14,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from leak_audit import LeakageAudit, read_audit_log
-from leak_audit.privacy import DPState, epsilon_for, find_accountant, find_dp_optimizer, privacy_report
+from leak_audit.capture.privacy import DPState, epsilon_for, find_accountant, find_dp_optimizer, privacy_report
 from tests.conftest import small_bert
 from tests.test_callback import Recorder, fit, loader
 

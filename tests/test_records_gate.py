@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from leak_audit.cli import main
-from leak_audit.gate import GateError, evaluate_gate, parse_threshold
-from leak_audit.records import AuditLogError, AuditRecord, read_audit_log
-from leak_audit.sinks import AuditLog, flatten_metrics
+from leak_audit.cli.main import main
+from leak_audit.gate.thresholds import GateError, evaluate_gate, parse_threshold
+from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.results.sinks import AuditLog, flatten_metrics
 
 
 def rec(attack="span_check", status="ok", step=0, **metrics):

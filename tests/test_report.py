@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leak_audit.cli import main
-from leak_audit.policy import GatePolicy, PolicyError
-from leak_audit.records import AuditRecord, read_audit_log
-from leak_audit.report import render_report, write_report
+from leak_audit.cli.main import main
+from leak_audit.gate.policy import GatePolicy, PolicyError
+from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.cli.report import render_report, write_report
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 SECRET = "Patient Jane Roe, SSN 078-05-1120"

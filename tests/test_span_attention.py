@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.span_attention import SpanAttention, _inputs as _layer0_inputs, locate_tokens
-from leak_audit.attacks.span_check import EmbeddingTables, span_basis
-from leak_audit.attacks.span_dropout import unmask_inputs
+from leak_audit.attacks.text.span_attention import SpanAttention, _inputs as _layer0_inputs, locate_tokens
+from leak_audit.attacks.text.span_check import EmbeddingTables, span_basis
+from leak_audit.attacks.text.span_dropout import unmask_inputs
 from leak_audit.models import text_model_spec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients
 
 
@@ -143,8 +143,8 @@ def test_needs_embedding_and_layer0_gradients(setup):
 def test_an_uncertified_batch_still_scores_zero_sentences_and_its_located_tokens(minilm, tokenizer, cola, setup):
     """Without layer 0's attention gradients nothing is certified: the record must say ROUGE-1 0 (not carry no
     metrics, which reads as 'not measured'), and position recall credits the tokens placed at one position."""
-    from leak_audit.batch import TextBatch
-    from leak_audit.metrics import score_text_reconstruction
+    from leak_audit.capture.batch import TextBatch
+    from leak_audit.metrics.text import score_text_reconstruction
 
     spec, params, _ = setup
     rows = cola[:4]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.peeling import certify, label_from_coefficients, logit_gradients
-from leak_audit.attacks.span_check import EmbeddingTables
-from leak_audit.attacks.span_cluster import SpanCluster, additive_atoms, token_query_gradients
+from leak_audit.attacks.text.peeling import certify, label_from_coefficients, logit_gradients
+from leak_audit.attacks.text.span_check import EmbeddingTables
+from leak_audit.attacks.text.span_cluster import SpanCluster, additive_atoms, token_query_gradients
 from leak_audit.models import text_model_spec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_needs_the_query_gradient(setup):
 def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, cola, setup):
     """CoLA 8-11 (the comparative run): given the right members, order_sentence recovers sentence 11 exactly
     from its token set plus four tokens of other sentences (they are placed after it and cut off)."""
-    from leak_audit.attacks.span_cluster import order_sentence
+    from leak_audit.attacks.text.span_cluster import order_sentence
 
     spec, params = setup
     enc, grad, _ = _query_gradients(minilm, tokenizer, cola[8:12])

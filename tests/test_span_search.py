@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.span_search import SpanSearch, span_distance
+from leak_audit.attacks.text.span_search import SpanSearch, span_distance
 from leak_audit.models import text_model_spec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients
 
 QUERY3 = "bert.encoder.layer.3.attention.self.query"
@@ -57,8 +57,8 @@ def test_seed_from_span_check_is_certified_without_search(minilm, tokenizer, col
 
 
 def test_span_distance_is_zero_only_for_the_private_inputs(minilm, tokenizer, cola, setup):
-    from leak_audit.attacks.span_check import span_basis
-    from leak_audit.attacks.span_search import module_inputs
+    from leak_audit.attacks.text.span_check import span_basis
+    from leak_audit.attacks.text.span_search import module_inputs
 
     spec, params, replica = setup
     enc, grads = gradients(minilm, tokenizer, [cola[1][0]], [cola[1][1]], train=False)

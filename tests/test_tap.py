@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from leak_audit.models import text_model_spec
-from leak_audit.tap import GradientTap, ModuleSelectionError, select_modules
+from leak_audit.capture.tap import GradientTap, ModuleSelectionError, select_modules
 from tests.conftest import small_bert
 
 

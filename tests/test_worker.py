@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leak_audit.worker import AuditWorker
+from leak_audit.runtime.worker import AuditWorker
 
 
 def test_results_come_back_in_order_and_close_drains():
@@ -72,7 +72,7 @@ def _double_sum(snapshot):
 
 
 def test_process_worker_runs_in_a_child_and_reads_shared_tensors():
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     w = ProcessAuditWorker(_double_sum, lambda s, e: ("failed", str(e)), max_pending=2)
     assert w.submit({"x": torch.arange(4.0)}) and w.submit({"x": torch.ones(1000, 1000)})
@@ -83,7 +83,7 @@ def test_process_worker_runs_in_a_child_and_reads_shared_tensors():
 
 
 def test_process_worker_backpressure_errors_and_niceness():
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     def slow_or_boom(s):
         if s == "boom":
@@ -109,7 +109,7 @@ def test_process_worker_backpressure_errors_and_niceness():
 def test_process_worker_child_is_the_oom_killers_first_choice():
     """When memory runs out the kernel kills the audit, not training: the child's OOM score adjustment is the
     maximum, 1000, and training's own is untouched."""
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     oom = Path("/proc/self/oom_score_adj")
     before = int(oom.read_text())
@@ -123,7 +123,7 @@ def test_process_worker_child_is_the_oom_killers_first_choice():
 def test_process_worker_turns_a_dead_child_into_failed_audits_and_restarts():
     import signal
 
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     w = ProcessAuditWorker(lambda s: time.sleep(s) or s, lambda s, e: f"failed {s}: {e}", max_pending=1)
     first = w.pid
@@ -142,7 +142,7 @@ def test_process_worker_turns_a_dead_child_into_failed_audits_and_restarts():
 
 
 def test_process_worker_close_kills_an_audit_past_the_timeout():
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     w = ProcessAuditWorker(lambda s: time.sleep(s) or s, lambda s, e: f"failed {s}", max_pending=1)
     w.submit(60)
@@ -156,7 +156,7 @@ def test_process_worker_restart_keeps_each_childs_jobs_apart():
     """A job submitted right after the child died belongs to the fresh child: it is answered once, ok."""
     import signal
 
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     w = ProcessAuditWorker(lambda s: time.sleep(s) or f"ok {s}", lambda s, e: f"failed {s}", max_pending=2)
     assert w.submit(30)
@@ -170,7 +170,7 @@ def test_process_worker_restart_keeps_each_childs_jobs_apart():
 
 
 def test_process_worker_fails_a_snapshot_that_cannot_be_pickled():
-    from leak_audit.worker import ProcessAuditWorker
+    from leak_audit.runtime.worker import ProcessAuditWorker
 
     w = ProcessAuditWorker(lambda s: "ran", lambda s, e: f"failed: {type(e).__name__}", max_pending=1)
     assert w.submit({"callback": lambda: None})  # lambdas do not pickle
@@ -187,7 +187,7 @@ def test_process_worker_fails_a_snapshot_that_cannot_be_pickled():
 CHILD_SCRIPT = r"""
 import sys, time
 from pathlib import Path
-from leak_audit.worker import ProcessAuditWorker
+from leak_audit.runtime.worker import ProcessAuditWorker
 
 out = Path(sys.argv[1])
 def job(n):

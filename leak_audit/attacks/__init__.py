@@ -14,15 +14,15 @@ import difflib
 from collections.abc import Iterable
 
 from leak_audit.attacks.base import COSTS, Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements
-from leak_audit.attacks.dlg import DLG
-from leak_audit.attacks.gradient_matching import GradientMatching
-from leak_audit.attacks.image_attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
+from leak_audit.attacks.text.dlg import DLG
+from leak_audit.attacks.text.gradient_matching import GradientMatching
+from leak_audit.attacks.image.attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
 from leak_audit.attacks.labels import LabelRecovery
-from leak_audit.attacks.span_attention import SpanAttention
-from leak_audit.attacks.span_check import SpanCheck
-from leak_audit.attacks.span_cluster import SpanCluster
-from leak_audit.attacks.span_search import SpanSearch
-from leak_audit.attacks.token_bag import TokenBag
+from leak_audit.attacks.text.span_attention import SpanAttention
+from leak_audit.attacks.text.span_check import SpanCheck
+from leak_audit.attacks.text.span_cluster import SpanCluster
+from leak_audit.attacks.text.span_search import SpanSearch
+from leak_audit.attacks.text.token_bag import TokenBag
 from leak_audit.models import MODALITIES
 
 __all__ = [

@@ -3,12 +3,12 @@
 An attack is a pure function of an :class:`AttackInput`: the observed gradients of the tapped
 parameters, a snapshot of parameter values, the model's architecture spec and public batch metadata
 (the batch size; for images also the image shape and the box of valid pixel values). It never sees the
-private batch. It returns a :class:`Reconstruction`, which :mod:`leak_audit.scoring` scores against the
+private batch. It returns a :class:`Reconstruction`, which :mod:`leak_audit.metrics.scoring` scores against the
 private batch.
 
 Attacks belong to one modality (:attr:`Attack.modality`, ``"text"`` or ``"image"``): text attacks get a
-:class:`~leak_audit.models.TextModelSpec` and a :class:`~leak_audit.replica.ModelReplica`, image attacks
-an :class:`~leak_audit.models.ImageModelSpec` and an :class:`~leak_audit.image_replica.ImageReplica`.
+:class:`~leak_audit.models.TextModelSpec` and a :class:`~leak_audit.models.replica.ModelReplica`, image attacks
+an :class:`~leak_audit.models.ImageModelSpec` and an :class:`~leak_audit.models.image_replica.ImageReplica`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from leak_audit.image_replica import ImageReplica
+from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import ImageModelSpec, TextModelSpec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 
 __all__ = ["COSTS", "Attack", "AttackInput", "Budget", "ModelSpec", "NotApplicable", "Reconstruction", "Requirements"]
 

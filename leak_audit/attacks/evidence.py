@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.base import AttackInput, Reconstruction
-from leak_audit.image_replica import ImageReplica
+from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import TextModelSpec
-from leak_audit.replica import ModelReplica
+from leak_audit.models.replica import ModelReplica
 
 __all__ = ["MAX_ASSIGNMENTS", "gradient_residual", "pick"]
 

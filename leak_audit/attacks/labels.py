@@ -23,7 +23,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from leak_audit.attacks._budget import started_late
+from leak_audit.attacks.budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.models import TextModelSpec
 

@@ -1,0 +1,1 @@
+"""Text gradient-inversion attacks, one registered attack (or one attack's building block) per module."""

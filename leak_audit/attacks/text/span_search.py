@@ -1,0 +1,448 @@
+"""Span search: recover text from the weight gradient of *one linear layer deep inside* the model.
+
+For a linear map ``y = W x`` applied at every position, ``∂L/∂W = Σ_t δ_t x_tᵀ``: its row space is spanned
+by the layer's inputs ``x_t`` (Li, Xu, Dras 2024, "Seeing the Forest through the Trees: Data Leakage from
+Partial Transformer Gradients"; DAGER, Petrov et al. 2024). Deep inside an encoder the inputs of layer
+``k`` are functions of the *whole* sequence, so the per-position token test of :mod:`span_check` does
+not apply. Instead of generic gradient matching (which differentiates through the gradient), span search
+looks for token sequences whose layer inputs *fall into that span*, a first-order objective:
+
+    D(X) = Σ_t ‖(I − V Vᵀ) x_t‖² / ‖x_t‖²  +  (r − ‖Q_Xᵀ V‖²_F)
+
+with ``V`` (``[d, r]``) an orthonormal basis of the gradient's row space and ``Q_X`` one of the span of the
+candidate's inputs. The first term asks every input to lie in the span; the second (``r`` minus the
+squared cosines of the principal angles) asks the inputs to *cover* it, which rules out sequences that
+repeat one well-fitting token. ``D = 0`` exactly for the private batch (dropout off), so a zero score
+certifies an exact reconstruction.
+
+Three stages:
+
+1. **Continuous relaxation.** Input word embeddings ``[R, L, d]`` (``R`` restarts as one batch) are
+   optimised with Adam on ``D``; ``[CLS]``/``[SEP]`` are known structure.
+2. **Projection.** Each position's nearest word embeddings (cosine) form a pool of candidate tokens.
+3. **Discrete descent** on the exact ``D`` of real token sequences: replace a token by any pool token,
+   swap two tokens, move a token (LAMP's discrete moves, Balunović et al. 2022), until no move helps or
+   ``D`` is numerically zero; then perturb-and-descend while time is left.
+
+The sequence length is the rank of the gradient at ``B = 1`` (one input per position). At ``B > 1`` the
+rank is the total number of tokens; without better information the batch is split into equal lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.text.span_check import span_basis
+from leak_audit.models import TextModelSpec
+from leak_audit.models.replica import ModelReplica
+
+__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "SpanSearch", "module_inputs", "span_distance"]
+
+SCORE_CHUNK = 2**21
+"""Elements (candidates × inputs × width) of the layer inputs the discrete search scores in one batch.
+
+A move scores every candidate of a pool against the whole batch's inputs, ``[K, N, d]``, after running
+the model on the ``K`` candidates: at B = 16 on SST-2 (MiniLM, layer 3, 369 tokens, a pool of ~4600
+tokens) one unchunked replacement step held a ``[4600, 369, 384]`` tensor (2.6 GB, 15 GB peak with its
+QR) and ran for minutes between two deadline checks (a 10 s budget overran to 206 s). Chunks of at most
+this many elements and :data:`SCORE_TOKENS` candidate tokens (a few tenths of a second each on MiniLM,
+one thread) let the deadline be checked between chunks."""
+
+SCORE_TOKENS = 256
+"""Candidate tokens (rows × sequence length) the discrete search runs through the model in one batch."""
+
+
+class _Captured(Exception):
+    """Raised by the capture hook once every wanted module input is recorded (skips the rest)."""
+
+
+def module_inputs(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    modules: Sequence[str],
+    *,
+    input_ids: Tensor | None = None,
+    inputs_embeds: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Inputs of ``modules`` (root-relative module names) when the replica runs on a batch.
+
+    The forward pass stops as soon as the last wanted input is captured, so asking for layer ``k`` costs
+    ``k + 1`` layers. All positions are attended (no padding).
+
+    Args:
+        replica: the model replica.
+        params: parameter values (root-relative names).
+        modules: names of modules inside the replicated model.
+        input_ids: ``[K, L]`` token ids, or ``inputs_embeds`` ``[K, L, d]`` word embeddings.
+        token_type_ids: ``[K, L]`` segment ids (default zeros).
+
+    Returns:
+        ``{module: [K, L, d_in]}``, differentiable when ``inputs_embeds`` requires grad.
+
+    Raises:
+        KeyError: a module name is not inside the replicated model.
+    """
+    prefix = replica.prefix
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name in modules:
+        if not name.startswith(prefix):
+            raise KeyError(f"module {name!r} is outside the replicated model (prefix {prefix!r})")
+        module = replica.model.get_submodule(name[len(prefix) :])
+
+        def hook(_m: nn.Module, args: tuple, _name: str = name) -> None:
+            captured[_name] = args[0]
+            if len(captured) == len(modules):
+                raise _Captured
+
+        handles.append(module.register_forward_pre_hook(hook))
+    ref = input_ids if input_ids is not None else inputs_embeds
+    assert ref is not None, "input_ids or inputs_embeds is required"
+    mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+    try:
+        replica.forward(params, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                        token_type_ids=token_type_ids)
+    except _Captured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def span_distance(x: Tensor, basis: Tensor) -> Tensor:
+    """Span-search objective ``D`` of candidate inputs (see the module docstring).
+
+    Args:
+        x: ``[K, N, d]``, the ``N`` layer inputs of each of ``K`` candidates.
+        basis: ``[d, r]`` orthonormal basis of the gradient's row space.
+
+    Returns:
+        ``[K]``: sum of squared residual fractions plus ``r`` minus the covered share of the span
+        (``0`` iff the inputs lie in and span the gradient's row space).
+    """
+    basis = basis.to(x.dtype)
+    coef = x @ basis
+    resid = ((x - coef @ basis.T).square().sum(-1) / x.square().sum(-1).clamp_min(1e-30)).sum(-1)
+    q, _ = torch.linalg.qr(x.transpose(1, 2))  # [K, d, N]
+    covered = (q.transpose(1, 2) @ basis).square().sum((1, 2))
+    return resid + (basis.shape[1] - covered)
+
+
+class SpanSearch(Attack):
+    """Registered attack ``"span_search"``: token sequences whose layer inputs fall into a gradient's span.
+
+    Works on the weight gradient of any tapped ``nn.Linear`` inside the encoder (attention
+    query/key/value/output, FFN), alone or with others; it uses the shallowest informative one
+    (rank below its input size), preferring layers past 0, whose additive embeddings :mod:`span_check`
+    handles exactly. Needs the model replica (it runs the model).
+
+    Args:
+        restarts: continuous restarts, optimised as one batch.
+        steps: Adam steps of the continuous stage.
+        lr: Adam learning rate (embedding units).
+        pool_per_position: nearest tokens per position that enter the candidate pool.
+        max_seconds: the attack's own time budget of one run, capped by the audit's deadline
+            (:meth:`~leak_audit.attacks.base.AttackInput.budget`). The continuous stage gets the first half;
+            the discrete descent checks the deadline between candidate chunks of at most
+            :data:`SCORE_CHUNK` elements, so a run ends within one chunk (a fraction of a second on MiniLM)
+            of it. When the audit's deadline is the earlier limit and time (the continuous stage's half,
+            or the end) stopped a stage before its own rule (``steps``, no improving move,
+            ``max_perturbations``) without an exact result, the run is ``timed_out`` and
+            ``info["progress"]`` says how far each stage got.
+        max_perturbations: perturb-and-descend rounds at most (a work bound: with a generous
+            ``max_seconds`` the result depends only on the seed, not on the machine's speed).
+        exact_tol: ``D`` below which the reconstruction is certified exact and the search stops.
+
+    Measured (pretrained MiniLM, real CoLA dev, B=1, dropout off, layer 3's query alone, 1 thread):
+    the first 8 sentences all exact, 14.1 s each on average with the 30 s default; over the first 64
+    with a 10 s budget on a loaded machine, ROUGE-1 0.901, exact match 0.31 (``benchmarks/README.md``).
+
+    Raises:
+        ValueError: a non-positive option.
+    """
+
+    name = "span_search"
+    cost = "search"
+    uses = ("span_check", "token_bag")
+
+    def __init__(
+        self,
+        restarts: int = 3,
+        steps: int = 200,
+        lr: float = 0.02,
+        pool_per_position: int = 16,
+        max_seconds: float = 30.0,
+        exact_tol: float = 1e-4,
+        max_perturbations: int = 64,
+    ) -> None:
+        for key, value in dict(restarts=restarts, steps=steps, lr=lr, pool_per_position=pool_per_position,
+                               max_seconds=max_seconds, exact_tol=exact_tol,
+                               max_perturbations=max_perturbations).items():
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value!r}")
+        self.restarts = restarts
+        self.steps = steps
+        self.lr = lr
+        self.pool_per_position = pool_per_position
+        self.max_seconds = max_seconds
+        self.exact_tol = exact_tol
+        self.max_perturbations = max_perturbations
+
+    @staticmethod
+    def _candidates(spec: TextModelSpec, tapped: Collection[str]) -> list[tuple[int, str]]:
+        """(layer index, weight name) of tapped linear weights inside the encoder, shallowest first."""
+        out = []
+        for i, layer in enumerate(spec.layers):
+            for name in sorted(tapped):
+                if name.startswith(layer.prefix + ".") and name.endswith("weight") and "LayerNorm" not in name:
+                    out.append((i, name))
+        # layer 0's query/key/value see the additive embeddings: span_check is exact there, so last resort
+        first = set(spec.layers[0].input_projections) if spec.layers else set()
+        return sorted(out, key=lambda t: (t[1] in first, t[0]))
+
+    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        cands = self._candidates(spec, tapped)
+        if not cands:
+            raise NotApplicable("needs the weight gradient of a linear module inside an encoder layer; none is tapped")
+        return Requirements(gradients=frozenset(n for _, n in cands), params=frozenset(spec.embedding_params),
+                            replica=True)
+
+    def run(self, inp: AttackInput) -> Reconstruction:
+        if inp.replica is None:
+            raise NotApplicable("span_search runs the model, but no model replica was given")
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
+        deadline = budget.deadline
+        spec, replica, params = inp.spec, inp.replica, inp.params
+        weight, basis = None, None
+        for _, name in self._candidates(spec, inp.gradients.keys()):
+            grad = inp.gradients.get(name)
+            if grad is None or grad.dim() != 2 or not bool(grad.any()):
+                continue
+            v, _ = span_basis([grad], noise_std=inp.noise_std)
+            if 0 < v.shape[1] < grad.shape[1] - 1:  # informative: rank below the input size
+                weight, basis = name, v.to(torch.float32)
+                break
+        if weight is None or basis is None:
+            if inp.noise_std > 0:
+                return Reconstruction(attack=self.name, sequences=[], info={"rank": 0, "below_noise_floor": 1})
+            raise NotApplicable("no tapped linear weight gradient has rank below its input size")
+        module = weight.rsplit(".", 1)[0]
+        if module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+        rank = basis.shape[1]
+        bsz = max(1, inp.batch_size)
+        table = replica.input_embeddings(params).detach().float()
+        dev = table.device  # token ids live with the model's tensors
+        special = torch.tensor(sorted(spec.special_token_ids), dtype=torch.long, device=dev)
+        cls_id, sep_id = spec.cls_token_id, spec.sep_token_id
+        gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
+
+        def inputs_of(ids: Tensor | None = None, embeds: Tensor | None = None) -> Tensor:
+            with torch.set_grad_enabled(embeds is not None and embeds.requires_grad):
+                return module_inputs(replica, params, [module], input_ids=ids, inputs_embeds=embeds)[module]
+
+        # A batch hypothesis is a list of B 1-D token tensors (lengths may differ); states are cached per
+        # sequence so a move re-runs only the sequence it changes.
+        def states(seqs: list[Tensor]) -> list[Tensor]:
+            out: list[Tensor | None] = [None] * len(seqs)
+            by_length: dict[int, list[int]] = {}
+            for j, q in enumerate(seqs):
+                by_length.setdefault(len(q), []).append(j)
+            for group in by_length.values():  # sequences of one length in one forward (no padding)
+                x = inputs_of(torch.stack([seqs[j] for j in group]))
+                for j, xj in zip(group, x, strict=True):
+                    out[j] = xj
+            return out  # type: ignore[return-value]
+
+        def score_rows(cache: list[Tensor], b: int, rows: Tensor) -> Tensor:
+            """D of the batch with sequence ``b`` replaced by each row of ``rows`` ``[K, L_b]``: ``[K']``, scored
+            in chunks of at most :data:`SCORE_CHUNK` elements; past the deadline it stops after the chunk in
+            hand (``K' ≤ K``: the scores of the first ``K'`` rows)."""
+            others = [c for j, c in enumerate(cache) if j != b]
+            rest = torch.cat(others) if others else None
+            inputs = rows.shape[1] + (rest.shape[0] if rest is not None else 0)
+            per = max(1, min(SCORE_CHUNK // (inputs * basis.shape[0]), SCORE_TOKENS // rows.shape[1]))
+            out = []
+            for lo in range(0, rows.shape[0], per):
+                if lo and late(deadline):
+                    break
+                x = inputs_of(rows[lo : lo + per])  # [k, L_b, d]
+                if rest is not None:
+                    x = torch.cat([x, rest[None].expand(x.shape[0], -1, -1)], dim=1)
+                out.append(span_distance(x, basis))
+            return torch.cat(out)
+
+        def total(cache: list[Tensor]) -> Tensor:
+            return span_distance(torch.cat(cache)[None], basis)[0]
+
+        allowed = torch.ones(table.shape[0], dtype=torch.bool, device=dev)
+        allowed[special] = False
+        bag = inp.priors.get("token_bag")
+        if bag is not None and bag.token_bag:
+            allowed = torch.zeros_like(allowed)
+            allowed[torch.tensor(bag.token_bag, device=dev)] = True
+            allowed[special] = False
+        allowed_ids = allowed.nonzero().flatten()
+
+        # a seed from span_check whose total length matches the rank (one input per token)
+        seeded, current, best = 0, None, torch.tensor(float("inf"), device=dev)
+        prior = inp.priors.get("span_check")
+        if prior is not None and prior.sequences and len(prior.sequences) == bsz:
+            if sum(len(q) for q in prior.sequences) == rank and min(len(q) for q in prior.sequences) >= 2:
+                current = [torch.tensor(q, dtype=torch.long, device=dev) for q in prior.sequences]
+                best, seeded = total(states(current)), 1
+        steps = 0
+        pool = allowed_ids
+        timed = False  # time (the continuous stage's half of the budget, or the deadline) ended a stage
+        if current is None:
+            # 1. continuous relaxation with equal lengths, restarts as one batch
+            length = max(3, rank // bsz)
+            r = self.restarts
+            init = allowed_ids[torch.randint(len(allowed_ids), (r, bsz, length), generator=gen)]
+            fixed = torch.zeros(length, dtype=torch.bool, device=dev)
+            if cls_id is not None:
+                init[..., 0], fixed[0] = cls_id, True
+            if sep_id is not None:
+                init[..., -1], fixed[-1] = sep_id, True
+            emb = table[init].reshape(r * bsz, length, -1).clone().requires_grad_(True)
+            opt = torch.optim.Adam([emb], lr=self.lr)
+            loss = torch.zeros(r, device=dev)
+            for steps in range(1, self.steps + 1):
+                with torch.enable_grad():
+                    x = inputs_of(embeds=emb).reshape(r, bsz * length, -1)
+                    loss = span_distance(x, basis)
+                    opt.zero_grad()
+                    loss.sum().backward()
+                emb.grad[:, fixed] = 0
+                opt.step()
+                if steps < self.steps and late(budget.fraction(0.5)):
+                    timed = True
+                    break
+            emb = emb.detach().reshape(r, bsz, length, -1)[int(loss.detach().argmin())]
+            # 2. projection to tokens and the candidate pool
+            sims = F.normalize(emb, dim=-1) @ F.normalize(table[allowed_ids], dim=-1).T  # [B, L, |allowed|]
+            top = allowed_ids[sims.topk(min(self.pool_per_position, len(allowed_ids)), dim=-1).indices]
+            start = top[..., 0].clone()
+            start[:, fixed] = init[0][:, fixed]
+            pool = torch.unique(top[:, ~fixed].flatten())
+            current = list(start)
+            best = total(states(current))
+        elif bag is None or not bag.token_bag:
+            pool = torch.unique(torch.cat(current))
+            pool = pool[~torch.isin(pool, special)]
+
+        # 3. discrete descent with replace / swap / move, then perturb-and-descend
+        def free_of(q: Tensor) -> list[int]:
+            return [i for i in range(len(q)) if not (i == 0 and q[0] == cls_id) and not (i == len(q) - 1 and q[i] == sep_id)]
+
+        sweeps = restarts_done = 0
+
+        def descend(seqs: list[Tensor], value: Tensor) -> tuple[list[Tensor], Tensor]:
+            nonlocal sweeps, timed
+            seqs = [q.clone() for q in seqs]
+            if float(value) <= self.exact_tol:
+                return seqs, value
+            if late(deadline):
+                timed = True
+                return seqs, value
+            cache = states(seqs)
+            while float(value) > self.exact_tol:
+                if late(deadline):
+                    timed = True
+                    break
+                sweeps += 1
+                improved = False
+                for b in range(bsz):
+                    free = free_of(seqs[b])
+                    for i in free:  # replace
+                        rows = seqs[b][None].repeat(len(pool), 1)
+                        rows[:, i] = pool
+                        s = score_rows(cache, b, rows)
+                        j = int(s.argmin())
+                        if s[j] < value - 1e-9:
+                            seqs[b], value, improved = rows[j].clone(), s[j], True
+                            cache[b] = inputs_of(seqs[b][None])[0]
+                        if float(value) <= self.exact_tol:
+                            return seqs, value
+                        if late(deadline):
+                            timed = True
+                            return seqs, value
+                    if late(deadline):
+                        timed = True
+                        return seqs, value
+                    moves = []
+                    for i in free:  # swap and move within the sequence
+                        for j in free:
+                            if i < j:
+                                swapped = seqs[b].clone()
+                                swapped[i], swapped[j] = seqs[b][j], seqs[b][i]
+                                moves.append(swapped)
+                            if i != j:
+                                row = [seqs[b][f] for f in free]
+                                row.insert(free.index(j), row.pop(free.index(i)))
+                                moved = seqs[b].clone()
+                                moved[free] = torch.stack(row)
+                                moves.append(moved)
+                    if moves:
+                        rows = torch.stack(moves)
+                        s = score_rows(cache, b, rows)
+                        j = int(s.argmin())
+                        if s[j] < value - 1e-9:
+                            seqs[b], value, improved = rows[j].clone(), s[j], True
+                            cache[b] = inputs_of(seqs[b][None])[0]
+                if not improved:
+                    break
+            return seqs, value
+
+        current, best = descend(current, best)
+        while float(best) > self.exact_tol and restarts_done < self.max_perturbations:
+            if late(deadline):
+                timed = True
+                break
+            restarts_done += 1
+            trial = [q.clone() for q in current]
+            for _ in range(2):
+                b = int(torch.randint(bsz, (1,), generator=gen))
+                free = free_of(trial[b])
+                if free:
+                    i = free[int(torch.randint(len(free), (1,), generator=gen))]
+                    trial[b][i] = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            trial, value = descend(trial, total(states(trial)))
+            if value < best:
+                current, best = trial, value
+        length = max(len(q) for q in current)
+        exact = float(best) <= self.exact_tol
+        timed_out = timed and budget.audit_bound and not exact
+        progress = (
+            (f"continuous stage {steps} of {self.steps} steps" if not seeded else "seeded by span_check")
+            + f", {sweeps} descent sweeps, {restarts_done} of {self.max_perturbations} perturbations"
+            + f"; D = {float(best):.3g}"
+        )
+        return Reconstruction(
+            attack=self.name,
+            sequences=[q.tolist() for q in current],
+            timed_out=timed_out,
+            info={
+                **({"progress": progress} if timed_out else {}),
+                "module": module,
+                "rank": rank,
+                "length": length,
+                "distance": round(float(best), 6),
+                "exact": int(exact),
+                "steps": steps,
+                "pool": int(pool.numel()),
+                "sweeps": sweeps,
+                "perturbations": restarts_done,
+                "seeded": seeded,
+            },
+        )

@@ -1,0 +1,100 @@
+"""Token bag: the batch's set of tokens from the word-embedding gradient (FILM's first step).
+
+Follows Gupta, Huang, Zhong, Gao, Li, Chen, "Recovering Private Text in Federated Learning of Language
+Models" (FILM, NeurIPS 2022), §3.1. An embedding lookup routes gradient only to the rows it read, so the
+nonzero rows of ``∂L/∂E_word`` (``[V, d]``) are exactly the token ids that occur in the batch. Padding
+is excluded automatically: ``nn.Embedding(padding_idx=...)`` never receives gradient at the padding row,
+and padded positions carry zero gradient under the attention mask.
+
+Under DP-SGD every row carries Gaussian noise (std ``s`` per coordinate), so "nonzero" becomes a test:
+a row's squared norm over ``s²`` is chi-square with ``d`` degrees of freedom when the token is absent,
+and a row is kept when it exceeds that law's ``1 − α/V`` quantile (Bonferroni over the ``V`` rows,
+``α = 0.01``: about one false token per hundred audits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import Tensor
+
+from leak_audit.attacks.budget import started_late
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.models import TextModelSpec
+
+__all__ = ["TokenBag", "noise_threshold", "token_bag"]
+
+
+def noise_threshold(noise_std: float, rows: int, cols: int, alpha: float = 0.01) -> float:
+    """Row-norm threshold above which a row of ``[rows, cols]`` i.i.d. ``N(0, s²)`` noise lies with
+    probability at most ``alpha`` over all rows: ``s · sqrt(χ²_cols quantile at 1 − alpha/rows)``.
+
+    Raises:
+        ValueError: ``noise_std < 0`` or ``alpha`` not in ``(0, 1)``.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if noise_std == 0:
+        return 0.0
+    from scipy.stats import chi2
+
+    return float(noise_std * chi2.isf(alpha / rows, cols) ** 0.5)
+
+
+def token_bag(word_embedding_grad: Tensor, threshold: float = 0.0) -> Tensor:
+    """Token ids whose embedding row has a gradient.
+
+    Args:
+        word_embedding_grad: ``[V, d]`` gradient of the word-embedding table.
+        threshold: a row counts as nonzero when its L2 norm exceeds ``threshold``; ``0`` is exact for
+            noise-free gradients.
+
+    Returns:
+        ``[K]`` int64 token ids, ascending.
+
+    Raises:
+        ValueError: the gradient is not 2-D, or ``threshold < 0``.
+    """
+    if word_embedding_grad.dim() != 2:
+        raise ValueError(f"expected a [V, d] embedding gradient, got shape {tuple(word_embedding_grad.shape)}")
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    norms = torch.linalg.vector_norm(word_embedding_grad.detach().float(), dim=1)
+    return (norms > threshold).nonzero().flatten()
+
+
+class TokenBag(Attack):
+    """Registered attack ``"token_bag"``: the set of tokens in the batch, from the word-embedding gradient.
+
+    Analytic (one pass over the gradient's rows, no time limit of its own): it only checks that the
+    audit's deadline has not passed when it starts (then it returns at once, timed out).
+
+    Args:
+        threshold: row-norm threshold, see :func:`token_bag`.
+    """
+
+    name = "token_bag"
+
+    def __init__(self, threshold: float = 0.0) -> None:
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+
+    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        if spec.word_embeddings not in tapped:
+            raise NotApplicable(
+                f"needs the gradient of the word embeddings ({spec.word_embeddings!r}), which is not tapped"
+            )
+        return Requirements(gradients=frozenset({spec.word_embeddings}))
+
+    def run(self, inp: AttackInput) -> Reconstruction:
+        if (late := started_late(self.name, inp.budget())) is not None:
+            return late
+        grad = inp.gradients[inp.spec.word_embeddings]
+        threshold = max(self.threshold, noise_threshold(inp.noise_std, *grad.shape))
+        ids = token_bag(grad, threshold)
+        return Reconstruction(attack=self.name, token_bag=ids.tolist(),
+                              info={"num_tokens": int(ids.numel()), "threshold": threshold})

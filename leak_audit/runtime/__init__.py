@@ -1,0 +1,1 @@
+"""Background side of an audit: the worker that runs audits off the training thread (a side CUDA stream or a thread, or a subprocess), the auditor that runs the attacks on one snapshot and scores them, and the dropout-off gradient recompute."""
