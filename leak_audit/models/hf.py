@@ -1,0 +1,76 @@
+"""Finding the Hugging Face model inside a LightningModule, and naming its parameters.
+
+Every text family (:mod:`leak_audit.models.bert`, and the decoder families to come) starts from the
+outermost ``transformers.PreTrainedModel`` inside the audited root (:func:`find_hf_model`) and names its
+tensors *root-relative* (:func:`join_names`), looking through ``peft`` wrappers (:func:`unwrap_linear`).
+:class:`UnsupportedModelError` is the one error every part of :mod:`leak_audit.models` raises for a model
+it cannot read.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["UnsupportedModelError", "classifier_names", "find_hf_model", "join_names", "unwrap_linear"]
+
+
+class UnsupportedModelError(TypeError):
+    """The model's architecture is not one the attacks know how to read.
+
+    Raised at ``setup`` (by :func:`~leak_audit.models.text_model_spec`,
+    :func:`~leak_audit.models.find_image_network`, ...); the message names the model and what was expected.
+    """
+
+
+def join_names(*parts: str) -> str:
+    """Dotted module/parameter name from its non-empty ``parts``: ``join_names("", "bert", "embeddings")``
+    is ``"bert.embeddings"``."""
+    return ".".join(p for p in parts if p)
+
+
+def unwrap_linear(module: nn.Module) -> nn.Module:
+    """The layer a ``peft`` LoRA wrapper holds as ``base_layer`` (the original ``nn.Linear``), or ``module``
+    itself when it is not wrapped."""
+    return getattr(module, "base_layer", module)
+
+
+def find_hf_model(root: nn.Module) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` of the outermost Hugging Face ``PreTrainedModel`` inside ``root``.
+
+    Args:
+        root: the audited module (usually the LightningModule); ``name`` is relative to it (``""`` when
+            ``root`` is the model).
+
+    Raises:
+        UnsupportedModelError: if ``root`` contains no ``transformers.PreTrainedModel``.
+        ImportError: ``transformers`` is not installed.
+    """
+    from transformers import PreTrainedModel
+
+    for name, module in root.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return name, module
+    raise UnsupportedModelError(
+        f"{type(root).__name__} contains no Hugging Face PreTrainedModel; the text attacks need one "
+        "(e.g. `self.model = AutoModelForSequenceClassification.from_pretrained(...)`)."
+    )
+
+
+def classifier_names(
+    hf: nn.Module, hf_name: str, num_labels: int, marker: str = "classifier"
+) -> tuple[str | None, str | None]:
+    """Root-relative ``(weight, bias)`` names of a sequence classifier's output layer, or ``None``\\ s.
+
+    The output layer is the *last* ``nn.Linear`` (looking through ``peft`` wrappers) whose module name
+    contains ``marker`` and which has ``num_labels`` outputs: weight ``[C, d]``, bias ``[C]`` (``None``
+    without a bias). ``marker`` is ``"classifier"`` for the BERT family (``classifier`` or
+    ``classifier.out_proj``).
+    """
+    weight = bias = None
+    for name, module in hf.named_modules():
+        lin = unwrap_linear(module)
+        if marker in name and isinstance(lin, nn.Linear) and lin.out_features == num_labels:
+            suffix = "base_layer." if lin is not module else ""
+            weight = join_names(hf_name, name, suffix + "weight")
+            bias = join_names(hf_name, name, suffix + "bias") if lin.bias is not None else None
+    return weight, bias
