@@ -3,7 +3,10 @@
 An attack makes its budget once, at the start (``budget = inp.budget(own_seconds)``), hands
 ``budget.deadline`` to the helpers it calls (they take a ``time.monotonic()`` value, ``None`` or ``inf``
 for none, and report whether the deadline cut them short), and sets ``Reconstruction.timed_out`` when
-the deadline stopped it and the audit's deadline was the binding limit (``budget.audit_bound``).
+the deadline stopped it and the audit's deadline was the binding limit (``budget.audit_bound``). Deadline
+checks go through :func:`late` (or :meth:`~leak_audit.attacks.base.Budget.expired`), except where one clock
+reading also sets the next time slice (gradient matching's restarts); a loop that can only be left by an
+exception (an L-BFGS closure) raises :class:`OutOfBudget`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ import time
 
 from leak_audit.attacks.base import Budget, Reconstruction
 
-__all__ = ["NO_TIME_LEFT", "late", "started_late"]
+__all__ = ["NO_TIME_LEFT", "OutOfBudget", "late", "started_late"]
 
 NO_TIME_LEFT = "started with no time left"
 """``info["progress"]`` of an attack that returned at once because its budget was already spent."""
+
+
+class OutOfBudget(Exception):
+    """Raised inside an optimiser's closure to end the optimisation at a step or time limit.
+
+    ``torch.optim.LBFGS.step(closure)`` runs up to ``max_iter`` evaluations and offers no other exit: the
+    closure raises this when the attack's step count is reached or :func:`late` says the deadline passed,
+    and the attack catches it around ``step`` and keeps its best point so far. It never leaves the attack.
+    """
 
 
 def late(deadline: float | None) -> bool:

@@ -14,20 +14,19 @@ with ``p_b`` the softmax output and ``y_b`` the one-hot label.
   Federated Learning", and Geng et al. 2021): ``n_c = B (p̄_c − ∂L/∂b_c)``; with no access to the inputs
   the mean prediction ``p̄`` is estimated as uniform, and counts are rounded to sum to ``B``. The result
   is the batch's label *multiset*, not which example carries which label.
+
+These numerics serve text and image models alike; the registered attacks are
+:class:`~leak_audit.attacks.text.labels.LabelRecovery` and :class:`~leak_audit.attacks.image.labels.ImageLabelRecovery`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
-from leak_audit.models import TextModelSpec
+from leak_audit.attacks.base import NotApplicable
 
-__all__ = ["LabelRecovery", "label_counts_from_bias", "label_from_weight"]
+__all__ = ["label_counts_from_bias", "label_from_weight"]
 
 
 def label_counts_from_bias(bias_grad: Tensor, batch_size: int, mean_prediction: Tensor | None = None) -> list[int]:
@@ -87,43 +86,3 @@ def label_from_weight(weight_grad: Tensor) -> int:
     majority = 1.0 if float((signs > 0).sum()) > c / 2 else -1.0
     odd = (signs != majority).nonzero().flatten()
     return int(odd[0]) if odd.numel() else int(g.norm(dim=1).argmax())
-
-
-class LabelRecovery(Attack):
-    """Registered attack ``"labels"``: labels from the classifier's last-layer gradient.
-
-    Uses the classifier bias gradient when tapped (exact at ``B = 1``, counts at ``B > 1``); otherwise the
-    weight gradient (iDLG, ``B = 1``, ≥ 3 classes). Analytic (a few vector operations, no time limit of
-    its own): it only checks that the audit's deadline has not passed when it starts (then it returns at
-    once, timed out).
-    """
-
-    name = "labels"
-
-    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
-        names = [n for n in (spec.classifier_bias, spec.classifier_weight) if n is not None and n in tapped]
-        if not names:
-            raise NotApplicable(
-                f"needs the classifier's gradient ({spec.classifier_weight or 'no classifier found'}), "
-                "which is not tapped"
-            )
-        return Requirements(gradients=frozenset(names))
-
-    def run(self, inp: AttackInput) -> Reconstruction:
-        if (late := started_late(self.name, inp.budget())) is not None:
-            return late
-        spec = inp.spec
-        bias = inp.gradients.get(spec.classifier_bias) if spec.classifier_bias else None
-        weight = inp.gradients.get(spec.classifier_weight) if spec.classifier_weight else None
-        if bias is not None:
-            counts = label_counts_from_bias(bias, inp.batch_size)
-            labels = [c for c, n in enumerate(counts) for _ in range(n)]
-            source = "bias"
-        elif weight is not None:
-            if inp.batch_size != 1:
-                raise NotApplicable("label recovery from the weight gradient alone needs B = 1; tap the bias too")
-            labels = [label_from_weight(weight)]
-            source = "weight"
-        else:
-            raise NotApplicable("no classifier gradient in this snapshot")
-        return Reconstruction(attack=self.name, labels=labels, labels_aligned=False, info={"source": source})

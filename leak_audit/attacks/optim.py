@@ -1,4 +1,5 @@
-"""Shared pieces of the optimisation attacks (:mod:`~leak_audit.attacks.text.gradient_matching`, :mod:`~leak_audit.attacks.text.dlg`).
+"""Shared pieces of the text optimisation attacks (:mod:`~leak_audit.attacks.text.gradient_matching`,
+:mod:`~leak_audit.attacks.text.dlg`); the image inversions use its gradient distance.
 
 Both attacks search for inputs whose gradient, computed by a :class:`~leak_audit.models.replica.ModelReplica`
 at the audited step's parameters, matches the observed one. This module holds what they share: which
@@ -10,7 +11,6 @@ embeddings to the nearest tokens.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.base import NotApplicable
+from leak_audit.attacks.spans import noise_threshold, numerical_rank
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -30,7 +31,6 @@ __all__ = [
     "infer_length",
     "matched_gradient_names",
     "nearest_tokens",
-    "numerical_rank",
     "random_embeddings",
 ]
 
@@ -72,33 +72,6 @@ def matched_gradient_names(spec: TextModelSpec, tapped: Collection[str]) -> list
     return names
 
 
-def numerical_rank(grad: Tensor, rtol: float = 1e-5, gap: float = 1e3) -> tuple[int, bool]:
-    """Numerical rank of a 2-D gradient and whether it is below full rank (so the rank is informative).
-
-    For a linear map applied at ``n`` positions, ``∂L/∂W = Σ_t δ_t x_tᵀ`` has rank ``≤ n``. A gradient
-    computed in float32 has a noise floor near ``1e-7 σ_max``; a singular value counts when it is above
-    ``rtol · σ_max`` *and* no gap wider than ``gap`` separates it from the largest ones.
-
-    Args:
-        grad: ``[m, n]`` gradient.
-
-    Returns:
-        ``(rank, deficient)``; ``(0, False)`` for an all-zero or non-2-D tensor.
-    """
-    if grad.dim() != 2 or grad.numel() == 0:
-        return 0, False
-    s = torch.linalg.svdvals(grad.detach().double())
-    if float(s[0]) <= 0:
-        return 0, False
-    keep = s > rtol * s[0]
-    ratios = s[:-1] / s[1:].clamp_min(1e-300)
-    big = (ratios > gap).nonzero().flatten()
-    rank = int(keep.sum())
-    if big.numel():
-        rank = min(rank, int(big[0]) + 1)
-    return rank, rank < min(grad.shape)
-
-
 def infer_length(
     gradients: Mapping[str, Tensor],
     spec: TextModelSpec,
@@ -110,11 +83,11 @@ def infer_length(
 
     In order: (1) the number of leading nonzero rows of the position-embedding gradient (exact for any
     ``B``: the longest sequence; padded positions receive no gradient); (2) at ``B = 1``, the largest
-    informative :func:`numerical_rank` of a tapped 2-D gradient (a linear map's weight gradient has rank
-    equal to the number of positions when all positions' inputs are distinct; weights used only at
-    ``[CLS]`` give rank 1 and are outvoted); (3) ``max_length``. With DP noise (``noise_std > 0``, per
-    coordinate) a position row counts only above pure noise's row-norm quantile
-    (:func:`~leak_audit.attacks.text.token_bag.noise_threshold`), and the rank route is skipped (noise has
+    informative :func:`~leak_audit.attacks.spans.numerical_rank` of a tapped 2-D gradient (a linear map's
+    weight gradient has rank equal to the number of positions when all positions' inputs are distinct;
+    weights used only at ``[CLS]`` give rank 1 and are outvoted); (3) ``max_length``. With DP noise
+    (``noise_std > 0``, per coordinate) a position row counts only above pure noise's row-norm quantile
+    (:func:`~leak_audit.attacks.spans.noise_threshold`), and the rank route is skipped (noise has
     full rank).
 
     Returns:
@@ -124,8 +97,6 @@ def infer_length(
     if pos is not None and pos.dim() == 2:
         table = pos.detach()[spec.position_offset :].float()
         if noise_std > 0:
-            from leak_audit.attacks.text.token_bag import noise_threshold
-
             rows = (table.norm(dim=1) > noise_threshold(noise_std, *table.shape)).nonzero().flatten()
         else:
             rows = (table.abs().sum(1) > 0).nonzero().flatten()
@@ -332,7 +303,6 @@ class Objective:
         names: the matched parameters (root-relative), aligned with ``distance.targets``.
         distance: the gradient distance.
         layout: the candidate batch's shape (its attention mask is used).
-        deadline: ``time.monotonic()`` value; :meth:`time_left` counts down to it.
     """
 
     def __init__(
@@ -342,19 +312,14 @@ class Objective:
         names: Sequence[str],
         distance: GradientDistance,
         layout: Layout,
-        deadline: float,
     ) -> None:
         self.replica = replica
         self.params = params
         self.names = list(names)
         self.distance = distance
         self.layout = layout
-        self.deadline = deadline
         self.table = replica.input_embeddings(params).detach()
         self.evaluations = 0
-
-    def time_left(self) -> float:
-        return self.deadline - time.monotonic()
 
     def embed(self, free: Tensor) -> Tensor:
         """``[B, L_max, d]`` inputs: ``free`` (``[B, L_max, d]``) at free positions, fixed tokens elsewhere."""

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from leak_audit.attacks.budget import late
 from leak_audit.threats.vit_adapters import AdaptedLinear, AdapterSite, add_bottleneck_adapters, vit_layers
 
 __all__ = ["Chain", "PEFTLeakDesign", "PEFTLeakReconstruction", "malicious_vit", "peftleak"]
@@ -411,7 +412,7 @@ def peftleak(
     for rounds in range(1, max_rounds + 1):
         found: list[_Token] = []  # this round's single-token candidates, from residuals of confirmed tokens
         for ci, (c, sw, sb, noise) in enumerate(bins):
-            if deadline is not None and time.monotonic() > deadline:
+            if late(deadline):
                 break
             for k in range(c.length):
                 rw, rb, known = sw[k].clone(), float(sb[k]), 0.0

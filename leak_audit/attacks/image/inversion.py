@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import late
+from leak_audit.attacks.budget import OutOfBudget, late
 from leak_audit.attacks.optim import GradientDistance
 
 __all__ = ["IMAGE_ATTACKS", "ImageInversion", "invert_images", "reconstruct_images", "total_variation"]
@@ -68,10 +68,6 @@ class ImageInversion:
     restarts: int
     seconds: float
     cut_short: bool = False
-
-
-class _OutOfBudget(Exception):
-    pass
 
 
 def invert_images(
@@ -170,10 +166,10 @@ def invert_images(
             def closure() -> Tensor:
                 nonlocal steps, cut
                 if steps >= max_steps:
-                    raise _OutOfBudget
+                    raise OutOfBudget
                 if late(deadline):
                     cut = True
-                    raise _OutOfBudget
+                    raise OutOfBudget
                 opt.zero_grad()
                 total = objective()
                 total.backward()
@@ -186,7 +182,7 @@ def invert_images(
                     opt.step(closure)
                     if steps == before:
                         break
-            except _OutOfBudget:
+            except OutOfBudget:
                 pass
         else:
             opt = torch.optim.Adam(leaves, lr=lr)

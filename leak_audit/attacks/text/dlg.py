@@ -31,7 +31,7 @@ from leak_audit.attacks.optim import (
     nearest_tokens,
     random_embeddings,
 )
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import OutOfBudget, late, started_late
 from leak_audit.attacks.base import (
     Attack,
     AttackInput,
@@ -43,10 +43,6 @@ from leak_audit.attacks.base import (
 from leak_audit.models import TextModelSpec
 
 __all__ = ["DLG"]
-
-
-class _OutOfBudget(Exception):
-    pass
 
 
 class DLG(Attack):
@@ -128,7 +124,7 @@ class DLG(Attack):
         length = max(1, min(length, spec.max_positions - spec.position_offset))
         layout = Layout.build([length] * b, spec, fix_special=False, device=replica.input_embeddings(inp.params).device)
         distance = GradientDistance([inp.gradients[n] for n in names], "l2")
-        obj = Objective(replica, inp.params, names, distance, layout, deadline)
+        obj = Objective(replica, inp.params, names, distance, layout)
         table = obj.table
         num_labels = max(2, spec.num_labels)
 
@@ -142,10 +138,10 @@ class DLG(Attack):
 
         def closure() -> torch.Tensor:
             if state["evals"] >= self.max_steps:
-                raise _OutOfBudget
+                raise OutOfBudget
             if late(deadline):
                 state["timed"] = True
-                raise _OutOfBudget
+                raise OutOfBudget
             opt.zero_grad()
             grads = obj.grads_embeds(x, z.softmax(-1), create_graph=True)
             loss = distance(grads)
@@ -167,7 +163,7 @@ class DLG(Attack):
                 iterations += 1
                 if not math.isfinite(state["last"]):
                     break  # diverged: keep the best point seen
-        except _OutOfBudget:
+        except OutOfBudget:
             pass
         labels = state["z"].argmax(-1)
         ids = nearest_tokens(state["x"], table, torch.arange(table.shape[0], device=table.device), 1)[..., 0]

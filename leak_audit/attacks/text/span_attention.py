@@ -32,9 +32,7 @@ DAGER shares.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,197 +40,20 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
-from leak_audit.attacks.text.span_check import EmbeddingTables, span_basis
-from leak_audit.models import TextModelSpec
+from leak_audit.attacks.least_squares import levenberg_marquardt
+from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.text.layer0 import (
+    DropoutRates,
+    FirstLayer,
+    SpanAttentionResult,
+    candidate_inputs,
+    locate_tokens,
+    shift_positions,
+)
+from leak_audit.attacks.text.span_dropout import span_attention_dropout
+from leak_audit.models import EmbeddingTables, TextModelSpec
 
-if TYPE_CHECKING:
-    from leak_audit.attacks.text.span_dropout import DropoutRates
-
-__all__ = ["ContextSolver", "FirstLayer", "SpanAttention", "locate_tokens", "sentence_membership", "span_attention"]
-
-
-@dataclass(frozen=True)
-class FirstLayer:
-    """Parameter values and constants of encoder layer 0 (BERT layout).
-
-    Shapes: ``wq, wk, wv, wo`` ``[d, d]`` with biases ``[d]``; ``w1`` ``[d_ff, d]``, ``b1`` ``[d_ff]``;
-    LayerNorm weight/bias ``[d]``. The layer's output projection is not needed: the attack stops at the
-    FFN activations (its *gradient* spans them).
-    """
-
-    wq: Tensor
-    bq: Tensor
-    wk: Tensor
-    bk: Tensor
-    wv: Tensor
-    bv: Tensor
-    wo: Tensor
-    bo: Tensor
-    ln1_weight: Tensor
-    ln1_bias: Tensor
-    ln1_eps: float
-    w1: Tensor
-    b1: Tensor
-    heads: int
-    act: torch.nn.Module
-
-    @property
-    def head_size(self) -> int:
-        return self.wq.shape[0] // self.heads
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Tensor], prefix: str, module: torch.nn.Module) -> FirstLayer:
-        """Read layer ``prefix`` (root-relative) from ``params``; constants from the replica's ``module``.
-
-        Raises:
-            NotApplicable: a parameter is missing or the layer is not BERT-shaped.
-        """
-        names = {
-            "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
-            "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-            "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
-            "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
-            "ln1_weight": "attention.output.LayerNorm.weight", "ln1_bias": "attention.output.LayerNorm.bias",
-            "w1": "intermediate.dense.weight", "b1": "intermediate.dense.bias",
-        }  # fmt: skip
-        missing = [f"{prefix}.{n}" for n in names.values() if f"{prefix}.{n}" not in params]
-        if missing:
-            raise NotApplicable(f"layer 0 is not a plain BERT layer (no {missing[0]!r})")
-        try:
-            attn = module.attention.self
-            heads = int(attn.num_attention_heads)
-            ln1_eps = float(module.attention.output.LayerNorm.eps)
-            act = module.intermediate.intermediate_act_fn
-        except AttributeError as err:
-            raise NotApplicable(f"layer 0 is not a BERT layer ({err})") from None
-        if getattr(attn, "position_embedding_type", "absolute") not in (None, "absolute"):
-            raise NotApplicable("relative position embeddings are not supported")
-        vals = {k: params[f"{prefix}.{n}"].detach().float() for k, n in names.items()}
-        return cls(heads=heads, ln1_eps=ln1_eps, act=act, **vals)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer 0 on inputs ``x`` ``[N, L, d]`` (``mask`` ``[N, L]``, 1 = token).
-
-        Returns:
-            ``(c, h1, a)``: attention contexts ``[N, L, d]``, post-attention LayerNorm outputs ``[N, L, d]``
-            and FFN activations ``[N, L, d_ff]`` (the inputs of ``output.dense``).
-        """
-        n, length, d = x.shape
-        h, dh = self.heads, self.head_size
-        q = F.linear(x, self.wq, self.bq).view(n, length, h, dh).transpose(1, 2)
-        k = F.linear(x, self.wk, self.bk).view(n, length, h, dh).transpose(1, 2)
-        v = F.linear(x, self.wv, self.bv).view(n, length, h, dh).transpose(1, 2)
-        s = q @ k.transpose(-1, -2) * dh**-0.5
-        if mask is not None:
-            s = s.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-        c = (s.softmax(-1) @ v).transpose(1, 2).reshape(n, length, d)
-        h1 = F.layer_norm(F.linear(c, self.wo, self.bo) + x, (d,), self.ln1_weight, self.ln1_bias, self.ln1_eps)
-        a = self.act(F.linear(h1, self.w1, self.b1))
-        return c, h1, a
-
-
-def _inputs(tables: EmbeddingTables, tokens: Tensor, positions: Tensor, segment: int) -> Tensor:
-    """Layer-0 inputs ``LN(E[v] + P[i] + T[s])`` for pairs ``(tokens[n], positions[n])``: ``[n, d]``."""
-    e = tables.word[tokens].float() + tables.position[positions].float()
-    if tables.token_type is not None:
-        e = e + tables.token_type[segment].float()
-    return F.layer_norm(e, (e.shape[-1],), tables.norm_weight.float(), tables.norm_bias.float(), tables.norm_eps)
-
-
-def locate_tokens(
-    word_grad: Tensor,
-    tables: EmbeddingTables,
-    length: int,
-    segment: int = 0,
-    tol: float = 1e-7,
-    loose: float = 1e-5,
-    always_floating: Collection[int] = (),
-) -> tuple[dict[int, int], list[int]]:
-    """Find the position of every token that occurs at one position only, by LayerNorm orthogonality.
-
-    Args:
-        word_grad: ``[V, d]`` gradient of the word-embedding table.
-        tables: embedding tables and LayerNorm at the audited step.
-        length: positions ``0 .. length-1`` to test (the nonzero rows of the position-embedding gradient).
-        segment: the token-type id of the batch.
-        tol: a token is located at ``i`` when ``|cos(∂L/∂E[v], C(E[v] + P[i] + T[s]))| < tol`` (``C``
-            centres a vector). On MiniLM (float32) tokens at one position score at most 4.5e-8; tokens at
-            several positions at least 1.8e-7 (one occurrence can dominate the sum), usually ~1e-3.
-        loose: tokens scoring between ``tol`` and ``loose`` are located *and* floating (kept as
-            candidates everywhere, never used as anchors).
-        always_floating: token ids that are floating whatever their score (e.g. ``[SEP]``, which ends
-            every sentence).
-
-    Returns:
-        ``(located, floating)``: ``{token: position}`` and the tokens (sorted) that may occur at several
-        positions. A token is in both when its location is uncertain.
-    """
-    bag = word_grad.abs().sum(1).nonzero().flatten()
-    located: dict[int, int] = {}
-    floating: list[int] = []
-    pos = torch.arange(length)
-    base = tables.position[pos].float()
-    if tables.token_type is not None:
-        base = base + tables.token_type[segment].float()
-    for v in bag.tolist():
-        gv = word_grad[v].float()
-        e = tables.word[v].float() + base
-        e = e - e.mean(1, keepdim=True)
-        cos = (e @ gv).abs() / (e.norm(dim=1) * gv.norm()).clamp_min(1e-30)
-        j = int(cos.argmin())
-        if float(cos[j]) < loose:
-            located[v] = j
-        if float(cos[j]) >= tol or v in always_floating:
-            floating.append(v)
-    return located, sorted(floating)
-
-
-def levenberg_marquardt(
-    residual: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-    theta: Tensor,
-    scale: float,
-    iters: int,
-    tol: float,
-    deadline: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Batched Levenberg-Marquardt (Marquardt's diagonal damping), one problem per row of ``theta``.
-
-    Args:
-        residual: ``(rows [m], theta [m, r]) -> (residuals [m, k], Jacobians [m, k, r])`` for problems
-            ``rows``.
-        theta: ``[n, r]`` starting points (updated in place).
-        scale: divides the squared residual to give the loss; rows stop below ``tol``.
-        deadline: ``time.monotonic()`` value after which no new iteration starts (the points reached so
-            far are returned).
-
-    Returns:
-        ``(theta [n, r], loss [n])``.
-    """
-    n = theta.shape[0]
-    lam = torch.full((n,), 1e-3, device=theta.device)
-    r, jac = residual(torch.arange(n, device=theta.device), theta)
-    f = r.square().sum(-1)
-    active = torch.arange(n, device=theta.device)
-    for _ in range(iters):
-        active = active[f[active] / scale >= tol]
-        if active.numel() == 0 or late(deadline):
-            break
-        ja = jac[active]
-        jt = ja.transpose(1, 2)
-        jtj = (jt @ ja).double()
-        jtr = (jt @ r[active][..., None]).double()
-        a = jtj + lam[active].double()[:, None, None] * torch.diag_embed(jtj.diagonal(dim1=1, dim2=2) + 1e-12)
-        chol, info = torch.linalg.cholesky_ex(a)
-        step = torch.cholesky_solve(jtr, chol)[..., 0].float()
-        step = torch.where((info == 0)[:, None], step, torch.zeros_like(step))
-        cand = theta[active] - step
-        rn, jn = residual(active, cand)
-        fn = rn.square().sum(-1)
-        ok = fn < f[active]
-        upd = active[ok]
-        theta[upd], r[upd], jac[upd], f[upd] = cand[ok], rn[ok], jn[ok], fn[ok]
-        lam[active] = torch.where(ok, lam[active] / 3, lam[active] * 4).clamp(1e-9, 1e6)
-    return theta, f / scale
+__all__ = ["ContextSolver", "SpanAttention", "sentence_membership", "span_attention"]
 
 
 class ContextSolver:
@@ -353,36 +174,6 @@ def sentence_membership(
     return z.to(keys.device), float(res)
 
 
-@dataclass
-class SpanAttentionResult:
-    """Output of :func:`span_attention`.
-
-    Attributes:
-        sequences: certified sentences (token ids, ``[CLS]`` … ``[SEP]``), in discovery order.
-        located: ``{token: position}`` of tokens at one position; ``floating`` the others.
-        anchors_tried, anchors_converged: context solves run and solved.
-        rank: rank of the attention-output gradient (``= number of tokens`` when exact).
-        cut_short: the deadline stopped the search while sentences and anchors were left to try.
-        progress: how far it got, a short string (e.g. ``"3 of 8 sentences certified, 5 anchors tried"``).
-    """
-
-    sequences: list[list[int]]
-    located: dict[int, int]
-    floating: list[int]
-    anchors_tried: int
-    anchors_converged: int
-    rank: int
-    length: int
-    cut_short: bool = False
-    progress: str = ""
-
-    @staticmethod
-    def describe(sequences: int, batch_size: int, tried: int, stage: str = "") -> str:
-        """The ``progress`` line: sentences certified of ``B`` and anchors tried (``stage``: where it stopped)."""
-        done = f"{sequences} of {batch_size} sentences certified, {tried} anchors tried"
-        return f"{done}; {stage}" if stage else done
-
-
 def span_attention(
     grads: Mapping[str, Tensor],
     tables: EmbeddingTables,
@@ -422,7 +213,7 @@ def span_attention(
         generator: random generator (FFN units).
 
     Returns:
-        A :class:`SpanAttentionResult`.
+        A :class:`~leak_audit.attacks.text.layer0.SpanAttentionResult`.
 
     Raises:
         NotApplicable: the position gradient is zero, or the batch has as many tokens as the hidden size
@@ -445,7 +236,7 @@ def span_attention(
     if late(deadline):
         return SpanAttentionResult([], {}, [], 0, 0, rank, length, cut_short=True,
                                    progress=SpanAttentionResult.describe(0, batch_size, 0, "stopped in the setup"))
-    shifted = _shift(tables, position_offset)
+    shifted = shift_positions(tables, position_offset)
     located, floating = locate_tokens(
         grads["word"], shifted, length, segment, always_floating=always_floating
     )
@@ -459,7 +250,7 @@ def span_attention(
     pairs += [(v, i) for v in floating for i in range(length)]
     tok = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     pos = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-    x = _inputs(shifted, tok, pos, segment)
+    x = candidate_inputs(shifted, tok, pos, segment)
     h, dh = layer.heads, layer.head_size
     q = F.linear(x, layer.wq, layer.bq).view(-1, h, dh)
     k = F.linear(x, layer.wk, layer.bk).view(-1, h, dh)
@@ -497,7 +288,7 @@ def span_attention(
             sequences.append(seq)
             covered.update((t, i) for i, t in enumerate(seq))
             ids = torch.tensor(seq, dtype=torch.long)
-            found_contexts.append(layer.forward(_inputs(shifted, ids, torch.arange(len(seq)), segment)[None])[0][0])
+            found_contexts.append(layer.forward(candidate_inputs(shifted, ids, torch.arange(len(seq)), segment)[None])[0][0])
 
     def result() -> SpanAttentionResult:
         stage = "stopped by the deadline" if cut else ""
@@ -552,14 +343,6 @@ def span_attention(
     return result()
 
 
-def _shift(tables: EmbeddingTables, offset: int) -> EmbeddingTables:
-    if not offset:
-        return tables
-    from dataclasses import replace
-
-    return replace(tables, position=tables.position[offset:])
-
-
 def _read_sentence(z: Tensor, pairs: Sequence[tuple[int, int]], length: int, cut: float = 0.5) -> list[int] | None:
     """The sentence ``z`` selects: one token per position from 0 up, or ``None`` if inconsistent."""
     best: dict[int, tuple[float, int]] = {}
@@ -580,7 +363,7 @@ def _certify(
 ) -> float:
     """Largest residual fraction of the sentence's layer-0 vectors outside the three gradient spans."""
     ids = torch.tensor(seq, dtype=torch.long)
-    x = _inputs(tables, ids, torch.arange(len(seq)), segment)[None]
+    x = candidate_inputs(tables, ids, torch.arange(len(seq)), segment)[None]
     c, h1, a = layer.forward(x)
     worst = 0.0
     for vec, basis in zip((c[0], h1[0], a[0]), bases, strict=True):
@@ -624,19 +407,20 @@ class SpanAttention(Attack):
 
     @staticmethod
     def _grad_names(spec: TextModelSpec) -> dict[str, str]:
-        lp = spec.layers[0].prefix
-        return {
+        layer = spec.layers[0]
+        names = {
             "word": spec.word_embeddings,
             "position": spec.position_embeddings,
-            "context": f"{lp}.attention.output.dense.weight",
-            "hidden": f"{lp}.intermediate.dense.weight",
-            "ffn": f"{lp}.output.dense.weight",
+            "context": layer.attention_output,
+            "hidden": layer.ffn_input,
+            "ffn": layer.ffn_output,
         }
+        # a part the model family lacks is never tapped, so requirements() reports it as missing
+        return {role: name or f"<no {role} weight in {spec.family} models>" for role, name in names.items()}
 
     @staticmethod
     def _input_grad_names(spec: TextModelSpec) -> list[str]:
-        lp = spec.layers[0].prefix
-        return [f"{lp}.attention.self.{m}.weight" for m in ("query", "key", "value")]
+        return list(spec.layers[0].input_projections)
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
         if not spec.layers:
@@ -683,11 +467,8 @@ class SpanAttention(Attack):
             if len(used) > 1:
                 raise NotApplicable(f"sentence pairs (token types {used}) are not supported")
             segment = int(used[0])
-        from leak_audit.attacks.text.span_dropout import span_attention_dropout  # imports this module
-
         inputs = [inp.gradients[n] for n in self._input_grad_names(spec) if n in inp.gradients]
-        module = inp.replica.model.get_submodule(local)
-        rates = _dropout_rates(spec, module)
+        rates = _dropout_rates(spec)
         trained = bool(inputs) and rates.any and _masked_inputs(grads["word"], inputs, tables, segment, spec)
         common = {
             "segment": segment,
@@ -729,17 +510,10 @@ class SpanAttention(Attack):
         )
 
 
-def _dropout_rates(spec: TextModelSpec, module: torch.nn.Module) -> DropoutRates:
-    """Training-mode dropout probabilities of the embeddings and of layer 0 (``module``)."""
-    from leak_audit.attacks.text.span_dropout import DropoutRates
-
-    def rate(path: str) -> float:
-        try:
-            return float(module.get_submodule(path).p)
-        except AttributeError:
-            return 0.0
-
-    return DropoutRates(spec.dropout, rate("attention.self.dropout"), rate("attention.output.dropout"))
+def _dropout_rates(spec: TextModelSpec) -> DropoutRates:
+    """Training-mode dropout probabilities of the embeddings and of layer 0 (from the model's spec)."""
+    layer = spec.layers[0]
+    return DropoutRates(spec.dropout, layer.attention_dropout, layer.attention_output_dropout)
 
 
 def _masked_inputs(
@@ -750,7 +524,7 @@ def _masked_inputs(
     Exact (eval-mode) gradients put every true pair's input in the span (residual ≤ 1.4e-5 on 16 CoLA
     sentences, B=4); training-mode gradients leave 0.05-0.4 of its norm outside.
     """
-    shifted = _shift(tables, spec.position_offset)
+    shifted = shift_positions(tables, spec.position_offset)
     length = shifted.position.shape[0]
     basis = span_basis(list(inputs))[0].float()
     if basis.shape[1] >= basis.shape[0] - 8:
@@ -765,6 +539,6 @@ def _masked_inputs(
         e = e - e.mean(1, keepdim=True)
         g = word_grad[v].float()
         i = int(((e @ g).abs() / (e.norm(dim=1) * g.norm()).clamp_min(1e-30)).argmin())
-        x = _inputs(shifted, torch.tensor([v]), torch.tensor([i]), segment)
+        x = candidate_inputs(shifted, torch.tensor([v]), torch.tensor([i]), segment)
         worst.append(float((x - (x @ basis) @ basis.T).norm() / x.norm()))
     return bool(worst) and min(worst) > 1e-3

@@ -40,7 +40,7 @@ recovers tokens by joint sparse recovery: every observed direction combines the 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,334 +48,18 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
-from leak_audit.models import TextModelSpec
+from leak_audit.attacks.lasso import group_lasso
+from leak_audit.attacks.spans import lora_input_constraints, span_basis
+from leak_audit.attacks.text.token_scores import TokenScorer, clipped_residuals, trimmed_residuals
+from leak_audit.models import EmbeddingTables, TextModelSpec
 
-__all__ = [
-    "EmbeddingTables",
-    "SpanCheck",
-    "SpanCheckResult",
-    "span_basis",
-    "span_check",
-    "trimmed_residuals",
-    "TokenScorer",
-    "clipped_residuals",
-    "lora_input_constraints",
-    "partial_span",
-    "group_lasso",
-]
-
-
-@dataclass(frozen=True)
-class EmbeddingTables:
-    """The tensors that define layer 0's inputs.
-
-    Attributes:
-        word: ``[V, d]`` token embeddings.
-        position: ``[P, d]`` position embeddings.
-        token_type: ``[T, d]`` segment embeddings, or ``None``.
-        norm_weight, norm_bias: ``[d]`` LayerNorm affine parameters; ``norm_eps`` its epsilon.
-        position_offset: index of position 0 in ``position`` (2 for RoBERTa, 0 for BERT).
-    """
-
-    word: Tensor
-    position: Tensor
-    token_type: Tensor | None
-    norm_weight: Tensor
-    norm_bias: Tensor
-    norm_eps: float
-    position_offset: int = 0
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Tensor], spec: TextModelSpec) -> EmbeddingTables:
-        tt = params[spec.token_type_embeddings] if spec.token_type_embeddings else None
-        return cls(
-            word=params[spec.word_embeddings],
-            position=params[spec.position_embeddings],
-            token_type=tt,
-            norm_weight=params[spec.norm_weight],
-            norm_bias=params[spec.norm_bias],
-            norm_eps=spec.norm_eps,
-            position_offset=spec.position_offset,
-        )
-
-    @property
-    def max_length(self) -> int:
-        return int(self.position.shape[0]) - self.position_offset
-
-    @property
-    def num_token_types(self) -> int:
-        return 1 if self.token_type is None else int(self.token_type.shape[0])
-
-    def layer_inputs(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """``LayerNorm(word + position + type)`` for ``input_ids`` ``[B, L]``: returns ``[B, L, d]`` (no dropout)."""
-        pos = torch.arange(input_ids.shape[-1], device=input_ids.device) + self.position_offset
-        z = self.word[input_ids] + self.position[pos]
-        if self.token_type is not None:
-            tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-            z = z + self.token_type[tt]
-        return torch.nn.functional.layer_norm(z, z.shape[-1:], self.norm_weight, self.norm_bias, self.norm_eps)
-
-    def pair_inputs(
-        self, tokens: Tensor, positions: Tensor, segment: int = 0, dtype: torch.dtype = torch.float64
-    ) -> Tensor:
-        """``LayerNorm(E[v] + P[i] + T[segment])`` for pairs ``(tokens[n], positions[n])``: ``[n, d]`` in ``dtype``.
-
-        ``positions`` count from 0 (``position_offset`` is added here).
-        """
-        e = self.word[tokens].to(dtype) + self.position[positions + self.position_offset].to(dtype)
-        if self.token_type is not None:
-            e = e + self.token_type[segment].to(dtype)
-        return torch.nn.functional.layer_norm(
-            e, e.shape[-1:], self.norm_weight.to(dtype), self.norm_bias.to(dtype), self.norm_eps
-        )
+__all__ = ["LORA_EXACT_TOL", "PARTIAL_CANDIDATES", "PARTIAL_KEEP", "PARTIAL_SCAN", "SpanCheck", "SpanCheckResult",
+           "partial_span", "span_check"]
 
 
 LORA_EXACT_TOL = 1e-5
-"""Residual fraction below which a token satisfies LoRA input constraints (:func:`lora_input_constraints`)."""
-
-NOISE_EDGE_MARGIN = 1.1
-"""With DP noise, singular values above ``NOISE_EDGE_MARGIN · s(√m + √d)`` count as signal."""
-
-
-def noise_edge(noise_std: float, rows: int, cols: int) -> float:
-    """Largest singular value expected from pure Gaussian noise: ``s (√rows + √cols)``.
-
-    A ``[rows, cols]`` matrix of i.i.d. ``N(0, s²)`` entries has its largest singular value at
-    ``s(√rows + √cols)`` up to fluctuations of order ``s·rows^(-1/6)`` (Bai–Yin, Tracy–Widom); a signal
-    direction is estimable from a noised gradient only when its singular value clears that edge.
-
-    Raises:
-        ValueError: ``noise_std < 0``.
-    """
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    return noise_std * (rows**0.5 + cols**0.5)
-
-
-def span_basis(
-    grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float = 30.0, noise_std: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """Orthonormal basis of the common row space of weight gradients.
-
-    Args:
-        grads: weight gradients ``[d_out_k, d]`` of linear maps that share their input (e.g. layer 0's
-            query, key and value). They are stacked row-wise.
-        rtol: singular values below ``rtol · σ_max`` count as numerical zero.
-        floor_factor: singular values below ``floor_factor · σ_min`` count as noise when the matrix is
-            rank-deficient (float32 round-off sits near ``1e-8 · σ_max``).
-        noise_std: per-coordinate std of Gaussian noise added to every gradient (DP-SGD's ``σ·C/B``);
-            singular values below ``NOISE_EDGE_MARGIN ·`` :func:`noise_edge` are noise. The rank can then
-            be 0: the noise drowns every direction.
-
-    Returns:
-        ``(basis, singular_values)``: ``basis`` is ``[d, r]`` float64 with orthonormal columns, ``r`` the
-        estimated rank; ``singular_values`` is ``[min(Σ d_out, d)]`` float64, descending.
-
-    Raises:
-        ValueError: no gradient, mismatched input sizes, or an all-zero gradient.
-    """
-    if not grads:
-        raise ValueError("span_basis needs at least one weight gradient")
-    d = grads[0].shape[-1]
-    if any(g.dim() != 2 or g.shape[-1] != d for g in grads):
-        raise ValueError(f"weight gradients must be [d_out, {d}], got {[tuple(g.shape) for g in grads]}")
-    stacked = torch.cat([g.detach().to(torch.float64) for g in grads], dim=0)
-    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    if s.numel() == 0 or s[0] <= 0:
-        raise ValueError("the weight gradient is all zeros: this step carries no signal for the span check")
-    tol = rtol * s[0]
-    if noise_std > 0:
-        tol = torch.maximum(tol, torch.tensor(NOISE_EDGE_MARGIN * noise_edge(noise_std, *stacked.shape),
-                                              dtype=s.dtype, device=s.device))
-    elif s.numel() >= d:  # square or tall: the smallest singular values show the noise floor
-        tol = torch.maximum(tol, floor_factor * s[-1])
-    rank = int((s > tol).sum())
-    return vh[:rank].T.contiguous(), s
-
-
-def lora_input_constraints(
-    grads_b: Sequence[Tensor], lora_a: Sequence[Tensor], rtol: float = 1e-5, gap: float = 1e3
-) -> Tensor:
-    """Linear constraints every layer input of the batch satisfies, read from LoRA ``B`` gradients.
-
-    ``∂L/∂B = s Σ_t δ_t (A x_t)ᵀ`` (``[d_out, r]``) has row space ``span{A x_t} ⊂ R^r``. While that has
-    rank ``k < r`` (fewer than ``r`` distinct inputs), each unit vector ``n`` orthogonal to it gives a
-    constraint ``(nᵀA) x_t = 0`` on every input.
-
-    Args:
-        grads_b: ``lora_B`` gradients ``[d_out_k, r_k]``.
-        lora_a: the matching ``lora_A`` weights ``[r_k, d]`` at the audited step.
-        rtol, gap: numerical-rank rule of :func:`~leak_audit.attacks.optim.numerical_rank`.
-
-    Returns:
-        ``[m, d]`` float64 with orthonormal rows spanning the constraints (``m = 0``: every gradient has
-        full rank ``r``, the batch has at least ``r`` distinct inputs and nothing is constrained).
-
-    Raises:
-        ValueError: the two lists differ in length or a ``B`` gradient does not match its ``A``.
-    """
-    from leak_audit.attacks.optim import numerical_rank
-
-    if len(grads_b) != len(lora_a):
-        raise ValueError(f"need one lora_A weight per lora_B gradient, got {len(lora_a)} and {len(grads_b)}")
-    rows = []
-    d = None
-    for g, a in zip(grads_b, lora_a, strict=True):
-        if g.dim() != 2 or a.dim() != 2 or g.shape[1] != a.shape[0]:
-            raise ValueError(f"lora_B gradient {tuple(g.shape)} does not match lora_A {tuple(a.shape)}")
-        d = a.shape[1]
-        k, _ = numerical_rank(g, rtol=rtol, gap=gap)
-        if k == 0 or k >= g.shape[1]:
-            continue  # no signal, or the batch fills R^r
-        _, _, vh = torch.linalg.svd(g.detach().double(), full_matrices=True)
-        rows.append(vh[k:] @ a.detach().double())  # [r - k, d]
-    if not rows:
-        return torch.zeros(0, d or 0, dtype=torch.float64)
-    c = torch.cat(rows)
-    _, sv, vh = torch.linalg.svd(c, full_matrices=False)
-    keep = int((sv > 1e-10 * sv[0]).sum())
-    return vh[:keep]
-
-
-class TokenScorer:
-    """Projection residuals of every vocabulary token's layer-0 input, position by position.
-
-    For a basis ``V`` (``[d, r]``, orthonormal) the residual fraction of a candidate input ``x`` is
-    ``‖x − V Vᵀx‖ / ‖x‖``. LayerNorm is affine after centring and scaling, so for ``z = e_v + q``
-    (``q`` = position + type embedding) every term of ``‖x‖²`` and ``Vᵀx`` splits into a per-token part
-    computed once and a per-position part: scoring all ``V`` tokens at one position costs a few
-    ``[V, d]`` mat-vecs plus a ``[V, r]`` update, instead of a LayerNorm and a ``[V, d] × [d, r]`` product.
-    All arithmetic is float64 because residuals of true tokens are ~1e-7 of ``‖x‖``.
-
-    Args:
-        tables: embedding tables and LayerNorm.
-        basis: ``[d, r]`` orthonormal basis of the gradient's row space.
-        token_ids: candidate token ids (default: the whole vocabulary). Scores are aligned with them.
-        complement: ``basis`` spans the *orthogonal complement* of the subspace instead (LoRA
-            constraints, where the subspace is most of ``R^d``): the residual is then ``‖Vᵀx‖ / ‖x‖``.
-    """
-
-    def __init__(
-        self, tables: EmbeddingTables, basis: Tensor, token_ids: Tensor | None = None, complement: bool = False
-    ) -> None:
-        f64 = torch.float64
-        self.complement = complement
-        self.tables = tables
-        self.basis = basis.to(f64)
-        self.d = int(tables.word.shape[1])
-        # candidate vocabulary: every token, or a subset (e.g. the batch's token bag)
-        self.token_ids = (
-            torch.arange(tables.word.shape[0], device=tables.word.device)
-            if token_ids is None else token_ids.long().to(tables.word.device)
-        )
-        word = tables.word.detach()[self.token_ids].to(f64)
-        self._ce = word - word.mean(dim=1, keepdim=True)  # centred token embeddings [V, d]
-        self._gamma = tables.norm_weight.detach().to(f64)
-        self._beta = tables.norm_bias.detach().to(f64)
-        self._g2 = self._gamma**2
-        self._gb = self._gamma * self._beta
-        self._gamma_basis = self._gamma[:, None] * self.basis  # [d, r]
-        self._e_proj = self._ce @ self._gamma_basis  # [V, r]
-        ce_sq = self._ce**2
-        self._e_sq = ce_sq.sum(1)  # [V]
-        self._e_g2 = ce_sq @ self._g2  # [V]
-        self._e_gb = self._ce @ self._gb  # [V]
-        self._beta_proj = self._beta @ self.basis  # [r]
-        self._beta_sq = float((self._beta**2).sum())
-
-    def _offset(self, position: int, token_type: int) -> Tensor:
-        t = self.tables
-        q = t.position[position + t.position_offset].detach().to(torch.float64)
-        if t.token_type is not None:
-            q = q + t.token_type[token_type].detach().to(torch.float64)
-        return q
-
-    def residuals(self, position: int, token_type: int = 0) -> Tensor:
-        """Residual fraction in ``[0, 1]`` of every candidate token at ``position``.
-
-        Returns:
-            ``[K]`` float64, aligned with :attr:`token_ids`.
-        """
-        q = self._offset(position, token_type)
-        cq = q - q.mean()
-        cross = self._ce @ torch.stack([cq, self._g2 * cq], dim=1)  # [V, 2]
-        var = (self._e_sq + 2 * cross[:, 0] + (cq * cq).sum()) / self.d
-        inv_sigma = torch.rsqrt(var + self.tables.norm_eps)
-        proj = (self._e_proj + cq @ self._gamma_basis) * inv_sigma[:, None] + self._beta_proj
-        norm_sq = (
-            (self._e_g2 + 2 * cross[:, 1] + (self._g2 * cq * cq).sum()) * inv_sigma**2
-            + 2 * (self._e_gb + (cq * self._gb).sum()) * inv_sigma
-            + self._beta_sq
-        )
-        proj_sq = (proj**2).sum(1)
-        res_sq = proj_sq if self.complement else (norm_sq - proj_sq).clamp_min(0)
-        return (res_sq / norm_sq).sqrt()
-
-    def inputs(self, token_ids: Tensor, position: int, token_type: int = 0) -> Tensor:
-        """The exact layer-0 inputs (no dropout) of ``token_ids`` ``[K]`` at ``position``: ``[K, d]`` float64."""
-        t = self.tables
-        z = t.word[token_ids].detach().to(torch.float64) + self._offset(position, token_type)
-        return torch.nn.functional.layer_norm(z, (self.d,), self._gamma, self._beta, t.norm_eps)
-
-
-def trimmed_residuals(
-    x: Tensor, basis: Tensor, trim: int, iterations: int = 6, keep: int | None = None, prune_after: int = 2
-) -> Tensor:
-    """Least-trimmed-squares residual fraction of each row of ``x`` against ``span(basis)``.
-
-    Each row is fitted by least squares, its ``trim`` worst coordinates are dropped and the fit is
-    repeated (``iterations`` C-steps, Rousseeuw & Van Driessen 2006). A vector whose coordinates were
-    partly zeroed by dropout before entering the span gets a residual near zero again.
-
-    Args:
-        x: ``[K, d]`` float64 candidate inputs.
-        basis: ``[d, r]`` float64 orthonormal basis.
-        trim: number of coordinates dropped per row, ``0 ≤ trim < d - r``.
-        iterations: refits after the first least-squares fit. Six C-steps ranked every true token of
-            8 real CoLA batches (B=4, dropout on, 318 tokens) above all false ones; three missed 4.
-        keep: after ``prune_after`` C-steps, refine only the ``keep`` rows with the lowest residual so
-            far; the others keep their current residual. C-steps never increase a row's trimmed
-            residual, so pruned rows are only ranked lower than their fully refined score would put them.
-        prune_after: C-steps run on every row before pruning.
-
-    Returns:
-        ``[K]`` residual fraction on the kept coordinates.
-    """
-    k, d = x.shape
-    r = basis.shape[1]
-    if trim <= 0:
-        return (x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1)
-    if trim >= d - r:
-        raise ValueError(f"trim={trim} leaves fewer coordinates than the span's rank r={r} (d={d})")
-    coef = x @ basis  # plain least squares (basis is orthonormal)
-    rows = torch.arange(k, device=x.device)  # rows still refined
-    out = torch.empty(k, dtype=x.dtype, device=x.device)
-    eye = torch.eye(trim, dtype=x.dtype, device=x.device)
-    for step in range(iterations):
-        if keep is not None and step == prune_after and rows.numel() > keep:
-            score = _trimmed_score(x, coef, basis, trim)
-            out[rows] = score
-            best = score.topk(keep, largest=False).indices
-            rows, x, coef = rows[best], x[best], coef[best]
-        resid = x - coef @ basis.T
-        drop = resid.abs().topk(trim, dim=1).indices  # [K, m]
-        u = basis[drop]  # [K, m, r]: rows of the basis at the dropped coordinates
-        x_drop = torch.gather(x, 1, drop)  # [K, m]
-        # Normal equations on the kept rows: (I - UᵀU) c = Vᵀx - Uᵀx_S; solved with Woodbury:
-        # (I - UᵀU)⁻¹ = I + Uᵀ (I - UUᵀ)⁻¹ U, which needs an m×m solve instead of r×r.
-        y = x @ basis - torch.einsum("kmr,km->kr", u, x_drop)
-        inner = eye - u @ u.transpose(1, 2) + 1e-10 * eye
-        coef = y + torch.einsum("kmr,km->kr", u, torch.linalg.solve(inner, torch.einsum("kmr,kr->km", u, y)))
-    out[rows] = _trimmed_score(x, coef, basis, trim)
-    return out
-
-
-def _trimmed_score(x: Tensor, coef: Tensor, basis: Tensor, trim: int) -> Tensor:
-    """Residual fraction of ``x ≈ coef @ basisᵀ`` on all but the ``trim`` worst coordinates: ``[K]``."""
-    resid = x - coef @ basis.T
-    kept = torch.ones_like(x, dtype=torch.bool)
-    kept.scatter_(1, resid.abs().topk(trim, dim=1).indices, False)
-    return (resid * kept).norm(dim=1) / (x * kept).norm(dim=1)
+"""Residual fraction below which a token satisfies LoRA input constraints
+(:func:`~leak_audit.attacks.spans.lora_input_constraints`)."""
 
 
 @dataclass
@@ -415,44 +99,6 @@ def _trim_count(dropout: float, d: int) -> int:
     if dropout <= 0:
         return 0
     return int(math.ceil(d * dropout + 3 * math.sqrt(d * dropout * (1 - dropout))))
-
-
-def clipped_residuals(
-    scorer: TokenScorer,
-    position: int,
-    token_type: int = 0,
-    kappa: float = 1.0,
-    chunk: int = 4096,
-    deadline: float | None = None,
-) -> Tensor | None:
-    """Outlier-robust residual of every candidate token at ``position``: ``[K]``, aligned with ``scorer.token_ids``
-    (``None`` when ``deadline``, a ``time.monotonic()`` value checked between chunks, passed first).
-
-    ``sqrt(Σ_j min(r_j², κ² · mean(x²)) / ‖x‖²)`` with ``r = x − V Vᵀx``. Clipping caps the cost of a
-    coordinate that dropout zeroed; without it a token whose input concentrates in a few outlier
-    dimensions (BERT's ``[CLS]`` puts ~87% of ``‖x‖²`` in 4 of 384) drops out of the shortlist whenever one
-    of them is dropped. Used only to shortlist, in float32, ``chunk`` vocabulary rows at a time so the
-    intermediate ``[chunk, d]`` tensors stay in cache.
-    """
-    t = scorer.tables
-    basis = scorer.basis.to(torch.float32)
-    q = t.position[position + t.position_offset].detach().float()
-    if t.token_type is not None:
-        q = q + t.token_type[token_type].detach().float()
-    word = t.word.detach()[scorer.token_ids]
-    gamma = t.norm_weight.detach().float()
-    beta = t.norm_bias.detach().float()
-    out = torch.empty(word.shape[0], dtype=torch.float32, device=word.device)
-    for lo in range(0, word.shape[0], chunk):
-        if lo and late(deadline):
-            return None
-        x = torch.nn.functional.layer_norm(word[lo : lo + chunk].float() + q, (scorer.d,), gamma, beta, t.norm_eps)
-        r = torch.addmm(x, x @ basis, basis.T, alpha=-1.0)
-        sq = x.square_()
-        total = sq.sum(1)
-        cap = (kappa**2 / scorer.d) * total
-        out[lo : lo + chunk] = (torch.minimum(r.square_(), cap[:, None]).sum(1) / total).sqrt_()
-    return out
 
 
 def span_check(
@@ -648,60 +294,6 @@ PARTIAL_KEEP = 0.15
 """An atom counts as present when its group-lasso weight is at least this share of the largest one."""
 
 
-def group_lasso(
-    target: Tensor, atoms: Tensor, lam: float = 0.05, iterations: int = 2000, tol: float = 1e-7,
-    deadline: float | None = None,
-) -> Tensor:
-    """Row-sparse least squares: ``min_W ½‖target − W·atoms‖² + λ · Σ_a ‖W[:, a]‖`` (``W`` is ``[k, n]``).
-
-    The convex (ℓ2,1) relaxation of joint sparse recovery from multiple measurement vectors (Cotter,
-    Rao, Engan, Kreutz-Delgado 2005; Tropp 2006): every row of ``target`` is a combination of the same
-    few atoms. Solved by FISTA (Beck & Teboulle 2009) with group soft-thresholding.
-
-    Args:
-        target: ``[k, d]`` rows to explain.
-        atoms: ``[n, d]`` dictionary (unit rows).
-        lam: ``λ`` as a share of the largest atom correlation ``max_a ‖target · atoms_aᵀ‖`` (at a share
-            of 1 the solution is 0).
-        iterations: FISTA steps at most; ``tol``: stop when the relative change of ``W`` is below it.
-        deadline: ``time.monotonic()`` value after which the iterations stop (checked every 10 steps; at
-            least 10 run), so an audit's ``max_seconds`` holds; the weights are then those reached so far.
-
-    Returns:
-        ``[n]`` the norm of each atom's weights ``‖W[:, a]‖`` (0 for atoms left out).
-
-    Raises:
-        ValueError: ``target`` and ``atoms`` disagree on ``d``, or ``lam`` is not in ``(0, 1)``.
-    """
-    return _group_lasso(target, atoms, lam, iterations, tol, deadline)[0]
-
-
-def _group_lasso(
-    target: Tensor, atoms: Tensor, lam: float, iterations: int, tol: float, deadline: float | None
-) -> tuple[Tensor, bool]:
-    """:func:`group_lasso`, and whether the deadline stopped it before convergence or ``iterations``."""
-    if target.dim() != 2 or atoms.dim() != 2 or target.shape[1] != atoms.shape[1]:
-        raise ValueError(f"target [k, d] and atoms [n, d] must share d, got {tuple(target.shape)} and {tuple(atoms.shape)}")
-    if not 0 < lam < 1:
-        raise ValueError(f"lam must be in (0, 1), got {lam}")
-    lipschitz = float(torch.linalg.matrix_norm(atoms, 2)) ** 2
-    threshold = lam * float((target @ atoms.T).norm(dim=0).max()) / lipschitz
-    w = torch.zeros(target.shape[0], atoms.shape[0], dtype=atoms.dtype, device=atoms.device)
-    z, t = w.clone(), 1.0
-    for it in range(iterations):
-        if it and it % 10 == 0 and late(deadline):
-            return w.norm(dim=0), True
-        v = z + (target - z @ atoms) @ atoms.T / lipschitz
-        w_next = v * (1 - threshold / v.norm(dim=0, keepdim=True).clamp_min(1e-30)).clamp_min(0)
-        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        z = w_next + (t - 1) / t_next * (w_next - w)
-        change = float((w_next - w).norm()) / max(float(w_next.norm()), 1e-30)
-        w, t = w_next, t_next
-        if change < tol:
-            break
-    return w.norm(dim=0), False
-
-
 def partial_span(
     scorer: TokenScorer,
     batch_size: int,
@@ -721,8 +313,8 @@ def partial_span(
        (:class:`TokenScorer`), minus the token's mean over the scanned positions (this removes what a
        token shares with every input: frequent subwords, LayerNorm's outlier dimensions), and keep the
        best ``max(32, 8B)`` tokens per position.
-    2. **Joint fit.** Explain ``S`` by the fewest shortlisted inputs (:func:`group_lasso`, the ℓ2,1
-       relaxation of multiple-measurement-vector sparse recovery). At each position the inputs with a
+    2. **Joint fit.** Explain ``S`` by the fewest shortlisted inputs (:func:`~leak_audit.attacks.lasso.group_lasso`,
+       the ℓ2,1 relaxation of multiple-measurement-vector sparse recovery). At each position the inputs with a
        weight of at least :data:`PARTIAL_KEEP` of the largest are present (``B`` at most); the scan ends
        at two positions in a row with none once a ``[SEP]`` was kept, and sequences end after theirs.
 
@@ -737,7 +329,7 @@ def partial_span(
         segments: token types tried (a token keeps its best-scoring type).
         sep_token_id: end-of-sequence token id: sequences end after it.
         deadline: ``time.monotonic()`` value after which the scan stops and the joint fit ends early
-            (:func:`group_lasso` stops iterating; the weights reached so far decide); the result then has
+            (the group lasso stops iterating; the weights reached so far decide); the result then has
             ``cut_short`` set.
 
     Returns:
@@ -774,7 +366,10 @@ def partial_span(
             x[p, same] = scorer.inputs(ids_map[cols[same]], p, tt)
     x = x.view(n_pos * per_pos, scorer.d)
     x = x / x.norm(dim=1, keepdim=True)
-    weight, fit_cut = _group_lasso(scorer.basis.T, x, 0.05, 2000, 1e-7, deadline)
+    # FISTA as measured: the deadline checked every 10 steps, the shrinkage's norm floored at 1e-30
+    weight, fit_cut = group_lasso(
+        scorer.basis.T, x, lam=0.05, iterations=2000, tol=1e-7, check_every=10, floor=1e-30, deadline=deadline
+    )
     weight = weight.view(n_pos, per_pos)
     weight = weight / weight.max().clamp_min(1e-30)
     candidates: list[list[tuple[int, int, float]]] = []

@@ -32,7 +32,7 @@ clustering membership untested.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,13 +41,15 @@ from torch import Tensor
 from leak_audit.attacks.budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
-from leak_audit.attacks.text.span_check import EmbeddingTables, span_basis, span_check
-from leak_audit.models import TextModelSpec
+from leak_audit.attacks.lasso import group_lasso
+from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.text.span_check import span_check
+from leak_audit.attacks.text.word_order import order_sentence
+from leak_audit.models import EmbeddingTables, TextModelSpec
 
 __all__ = [
     "SpanCluster",
     "SpanClusterResult",
-    "group_lasso",
     "span_cluster",
     "spectral_clusters",
     "token_query_gradients",
@@ -80,76 +82,6 @@ def token_query_gradients(grad: Tensor, atoms: Tensor) -> Tensor:
     column of token ``v`` is ``Σ_{t: token v} δ_t / σ_t``, the output gradients of its occurrences.
     """
     return torch.linalg.lstsq(atoms, grad.detach().double().T).solution.T
-
-
-def group_lasso(
-    targets: Tensor,
-    atoms: Tensor,
-    penalty: Tensor,
-    *,
-    lam: float = 0.02,
-    iters: int = 300,
-    rounds: int = 3,
-    eps: float = 1e-3,
-    deadline: float | None = None,
-) -> Tensor:
-    """Reweighted group lasso, one problem per target, solved by FISTA.
-
-    ``min_Y ½ Σ_h ‖t^h − Σ_n y_n^h a_n^h‖² + λ Σ_n w_n ‖y_n‖₂`` where the group of atom ``n`` is its
-    coefficients over the ``H`` heads; after each round ``w_n ← penalty_n / (‖y_n‖/max ‖y‖ + eps)``
-    (reweighted ℓ1, Candès, Wakin & Boyd 2008). ``λ`` is ``lam`` times the smallest value that zeroes
-    every group.
-
-    Args:
-        targets: ``[m, H, d_h]``; atoms: ``[N, H, d_h]``.
-        penalty: ``[N]`` base weights (0: unpenalised atom).
-        deadline: ``time.monotonic()`` value after which the iterations stop (checked before each one: on
-            long sentences one iteration of the word-order lasso takes ~0.4 s).
-
-    Returns:
-        ``[m, N]`` group norms ``‖y_n‖`` (the support scores).
-    """
-    return _group_lasso(targets, atoms, penalty, lam=lam, iters=iters, rounds=rounds, eps=eps, deadline=deadline)[0]
-
-
-def _group_lasso(
-    targets: Tensor,
-    atoms: Tensor,
-    penalty: Tensor,
-    *,
-    lam: float = 0.02,
-    iters: int = 300,
-    rounds: int = 3,
-    eps: float = 1e-3,
-    deadline: float | None = None,
-    lipschitz: float | None = None,
-) -> tuple[Tensor, bool]:
-    """:func:`group_lasso`, and whether the deadline stopped it before its rounds ended. ``lipschitz``: the
-    step's constant ``max_h ‖atoms[:, h]‖₂²`` when the caller knows it (atoms repeated across members)."""
-    d = atoms.permute(1, 2, 0)  # H x d_h x N
-    lip = float(torch.linalg.matrix_norm(d, 2).max()) ** 2 if lipschitz is None else lipschitz
-    dtt = torch.einsum("hdn,mhd->mnh", d, targets)
-    lam0 = dtt.norm(dim=2).max(1).values[:, None].clamp_min(1e-300)
-    m, n = targets.shape[0], atoms.shape[0]
-    weights = penalty[None].expand(m, n)
-    y = torch.zeros(m, n, atoms.shape[1], dtype=targets.dtype, device=targets.device)
-    penalised = penalty > 0
-    for _ in range(rounds):
-        z, tk = y.clone(), 1.0
-        for _ in range(iters):
-            if late(deadline):
-                return y.norm(dim=2), True
-            grad = torch.einsum("hdn,mhd->mnh", d, torch.einsum("hdn,mnh->mhd", d, z) - targets)
-            v = z - grad / lip
-            shrink = (1 - lam * lam0 * weights / lip / v.norm(dim=2).clamp_min(1e-300)).clamp_min(0)
-            y_new = v * shrink[..., None]
-            t_new = (1 + (1 + 4 * tk * tk) ** 0.5) / 2
-            z = y_new + (tk - 1) / t_new * (y_new - y)
-            y, tk = y_new, t_new
-        g = y.norm(dim=2)
-        top = g[:, penalised].max(1, keepdim=True).values.clamp_min(1e-300)
-        weights = penalty[None] / (g / top + eps)
-    return y.norm(dim=2), False
 
 
 def spectral_clusters(affinity: Tensor, k: int, seed: int = 0, restarts: int = 10) -> list[int]:
@@ -294,7 +226,10 @@ def span_cluster(
     penalty = torch.ones(keys.shape[0], dtype=torch.float64, device=keys.device)
     penalty[-1] = 0.0  # β: every input carries it
     cut: list[str] = []  # the stages the deadline cut
-    scores, lasso_cut = _group_lasso(targets, keys_unit, penalty, deadline=deadline)
+    # reweighted group lasso (fact 3): 3 rounds of 300 FISTA steps, λ = 0.02 of the all-zero value
+    scores, lasso_cut = group_lasso(
+        targets, keys_unit, penalty=penalty, lam=0.02, iterations=300, rounds=3, eps=1e-3, deadline=deadline
+    )
     scores = scores[:, :nb]
     if lasso_cut:
         cut.append("group lasso")
@@ -363,7 +298,7 @@ def span_cluster(
         if not s - set(structural):
             continue
         mem = [a for a, lab in enumerate(labels) if lab == c and a not in shared]
-        seq, res, order_cut = _order_sentence(
+        seq, res, order_cut = order_sentence(
             s, targets[mem], key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id,
             generator=torch.Generator().manual_seed(seed + c), deadline=deadline,
         )
@@ -384,220 +319,6 @@ def span_cluster(
         cut_short=bool(cut),
         progress=", ".join(cut),
     )
-
-
-ORDER_CHUNK = 64
-"""Placements :func:`order_sentence` scores per batched least-squares call (the deadline is checked between
-calls): a sweep over a 50-token sentence's ~1300 swaps took 7 s in one call."""
-
-
-def order_sentence(
-    tokens: Collection[int],
-    members: Tensor,
-    key_inputs: Callable[[Tensor, Tensor], Tensor],
-    heads: int,
-    *,
-    cls_token_id: int | None,
-    sep_token_id: int | None,
-    sweeps: int = 40,
-    extra: int = 2,
-    restarts: int = 6,
-    exact: float = 1e-10,
-    generator: torch.Generator | None = None,
-    deadline: float | None = None,
-) -> tuple[list[int], float]:
-    """Word order of one sentence from its members' query gradients.
-
-    Each member's ``s_v^h`` lies in ``span{k^h(w, i) − k^h([CLS], 0)}`` over the sentence's (token,
-    position) pairs (fact 2 with the exact pairs: ``n − 1`` dimensions per head). Pair scores come from a
-    group lasso of all members at once over every (token, position) pair of the set (one group per pair
-    across members and heads), positions from a linear assignment of those scores (``[CLS]`` first,
-    ``[SEP]`` last), then pairwise swaps polish the order while they lower the members' exact residual.
-    When no order is exact, tokens of other sentences in the set (clustering leaks) tend to be placed
-    after the sentence's own: the first prefix whose residual is exact is returned instead.
-
-    Args:
-        tokens: the sentence's tokens (each once); members: ``[m, H, d_h]`` query gradients of tokens that
-            occur once in the batch (may be empty: the order then follows the scores only).
-        key_inputs: ``(tokens [k], positions [k]) -> [k, d]`` layer-0 keys (without bias).
-        sweeps: steepest-descent steps per start; extra: copies a token may add inside the sentence
-            (lengths ``|tokens| .. |tokens| + extra`` are tried); restarts: perturbed restarts while the
-            residual is above ``exact``; generator: the perturbations; deadline: ``time.monotonic()`` value
-            after which the search returns its best so far (already past at the start: the tokens in id
-            order, unsearched).
-
-    Returns:
-        ``(sequence, residual)``: the ordered sentence and the members' largest relative squared residual
-        (``nan`` without members).
-    """
-    seq, res, _ = _order_sentence(
-        tokens, members, key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id, sweeps=sweeps,
-        extra=extra, restarts=restarts, exact=exact, generator=generator, deadline=deadline,
-    )
-    return seq, res
-
-
-def _order_sentence(
-    tokens: Collection[int],
-    members: Tensor,
-    key_inputs: Callable[[Tensor, Tensor], Tensor],
-    heads: int,
-    *,
-    cls_token_id: int | None,
-    sep_token_id: int | None,
-    sweeps: int = 40,
-    extra: int = 2,
-    restarts: int = 6,
-    exact: float = 1e-10,
-    generator: torch.Generator | None = None,
-    deadline: float | None = None,
-) -> tuple[list[int], float, bool]:
-    """:func:`order_sentence`, and whether the deadline cut its search short."""
-    from scipy.optimize import linear_sum_assignment
-
-    middle = sorted(t for t in tokens if t not in (cls_token_id, sep_token_id))
-    head = [cls_token_id] if cls_token_id is not None else []
-    tail = [sep_token_id] if sep_token_id is not None else []
-    if not middle:
-        return head + tail, float("nan"), False
-    if members.shape[0] and late(deadline):
-        return head + middle + tail, float("nan"), True  # out of time: the tokens unordered (by id), no search
-    start = len(head)
-    most = len(middle) + extra
-    slots = list(range(start, start + most))
-    tok = torch.tensor([t for t in middle for _ in slots], dtype=torch.long)
-    pos = torch.tensor([p for _ in middle for p in slots], dtype=torch.long)
-    k_pairs = key_inputs(tok, pos)
-    dh = k_pairs.shape[1] // heads
-    m = members.shape[0]
-    rhs = members.permute(1, 2, 0)  # H x d_h x m
-
-    def fixed(count: int) -> Tensor:
-        n = start + count + len(tail)
-        ft = torch.tensor(head + tail, dtype=torch.long)
-        fp = torch.tensor(([0] if head else []) + ([n - 1] if tail else []), dtype=torch.long)
-        return key_inputs(ft, fp) if ft.numel() else k_pairs[:0]
-
-    ref = fixed(len(middle))[0] if head else k_pairs.mean(0)
-    pair_atoms = (k_pairs - ref).view(len(middle), most, heads, dh)
-
-    def residuals(places: list[list[int]], tail_atoms: Tensor) -> Tensor:
-        """Members' largest relative squared residual for each placement (batched least squares)."""
-        idx = torch.tensor(places, dtype=torch.long)
-        atoms = pair_atoms[idx, torch.arange(idx.shape[1])]  # M x count x H x d_h
-        atoms = torch.cat([atoms, tail_atoms[None].expand(idx.shape[0], -1, -1, -1)], 1)
-        d = atoms.permute(0, 2, 3, 1)  # M x H x d_h x k
-        sol = torch.linalg.lstsq(d, rhs[None].expand(idx.shape[0], -1, -1, -1)).solution
-        r = rhs[None] - d @ sol
-        return (r.square().sum((1, 2)) / rhs.square().sum((0, 1)).clamp_min(1e-300)).max(1).values
-
-    def move_residuals(places: list[list[int]], tail_atoms: Tensor) -> Tensor:
-        """:func:`residuals` in chunks of :data:`ORDER_CHUNK` placements; past the deadline it stops after
-        the chunk in hand (the residuals of the first placements only)."""
-        out = []
-        for lo in range(0, len(places), ORDER_CHUNK):
-            if lo and late(deadline):
-                break
-            out.append(residuals(places[lo : lo + ORDER_CHUNK], tail_atoms))
-        return torch.cat(out)
-
-    cut = False  # the deadline cut the search short
-    if m:
-        unit = pair_atoms.reshape(-1, heads, dh)
-        unit = unit / unit.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
-        targets = members.reshape(1, m * heads, dh)
-        # the atoms repeat per member: their spectral norms are those of the H distinct blocks (one SVD each
-        # instead of m·H, several seconds on long sentences)
-        lip = float(torch.linalg.matrix_norm(unit.permute(1, 2, 0), 2).max()) ** 2
-        score, cut = _group_lasso(
-            targets, unit.repeat(1, m, 1), torch.ones(unit.shape[0], dtype=torch.float64, device=unit.device),
-            deadline=deadline, lipschitz=lip,
-        )
-        score = score[0].view(len(middle), most)
-    else:
-        score = torch.zeros(len(middle), most, dtype=torch.float64)
-    best: tuple[float, list[int], int] | None = None
-    for count in range(len(middle), most + 1):
-        if m and best is not None and late(deadline):
-            cut = True  # longer counts left untried
-            break
-        # tokens -> slots 0..count-1: every token at least once, extra copies optional (linear assignment)
-        copies = [(i, True) for i in range(len(middle))] + [(i, False) for i in range(len(middle)) for _ in range(extra)]
-        cols = len(copies)  # slots 0..count-1, then one "unused" column per optional copy
-        cost = torch.zeros(len(copies), cols, dtype=torch.float64)
-        for r, (i, must) in enumerate(copies):
-            cost[r, :count] = -score[i, :count]
-            if must:
-                cost[r, count:] = 1e9
-        rows, assigned = linear_sum_assignment(cost.cpu().numpy())
-        place = [0] * count
-        for r, c in zip(rows, assigned, strict=True):
-            if c < count:
-                place[c] = copies[r][0]
-        if not m:
-            if best is None:
-                best = (float("nan"), place, count)
-            continue
-        fx = fixed(count)
-        tail_atoms = (fx[1:] - ref).view(-1, heads, dh)
-
-        def descend(place: list[int]) -> tuple[float, list[int]]:
-            nonlocal cut
-            cur = float(residuals([place], tail_atoms)[0])
-            for _ in range(sweeps):  # steepest descent over swaps and single-slot replacements
-                if cur >= exact and late(deadline):
-                    cut = True
-                    break
-                moves: list[list[int]] = []
-                for i in range(count):
-                    for j in range(i + 1, count):
-                        if place[i] != place[j]:
-                            trial = list(place)
-                            trial[i], trial[j] = trial[j], trial[i]
-                            moves.append(trial)
-                    if place.count(place[i]) >= 2:
-                        for t in range(len(middle)):
-                            if t != place[i]:
-                                trial = list(place)
-                                trial[i] = t
-                                moves.append(trial)
-                if not moves:
-                    break
-                res = move_residuals(moves, tail_atoms)
-                j = int(res.argmin())
-                if float(res[j]) >= cur:
-                    cut = cut or len(res) < len(moves)  # the deadline stopped the scan of the moves
-                    break
-                cur, place = float(res[j]), moves[j]
-                if cur < exact:
-                    break
-            return cur, place
-
-        cur, place = descend(place)
-        for _ in range(restarts if cur >= exact else 0):  # perturb the best order and descend again
-            if late(deadline):
-                cut = True
-                break
-            trial = list(place)
-            for _ in range(3):
-                i, j = torch.randint(0, count, (2,), generator=generator).tolist()
-                trial[i], trial[j] = trial[j], trial[i]
-            r, trial = descend(trial)
-            if r < cur:
-                cur, place = r, trial
-            if cur < exact:
-                break
-        if best is None or cur < best[0] * 0.5:
-            best = (cur, place, count)
-    assert best is not None
-    if m and best[0] >= exact:
-        # tokens of other sentences that leaked into the set end up after the sentence: try its prefixes
-        for count in range(1, best[2]):
-            r = float(residuals([best[1][:count]], (fixed(count)[1:] - ref).view(-1, heads, dh))[0])
-            if r < exact:
-                best = (r, best[1][:count], count)
-                break
-    return head + [middle[i] for i in best[1]] + tail, best[0], cut
 
 
 class SpanCluster(Attack):

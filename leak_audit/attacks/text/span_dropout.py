@@ -32,7 +32,6 @@ dropout-off attack.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,105 +40,25 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import NotApplicable
-from leak_audit.attacks.text.span_attention import (
+from leak_audit.attacks.least_squares import l1_fit, l1_fit_orthonormal, levenberg_marquardt
+from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.text.layer0 import (
+    DropoutRates,
     FirstLayer,
     SpanAttentionResult,
-    _inputs,
-    _shift,
-    levenberg_marquardt,
+    candidate_inputs,
     locate_tokens,
+    shift_positions,
 )
-from leak_audit.attacks.text.span_check import EmbeddingTables, span_basis
+from leak_audit.models import EmbeddingTables
 
 __all__ = [
-    "DropoutRates",
     "HiddenSolver",
     "context_from_hidden",
     "dropped_membership",
     "span_attention_dropout",
     "unmask_inputs",
 ]
-
-
-@dataclass(frozen=True)
-class DropoutRates:
-    """Dropout probabilities of layer 0 in training mode (BERT: all ``0.1``).
-
-    Attributes:
-        embeddings: after the embedding LayerNorm (``hidden_dropout_prob``).
-        attention: on the attention probabilities (``attention_probs_dropout_prob``).
-        hidden: on the attention output projection (``hidden_dropout_prob``).
-    """
-
-    embeddings: float
-    attention: float
-    hidden: float
-
-    def __post_init__(self) -> None:
-        for name in ("embeddings", "attention", "hidden"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"dropout rate {name} must be in [0, 1), got {value}")
-
-    @property
-    def any(self) -> bool:
-        return max(self.embeddings, self.attention, self.hidden) > 0.0
-
-
-def _l1_fit(a: Tensor, b: Tensor, weights: Tensor | None = None, iters: int = 60) -> Tensor:
-    """Batched L1 regression ``min_s Σ_k w_k |a_k · s − b_k|`` by iteratively reweighted least squares.
-
-    Args:
-        a: ``[m, r]`` shared design, or ``[n, m, r]`` one per problem; ``b``: ``[n, m]``.
-        weights: ``[n, m]`` coordinate weights ``w_k`` (default ones).
-
-    Returns:
-        ``[n, r]`` the solutions (float64).
-    """
-    a = a.double()
-    b = b.double()
-    batched = a if a.dim() == 3 else a.expand(b.shape[0], *a.shape)
-    prior = torch.ones_like(b) if weights is None else weights.double()
-    w = prior
-    eye = torch.eye(batched.shape[-1], dtype=torch.float64, device=batched.device)
-    sol = b.new_zeros(b.shape[0], batched.shape[-1])
-    eps = 1.0
-    for _ in range(iters):
-        ata = batched.transpose(1, 2) @ (w[..., None] * batched)
-        atb = batched.transpose(1, 2) @ (w * b)[..., None]
-        sol = torch.linalg.solve(ata + 1e-12 * ata.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye, atb)[..., 0]
-        res = (batched @ sol[..., None])[..., 0] - b
-        scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-        w = prior / res.abs().clamp_min(eps * 1e-3 * scale)
-        eps = max(eps * 0.5, 1e-7)
-    return sol
-
-
-def _l1_fit_orthonormal(basis: Tensor, b: Tensor, weights: Tensor, iters: int) -> Tensor:
-    """Batched weighted L1 regression ``min_s Σ_k w_k |(basis s)_k − b_k|`` for an orthonormal ``basis``.
-
-    Scaled ADMM on ``z = basis·s − b``: the ``s``-update is a projection (``basis`` has orthonormal
-    columns), the ``z``-update a weighted soft threshold, so an iteration costs ``O(n d r)`` instead of
-    the ``O(n d r²)`` of reweighted least squares (10-20× faster on MiniLM's layer-0 spans).
-
-    Args:
-        basis: ``[d, r]`` orthonormal columns; ``b``: ``[n, d]``; ``weights``: ``[n, d]``.
-
-    Returns:
-        ``[n, r]`` the coefficients (float64).
-    """
-    b = b.double()
-    rho = 1.0 / b.abs().mean(-1, keepdim=True).clamp_min(1e-30)
-    thr = weights.double() / rho
-    z = torch.zeros_like(b)
-    u = torch.zeros_like(b)
-    sol = b @ basis
-    for _ in range(iters):
-        sol = (b + z - u) @ basis
-        v = sol @ basis.T - b + u
-        z = v.sign() * (v.abs() - thr).clamp_min(0.0)
-        u = v - z
-    return sol
 
 
 def unmask_inputs(
@@ -229,7 +148,7 @@ def _zero_top(y: Tensor, rank: int) -> Tensor:
 
 
 def _unmask(yp: Tensor, weights: Tensor, *, basis: Tensor, iters: int, polish: int) -> tuple[Tensor, Tensor]:
-    fit = _l1_fit_orthonormal(basis, yp, weights, iters) @ basis.T
+    fit = l1_fit_orthonormal(basis, yp, weights, iters) @ basis.T
     x = torch.where((fit - yp).abs() < fit.abs(), yp, torch.zeros_like(yp))
     # The L1 optimum can sit a coordinate or two off the true mask (it spreads a small residual instead).
     # Greedy exact flips: flipping coordinate k changes ‖P⊥x‖² by 2 δ_k (P⊥x)_k + δ_k² (P⊥)_kk.
@@ -324,7 +243,7 @@ def context_from_hidden(
     wos = (layer.wo.double() @ basis_c.double()) / (1.0 - p)  # [d, r]
     design = torch.cat([nvec[:, :, None], torch.ones(n, d, 1, dtype=torch.float64, device=nvec.device), -wos.expand(n, d, -1)], -1)
     target = x.double() + layer.bo.double() / (1.0 - p)
-    sol = _l1_fit(design, target)
+    sol = l1_fit(design, target)
     res = ((design @ sol[..., None])[..., 0] - target).abs()
     out = res > tol * target.abs().amax(-1, keepdim=True)
     return sol[:, 2:] @ basis_c.double().T, out.double().mean(-1)
@@ -486,7 +405,7 @@ def span_attention_dropout(
             ``cut_short`` set); ``generator``: picks the FFN units.
 
     Returns:
-        A :class:`~leak_audit.attacks.text.span_attention.SpanAttentionResult`.
+        A :class:`~leak_audit.attacks.text.layer0.SpanAttentionResult`.
 
     Raises:
         NotApplicable: zero position gradient, or as many tokens as the hidden size.
@@ -509,7 +428,7 @@ def span_attention_dropout(
     setup_cut = SpanAttentionResult.describe(0, batch_size, 0, "stopped in the setup")
     if late(deadline):
         return SpanAttentionResult([], {}, [], 0, 0, rank, length, cut_short=True, progress=setup_cut)
-    shifted = _shift(tables, position_offset)
+    shifted = shift_positions(tables, position_offset)
     located, floating = locate_tokens(grads["word"], shifted, length, segment, always_floating=always_floating)
     fset = set(floating)
     cands = [(v, i) for v, i in located.items() if v not in fset]
@@ -518,7 +437,7 @@ def span_attention_dropout(
         cands.append((cls_token_id, 0))
     tok = torch.tensor([c[0] for c in cands], dtype=torch.long)
     pos = torch.tensor([c[1] for c in cands], dtype=torch.long)
-    y = _inputs(shifted, tok, pos, segment)
+    y = candidate_inputs(shifted, tok, pos, segment)
     owner, xs, cut = _instances(y, basis_x, rates.embeddings, input_tol, batch_size, generator, deadline)
     if cut:
         setup_cut = SpanAttentionResult.describe(0, batch_size, 0, "stopped while recovering the dropout masks")

@@ -3,9 +3,9 @@
 For a linear map ``y = W x`` applied at every position, ``∂L/∂W = Σ_t δ_t x_tᵀ``: its row space is spanned
 by the layer's inputs ``x_t`` (Li, Xu, Dras 2024, "Seeing the Forest through the Trees: Data Leakage from
 Partial Transformer Gradients"; DAGER, Petrov et al. 2024). Deep inside an encoder the inputs of layer
-``k`` are functions of the *whole* sequence, so the per-position token test of :mod:`span_check` does
-not apply. Instead of generic gradient matching (which differentiates through the gradient), span search
-looks for token sequences whose layer inputs *fall into that span*, a first-order objective:
+``k`` are functions of the *whole* sequence, so the per-position token test of
+:mod:`~leak_audit.attacks.text.span_check` does not apply. Instead of generic gradient matching (which
+differentiates through the gradient), span search looks for token sequences whose layer inputs *fall into that span*, a first-order objective:
 
     D(X) = Σ_t ‖(I − V Vᵀ) x_t‖² / ‖x_t‖²  +  (r − ‖Q_Xᵀ V‖²_F)
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from leak_audit.attacks.budget import late, started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
-from leak_audit.attacks.text.span_check import span_basis
+from leak_audit.attacks.spans import span_basis
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -141,8 +141,8 @@ class SpanSearch(Attack):
 
     Works on the weight gradient of any tapped ``nn.Linear`` inside the encoder (attention
     query/key/value/output, FFN), alone or with others; it uses the shallowest informative one
-    (rank below its input size), preferring layers past 0, whose additive embeddings :mod:`span_check`
-    handles exactly. Needs the model replica (it runs the model).
+    (rank below its input size), preferring layers past 0, whose additive embeddings
+    :mod:`~leak_audit.attacks.text.span_check` handles exactly. Needs the model replica (it runs the model).
 
     Args:
         restarts: continuous restarts, optimised as one batch.
@@ -202,7 +202,7 @@ class SpanSearch(Attack):
         out = []
         for i, layer in enumerate(spec.layers):
             for name in sorted(tapped):
-                if name.startswith(layer.prefix + ".") and name.endswith("weight") and "LayerNorm" not in name:
+                if name in layer.linear_weights:
                     out.append((i, name))
         # layer 0's query/key/value see the additive embeddings: span_check is exact there, so last resort
         first = set(spec.layers[0].input_projections) if spec.layers else set()

@@ -9,7 +9,7 @@ and padded positions carry zero gradient under the attention mask.
 Under DP-SGD every row carries Gaussian noise (std ``s`` per coordinate), so "nonzero" becomes a test:
 a row's squared norm over ``s²`` is chi-square with ``d`` degrees of freedom when the token is absent,
 and a row is kept when it exceeds that law's ``1 − α/V`` quantile (Bonferroni over the ``V`` rows,
-``α = 0.01``: about one false token per hundred audits).
+``α = 0.01``: about one false token per hundred audits; :func:`~leak_audit.attacks.spans.noise_threshold`).
 """
 
 from __future__ import annotations
@@ -21,27 +21,10 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.spans import noise_threshold
 from leak_audit.models import TextModelSpec
 
-__all__ = ["TokenBag", "noise_threshold", "token_bag"]
-
-
-def noise_threshold(noise_std: float, rows: int, cols: int, alpha: float = 0.01) -> float:
-    """Row-norm threshold above which a row of ``[rows, cols]`` i.i.d. ``N(0, s²)`` noise lies with
-    probability at most ``alpha`` over all rows: ``s · sqrt(χ²_cols quantile at 1 − alpha/rows)``.
-
-    Raises:
-        ValueError: ``noise_std < 0`` or ``alpha`` not in ``(0, 1)``.
-    """
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if noise_std == 0:
-        return 0.0
-    from scipy.stats import chi2
-
-    return float(noise_std * chi2.isf(alpha / rows, cols) ** 0.5)
+__all__ = ["TokenBag", "token_bag"]
 
 
 def token_bag(word_embedding_grad: Tensor, threshold: float = 0.0) -> Tensor:

@@ -1,0 +1,172 @@
+"""Row spaces and ranks of weight gradients: the linear algebra the span attacks share.
+
+For a linear map ``y = W x`` applied at positions ``t``, ``∂L/∂W = Σ_t δ_t x_tᵀ``: its row space is spanned
+by the map's inputs and its rank counts the distinct inputs (Petrov, Dimitrov, Baader, Müller, Vechev,
+"DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024). :func:`span_basis` estimates
+that row space (with a noise floor for float32 round-off and, under DP-SGD, for Gaussian noise, see
+:func:`noise_edge`); :func:`numerical_rank` says whether a gradient's rank is informative. Under DP-SGD,
+:func:`noise_threshold` is the row norm pure noise stays below (which rows of a gradient carry signal), and
+:func:`lora_input_constraints` reads the inputs' constraints from LoRA's ``B`` gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NOISE_EDGE_MARGIN",
+    "lora_input_constraints",
+    "noise_edge",
+    "noise_threshold",
+    "numerical_rank",
+    "span_basis",
+]
+
+NOISE_EDGE_MARGIN = 1.1
+"""With DP noise, singular values above ``NOISE_EDGE_MARGIN · s(√m + √d)`` count as signal."""
+
+
+def noise_edge(noise_std: float, rows: int, cols: int) -> float:
+    """Largest singular value expected from pure Gaussian noise: ``s (√rows + √cols)``.
+
+    A ``[rows, cols]`` matrix of i.i.d. ``N(0, s²)`` entries has its largest singular value at
+    ``s(√rows + √cols)`` up to fluctuations of order ``s·rows^(-1/6)`` (Bai–Yin, Tracy–Widom); a signal
+    direction is estimable from a noised gradient only when its singular value clears that edge.
+
+    Raises:
+        ValueError: ``noise_std < 0``.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    return noise_std * (rows**0.5 + cols**0.5)
+
+
+def noise_threshold(noise_std: float, rows: int, cols: int, alpha: float = 0.01) -> float:
+    """Row-norm threshold above which a row of ``[rows, cols]`` i.i.d. ``N(0, s²)`` noise lies with
+    probability at most ``alpha`` over all rows: ``s · sqrt(χ²_cols quantile at 1 − alpha/rows)``.
+
+    Raises:
+        ValueError: ``noise_std < 0`` or ``alpha`` not in ``(0, 1)``.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if noise_std == 0:
+        return 0.0
+    from scipy.stats import chi2
+
+    return float(noise_std * chi2.isf(alpha / rows, cols) ** 0.5)
+
+
+def span_basis(
+    grads: Sequence[Tensor], rtol: float = 1e-6, floor_factor: float = 30.0, noise_std: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis of the common row space of weight gradients.
+
+    Args:
+        grads: weight gradients ``[d_out_k, d]`` of linear maps that share their input (e.g. layer 0's
+            query, key and value). They are stacked row-wise.
+        rtol: singular values below ``rtol · σ_max`` count as numerical zero.
+        floor_factor: singular values below ``floor_factor · σ_min`` count as noise when the matrix is
+            rank-deficient (float32 round-off sits near ``1e-8 · σ_max``).
+        noise_std: per-coordinate std of Gaussian noise added to every gradient (DP-SGD's ``σ·C/B``);
+            singular values below ``NOISE_EDGE_MARGIN ·`` :func:`noise_edge` are noise. The rank can then
+            be 0: the noise drowns every direction.
+
+    Returns:
+        ``(basis, singular_values)``: ``basis`` is ``[d, r]`` float64 with orthonormal columns, ``r`` the
+        estimated rank; ``singular_values`` is ``[min(Σ d_out, d)]`` float64, descending.
+
+    Raises:
+        ValueError: no gradient, mismatched input sizes, or an all-zero gradient.
+    """
+    if not grads:
+        raise ValueError("span_basis needs at least one weight gradient")
+    d = grads[0].shape[-1]
+    if any(g.dim() != 2 or g.shape[-1] != d for g in grads):
+        raise ValueError(f"weight gradients must be [d_out, {d}], got {[tuple(g.shape) for g in grads]}")
+    stacked = torch.cat([g.detach().to(torch.float64) for g in grads], dim=0)
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        raise ValueError("the weight gradient is all zeros: this step carries no signal for the span check")
+    tol = rtol * s[0]
+    if noise_std > 0:
+        tol = torch.maximum(tol, torch.tensor(NOISE_EDGE_MARGIN * noise_edge(noise_std, *stacked.shape),
+                                              dtype=s.dtype, device=s.device))
+    elif s.numel() >= d:  # square or tall: the smallest singular values show the noise floor
+        tol = torch.maximum(tol, floor_factor * s[-1])
+    rank = int((s > tol).sum())
+    return vh[:rank].T.contiguous(), s
+
+
+def numerical_rank(grad: Tensor, rtol: float = 1e-5, gap: float = 1e3) -> tuple[int, bool]:
+    """Numerical rank of a 2-D gradient and whether it is below full rank (so the rank is informative).
+
+    For a linear map applied at ``n`` positions, ``∂L/∂W = Σ_t δ_t x_tᵀ`` has rank ``≤ n``. A gradient
+    computed in float32 has a noise floor near ``1e-7 σ_max``; a singular value counts when it is above
+    ``rtol · σ_max`` *and* no gap wider than ``gap`` separates it from the largest ones.
+
+    Args:
+        grad: ``[m, n]`` gradient.
+
+    Returns:
+        ``(rank, deficient)``; ``(0, False)`` for an all-zero or non-2-D tensor.
+    """
+    if grad.dim() != 2 or grad.numel() == 0:
+        return 0, False
+    s = torch.linalg.svdvals(grad.detach().double())
+    if float(s[0]) <= 0:
+        return 0, False
+    keep = s > rtol * s[0]
+    ratios = s[:-1] / s[1:].clamp_min(1e-300)
+    big = (ratios > gap).nonzero().flatten()
+    rank = int(keep.sum())
+    if big.numel():
+        rank = min(rank, int(big[0]) + 1)
+    return rank, rank < min(grad.shape)
+
+
+def lora_input_constraints(
+    grads_b: Sequence[Tensor], lora_a: Sequence[Tensor], rtol: float = 1e-5, gap: float = 1e3
+) -> Tensor:
+    """Linear constraints every layer input of the batch satisfies, read from LoRA ``B`` gradients.
+
+    ``∂L/∂B = s Σ_t δ_t (A x_t)ᵀ`` (``[d_out, r]``) has row space ``span{A x_t} ⊂ R^r``. While that has
+    rank ``k < r`` (fewer than ``r`` distinct inputs), each unit vector ``n`` orthogonal to it gives a
+    constraint ``(nᵀA) x_t = 0`` on every input.
+
+    Args:
+        grads_b: ``lora_B`` gradients ``[d_out_k, r_k]``.
+        lora_a: the matching ``lora_A`` weights ``[r_k, d]`` at the audited step.
+        rtol, gap: numerical-rank rule of :func:`numerical_rank`.
+
+    Returns:
+        ``[m, d]`` float64 with orthonormal rows spanning the constraints (``m = 0``: every gradient has
+        full rank ``r``, the batch has at least ``r`` distinct inputs and nothing is constrained).
+
+    Raises:
+        ValueError: the two lists differ in length or a ``B`` gradient does not match its ``A``.
+    """
+    if len(grads_b) != len(lora_a):
+        raise ValueError(f"need one lora_A weight per lora_B gradient, got {len(lora_a)} and {len(grads_b)}")
+    rows = []
+    d = None
+    for g, a in zip(grads_b, lora_a, strict=True):
+        if g.dim() != 2 or a.dim() != 2 or g.shape[1] != a.shape[0]:
+            raise ValueError(f"lora_B gradient {tuple(g.shape)} does not match lora_A {tuple(a.shape)}")
+        d = a.shape[1]
+        k, _ = numerical_rank(g, rtol=rtol, gap=gap)
+        if k == 0 or k >= g.shape[1]:
+            continue  # no signal, or the batch fills R^r
+        _, _, vh = torch.linalg.svd(g.detach().double(), full_matrices=True)
+        rows.append(vh[k:] @ a.detach().double())  # [r - k, d]
+    if not rows:
+        return torch.zeros(0, d or 0, dtype=torch.float64)
+    c = torch.cat(rows)
+    _, sv, vh = torch.linalg.svd(c, full_matrices=False)
+    keep = int((sv > 1e-10 * sv[0]).sum())
+    return vh[:keep]
