@@ -1,37 +1,28 @@
 """``LeakageAudit``: a Lightning callback that measures gradient leakage while you train.
 
-It only wires pieces together: the :class:`~leak_audit.capture.tap.GradientTap` chooses parameters, the
-callback copies what one audit needs into an :class:`~leak_audit.capture.snapshot.AuditSnapshot` on the
-training thread, an :class:`~leak_audit.runtime.worker.AuditWorker` runs the :class:`~leak_audit.runtime.auditor.Auditor`
-in the background, and finished audits are drained on the Trainer's thread into the audit log, every
-logger and the progress bar.
+It only wires the rooms of the package together, hook by hook:
 
-What is captured, and when (automatic optimization):
+* ``setup``: the model's modality, the tapped modules (:class:`~leak_audit.capture.tap.GradientTap`) and the
+  :class:`~leak_audit.runtime.auditor.Auditor` (:func:`~leak_audit.runtime.factory.build_auditor`);
+* ``on_train_start``: the DP-SGD release hook (:func:`~leak_audit.capture.privacy.attach_dp_release`), the
+  :class:`~leak_audit.capture.snapshotter.Snapshotter` and the background worker
+  (:func:`~leak_audit.runtime.worker.make_worker`, running an :class:`~leak_audit.runtime.job.AuditJob`);
+* the batch hooks: the snapshotter copies what one audit needs (:mod:`leak_audit.capture.snapshotter` says
+  what is read at which hook), and finished audits are drained on the Trainer's thread into the audit
+  log, every logger, the W&B dashboard and the progress bar, and judged by the policy
+  (:mod:`leak_audit.gate.breach`);
+* ``state_dict`` / ``load_state_dict``: the schedule, counters, worst values and the policy's verdict.
 
-* ``on_train_batch_start``: the micro-batch (every micro-batch of an audited accumulation window);
-* ``on_before_optimizer_step``: parameter values the attacks need, *before* the update;
-* ``on_train_batch_end`` of the micro-batch that stepped: the gradients, which at that point are
-  exactly what the optimizer applied (accumulated, after Lightning's gradient clipping).
-
-With an Opacus ``DPOptimizer`` (detected at ``on_train_start``) the gradients are instead copied by a
-step pre-hook on its ``original_optimizer`` (:class:`~leak_audit.capture.privacy.ReleasedGradientCapture`): after
-per-sample clipping, noise and scaling, before the update: the gradient DP-SGD releases, not the
-non-private one Lightning's hooks see. The DP state (σ, C, the accountant's history) is copied with it,
-and the worker computes ε at δ next to the leakage.
-
-Text or images (``modality``, decided at ``setup``): a text model is a Hugging Face BERT-family model
-(:class:`~leak_audit.models.TextModelSpec`, :class:`~leak_audit.models.replica.ModelReplica`, text attacks and
-:class:`~leak_audit.metrics.scoring.TextScorer`); an image model is any classifier from ``[B, C, H, W]`` images to
-logits (:class:`~leak_audit.models.ImageModelSpec`, :class:`~leak_audit.models.image_replica.ImageReplica`,
-image attacks and :class:`~leak_audit.metrics.scoring.ImageScorer`). Everything else is shared.
+Why this module is longer than the others (about 740 lines): a third is the constructor's argument
+reference and its eager checks (LightningCLI builds its help from the docstring), and the reporting of
+finished audits on the Trainer's thread (loggers, W&B, the policy while training, the exchange between
+ranks) stays here because it updates the callback's own checkpointed counters and acts on the Trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,45 +31,24 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from leak_audit.attacks import Attack, check_attack_name, get_attack
-from leak_audit.runtime.auditor import Auditor, failed_records
+from leak_audit.capture.batch import BatchAdapter, default_batch_adapter, default_image_batch_adapter
 from leak_audit.capture.distributed import gather_to_all
-from leak_audit.capture.batch import (
-    BatchAdapter,
-    BatchAdapterError,
-    ImageBatch,
-    TextBatch,
-    default_batch_adapter,
-    default_image_batch_adapter,
-)
-from leak_audit.models.image_replica import ImageReplica
-from leak_audit.models import (
-    MODALITIES,
-    TextModelSpec,
-    find_hf_model,
-    image_model_spec,
-    model_modality,
-    text_model_spec,
-)
-from leak_audit.capture.privacy import (
-    DEFAULT_DELTA,
-    ReleasedGradientCapture,
-    dp_state,
-    find_accountant,
-    find_dp_optimizer,
-)
-from leak_audit.runtime.recompute import EvalRecompute
-from leak_audit.models.replica import ModelReplica
-from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
-from leak_audit.metrics.scoring import ImageScorer
+from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, attach_dp_release
+from leak_audit.capture.snapshot import AuditSnapshot
+from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
+from leak_audit.capture.tap import GradientTap, LocalGradientCapture
 from leak_audit.gate.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
-from leak_audit.gate.policy import STATUSES, GateError, GatePolicy, GateReport
+from leak_audit.gate.policy import VERDICTS, GateError, GatePolicy, GateReport
+from leak_audit.models import MODALITIES, TextModelSpec, model_modality
+from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
 from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
 from leak_audit.results.wandb_dashboard import WandbDashboard
-from leak_audit.capture.snapshot import AuditSnapshot
-from leak_audit.capture.tap import GradientTap, LocalGradientCapture
-from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, PeakMemory, ProcessAuditWorker
+from leak_audit.runtime.auditor import Auditor, failed_records
+from leak_audit.runtime.factory import build_auditor, find_tokenizer
+from leak_audit.runtime.job import AuditJob
+from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, make_worker
 
-__all__ = ["LeakageAudit", "DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "LeakageAudit"]
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention", "labels")
 """Text attacks run when ``attacks`` is not given."""
@@ -92,19 +62,6 @@ PROGRESS_BAR_KEY = "leak/max/rouge1"
 PROGRESS_BAR_KEYS = {"text": PROGRESS_BAR_KEY, "image": "leak/max/psnr"}
 MODALITY_CHOICES: tuple[str, ...] = ("auto", *MODALITIES)
 SCOPES: tuple[str, ...] = ("global", "local")
-
-
-@dataclass
-class _Window:
-    """The micro-batches of one audited optimizer step, collected until the step happens."""
-
-    step: int
-    batches: list[TextBatch | ImageBatch] = field(default_factory=list)
-    params: dict[str, torch.Tensor] | None = None
-    copied_bytes: int = 0
-    capture_seconds: float = 0.0
-    error: BaseException | None = None
-
 
 class LeakageAudit(Callback):
     r"""Run gradient-inversion attacks on the training gradients every ``every_n_steps`` optimizer steps.
@@ -319,35 +276,26 @@ class LeakageAudit(Callback):
         self.worst: dict[str, float] = {}
         self.breach: Breach | None = None  # the first breached policy rule, if any
         self.verdict: str | None = None  # the policy's latest verdict: "pass", "warn" or "fail"
-        # set up in `setup`
+        # set up in `setup` (once per fit)
         self._active = False
+        self._modality: str | None = None  # "text" or "image"
         self._tap: GradientTap | None = None
+        self._tokenizer: Any = None
         self._auditor: Auditor | None = None
-        self._modality: str | None = None  # "text" or "image", set at `setup`
         self._adapter: BatchAdapter = batch_adapter or default_batch_adapter
-        self._spec: TextModelSpec | None = None
-        self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | ProcessAuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
-        self._attacks_here = False  # whether this rank runs attacks (set at `setup`)
-        self._log: AuditLog | None = None
-        self._window: _Window | None = None
-        self._all_params: dict[str, torch.nn.Parameter] = {}
-        self._warned: set[str] = set()
-        # DP-SGD (set up in `on_train_start`, once the optimizers exist)
-        self._accountant: Any = None
-        self._sample_rate: float | None = None
-        self._capture: ReleasedGradientCapture | None = None
-        self._delta: float = DEFAULT_DELTA
-        # placement and multi-process state (set at `setup` / `on_train_start`)
-        self._rank = 0
-        self._world = 1
-        self._local: LocalGradientCapture | None = None
-        self._device: torch.device | None = None  # where the attacks run
+        self._attacks_here = False  # whether this rank runs attacks
+        self._log: AuditLog | None = None  # rank 0
+        self._rank, self._world = 0, 1
         self._built_on: torch.device | None = None  # the model's device when the auditor was built
-        self._frozen: dict[str, torch.Tensor] = {}  # frozen weights copied to another attack device
-        self._fork_versions: dict[str, int] = {}  # worker="process": frozen parameters' versions at the fork
+        # set up in `on_train_start`, once the strategy has placed the model and the optimizers exist
+        self._device: torch.device | None = None  # where the attacks run
+        self._dp: DPRelease | None = None
+        self._snapshots: Snapshotter | None = None
+        self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
+        # results on the Trainer's thread
+        self._warned: set[str] = set()
         self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
         self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
-        # policy and dashboards (rank 0)
         self._history: list[AuditRecord] = []  # successful records so far, without samples, for the policy
         self._resumed = False
         self._dashboards: list[WandbDashboard] | None = None
@@ -413,10 +361,12 @@ class LeakageAudit(Callback):
         self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
         self.attacks = self._resolve_attacks(self._modality)
         self._tap = GradientTap(pl_module, self.modules)
+        self._tokenizer = find_tokenizer(self.tokenizer, pl_module)
         self._auditor = self._build_auditor(pl_module)
+        if self.batch_adapter is None and self._modality == "image":
+            self._adapter = default_image_batch_adapter
         self._built_on = pl_module.device
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        if self._modality == "text" and tokenizer is None:
+        if self._modality == "text" and self._tokenizer is None:
             rank_zero_warn(
                 "LeakageAudit: no tokenizer (pass tokenizer= or set pl_module.tokenizer); "
                 "ROUGE is computed on token ids instead of words."
@@ -427,24 +377,16 @@ class LeakageAudit(Callback):
         for name, plan in self._auditor.plan.items():
             if isinstance(plan, str):
                 rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
-        self._all_params = dict(pl_module.named_parameters())
         self._rank, self._world = trainer.global_rank, trainer.world_size
         if trainer.is_global_zero:
             self._log = AuditLog(self.log_path)
         if self.worker == "process":  # checked on every rank, so no rank fails alone and leaves the others waiting
-            where = {trainer.strategy.root_device.type, *( [self.attack_device.type] if self.attack_device else [])}
-            if where != {"cpu"}:
+            devices = {trainer.strategy.root_device.type, *([self.attack_device.type] if self.attack_device else [])}
+            if devices != {"cpu"}:
                 raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (training "
                                  f"on {trainer.strategy.root_device}, attacks on {self.attack_device or 'the same'}): "
                                  "use worker='thread'")
         self._attacks_here = self.scope == "local" or trainer.is_global_zero  # global scope: only rank 0 attacks
-        if self._attacks_here and self.worker == "thread":
-            self._worker = AuditWorker(
-                self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
-                niceness=self.worker_niceness,
-            )
-        if self.scope == "local" and self.recompute == "observed":
-            self._local = LocalGradientCapture(self._tap.parameters)
         self._active = True
         where = f"; scope {self.scope} over {self._world} processes" if self._world > 1 else ""
         rank_zero_info(
@@ -454,75 +396,45 @@ class LeakageAudit(Callback):
         )
 
     def _build_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
-        if self._modality == "text":
-            return self._text_auditor(pl_module, device)
-        return self._image_auditor(pl_module, device)
-
-    def _text_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
-        """Hugging Face BERT-family model: text spec, storage-sharing replica, optional eval recompute."""
-        assert self._tap is not None
-        if self.network is not None:
-            raise ValueError(f"network={self.network!r} applies to image models; the text audit finds the Hugging "
-                             "Face model itself (pass modality='image' if this is an image model)")
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        self._spec = text_model_spec(pl_module).with_tokenizer(tokenizer)
-        hf_name, hf_model = find_hf_model(pl_module)
-        replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
-        return Auditor(
-            self._spec,
-            self.attacks,
-            self._tap.parameters.keys(),
-            _decoder(tokenizer),
-            log_samples=self.log_samples,
-            recompute=self.recompute,
-            recomputer=EvalRecompute(replica) if self.recompute == "eval" else None,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            replica=replica,
-        )
-
-    def _image_auditor(self, pl_module: LightningModule, device: torch.device | None = None) -> Auditor:
-        """Image classifier: image spec, storage-sharing replica of its network, image scorer."""
-        assert self._tap is not None
-        if self.recompute == "eval":
-            raise ValueError("recompute='eval' is implemented for text models only; image audits attack the observed "
-                             "gradient (recompute='observed')")
-        if self.batch_adapter is None:
-            self._adapter = default_image_batch_adapter
-        spec = image_model_spec(pl_module, self.network)
-        replica = ImageReplica(pl_module.get_submodule(spec.network), prefix=spec.network, device=device)
-        scorer = ImageScorer(samples_dir=self.log_dir / "samples" if self.log_samples else None)
-        return Auditor(
-            spec,
-            self.attacks,
-            self._tap.parameters.keys(),
-            scorer=scorer,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            replica=replica,
+        assert self._tap is not None and self._modality is not None
+        return build_auditor(
+            self._modality, pl_module, self._tap.parameters.keys(), self.attacks, tokenizer=self._tokenizer,
+            network=self.network, recompute=self.recompute, log_samples=self.log_samples, log_dir=self.log_dir,
+            max_seconds=self.max_seconds, seed=self.seed, device=device,
         )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._active:
             return
+        assert self._tap is not None and self._auditor is not None
         if self._device is None:
             # The strategy has placed the model by now (it may not have at `setup`): if it moved, or the attacks
             # run elsewhere, the replica is rebuilt to share the placed weights, on the attack device.
             self._device = self.attack_device if self.attack_device is not None else pl_module.device
             if self._attacks_here and (pl_module.device != self._built_on or self._device != self._built_on):
                 self._auditor = self._build_auditor(pl_module, self._device)
-            self._all_params = dict(pl_module.named_parameters())
-        if self._capture is None:
-            self._setup_dp(trainer, pl_module)
+        if self._dp is None:
+            self._dp = self._attach_dp(trainer, pl_module)
         if self._resumed and self.policy is not None and trainer.is_global_zero and not self._history:
             self._history = self._read_history()
-        if self._attacks_here and self._worker is None and self.worker == "process":
-            # forked now, once the replica, the DP setup and the log are final: the child holds a copy of them;
-            # frozen weights are not sent while they stay as they were at the fork (same tensor version)
-            self._fork_versions = {n: p._version for n, p in self._all_params.items() if not p.requires_grad}
-            self._worker = ProcessAuditWorker(
-                self._run_audit, self._audit_crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
-                niceness=self.worker_niceness,
+        params = dict(pl_module.named_parameters())
+        spec = self._auditor.spec
+        local = self.scope == "local" and self.recompute == "observed"  # this rank's gradient, before all-reduce
+        self._snapshots = Snapshotter(
+            self._tap, self._auditor.gradient_names, self._auditor.param_names, params, adapter=self._adapter,
+            modality=self._modality or "text", device=self._device, release=self._dp, rank=self._rank,
+            pad_token_id=spec.pad_token_id if isinstance(spec, TextModelSpec) else None,
+            local=LocalGradientCapture(self._tap.parameters) if local else None,
+            gather=self.scope == "global" and self._world > 1, recompute=self.recompute,
+        )
+        if self._attacks_here and self._worker is None:
+            # started now, once the replica, the DP setup and the log are final: a forked child holds a copy of
+            # them, and reads frozen weights from its own copy while they stay as they were at the fork
+            job = AuditJob(self._auditor, device=self._device, delta=self._dp.delta if self._dp else DEFAULT_DELTA,
+                           resident=params, finish=self._persist)
+            self._worker = make_worker(
+                self.worker, job.run, job.crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
+                niceness=self.worker_niceness, frozen={n: p for n, p in params.items() if not p.requires_grad},
             )
 
     def _read_history(self) -> list[AuditRecord]:
@@ -536,41 +448,36 @@ class LeakageAudit(Callback):
             return []
         return [_light(r) for r in records if r.status in _JUDGED and r.step <= self.last_audited_step]
 
-    def _setup_dp(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dp = find_dp_optimizer(trainer.optimizers)
-        if dp is None:
-            return
-        if self.recompute == "eval":
-            raise ValueError(
-                "LeakageAudit(recompute='eval') re-computes a gradient without DP noise, but this run trains with "
-                "an Opacus DPOptimizer, which releases the clipped and noised gradient: use recompute='observed'"
-            )
-        if self.scope == "local":
-            raise ValueError("LeakageAudit(scope='local') reads gradients before DP-SGD clips and noises them; with an "
-                             "Opacus DPOptimizer use scope='global', which audits the released gradient")
+    def _attach_dp(self, trainer: Trainer, pl_module: LightningModule) -> DPRelease | None:
+        """Hook the DP-SGD release capture (when an Opacus ``DPOptimizer`` trains) and say so on rank zero."""
         assert self._tap is not None and self._auditor is not None
-        self._accountant, self._sample_rate = find_accountant(dp, self.privacy_engine, pl_module)
-        self._delta = self.delta if self.delta is not None else _default_delta(trainer)
-        self._capture = ReleasedGradientCapture(dp, self._tap.parameters)
-        mechanism = self._accountant.mechanism() if self._accountant is not None else None
+        dp = attach_dp_release(trainer.optimizers, self._tap.parameters, privacy_engine=self.privacy_engine,
+                               module=pl_module, delta=self.delta, dataloader=trainer.train_dataloader,
+                               recompute=self.recompute, scope=self.scope)
+        if dp is None:
+            return None
+        optimizer, mechanism = dp.capture.dp_optimizer, dp.mechanism
+        sigma = optimizer.noise_multiplier
         if mechanism is None:
             rank_zero_warn(
                 "LeakageAudit: DP-SGD detected but no Opacus accountant found (pass privacy_engine=); "
                 "epsilon is not reported"
             )
         for logger in trainer.loggers:
-            logger.log_hyperparams({"privacy/accountant": mechanism or "none", "privacy/delta": self._delta})
-        if (self._modality == "text" and 0 < dp.noise_multiplier < SMALL_NOISE_MULTIPLIER
+            logger.log_hyperparams({"privacy/accountant": mechanism or "none", "privacy/delta": dp.delta})
+        if (self._modality == "text" and 0 < sigma < SMALL_NOISE_MULTIPLIER
                 and "gradient_matching" not in self._auditor.applicable):
             rank_zero_warn(
-                f"LeakageAudit: noise multiplier {dp.noise_multiplier} < {SMALL_NOISE_MULTIPLIER}: at such noise the "
-                "span attacks read nothing while gradient_matching still recovers text (CoLA, B=1: ROUGE-1 0.58 at "
-                "sigma 1e-4); add attacks=(..., 'gradient_matching') for an honest worst case"
+                f"LeakageAudit: noise multiplier {sigma} < {SMALL_NOISE_MULTIPLIER}: at such noise the span attacks "
+                "read nothing while gradient_matching still recovers text (CoLA, B=1: ROUGE-1 0.58 at sigma 1e-4); "
+                "add attacks=(..., 'gradient_matching') for an honest worst case"
             )
         rank_zero_info(
-            f"LeakageAudit: DP-SGD (noise multiplier {dp.noise_multiplier}, max grad norm {dp.max_grad_norm}, "
-            f"accountant {mechanism}): auditing the released (clipped, noised) gradient; epsilon at delta={self._delta:g}"
+            f"LeakageAudit: DP-SGD (noise multiplier {sigma}, max grad norm "
+            f"{optimizer.max_grad_norm}, accountant {mechanism}): auditing the released (clipped, noised) gradient; "
+            f"epsilon at delta={dp.delta:g}"
         )
+        return dp
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, self.end_timeout, log=True, collective=True)
@@ -598,11 +505,10 @@ class LeakageAudit(Callback):
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
-        if self._local is not None:
-            self._local.take()
+        if self._snapshots is not None:
+            self._snapshots.close()
+            self._snapshots = None
+        self._dp = None
         self._active = False
 
     # ------------------------------------------------------------------ capture
@@ -610,68 +516,24 @@ class LeakageAudit(Callback):
         return step % self.every_n_steps == 0 and step > self.last_audited_step
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._active:
-            return
-        step = trainer.global_step
-        if not self._due(step):
-            return
-        t0 = time.perf_counter()
-        if self._window is None or self._window.step != step:
-            self._window = _Window(step)
-            assert self._auditor is not None
-            if self._capture is not None:
-                self._capture.arm(self._auditor.gradient_names)
-            if self._local is not None:
-                self._local.arm(self._auditor.gradient_names)
-        try:
-            read = self._adapter(batch)
-            expected = ImageBatch if self._modality == "image" else TextBatch
-            if not isinstance(read, expected):
-                raise BatchAdapterError(f"batch_adapter returned {type(read).__name__}; a {self._modality} model "
-                                        f"needs a leak_audit.{expected.__name__}")
-            self._window.batches.append(read.detached_copy())
-        except Exception as exc:  # noqa: BLE001 - a bad batch fails the audit, not training
-            self._window.error = exc
-        self._window.capture_seconds += time.perf_counter() - t0
+        if self._active and self._snapshots is not None and self._due(trainer.global_step):
+            self._snapshots.add_batch(trainer.global_step, batch)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        w = self._window
-        if not self._active or self._worker is None or w is None or w.step != trainer.global_step or w.params is not None:
-            return
-        assert self._auditor is not None
-        t0 = time.perf_counter()
-        w.params = {}
-        for name in self._auditor.param_names:
-            p = self._all_params[name]
-            if p.requires_grad:  # trainable: the update is in place, so copy
-                w.params[name] = p.detach().clone()
-                w.copied_bytes += p.numel() * p.element_size()
-            elif self._fork_versions.get(name) == p._version:  # frozen since the fork: the child has this copy
-                continue  # (writes through ``p.data`` do not bump ``_version``: such a change goes unseen)
-            elif isinstance(self._worker, ProcessAuditWorker):  # frozen, changed since the fork: copy it, since
-                # the queue moves what it sends into shared memory (it would swap the live weight's storage)
-                w.params[name] = p.detach().clone()
-                w.copied_bytes += p.numel() * p.element_size()
-            elif self._device is not None and p.device != self._device:  # frozen, attacked elsewhere: copy once
-                if name not in self._frozen:
-                    self._frozen[name] = p.detach().to(self._device)
-                w.params[name] = self._frozen[name]
-            else:  # frozen: shared, it never changes
-                w.params[name] = p.detach()
-        w.capture_seconds += time.perf_counter() - t0
+        if self._active and self._worker is not None and self._snapshots is not None:
+            self._snapshots.copy_params(trainer.global_step, self._worker)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active:
+        if not self._active or self._snapshots is None:
             return
-        w = self._window
+        w = self._snapshots.window
         audited = w is not None and trainer.global_step > w.step
         if audited:  # the audited optimizer step just happened
-            assert w is not None
-            self._window = None
-            self.last_audited_step = w.step
-            self._dispatch(trainer, w)
+            window = self._snapshots.finish()  # every rank: a collective under global-scope DDP
+            self.last_audited_step = window.step
+            self._dispatch(trainer, window)
             if self._exchanging:  # every rank reaches this step: send finished audits to rank 0
                 self._collect(trainer, log=True)
                 self._exchange(trainer, log=True, collective=True)
@@ -687,144 +549,34 @@ class LeakageAudit(Callback):
         """Whether finished audits travel between ranks: ``scope="local"`` with several processes."""
         return self.scope == "local" and self._world > 1
 
-    def _join(self, w: _Window) -> TextBatch | ImageBatch | None:
-        """The window's micro-batches as one batch; ``None`` (with ``w.error`` set) when capture failed."""
-        if w.error is None and w.batches:
-            try:
-                return self._concat(w.batches)
-            except Exception as exc:  # noqa: BLE001 - micro-batches that do not join fail the audit
-                w.error = exc
-        return None
-
-    def _gather_batch(self, batch: TextBatch | ImageBatch | None, w: _Window) -> TextBatch | ImageBatch | None:
-        """``scope="global"`` under DDP: every rank's batch, joined in rank order on rank 0 (a collective)."""
-        mine: TextBatch | ImageBatch | str = (
-            batch.detached_copy("cpu") if batch is not None else f"rank {self._rank}: {w.error or 'no batch seen'}"
-        )
-        parts = gather_to_all(mine)
-        bad = [p for p in parts if isinstance(p, str)]
-        if bad:
-            w.error = RuntimeError("; ".join(bad))  # type: ignore[arg-type]
-            return None
-        try:
-            return self._concat(parts)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001
-            w.error = exc
-            return None
-
-    def _dispatch(self, trainer: Trainer, w: _Window) -> None:
-        assert self._tap is not None and self._auditor is not None
+    def _dispatch(self, trainer: Trainer, w: BatchWindow) -> None:
+        """Hand the audited step's snapshot to the worker, or record why it cannot be audited."""
+        assert self._auditor is not None and self._snapshots is not None
         self.audits += 1
-        audit_id = self.audits
-        attack_names = [a.name for a in self._auditor.attacks]
-        released = self._capture.take() if self._capture is not None else None  # never kept past its step
-        local = self._local.take() if self._local is not None else None
-        batch = self._join(w)
-        if self.scope == "global" and self._world > 1:
-            batch = self._gather_batch(batch, w)  # every rank takes part; only rank 0 attacks
-        if self._worker is None:
+        if self._worker is None:  # this rank does not attack (global scope: it only took part in the gather)
             return
-        if batch is not None and w.params is None:
-            w.error = RuntimeError("the optimizer step was not observed (on_before_optimizer_step did not run)")
-            batch = None
-        if batch is None:
-            exc = w.error or RuntimeError("no batch was captured for this step")
-            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {exc}")
-            self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id))
-            return
-        assert w.params is not None
-        if self._worker.busy:
+        audit, epoch, names = self.audits, trainer.current_epoch, [a.name for a in self._auditor.attacks]
+        problem = w.problem()
+        if problem is not None:
+            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {problem}")
+        elif self._worker.busy:
             self.skipped += 1
-            busy = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
-            self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, busy, audit_id,
+            problem = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
+            self._emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem, audit,
                                                status="skipped"))
             return
-        t0 = time.perf_counter()
-        dp = None
-        if self._capture is not None:
-            if released is None:
-                exc = RuntimeError("the DP optimizer skipped this step (a virtual step): nothing was released")
-                self._emit(trainer, failed_records(self._empty_snapshot(trainer, w), attack_names, exc, audit_id))
-                return
-            grads = released
-            dp = dp_state(self._capture.dp_optimizer, self._accountant, self._sample_rate)
-        elif self.recompute == "eval":
-            grads = {}
-        elif local is not None:
-            grads = local
-        else:
-            grads = self._tap.capture(self._auditor.gradient_names)
-        copied = w.copied_bytes + sum(g.numel() * g.element_size() for g in grads.values())
-        snap = AuditSnapshot(
-            step=w.step,
-            epoch=trainer.current_epoch,
-            time=time.time(),
-            gradients=grads,
-            params=w.params,
-            batch=batch,
-            modules=self._tap.modules,
-            copied_bytes=copied + batch.nbytes(),
-            dp=dp,
-            extra={"audit": audit_id},
-        )
-        ready = None
-        cuda = [t for t in grads.values() if t.is_cuda]
-        if cuda:  # after the copies, on the training stream of the gradients' GPU
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(cuda[0].device))
-        snap.extra["capture_seconds"] = w.capture_seconds + time.perf_counter() - t0
+        problem = problem or w.unreleased  # under DP-SGD, a step that released nothing fails without a warning
+        if problem is not None:
+            self._emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem, audit))
+            return
+        snap, ready = self._snapshots.snapshot(w, epoch, audit)
         try:
             self._worker.submit(snap, ready)
         except Exception as exc:  # noqa: BLE001 - e.g. no fresh worker process could be forked: a failed audit
             self._warn_once("submit", f"LeakageAudit: audit at step {w.step} could not start: {exc}")
-            self._emit(trainer, failed_records(snap, attack_names, exc, audit_id))
-
-    def _concat(self, batches: Sequence[TextBatch | ImageBatch]) -> TextBatch | ImageBatch:
-        """The micro-batches of one accumulation window (or of every rank) as one batch."""
-        if all(isinstance(b, ImageBatch) for b in batches):
-            return ImageBatch.concat(batches)  # type: ignore[arg-type]
-        pad = self._spec.pad_token_id if self._spec and self._spec.pad_token_id is not None else 0
-        return TextBatch.concat(batches, pad)  # type: ignore[arg-type]
-
-    def _empty_snapshot(self, trainer: Trainer, w: _Window) -> AuditSnapshot:
-        batch: TextBatch | ImageBatch
-        if w.batches:
-            batch = w.batches[0]
-        elif self._modality == "image":
-            batch = ImageBatch(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long))
-        else:
-            empty = torch.zeros(0, 0, dtype=torch.long)
-            batch = TextBatch(empty, empty)
-        return AuditSnapshot(
-            step=w.step, epoch=trainer.current_epoch, time=time.time(), gradients={}, params={}, batch=batch,
-            modules=self._tap.modules if self._tap else (),
-        )
+            self._emit(trainer, failed_records(snap, names, exc, audit))
 
     # ------------------------------------------------------------------ worker side
-    def _run_audit(self, snap: AuditSnapshot) -> list[AuditRecord]:
-        assert self._auditor is not None
-        missing = [n for n in self._auditor.param_names if n not in snap.params]
-        if missing:  # frozen weights left out of a process worker's snapshot: the child's fork-time copy
-            snap.params.update({n: self._all_params[n].detach() for n in missing})
-        if self._device is not None:
-            snap = snap.to(self._device)
-        with PeakMemory(self._device) as peak:
-            records = self._auditor(snap, audit=int(snap.extra.get("audit", 0)))  # type: ignore[arg-type]
-        if snap.dp is not None:
-            privacy = snap.dp.report(self._delta).to_dict()
-            for r in records:
-                r.privacy = privacy
-        for r in records:
-            r.info.setdefault("snapshot_bytes", snap.copied_bytes)
-            if peak.bytes is not None:
-                r.info.setdefault("peak_bytes", peak.bytes)
-            r.info.setdefault("capture_seconds", round(float(snap.extra.get("capture_seconds", 0.0)), 6))  # type: ignore[arg-type]
-        return self._persist(records)
-
-    def _audit_crashed(self, snap: AuditSnapshot, exc: BaseException) -> list[AuditRecord]:
-        names = [a.name for a in self._auditor.attacks] if self._auditor else ["?"]
-        return self._persist(failed_records(snap, names, exc, int(snap.extra.get("audit", 0))))  # type: ignore[arg-type]
-
     def _persist(self, records: list[AuditRecord]) -> list[AuditRecord]:
         """Stamp the rank and, on rank 0, append to the audit log right away (from the worker thread), so a
         finished audit is durable before training even hears of it."""
@@ -906,7 +658,7 @@ class LeakageAudit(Callback):
             step = records[0].step
             checked = self._check_policy(records, step)
             if checked is not None:
-                metrics["gate/verdict"] = float(STATUSES.index(self.verdict or "pass"))
+                metrics["gate/verdict"] = float(VERDICTS.index(self.verdict or "pass"))
             if log:
                 log_to_loggers(trainer.loggers, metrics, step=step)
                 try:
@@ -991,19 +743,3 @@ def _light(record: AuditRecord) -> AuditRecord:
     """What the policy reads of a record (no samples; of ``info`` only partial values), so the run's
     history stays small."""
     return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items() if k.startswith("partial_")})
-
-
-def _default_delta(trainer: Trainer) -> float:
-    """``1/N`` for a train set of ``N`` examples when its size is known, else ``DEFAULT_DELTA``."""
-    try:
-        n = len(trainer.train_dataloader.dataset)  # type: ignore[union-attr,arg-type]
-    except Exception:  # noqa: BLE001 - an iterable dataset, or no dataloader yet
-        return DEFAULT_DELTA
-    return 1.0 / n if n > 1 else DEFAULT_DELTA
-
-
-def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str] | None:
-    """Token ids -> words with ``tokenizer``; ``None`` without one (the auditor then joins the ids)."""
-    if tokenizer is None:
-        return None
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)

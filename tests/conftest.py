@@ -150,6 +150,6 @@ def spec(minilm, tokenizer):
 @pytest.fixture(scope="module")
 def tables(minilm, spec):
     """The pretrained MiniLM's embedding tables and LayerNorm, for the span check."""
-    from leak_audit.attacks.text.span_check import EmbeddingTables
+    from leak_audit.models import EmbeddingTables
 
     return EmbeddingTables.from_params({n: p.detach() for n, p in minilm.named_parameters()}, spec)

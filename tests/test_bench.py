@@ -7,20 +7,11 @@ import math
 
 import pytest
 
-from leak_audit.cli.bench.text import (
-    BEST,
-    PICK_ROW,
-    METRICS,
-    ROW_KEYS,
-    BenchError,
-    bench_attack,
-    parse_attacks,
-    parse_batch_sizes,
-    reference_for,
-    resolve_view,
-    split_batches,
-    summarize,
-)
+from leak_audit.cli.bench.common import BenchError, parse_batch_sizes
+from leak_audit.cli.bench.text import parse_attacks
+from leak_audit.cli.bench.text_rows import BEST, METRICS, PICK_ROW, ROW_KEYS, reference_for, summarize
+from leak_audit.cli.bench.text_run import bench_attack, split_batches
+from leak_audit.cli.bench.views import resolve_view
 from leak_audit.cli.main import main
 from leak_audit.results.records import AuditRecord
 from tests.conftest import data_file

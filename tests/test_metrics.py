@@ -65,3 +65,11 @@ def test_score_of_a_partial_reconstruction():
     assert 0 < m["rouge1"] < 1 and m["rouge2"] == pytest.approx(0.4, abs=1e-6)  # bigram P=1/2, R=1/3
     bag = score_text_reconstruction(Reconstruction("x", token_bag=[CLS, 5, 6, 42]), b, decode, {CLS, SEP})
     assert bag == {"token_precision": pytest.approx(2 / 3), "token_recall": 0.5}
+
+
+def test_scoring_runs_the_tested_exact_match():
+    """``score_text_reconstruction`` reports :func:`exact_match` on the special-token-free sequences."""
+    b = batch([[CLS, 5, 6, SEP], [CLS, 8, 9, SEP], [CLS, 7, SEP]])
+    preds = [[CLS, 8, 9, SEP], [CLS, 5, 6, 6, SEP]]  # one exact, one near, one reference unmatched
+    m = score_text_reconstruction(Reconstruction("x", sequences=preds), b, decode, {CLS, SEP, PAD})
+    assert m["exact_match"] == exact_match(preds, b.sequences(), {CLS, SEP, PAD}) == pytest.approx(1 / 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from leak_audit.cli.main import main
-from leak_audit.gate.thresholds import GateError, evaluate_gate
+from leak_audit.gate.thresholds import GateError, policy_from_args
 from leak_audit.gate.policy import AGGREGATIONS, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
 from leak_audit.results.records import AuditRecord, read_audit_log
 from leak_audit.results.sinks import AuditLog
@@ -174,13 +174,13 @@ def test_no_successful_audit_raises_gate_error(recs):
         policy.evaluate([])
 
 
-def test_evaluate_gate_is_the_max_policy(recs):
-    rows = evaluate_gate(recs, {"rouge1": 0.5, "token_recall": 0.95})
-    report = GatePolicy.from_thresholds({"rouge1": 0.5, "token_recall": 0.95}).evaluate(recs)
-    assert [(r.metric, r.worst, r.passed, r.where) for r in rows] == [
-        (r.rule.metric, r.value, r.status != "fail", r.where) for r in report.results
+def test_max_thresholds_are_the_max_policy(recs):
+    policy = policy_from_args(None, ["rouge1=0.5", "token_recall=0.95"])
+    assert policy == GatePolicy.from_thresholds({"rouge1": 0.5, "token_recall": 0.95})
+    report = policy.evaluate(recs)
+    assert [(r.rule.metric, r.rule.aggregation, r.status) for r in report.results] == [
+        ("rouge1", "max", "fail"), ("token_recall", "max", "pass")
     ]
-    assert [r.passed for r in rows] == [False, True]
     assert all(r.aggregation == "max" for r in GatePolicy.from_thresholds({"epsilon": 8}).rules)
 
 
@@ -405,8 +405,6 @@ def test_report_serialisations_agree(recs):
 
 def test_rule_names_are_unique_and_max_rules_beside_a_file_get_their_own():
     """Names key the report, the warnings, the W&B summary and alerts: two rules may not share one."""
-    from leak_audit.gate.thresholds import policy_from_args
-
     with pytest.raises(PolicyError, match="two rules are named 'token_recall': give each a distinct name"):
         GatePolicy.from_mapping({"rule": [{"metric": "token_recall", "max": 0.9},
                                           {"metric": "token_recall", "max": 0.5, "aggregation": "last"}]})

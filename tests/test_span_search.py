@@ -57,7 +57,7 @@ def test_seed_from_span_check_is_certified_without_search(minilm, tokenizer, col
 
 
 def test_span_distance_is_zero_only_for_the_private_inputs(minilm, tokenizer, cola, setup):
-    from leak_audit.attacks.text.span_check import span_basis
+    from leak_audit.attacks.spans import span_basis
     from leak_audit.attacks.text.span_search import module_inputs
 
     spec, params, replica = setup

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from leak_audit.runtime.worker import AuditWorker
+from leak_audit.runtime.worker import ThreadAuditWorker
 
 
 def test_results_come_back_in_order_and_close_drains():
-    w = AuditWorker(lambda x: x * 2, lambda s, e: -1, max_pending=3)
+    w = ThreadAuditWorker(lambda x: x * 2, lambda s, e: -1, max_pending=3)
     assert all(w.submit(i) for i in range(3))
     assert w.close(timeout=10)
     assert w.drain() == [0, 2, 4]
@@ -18,7 +18,7 @@ def test_results_come_back_in_order_and_close_drains():
 
 def test_backpressure_refuses_instead_of_queueing():
     gate = threading.Event()
-    w = AuditWorker(lambda x: gate.wait(10) and x, lambda s, e: None, max_pending=1)
+    w = ThreadAuditWorker(lambda x: gate.wait(10) and x, lambda s, e: None, max_pending=1)
     assert w.submit(1)
     assert w.busy and not w.submit(2)
     gate.set()
@@ -30,7 +30,7 @@ def test_errors_become_results():
     def boom(x):
         raise RuntimeError(f"attack {x} exploded")
 
-    w = AuditWorker(boom, lambda s, e: f"failed: {e}")
+    w = ThreadAuditWorker(boom, lambda s, e: f"failed: {e}")
     w.submit(7)
     w.close(timeout=10)
     assert w.drain() == ["failed: attack 7 exploded"]
@@ -38,7 +38,7 @@ def test_errors_become_results():
 
 def test_worker_threads_do_not_change_the_training_thread():
     before = torch.get_num_threads()
-    w = AuditWorker(lambda x: torch.get_num_threads(), lambda s, e: None, num_threads=1)
+    w = ThreadAuditWorker(lambda x: torch.get_num_threads(), lambda s, e: None, num_threads=1)
     w.submit(0)
     w.close(timeout=10)
     assert w.drain() == [1]
@@ -46,7 +46,7 @@ def test_worker_threads_do_not_change_the_training_thread():
 
 
 def test_training_never_waits_on_a_slow_audit():
-    w = AuditWorker(lambda x: time.sleep(1.0), lambda s, e: None)
+    w = ThreadAuditWorker(lambda x: time.sleep(1.0), lambda s, e: None)
     t0 = time.perf_counter()
     w.submit(0)
     assert time.perf_counter() - t0 < 0.1
@@ -59,7 +59,7 @@ def test_only_the_worker_thread_is_niced_on_linux():
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread nice values are a Linux feature")
     main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    w = AuditWorker(lambda x: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), lambda s, e: None, niceness=19)
+    w = ThreadAuditWorker(lambda x: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), lambda s, e: None, niceness=19)
     w.submit(0)
     w.close(timeout=10)
     assert w.drain() == [19] and w.thread_niceness == 19
@@ -277,7 +277,7 @@ def test_side_stream_is_made_on_the_snapshots_gpu_and_waits_for_the_copies(monke
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", FakeContext)
     snapshot = {"g": torch.zeros(2).as_subclass(_OnGpu), "h": [torch.ones(1).as_subclass(_OnGpu), 3]}
-    worker = AuditWorker(lambda s: calls.append(("attack",)) or "done", lambda s, e: repr(e), niceness=None)
+    worker = ThreadAuditWorker(lambda s: calls.append(("attack",)) or "done", lambda s, e: repr(e), niceness=None)
     assert worker.submit(snapshot, ready="event-1")
     assert worker.close(timeout=10)
     assert worker.drain() == ["done"]
@@ -286,3 +286,25 @@ def test_side_stream_is_made_on_the_snapshots_gpu_and_waits_for_the_copies(monke
         ("record_stream", torch.device("cuda", 1)), ("record_stream", torch.device("cuda", 1)), ("attack",),
         ("synchronize",), ("exit",),
     ]
+
+
+def test_each_worker_owns_its_copy_rule_for_frozen_parameters():
+    """A thread shares frozen weights; a process omits those unchanged since its fork (its own copy is current)
+    and copies one changed in place since, or one it was not given at the fork."""
+    from leak_audit.runtime.worker import make_worker
+
+    kept, changed, other = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3)), torch.ones(2)
+    for p in (kept, changed):
+        p.requires_grad_(False)
+    thread = make_worker("thread", lambda s: s, lambda s, e: None)
+    process = make_worker("process", lambda s: s, lambda s, e: None, frozen={"kept": kept, "changed": changed})
+    try:
+        changed.add_(1.0)  # an in-place update bumps the tensor's version
+        assert [thread.frozen_copy(n, p) for n, p in (("kept", kept), ("changed", changed))] == ["share", "share"]
+        assert process.frozen_copy("kept", kept) == "omit"
+        assert process.frozen_copy("changed", changed) == "copy"
+        assert process.frozen_copy("other", other) == "copy"
+    finally:
+        assert thread.close(10) and process.close(10)
+    with pytest.raises(ValueError, match="worker must be one of"):
+        make_worker("fiber", lambda s: s, lambda s, e: None)

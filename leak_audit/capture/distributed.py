@@ -1,11 +1,11 @@
-"""The few collectives the callback needs under DDP, called on the Trainer's thread only.
+"""The one collective the audit uses under DDP, called on the Trainer's thread only.
 
 Audits under ``strategy="ddp"`` exchange small Python objects (a batch's token ids or images, finished
 audit records) at steps every rank reaches together: the audited optimizer steps and the end of
 training. ``torch.distributed.all_gather_object`` does it on any backend (gloo, NCCL); objects are moved
 to the CPU before they are sent, so a receiving rank never unpickles a tensor onto another rank's GPU.
-Nothing here runs on the audit worker: collectives from a background thread would race the training
-loop's own (see ``../shared/NOTES.md``, CUDA side streams).
+Nothing here runs on the audit worker: a collective issued from a background thread would race the
+training loop's own collectives on the same process group.
 """
 
 from __future__ import annotations

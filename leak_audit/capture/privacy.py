@@ -1,7 +1,7 @@
 """Differential privacy next to leakage: the gradient DP-SGD releases, and the (ε, δ) spent so far.
 
-Opacus 1.6's :class:`~opacus.optimizers.DPOptimizer` privatizes a gradient in ``pre_step`` (see
-``../shared/NOTES.md``): per-sample clipping to ``max_grad_norm`` ``C`` summed into ``p.summed_grad``,
+Opacus 1.6's :class:`~opacus.optimizers.DPOptimizer` privatizes a gradient in ``pre_step``: per-sample
+clipping to ``max_grad_norm`` ``C`` summed into ``p.summed_grad``,
 ``p.grad = summed_grad + N(0, (σ·C)²)``, division by the expected batch size ``B``, then the accountant's
 ``step_hook``. Only then does the wrapped optimizer update the parameters. Lightning's
 ``on_after_backward`` and ``on_before_optimizer_step`` therefore see the *non-private* gradient;
@@ -12,6 +12,7 @@ accountant's ``step_hook`` (replacing it, as ``attach_step_hook`` does, silently
 
 :func:`find_accountant` locates the accountant (given explicitly, on a ``PrivacyEngine``, or inside the
 optimizer's ``step_hook``, read-only), and :func:`privacy_report` reads ε at δ from it.
+:func:`attach_dp_release` sets all of this up for a training run (:class:`DPRelease`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_DELTA",
     "PRV_MIN_NOISE_MULTIPLIER",
+    "DPRelease",
     "DPState",
-    "dp_state",
     "PrivacyReport",
     "ReleasedGradientCapture",
+    "attach_dp_release",
+    "default_delta",
+    "dp_state",
     "epsilon_for",
     "find_accountant",
     "find_dp_optimizer",
@@ -351,3 +355,82 @@ class ReleasedGradientCapture:
                 grads[name] = g.detach().clone()
         self.gradients = grads
         self._names = None
+
+
+def default_delta(dataloader: Any) -> float:
+    """``1/N`` for a train set of ``N > 1`` examples (``len(dataloader.dataset)``), else :data:`DEFAULT_DELTA`
+    (an iterable dataset, or no dataloader yet)."""
+    try:
+        n = len(dataloader.dataset)
+    except Exception:  # noqa: BLE001 - an iterable dataset, or no dataloader yet
+        return DEFAULT_DELTA
+    return 1.0 / n if n > 1 else DEFAULT_DELTA
+
+
+@dataclass(frozen=True)
+class DPRelease:
+    """A DP-SGD run as the audit sees it: the hook that copies the released gradient, and where ε comes from.
+
+    Attributes:
+        capture: the step pre-hook on the ``DPOptimizer``'s wrapped optimizer.
+        accountant: the Opacus accountant (``None``: noise without accounting, ε not reported).
+        sample_rate: the sample rate the accountant charges per step, if known.
+        delta: δ at which ε is reported, in ``(0, 1)``.
+    """
+
+    capture: ReleasedGradientCapture
+    accountant: Any
+    sample_rate: float | None
+    delta: float
+
+    @property
+    def mechanism(self) -> str | None:
+        """The accountant's name (``"prv"``, ``"rdp"``, ``"gdp"``), ``None`` without an accountant."""
+        return self.accountant.mechanism() if self.accountant is not None else None
+
+    def state(self) -> DPState:
+        """The DP state now (:func:`dp_state`: σ, C, the accountant's history; no ε computed)."""
+        return dp_state(self.capture.dp_optimizer, self.accountant, self.sample_rate)
+
+
+def attach_dp_release(
+    optimizers: Iterable[Any],
+    parameters: Mapping[str, torch.nn.Parameter],
+    *,
+    privacy_engine: Any,
+    module: Any,
+    delta: float | None,
+    dataloader: Any,
+    recompute: str,
+    scope: str,
+) -> DPRelease | None:
+    """Hook the released-gradient capture onto the run's Opacus ``DPOptimizer``; ``None`` when not DP.
+
+    Args:
+        optimizers: the Trainer's optimizers (``LightningOptimizer`` wrappers are unwrapped).
+        parameters: ``{name: parameter}`` whose released gradients may be copied.
+        privacy_engine: the ``PrivacyEngine`` or accountant to read ε from first (``None``: found on ``module``
+            or, read-only, in the optimizer's accountant hook; :func:`find_accountant`).
+        module: the LightningModule, searched for a ``privacy_engine`` or ``accountant`` attribute.
+        delta: δ for ε; ``None``: :func:`default_delta` of ``dataloader`` (the train dataloader).
+        dataloader: the train dataloader, or ``None``.
+        recompute, scope: the audit's settings, checked against DP.
+
+    Raises:
+        ValueError: ``recompute="eval"`` (it would attack a gradient DP never releases) or ``scope="local"``
+            (it reads gradients before clipping and noise) under DP-SGD.
+    """
+    dp = find_dp_optimizer(optimizers)
+    if dp is None:
+        return None
+    if recompute == "eval":
+        raise ValueError(
+            "LeakageAudit(recompute='eval') re-computes a gradient without DP noise, but this run trains with "
+            "an Opacus DPOptimizer, which releases the clipped and noised gradient: use recompute='observed'"
+        )
+    if scope == "local":
+        raise ValueError("LeakageAudit(scope='local') reads gradients before DP-SGD clips and noises them; with an "
+                         "Opacus DPOptimizer use scope='global', which audits the released gradient")
+    accountant, sample_rate = find_accountant(dp, privacy_engine, module)
+    delta = delta if delta is not None else default_delta(dataloader)
+    return DPRelease(ReleasedGradientCapture(dp, parameters), accountant, sample_rate, delta)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -10,12 +11,20 @@ from torch import Tensor
 from leak_audit.capture.batch import ImageBatch, TextBatch
 from leak_audit.capture.privacy import DPState
 
-__all__ = ["AuditSnapshot"]
+__all__ = ["AuditSnapshot", "FrozenCopy"]
+
+FrozenCopy = Literal["share", "copy", "omit"]
+"""What a snapshot holds of a frozen parameter, as the worker decides
+(:meth:`~leak_audit.runtime.worker.AuditWorker.frozen_copy`): ``"share"`` the live tensor (the worker reads
+it in place), ``"copy"`` a clone, ``"omit"`` nothing (the worker already holds it)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditSnapshot:
-    """An immutable copy of everything one audit needs, taken at one optimizer step.
+    """Everything one audit needs, copied at one optimizer step on the training thread.
+
+    The fields cannot be reassigned; derive a changed snapshot with :func:`dataclasses.replace` (as
+    :meth:`to` does). The dicts are the capture's own copies, shared with the worker: never mutate them.
 
     Attributes:
         step: the optimizer step the gradient belongs to (``trainer.global_step`` before the update).
@@ -24,7 +33,9 @@ class AuditSnapshot:
         gradients: ``{parameter_name: grad}``, the gradient the optimizer applied (after gradient
             accumulation and clipping), for the tapped parameters the attacks use.
         params: ``{parameter_name: tensor}``, parameter values *before* the update, for the parameters the
-            attacks need (embedding tables, LayerNorm, ...). Frozen parameters are shared, not copied.
+            attacks need (embedding tables, LayerNorm, ...). Trainable ones are copies; frozen ones are
+            shared, copied or left out as the worker's copy rule says
+            (:meth:`~leak_audit.runtime.worker.AuditWorker.frozen_copy`).
         batch: the private inputs (a :class:`~leak_audit.capture.batch.TextBatch` or an
             :class:`~leak_audit.capture.batch.ImageBatch`), used to recompute gradients (``recompute="eval"``) and
             to score reconstructions; never given to an attack (only its public shape and value box).
@@ -32,6 +43,10 @@ class AuditSnapshot:
         copied_bytes: bytes copied on the training thread for this snapshot.
         dp: with DP-SGD (Opacus), the DP state at this step: the gradients are then the released ones
             (clipped, noised, scaled), and ``dp.noise_std`` is their per-coordinate noise level.
+        audit: the audit's number in the run (1, 2, ...; 0 outside a training run), as in
+            :attr:`~leak_audit.results.records.AuditRecord.audit`.
+        capture_seconds: seconds the training thread spent copying this snapshot (every micro-batch of the
+            step included).
     """
 
     step: int
@@ -43,7 +58,8 @@ class AuditSnapshot:
     modules: tuple[str, ...]
     copied_bytes: int = 0
     dp: DPState | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    audit: int = 0
+    capture_seconds: float = 0.0
 
     def to(self, device: torch.device | str) -> AuditSnapshot:
         """This snapshot with its tensors on ``device`` (itself when they are all there already)."""
@@ -60,6 +76,7 @@ class AuditSnapshot:
 
     @property
     def batch_size(self) -> int:
+        """``B``, the examples in :attr:`batch`."""
         return self.batch.batch_size
 
     @property

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PEFT", "ModuleSelectionError", "GradientTap", "LocalGradientCapture", "peft_modules", "select_modules"]
+__all__ = ["PEFT", "GradientTap", "LocalGradientCapture", "ModuleSelectionError", "peft_modules", "select_modules"]
 
 _GLOB_CHARS = set("*?[")
 

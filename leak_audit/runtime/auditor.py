@@ -17,13 +17,13 @@ import torch
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, order_attacks
 from leak_audit.attacks.base import ModelSpec
 from leak_audit.attacks.evidence import gradient_residual, pick
-from leak_audit.models.image_replica import ImageReplica
+from leak_audit.capture.snapshot import AuditSnapshot
+from leak_audit.metrics.scoring import ImageScorer, Scorer, TextScorer
 from leak_audit.models import TextModelSpec
+from leak_audit.models.image_replica import ImageReplica
+from leak_audit.models.replica import ModelReplica
 from leak_audit.results.records import AuditRecord
 from leak_audit.runtime.recompute import EvalRecompute
-from leak_audit.models.replica import ModelReplica
-from leak_audit.metrics.scoring import ImageScorer, Scorer, TextScorer
-from leak_audit.capture.snapshot import AuditSnapshot
 
 __all__ = ["Auditor", "attack_seed", "failed_records"]
 

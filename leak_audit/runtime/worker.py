@@ -1,5 +1,11 @@
 """Background execution of audits, so the training loop never waits for an attack.
 
+One protocol, :class:`AuditWorker`, and two implementations: :class:`ThreadAuditWorker` (a background
+thread, and a side CUDA stream on a GPU) and :class:`ProcessAuditWorker` (a forked CPU process with its own
+interpreter lock). :func:`make_worker` builds the one ``LeakageAudit(worker=...)`` names. Each worker also
+owns its copy rule for frozen parameters (:meth:`AuditWorker.frozen_copy`): a thread shares them with
+training; a process reads its fork-time copy while they are unchanged.
+
 Precedents: Lightning's ``AsyncCheckpointIO`` (a single worker thread; tensors are cloned on the caller
 thread; worker errors are kept and surfaced later) and NeMo's EMA callback (a private CUDA stream).
 
@@ -21,21 +27,65 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["AuditWorker", "PeakMemory", "ProcessAuditWorker", "WORKER_KINDS"]
+from leak_audit.capture.snapshot import FrozenCopy
+
+__all__ = ["WORKER_KINDS", "AuditWorker", "ProcessAuditWorker", "ThreadAuditWorker", "make_worker"]
 
 WORKER_KINDS: tuple[str, ...] = ("thread", "process")
 """``LeakageAudit(worker=...)``: a background thread (default), or a forked CPU process."""
 
 S = TypeVar("S")
 R = TypeVar("R")
+S_contra = TypeVar("S_contra", contravariant=True)
 _STOP = object()
+
+
+class AuditWorker(Protocol[S_contra, R]):
+    """What the callback needs of a background worker that runs ``fn(snapshot)`` off the training thread.
+
+    Implemented by :class:`ThreadAuditWorker` and :class:`ProcessAuditWorker`; both turn every failure
+    into an ``on_error(snapshot, exc)`` result, so no audit is lost.
+    """
+
+    @property
+    def in_flight(self) -> int:
+        """Audits queued or running."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether ``submit`` would refuse a new audit now (``max_pending`` in flight)."""
+        ...
+
+    def submit(self, snapshot: S_contra, ready: torch.cuda.Event | None = None) -> bool:
+        """Hand a snapshot (already copied) to the worker; ``False`` (and nothing done) when busy.
+
+        Raises:
+            RuntimeError: the worker was closed (or, for a process, no fresh child could be forked).
+            ValueError: a CUDA snapshot for a worker that cannot take one.
+        """
+        ...
+
+    def drain(self) -> list[R]:
+        """Results finished since the last call, oldest first (never blocks)."""
+        ...
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Let submitted audits finish (up to ``timeout`` seconds) and stop; ``True`` if it finished in time."""
+        ...
+
+    def frozen_copy(self, name: str, param: Tensor) -> FrozenCopy:
+        """How a snapshot carries the frozen (``requires_grad=False``) parameter ``name`` to this worker:
+        ``"share"``, ``"copy"`` or ``"omit"`` (:data:`~leak_audit.capture.snapshot.FrozenCopy`). Trainable
+        parameters are always copied (the update is in place), whatever the worker."""
+        ...
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -70,8 +120,9 @@ def _drain(box: queue.SimpleQueue[R]) -> list[R]:
             return out
 
 
-class AuditWorker(Generic[S, R]):
-    """Run ``fn(snapshot)`` on a background thread, with at most ``max_pending`` audits in flight.
+class ThreadAuditWorker(Generic[S, R]):
+    """Run ``fn(snapshot)`` on a background thread, with at most ``max_pending`` audits in flight
+    (an :class:`AuditWorker`).
 
     Args:
         fn: the audit, ``snapshot -> result``. It should handle its own errors.
@@ -112,6 +163,10 @@ class AuditWorker(Generic[S, R]):
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    def frozen_copy(self, name: str, param: Tensor) -> FrozenCopy:
+        """``"share"``: the thread reads frozen weights in place, in the training process's own memory."""
+        return "share"
 
     @property
     def in_flight(self) -> int:
@@ -226,9 +281,9 @@ class _Child(Generic[S]):
 class ProcessAuditWorker(Generic[S, R]):
     """Run ``fn(snapshot)`` in a forked child process (CPU only), with at most ``max_pending`` in flight.
 
-    The same interface as :class:`AuditWorker`. The child is forked once, at construction, so it holds a
-    copy-on-write image of everything ``fn`` reaches (the attack replica, frozen weights, the open audit
-    log) as it was then; build this worker only once that state is final. Snapshots travel through a
+    An :class:`AuditWorker`, like :class:`ThreadAuditWorker`. The child is forked at construction, so it
+    holds a copy-on-write image of everything ``fn`` reaches (the attack replica, frozen weights, the open
+    audit log) as it was then; build this worker only once that state is final. Snapshots travel through a
     ``torch.multiprocessing`` queue: CPU tensors move into shared memory (one copy, made by the queue's
     feeder thread, not the caller), and tensors already in shared memory pass as handles. Results come
     back pickled and are collected by a reader thread. The child has its own interpreter lock, so attack
@@ -244,11 +299,17 @@ class ProcessAuditWorker(Generic[S, R]):
     of memory, a signal; in the parent). After a death the next ``submit`` first fails the dead child's
     jobs, then forks a fresh child; if that fork fails, ``submit`` raises ``RuntimeError``.
 
+    Frozen parameters passed as ``frozen`` are recorded with their tensor version at construction (the
+    first fork): while a parameter keeps that version the child's fork-time copy is current, and
+    :meth:`frozen_copy` says ``"omit"``. In-place writes through ``p.data`` do not bump the version, so
+    such a change goes unseen.
+
     Args:
-        fn, on_error, max_pending, num_threads, niceness, name: as for :class:`AuditWorker`.
+        fn, on_error, max_pending, num_threads, niceness, name: as for :class:`ThreadAuditWorker`.
+        frozen: ``{name: parameter}`` of frozen parameters the child may read from its own copy.
 
     Raises:
-        ValueError: as :class:`AuditWorker`; also on a platform without ``fork``.
+        ValueError: as :class:`ThreadAuditWorker`; also on a platform without ``fork``.
     """
 
     def __init__(
@@ -260,6 +321,7 @@ class ProcessAuditWorker(Generic[S, R]):
         num_threads: int | None = 1,
         niceness: int | None = 19,
         name: str = "leak-audit-worker",
+        frozen: Mapping[str, Tensor] | None = None,
     ) -> None:
         import torch.multiprocessing as mp
 
@@ -277,7 +339,13 @@ class ProcessAuditWorker(Generic[S, R]):
         self._lock = threading.Lock()
         self._next_id = 0
         self._closed = False
+        self._fork_versions = {n: p._version for n, p in (frozen or {}).items()}  # what the child holds
         self._child = self._fork()
+
+    def frozen_copy(self, name: str, param: Tensor) -> FrozenCopy:
+        """``"omit"`` while ``param`` is as it was at the fork (the child holds it); else ``"copy"``: the
+        queue moves what it sends into shared memory, which would swap the live weight's storage."""
+        return "omit" if self._fork_versions.get(name) == param._version else "copy"
 
     def _fork(self) -> _Child[S]:
         inbox, results = self._ctx.Queue(), self._ctx.Queue()
@@ -298,15 +366,17 @@ class ProcessAuditWorker(Generic[S, R]):
 
     @property
     def in_flight(self) -> int:
+        """Audits submitted and not yet answered."""
         with self._lock:
             return len(self._child.pending)
 
     @property
     def busy(self) -> bool:
+        """Whether ``submit`` would refuse a new audit now."""
         return self.in_flight >= self._max_pending
 
     def submit(self, snapshot: S, ready: torch.cuda.Event | None = None) -> bool:
-        """As :meth:`AuditWorker.submit`.
+        """As :meth:`ThreadAuditWorker.submit`.
 
         Raises:
             ValueError: a CUDA snapshot (``ready`` given): fork and CUDA do not mix.
@@ -466,70 +536,30 @@ def _die_with_parent() -> None:
         pass
 
 
-def _resident_bytes() -> int | None:
-    """The process's resident set size in bytes (Linux ``/proc/self/statm``), ``None`` elsewhere."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class PeakMemory:
-    """How much memory a block of work added at its peak, sampled every ``interval`` seconds.
-
-    ``with PeakMemory(device) as peak: ...`` then ``peak.bytes``: the largest sample minus the sample at
-    entry, in bytes, or ``None`` where it cannot be read. On a CUDA device the samples are the caching
-    allocator's allocated bytes on that device (``torch.cuda.memory_allocated``; the global peak counter is
-    not reset, so other tools reading it are not disturbed); on CPU, the process's resident set (Linux
-    only). Both are process-wide: what training allocates at the same time counts too, and a spike shorter
-    than ``interval`` can be missed, so treat the figure as an estimate of the audit's working memory.
+def make_worker(
+    kind: str,
+    fn: Callable[[S], R],
+    on_error: Callable[[S, BaseException], R],
+    *,
+    max_pending: int = 1,
+    num_threads: int | None = 1,
+    niceness: int | None = 19,
+    frozen: Mapping[str, Tensor] | None = None,
+) -> AuditWorker[S, R]:
+    """The worker ``kind`` names (:data:`WORKER_KINDS`), started now: a thread, or a child forked now.
 
     Args:
-        device: where the work runs (``None`` or a CPU device: resident memory).
-        interval: seconds between samples (> 0).
+        kind: ``"thread"`` or ``"process"``.
+        fn, on_error, max_pending, num_threads, niceness: as for :class:`ThreadAuditWorker`.
+        frozen: for ``"process"``, the frozen parameters the child reads from its fork-time copy
+            (:class:`ProcessAuditWorker`); ignored by a thread, which shares them.
 
     Raises:
-        ValueError: ``interval <= 0``.
+        ValueError: an unknown ``kind``, or a setting out of range.
     """
-
-    def __init__(self, device: torch.device | str | None = None, interval: float = 0.02) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be > 0 seconds, got {interval}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        self._cuda = dev.type == "cuda"
-        self._device = dev
-        self._interval = interval
-        self._stop = threading.Event()
-        self._start: int | None = None
-        self._peak: int | None = None
-        self._thread: threading.Thread | None = None
-        self.bytes: int | None = None
-
-    def _sample(self) -> int | None:
-        if self._cuda:
-            return int(torch.cuda.memory_allocated(self._device))
-        return _resident_bytes()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._note(self._sample())
-
-    def _note(self, value: int | None) -> None:
-        if value is not None and (self._peak is None or value > self._peak):
-            self._peak = value
-
-    def __enter__(self) -> PeakMemory:
-        self._start = self._peak = self._sample()
-        if self._start is not None:
-            self._thread = threading.Thread(target=self._loop, name="leak-audit-memory", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._note(self._sample())
-        if self._start is not None and self._peak is not None:
-            self.bytes = max(0, self._peak - self._start)
+    if kind == "thread":
+        return ThreadAuditWorker(fn, on_error, max_pending=max_pending, num_threads=num_threads, niceness=niceness)
+    if kind == "process":
+        return ProcessAuditWorker(fn, on_error, max_pending=max_pending, num_threads=num_threads, niceness=niceness,
+                                  frozen=frozen)
+    raise ValueError(f"worker must be one of {', '.join(map(repr, WORKER_KINDS))}, got {kind!r}")

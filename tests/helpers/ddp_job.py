@@ -1,6 +1,6 @@
 """A real two-process DDP run on CPU (gloo) with LeakageAudit, launched by tests/test_ddp.py.
 
-    python -m tests.ddp_job --scope global|local --log-dir DIR [--steps 4] [--every-n-steps 2] [--stop-above R]
+    python -m tests.helpers.ddp_job --scope global|local --log-dir DIR [--steps 4] [--every-n-steps 2] [--stop-above R]
 
 Lightning's DDP launcher starts the second process by running this same command again; both train a
 small random BERT on the MiniLM tokenizer's vocabulary, 2 sentences per rank and step.

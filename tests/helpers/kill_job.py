@@ -1,6 +1,6 @@
 """Training that never ends on its own, with an audit at every step: tests/test_resilience.py kills it.
 
-    python -m tests.kill_job --log-dir DIR
+    python -m tests.helpers.kill_job --log-dir DIR
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from leak_audit import LeakageAudit
-from tests.ddp_job import Classifier
+from tests.helpers.ddp_job import Classifier
 
 
 def main() -> None:
