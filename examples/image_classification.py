@@ -9,7 +9,7 @@ B = 1), then scores the reconstructions against the real batch: PSNR (dB), SSIM,
 writes ``audit.jsonl`` and CSV logs, then prints a leakage summary and the release-gate verdict.
 
     python examples/image_classification.py                                       # digits, offline
-    python examples/image_classification.py --data ../shared/data/cifar10_test_500.npz --batch-size 1 \\
+    python examples/image_classification.py --data cifar10_test_500.npz --batch-size 1 \\
         --max-steps 20 --every-n-steps 5                                          # real CIFAR-10 images
     python examples/image_classification.py --attacks dlg inverting_gradients labels --log-samples
     python examples/image_classification.py --modules model.fc                    # the attacker sees fc only
@@ -37,12 +37,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from leak_audit import ImageBatch, LeakageAudit, available_attacks, read_audit_log
-from leak_audit.cli.bench.image import load_images, write_grid
-from leak_audit.cli.bench.text import BenchError
-from leak_audit.cli.main import policy_table, summary_table
-from leak_audit.gate.thresholds import GateError, policy_from_args
-from leak_audit.metrics.image import IMAGE_METRICS
+from leak_audit.demos.datasets import load_images
 from leak_audit.demos.image_models import LeNet
+from leak_audit.gate.render import policy_table
+from leak_audit.gate.thresholds import GateError, policy_from_args
+from leak_audit.metrics.names import IMAGE_METRICS
+from leak_audit.results.grids import write_grid
+from leak_audit.results.summary import summary_table
 
 
 class ImageClassifier(L.LightningModule):
@@ -90,11 +91,9 @@ def load_data(path: str | None, n: int | None) -> tuple[torch.Tensor, torch.Tens
         source = "scikit-learn digits (8x8 grayscale, bundled)"
     else:
         try:
-            with np.load(path) as data:
-                count = len(data["labels"])
-            images, labels = load_images(path, min(n or count, count))
-        except (OSError, ValueError, KeyError, BenchError) as exc:
-            sys.exit(f"--data {path}: {exc}")
+            images, labels = load_images(path)
+        except ValueError as exc:  # its message starts with the path
+            sys.exit(f"--data {exc}")
         source = path
     if n is not None:
         images, labels = images[:n], labels[:n]

@@ -1,7 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 from a LightningCLI YAML, with LeakageAudit configured in the YAML.
 
     python examples/lightning_cli.py fit --config examples/lightning_cli.yaml
-    python examples/lightning_cli.py fit --config examples/lightning_cli.yaml --data.data ../shared/data/cola_dev.tsv
+    python examples/lightning_cli.py fit --config examples/lightning_cli.yaml --data.data cola_dev.tsv
     python examples/lightning_cli.py fit --print_config          # every option, LeakageAudit's included
 
 The callback is an ordinary ``trainer.callbacks`` entry (``class_path: leak_audit.LeakageAudit`` and its

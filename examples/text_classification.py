@@ -6,7 +6,7 @@ notes full of fake personal data, audits every 12 optimizer steps (3 epochs), lo
 ``audit.jsonl``, then prints a leakage summary and the release-gate verdict.
 
     python examples/text_classification.py                                   # the demo
-    python examples/text_classification.py --data ../shared/data/cola_dev.tsv --max-steps 40
+    python examples/text_classification.py --data cola_dev.tsv --max-steps 40
     python examples/text_classification.py --modules bert.encoder.layer.0.attention.self.query
     python examples/text_classification.py --recompute eval --log-samples    # worst case, show text
     python examples/text_classification.py --dp --noise-multiplier 0.5 --max-grad-norm 1.0   # DP-SGD (Opacus)
@@ -47,11 +47,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
 from leak_audit import LeakageAudit, available_attacks, read_audit_log
-from leak_audit.cli.main import policy_table, summary_table
-from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset
-from leak_audit.gate.thresholds import GateError, policy_from_args
-from leak_audit.metrics.text import TEXT_METRICS
 from leak_audit.capture.privacy import privacy_report
+from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset
+from leak_audit.gate.render import policy_table
+from leak_audit.gate.thresholds import GateError, policy_from_args
+from leak_audit.metrics.names import TEXT_METRICS
+from leak_audit.results.summary import summary_table
 
 
 def default_model_path() -> str:

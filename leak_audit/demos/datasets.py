@@ -1,6 +1,7 @@
-"""Text classification data for examples, tests and benchmarks.
+"""Data for examples, tests and benchmarks.
 
 * :func:`read_tsv` reads a TSV with ``sentence`` and ``label`` columns (GLUE CoLA / SST-2 layout).
+* :func:`load_images` reads images and labels from an ``.npz`` (e.g. CIFAR-10 test images).
 * :func:`synthetic_pii_dataset` generates, from a seed, support tickets and clinical notes that carry
   fake personal data (names, e-mails, phone numbers, card digits, dates of birth, record numbers), made
   with `Faker <https://faker.readthedocs.io>`_. Label 1 = urgent, 0 = routine. It is the demo's default:
@@ -12,8 +13,12 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["read_tsv", "synthetic_pii_dataset", "write_tsv"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["load_images", "read_tsv", "synthetic_pii_dataset"]
 
 _ROUTINE = (
     "Hi, this is {name}. Please update the email on my account to {email}, thanks.",
@@ -101,12 +106,38 @@ def read_tsv(path: str | Path, limit: int | None = None) -> list[tuple[str, int]
     return rows
 
 
-def write_tsv(rows: list[tuple[str, int]], path: str | Path) -> Path:
-    """Write ``(sentence, label)`` rows as a TSV readable by :func:`read_tsv`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        fh.write("sentence\tlabel\n")
-        for sentence, label in rows:
-            fh.write(f"{sentence.replace(chr(9), ' ')}\t{label}\n")
-    return path
+def load_images(path: str | Path, n: int | None = None, *, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels from an ``.npz`` holding ``images`` (uint8 ``[N, H, W, C]`` or ``[N, H, W]``) and
+    ``labels`` (``[N]``).
+
+    Args:
+        path: the ``.npz`` file.
+        n: the first ``n`` images (``last``: the last ``n``); ``None``: all of them.
+        last: take the images from the end of the file.
+
+    Returns:
+        ``(images, labels)``: ``[n, C, H, W]`` float32 in ``[0, 1]`` (one channel for ``[N, H, W]``) and
+        ``[n]`` int64.
+
+    Raises:
+        ValueError: the file is unreadable or lacks ``images``/``labels``, the arrays have the wrong dtype
+            or shapes, or ``n`` exceeds the images in the file; the message starts with ``path``.
+    """
+    import numpy as np
+    import torch
+
+    try:
+        data = np.load(path)
+        images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: needs an .npz with 'images' (uint8 [N, H, W, C]) and 'labels' ({exc})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or labels.shape != images.shape[:1]:
+        raise ValueError(f"{path}: images must be uint8 [N, H, W(, C)] with one label each, got "
+                         f"{images.dtype} {images.shape} and labels {labels.shape}")
+    count = len(images) if n is None else n
+    if count > len(images):
+        raise ValueError(f"{path}: {count} images asked for, the file holds {len(images)}")
+    part = slice(len(images) - count, None) if last else slice(0, count)
+    x = torch.from_numpy(images[part]).float() / 255
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.from_numpy(labels[part].astype(np.int64))

@@ -1,1 +1,1 @@
-"""The release gate: the leakage policy (rules and their evaluation), the ``--max`` threshold form, and what happens on a breach during training."""
+"""The release gate: the leakage policy (rules and their evaluation, the JSON and JUnit reports), the ``--max`` threshold form, the report as a console table, and what happens on a breach during training."""

@@ -51,6 +51,7 @@ class Breach:
     message: str
 
     def to_dict(self) -> dict[str, object]:
+        """The breach as a plain dict (for loggers and alerts)."""
         return dict(self.__dict__)
 
 

@@ -40,6 +40,10 @@ value is already beyond the limit. The gate's verdict is ``fail`` if any rule fa
 
 Every metric grows with leakage, so the usual rule is a ``max``; a ``min`` rule bounds from below, e.g. a
 canary that an attack known to work on the run still recovers the labels (``label_accuracy``).
+
+This module is one contract and stays one module (about 640 lines): the TOML format, its validation
+messages, the evaluation and the report documents (JSON, JUnit) change together. The console rendering is
+:mod:`leak_audit.gate.render`, the ``--max`` form :mod:`leak_audit.gate.thresholds`.
 """
 
 from __future__ import annotations
@@ -56,8 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leak_audit.metrics.image import IMAGE_METRICS
-from leak_audit.metrics.text import TEXT_METRICS
+from leak_audit.metrics.names import RECORD_METRICS
 from leak_audit.results.records import AuditRecord
 
 __all__ = [
@@ -69,11 +72,13 @@ __all__ = [
     "MetricRule",
     "PolicyError",
     "RuleResult",
+    "VERDICTS",
+    "VERDICT_WORDS",
 ]
 
-KNOWN_METRICS: tuple[str, ...] = tuple(dict.fromkeys(TEXT_METRICS + tuple(m for m in IMAGE_METRICS if m != "lpips")))
+KNOWN_METRICS: tuple[str, ...] = RECORD_METRICS
 """Text metrics and the image ones that grow with leakage (``psnr`` in dB, ``ssim``); LPIPS is a distance
-and is never a record metric (see :mod:`leak_audit.metrics.scoring`)."""
+and is never a record metric (:data:`leak_audit.metrics.names.RECORD_METRICS`)."""
 
 PRIVACY_METRICS: tuple[str, ...] = ("epsilon",)
 """Metrics read from a record's ``privacy`` field rather than its ``metrics``."""
@@ -83,7 +88,12 @@ RULE_METRICS: tuple[str, ...] = KNOWN_METRICS + PRIVACY_METRICS
 
 AGGREGATIONS: tuple[str, ...] = ("max", "min", "last", "mean_last_k")
 
-STATUSES: tuple[str, ...] = ("pass", "warn", "fail")
+VERDICTS: tuple[str, ...] = ("pass", "warn", "fail")
+"""A rule's status and a report's verdict, from best to worst (``gate/verdict`` logs the index). Not to be
+confused with a record's status (:data:`leak_audit.results.records.STATUSES`)."""
+
+VERDICT_WORDS: dict[str, str] = {"pass": "PASS", "warn": "WARN", "fail": "BREACH"}
+"""How a verdict is shown to people (``leak-audit gate``'s last line, the report's banner)."""
 
 _RULE_KEYS = ("metric", "max", "min", "warn", "aggregation", "k", "attacks", "modules", "step_min", "step_max", "name")
 _TOP_KEYS = ("rule",)
@@ -244,6 +254,7 @@ class MetricRule:
         return float(v)
 
     def scope_dict(self) -> dict[str, Any]:
+        """The rule's scope as the JSON report writes it: ``attacks``, ``modules``, ``step_min``, ``step_max``."""
         return {
             "attacks": list(self.attacks),
             "modules": list(self.modules),
@@ -404,6 +415,7 @@ class RuleResult:
         return "missing" if self.value is None else _fmt(self.value, self.rule.threshold, self.rule.warn)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as one entry of the JSON report's ``results``."""
         r = self.rule
         return {
             "name": r.name,
@@ -453,6 +465,7 @@ class GateReport:
         return GateReport(tuple(r for r in self.results if r.value is not None))
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"verdict", "exit_code", "results"}``: the JSON report (:meth:`to_json`) before serialisation."""
         return {"verdict": self.verdict, "exit_code": self.exit_code, "results": [r.to_dict() for r in self.results]}
 
     def to_json(self) -> str:

@@ -4,39 +4,20 @@ Every metric grows with leakage, so a threshold is a maximum: the gate fails whe
 all successful (``status == "ok"``) records, across attacks and steps, exceeds it. A metric that no record
 reports is a failure too: a gate must not pass on missing evidence.
 
-This is the shorthand of a :class:`~leak_audit.gate.policy.GatePolicy` of max rules aggregated by ``max``;
-:func:`evaluate_gate` evaluates exactly that policy. Policies with warn levels, other aggregations and
-scopes (attacks, modules, steps) live in :mod:`leak_audit.gate.policy`.
+This is the shorthand of a :class:`~leak_audit.gate.policy.GatePolicy` of max rules aggregated by ``max``
+(:meth:`GatePolicy.from_thresholds <leak_audit.gate.policy.GatePolicy.from_thresholds>`);
+:func:`policy_from_args` combines it with a policy file as ``leak-audit gate`` does. Policies with warn
+levels, other aggregations and scopes (attacks, modules, steps) live in :mod:`leak_audit.gate.policy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 
 from leak_audit.gate.policy import KNOWN_METRICS, GateError, GatePolicy, check_metric
-from leak_audit.results.records import AuditRecord
 
-__all__ = ["GateError", "GateRow", "KNOWN_METRICS", "evaluate_gate", "parse_threshold", "policy_from_args"]
-
-
-@dataclass(frozen=True)
-class GateRow:
-    """The verdict for one metric.
-
-    Attributes:
-        metric: metric name.
-        worst: largest value over ok records (``None`` if no record reports it).
-        threshold: the maximum allowed.
-        passed: ``worst`` exists and ``worst <= threshold``.
-        where: ``"<attack>@step <n>"`` of the worst record.
-    """
-
-    metric: str
-    worst: float | None
-    threshold: float
-    passed: bool
-    where: str = ""
+__all__ = ["GateError", "KNOWN_METRICS", "parse_threshold", "policy_from_args"]
 
 
 def parse_threshold(text: str) -> tuple[str, float]:
@@ -56,18 +37,6 @@ def parse_threshold(text: str) -> tuple[str, float]:
     except ValueError:
         raise GateError(f"threshold for {name!r} is not a number: {raw!r}") from None
     return name, value
-
-
-def evaluate_gate(records: Sequence[AuditRecord], thresholds: Mapping[str, float]) -> list[GateRow]:
-    """One :class:`GateRow` per threshold, in the given order.
-
-    Raises:
-        GateError: no thresholds, an unknown metric, or no record with ``status == "ok"``.
-    """
-    report = GatePolicy.from_thresholds(thresholds).evaluate(records)
-    return [
-        GateRow(r.rule.metric, r.value, r.rule.threshold, r.status != "fail", r.where) for r in report.results
-    ]
 
 
 def policy_from_args(policy_file: str | None, maxes: Sequence[str]) -> GatePolicy | None:

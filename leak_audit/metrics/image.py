@@ -26,6 +26,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from leak_audit.metrics.names import IMAGE_METRICS
+
 __all__ = [
     "IMAGE_METRICS",
     "lpips",
@@ -35,9 +37,6 @@ __all__ = [
     "score_image_reconstruction",
     "ssim",
 ]
-
-IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "label_accuracy")
-"""Keys :func:`score_image_reconstruction` may return."""
 
 # torchvision checkpoints torchmetrics' LPIPS loads for each backbone (torch hub cache file names)
 _LPIPS_BACKBONES = {

@@ -156,7 +156,7 @@ class ImageScorer:
         recovered = np.array([recon.labels[i] for i, _ in pairs] if recon.labels and recon.labels_aligned else [],
                              dtype=np.int64)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        audit = int(snapshot.extra.get("audit", 0))  # type: ignore[call-overload]
+        audit = snapshot.audit
         path = self.samples_dir / f"audit{audit:05d}-step{snapshot.step:07d}-{recon.attack}.npz"
         np.savez_compressed(
             path,

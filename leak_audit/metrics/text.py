@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from leak_audit.attacks.base import Reconstruction
 from leak_audit.capture.batch import TextBatch
+from leak_audit.metrics.names import TEXT_METRICS
 
 __all__ = [
     "TEXT_METRICS",
@@ -37,16 +38,6 @@ __all__ = [
     "token_precision_recall",
 ]
 
-TEXT_METRICS: tuple[str, ...] = (
-    "rouge1",
-    "rouge2",
-    "rougeL",
-    "token_precision",
-    "token_recall",
-    "exact_match",
-    "position_recall",
-    "label_accuracy",
-)
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -180,7 +171,7 @@ def score_text_reconstruction(
             aligned_preds[j] = decode(preds[i])
         out.update(rouge(aligned_preds, [decode(r) for r in clean_refs]))
         out["token_precision"], out["token_recall"] = token_precision_recall(preds, clean_refs)
-        out["exact_match"] = sum(preds[i] == clean_refs[j] for i, j in pairs) / len(refs)
+        out["exact_match"] = exact_match(preds, clean_refs)
     elif recon.token_bag is not None:
         out["token_precision"], out["token_recall"] = token_precision_recall(
             recon.token_bag, refs, special_ids, as_set=True

@@ -37,7 +37,9 @@ from typing import Any
 __all__ = ["PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "timeout", "failed", "skipped")
+STATUSES: tuple[str, ...] = ("ok", "timeout", "failed", "skipped")
+"""A record's status (see the module docstring); a gate rule's status is a verdict
+(:data:`leak_audit.gate.policy.VERDICTS`)."""
 PICK = "attacker_pick"
 """``info`` key (value ``1``) of the record an attacker without the answer would keep in its audit: the
 smallest gradient residual (:mod:`leak_audit.attacks.evidence`)."""
@@ -90,6 +92,7 @@ class AuditRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
+        """A record from a parsed log line; keys that are not fields are ignored (no validation: see :func:`read_audit_log`)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -60,6 +60,7 @@ class AuditLog:
             os.fsync(self._fd)
 
     def close(self) -> None:
+        """Close the log file (idempotent)."""
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -67,6 +68,7 @@ class AuditLog:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._fd is None
 
 

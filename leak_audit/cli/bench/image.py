@@ -1,22 +1,27 @@
 """``leak-audit bench image``: image gradient inversion on real images, per attack and batch size.
 
 For each batch size ``B`` the first ``--n`` images of ``--data`` (an ``.npz`` with ``images`` uint8
-``[N, H, W, C]`` or ``[N, H, W]`` and ``labels`` ``[N]``, e.g. ``../shared/data/cifar10_test_500.npz``) are
-cut into batches; for each batch the observed gradient is DLG's LeNet's (every parameter, weights drawn
-from ``--seed``, pixels in ``[0, 1]``, batch-mean cross-entropy), and each attack reconstructs the batch
-from it alone. Labels: at ``B = 1`` iDLG's rule on the classifier bias gradient fixes the label (exact
-for cross-entropy); at ``B > 1`` they are optimised as soft labels with the images (DLG). Reconstructions
-are matched to the originals (Hungarian, MSE) and scored with PSNR, SSIM and LPIPS
-(:mod:`leak_audit.metrics.image`). Rows: ``{attack, batch_size, psnr, ssim, lpips, label_accuracy,
-seconds_per_batch, n_images, steps}``; ``--grid`` draws originals above reconstructions for the first
-batch of every (attack, B).
+``[N, H, W, C]`` or ``[N, H, W]`` and ``labels`` ``[N]``, e.g. CIFAR-10 test images) are cut into
+batches; for each batch the observed gradient is DLG's LeNet's (every parameter, weights drawn from
+``--seed``, pixels in ``[0, 1]``, batch-mean cross-entropy), and each attack reconstructs the batch from
+it alone. The attacks are the registered image attacks (:func:`~leak_audit.attacks.get_attack`), run by
+the same :class:`~leak_audit.runtime.auditor.Auditor` the training callback runs, with its scorer
+(:class:`~leak_audit.metrics.scoring.ImageScorer`) and its per-attack random generators (seeded by
+``--seed``, the batch's index and the attack's name). Labels: at ``B = 1`` iDLG's rule on the classifier
+bias gradient fixes the label (exact for cross-entropy); at ``B > 1`` they are optimised as soft labels with
+the images (DLG). Reconstructions are matched to the originals (Hungarian, MSE) and scored with PSNR,
+SSIM and LPIPS (:mod:`leak_audit.metrics.image`). Rows: ``{attack, batch_size, psnr, ssim, lpips,
+label_accuracy, seconds_per_batch, n_images, steps}``; ``--grid`` draws originals above reconstructions for
+the first batch of every (attack, B).
 
-Attacks (:data:`~leak_audit.attacks.image.inversion.IMAGE_ATTACKS`): ``dlg`` (l2 distance, L-BFGS) and
-``inverting_gradients`` (cosine + total variation, signed Adam, 2 restarts); and ``peftleak``, the
-malicious-provider attack on bottleneck-adapter gradients (:mod:`leak_audit.threats.peftleak`): its
-model is the crafted ViT for ``--vit-hidden``/``--vit-layers``/``--vit-patch`` with adapters of
-``--adapter-r`` units, its public images the last ``--public`` images of ``--data`` (disjoint from the
-audited ones), and its rows add ``patches`` (the fraction of patches recovered exactly).
+Attacks: ``dlg`` (l2 distance, L-BFGS) and ``inverting_gradients`` (cosine + total variation, signed Adam,
+2 restarts), at the step budgets of their published configurations
+(:data:`~leak_audit.attacks.image.inversion.IMAGE_ATTACKS`, 3000 per restart) unless ``--max-steps``; and
+``peftleak``, the malicious-provider attack on bottleneck-adapter gradients
+(:mod:`leak_audit.threats.peftleak`, a threat, not a registered attack): its model is the crafted ViT for
+``--vit-hidden``/``--vit-layers``/``--vit-patch`` with adapters of ``--adapter-r`` units, its public images
+the last ``--public`` images of ``--data`` (disjoint from the audited ones), and its rows add ``patches``
+(the fraction of patches recovered exactly).
 """
 
 from __future__ import annotations
@@ -34,47 +39,59 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from leak_audit.attacks.image.inversion import IMAGE_ATTACKS, reconstruct_images
-from leak_audit.attacks.labels import label_counts_from_bias
-from leak_audit.threats.peftleak import malicious_vit, peftleak
-from leak_audit.cli.bench.text import (
+from leak_audit.attacks import Attack, Reconstruction, get_attack
+from leak_audit.attacks.image.inversion import IMAGE_ATTACKS
+from leak_audit.capture.batch import ImageBatch
+from leak_audit.capture.snapshot import AuditSnapshot
+from leak_audit.cli.bench.common import (
     BenchError,
     command_line,
+    fmt,
     intra_op_threads,
+    markdown_report,
     parse_batch_sizes,
     parse_list,
     write_json,
     write_markdown,
     wrote,
 )
-from leak_audit.metrics.image import lpips_status, match_images, score_image_reconstruction
+from leak_audit.demos.datasets import load_images
 from leak_audit.demos.image_models import LeNet
+from leak_audit.metrics.image import lpips_status, score_image_reconstruction
+from leak_audit.metrics.scoring import ImageScorer, Score
+from leak_audit.models import image_model_spec
 from leak_audit.models.image_replica import ImageReplica
+from leak_audit.results.grids import write_grid
+from leak_audit.runtime.auditor import Auditor
+from leak_audit.threats.peftleak import malicious_vit, peftleak
 
-__all__ = ["ImageBenchConfig", "add_image_arguments", "bench_image_command", "load_images", "run_image_bench"]
+__all__ = [
+    "ATTACKS",
+    "PEFTLEAK",
+    "ImageBenchConfig",
+    "add_image_arguments",
+    "bench_attack",
+    "bench_image_command",
+    "bench_images",
+    "rows_markdown",
+    "run_image_bench",
+]
 
 
-def load_images(path: str | Path, n: int, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first (``last``: last) ``n`` images of an ``.npz`` file as ``([n, C, H, W]`` floats in ``[0, 1]``,
-    ``[n]`` labels).
+def bench_images(path: str | Path, n: int, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (``last``: last) ``n`` images of ``--data`` (:func:`~leak_audit.demos.datasets.load_images`).
 
     Raises:
         BenchError: unreadable file, missing ``images``/``labels`` arrays, wrong shapes or dtype, ``n`` too large.
     """
     try:
-        data = np.load(path)
-        images, labels = data["images"], data["labels"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise BenchError(f"--data {path}: needs an .npz with 'images' (uint8 [N, H, W, C]) and 'labels' ({exc})") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or labels.shape != images.shape[:1]:
-        raise BenchError(f"--data {path}: images must be uint8 [N, H, W(, C)] with one label each, got "
-                         f"{images.dtype} {images.shape} and labels {labels.shape}")
+        images, labels = load_images(path)
+    except ValueError as exc:
+        raise BenchError(f"--data {exc}") from None
     if n > len(images):
         raise BenchError(f"--n {n} exceeds the {len(images)} images in {path}")
     part = slice(len(images) - n, None) if last else slice(0, n)
-    x = torch.from_numpy(images[part]).float() / 255
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.from_numpy(labels[part].astype(np.int64))
+    return images[part].contiguous(), labels[part]
 
 
 @dataclass(frozen=True)
@@ -97,7 +114,33 @@ class ImageBenchConfig:
 
 
 PEFTLEAK = "peftleak"
-ATTACKS = (*IMAGE_ATTACKS, PEFTLEAK)
+
+
+
+ATTACKS: tuple[str, ...] = (*IMAGE_ATTACKS, PEFTLEAK)
+"""What ``--attacks`` accepts: the registered inversions that have a published configuration, and ``peftleak``."""
+
+
+def bench_attack(name: str, max_steps: int | None = None, max_seconds: float | None = None) -> Attack:
+    """The registered image attack ``name`` as the benchmark runs it: ``max_steps`` gradient evaluations per
+    restart (``None``: its published configuration's, :data:`~leak_audit.attacks.image.inversion.IMAGE_ATTACKS`)
+    and its own time limit of ``max_seconds`` (``None``: none). A run its own limit stops is scored as it
+    stands, as before the registry ran it (the audit itself has no deadline here)."""
+    registered = get_attack(name, "image")
+    steps = max_steps if max_steps is not None else int(IMAGE_ATTACKS[name]["max_steps"])  # type: ignore[call-overload]
+    return type(registered)(max_steps=steps, max_seconds=math.inf if max_seconds is None else max_seconds)
+
+
+class _KeepImages:
+    """The auditor's image scorer, keeping the last reconstruction's images for the grid."""
+
+    def __init__(self) -> None:
+        self.scorer = ImageScorer()
+        self.images: torch.Tensor | None = None
+
+    def __call__(self, recon: Reconstruction, snapshot: AuditSnapshot) -> Score:
+        self.images = recon.images
+        return self.scorer(recon, snapshot)
 
 
 def _row(config: ImageBenchConfig, model: str, attack: str, b: int, n_batches: int, scores: list[dict[str, float]],
@@ -122,7 +165,7 @@ def _peftleak_rows(config: ImageBenchConfig, images: torch.Tensor, labels: torch
                    console: Console, first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
     from transformers import ViTConfig
 
-    public, _ = load_images(config.data, config.public, last=True)
+    public, _ = bench_images(config.data, config.public, last=True)
     total = len(np.load(config.data)["labels"])
     if config.public + config.n > total:
         raise BenchError(f"--public {config.public} + --n {config.n} exceed the {total} images of {config.data}: "
@@ -171,13 +214,13 @@ def run_image_bench(
         ``(rows, first)``: one row per (attack, B); ``first[(attack, B)]`` = (originals, matched
         reconstructions) of the first batch, for the grid.
     """
-    images, labels = load_images(config.data, config.n)
+    images, labels = bench_images(config.data, config.n)
     num_classes = max(10, int(labels.max()) + 1)
     model = LeNet(num_classes, images.shape[1], images.shape[-1], seed=config.seed)
     replica = ImageReplica(model)
+    spec = image_model_spec(model)
     params = {k: p.detach() for k, p in model.named_parameters()}
     names = list(replica.parameter_names)
-    bias_index = names.index("fc.bias")
     rows: list[dict[str, Any]] = []
     first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for b in config.batch_sizes:
@@ -187,84 +230,42 @@ def run_image_bench(
         for attack in config.attacks:
             if attack == PEFTLEAK:
                 continue
+            scorer = _KeepImages()
+            auditor = Auditor(spec, [bench_attack(attack, config.max_steps, config.max_seconds)], names,
+                              scorer=scorer, seed=config.seed, replica=replica)
             scores: list[dict[str, float]] = []
             seconds = steps = 0.0
             for k, (x, y) in enumerate(batches):
                 target = replica.gradients(params, names, x, y)
-                known = None
-                if b == 1:
-                    known = torch.tensor([label_counts_from_bias(target[bias_index], 1).index(1)])
-
-                def grad_fn(xx: torch.Tensor, ll: torch.Tensor, cg: bool) -> list[torch.Tensor]:
-                    return replica.gradients(params, names, xx, ll, create_graph=cg)
-
-                t0 = time.monotonic()
-                res = reconstruct_images(
-                    attack, grad_fn, target, x.shape, num_classes, labels=known, max_steps=config.max_steps,
-                    deadline=None if config.max_seconds is None else t0 + config.max_seconds,
-                    generator=torch.Generator().manual_seed(config.seed * 1000 + k),
-                )
-                seconds += time.monotonic() - t0
-                steps += res.steps
-                scores.append(score_image_reconstruction(
-                    res.images.clamp(0, 1), x, 1.0, labels=res.labels.tolist(), true_labels=y.tolist()
-                ))
+                snapshot = AuditSnapshot(step=k, epoch=0, time=time.time(), gradients=dict(zip(names, target, strict=True)),
+                                         params=params, batch=ImageBatch(x, y, value_range=(0.0, 1.0)), modules=("",))
+                (record,) = auditor(snapshot)
+                if record.status != "ok":
+                    raise RuntimeError(f"{attack} on batch {k} (B={b}): {record.status}: {record.error}")
+                seconds += record.seconds
+                steps += record.info["steps"]
+                lp = record.info.get("lpips", math.nan)
+                scores.append({**record.metrics, "lpips": lp})
                 if k == 0:
-                    first[(attack, b)] = (x, res.images.clamp(0, 1))
+                    assert scorer.images is not None
+                    first[(attack, b)] = (x, scorer.images.clamp(0, 1))
             rows.append(_row(config, "LeNet (DLG, sigmoid)", attack, b, len(batches), scores, seconds, steps, console))
     if PEFTLEAK in config.attacks:
         rows += _peftleak_rows(config, images, labels, num_classes, console, first)
     return rows, first
 
 
-def markdown_report(rows: list[dict[str, Any]], command: str) -> str:
+def rows_markdown(rows: list[dict[str, Any]], command: str) -> str:
     """The rows as a markdown table under the command that produced them."""
-    lines = ["# leak-audit bench image", "", "```", command, "```", "",
-             f"- LPIPS: {lpips_status()}", "",
-             "| data | model | attack | B | images | PSNR (dB) | SSIM | LPIPS | label acc | patches | s/batch | steps |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lp = "–" if r["lpips"] is None else f"{r['lpips']:.3f}"
-        acc = "–" if r["label_accuracy"] is None else f"{r['label_accuracy']:.3f}"
-        patches = f"{r['patches']:.3f}" if "patches" in r else "–"
-        lines.append(f"| {r['data']} | {r['model']} | {r['attack']} | {r['batch_size']} | {r['n_images']} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | {acc} | {patches} | {r['seconds_per_batch']:.2f} | "
-                     f"{r['steps_per_batch']} |")
-    lines += ["", "PSNR and SSIM: mean over all images (matched to reconstructions by least MSE); "
-              "LPIPS: – when unavailable offline."]
-    return "\n".join(lines) + "\n"
-
-
-def write_grid(first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], path: str | Path,
-               per_row: int = 8) -> Path:
-    """A PNG: for each (attack, B), up to ``per_row`` originals above their reconstructions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(first)
-    per_row = max(2, min(per_row, max(len(x) for x, _ in first.values())))
-    fig, axes = plt.subplots(2 * len(keys), per_row, figsize=(per_row * 1.0, 2.2 * len(keys)), squeeze=False)
-    for r, key in enumerate(keys):
-        x, rec = first[key]
-        order = dict((j, i) for i, j in match_images(rec, x))
-        for c in range(per_row):
-            for row, img in ((2 * r, x[c] if c < len(x) else None),
-                             (2 * r + 1, rec[order[c]] if c < len(x) and c in order else None)):
-                ax = axes[row, c]
-                ax.axis("off")
-                if img is not None:
-                    pic = img.permute(1, 2, 0).numpy()
-                    ax.imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray" if pic.shape[-1] == 1 else None,
-                              vmin=0, vmax=1)
-        axes[2 * r, 0].set_title(f"{key[0]}, B={key[1]}: originals / reconstructions", loc="left", fontsize=7)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / (2.2 * len(keys)), bottom=0.01, wspace=0.04, hspace=0.18)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    columns = ("data", "model", "attack", "B", "images", "PSNR (dB)", "SSIM", "LPIPS", "label acc", "patches",
+               "s/batch", "steps")
+    cells = ([str(r["data"]), str(r["model"]), str(r["attack"]), str(r["batch_size"]), str(r["n_images"]),
+              f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", fmt(r["lpips"]), fmt(r["label_accuracy"]),
+              fmt(r.get("patches")), f"{r['seconds_per_batch']:.2f}", str(r["steps_per_batch"])] for r in rows)
+    note = ("PSNR and SSIM: mean over all images (matched to reconstructions by least MSE); "
+            "LPIPS: – when unavailable offline.")
+    return markdown_report("leak-audit bench image", command, {"LPIPS": lpips_status()}, columns, cells, note,
+                           numeric=columns[3:])
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -320,7 +321,7 @@ def bench_image_command(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         wrote(console, write_json(rows, args.json))
     if args.markdown:
-        wrote(console, write_markdown(markdown_report(rows, command_line(args)), args.markdown))
+        wrote(console, write_markdown(rows_markdown(rows, command_line(args)), args.markdown))
     if args.grid:
         wrote(console, write_grid(first, args.grid))
     table = Table(title="leak-audit bench image")
@@ -328,8 +329,6 @@ def bench_image_command(args: argparse.Namespace, console: Console) -> int:
         table.add_column(col)
     for r in rows:
         table.add_row(r["attack"], str(r["batch_size"]), f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-                      "–" if r["lpips"] is None else f"{r['lpips']:.3f}",
-                      "–" if r["label_accuracy"] is None else f"{r['label_accuracy']:.3f}",
-                      f"{r['patches']:.3f}" if "patches" in r else "–", f"{r['seconds_per_batch']:.2f}")
+                      fmt(r["lpips"]), fmt(r["label_accuracy"]), fmt(r.get("patches")), f"{r['seconds_per_batch']:.2f}")
     console.print(table)
     return 0
