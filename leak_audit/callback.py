@@ -8,20 +8,17 @@ It only wires the rooms of the package together, hook by hook:
   :class:`~leak_audit.capture.snapshotter.Snapshotter` and the background worker
   (:func:`~leak_audit.runtime.worker.make_worker`, running an :class:`~leak_audit.runtime.job.AuditJob`);
 * the batch hooks: the snapshotter copies what one audit needs (:mod:`leak_audit.capture.snapshotter` says
-  what is read at which hook), and finished audits are drained on the Trainer's thread into the audit
-  log, every logger, the W&B dashboard and the progress bar, and judged by the policy
-  (:mod:`leak_audit.gate.breach`);
+  what is read at which hook) and hands it to the worker; finished audits go, on the Trainer's thread, to
+  the :class:`~leak_audit.results.reporter.AuditReporter` (audit log, loggers, W&B) and the policy
+  (:class:`~leak_audit.gate.breach.BreachMonitor`), and the worst value to the progress bar;
 * ``state_dict`` / ``load_state_dict``: the schedule, counters, worst values and the policy's verdict.
 
-Why this module is longer than the others (about 740 lines): a third is the constructor's argument
-reference and its eager checks (LightningCLI builds its help from the docstring), and the reporting of
-finished audits on the Trainer's thread (loggers, W&B, the policy while training, the exchange between
-ranks) stays here because it updates the callback's own checkpointed counters and acts on the Trainer.
+The module is about 550 lines because of the constructor: its argument reference (about 110 lines;
+LightningCLI builds its help from it) and its eager checks. The wiring itself is about 300 lines.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,21 +29,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from leak_audit.attacks import Attack, check_attack_name, get_attack
 from leak_audit.capture.batch import BatchAdapter, default_batch_adapter, default_image_batch_adapter
-from leak_audit.capture.distributed import gather_to_all
-from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, attach_dp_release
+from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, announce_dp_release, attach_dp_release
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
 from leak_audit.capture.tap import GradientTap, LocalGradientCapture
-from leak_audit.gate.breach import BREACH_ACTIONS, Breach, LeakageThresholdExceeded, find_breaches
-from leak_audit.gate.policy import VERDICTS, GateError, GatePolicy, GateReport
+from leak_audit.gate.breach import BREACH_ACTIONS, Breach, BreachMonitor
+from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality
-from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
-from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
-from leak_audit.results.wandb_dashboard import WandbDashboard
+from leak_audit.results.records import AuditRecord
+from leak_audit.results.reporter import AuditReporter
+from leak_audit.results.sinks import AuditLog
 from leak_audit.runtime.auditor import Auditor, failed_records
 from leak_audit.runtime.factory import build_auditor, find_tokenizer
 from leak_audit.runtime.job import AuditJob
-from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, make_worker
+from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, check_worker_devices, make_worker
 
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "LeakageAudit"]
 
@@ -55,9 +51,6 @@ DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention",
 DEFAULT_IMAGE_ATTACKS: tuple[str, ...] = ("dlg",)
 """Image attacks run when ``attacks`` is not given: DLG, bounded to 1000 evaluations and 30 s per audit."""
 _DEFAULTS = {"text": DEFAULT_ATTACKS, "image": DEFAULT_IMAGE_ATTACKS}
-SMALL_NOISE_MULTIPLIER = 0.01
-"""Below this DP noise multiplier gradient_matching measurably beats the default attacks
-(benchmarks/README.md, DP-SGD section); the callback warns when it is not among the attacks."""
 PROGRESS_BAR_KEY = "leak/max/rouge1"
 PROGRESS_BAR_KEYS = {"text": PROGRESS_BAR_KEY, "image": "leak/max/psnr"}
 MODALITY_CHOICES: tuple[str, ...] = ("auto", *MODALITIES)
@@ -267,15 +260,13 @@ class LeakageAudit(Callback):
         self.worker = worker
         self.on_breach = on_breach
         self.wandb_alert = wandb_alert
-        # run state (also in state_dict)
+        # run state (also in state_dict); failed, timeouts, worst in the reporter, verdict and breach in the monitor
         self.audits = 0
         self.skipped = 0
-        self.failed = 0
-        self.timeouts = 0
         self.last_audited_step = -1
-        self.worst: dict[str, float] = {}
-        self.breach: Breach | None = None  # the first breached policy rule, if any
-        self.verdict: str | None = None  # the policy's latest verdict: "pass", "warn" or "fail"
+        self._reporter = AuditReporter(log_samples=log_samples, log_dir=self.log_dir, wandb_alert=wandb_alert)
+        self._monitor = BreachMonitor(self.policy, on_breach, self._reporter.warn_once) if self.policy else None
+        self._reporter.judge = self._monitor
         # set up in `setup` (once per fit)
         self._active = False
         self._modality: str | None = None  # "text" or "image"
@@ -284,7 +275,6 @@ class LeakageAudit(Callback):
         self._auditor: Auditor | None = None
         self._adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self._attacks_here = False  # whether this rank runs attacks
-        self._log: AuditLog | None = None  # rank 0
         self._rank, self._world = 0, 1
         self._built_on: torch.device | None = None  # the model's device when the auditor was built
         # set up in `on_train_start`, once the strategy has placed the model and the optimizers exist
@@ -292,13 +282,7 @@ class LeakageAudit(Callback):
         self._dp: DPRelease | None = None
         self._snapshots: Snapshotter | None = None
         self._worker: AuditWorker[AuditSnapshot, list[AuditRecord]] | None = None
-        # results on the Trainer's thread
-        self._warned: set[str] = set()
-        self._buffer: list[list[AuditRecord]] = []  # scope="local" under DDP: results waiting for an exchange
-        self._skipped_elsewhere: dict[int, int] = {}  # other ranks' skip counts (scope="local")
-        self._history: list[AuditRecord] = []  # successful records so far, without samples, for the policy
         self._resumed = False
-        self._dashboards: list[WandbDashboard] | None = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -315,6 +299,31 @@ class LeakageAudit(Callback):
         """The first optimizer step the schedule audits from now on."""
         n = self.every_n_steps
         return 0 if self.last_audited_step < 0 else (self.last_audited_step // n + 1) * n
+
+    @property
+    def failed(self) -> int:
+        """Audits with at least one failed attack."""
+        return self._reporter.failed
+
+    @property
+    def timeouts(self) -> int:
+        """Attacks stopped by their time budget (``max_seconds``)."""
+        return self._reporter.timeouts
+
+    @property
+    def worst(self) -> dict[str, float]:
+        """The largest value so far of every logged ``leak/*`` key (e.g. ``leak/max/rouge1``)."""
+        return self._reporter.worst
+
+    @property
+    def verdict(self) -> str | None:
+        """The policy's latest verdict (``"pass"``, ``"warn"``, ``"fail"``); ``None`` without one."""
+        return self._monitor.verdict if self._monitor else None
+
+    @property
+    def breach(self) -> Breach | None:
+        """The first breached policy rule of the run, if any."""
+        return self._monitor.breach if self._monitor else None
 
     def state_dict(self) -> dict[str, Any]:
         """Audits done, skipped and failed, the schedule's position, worst values so far, and the log path.
@@ -338,13 +347,14 @@ class LeakageAudit(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.audits = int(state_dict.get("audits", 0))
         self.skipped = int(state_dict.get("skipped", 0))
-        self.failed = int(state_dict.get("failed", 0))
-        self.timeouts = int(state_dict.get("timeouts", 0))
+        self._reporter.failed = int(state_dict.get("failed", 0))
+        self._reporter.timeouts = int(state_dict.get("timeouts", 0))
         self.last_audited_step = int(state_dict.get("last_audited_step", -1))
-        self.worst = dict(state_dict.get("worst", {}))
-        self.verdict = state_dict.get("verdict")
-        saved_breach = state_dict.get("breach")
-        self.breach = Breach(**saved_breach) if isinstance(saved_breach, dict) else None
+        self._reporter.worst = dict(state_dict.get("worst", {}))
+        if self._monitor is not None:
+            self._monitor.verdict = state_dict.get("verdict")
+            saved_breach = state_dict.get("breach")
+            self._monitor.breach = Breach(**saved_breach) if isinstance(saved_breach, dict) else None
         self._resumed = True  # the policy's history is read back from the audit log at `on_train_start`
         saved = state_dict.get("log_path")
         if saved and Path(saved).resolve() != self.log_path.resolve():
@@ -378,14 +388,10 @@ class LeakageAudit(Callback):
             if isinstance(plan, str):
                 rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
         self._rank, self._world = trainer.global_rank, trainer.world_size
-        if trainer.is_global_zero:
-            self._log = AuditLog(self.log_path)
-        if self.worker == "process":  # checked on every rank, so no rank fails alone and leaves the others waiting
-            devices = {trainer.strategy.root_device.type, *([self.attack_device.type] if self.attack_device else [])}
-            if devices != {"cpu"}:
-                raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (training "
-                                 f"on {trainer.strategy.root_device}, attacks on {self.attack_device or 'the same'}): "
-                                 "use worker='thread'")
+        self._reporter.open(AuditLog(self.log_path) if trainer.is_global_zero else None, modality=self._modality,
+                            rank=self._rank, world=self._world, scope=self.scope)
+        # checked on every rank, so no rank fails alone and leaves the others waiting
+        check_worker_devices(self.worker, trainer.strategy.root_device, self.attack_device)
         self._attacks_here = self.scope == "local" or trainer.is_global_zero  # global scope: only rank 0 attacks
         self._active = True
         where = f"; scope {self.scope} over {self._world} processes" if self._world > 1 else ""
@@ -414,9 +420,14 @@ class LeakageAudit(Callback):
             if self._attacks_here and (pl_module.device != self._built_on or self._device != self._built_on):
                 self._auditor = self._build_auditor(pl_module, self._device)
         if self._dp is None:
-            self._dp = self._attach_dp(trainer, pl_module)
-        if self._resumed and self.policy is not None and trainer.is_global_zero and not self._history:
-            self._history = self._read_history()
+            self._dp = attach_dp_release(trainer.optimizers, self._tap.parameters, privacy_engine=self.privacy_engine,
+                                         module=pl_module, delta=self.delta, dataloader=trainer.train_dataloader,
+                                         recompute=self.recompute, scope=self.scope)
+            if self._dp is not None:
+                text_attacks = self._auditor.applicable if self._modality == "text" else None
+                announce_dp_release(self._dp, trainer.loggers, text_attacks=text_attacks)
+        if self._resumed and self._monitor is not None and trainer.is_global_zero:
+            self._monitor.resume(self.log_path, self.last_audited_step)
         params = dict(pl_module.named_parameters())
         spec = self._auditor.spec
         local = self.scope == "local" and self.recompute == "observed"  # this rank's gradient, before all-reduce
@@ -431,58 +442,16 @@ class LeakageAudit(Callback):
             # started now, once the replica, the DP setup and the log are final: a forked child holds a copy of
             # them, and reads frozen weights from its own copy while they stay as they were at the fork
             job = AuditJob(self._auditor, device=self._device, delta=self._dp.delta if self._dp else DEFAULT_DELTA,
-                           resident=params, finish=self._persist)
+                           resident=params, finish=self._reporter.persist)
             self._worker = make_worker(
                 self.worker, job.run, job.crashed, max_pending=self.max_pending, num_threads=self.worker_threads,
                 niceness=self.worker_niceness, frozen={n: p for n, p in params.items() if not p.requires_grad},
             )
 
-    def _read_history(self) -> list[AuditRecord]:
-        """A resumed run's earlier successful audits, from its audit log, so the policy sees the whole run."""
-        if not self.log_path.is_file():
-            return []
-        try:
-            records = read_audit_log(self.log_path)
-        except AuditLogError as exc:
-            rank_zero_warn(f"LeakageAudit: the policy starts without the earlier audits: {exc}")
-            return []
-        return [_light(r) for r in records if r.status in _JUDGED and r.step <= self.last_audited_step]
-
-    def _attach_dp(self, trainer: Trainer, pl_module: LightningModule) -> DPRelease | None:
-        """Hook the DP-SGD release capture (when an Opacus ``DPOptimizer`` trains) and say so on rank zero."""
-        assert self._tap is not None and self._auditor is not None
-        dp = attach_dp_release(trainer.optimizers, self._tap.parameters, privacy_engine=self.privacy_engine,
-                               module=pl_module, delta=self.delta, dataloader=trainer.train_dataloader,
-                               recompute=self.recompute, scope=self.scope)
-        if dp is None:
-            return None
-        optimizer, mechanism = dp.capture.dp_optimizer, dp.mechanism
-        sigma = optimizer.noise_multiplier
-        if mechanism is None:
-            rank_zero_warn(
-                "LeakageAudit: DP-SGD detected but no Opacus accountant found (pass privacy_engine=); "
-                "epsilon is not reported"
-            )
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"privacy/accountant": mechanism or "none", "privacy/delta": dp.delta})
-        if (self._modality == "text" and 0 < sigma < SMALL_NOISE_MULTIPLIER
-                and "gradient_matching" not in self._auditor.applicable):
-            rank_zero_warn(
-                f"LeakageAudit: noise multiplier {sigma} < {SMALL_NOISE_MULTIPLIER}: at such noise the span attacks "
-                "read nothing while gradient_matching still recovers text (CoLA, B=1: ROUGE-1 0.58 at sigma 1e-4); "
-                "add attacks=(..., 'gradient_matching') for an honest worst case"
-            )
-        rank_zero_info(
-            f"LeakageAudit: DP-SGD (noise multiplier {sigma}, max grad norm "
-            f"{optimizer.max_grad_norm}, accountant {mechanism}): auditing the released (clipped, noised) gradient; "
-            f"epsilon at delta={dp.delta:g}"
-        )
-        return dp
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, self.end_timeout, log=True, collective=True)
-        if self.on_breach == "raise":  # audits that finished after the last step can still breach
-            self._decide(trainer, collective=True)
+        if self._monitor is not None and self.on_breach == "raise":  # audits finished after the last step can breach
+            self._monitor.decide(trainer, collective=True)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._finish(trainer, timeout=5.0, log=False)
@@ -497,14 +466,12 @@ class LeakageAudit(Callback):
         if self._worker is not None:
             done = self._worker.close(timeout)
             if not done:
-                self._warn_once("abandoned", f"LeakageAudit: an audit still running after {timeout}s was abandoned")
+                self._reporter.warn_once("abandoned", f"LeakageAudit: an audit still running after {timeout}s was abandoned")
             self._collect(trainer, log=log)
             self._worker = None
-        if self._exchanging and (collective or trainer.is_global_zero):
-            self._exchange(trainer, log=log, collective=collective)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._reporter.exchanging and (collective or trainer.is_global_zero):
+            self._reporter.exchange(trainer, log=log, collective=collective, skipped=self.skipped)
+        self._reporter.close()
         if self._snapshots is not None:
             self._snapshots.close()
             self._snapshots = None
@@ -534,20 +501,15 @@ class LeakageAudit(Callback):
             window = self._snapshots.finish()  # every rank: a collective under global-scope DDP
             self.last_audited_step = window.step
             self._dispatch(trainer, window)
-            if self._exchanging:  # every rank reaches this step: send finished audits to rank 0
+            if self._reporter.exchanging:  # every rank reaches this step: send finished audits to rank 0
                 self._collect(trainer, log=True)
-                self._exchange(trainer, log=True, collective=True)
+                self._reporter.exchange(trainer, log=True, collective=True, skipped=self.skipped)
         self._collect(trainer, log=True)
-        if self.on_breach != "warn" and (audited or self._world == 1):  # a point every rank reaches
-            self._decide(trainer, collective=self._world > 1)
+        if self._monitor is not None and self.on_breach != "warn" and (audited or self._world == 1):
+            self._monitor.decide(trainer, collective=self._world > 1)  # at a point every rank reaches
         key = PROGRESS_BAR_KEYS.get(self._modality or "text", PROGRESS_BAR_KEY)
         if key in self.worst:
             pl_module.log(key, self.worst[key], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
-
-    @property
-    def _exchanging(self) -> bool:
-        """Whether finished audits travel between ranks: ``scope="local"`` with several processes."""
-        return self.scope == "local" and self._world > 1
 
     def _dispatch(self, trainer: Trainer, w: BatchWindow) -> None:
         """Hand the audited step's snapshot to the worker, or record why it cannot be audited."""
@@ -558,7 +520,7 @@ class LeakageAudit(Callback):
         audit, epoch, names = self.audits, trainer.current_epoch, [a.name for a in self._auditor.attacks]
         problem = w.problem()
         if problem is not None:
-            self._warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {problem}")
+            self._reporter.warn_once("capture", f"LeakageAudit: audit at step {w.step} failed: {problem}")
         elif self._worker.busy:
             self.skipped += 1
             problem = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
@@ -573,173 +535,12 @@ class LeakageAudit(Callback):
         try:
             self._worker.submit(snap, ready)
         except Exception as exc:  # noqa: BLE001 - e.g. no fresh worker process could be forked: a failed audit
-            self._warn_once("submit", f"LeakageAudit: audit at step {w.step} could not start: {exc}")
+            self._reporter.warn_once("submit", f"LeakageAudit: audit at step {w.step} could not start: {exc}")
             self._emit(trainer, failed_records(snap, names, exc, audit))
 
-    # ------------------------------------------------------------------ worker side
-    def _persist(self, records: list[AuditRecord]) -> list[AuditRecord]:
-        """Stamp the rank and, on rank 0, append to the audit log right away (from the worker thread), so a
-        finished audit is durable before training even hears of it."""
-        self._stamp(records)
-        if self._log is not None:
-            self._log.write(records)
-        return records
-
-    def _stamp(self, records: Sequence[AuditRecord]) -> None:
-        if self._world > 1:
-            for r in records:
-                r.info.setdefault("process_rank", self._rank)
-                r.info.setdefault("scope", self.scope)
-
-    # ------------------------------------------------------------------ results
     def _emit(self, trainer: Trainer, records: list[AuditRecord]) -> None:
-        """Records made on the Trainer's thread (skipped or failed audits): into the log now on rank 0, into
-        the next exchange elsewhere."""
-        self._stamp(records)
-        if self._log is not None:
-            self._log.write(records)
-        if self._exchanging:
-            self._buffer.append(records)
-        else:
-            self._report(trainer, [records], log=True)
+        self._reporter.emit(trainer, records, skipped=self.skipped)
 
     def _collect(self, trainer: Trainer, *, log: bool) -> None:
-        """Results the worker finished (already in the log on rank 0): reported now, or buffered for the next
-        exchange between ranks."""
         results = self._worker.drain() if self._worker is not None else []
-        if self._exchanging:
-            self._buffer.extend(results)
-        else:
-            self._report(trainer, results, log=log)
-
-    def _exchange(self, trainer: Trainer, *, log: bool, collective: bool) -> None:
-        """``scope="local"`` under DDP: every rank's buffered results to rank 0, which writes the other ranks'
-        records to the log and reports every audited step once, over all ranks. Without ``collective``
-        (after an exception) rank 0 reports only its own."""
-        mine, self._buffer = self._buffer, []
-        parts = gather_to_all((self.skipped, mine)) if collective else [(self.skipped, mine)]
-        if not trainer.is_global_zero:
-            return
-        by_step: dict[int, list[AuditRecord]] = {}
-        for rank, (skipped, results) in enumerate(parts):
-            if rank != self._rank:
-                self._skipped_elsewhere[rank] = int(skipped)
-            for records in results:
-                if rank != self._rank and self._log is not None:
-                    self._log.write(records)
-                if records:
-                    by_step.setdefault(records[0].step, []).extend(records)
-        self._report(trainer, [by_step[s] for s in sorted(by_step)], log=log)
-
-    def _report(self, trainer: Trainer, results: Sequence[list[AuditRecord]], *, log: bool) -> None:
-        """Counters, worst values, loggers and W&B samples for finished audits (already in the log)."""
-        for records in results:
-            if not records:
-                continue
-            failed = [r for r in records if r.status == "failed"]
-            if failed:
-                self._warn_once(
-                    "failed", f"LeakageAudit: attack {failed[0].attack!r} failed at step {failed[0].step}: {failed[0].error}"
-                )
-            self.failed += any(r.status == "failed" for r in records)
-            timeout = [r for r in records if r.status == "timeout"]
-            if timeout:
-                self._warn_once(
-                    "timeout", f"LeakageAudit: attack {timeout[0].attack!r} ran out of time at step {timeout[0].step} "
-                    f"({timeout[0].error}); a timed-out attack is missing evidence, not a low value: raise "
-                    "max_seconds or audit less often"
-                )
-            self.timeouts += len(timeout)
-            metrics = flatten_metrics(records)
-            for key, value in metrics.items():
-                if key.startswith("leak/"):
-                    self.worst[key] = max(self.worst.get(key, float("-inf")), value)
-            metrics["audit/skipped"] = float(self.skipped + sum(self._skipped_elsewhere.values()))
-            step = records[0].step
-            checked = self._check_policy(records, step)
-            if checked is not None:
-                metrics["gate/verdict"] = float(VERDICTS.index(self.verdict or "pass"))
-            if log:
-                log_to_loggers(trainer.loggers, metrics, step=step)
-                try:
-                    for dashboard in self._wandb(trainer):
-                        dashboard.update(records, step)
-                        if checked is not None:
-                            report, breaches = checked
-                            dashboard.verdict(
-                                self.verdict or "pass",
-                                {r.rule.name: r.status if r.value is not None else "no data" for r in report.results},
-                                {b.rule: b.message for b in breaches}, step,
-                            )
-                except Exception as exc:  # noqa: BLE001 - a dashboard error must not stop training
-                    self._warn_once("wandb", f"LeakageAudit: the W&B dashboard failed at step {step}: {exc!r}")
-
-    def _wandb(self, trainer: Trainer) -> list[WandbDashboard]:
-        """One dashboard per ``WandbLogger`` (made at the first finished audit, on rank zero)."""
-        if self._dashboards is None:
-            self._dashboards = [
-                WandbDashboard(lg.experiment, self._modality or "text", log_samples=self.log_samples,
-                               log_dir=self.log_dir, alert=self.wandb_alert)
-                for lg in wandb_loggers(trainer.loggers)
-            ]
-        return self._dashboards
-
-    def _check_policy(self, records: Sequence[AuditRecord], step: int) -> tuple[GateReport, list[Breach]] | None:
-        """Evaluate the policy over the run so far (rank zero); note the first breach and warn about each rule.
-        Returns the report and its breaches, or ``None`` when there is nothing to judge."""
-        if self.policy is None:
-            return None
-        self._history.extend(_light(r) for r in records if r.status in _JUDGED)
-        try:
-            report = self.policy.evaluate(self._history)
-        except GateError:  # no successful audit yet: nothing to judge
-            return None
-        except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
-            self._warn_once("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
-            return None
-        self.verdict = report.measured().verdict  # no evidence yet is not a verdict yet
-        for result in report.results:
-            if result.status == "warn":
-                self._warn_once(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "
-                                f"{result.message}")
-        breaches = find_breaches(report, step)
-        for breach in breaches:
-            if self.breach is None:
-                self.breach = breach
-            self._warn_once(f"policy-fail:{breach.rule}", f"LeakageAudit: leakage policy breached at step {step}: "
-                            f"{breach.message}" + ("" if self.on_breach == "warn" else f" (on_breach={self.on_breach!r})"))
-        return report, breaches
-
-    def _decide(self, trainer: Trainer, *, collective: bool) -> None:
-        """Act on a breach (``on_breach`` "stop" or "raise"), the decision reduced across ranks."""
-        found = self.breach is not None
-        if collective:
-            found = bool(trainer.strategy.reduce_boolean_decision(found, all=False))
-        if not found:
-            return
-        message = self.breach.message if self.breach is not None else ""
-        if collective:  # the other ranks learn rank zero's message
-            message = trainer.strategy.broadcast(message, src=0)
-        if self.on_breach == "stop":
-            if not trainer.should_stop:
-                rank_zero_info(f"LeakageAudit: stopping training at step {trainer.global_step}: {message}")
-            trainer.should_stop = True
-        elif self.on_breach == "raise":
-            step = self.breach.step if self.breach is not None else trainer.global_step
-            raise LeakageThresholdExceeded(f"leakage policy breached (audit of step {step}): {message}", self.breach)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
-
-_JUDGED = ("ok", "timeout")
-"""Statuses the policy reads: measured values, and timed-out attacks (missing evidence, or a partial value
-that already proves a breach)."""
-
-
-def _light(record: AuditRecord) -> AuditRecord:
-    """What the policy reads of a record (no samples; of ``info`` only partial values), so the run's
-    history stays small."""
-    return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items() if k.startswith("partial_")})
+        self._reporter.collect(trainer, results, log=log, skipped=self.skipped)

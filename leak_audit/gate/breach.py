@@ -19,11 +19,19 @@ process, the audited steps under DDP.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from leak_audit.gate.policy import GateReport, RuleResult
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["BREACH_ACTIONS", "Breach", "LeakageThresholdExceeded", "find_breaches"]
+from leak_audit.gate.policy import VERDICTS, GateError, GatePolicy, GateReport, RuleResult
+from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.results.reporter import Judgement
+
+__all__ = ["BREACH_ACTIONS", "JUDGED_STATUSES", "Breach", "BreachMonitor", "LeakageThresholdExceeded", "find_breaches"]
 
 BREACH_ACTIONS: tuple[str, ...] = ("warn", "stop", "raise")
 
@@ -80,3 +88,108 @@ def _breach(result: RuleResult, step: int) -> Breach:
     rule = result.rule
     assert result.value is not None
     return Breach(rule.name, rule.metric, float(result.value), rule.threshold, rule.direction, step, result.message)
+
+
+JUDGED_STATUSES: tuple[str, ...] = ("ok", "timeout")
+"""Statuses the policy reads while training: measured values, and timed-out attacks (missing evidence, or
+a partial value that already proves a breach)."""
+
+
+class BreachMonitor:
+    """The leakage policy while training: judged after every finished audit, acted on at safe points.
+
+    Args:
+        policy: the release gate's policy.
+        on_breach: ``"warn"``, ``"stop"`` or ``"raise"`` (:data:`BREACH_ACTIONS`).
+        warn: ``warn(key, message)``, warning once per key (the reporter's
+            :meth:`~leak_audit.results.reporter.AuditReporter.warn_once`).
+
+    Attributes:
+        verdict: the latest verdict over measured rules (``"pass"``, ``"warn"``, ``"fail"``), ``None`` before
+            the first successful audit.
+        breach: the first breached rule of the run, if any.
+        history: the run's judged records so far, without samples (:meth:`resume` reads a resumed run's).
+    """
+
+    def __init__(self, policy: GatePolicy, on_breach: str, warn: Callable[[str, str], None]) -> None:
+        if on_breach not in BREACH_ACTIONS:
+            raise ValueError(f"on_breach must be one of {', '.join(map(repr, BREACH_ACTIONS))}, got {on_breach!r}")
+        self.policy = policy
+        self.on_breach = on_breach
+        self.warn = warn
+        self.verdict: str | None = None
+        self.breach: Breach | None = None
+        self.history: list[AuditRecord] = []
+
+    def resume(self, log_path: Path, last_step: int) -> None:
+        """Read a resumed run's earlier judged audits (steps ``<= last_step``) from its audit log, so the
+        policy sees the whole run. An unreadable log is a warning: the policy then starts afresh."""
+        if self.history or not log_path.is_file():
+            return
+        try:
+            records = read_audit_log(log_path)
+        except AuditLogError as exc:
+            rank_zero_warn(f"LeakageAudit: the policy starts without the earlier audits: {exc}")
+            return
+        self.history = [_light(r) for r in records if r.status in JUDGED_STATUSES and r.step <= last_step]
+
+    def __call__(self, records: Sequence[AuditRecord], step: int) -> Judgement | None:
+        """Judge the run after ``records`` (one audit, at optimizer step ``step``): note the first breach and
+        warn once per warned or breached rule. ``None`` when there is nothing to judge yet, or the policy
+        cannot be evaluated (a warning: it must not stop training)."""
+        self.history.extend(_light(r) for r in records if r.status in JUDGED_STATUSES)
+        try:
+            report = self.policy.evaluate(self.history)
+        except GateError:  # no successful audit yet: nothing to judge
+            return None
+        except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
+            self.warn("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
+            return None
+        self.verdict = report.measured().verdict  # no evidence yet is not a verdict yet
+        for result in report.results:
+            if result.status == "warn":
+                self.warn(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "
+                          f"{result.message}")
+        breaches = find_breaches(report, step)
+        for breach in breaches:
+            if self.breach is None:
+                self.breach = breach
+            self.warn(f"policy-fail:{breach.rule}", f"LeakageAudit: leakage policy breached at step {step}: "
+                      f"{breach.message}" + ("" if self.on_breach == "warn" else f" (on_breach={self.on_breach!r})"))
+        verdict = self.verdict or "pass"
+        return Judgement(
+            verdict, VERDICTS.index(verdict),
+            {r.rule.name: r.status if r.value is not None else "no data" for r in report.results},
+            {b.rule: b.message for b in breaches},
+        )
+
+    def decide(self, trainer: Any, *, collective: bool) -> None:
+        """Act on a breach (``on_breach`` ``"stop"`` or ``"raise"``), the decision reduced across ranks.
+
+        ``collective``: every rank calls this at the same point (``reduce_boolean_decision`` and
+        ``broadcast`` are collectives).
+
+        Raises:
+            LeakageThresholdExceeded: ``on_breach="raise"`` and a rank found a breach.
+        """
+        found = self.breach is not None
+        if collective:
+            found = bool(trainer.strategy.reduce_boolean_decision(found, all=False))
+        if not found:
+            return
+        message = self.breach.message if self.breach is not None else ""
+        if collective:  # the other ranks learn rank zero's message
+            message = trainer.strategy.broadcast(message, src=0)
+        if self.on_breach == "stop":
+            if not trainer.should_stop:
+                rank_zero_info(f"LeakageAudit: stopping training at step {trainer.global_step}: {message}")
+            trainer.should_stop = True
+        elif self.on_breach == "raise":
+            step = self.breach.step if self.breach is not None else trainer.global_step
+            raise LeakageThresholdExceeded(f"leakage policy breached (audit of step {step}): {message}", self.breach)
+
+
+def _light(record: AuditRecord) -> AuditRecord:
+    """What the policy reads of a record (no samples; of ``info`` only partial values), so the run's
+    history stays small."""
+    return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items() if k.startswith("partial_")})

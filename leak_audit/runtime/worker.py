@@ -36,7 +36,7 @@ from torch import Tensor
 
 from leak_audit.capture.snapshot import FrozenCopy
 
-__all__ = ["WORKER_KINDS", "AuditWorker", "ProcessAuditWorker", "ThreadAuditWorker", "make_worker"]
+__all__ = ["WORKER_KINDS", "AuditWorker", "ProcessAuditWorker", "ThreadAuditWorker", "check_worker_devices", "make_worker"]
 
 WORKER_KINDS: tuple[str, ...] = ("thread", "process")
 """``LeakageAudit(worker=...)``: a background thread (default), or a forked CPU process."""
@@ -534,6 +534,17 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
+
+
+def check_worker_devices(kind: str, training: torch.device, attacks: torch.device | None) -> None:
+    """Refuse ``kind="process"`` unless training and attacks (``None``: the training device) are on the CPU.
+
+    Raises:
+        ValueError: a process worker with a non-CPU device (a forked child cannot use CUDA).
+    """
+    if kind == "process" and {training.type, (attacks or training).type} != {"cpu"}:
+        raise ValueError(f"LeakageAudit(worker='process') forks a CPU process, for CPU training only (training on "
+                         f"{training}, attacks on {attacks or 'the same'}): use worker='thread'")
 
 
 def make_worker(
