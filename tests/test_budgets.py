@@ -111,8 +111,8 @@ def _token_bag(setup, batch) -> Reconstruction:
 # ------------------------------------------------------------------ every attack, deadline already gone
 
 
-@pytest.mark.parametrize("name", available_attacks("text"))
-def test_a_text_attack_started_past_the_deadline_returns_at_once(name, setup, batches):
+@pytest.mark.parametrize("name", [n for n in available_attacks("text") if n != "span_decoder"])  # decoders:
+def test_a_text_attack_started_past_the_deadline_returns_at_once(name, setup, batches):  # test_decoders.py
     spec, params, replica = setup
     size, grads = batches["cola16"]
     attack = get_attack(name)

@@ -196,7 +196,7 @@ def test_text_model_spec_dispatches_to_a_registered_family(toy_family):
     assert model_modality(root) == "text"
     # the BERT family still reads BERT models, and is asked first
     assert text_model_spec(small_bert()).family == "bert"
-    assert [f.name for f in text_families()] == ["bert", "toy"]
+    assert [f.name for f in text_families()] == ["bert", "llama", "toy"]
 
 
 def test_token_bag_and_span_check_recover_a_known_sentence_through_the_spec(toy_family):

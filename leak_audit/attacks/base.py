@@ -27,7 +27,18 @@ from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models import ImageModelSpec, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["COSTS", "Attack", "AttackInput", "Budget", "ModelSpec", "NotApplicable", "Reconstruction", "Requirements"]
+__all__ = [
+    "COSTS",
+    "Attack",
+    "AttackInput",
+    "Budget",
+    "ModelSpec",
+    "NotApplicable",
+    "Reconstruction",
+    "Requirements",
+    "require_classifier",
+    "require_encoder",
+]
 
 COSTS: tuple[str, ...] = ("analytic", "search", "optimisation")
 """Cost classes of attacks, cheapest first: closed-form reads of the gradient (seconds at most), discrete
@@ -41,6 +52,22 @@ class NotApplicable(Exception):
     """The tapped gradients give this attack nothing to work with (the message says what it needs)."""
 
 
+def require_encoder(spec: TextModelSpec) -> None:
+    """Raise :class:`NotApplicable` for a causal decoder: the encoder span attacks assume every position sees
+    the whole sentence and learned absolute positions; ``span_decoder`` reads decoders."""
+    if spec.causal:
+        raise NotApplicable(f"reads bidirectional encoders (BERT family); this {spec.model_type} model is a causal "
+                            "decoder, read by span_decoder")
+
+
+def require_classifier(spec: TextModelSpec) -> None:
+    """Raise :class:`NotApplicable` for a language-model head: the attack matches a classifier's loss, and
+    under next-token loss the labels are the text itself."""
+    if spec.classifier_weight is None and spec.lm_head is not None:
+        raise NotApplicable("matches a sequence classifier's loss; this model trains on next-token loss, where "
+                            "the labels are the text itself (span_decoder recovers them)")
+
+
 @dataclass(frozen=True)
 class Requirements:
     """What an attack reads from a snapshot: gradient and parameter names (relative to the audited root)."""
@@ -48,7 +75,10 @@ class Requirements:
     gradients: frozenset[str] = frozenset()
     params: frozenset[str] = frozenset()
     replica: bool = False
-    """The attack runs the model (needs :attr:`AttackInput.replica` and every parameter's value)."""
+    """The attack runs the model (needs :attr:`AttackInput.replica` and every trainable parameter's value)."""
+    replica_scope: tuple[str, ...] | None = None
+    """With :attr:`replica`: module names whose trainable parameters the attack's forward reads (it stops
+    before the others, e.g. a decoder's first layers); ``None``: every trainable parameter."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from leak_audit.attacks.text.labels import LabelRecovery
 from leak_audit.attacks.text.span_attention import SpanAttention
 from leak_audit.attacks.text.span_check import SpanCheck
 from leak_audit.attacks.text.span_cluster import SpanCluster
+from leak_audit.attacks.text.span_decoder import SpanDecoder
 from leak_audit.attacks.text.span_search import SpanSearch
 from leak_audit.attacks.text.token_bag import TokenBag
 from leak_audit.models import MODALITIES
@@ -61,7 +62,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 BUILT_IN: tuple[type[Attack], ...] = (
-    TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, SpanCluster, GradientMatching, DLG,
+    TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, SpanCluster, SpanDecoder, GradientMatching, DLG,
     ImageDLG, InvertingGradients, ImageLabelRecovery,
 )
 """The attacks this package ships, registered at import (in this order)."""

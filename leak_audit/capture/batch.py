@@ -248,7 +248,10 @@ def default_batch_adapter(batch: Any) -> TextBatch:
         mask = torch.ones_like(ids)
     labels = batch.get("labels", batch.get("label"))
     if labels is not None:
-        labels = torch.as_tensor(labels).reshape(-1)
+        labels = torch.as_tensor(labels)
+        # next-token labels ([B, L], the input ids with -100 on ignored positions) are the text itself, not
+        # classes: the scoring compares the reconstructed text with input_ids
+        labels = None if labels.dim() == 2 and labels.shape == ids.shape else labels.reshape(-1)
     return TextBatch(ids, mask, batch.get("token_type_ids"), labels)
 
 

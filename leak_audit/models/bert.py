@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from leak_audit.models.hf import UnsupportedModelError, classifier_names, join_names, unwrap_linear
+from leak_audit.models.hf import (
+    UnsupportedModelError,
+    base_model,
+    classifier_names,
+    join_names,
+    lm_head_name,
+    unwrap_linear,
+)
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
 
@@ -27,16 +34,10 @@ OFFSET_MODEL_TYPES: frozenset[str] = frozenset({"roberta", "xlm-roberta", "camem
 _EMBEDDING_PARTS = ("word_embeddings", "position_embeddings", "LayerNorm")
 
 
-def _base(hf: nn.Module) -> tuple[str, nn.Module]:
-    """``(name, module)`` of the base model inside ``hf`` (``hf.base_model``; ``""`` when it is ``hf``)."""
-    base = getattr(hf, "base_model", hf)
-    return next((n for n, m in hf.named_modules() if m is base), ""), base
-
-
 def is_bert_family(hf: nn.Module) -> bool:
     """Whether the Hugging Face model ``hf`` has BERT-style ``embeddings.{word_embeddings,
     position_embeddings,LayerNorm}`` and an ``encoder`` (the layers are checked by :func:`bert_model_spec`)."""
-    base = _base(hf)[1]
+    base = base_model(hf)[1]
     emb = getattr(base, "embeddings", None)
     encoder = getattr(base, "encoder", None)
     return emb is not None and encoder is not None and all(hasattr(emb, n) for n in _EMBEDDING_PARTS)
@@ -86,19 +87,6 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     )
 
 
-def _lm_head(hf: nn.Module, hf_name: str, word: nn.Parameter) -> tuple[str | None, bool]:
-    """Root-relative name of the LM head's weight (``get_output_embeddings``) and whether it is ``word``."""
-    try:
-        head = hf.get_output_embeddings()  # type: ignore[operator]
-    except (AttributeError, NotImplementedError):
-        return None, False
-    weight = getattr(head, "weight", None)
-    if weight is None:
-        return None, False
-    name = next((n for n, p in hf.named_parameters() if p is weight), None)
-    return (join_names(hf_name, name) if name is not None else None), weight is word
-
-
 def bert_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     """Build the :class:`~leak_audit.models.spec.TextModelSpec` of a BERT-family model.
 
@@ -110,7 +98,7 @@ def bert_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
         UnsupportedModelError: no BERT-style embeddings/encoder, no ``encoder.layer`` list, or a layer
             without ``attention.self.{query,key,value}``.
     """
-    base_name, base = _base(hf)
+    base_name, base = base_model(hf)
     emb = getattr(base, "embeddings", None)
     encoder = getattr(base, "encoder", None)
     if emb is None or encoder is None or not all(hasattr(emb, n) for n in _EMBEDDING_PARTS):
@@ -135,7 +123,7 @@ def bert_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     pad_id = getattr(config, "pad_token_id", None)
     offset = int(pad_id) + 1 if model_type in OFFSET_MODEL_TYPES else 0
     tt = getattr(emb, "token_type_embeddings", None)
-    lm_head, tied = _lm_head(hf, hf_name, emb.word_embeddings.weight)
+    lm_head, tied = lm_head_name(hf, hf_name, emb.word_embeddings.weight)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     return TextModelSpec(
         hf_prefix=hf_name,

@@ -12,11 +12,12 @@ from torch import nn
 
 from leak_audit.models.bert import BERT_FAMILY
 from leak_audit.models.hf import UnsupportedModelError, find_hf_model
+from leak_audit.models.llama import LLAMA_FAMILY
 from leak_audit.models.spec import TextFamily, TextModelSpec
 
 __all__ = ["register_family", "text_families", "text_model_spec", "unregister_family", "unsupported_message"]
 
-_FAMILIES: list[TextFamily] = [BERT_FAMILY]
+_FAMILIES: list[TextFamily] = [BERT_FAMILY, LLAMA_FAMILY]
 
 
 def text_families() -> tuple[TextFamily, ...]:

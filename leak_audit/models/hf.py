@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["UnsupportedModelError", "classifier_names", "find_hf_model", "join_names", "unwrap_linear"]
+__all__ = [
+    "UnsupportedModelError",
+    "base_model",
+    "classifier_names",
+    "find_hf_model",
+    "join_names",
+    "lm_head_name",
+    "unwrap_linear",
+]
 
 
 class UnsupportedModelError(TypeError):
@@ -74,3 +82,23 @@ def classifier_names(
             weight = join_names(hf_name, name, suffix + "weight")
             bias = join_names(hf_name, name, suffix + "bias") if lin.bias is not None else None
     return weight, bias
+
+
+def base_model(hf: nn.Module) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the base model inside ``hf`` (``hf.base_model``; name ``""`` when it is ``hf``)."""
+    base = getattr(hf, "base_model", hf)
+    return next((n for n, m in hf.named_modules() if m is base), ""), base
+
+
+def lm_head_name(hf: nn.Module, hf_name: str, word: nn.Parameter) -> tuple[str | None, bool]:
+    """Root-relative name of the LM head's weight (``get_output_embeddings``; ``None`` without one) and
+    whether it *is* the input embedding ``word`` (tied embeddings)."""
+    try:
+        head = hf.get_output_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        return None, False
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return None, False
+    name = next((n for n, p in hf.named_parameters() if p is weight), None)
+    return (join_names(hf_name, name) if name is not None else None), weight is word

@@ -10,6 +10,7 @@ runs it with :func:`torch.func.functional_call` on a snapshot's parameters.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = ["ModelReplica", "local_names", "parameter_gradients"]
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook to stop the forward once every watched module has seen its input."""
 
 
 def local_names(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -157,3 +162,71 @@ class ModelReplica:
             lambda values: self.forward(values, labels=labels, train=train, **inputs).loss,
             create_graph=create_graph,
         )
+
+    def module_inputs(
+        self,
+        params: Mapping[str, Tensor],
+        modules: Sequence[str],
+        input_ids: Tensor,
+        *,
+        cache: Any = None,
+    ) -> dict[str, Tensor]:
+        """The inputs of ``modules`` when the model reads ``input_ids``, stopping the forward right there.
+
+        The forward runs at ``params`` (root-relative names; the replica's own values for the others) only
+        until every module in ``modules`` has been called once; the layers after them never run, so the
+        inputs of a decoder's first layers cost a fraction of a forward pass.
+
+        Args:
+            params: parameter values by root-relative name.
+            modules: root-relative module names (e.g. ``"model.layers.1.self_attn.q_proj"``).
+            input_ids: ``[M, k]`` token ids, no padding.
+            cache: a Hugging Face ``DynamicCache`` holding a prefix (``[M, ...]``): ``input_ids`` then
+                continue it (positions ``prefix_length .. prefix_length + k - 1``) and the cache grows by
+                ``k`` in the layers that ran. ``None``: ``input_ids`` start at position 0.
+
+        Returns:
+            ``{module: input}`` with each input ``[M, k, d_in]`` (the first positional argument).
+
+        Raises:
+            KeyError: a name is not a module of the replica.
+        """
+        local = [m[len(self.prefix):] if m.startswith(self.prefix) else m for m in modules]
+        seen: dict[str, Tensor] = {}
+        handles = []
+        for name, short in zip(modules, local, strict=True):
+            try:
+                module = self.model.get_submodule(short)
+            except AttributeError:
+                raise KeyError(f"{name!r} is not a module of the replicated model") from None
+
+            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                seen.setdefault(name, args[0])
+                if len(seen) == len(modules):
+                    raise _Reached
+
+            handles.append(module.register_forward_pre_hook(hook))
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": None}
+        if cache is not None:  # transformers 5 names it `cache`, earlier versions `past_key_values`
+            key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            kwargs[key], kwargs["use_cache"] = cache, True
+        try:
+            functional_call(self.model, self.local(params), args=(), kwargs=kwargs, strict=False)
+        except _Reached:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [m for m in modules if m not in seen]
+        if missing:
+            raise KeyError(f"the forward never called {missing}")
+        return seen
+
+    def new_cache(self) -> Any:
+        """An empty Hugging Face ``DynamicCache`` for :meth:`module_inputs` (a decoder's key/value cache)."""
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56 takes no config
+            return DynamicCache()

@@ -130,7 +130,9 @@ class Auditor:
                 if replica is None:
                     self.plan[attack.name] = "runs the model, but the auditor was given no model replica"
                     continue
-                req = Requirements(req.gradients, req.params | replica.trainable, replica=True)
+                read = replica.trainable if req.replica_scope is None else frozenset(
+                    n for n in replica.trainable if any(n.startswith(m + ".") for m in req.replica_scope))
+                req = Requirements(req.gradients, req.params | read, replica=True, replica_scope=req.replica_scope)
             self.plan[attack.name] = req
 
     @property

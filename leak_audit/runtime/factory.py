@@ -1,6 +1,6 @@
 """Build the :class:`~leak_audit.runtime.auditor.Auditor` a training run needs, for a text or an image model.
 
-A text model is a Hugging Face BERT-family model (:class:`~leak_audit.models.TextModelSpec`,
+A text model is a Hugging Face model of a registered family (BERT, Llama) (:class:`~leak_audit.models.TextModelSpec`,
 :class:`~leak_audit.models.replica.ModelReplica`, optional dropout-off recompute, the text scorer); an image
 model is any classifier from ``[B, C, H, W]`` images to logits (:class:`~leak_audit.models.ImageModelSpec`,
 :class:`~leak_audit.models.image_replica.ImageReplica`, :class:`~leak_audit.metrics.scoring.ImageScorer`).
@@ -73,7 +73,7 @@ def build_auditor(
 
     Raises:
         ValueError: ``network`` given for a text model, or ``recompute="eval"`` for an image model.
-        UnsupportedModelError: no BERT-family model (text) or no network (images) is found.
+        UnsupportedModelError: no model of a registered text family or no network (images) is found.
     """
     if modality == "text":
         if network is not None:

@@ -39,6 +39,7 @@ from leak_audit.attacks.base import (
     NotApplicable,
     Reconstruction,
     Requirements,
+    require_classifier,
 )
 from leak_audit.models import TextModelSpec
 
@@ -98,6 +99,7 @@ class DLG(Attack):
         return f"DLG(max_steps={self.max_steps}, max_seconds={self.max_seconds})"
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_classifier(spec)
         names = matched_gradient_names(spec, tapped)
         return Requirements(gradients=frozenset(names), params=frozenset({spec.word_embeddings}), replica=True)
 

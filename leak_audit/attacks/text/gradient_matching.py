@@ -80,6 +80,7 @@ from leak_audit.attacks.base import (
     NotApplicable,
     Reconstruction,
     Requirements,
+    require_classifier,
 )
 from leak_audit.attacks.text.matching_search import (
     PARAMETRIZATIONS,
@@ -248,6 +249,7 @@ class GradientMatching(Attack):
 
     # ------------------------------------------------------------------ contract
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_classifier(spec)
         names = matched_gradient_names(spec, tapped)
         return Requirements(gradients=frozenset(names), params=frozenset({spec.word_embeddings}), replica=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from leak_audit.attacks.budget import started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_classifier
 from leak_audit.attacks.labels import label_counts_from_bias, label_from_weight
 from leak_audit.models import TextModelSpec
 
@@ -29,6 +29,7 @@ class LabelRecovery(Attack):
     name = "labels"
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_classifier(spec)
         names = [n for n in (spec.classifier_bias, spec.classifier_weight) if n is not None and n in tapped]
         if not names:
             raise NotApplicable(

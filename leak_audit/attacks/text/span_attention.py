@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leak_audit.attacks.budget import late, started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.least_squares import levenberg_marquardt
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.layer0 import (
@@ -423,6 +423,7 @@ class SpanAttention(Attack):
         return list(spec.layers[0].input_projections)
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_encoder(spec)
         if not spec.layers:
             raise NotApplicable("the model has no encoder layers")
         names = self._grad_names(spec)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late, started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import lora_input_constraints, span_basis
 from leak_audit.attacks.text.token_scores import TokenScorer, clipped_residuals, trimmed_residuals
@@ -498,6 +498,7 @@ class SpanCheck(Attack):
         self.exact_tol = exact_tol
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_encoder(spec)
         if not spec.layers:
             raise NotApplicable("the model has no encoder layers")
         usable = [n for n in spec.layers[0].input_projections if n in tapped]

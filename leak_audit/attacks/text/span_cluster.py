@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late, started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import span_basis
@@ -367,6 +367,7 @@ class SpanCluster(Attack):
         return spec.layers[0].key
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_encoder(spec)
         if not spec.layers:
             raise NotApplicable("the model has no encoder layers")
         query = spec.layers[0].query

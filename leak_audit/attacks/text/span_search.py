@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leak_audit.attacks.budget import late, started_late
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
@@ -209,6 +209,7 @@ class SpanSearch(Attack):
         return sorted(out, key=lambda t: (t[1] in first, t[0]))
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:
+        require_encoder(spec)
         cands = self._candidates(spec, tapped)
         if not cands:
             raise NotApplicable("needs the weight gradient of a linear module inside an encoder layer; none is tapped")

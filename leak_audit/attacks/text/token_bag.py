@@ -71,6 +71,11 @@ class TokenBag(Attack):
             raise NotApplicable(
                 f"needs the gradient of the word embeddings ({spec.word_embeddings!r}), which is not tapped"
             )
+        if spec.tied_embeddings:
+            raise NotApplicable(
+                "the word embeddings are tied to the LM head, whose gradient reaches every row: the nonzero rows "
+                "no longer mark the batch's tokens (span_decoder ranks rows by the layer-0 span instead)"
+            )
         return Requirements(gradients=frozenset({spec.word_embeddings}))
 
     def run(self, inp: AttackInput) -> Reconstruction:

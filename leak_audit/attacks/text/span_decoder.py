@@ -1,0 +1,315 @@
+"""Exact text from a decoder's first layers: DAGER's decoder path, done our way.
+
+Follows Petrov, Dimitrov, Baader, Müller, Vechev, "DAGER: Exact Gradient Inversion for Large Language
+Models" (NeurIPS 2024), §4-5, for causal decoders (GPT-2, the Llama family). A linear map's weight gradient
+is ``∂L/∂W = Σ_t δ_t x_tᵀ``: its row space spans the inputs ``x_t`` of the positions that received
+gradient, as long as they number fewer than the input size ``d``. The attack reads that twice:
+
+1. **Candidates.** Layer 0's attention projections read ``Norm(E[v] (+ P[i]))``. Under rotary positions
+   (Llama family) these carry no position, so every vocabulary row is ranked by its relative residual to
+   the row space of the stacked ``q/k/v`` gradients; the rows under :attr:`SpanDecoder.threshold` are the
+   candidate tokens. ``q_proj`` alone misses the first position (one key: the softmax is constant) and
+   the last; ``k_proj`` and ``v_proj`` see the first.
+2. **Left-to-right assembly.** Position ``i`` of a causal model depends on tokens ``0..i`` only. Starting
+   from single tokens, every live prefix is extended by every candidate, the replica runs the new
+   position through layer 0 (one key/value-cached step, stopping before the rest of the model:
+   :meth:`~leak_audit.models.replica.ModelReplica.module_inputs`), and an extension survives when the new
+   position's inputs to the *check* maps lie in their gradients' row spaces: layer 0's attention output
+   and feed-forward maps, layer 1's attention projections (whatever is tapped). A prefix no candidate
+   extends is finished.
+3. **The last token** (causal LM). The last position predicts nothing, so no weight gradient below the
+   head sees it: the prefixes end one token short. It is the target of the position before, and the LM
+   head's gradient (``Σ_t (p_t − e_{y_t}) h_tᵀ / N``, tied to the input embedding in many decoders) holds
+   it: with the finished prefixes the replica computes every known term, and the remaining rows are
+   ``−Σ_b h_b / N`` at each sentence's last target, solved by least squares against the prefixes' final
+   hidden states ``h_b``. Without the head's gradient the sentences stay one token short (``info``
+   says so).
+
+Degenerate case: a run of one repeated token (``"the the"`` at the very start) gives the same hidden
+state at every position of the run, so such extensions are refused unless their inputs differ.
+
+Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
+map's input size. Noise-free gradients only (DP noise: not applicable yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.spans import span_basis
+from leak_audit.models import EmbeddingTables, TextModelSpec
+from leak_audit.models.replica import ModelReplica
+
+__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "check_maps"]
+
+
+@dataclass(frozen=True)
+class CheckMap:
+    """Linear maps that read the same prefix-dependent input, and the module whose input is captured.
+
+    Attributes:
+        module: root-relative module name whose (first positional) input is the maps' input.
+        weights: the tapped weight names reading that input; their gradients are stacked row-wise.
+    """
+
+    module: str
+    weights: tuple[str, ...]
+
+
+def _module_of(weight: str) -> str:
+    module = weight.rsplit(".", 1)[0]
+    return module[: -len(".base_layer")] if module.endswith(".base_layer") else module
+
+
+def check_maps(spec: TextModelSpec, tapped: Collection[str]) -> list[CheckMap]:
+    """The tapped maps whose inputs depend on the prefix: layer 0's attention output, feed-forward input and
+    output projections (each its own input), then layer 1's attention input projections (stacked: they
+    share their input; ``q_proj`` alone misses the first position)."""
+    out: list[CheckMap] = []
+    first = spec.layers[0]
+    for w in (first.attention_output, first.ffn_input, first.ffn_output):
+        if w is not None and w in tapped:
+            out.append(CheckMap(_module_of(w), (w,)))
+    if len(spec.layers) > 1:
+        second = [w for w in spec.layers[1].input_projections if w in tapped]
+        if second:
+            # the module called first reads the input (Llama: q_proj); any of them sees the same tensor
+            out.append(CheckMap(_module_of(spec.layers[1].query), tuple(second)))
+    return out
+
+
+def _residuals(x: Tensor, basis: Tensor) -> Tensor:
+    """Relative residual ``‖x − V Vᵀ x‖ / ‖x‖`` of each row of ``x`` ``[..., d]`` (float64 out)."""
+    x = x.to(torch.float64)
+    proj = (x @ basis) @ basis.T
+    return torch.linalg.vector_norm(x - proj, dim=-1) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-300)
+
+
+def candidate_tokens(
+    grads: Sequence[Tensor], tables: EmbeddingTables, threshold: float, rtol: float = 1e-6, chunk: int = 8192
+) -> tuple[Tensor, Tensor, int]:
+    """Vocabulary rows whose position-free layer-0 input ``Norm(E[v])`` lies in the gradients' row space.
+
+    Args:
+        grads: layer 0's attention projection weight gradients ``[d_out_k, d]`` (they share their input).
+        tables: the first-layer input tables.
+        threshold: relative residual below which a row is a candidate.
+        rtol: relative singular-value tolerance of the row space (:func:`~leak_audit.attacks.spans.span_basis`).
+        chunk: rows ranked at once (memory).
+
+    Returns:
+        ``(tokens, residuals, rank)``: candidate token ids ``[K]`` (ascending residual), their residuals
+        ``[K]``, and the row space's rank.
+    """
+    basis, _ = span_basis(grads, rtol=rtol)
+    res = torch.empty(tables.word.shape[0], dtype=torch.float64)
+    basis32 = basis.to(device=tables.word.device, dtype=torch.float32)  # float32 suffices to rank: true rows ~1e-6
+    for start in range(0, tables.word.shape[0], chunk):
+        rows = tables.normalize(tables.word[start:start + chunk].to(torch.float32))
+        proj = (rows @ basis32) @ basis32.T
+        res[start:start + chunk] = (torch.linalg.vector_norm(rows - proj, dim=-1)
+                                    / torch.linalg.vector_norm(rows, dim=-1).clamp_min(1e-30)).cpu().double()
+    order = res.argsort()
+    keep = order[res[order] < threshold]
+    return keep, res[keep], int(basis.shape[1])
+
+
+class SpanDecoder(Attack):
+    """Registered attack ``"span_decoder"``: exact sentences from a causal decoder's first layers (DAGER).
+
+    Args:
+        threshold: relative residual below which an input counts as inside a gradient's row space. True
+            inputs sit near float32 round-off (``1e-8 … 1e-5``), others above ``1e-2`` on SmolLM2.
+        rtol: relative singular-value tolerance of the row spaces.
+        max_seconds: the attack's own time limit (``inf``: none; the audit's budget still applies).
+        max_length: longest sentence assembled, in tokens.
+        last_token_candidates: rows of the LM head's gradient compared per sentence for its last token.
+    """
+
+    name = "span_decoder"
+    cost = "search"
+
+    def __init__(self, threshold: float = 1e-3, rtol: float = 1e-6, max_seconds: float = math.inf,
+                 max_length: int = 512, last_token_candidates: int = 8) -> None:
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if not 0 < rtol < 1:
+            raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length!r}")
+        self.threshold = threshold
+        self.rtol = rtol
+        self.max_seconds = max_seconds
+        self.max_length = max_length
+        self.last_token_candidates = last_token_candidates
+
+    def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
+        if not getattr(spec, "causal", False):
+            raise NotApplicable("reads causal decoders (GPT-2, the Llama family); encoders are read by span_check")
+        first = [w for w in spec.layers[0].input_projections if w in tapped]
+        if not first:
+            raise NotApplicable("needs the gradient of layer 0's attention projections (q_proj/k_proj/v_proj or "
+                                "c_attn); tap layer 0 (e.g. modules='model.layers.0')")
+        checks = check_maps(spec, tapped)
+        if not checks:
+            raise NotApplicable("orders tokens with a map whose inputs depend on the prefix: tap layer 0's o_proj "
+                                "or MLP, or layer 1's attention (e.g. modules=['model.layers.0', 'model.layers.1'])")
+        grads = set(first) | {w for c in checks for w in c.weights}
+        # the assembly runs layers 0 and 1 only; the last-token step runs the whole model (every weight)
+        scope: tuple[str, ...] | None = tuple(layer.prefix for layer in spec.layers[:2])
+        if spec.lm_head is not None and spec.lm_head in tapped and spec.classifier_weight is None:
+            grads.add(spec.lm_head)
+            scope = None
+        return Requirements(gradients=frozenset(grads), params=frozenset(spec.embedding_params), replica=True,
+                            replica_scope=scope)
+
+    def run(self, inp: AttackInput) -> Reconstruction:
+        if inp.noise_std > 0:
+            raise NotApplicable(f"needs noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} per "
+                                "coordinate)")
+        if not isinstance(inp.replica, ModelReplica) or not isinstance(inp.spec, TextModelSpec):
+            raise NotApplicable("runs the decoder's first layers, but no text model replica was given")
+        budget = inp.budget(self.max_seconds)
+        if (late_start := started_late(self.name, budget)) is not None:
+            return late_start
+        spec, replica, params = inp.spec, inp.replica, inp.params
+        first = [inp.gradients[w] for w in spec.layers[0].input_projections if w in inp.gradients]
+        tables = EmbeddingTables.from_params(params, spec)
+        tokens, _, rank0 = candidate_tokens(first, tables, self.threshold, self.rtol)
+        checks = check_maps(spec, inp.gradients.keys())
+        bases = [span_basis([inp.gradients[w] for w in c.weights], rtol=self.rtol)[0] for c in checks]
+        info: dict[str, object] = {"rank_layer0": rank0, "candidates": int(tokens.numel()),
+                                   "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
+        if tokens.numel() == 0:
+            return Reconstruction(attack=self.name, sequences=[], info=info)
+        device = next(iter(params.values())).device
+        prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
+                                       budget.deadline)
+        info["prefixes"] = len(prefixes)
+        sequences = prefixes
+        head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
+        if prefixes and head is not None and not cut:
+            sequences = self._last_tokens(replica, params, inp.gradients[head], prefixes)
+            info["last_token"] = "lm_head"
+        elif spec.classifier_weight is None:
+            info["last_token"] = "missing: the LM head's gradient is not tapped"
+        return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
+                              info=info, timed_out=cut and budget.audit_bound)
+
+    # ------------------------------------------------------------------ assembly
+    def _assemble(
+        self,
+        replica: ModelReplica,
+        params: Mapping[str, Tensor],
+        checks: Sequence[CheckMap],
+        bases: Sequence[Tensor],
+        tokens: Tensor,
+        batch_size: int,
+        deadline: float,
+    ) -> tuple[list[list[int]], bool]:
+        """Grow prefixes left to right; return the finished ones and whether the deadline cut the search."""
+        modules = [c.module for c in checks]
+        width = max(4 * batch_size, 16)  # live prefixes kept (sentences may share a prefix)
+        n = int(tokens.numel())
+        with torch.no_grad():
+            seen = replica.module_inputs(params, modules, tokens[:, None])
+        score = self._score(seen, modules, bases)[:, 0]
+        keep = (score < self.threshold).nonzero().flatten()
+        keep = keep[score[keep].argsort()][:width]
+        live = [[int(tokens[i])] for i in keep]
+        last = [[seen[m][i, 0] for m in modules] for i in keep]
+        finished: list[list[int]] = []
+        while live:
+            if late(deadline):
+                return finished + live, True
+            if len(live[0]) >= self.max_length:
+                finished += live
+                break
+            k = len(live[0])
+            prefix = torch.tensor(live, dtype=torch.long, device=tokens.device)
+            with torch.no_grad():
+                cache = replica.new_cache()
+                replica.module_inputs(params, modules, prefix, cache=cache)
+                cache.batch_repeat_interleave(n)
+                seen = replica.module_inputs(params, modules, tokens.repeat(len(live))[:, None], cache=cache)
+            score = self._score(seen, modules, bases)[:, 0].view(len(live), n)
+            new = [seen[m][:, 0].view(len(live), n, -1) for m in modules]
+            for j, p in enumerate(live):
+                # a repeated token at a prefix made of it reproduces the previous hidden state: no new information
+                same = torch.stack([
+                    torch.linalg.vector_norm(new[q][j] - last[j][q], dim=-1)
+                    <= 1e-6 * torch.linalg.vector_norm(last[j][q]) for q in range(len(modules))
+                ]).all(0)
+                score[j][same] = math.inf
+            ok = (score < self.threshold).nonzero()
+            if ok.numel() == 0:
+                finished += live
+                break
+            extended = {int(j) for j in ok[:, 0]}
+            finished += [p for j, p in enumerate(live) if j not in extended]
+            order = score[ok[:, 0], ok[:, 1]].argsort()[:width]
+            pairs = ok[order]
+            live = [live[int(j)] + [int(tokens[int(i)])] for j, i in pairs]
+            last = [[new[q][int(j), int(i)] for q in range(len(modules))] for j, i in pairs]
+        finished.sort(key=len, reverse=True)
+        return finished[:batch_size], False
+
+    @staticmethod
+    def _score(seen: Mapping[str, Tensor], modules: Sequence[str], bases: Sequence[Tensor]) -> Tensor:
+        """The largest relative residual over the check maps: ``[M, k]``."""
+        return torch.stack([_residuals(seen[m], b.to(seen[m].device)) for m, b in zip(modules, bases, strict=True)]
+                           ).amax(0)
+
+    # ------------------------------------------------------------------ the last token
+    def _last_tokens(
+        self, replica: ModelReplica, params: Mapping[str, Tensor], head_grad: Tensor, prefixes: list[list[int]]
+    ) -> list[list[int]]:
+        """Append each prefix's last token, read from the LM head's gradient (see the module docstring)."""
+        b = len(prefixes)
+        lengths = [len(p) for p in prefixes]
+        width = max(lengths)
+        pad = 0
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prefixes], dtype=torch.long,
+                           device=head_grad.device)
+        mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], dtype=torch.long, device=head_grad.device)
+        with torch.no_grad():
+            out = replica.forward(params, input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        h = out.hidden_states[-1].to(torch.float64)  # [b, width, d]: the final norm's output, the head's input
+        p = out.logits.to(torch.float64).softmax(-1)  # [b, width, V]
+        total = sum(lengths)  # targets in the batch: every position but each sentence's last
+        last_h = torch.stack([h[s, lengths[s] - 1] for s in range(b)])  # [b, d]
+        pinv = torch.linalg.pinv(last_h)  # [d, b]; the remainder's rows are −Σ_b e_{y_b} h_bᵀ (+ lookup rows)
+        coef = -(total * (head_grad.to(torch.float64) @ pinv))  # [V, b]: how much of each h_b every row holds
+        for s in range(b):
+            n = lengths[s]
+            hp = h[s, :n] @ pinv  # [n, b]
+            coef += p[s, :n].T @ hp  # the Σ_t p_t h_tᵀ term
+            coef.index_add_(0, ids[s, 1:n], -hp[: n - 1])  # the known targets' −e_y h_tᵀ term
+        # A row holding other gradient too (the embedding lookup of a token that also occurs in a prefix, when
+        # the head is tied) can reach a large coefficient without being explained by the h_b: among each
+        # sentence's top rows, prefer the one whose remainder the h_b explain, with a coefficient near 1.
+        top = coef.topk(min(self.last_token_candidates, coef.shape[0]), dim=0).indices  # [k, b]
+        rows = top.flatten().unique()
+        remainder = total * head_grad[rows].to(torch.float64)
+        for s in range(b):
+            n = lengths[s]
+            remainder -= p[s, :n, rows].T @ h[s, :n]
+            hit = ids[s, 1:n, None] == rows[None, :]  # [n-1, r]
+            remainder += hit.to(h.dtype).T @ h[s, : n - 1]
+        fitted = -(remainder @ pinv) @ last_h  # the remainder's part in the span of the h_b, [r, d]
+        misfit = torch.linalg.vector_norm(remainder + fitted, dim=-1) / torch.linalg.vector_norm(remainder, dim=-1)
+        where = {int(v): i for i, v in enumerate(rows)}
+        out = []
+        for s, prefix in enumerate(prefixes):
+            cands = top[:, s].tolist()
+            penalty = [float(misfit[where[v]]) + abs(float(coef[v, s]) - 1.0) for v in cands]
+            out.append(prefix + [int(cands[min(range(len(cands)), key=penalty.__getitem__)])])
+        return out
+

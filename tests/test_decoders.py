@@ -1,0 +1,197 @@
+"""Causal decoders (the Llama family): the model layer reads them, span_decoder recovers their text exactly.
+
+Claims about leakage are measured on the real pretrained SmolLM2-135M-Instruct and real CoLA sentences;
+random-init configs check the family seam (Qwen2's q/k/v biases, grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from leak_audit import LeakageAudit
+from leak_audit.attacks import get_attack
+from leak_audit.attacks.base import AttackInput, NotApplicable
+from leak_audit.demos.datasets import read_tsv
+from leak_audit.models import text_model_spec
+from leak_audit.models.replica import ModelReplica
+from tests.conftest import data_file
+
+
+def _lm_batch(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    enc = tokenizer(sentences, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _attack(model: torch.nn.Module, batch: dict[str, torch.Tensor], tapped=None):
+    """Run span_decoder on the causal-LM gradient of ``batch`` (eval mode), tapping ``tapped`` (all: None)."""
+    model.zero_grad()
+    model(**batch).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    if tapped is not None:
+        grads = {n: g for n, g in grads.items() if n.startswith(tuple(tapped))}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    spec = text_model_spec(model)
+    attack = get_attack("span_decoder", "text")
+    attack.requirements(spec, grads.keys())
+    b = batch["input_ids"].shape[0]
+    return attack.run(AttackInput(grads, params, spec, b, replica=ModelReplica(model)))
+
+
+def _truth(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path: str):
+    from leak_audit.demos.pretrained import load_smollm2
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return load_smollm2("causal-lm")
+
+
+def test_the_llama_family_spec_of_smollm2(smollm2) -> None:
+    model, _ = smollm2
+    spec = text_model_spec(model)
+    assert (spec.family, spec.position_scheme, spec.norm_kind, spec.causal) == ("llama", "rotary", "rmsnorm", True)
+    assert (spec.hidden_size, spec.vocab_size, spec.num_heads, spec.num_kv_heads) == (576, 49152, 9, 3)
+    first = spec.layers[0]
+    assert (first.query_dim, first.key_dim, first.value_dim) == (576, 192, 192)  # grouped-query attention
+    assert spec.tied_embeddings and spec.lm_head == spec.word_embeddings == "model.embed_tokens.weight"
+    assert spec.decoder_view() == ("model.layers.0", "model.layers.1.self_attn.q_proj",
+                                   "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+                                   "model.embed_tokens")
+
+
+def test_span_decoder_recovers_real_cola_sentences_exactly_from_smollm2(smollm2) -> None:
+    """B = 4 real CoLA sentences, next-token loss, the default decoder view: every sentence exactly, its last
+    token included (read from the tied LM head's gradient, which is dense over all 49,152 rows)."""
+    model, tokenizer = smollm2
+    sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=4)]
+    batch = _lm_batch(tokenizer, sentences)
+    view = text_model_spec(model).decoder_view()
+    recon = _attack(model, batch, tapped=view)
+    assert recon.info["last_token"] == "lm_head"
+    assert sorted(recon.sequences) == sorted(_truth(batch))
+    assert sorted(tokenizer.decode(s) for s in recon.sequences) == sorted(sentences)
+
+
+def test_without_the_head_the_sentences_stop_one_token_short(smollm2) -> None:
+    """Under causal LM the last position predicts nothing: layers 0 and 1 alone never see the last token."""
+    model, tokenizer = smollm2
+    sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=2)]
+    batch = _lm_batch(tokenizer, sentences)
+    recon = _attack(model, batch, tapped=["model.layers.0.", "model.layers.1."])
+    assert recon.info["last_token"].startswith("missing")
+    assert sorted(recon.sequences) == sorted(s[:-1] for s in _truth(batch))
+
+
+def test_encoder_attacks_say_they_read_encoders_and_labels_say_why(smollm2) -> None:
+    model, _ = smollm2
+    spec = text_model_spec(model)
+    tapped = {n for n, _ in model.named_parameters()}
+    for name in ("span_check", "span_attention", "span_cluster", "span_search"):
+        with pytest.raises(NotApplicable, match="causal decoder, read by span_decoder"):
+            get_attack(name, "text").requirements(spec, tapped)
+    with pytest.raises(NotApplicable, match="labels are the text itself"):
+        get_attack("labels", "text").requirements(spec, tapped)
+    with pytest.raises(NotApplicable, match="tied to the LM head"):
+        get_attack("token_bag", "text").requirements(spec, tapped)
+
+
+def test_random_qwen2_with_biases_and_grouped_query_attention_b2() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    spec = text_model_spec(model)
+    assert spec.family == "llama" and spec.model_type == "qwen2" and not spec.tied_embeddings
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    recon = _attack(model, batch)
+    assert sorted(recon.sequences) == sorted(ids.tolist())
+
+
+def test_span_decoder_started_past_the_deadline_returns_at_once() -> None:
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leak_audit.attacks.budget import NO_TIME_LEFT
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = time.monotonic()
+    inp = AttackInput(grads, params, text_model_spec(model), 2, replica=ModelReplica(model), deadline=start - 1.0)
+    rec = get_attack("span_decoder", "text")(inp)
+    assert time.monotonic() - start < 0.5
+    assert rec.timed_out and rec.info["progress"] == NO_TIME_LEFT
+
+
+class _CausalLM(LightningModule):
+    def __init__(self, model, tokenizer) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+def test_a_trainer_run_on_smollm2_writes_exact_audits(smollm2, tmp_path: Path) -> None:
+    """The callback on a causal LM with no arguments but the schedule: decoder defaults (span_decoder on
+    layer 0, layer 1's attention and the LM head), ok records with ROUGE-1 1.0 and exact match 1.0."""
+    model, tokenizer = smollm2
+    sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=8)][4:]
+    batches = [_lm_batch(tokenizer, sentences)]
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path, max_seconds=300, end_timeout=600)
+    trainer = Trainer(max_steps=1, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_CausalLM(model, tokenizer), DataLoader(batches, batch_size=None))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["attack"] for r in records] == ["span_decoder"]
+    record = records[0]
+    assert record["status"] == "ok", record.get("error")
+    assert record["metrics"]["rouge1"] == pytest.approx(1.0)
+    assert record["metrics"]["exact_match"] == pytest.approx(1.0)
+    assert record["info"]["snapshot_bytes"] > 0
+
+
+def test_what_an_audit_copies_per_view(smollm2) -> None:
+    """Layers 0 and 1 alone copy about 20 MB (their gradients and weights, the embedding table); the LM head
+    adds its [V, d] gradient and, under full fine-tuning, every weight (the last-token step runs the model)."""
+    from leak_audit.runtime.auditor import Auditor
+
+    model, _ = smollm2
+    spec = text_model_spec(model)
+    sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+    replica = ModelReplica(model)
+
+    def copied(prefixes: tuple[str, ...]) -> int:
+        tapped = [n for n in sizes if n.startswith(prefixes)]
+        auditor = Auditor(spec, [get_attack("span_decoder", "text")], tapped, replica=replica)
+        assert auditor.applicable == ["span_decoder"]
+        return sum(sizes[n] for n in auditor.gradient_names) + sum(sizes[n] for n in auditor.param_names)
+
+    two_layers = copied(("model.layers.0.", "model.layers.1."))
+    assert two_layers < 200e6  # layers 0-1 (gradients and weights, about 56 MB) and the 113 MB embedding table
+    with_head = copied(("model.layers.0.", "model.layers.1.", "model.embed_tokens."))
+    assert with_head > 600e6  # + the head's gradient and every weight of the model
