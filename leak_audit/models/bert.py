@@ -20,8 +20,9 @@ from leak_audit.models.hf import (
     base_model,
     classifier_names,
     join_names,
+    linear_weight_names,
     lm_head_name,
-    unwrap_linear,
+    projection_weights,
 )
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
@@ -43,10 +44,6 @@ def is_bert_family(hf: nn.Module) -> bool:
     return emb is not None and encoder is not None and all(hasattr(emb, n) for n in _EMBEDDING_PARTS)
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-
-
 def _dropout_p(module: nn.Module, path: str) -> float:
     """``p`` of the dropout module at ``path`` inside ``module``; 0 without one."""
     try:
@@ -61,18 +58,9 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     if attn is None or not all(hasattr(attn, p) for p in ("query", "key", "value")):
         raise UnsupportedModelError(f"encoder layer {index} has no attention.self.{{query,key,value}}.")
     mods = tuple(join_names(lp, "attention", "self", p) for p in ("query", "key", "value"))
-    weights, dims = [], []
-    for proj_name, mod_name in zip(("query", "key", "value"), mods, strict=True):
-        inner = unwrap_linear(getattr(attn, proj_name))
-        suffix = "base_layer.weight" if inner is not getattr(attn, proj_name) else "weight"
-        weights.append(join_names(mod_name, suffix))
-        dims.append(int(getattr(inner, "out_features", 0) or 0))
+    weights, dims = projection_weights(attn, ("query", "key", "value"), join_names(lp, "attention", "self"))
     adapters = tuple(a for a in lora_specs(attn, join_names(lp, "attention", "self")) if a.module in mods)
-    norms = [n for n, m in layer.named_modules() if _is_norm(m)]
-    linear = tuple(
-        join_names(lp, n) for n, _ in layer.named_parameters()
-        if n.endswith("weight") and not any(n.startswith(p + ".") for p in norms)
-    )
+    linear = linear_weight_names(layer, lp)
     return EncoderLayerSpec(
         lp, weights[0], weights[1], weights[2], mods, adapters,  # type: ignore[arg-type]
         query_dim=dims[0],

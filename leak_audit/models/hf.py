@@ -17,7 +17,9 @@ __all__ = [
     "classifier_names",
     "find_hf_model",
     "join_names",
+    "linear_weight_names",
     "lm_head_name",
+    "projection_weights",
     "unwrap_linear",
 ]
 
@@ -102,3 +104,31 @@ def lm_head_name(hf: nn.Module, hf_name: str, word: nn.Parameter) -> tuple[str |
         return None, False
     name = next((n for n, p in hf.named_parameters() if p is weight), None)
     return (join_names(hf_name, name) if name is not None else None), weight is word
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def linear_weight_names(layer: nn.Module, prefix: str) -> tuple[str, ...]:
+    """Root-relative names of every weight of ``layer``'s linear maps: its parameters named ``*weight`` outside
+    its normalisation modules (``peft``'s ``base_layer``, ``lora_A`` and ``lora_B`` included); ``prefix`` is the
+    layer's root-relative module name."""
+    norms = [n for n, m in layer.named_modules() if _is_norm(m)]
+    return tuple(
+        join_names(prefix, n) for n, _ in layer.named_parameters()
+        if n.endswith("weight") and not any(n.startswith(p + ".") for p in norms)
+    )
+
+
+def projection_weights(parent: nn.Module, names: tuple[str, ...], prefix: str) -> tuple[list[str], list[int]]:
+    """Root-relative weight names and output sizes of the linear maps ``parent.<name>`` (``prefix``: the
+    parent's root-relative module name), looking through ``peft`` wrappers (``base_layer.weight``); an output
+    size is 0 when unknown."""
+    weights, dims = [], []
+    for name in names:
+        wrapped = getattr(parent, name)
+        inner = unwrap_linear(wrapped)
+        weights.append(join_names(prefix, name, "base_layer.weight" if inner is not wrapped else "weight"))
+        dims.append(int(getattr(inner, "out_features", 0) or 0))
+    return weights, dims

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from leak_audit.models.hf import UnsupportedModelError, base_model, classifier_names, join_names, lm_head_name, unwrap_linear
+from leak_audit.models.hf import (
+    UnsupportedModelError,
+    base_model,
+    classifier_names,
+    join_names,
+    linear_weight_names,
+    lm_head_name,
+    projection_weights,
+    unwrap_linear,
+)
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
 
@@ -46,12 +55,7 @@ def is_llama_family(hf: nn.Module) -> bool:
 def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     attn = layer.self_attn
     mods = tuple(join_names(lp, "self_attn", p) for p in _PROJECTIONS)
-    weights, dims = [], []
-    for proj, mod_name in zip(_PROJECTIONS, mods, strict=True):
-        wrapped = getattr(attn, proj)
-        inner = unwrap_linear(wrapped)
-        weights.append(join_names(mod_name, "base_layer.weight" if inner is not wrapped else "weight"))
-        dims.append(int(getattr(inner, "out_features", 0) or 0))
+    weights, dims = projection_weights(attn, _PROJECTIONS, join_names(lp, "self_attn"))
     adapters = tuple(a for a in lora_specs(attn, join_names(lp, "self_attn")) if a.module in mods)
 
     def weight(path: str) -> str | None:
@@ -62,11 +66,7 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
         inner = unwrap_linear(module)
         return join_names(lp, path, "base_layer.weight" if inner is not module else "weight")
 
-    norms = [n for n, m in layer.named_modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
-    linear = tuple(
-        join_names(lp, n) for n, _ in layer.named_parameters()
-        if n.endswith("weight") and not any(n.startswith(p + ".") for p in norms)
-    )
+    linear = linear_weight_names(layer, lp)
     return EncoderLayerSpec(
         lp, weights[0], weights[1], weights[2], mods, adapters,  # type: ignore[arg-type]
         query_dim=dims[0],

@@ -199,7 +199,8 @@ class SpanDecoder(Attack):
             sequences = self._last_tokens(replica, params, inp.gradients[head], prefixes)
             info["last_token"] = "lm_head"
         elif spec.classifier_weight is None:
-            info["last_token"] = "missing: the LM head's gradient is not tapped"
+            info["last_token"] = ("missing: the deadline cut the assembly" if cut
+                                  else "missing: the LM head's gradient is not tapped")
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
                               info=info, timed_out=cut and budget.audit_bound)
 
@@ -232,7 +233,6 @@ class SpanDecoder(Attack):
             if len(live[0]) >= self.max_length:
                 finished += live
                 break
-            k = len(live[0])
             prefix = torch.tensor(live, dtype=torch.long, device=tokens.device)
             with torch.no_grad():
                 cache = replica.new_cache()
