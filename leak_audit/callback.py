@@ -13,8 +13,8 @@ It only wires the rooms of the package together, hook by hook:
   (:class:`~leak_audit.gate.breach.BreachMonitor`), and the worst value to the progress bar;
 * ``state_dict`` / ``load_state_dict``: the schedule, counters, worst values and the policy's verdict.
 
-The module is about 550 lines because of the constructor: its argument reference (about 110 lines;
-LightningCLI builds its help from it) and its eager checks. The wiring itself is about 300 lines.
+The constructor's argument reference (LightningCLI builds its help from it) is about a fifth of the module;
+its checks live in :mod:`leak_audit.options`, the choice of attacks in :mod:`leak_audit.attacks.defaults`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from leak_audit.attacks import Attack, check_attack_name, get_attack
+from leak_audit.attacks import (
+    DEFAULT_ATTACKS, DEFAULT_DECODER_ATTACKS, DEFAULT_IMAGE_ATTACKS, Attack, check_requested, resolve_attacks,
+)
 from leak_audit.capture.batch import BatchAdapter, default_batch_adapter, default_image_batch_adapter
 from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, announce_dp_release, attach_dp_release
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
 from leak_audit.capture.tap import GradientTap, LocalGradientCapture
-from leak_audit.gate.breach import BREACH_ACTIONS, Breach, BreachMonitor
+from leak_audit.gate.breach import Breach, BreachMonitor
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
 from leak_audit.results.records import AuditRecord
@@ -42,117 +44,78 @@ from leak_audit.results.sinks import AuditLog
 from leak_audit.runtime.auditor import Auditor, failed_records
 from leak_audit.runtime.factory import build_auditor, find_tokenizer
 from leak_audit.runtime.job import AuditJob
-from leak_audit.runtime.worker import WORKER_KINDS, AuditWorker, check_worker_devices, make_worker
+from leak_audit.options import check_options
+from leak_audit.runtime.worker import AuditWorker, check_worker_devices, make_worker
 
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_DECODER_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "LeakageAudit"]
 
-DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention", "labels")
-"""Text attacks run when ``attacks`` is not given."""
-DEFAULT_DECODER_ATTACKS: tuple[str, ...] = ("span_decoder",)
-"""Text attacks run on causal decoders (GPT-2, the Llama family) when ``attacks`` is not given."""
-DEFAULT_IMAGE_ATTACKS: tuple[str, ...] = ("dlg",)
-"""Image attacks run when ``attacks`` is not given: DLG, bounded to 1000 evaluations and 30 s per audit."""
-_DEFAULTS = {"text": DEFAULT_ATTACKS, "image": DEFAULT_IMAGE_ATTACKS}
 PROGRESS_BAR_KEY = "leak/max/rouge1"
 PROGRESS_BAR_KEYS = {"text": PROGRESS_BAR_KEY, "image": "leak/max/psnr"}
-MODALITY_CHOICES: tuple[str, ...] = ("auto", *MODALITIES)
-SCOPES: tuple[str, ...] = ("global", "local")
 
 class LeakageAudit(Callback):
     r"""Run gradient-inversion attacks on the training gradients every ``every_n_steps`` optimizer steps.
 
+    The full reference, with the defaults and links per argument, is ``docs/configuration.md``; LightningCLI
+    builds its help from the lines below.
+
     Args:
         modules: submodules whose parameter gradients the attacker observes: names relative to the
-            LightningModule or to the model inside it (``"bert.encoder.layer.0.attention.self.query"``,
-            ``"fc"``), globs (``"*.attention.self.query"``), or ``None`` for the whole model; for a causal
-            decoder ``None`` is :meth:`~leak_audit.models.TextModelSpec.decoder_view` (layer 0, layer 1's
-            attention projections and the LM head: what ``span_decoder`` reads, instead of every gradient).
+            LightningModule or the model inside it, globs (``"*.attention.self.query"``), ``"peft"``, or ``None``:
+            the whole model; for a causal decoder :meth:`~leak_audit.models.TextModelSpec.decoder_view` (what
+            ``span_decoder`` reads: layer 0, layer 1's attention inputs and the LM head).
         every_n_steps: audit the optimizer steps ``0, N, 2N, ...`` (counted like ``trainer.global_step``).
-        attacks: attack names registered for the model's modality, or :class:`~leak_audit.attacks.Attack`
-            objects; ``None``: :data:`DEFAULT_ATTACKS` for text encoders, :data:`DEFAULT_DECODER_ATTACKS` for
-            causal decoders, :data:`DEFAULT_IMAGE_ATTACKS` for images.
-            Names are checked at construction against the registry (both modalities under ``"auto"``),
-            and resolved for the model's modality at ``setup`` (``"dlg"`` is the text or the image DLG).
+        attacks: registered attack names or :class:`~leak_audit.attacks.Attack` objects; ``None``:
+            :data:`~leak_audit.attacks.DEFAULT_ATTACKS` (encoders), ``DEFAULT_DECODER_ATTACKS`` (causal decoders),
+            ``DEFAULT_IMAGE_ATTACKS``. Names are checked now and resolved for the model's modality at ``setup``.
         log_dir: directory of ``audit.jsonl`` (and, for images with ``log_samples``, of ``samples/``).
-        log_samples: store and send original and reconstructed text; for images, write each audit's
-            originals and reconstructions to ``log_dir/samples/*.npz`` (the record holds the file name,
-            never pixels). Off by default: reconstructions *are* the private data.
-        recompute: ``"observed"`` (default) attacks exactly the gradient the optimizer applied, dropout
-            included: what actually leaves a client or goes into DP accounting. ``"eval"`` re-runs the
-            step with dropout off on a private model copy: the worst-case attacker who controls the model.
-        batch_adapter: ``fn(batch) -> TextBatch`` (text) or ``fn(batch) -> ImageBatch`` (images) for other
-            batch layouts than the defaults (:func:`~leak_audit.capture.batch.default_batch_adapter`,
-            :func:`~leak_audit.capture.batch.default_image_batch_adapter`).
-        tokenizer: decodes reconstructions for ROUGE; defaults to ``pl_module.tokenizer`` if present.
-        max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is
-            busy, never queued without bound.
-        max_seconds: time budget of *each* attack of an audit (seconds, from the attack's start; ``None``:
-            unbounded), so a slow attack cannot starve another; an audit takes at most about
-            ``len(attacks) * max_seconds``. An attack stopped by it is recorded as ``timeout``: missing
-            evidence for the gate, never a low value.
+        log_samples: store and send the original and reconstructed text (images: ``samples/*.npz``). Off by
+            default: reconstructions *are* the private data.
+        recompute: ``"observed"``: the gradient the optimizer applied, dropout included; ``"eval"``: the step
+            re-run with dropout off on a private copy (the attacker who controls the model; text only).
+        batch_adapter: ``fn(batch) -> TextBatch`` or ``fn(batch) -> ImageBatch`` for other batch layouts.
+        tokenizer: decodes reconstructions for ROUGE; default ``pl_module.tokenizer`` if present.
+        max_pending: audits in flight at once; a due audit is skipped (and counted) while the worker is busy.
+        max_seconds: time budget of *each* attack in seconds (``None``: unbounded); an attack stopped by it is
+            recorded as ``timeout``: missing evidence for the gate, never a low value.
         worker_threads: intra-op threads of the background worker on CPU.
-        worker_niceness: Linux ``nice`` value (0..19) of the worker, so busy cores serve training first;
-            ``None`` leaves it alone.
-        worker: ``"thread"`` (default): attacks run on a background thread (and a side CUDA stream on a
-            GPU). ``"process"``: on a child process forked at ``on_train_start`` (CPU attacks only), with
-            its own interpreter lock; snapshots reach it through shared memory
-            (:class:`~leak_audit.runtime.worker.ProcessAuditWorker`).
-        policy: the leakage policy to check while training: a :class:`~leak_audit.gate.policy.GatePolicy`, the
-            path of a policy TOML file (the release gate's, ``leak-audit gate --policy``), or its parsed
-            mapping (``{"rule": [{"metric": "rouge1", "max": 0.5}, ...]}``, e.g. from a LightningCLI YAML).
-            Evaluated on rank zero after every finished audit over the run's successful audits; the
-            verdict goes to the loggers (``gate/verdict``: 0 pass, 1 warn, 2 fail; rules with no measured
-            value yet do not count) and the W&B summary.
-        on_breach: what a breached rule (a measured value beyond its limit) does
-            (:mod:`leak_audit.gate.breach`): ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``, the
-            decision reduced across ranks) or ``"raise"`` (:class:`~leak_audit.gate.breach.LeakageThresholdExceeded`).
-        wandb_alert: with a ``WandbLogger`` and a policy, send a W&B alert (``run.alert``) per breached rule.
+        worker_niceness: Linux ``nice`` value (0..19) of the worker; ``None`` leaves it alone.
         end_timeout: seconds to wait at the end of training for audits still running.
-        seed: seed of the attacks' private random generator.
-        delta: δ at which ε is reported under DP-SGD, in ``(0, 1)``; ``None``: ``1/N`` when the train
-            dataloader's dataset has a length ``N``, else :data:`~leak_audit.capture.privacy.DEFAULT_DELTA` (1e-5).
-        privacy_engine: the Opacus ``PrivacyEngine`` (or its accountant) whose ε to report; ``None``: found
-            on the LightningModule (attribute ``privacy_engine``) or, read-only, inside the
-            ``DPOptimizer``'s accountant hook.
-        modality: ``"text"``, ``"image"`` or ``"auto"`` (default), decided at ``setup`` from the model alone
-            (:func:`~leak_audit.models.model_modality`), never from a batch, so a wrong guess fails before
-            training starts: a Hugging Face model inside decides by its ``main_input_name``
-            (``input_ids``: text, ``pixel_values``: images); without one the model is audited as an image
-            classifier (the text attacks need a Hugging Face BERT-family encoder or Llama-family decoder).
-        network: images only: the module name, inside the LightningModule, of the classifier that maps the
-            training images to logits (``""``: the LightningModule's own ``forward``); ``None`` finds it
-            (:func:`~leak_audit.models.find_image_network`: a Hugging Face image model, else the one child
-            holding every trainable parameter, else the LightningModule's ``forward``). Image attacks run a
-            private copy of it in eval mode with batch-mean cross-entropy.
-        scope: what the attacker observes under multi-process training (``strategy="ddp"``).
-            ``"global"`` (default): the gradient the optimizer applies, averaged over every rank's batch,
-            attacked on rank 0 against the global batch (each audited step gathers the ranks' inputs to
-            rank 0). ``"local"``: every rank attacks its own gradient before DDP's all-reduce (and before
-            gradient clipping, which acts on the reduced gradient): what one federated client would send.
-            Records then carry ``info["process_rank"]``. With one process both scopes audit the same batch;
-            ``"local"`` reads the gradient from backward hooks, before clipping.
+        seed: seed of the attacks' private random generators.
+        delta: δ at which ε is reported under DP-SGD, in ``(0, 1)``; ``None``: ``1/N`` for a train set of ``N``
+            examples, else 1e-5.
+        privacy_engine: the Opacus ``PrivacyEngine`` (or accountant) whose ε to report; ``None``: found on the
+            LightningModule (``privacy_engine``) or inside the ``DPOptimizer``'s accountant hook.
+        modality: ``"text"``, ``"image"`` or ``"auto"``: decided at ``setup`` from the model alone
+            (:func:`~leak_audit.models.model_modality`), never from a batch.
+        network: images only: the module name of the classifier (``""``: the LightningModule's ``forward``);
+            ``None`` finds it (:func:`~leak_audit.models.find_image_network`).
+        scope: under DDP, ``"global"``: the all-reduced gradient, attacked on rank 0 against the gathered batch;
+            ``"local"``: each rank's own gradient before the all-reduce (one federated client's view).
         attack_device: where the attacks run (``"cpu"``, ``"cuda:1"``, ...); ``None``: the training device.
-            Snapshots are copied there by the worker, and frozen weights once.
+        worker: ``"thread"``: a background thread (and a side CUDA stream on a GPU); ``"process"``: a child
+            forked at ``on_train_start`` (CPU attacks only).
+        policy: the leakage policy checked on rank 0 after every finished audit: a
+            :class:`~leak_audit.gate.policy.GatePolicy`, a policy TOML path, or its mapping (``{"rule": [...]}``);
+            the verdict is logged as ``gate/verdict`` (0 pass, 1 warn, 2 fail).
+        on_breach: ``"warn"``, ``"stop"`` (``trainer.should_stop``, agreed across ranks) or ``"raise"``
+            (:class:`~leak_audit.gate.breach.LeakageThresholdExceeded`) on a breached rule.
+        wandb_alert: with a ``WandbLogger`` and a policy, one W&B alert (``run.alert``) per breached rule.
 
-    Under DDP, logging and the audit log are rank-zero: with ``scope="local"`` the other ranks' finished
-    audits reach rank 0 at the next audited step (or at the end of training); after an exception only
-    rank 0's own audits are written.
+    Under DDP, logging and the audit log are rank-zero; with ``scope="local"`` the other ranks' audits reach
+    rank 0 at the next audited step (after an exception only rank 0's own audits are written).
 
     Raises:
-        ValueError: an argument is out of range or names an unknown attack (eagerly, at construction);
-            at ``setup``, a module pattern matches nothing or only frozen modules
-            (:class:`~leak_audit.capture.tap.ModuleSelectionError`), no attack can use the tapped view, an attack
-            does not exist for the model's modality, ``recompute="eval"`` on an image model, or ``network``
-            on a text model.
-        UnsupportedModelError: at ``setup``, no network can be found (images) or the model is no
-            BERT-family or Llama-family model (text).
+        ValueError: at construction, an argument out of range (:func:`~leak_audit.options.check_options`) or
+            an unknown attack; at ``setup``, a module pattern that matches nothing or only frozen modules
+            (:class:`~leak_audit.capture.tap.ModuleSelectionError`), no attack that can use the tapped view, an
+            attack of the other modality, ``recompute="eval"`` on an image model, or ``network`` on a text model.
+        UnsupportedModelError: at ``setup``, no image network can be found, or a text model is neither a
+            BERT-family encoder nor a Llama-family decoder.
 
     Example::
 
         audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", every_n_steps=50)
         Trainer(callbacks=[audit]).fit(model, datamodule)
-        audit = LeakageAudit(every_n_steps=50)                  # a CNN: DLG on the whole model's gradient
-        Trainer(callbacks=[audit]).fit(cnn_module, image_loader)
     """
 
     def __init__(
@@ -182,71 +145,25 @@ class LeakageAudit(Callback):
         on_breach: str = "warn",
         wandb_alert: bool = False,
     ) -> None:
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
-        if recompute not in ("observed", "eval"):
-            raise ValueError(f"recompute must be 'observed' or 'eval', got {recompute!r}")
-        if not isinstance(log_samples, bool):
-            raise ValueError(f"log_samples must be a bool, got {log_samples!r}")
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
-        if max_seconds is not None and max_seconds <= 0:
-            raise ValueError(f"max_seconds must be positive or None, got {max_seconds!r}")
-        if worker_threads is not None and worker_threads < 1:
-            raise ValueError(f"worker_threads must be >= 1 or None, got {worker_threads!r}")
-        if worker_niceness is not None and not 0 <= worker_niceness <= 19:
-            raise ValueError(f"worker_niceness must be in 0..19 or None, got {worker_niceness!r}")
-        if delta is not None and not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1) or None, got {delta!r}")
-        if batch_adapter is not None and not callable(batch_adapter):
-            raise ValueError(f"batch_adapter must be callable, got {batch_adapter!r}")
-        if modality not in MODALITY_CHOICES:
-            raise ValueError(f"modality must be one of {', '.join(map(repr, MODALITY_CHOICES))}, got {modality!r}")
-        if network is not None and not isinstance(network, str):
-            raise ValueError(f"network must be a module name (str) or None, got {network!r}")
-        if worker not in WORKER_KINDS:
-            raise ValueError(f"worker must be one of {', '.join(map(repr, WORKER_KINDS))}, got {worker!r}")
-        if on_breach not in BREACH_ACTIONS:
-            raise ValueError(f"on_breach must be one of {', '.join(map(repr, BREACH_ACTIONS))}, got {on_breach!r}")
-        if not isinstance(wandb_alert, bool):
-            raise ValueError(f"wandb_alert must be a bool, got {wandb_alert!r}")
+        attack_device = check_options(
+            every_n_steps=every_n_steps, recompute=recompute, log_samples=log_samples, max_pending=max_pending,
+            max_seconds=max_seconds, worker_threads=worker_threads, worker_niceness=worker_niceness, delta=delta,
+            batch_adapter=batch_adapter, modality=modality, network=network, worker=worker, on_breach=on_breach,
+            wandb_alert=wandb_alert, scope=scope, attack_device=attack_device,
+        )
         self.policy = GatePolicy.coerce(policy)  # a malformed policy fails here (PolicyError, a ValueError)
         if self.policy is None and (on_breach != "warn" or wandb_alert):
             raise ValueError(f"on_breach={on_breach!r} / wandb_alert={wandb_alert} act on a policy: pass policy= "
                              "(a GatePolicy, a policy TOML path, or a mapping with 'rule' entries)")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
-        if attack_device is not None:
-            try:
-                attack_device = torch.device(attack_device)
-            except (RuntimeError, TypeError) as exc:
-                raise ValueError(f"attack_device must name a torch device ('cpu', 'cuda', 'cuda:1', ...) or be None, "
-                                 f"got {attack_device!r}") from exc
         if isinstance(modules, str):
             modules = [modules]
         self.modules = list(modules) if modules is not None else None
         self.every_n_steps = every_n_steps
         self.modality = modality
         self.network = network
-        self._requested = list(attacks) if attacks is not None else None
-        if self._requested is not None:
-            if not self._requested:
-                raise ValueError("attacks is empty; name at least one (e.g. 'span_check', or 'dlg' for images), "
-                                 "or pass None for the defaults")
-            allowed = MODALITIES if modality == "auto" else (modality,)
-            for a in self._requested:
-                if isinstance(a, str):
-                    check_attack_name(a, allowed)
-                elif isinstance(a, Attack):
-                    if a.modality not in allowed:
-                        raise ValueError(f"attack {a!r} reads {a.modality} models, but modality={modality!r}")
-                else:
-                    raise TypeError(f"attacks are names or Attack objects, got {type(a).__name__}: {a!r}")
-            names = [a if isinstance(a, str) else a.name for a in self._requested]
-            if len(set(names)) != len(names):
-                raise ValueError(f"attacks must have distinct names, got {names}")
+        self._requested = check_requested(attacks, MODALITIES if modality == "auto" else (modality,))
         # resolved for the model's modality at `setup`; right away when the modality is given
-        self.attacks: list[Attack] = [] if modality == "auto" else self._resolve_attacks(modality)
+        self.attacks: list[Attack] = [] if modality == "auto" else resolve_attacks(self._requested, modality)
         self.log_dir = Path(log_dir)
         self.log_samples = log_samples
         self.recompute = recompute
@@ -367,21 +284,17 @@ class LeakageAudit(Callback):
                            "(pass log_dir= to continue the old one)")
 
     # ------------------------------------------------------------------ setup / teardown
-    def _resolve_attacks(self, modality: str) -> list[Attack]:
-        return [get_attack(a, modality) for a in (self._requested or _DEFAULTS[modality])]
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._active:
             return
         self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
-        self.attacks = self._resolve_attacks(self._modality)
-        modules = self.modules
+        modules, causal = self.modules, False
         if self._modality == "text" and (self._requested is None or modules is None):
             spec = text_model_spec(pl_module)
-            if spec.causal and self._requested is None:
-                self.attacks = [get_attack(a, "text") for a in DEFAULT_DECODER_ATTACKS]
-            if spec.causal and modules is None:  # a decoder's whole gradient is hundreds of MB per audit
+            causal = spec.causal
+            if causal and modules is None:  # a decoder's whole gradient is hundreds of MB per audit
                 modules = list(spec.decoder_view())
+        self.attacks = resolve_attacks(self._requested, self._modality, causal=causal)
         self._tap = GradientTap(pl_module, modules)
         self._tokenizer = find_tokenizer(self.tokenizer, pl_module)
         self._auditor = self._build_auditor(pl_module)

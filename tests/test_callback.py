@@ -203,15 +203,6 @@ def test_view_with_no_usable_attack_fails_at_setup(tokenizer, tmp_path):
         fit(Classifier(tokenizer), tmp_path, [audit], max_steps=1)
 
 
-def test_eager_argument_checks():
-    with pytest.raises(ValueError, match="every_n_steps"):
-        LeakageAudit(every_n_steps=0)
-    with pytest.raises(ValueError, match="Did you mean 'span_check'"):
-        LeakageAudit(attacks=["spancheck"])
-    with pytest.raises(ValueError, match="recompute"):
-        LeakageAudit(recompute="worst")
-
-
 def test_custom_batch_adapter_reads_tuple_batches(tokenizer, tmp_path):
     def adapter(batch):
         ids, mask, labels = batch

@@ -49,7 +49,7 @@ real CoLA dev sentences, no priors, default options (``max_seconds=20``):
   the first 4 sentences (ROUGE-1 0.73 against 0.62 here); ``optimizer="lbfgs", parametrization="free"``
   gave 0.61 (cos) and 0.64 (l2), free embeddings with Adam 0.36, l2 with the simplex 0.26.
 * the tests' random 2-layer d = 64 BERT over 8000 tokens, full gradient, 300 steps: ROUGE-1 0.94,
-  ROUGE-2 0.90, 6/8 sentences exact, 0.3 to 7 s each (``tests/test_gradient_matching.py``).
+  ROUGE-2 0.90, 6/8 sentences exact, 0.3 to 7 s each (``tests/attacks/text/test_gradient_matching.py``).
 """
 
 from __future__ import annotations

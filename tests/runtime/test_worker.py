@@ -211,7 +211,7 @@ def test_process_worker_child_dies_with_its_parent(tmp_path):
 
     out = tmp_path / "written.txt"
     proc = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     child = int(proc.stdout.readline())
     time.sleep(0.3)  # the first audit is running
     proc.send_signal(signal.SIGKILL)

@@ -13,7 +13,7 @@ from leak_audit.gate.policy import AGGREGATIONS, GatePolicy, GateReport, MetricR
 from leak_audit.results.records import AuditRecord, read_audit_log
 from leak_audit.results.sinks import AuditLog
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUERY = "model.bert.encoder.layer.0.attention.self.query"
 EMBED = "model.bert.embeddings.word_embeddings"
 
