@@ -222,33 +222,41 @@ def test_custom_batch_adapter_reads_tuple_batches(tokenizer, tmp_path):
 
 
 class Slow(Attack):
+    """Sleeps 2 s per audit and notes when it ran (monotonic clock)."""
+
     name = "slow"
+
+    def __init__(self) -> None:
+        self.ran: list[tuple[float, float]] = []
 
     def requirements(self, spec, tapped):
         return Requirements(gradients=frozenset({QUERY0}))
 
     def run(self, inp):
+        start = time.monotonic()
         time.sleep(2.0)  # long enough to stay busy across steps even on a loaded machine
+        self.ran.append((start, time.monotonic()))
         return Reconstruction(self.name)
 
 
-class StepTimes(L.Callback):
+class StepEnds(L.Callback):
     def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self._t0 = time.perf_counter()
+        self.ends: list[float] = []
 
     def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+        self.ends.append(time.monotonic())
 
 
 def test_busy_worker_skips_audits_instead_of_queueing(tokenizer, tmp_path):
-    audit = LeakageAudit(attacks=[Slow()], every_n_steps=1, log_dir=tmp_path / "a")
-    timer = StepTimes()  # listed after the audit: its end hook runs after the audit's dispatch
-    fit(Classifier(tokenizer), tmp_path, [audit, timer], max_steps=6)
-    # each audit sleeps 2 s: a step that waited for one would take at least that long
-    assert len(timer.times) == 6 and max(timer.times) < 1.0, timer.times
+    slow = Slow()
+    audit = LeakageAudit(attacks=[slow], every_n_steps=1, log_dir=tmp_path / "a")
+    steps = StepEnds()  # listed after the audit: its end hook runs after the audit's dispatch
+    fit(Classifier(tokenizer), tmp_path, [audit, steps], max_steps=6)
+    # training went on while the attacks slept: steps ended inside an attack's run (a step that waited for its
+    # audit would end only after the attack did), however slow the machine
+    assert len(steps.ends) == 6 and slow.ran
+    during = [t for t in steps.ends if any(start < t < end for start, end in slow.ran)]
+    assert len(during) >= 2, (steps.ends, slow.ran)
     records = read_audit_log(audit.log_path)
     assert audit.skipped > 0
     assert sum(r.status == "skipped" for r in records) == audit.skipped

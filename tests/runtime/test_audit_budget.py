@@ -64,7 +64,8 @@ def test_a_slow_attack_listed_first_does_not_zero_the_exact_attack(minilm, spec,
     assert first["span_check"].metrics["rouge1"] == 1.0 and first["span_check"].metrics["exact_match"] == 1.0
     assert first["dlg"].status == "timeout"  # DLG does not converge in 3 s on MiniLM: stopped, not finished
     assert first["dlg"].metrics == {} and "partial_token_recall" in first["dlg"].info
-    assert first["dlg"].seconds < 3.0 + 1.5
+    # its own 3 s, checked between optimizer steps (one MiniLM step takes seconds on loaded cores), not its 60 s
+    assert first["dlg"].seconds < 3.0 + 6.0
     swapped = _audit(minilm, spec, tokenizer, one_sentence, [get_attack("span_check"), DLG(max_seconds=60.0)], 3.0)
     assert swapped["span_check"].metrics == first["span_check"].metrics
 
@@ -75,7 +76,7 @@ def test_timeout_record_and_gate(minilm, spec, tokenizer, one_sentence):
     slow = records["sleeper"]
     assert slow.status == "timeout" and slow.metrics == {}
     assert slow.info["progress"] == "slept until the deadline" and "slept until the deadline" in slow.error
-    assert 5.0 <= slow.seconds < 5.5
+    assert 5.0 <= slow.seconds < 6.5  # stopped at the audit's 5 s, not at its own 30 s
     assert records["span_check"].status == "ok" and records["span_check"].metrics["rouge1"] == 1.0
     # the gate: a rule scoped to the timed-out attack has no evidence, so it fails (never a low value)
     scoped = GatePolicy.from_mapping({"rule": [{"metric": "token_recall", "max": 0.5, "attacks": ["sleeper"]}]})
