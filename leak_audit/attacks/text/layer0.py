@@ -3,7 +3,8 @@
 :mod:`~leak_audit.attacks.text.span_attention` (exact, eval-mode gradients) and
 :mod:`~leak_audit.attacks.text.span_dropout` (training-mode gradients) recover a batch from layer 0 of a
 BERT encoder (after Petrov et al., "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS
-2024, see those modules for the method). Both need the layer's values (:class:`FirstLayer`), its dropout
+2024, see those modules for the method). Both need the layer's values (:class:`~leak_audit.models.bert.FirstLayer`,
+from the model layer), its dropout
 probabilities (:class:`DropoutRates`), the inputs of candidate (token, position) pairs
 (:func:`candidate_inputs`, :func:`shift_positions`), the positions of tokens that occur once
 (:func:`locate_tokens`) and return one result type (:class:`SpanAttentionResult`).
@@ -11,15 +12,15 @@ probabilities (:class:`DropoutRates`), the inputs of candidate (token, position)
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leak_audit.attacks.base import NotApplicable
 from leak_audit.models import EmbeddingTables
+from leak_audit.models.bert import FirstLayer
 
 __all__ = [
     "DropoutRates",
@@ -29,86 +30,6 @@ __all__ = [
     "locate_tokens",
     "shift_positions",
 ]
-
-
-@dataclass(frozen=True)
-class FirstLayer:
-    """Parameter values and constants of encoder layer 0 (BERT layout).
-
-    Shapes: ``wq, wk, wv, wo`` ``[d, d]`` with biases ``[d]``; ``w1`` ``[d_ff, d]``, ``b1`` ``[d_ff]``;
-    LayerNorm weight/bias ``[d]``. The layer's output projection is not needed: the attack stops at the
-    FFN activations (its *gradient* spans them).
-    """
-
-    wq: Tensor
-    bq: Tensor
-    wk: Tensor
-    bk: Tensor
-    wv: Tensor
-    bv: Tensor
-    wo: Tensor
-    bo: Tensor
-    ln1_weight: Tensor
-    ln1_bias: Tensor
-    ln1_eps: float
-    w1: Tensor
-    b1: Tensor
-    heads: int
-    act: torch.nn.Module
-
-    @property
-    def head_size(self) -> int:
-        return self.wq.shape[0] // self.heads
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Tensor], prefix: str, module: torch.nn.Module) -> FirstLayer:
-        """Read layer ``prefix`` (root-relative) from ``params``; constants from the replica's ``module``.
-
-        Raises:
-            NotApplicable: a parameter is missing or the layer is not BERT-shaped.
-        """
-        names = {
-            "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
-            "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-            "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
-            "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
-            "ln1_weight": "attention.output.LayerNorm.weight", "ln1_bias": "attention.output.LayerNorm.bias",
-            "w1": "intermediate.dense.weight", "b1": "intermediate.dense.bias",
-        }  # fmt: skip
-        missing = [f"{prefix}.{n}" for n in names.values() if f"{prefix}.{n}" not in params]
-        if missing:
-            raise NotApplicable(f"layer 0 is not a plain BERT layer (no {missing[0]!r})")
-        try:
-            attn = module.attention.self
-            heads = int(attn.num_attention_heads)
-            ln1_eps = float(module.attention.output.LayerNorm.eps)
-            act = module.intermediate.intermediate_act_fn
-        except AttributeError as err:
-            raise NotApplicable(f"layer 0 is not a BERT layer ({err})") from None
-        if getattr(attn, "position_embedding_type", "absolute") not in (None, "absolute"):
-            raise NotApplicable("relative position embeddings are not supported")
-        vals = {k: params[f"{prefix}.{n}"].detach().float() for k, n in names.items()}
-        return cls(heads=heads, ln1_eps=ln1_eps, act=act, **vals)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer 0 on inputs ``x`` ``[N, L, d]`` (``mask`` ``[N, L]``, 1 = token).
-
-        Returns:
-            ``(c, h1, a)``: attention contexts ``[N, L, d]``, post-attention LayerNorm outputs ``[N, L, d]``
-            and FFN activations ``[N, L, d_ff]`` (the inputs of ``output.dense``).
-        """
-        n, length, d = x.shape
-        h, dh = self.heads, self.head_size
-        q = F.linear(x, self.wq, self.bq).view(n, length, h, dh).transpose(1, 2)
-        k = F.linear(x, self.wk, self.bk).view(n, length, h, dh).transpose(1, 2)
-        v = F.linear(x, self.wv, self.bv).view(n, length, h, dh).transpose(1, 2)
-        s = q @ k.transpose(-1, -2) * dh**-0.5
-        if mask is not None:
-            s = s.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-        c = (s.softmax(-1) @ v).transpose(1, 2).reshape(n, length, d)
-        h1 = F.layer_norm(F.linear(c, self.wo, self.bo) + x, (d,), self.ln1_weight, self.ln1_bias, self.ln1_eps)
-        a = self.act(F.linear(h1, self.w1, self.b1))
-        return c, h1, a
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from leak_audit.attacks.text.layer0 import (
     shift_positions,
 )
 from leak_audit.attacks.text.span_dropout import span_attention_dropout
-from leak_audit.models import EmbeddingTables, TextModelSpec
+from leak_audit.models import EmbeddingTables, TextModelSpec, UnsupportedModelError
 
 __all__ = ["ContextSolver", "SpanAttention", "sentence_membership", "span_attention"]
 
@@ -460,7 +460,10 @@ class SpanAttention(Attack):
         tables = EmbeddingTables.from_params(inp.params, spec)
         prefix = spec.layers[0].prefix
         local = prefix[len(inp.replica.prefix) :] if prefix.startswith(inp.replica.prefix) else prefix
-        layer = FirstLayer.from_params(inp.params, prefix, inp.replica.model.get_submodule(local))
+        try:
+            layer = FirstLayer.from_params(inp.params, prefix, inp.replica.model.get_submodule(local))
+        except UnsupportedModelError as exc:
+            raise NotApplicable(str(exc)) from None
         segment = 0
         tt = inp.gradients.get(spec.token_type_embeddings) if spec.token_type_embeddings else None
         if tt is not None and bool(tt.any()):
