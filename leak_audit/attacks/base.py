@@ -29,6 +29,7 @@ from leak_audit.models.replica import ModelReplica
 
 __all__ = [
     "COSTS",
+    "NO_TIME_LEFT",
     "Attack",
     "AttackInput",
     "Budget",
@@ -40,6 +41,8 @@ __all__ = [
     "require_encoder",
 ]
 
+NO_TIME_LEFT = "started with no time left"
+"""``info["progress"]`` of an attack that returned at once because the audit's deadline had passed."""
 COSTS: tuple[str, ...] = ("analytic", "search", "optimisation")
 """Cost classes of attacks, cheapest first: closed-form reads of the gradient (seconds at most), discrete
 or continuous searches with exact certificates, and gradient-matching optimisation (runs to its budget)."""
@@ -220,6 +223,10 @@ class Attack(ABC):
         """Reconstruct what the gradients reveal."""
 
     def __call__(self, inp: AttackInput) -> Reconstruction:
+        """Run the attack; called past the audit's deadline (``inp.deadline``), it returns the empty, timed-out
+        result at once instead (``info["progress"]`` is :data:`NO_TIME_LEFT`), so :meth:`run` need not check."""
+        if inp.deadline is not None and time.monotonic() >= inp.deadline:
+            return Reconstruction(attack=self.name, timed_out=True, info={"progress": NO_TIME_LEFT})
         return self.run(inp)
 
     def __repr__(self) -> str:

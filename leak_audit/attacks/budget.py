@@ -6,19 +6,17 @@ for none, and report whether the deadline cut them short), and sets ``Reconstruc
 the deadline stopped it and the audit's deadline was the binding limit (``budget.audit_bound``). Deadline
 checks go through :func:`late` (or :meth:`~leak_audit.attacks.base.Budget.expired`), except where one clock
 reading also sets the next time slice (gradient matching's restarts); a loop that can only be left by an
-exception (an L-BFGS closure) raises :class:`OutOfBudget`.
+exception (an L-BFGS closure) raises :class:`OutOfBudget`. An attack called after the audit's deadline never
+runs: :meth:`~leak_audit.attacks.base.Attack.__call__` returns the empty, timed-out result (``NO_TIME_LEFT``).
 """
 
 from __future__ import annotations
 
 import time
 
-from leak_audit.attacks.base import Budget, Reconstruction
+from leak_audit.attacks.base import NO_TIME_LEFT
 
-__all__ = ["NO_TIME_LEFT", "OutOfBudget", "late", "started_late"]
-
-NO_TIME_LEFT = "started with no time left"
-"""``info["progress"]`` of an attack that returned at once because its budget was already spent."""
+__all__ = ["NO_TIME_LEFT", "OutOfBudget", "late"]
 
 
 class OutOfBudget(Exception):
@@ -33,11 +31,3 @@ class OutOfBudget(Exception):
 def late(deadline: float | None) -> bool:
     """Whether ``deadline`` (a ``time.monotonic()`` value; ``None`` or ``inf``: none) has passed."""
     return deadline is not None and time.monotonic() >= deadline
-
-
-def started_late(attack: str, budget: Budget) -> Reconstruction | None:
-    """The empty, timed-out result of an attack whose audit deadline had passed before it started, or
-    ``None`` when there is time left (or only the attack's own limit is spent, which is no timeout)."""
-    if budget.audit_bound and budget.expired():
-        return Reconstruction(attack=attack, timed_out=True, info={"progress": NO_TIME_LEFT})
-    return None

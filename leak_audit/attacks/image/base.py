@@ -23,7 +23,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.image.inversion import IMAGE_ATTACKS, invert_images
 from leak_audit.attacks.image.labels import idlg_label
@@ -73,8 +72,6 @@ class ImageInversionAttack(Attack):
 
     def run(self, inp: AttackInput) -> Reconstruction:
         budget = inp.budget(self.max_seconds)
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         with torch.enable_grad():  # the auditor runs attacks under no_grad; inversion differentiates
             return self._run(inp, budget)
 

@@ -31,7 +31,7 @@ from leak_audit.attacks.optim import (
     nearest_tokens,
     random_embeddings,
 )
-from leak_audit.attacks.budget import OutOfBudget, late, started_late
+from leak_audit.attacks.budget import OutOfBudget, late
 from leak_audit.attacks.base import (
     Attack,
     AttackInput,
@@ -105,8 +105,6 @@ class DLG(Attack):
 
     def run(self, inp: AttackInput) -> Reconstruction:
         budget = inp.budget(self.max_seconds)
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         with torch.enable_grad():
             return self._run(inp, budget)
 

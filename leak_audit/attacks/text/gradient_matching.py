@@ -72,7 +72,7 @@ from leak_audit.attacks.optim import (
     matched_gradient_names,
     nearest_tokens,
 )
-from leak_audit.attacks.budget import OutOfBudget, late, started_late
+from leak_audit.attacks.budget import OutOfBudget, late
 from leak_audit.attacks.base import (
     Attack,
     AttackInput,
@@ -255,8 +255,6 @@ class GradientMatching(Attack):
 
     def run(self, inp: AttackInput) -> Reconstruction:
         budget = inp.budget(self.max_seconds)
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         with torch.enable_grad():
             return self._run(inp, budget)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from leak_audit.attacks.budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_classifier
 from leak_audit.attacks.labels import label_counts_from_bias, label_from_weight
 from leak_audit.models import TextModelSpec
@@ -39,8 +38,6 @@ class LabelRecovery(Attack):
         return Requirements(gradients=frozenset(names))
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        if (late := started_late(self.name, inp.budget())) is not None:
-            return late
         spec = inp.spec
         bias = inp.gradients.get(spec.classifier_bias) if spec.classifier_bias else None
         weight = inp.gradients.get(spec.classifier_weight) if spec.classifier_weight else None

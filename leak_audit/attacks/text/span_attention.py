@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.least_squares import levenberg_marquardt
 from leak_audit.attacks.spans import span_basis
@@ -453,8 +453,6 @@ class SpanAttention(Attack):
         if inp.replica is None:
             raise NotApplicable("needs the model replica (layer 0's structure)")
         budget = inp.budget()
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         names = self._grad_names(spec)
         grads = {role: inp.gradients[n] for role, n in names.items()}
         tables = EmbeddingTables.from_params(inp.params, spec)

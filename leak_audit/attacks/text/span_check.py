@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import lora_input_constraints, span_basis
@@ -518,8 +518,6 @@ class SpanCheck(Attack):
 
     def run(self, inp: AttackInput) -> Reconstruction:
         budget = inp.budget()
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         spec = inp.spec
         grads = [inp.gradients[n] for n in spec.layers[0].input_projections if n in inp.gradients]
         adapters = spec.layers[0].lora

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.lasso import group_lasso
@@ -389,8 +389,6 @@ class SpanCluster(Attack):
                 "per coordinate): span_check, token_bag, labels and gradient_matching rank candidates under noise"
             )
         budget = inp.budget()
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         deadline = budget.deadline
         cut: list[str] = []  # what the deadline cut, in order
         spec = inp.spec

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
@@ -177,8 +177,6 @@ class SpanDecoder(Attack):
         if not isinstance(inp.replica, ModelReplica) or not isinstance(inp.spec, TextModelSpec):
             raise NotApplicable("runs the decoder's first layers, but no text model replica was given")
         budget = inp.budget(self.max_seconds)
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         spec, replica, params = inp.spec, inp.replica, inp.params
         first = [inp.gradients[w] for w in spec.layers[0].input_projections if w in inp.gradients]
         tables = EmbeddingTables.from_params(params, spec)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from leak_audit.attacks.budget import late, started_late
+from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import TextModelSpec
@@ -220,8 +220,6 @@ class SpanSearch(Attack):
         if inp.replica is None:
             raise NotApplicable("span_search runs the model, but no model replica was given")
         budget = inp.budget(self.max_seconds)
-        if (late_start := started_late(self.name, budget)) is not None:
-            return late_start
         deadline = budget.deadline
         spec, replica, params = inp.spec, inp.replica, inp.params
         weight, basis = None, None

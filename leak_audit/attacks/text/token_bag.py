@@ -19,7 +19,6 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import started_late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.spans import noise_threshold
 from leak_audit.models import TextModelSpec
@@ -79,8 +78,6 @@ class TokenBag(Attack):
         return Requirements(gradients=frozenset({spec.word_embeddings}))
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        if (late := started_late(self.name, inp.budget())) is not None:
-            return late
         grad = inp.gradients[inp.spec.word_embeddings]
         threshold = max(self.threshold, noise_threshold(inp.noise_std, *grad.shape))
         ids = token_bag(grad, threshold)
