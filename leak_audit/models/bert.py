@@ -8,18 +8,12 @@ LightningModule attribute or a ``peft`` model). Layer 0's attention inputs are
 LayerNorm, separate ``nn.Linear`` query/key/value projections of equal width. RoBERTa-style models
 number positions from ``pad_token_id + 1``.
 
-:data:`BERT_FAMILY` is registered first in :mod:`leak_audit.models.families`. :class:`FirstLayer` holds
-encoder layer 0's weights and reimplements its forward, for the span-attention attacks.
+:data:`BERT_FAMILY` is registered first in :mod:`leak_audit.models.families`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from leak_audit.models.hf import (
     UnsupportedModelError,
@@ -33,7 +27,7 @@ from leak_audit.models.hf import (
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
 
-__all__ = ["BERT_FAMILY", "OFFSET_MODEL_TYPES", "FirstLayer", "bert_model_spec", "is_bert_family"]
+__all__ = ["BERT_FAMILY", "OFFSET_MODEL_TYPES", "bert_model_spec", "is_bert_family"]
 
 OFFSET_MODEL_TYPES: frozenset[str] = frozenset({"roberta", "xlm-roberta", "camembert", "longformer"})
 """``config.model_type`` values whose positions start at ``pad_token_id + 1`` (RoBERTa-style)."""
@@ -78,6 +72,8 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
         linear_weights=linear,
         attention_dropout=_dropout_p(layer, "attention.self.dropout"),
         attention_output_dropout=_dropout_p(layer, "attention.output.dropout"),
+        attention_norm=join_names(lp, "attention.output.LayerNorm"),
+        ffn_activation=join_names(lp, "intermediate.intermediate_act_fn"),
     )
 
 
@@ -159,84 +155,3 @@ BERT_FAMILY = TextFamily(
     build=bert_model_spec,
 )
 """The BERT family, as registered in :mod:`leak_audit.models.families`."""
-
-
-@dataclass(frozen=True)
-class FirstLayer:
-    """Parameter values and constants of encoder layer 0 (BERT layout).
-
-    Shapes: ``wq, wk, wv, wo`` ``[d, d]`` with biases ``[d]``; ``w1`` ``[d_ff, d]``, ``b1`` ``[d_ff]``;
-    LayerNorm weight/bias ``[d]``. The layer's output projection is not needed: the attack stops at the
-    FFN activations (its *gradient* spans them).
-    """
-
-    wq: Tensor
-    bq: Tensor
-    wk: Tensor
-    bk: Tensor
-    wv: Tensor
-    bv: Tensor
-    wo: Tensor
-    bo: Tensor
-    ln1_weight: Tensor
-    ln1_bias: Tensor
-    ln1_eps: float
-    w1: Tensor
-    b1: Tensor
-    heads: int
-    act: torch.nn.Module
-
-    @property
-    def head_size(self) -> int:
-        return self.wq.shape[0] // self.heads
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Tensor], prefix: str, module: torch.nn.Module) -> FirstLayer:
-        """Read layer ``prefix`` (root-relative) from ``params``; constants from the replica's ``module``.
-
-        Raises:
-            UnsupportedModelError: a parameter is missing or the layer is not BERT-shaped (relative positions
-                included).
-        """
-        names = {
-            "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
-            "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-            "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
-            "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
-            "ln1_weight": "attention.output.LayerNorm.weight", "ln1_bias": "attention.output.LayerNorm.bias",
-            "w1": "intermediate.dense.weight", "b1": "intermediate.dense.bias",
-        }  # fmt: skip
-        missing = [f"{prefix}.{n}" for n in names.values() if f"{prefix}.{n}" not in params]
-        if missing:
-            raise UnsupportedModelError(f"layer 0 is not a plain BERT layer (no {missing[0]!r})")
-        try:
-            attn = module.attention.self
-            heads = int(attn.num_attention_heads)
-            ln1_eps = float(module.attention.output.LayerNorm.eps)
-            act = module.intermediate.intermediate_act_fn
-        except AttributeError as err:
-            raise UnsupportedModelError(f"layer 0 is not a BERT layer ({err})") from None
-        if getattr(attn, "position_embedding_type", "absolute") not in (None, "absolute"):
-            raise UnsupportedModelError("relative position embeddings are not supported")
-        vals = {k: params[f"{prefix}.{n}"].detach().float() for k, n in names.items()}
-        return cls(heads=heads, ln1_eps=ln1_eps, act=act, **vals)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer 0 on inputs ``x`` ``[N, L, d]`` (``mask`` ``[N, L]``, 1 = token).
-
-        Returns:
-            ``(c, h1, a)``: attention contexts ``[N, L, d]``, post-attention LayerNorm outputs ``[N, L, d]``
-            and FFN activations ``[N, L, d_ff]`` (the inputs of ``output.dense``).
-        """
-        n, length, d = x.shape
-        h, dh = self.heads, self.head_size
-        q = F.linear(x, self.wq, self.bq).view(n, length, h, dh).transpose(1, 2)
-        k = F.linear(x, self.wk, self.bk).view(n, length, h, dh).transpose(1, 2)
-        v = F.linear(x, self.wv, self.bv).view(n, length, h, dh).transpose(1, 2)
-        s = q @ k.transpose(-1, -2) * dh**-0.5
-        if mask is not None:
-            s = s.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-        c = (s.softmax(-1) @ v).transpose(1, 2).reshape(n, length, d)
-        h1 = F.layer_norm(F.linear(c, self.wo, self.bo) + x, (d,), self.ln1_weight, self.ln1_bias, self.ln1_eps)
-        a = self.act(F.linear(h1, self.w1, self.b1))
-        return c, h1, a

@@ -1,9 +1,10 @@
 """The registry of text architecture families, and :func:`text_model_spec`, which dispatches to them.
 
 Each family lives in its own module and exports a :class:`~leak_audit.models.spec.TextFamily`
-(:data:`~leak_audit.models.bert.BERT_FAMILY` today). Adding an architecture (DistilBERT, GPT-2, the
-Llama family) is one new module that builds a :class:`~leak_audit.models.spec.TextModelSpec`, plus one
-line here (or a :func:`register_family` call), plus its tests.
+(:data:`~leak_audit.models.bert.BERT_FAMILY`, :data:`~leak_audit.models.llama.LLAMA_FAMILY`,
+:data:`~leak_audit.models.gpt2.GPT2_FAMILY`, :data:`~leak_audit.models.distilbert.DISTILBERT_FAMILY`). Adding an architecture is one new module that builds a
+:class:`~leak_audit.models.spec.TextModelSpec`, plus one line here (or a :func:`register_family` call), plus
+its tests.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 from torch import nn
 
 from leak_audit.models.bert import BERT_FAMILY
+from leak_audit.models.distilbert import DISTILBERT_FAMILY
+from leak_audit.models.gpt2 import GPT2_FAMILY
 from leak_audit.models.hf import UnsupportedModelError, find_hf_model
 from leak_audit.models.llama import LLAMA_FAMILY
 from leak_audit.models.spec import TextFamily, TextModelSpec
 
 __all__ = ["register_family", "text_families", "text_model_spec", "unregister_family", "unsupported_message"]
 
-_FAMILIES: list[TextFamily] = [BERT_FAMILY, LLAMA_FAMILY]
+_FAMILIES: list[TextFamily] = [BERT_FAMILY, DISTILBERT_FAMILY, LLAMA_FAMILY, GPT2_FAMILY]
 
 
 def text_families() -> tuple[TextFamily, ...]:

@@ -85,6 +85,10 @@ class EncoderLayerSpec:
             its normalisation modules; ``peft``'s ``base_layer``, ``lora_A`` and ``lora_B`` included).
         attention_dropout: dropout probability on the attention probabilities in training mode.
         attention_output_dropout: dropout probability on the attention output projection in training mode.
+        attention_norm: module name of a post-LayerNorm encoder's normalisation after attention (BERT
+            ``attention.output.LayerNorm``, DistilBERT ``sa_layer_norm``), or ``None`` (pre-norm decoders).
+        ffn_activation: module name of the feed-forward activation (BERT ``intermediate.intermediate_act_fn``),
+            or ``None``.
     """
 
     prefix: str
@@ -104,6 +108,8 @@ class EncoderLayerSpec:
     linear_weights: tuple[str, ...] = ()
     attention_dropout: float = 0.0
     attention_output_dropout: float = 0.0
+    attention_norm: str | None = None
+    ffn_activation: str | None = None
 
     @property
     def input_projections(self) -> tuple[str, ...]:

@@ -3,7 +3,7 @@
 :mod:`~leak_audit.attacks.text.span_attention` (exact, eval-mode gradients) and
 :mod:`~leak_audit.attacks.text.span_dropout` (training-mode gradients) recover a batch from layer 0 of a
 BERT encoder (after Petrov et al., "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS
-2024, see those modules for the method). Both need the layer's values (:class:`~leak_audit.models.bert.FirstLayer`,
+2024, see those modules for the method). Both need the layer's values (:class:`~leak_audit.models.first_layer.FirstLayer`,
 from the model layer), its dropout
 probabilities (:class:`DropoutRates`), the inputs of candidate (token, position) pairs
 (:func:`candidate_inputs`, :func:`shift_positions`), the positions of tokens that occur once
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from leak_audit.models import EmbeddingTables
-from leak_audit.models.bert import FirstLayer
+from leak_audit.models.first_layer import FirstLayer
 
 __all__ = [
     "DropoutRates",

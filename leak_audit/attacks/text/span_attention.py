@@ -456,10 +456,13 @@ class SpanAttention(Attack):
         names = self._grad_names(spec)
         grads = {role: inp.gradients[n] for role, n in names.items()}
         tables = EmbeddingTables.from_params(inp.params, spec)
-        prefix = spec.layers[0].prefix
-        local = prefix[len(inp.replica.prefix) :] if prefix.startswith(inp.replica.prefix) else prefix
+        replica = inp.replica
+
+        def module(name: str) -> torch.nn.Module:
+            return replica.model.get_submodule(name[len(replica.prefix):] if name.startswith(replica.prefix) else name)
+
         try:
-            layer = FirstLayer.from_params(inp.params, prefix, inp.replica.model.get_submodule(local))
+            layer = FirstLayer.from_params(inp.params, spec.layers[0], spec.num_heads, module)
         except UnsupportedModelError as exc:
             raise NotApplicable(str(exc)) from None
         segment = 0

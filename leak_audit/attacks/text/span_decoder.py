@@ -47,7 +47,7 @@ from leak_audit.attacks.spans import span_basis
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "check_maps"]
+__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,13 @@ class CheckMap:
 
     module: str
     weights: tuple[str, ...]
+    transposed: bool = False
+
+
+def input_rows(grad: Tensor, transposed: bool) -> Tensor:
+    """A weight gradient as rows that span the map's inputs: ``grad`` ``[d_out, d_in]`` (``nn.Linear``), or its
+    transpose for a weight stored ``[d_in, d_out]`` (GPT-2's ``Conv1D``)."""
+    return grad.T if transposed else grad
 
 
 def _module_of(weight: str) -> str:
@@ -76,12 +83,12 @@ def check_maps(spec: TextModelSpec, tapped: Collection[str]) -> list[CheckMap]:
     first = spec.layers[0]
     for w in (first.attention_output, first.ffn_input, first.ffn_output):
         if w is not None and w in tapped:
-            out.append(CheckMap(_module_of(w), (w,)))
+            out.append(CheckMap(_module_of(w), (w,), first.transposed))
     if len(spec.layers) > 1:
         second = [w for w in spec.layers[1].input_projections if w in tapped]
         if second:
             # the module called first reads the input (Llama: q_proj); any of them sees the same tensor
-            out.append(CheckMap(_module_of(spec.layers[1].query), tuple(second)))
+            out.append(CheckMap(_module_of(spec.layers[1].query), tuple(second), spec.layers[1].transposed))
     return out
 
 
@@ -93,32 +100,68 @@ def _residuals(x: Tensor, basis: Tensor) -> Tensor:
 
 
 def candidate_tokens(
-    grads: Sequence[Tensor], tables: EmbeddingTables, threshold: float, rtol: float = 1e-6, chunk: int = 8192
+    grads: Sequence[Tensor],
+    tables: EmbeddingTables,
+    threshold: float,
+    rtol: float = 1e-6,
+    chunk: int = 8192,
+    *,
+    position: int | None = None,
+    basis: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
-    """Vocabulary rows whose position-free layer-0 input ``Norm(E[v])`` lies in the gradients' row space.
+    """Vocabulary rows whose layer-0 input lies in the gradients' row space.
 
     Args:
-        grads: layer 0's attention projection weight gradients ``[d_out_k, d]`` (they share their input).
+        grads: layer 0's attention projection weight gradients as input-spanning rows ``[d_out_k, d]``
+            (:func:`input_rows`; they share their input).
         tables: the first-layer input tables.
         threshold: relative residual below which a row is a candidate.
         rtol: relative singular-value tolerance of the row space (:func:`~leak_audit.attacks.spans.span_basis`).
         chunk: rows ranked at once (memory).
+        position: rank ``Norm(E[v] + P[position])`` (learned absolute positions); ``None``: the position-free
+            ``Norm(E[v])`` (rotary positions act inside attention).
+        basis: the row space's orthonormal basis ``[d, r]``, if already computed (then ``grads`` is unused).
 
     Returns:
         ``(tokens, residuals, rank)``: candidate token ids ``[K]`` (ascending residual), their residuals
         ``[K]``, and the row space's rank.
     """
-    basis, _ = span_basis(grads, rtol=rtol)
+    if basis is None:
+        basis, _ = span_basis(grads, rtol=rtol)
     res = torch.empty(tables.word.shape[0], dtype=torch.float64)
     basis32 = basis.to(device=tables.word.device, dtype=torch.float32)  # float32 suffices to rank: true rows ~1e-6
+    shift = 0.0 if position is None else tables.position[position + tables.position_offset].to(torch.float32)
     for start in range(0, tables.word.shape[0], chunk):
-        rows = tables.normalize(tables.word[start:start + chunk].to(torch.float32))
+        rows = tables.normalize(tables.word[start:start + chunk].to(torch.float32) + shift)
         proj = (rows @ basis32) @ basis32.T
         res[start:start + chunk] = (torch.linalg.vector_norm(rows - proj, dim=-1)
                                     / torch.linalg.vector_norm(rows, dim=-1).clamp_min(1e-30)).cpu().double()
     order = res.argsort()
     keep = order[res[order] < threshold]
     return keep, res[keep], int(basis.shape[1])
+
+
+def candidates_by_position(
+    grads: Sequence[Tensor], tables: EmbeddingTables, threshold: float, rtol: float = 1e-6, max_length: int = 512,
+    deadline: float | None = None,
+) -> tuple[list[Tensor], int]:
+    """Per position ``i = 0, 1, ...``, the tokens ``v`` whose ``Norm(E[v] + P[i])`` lies in the row space (learned
+    absolute positions, GPT-2). Sentences start at position 0 and are contiguous, so the scan stops at the first
+    position without a candidate (or at ``max_length``, the position table's end or ``deadline``).
+
+    Returns:
+        ``(per_position, rank)``: candidate token ids ``[K_i]`` per position, and the row space's rank.
+    """
+    basis, _ = span_basis(grads, rtol=rtol)
+    out: list[Tensor] = []
+    for i in range(min(max_length, tables.max_length)):
+        if late(deadline):
+            break
+        tokens, _, _ = candidate_tokens(grads, tables, threshold, position=i, basis=basis)
+        if tokens.numel() == 0:
+            break
+        out.append(tokens)
+    return out, int(basis.shape[1])
 
 
 class SpanDecoder(Attack):
@@ -178,18 +221,30 @@ class SpanDecoder(Attack):
             raise NotApplicable("runs the decoder's first layers, but no text model replica was given")
         budget = inp.budget(self.max_seconds)
         spec, replica, params = inp.spec, inp.replica, inp.params
-        first = [inp.gradients[w] for w in spec.layers[0].input_projections if w in inp.gradients]
+        layer0 = spec.layers[0]
+        first = [input_rows(inp.gradients[w], layer0.transposed) for w in layer0.input_projections
+                 if w in inp.gradients]
         tables = EmbeddingTables.from_params(params, spec)
-        tokens, _, rank0 = candidate_tokens(first, tables, self.threshold, self.rtol)
+        device = next(iter(params.values())).device
+        per_position: list[Tensor] | None = None
+        if spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
+            per_position, rank0 = candidates_by_position(first, tables, self.threshold, self.rtol, self.max_length,
+                                                         budget.deadline)
+            tokens = torch.cat(per_position).unique() if per_position else torch.zeros(0, dtype=torch.long)
+            per_position = [t.to(device) for t in per_position]
+        else:
+            tokens, _, rank0 = candidate_tokens(first, tables, self.threshold, self.rtol)
         checks = check_maps(spec, inp.gradients.keys())
-        bases = [span_basis([inp.gradients[w] for w in c.weights], rtol=self.rtol)[0] for c in checks]
+        bases = [span_basis([input_rows(inp.gradients[w], c.transposed) for w in c.weights], rtol=self.rtol)[0]
+                 for c in checks]
         info: dict[str, object] = {"rank_layer0": rank0, "candidates": int(tokens.numel()),
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
+        if per_position is not None:
+            info["candidate_positions"] = len(per_position)
         if tokens.numel() == 0:
             return Reconstruction(attack=self.name, sequences=[], info=info)
-        device = next(iter(params.values())).device
         prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
-                                       budget.deadline)
+                                       budget.deadline, per_position)
         info["prefixes"] = len(prefixes)
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
@@ -212,11 +267,19 @@ class SpanDecoder(Attack):
         tokens: Tensor,
         batch_size: int,
         deadline: float,
+        per_position: Sequence[Tensor] | None = None,
     ) -> tuple[list[list[int]], bool]:
-        """Grow prefixes left to right; return the finished ones and whether the deadline cut the search."""
+        """Grow prefixes left to right; return the finished ones and whether the deadline cut the search.
+        ``per_position``: the candidates of each position (learned positions); ``None``: ``tokens`` everywhere."""
+
+        def at(position: int) -> Tensor:
+            if per_position is None:
+                return tokens
+            return per_position[position] if position < len(per_position) else tokens[:0]
+
         modules = [c.module for c in checks]
         width = max(4 * batch_size, 16)  # live prefixes kept (sentences may share a prefix)
-        n = int(tokens.numel())
+        tokens = at(0)
         with torch.no_grad():
             seen = replica.module_inputs(params, modules, tokens[:, None])
         score = self._score(seen, modules, bases)[:, 0]
@@ -228,7 +291,9 @@ class SpanDecoder(Attack):
         while live:
             if late(deadline):
                 return finished + live, True
-            if len(live[0]) >= self.max_length:
+            tokens = at(len(live[0]))
+            n = int(tokens.numel())
+            if len(live[0]) >= self.max_length or n == 0:
                 finished += live
                 break
             prefix = torch.tensor(live, dtype=torch.long, device=tokens.device)

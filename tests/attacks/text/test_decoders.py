@@ -1,7 +1,9 @@
-"""Causal decoders (the Llama family): the model layer reads them, span_decoder recovers their text exactly.
+"""Causal decoders (the Llama and GPT-2 families): the model layer reads them, span_decoder recovers their
+text exactly.
 
 Claims about leakage are measured on the real pretrained SmolLM2-135M-Instruct and real CoLA sentences;
-random-init configs check the family seam (Qwen2's q/k/v biases, grouped-query attention).
+random-init configs check the family seams (Qwen2's q/k/v biases and grouped-query attention; GPT-2's
+learned positions and fused, transposed ``Conv1D`` projections).
 """
 
 from __future__ import annotations
@@ -120,6 +122,60 @@ def test_random_qwen2_with_biases_and_grouped_query_attention_b2() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     recon = _attack(model, batch)
     assert sorted(recon.sequences) == sorted(ids.tolist())
+
+
+def _gpt2_config(**extra):
+    from transformers import GPT2Config
+
+    # dropout off (the attack reads eval-mode gradients); bos/eos inside the small vocabulary
+    return GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **extra)
+
+
+def test_random_gpt2_causal_lm_b2() -> None:
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_gpt2_config()).eval()
+    spec = text_model_spec(model)
+    assert (spec.family, spec.position_scheme, spec.tied_embeddings, spec.causal) == ("gpt2", "absolute", True, True)
+    layer = spec.layers[0]
+    assert layer.fused and layer.transposed and layer.query == layer.key == layer.value == "transformer.h.0.attn.c_attn.weight"
+    assert spec.decoder_view() == ("transformer.h.0", "transformer.h.1.attn.c_attn", "transformer.wte")
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    recon = _attack(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    assert sorted(recon.sequences) == sorted(ids.tolist())  # every token, the last one from the tied LM head
+    assert recon.info["candidate_positions"] == 8 and recon.info["last_token"] == "lm_head"
+
+
+def test_random_gpt2_sequence_classifier_b2() -> None:
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(_gpt2_config(pad_token_id=0, num_labels=2)).eval()
+    spec = text_model_spec(model)
+    assert spec.classifier_weight == "score.weight" and spec.lm_head is None and spec.num_labels == 2
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    recon = _attack(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])})
+    assert sorted(recon.sequences) == sorted(ids.tolist())  # the classifier reads the last token: all 9 seen
+
+
+def test_a_trainer_run_on_a_random_gpt2_is_audited_not_refused(tmp_path: Path) -> None:
+    """A GPT2LMHeadModel used to stop training at setup (UnsupportedModelError); now it gets the decoder
+    defaults and an exact audit."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_gpt2_config())
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path, max_seconds=120)
+    trainer = Trainer(max_steps=1, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_CausalLM(model, None), DataLoader(batches, batch_size=None))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["attack"], r["status"]) for r in records] == [("span_decoder", "ok")], records
+    assert records[0]["metrics"]["exact_match"] == pytest.approx(1.0)
 
 
 def test_span_decoder_started_past_the_deadline_returns_at_once() -> None:
