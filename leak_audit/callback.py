@@ -34,7 +34,7 @@ from leak_audit.capture.batch import BatchAdapter, default_batch_adapter, defaul
 from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, announce_dp_release, attach_dp_release
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
-from leak_audit.capture.tap import GradientTap, LocalGradientCapture
+from leak_audit.capture.tap import GradientTap, LocalGradientCapture, trainable_modules
 from leak_audit.gate.breach import Breach, BreachMonitor
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
@@ -293,7 +293,7 @@ class LeakageAudit(Callback):
             spec = text_model_spec(pl_module)
             causal = spec.causal
             if causal and modules is None:  # a decoder's whole gradient is hundreds of MB per audit
-                modules = list(spec.decoder_view())
+                modules = trainable_modules(pl_module, spec.decoder_view())
         self.attacks = resolve_attacks(self._requested, self._modality, causal=causal)
         self._tap = GradientTap(pl_module, modules)
         self._tokenizer = find_tokenizer(self.tokenizer, pl_module)

@@ -26,7 +26,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PEFT", "GradientTap", "LocalGradientCapture", "ModuleSelectionError", "peft_modules", "select_modules"]
+__all__ = [
+    "PEFT", "GradientTap", "LocalGradientCapture", "ModuleSelectionError", "peft_modules", "select_modules",
+    "trainable_modules",
+]
 
 _GLOB_CHARS = set("*?[")
 
@@ -75,6 +78,22 @@ def peft_modules(root: nn.Module) -> list[str]:
         name for name, m in root.named_modules()
         if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper) and any(p.requires_grad for p in m.parameters())
     ]
+
+
+def trainable_modules(root: nn.Module, names: Iterable[str]) -> list[str]:
+    """The module names among ``names`` (exact, relative to ``root``) that hold a trainable parameter: a default
+    view (e.g. :meth:`~leak_audit.models.TextModelSpec.decoder_view`) keeps what a run trains, so under LoRA the
+    frozen LM head drops out instead of failing the selection.
+
+    Raises:
+        ModuleSelectionError: none of ``names`` holds a trainable parameter (the message lists them).
+    """
+    names = list(names)
+    kept = [n for n in names if any(p.requires_grad for p in root.get_submodule(n).parameters())]
+    if not kept:
+        raise ModuleSelectionError(f"none of the default modules {names} holds a trainable parameter; pass modules= "
+                                   f"(e.g. {PEFT!r} for a peft model)")
+    return kept
 
 
 def select_modules(root: nn.Module, patterns: str | Iterable[str] | None) -> dict[str, nn.Module]:

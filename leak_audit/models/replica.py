@@ -208,7 +208,8 @@ class ModelReplica:
             handles.append(module.register_forward_pre_hook(hook))
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": None}
         if cache is not None:  # transformers 5 names it `cache`, earlier versions `past_key_values`
-            key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+            key = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
             kwargs[key], kwargs["use_cache"] = cache, True
         try:
             functional_call(self.model, self.local(params), args=(), kwargs=kwargs, strict=False)

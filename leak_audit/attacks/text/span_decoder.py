@@ -9,7 +9,9 @@ gradient, as long as they number fewer than the input size ``d``. The attack rea
    (Llama family) these carry no position, so every vocabulary row is ranked by its relative residual to
    the row space of the stacked ``q/k/v`` gradients; the rows under :attr:`SpanDecoder.threshold` are the
    candidate tokens. ``q_proj`` alone misses the first position (one key: the softmax is constant) and
-   the last; ``k_proj`` and ``v_proj`` see the first.
+   the last; ``k_proj`` and ``v_proj`` see the first. With learned positions (GPT-2) a candidate is a
+   (token, position) pair, ranked position by position until a position has none; GPT-2's fused
+   ``c_attn`` is a ``Conv1D`` stored transposed, so its gradient's columns span the inputs.
 2. **Left-to-right assembly.** Position ``i`` of a causal model depends on tokens ``0..i`` only. Starting
    from single tokens, every live prefix is extended by every candidate, the replica runs the new
    position through layer 0 (one key/value-cached step, stopping before the rest of the model:
@@ -30,6 +32,12 @@ state at every position of the run, so such extensions are refused unless their 
 
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
 map's input size. Noise-free gradients only (DP noise: not applicable yet).
+
+**LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
+projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs, so they hold each input only
+while the positions number at most about ``r`` per adapter (q and v stacked: ``2r``): exact at B = 1 on short
+sentences, not beyond. At initialisation ``lora_B = 0`` makes them vanish: nothing is recovered. The frozen
+LM head gives no gradient, so the last token stays unknown.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ from leak_audit.attacks.spans import span_basis
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows"]
+__all__ = [
+    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,20 @@ def check_maps(spec: TextModelSpec, tapped: Collection[str]) -> list[CheckMap]:
         if second:
             # the module called first reads the input (Llama: q_proj); any of them sees the same tensor
             out.append(CheckMap(_module_of(spec.layers[1].query), tuple(second), spec.layers[1].transposed))
+        else:  # LoRA: the A matrices' gradients span (part of) the same inputs
+            adapters = [a for a in spec.layers[1].lora if a.a in tapped]
+            if adapters:
+                out.append(CheckMap(adapters[0].module, tuple(a.a for a in adapters)))
     return out
+
+
+def layer0_rows(spec: TextModelSpec, tapped: Collection[str]) -> list[tuple[str, bool]]:
+    """The tapped gradients whose rows span layer 0's attention inputs, with whether each is stored transposed:
+    the attention projections' weights, or else (LoRA fine-tuning, base weights frozen) their adapters' ``A``
+    matrices (``[r, d]``: each row a mix of the inputs, so the span holds them only while they number ≤ r)."""
+    layer = spec.layers[0]
+    base = [(w, layer.transposed) for w in layer.input_projections if w in tapped]
+    return base or [(a.a, False) for a in layer.lora if a.a in tapped]
 
 
 def _residuals(x: Tensor, basis: Tensor) -> Tensor:
@@ -196,10 +219,10 @@ class SpanDecoder(Attack):
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
         if not getattr(spec, "causal", False):
             raise NotApplicable("reads causal decoders (GPT-2, the Llama family); encoders are read by span_check")
-        first = [w for w in spec.layers[0].input_projections if w in tapped]
+        first = [w for w, _ in layer0_rows(spec, tapped)]
         if not first:
             raise NotApplicable("needs the gradient of layer 0's attention projections (q_proj/k_proj/v_proj or "
-                                "c_attn); tap layer 0 (e.g. modules='model.layers.0')")
+                                "c_attn, or their LoRA adapters); tap layer 0 (e.g. modules='model.layers.0')")
         checks = check_maps(spec, tapped)
         if not checks:
             raise NotApplicable("orders tokens with a map whose inputs depend on the prefix: tap layer 0's o_proj "
@@ -221,9 +244,9 @@ class SpanDecoder(Attack):
             raise NotApplicable("runs the decoder's first layers, but no text model replica was given")
         budget = inp.budget(self.max_seconds)
         spec, replica, params = inp.spec, inp.replica, inp.params
-        layer0 = spec.layers[0]
-        first = [input_rows(inp.gradients[w], layer0.transposed) for w in layer0.input_projections
-                 if w in inp.gradients]
+        first = [input_rows(inp.gradients[w], transposed) for w, transposed in layer0_rows(spec, inp.gradients)]
+        if not any(bool(g.any()) for g in first):  # e.g. LoRA at initialisation: lora_B = 0, so dL/dA = 0
+            return Reconstruction(attack=self.name, sequences=[], info={"rank_layer0": 0, "candidates": 0})
         tables = EmbeddingTables.from_params(params, spec)
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
@@ -253,7 +276,7 @@ class SpanDecoder(Attack):
             info["last_token"] = "lm_head"
         elif spec.classifier_weight is None:
             info["last_token"] = ("missing: the deadline cut the assembly" if cut
-                                  else "missing: the LM head's gradient is not tapped")
+                                  else "missing: the LM head's gradient is not tapped (or frozen)")
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
                               info=info, timed_out=cut and budget.audit_bound)
 

@@ -251,3 +251,40 @@ def test_what_an_audit_copies_per_view(smollm2) -> None:
     assert two_layers < 200e6  # layers 0-1 (gradients and weights, about 56 MB) and the 113 MB embedding table
     with_head = copied(("model.layers.0.", "model.layers.1.", "model.embed_tokens."))
     assert with_head > 600e6  # + the head's gradient and every weight of the model
+
+
+def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: str, tmp_path: Path) -> None:
+    """peft LoRA (r = 8 on q_proj/v_proj) on the real SmolLM2, batch of one CoLA sentence: the default view keeps
+    what trains (layers 0-1's adapters; the frozen LM head drops out) and span_decoder reads the adapters' A
+    gradients. At initialisation (lora_B = 0) those gradients vanish and nothing is recovered; three AdamW
+    steps later the sentence is recovered up to its last token, which no adapter gradient sees (the last
+    position predicts nothing, and the LM head is frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    from leak_audit.demos.pretrained import load_smollm2
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2("causal-lm")  # a fresh copy: peft changes the model in place
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0))
+    sentence = read_tsv(data_file("cola_dev.tsv"), limit=1)[0][0]
+    batches = [_lm_batch(tokenizer, [sentence])] * 4
+
+    class LoraLM(_CausalLM):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    audit = LeakageAudit(every_n_steps=3, log_dir=tmp_path, max_seconds=300, end_timeout=600)
+    trainer = Trainer(max_steps=4, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LoraLM(model, tokenizer), DataLoader(batches, batch_size=None))
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())}
+    assert set(records) == {0, 3} and all(r["attack"] == "span_decoder" for r in records.values())
+    assert not any("lm_head" in m or "embed_tokens" in m for m in records[3]["modules"]), records[3]["modules"]
+    at_init, trained = records[0], records[3]
+    assert at_init["status"] == "ok" and at_init["info"]["rank_layer0"] == 0 and at_init["metrics"]["rouge1"] == 0.0
+    assert trained["status"] == "ok", trained.get("error")
+    truth = tokenizer(sentence)["input_ids"]
+    assert trained["info"]["candidates"] >= len(set(truth[:-1])) and trained["info"]["prefixes"] == 1
+    assert trained["metrics"]["token_recall"] >= (len(truth) - 1) / len(truth) - 1e-9
+    assert trained["metrics"]["rouge1"] >= 0.9
