@@ -66,7 +66,7 @@ class LeakageAudit(Callback):
         every_n_steps: audit the optimizer steps ``0, N, 2N, ...`` (counted like ``trainer.global_step``).
         attacks: registered attack names or :class:`~leak_audit.attacks.Attack` objects; ``None``:
             :data:`~leak_audit.attacks.DEFAULT_ATTACKS` (encoders), ``DEFAULT_DECODER_ATTACKS`` (causal decoders),
-            ``DEFAULT_IMAGE_ATTACKS``. Names are checked now and resolved for the model's modality at ``setup``.
+            ``DEFAULT_GENERIC_ATTACKS`` (a model no architecture family knows), ``DEFAULT_IMAGE_ATTACKS``. Names are checked now and resolved for the model's modality at ``setup``.
         log_dir: directory of ``audit.jsonl`` (and, for images with ``log_samples``, of ``samples/``).
         log_samples: store and send the original and reconstructed text (images: ``samples/*.npz``). Off by
             default: reconstructions *are* the private data.
@@ -109,8 +109,9 @@ class LeakageAudit(Callback):
             an unknown attack; at ``setup``, a module pattern that matches nothing or only frozen modules
             (:class:`~leak_audit.capture.tap.ModuleSelectionError`), no attack that can use the tapped view, an
             attack of the other modality, ``recompute="eval"`` on an image model, or ``network`` on a text model.
-        UnsupportedModelError: at ``setup``, no image network can be found, or a text model is neither a
-            BERT-family encoder nor a Llama-family decoder.
+        UnsupportedModelError: at ``setup``, no image network can be found, or a text model has no input
+            embedding table. A text model no family knows gets the model-agnostic attacks (a warning says so);
+            when none of them applies either, ``setup`` raises the ``ValueError`` above.
 
     Example::
 
@@ -288,13 +289,16 @@ class LeakageAudit(Callback):
         if stage != "fit" or self._active:
             return
         self._modality = self.modality if self.modality != "auto" else model_modality(pl_module)
-        modules, causal = self.modules, False
-        if self._modality == "text" and (self._requested is None or modules is None):
-            spec = text_model_spec(pl_module)
-            causal = spec.causal
-            if causal and modules is None:  # a decoder's whole gradient is hundreds of MB per audit
+        modules, causal, generic = self.modules, False, False
+        if self._modality == "text":
+            spec = text_model_spec(pl_module, generic=True)
+            causal, generic = spec.causal, spec.family == "generic"
+            if causal and modules is None and spec.layers:  # a decoder's whole gradient is hundreds of MB per audit
                 modules = trainable_modules(pl_module, spec.decoder_view())
-        self.attacks = resolve_attacks(self._requested, self._modality, causal=causal)
+            if generic:
+                rank_zero_warn(f"LeakageAudit: no architecture family knows this {spec.model_type!r} model; only the "
+                               "model-agnostic attacks can read it (leak_audit.models.register_family adds one)")
+        self.attacks = resolve_attacks(self._requested, self._modality, causal=causal, generic=generic)
         self._tap = GradientTap(pl_module, modules)
         self._tokenizer = find_tokenizer(self.tokenizer, pl_module)
         self._auditor = self._build_auditor(pl_module)
@@ -308,6 +312,9 @@ class LeakageAudit(Callback):
             )
         if not self._auditor.applicable:
             reasons = "; ".join(f"{n}: {p}" for n, p in self._auditor.plan.items())
+            if generic:
+                reasons += ("; no architecture family knows this model: register one (leak_audit.models."
+                            "register_family) so the span attacks can read its layers")
             raise ValueError(f"no attack can use the tapped modules {list(self._tap.modules)}: {reasons}")
         for name, plan in self._auditor.plan.items():
             if isinstance(plan, str):

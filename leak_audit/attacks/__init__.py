@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from leak_audit.attacks.base import COSTS, Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements
 from leak_audit.attacks.defaults import (
-    DEFAULT_ATTACKS, DEFAULT_DECODER_ATTACKS, DEFAULT_IMAGE_ATTACKS, check_requested, default_attacks, resolve_attacks,
+    DEFAULT_ATTACKS, DEFAULT_DECODER_ATTACKS, DEFAULT_GENERIC_ATTACKS, DEFAULT_IMAGE_ATTACKS, check_requested, default_attacks, resolve_attacks,
 )
 from leak_audit.attacks.registry import available_attacks, check_attack_name, get_attack, order_attacks, register_attack
 from leak_audit.models import MODALITIES
@@ -23,6 +23,7 @@ from leak_audit.models import MODALITIES
 __all__ = [
     "DEFAULT_ATTACKS",
     "DEFAULT_DECODER_ATTACKS",
+    "DEFAULT_GENERIC_ATTACKS",
     "DEFAULT_IMAGE_ATTACKS",
     "MODALITIES",
     "Attack",

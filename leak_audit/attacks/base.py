@@ -39,6 +39,7 @@ __all__ = [
     "Requirements",
     "require_classifier",
     "require_encoder",
+    "require_layers",
 ]
 
 NO_TIME_LEFT = "started with no time left"
@@ -55,9 +56,20 @@ class NotApplicable(Exception):
     """The tapped gradients give this attack nothing to work with (the message says what it needs)."""
 
 
+def require_layers(spec: TextModelSpec) -> None:
+    """Raise :class:`NotApplicable` when the model layer does not know the model's layers (a ``"generic"``
+    spec): the attack reimplements or reads the first layers by name."""
+    if not spec.layers:
+        raise NotApplicable(f"reads the first layers by name, and no architecture family knows this "
+                            f"{spec.model_type!r} model: register one (leak_audit.models.register_family) to "
+                            "read it; model-agnostic attacks: token_bag, labels, gradient_matching")
+
+
 def require_encoder(spec: TextModelSpec) -> None:
-    """Raise :class:`NotApplicable` for a causal decoder: the encoder span attacks assume every position sees
-    the whole sentence and learned absolute positions; ``span_decoder`` reads decoders."""
+    """Raise :class:`NotApplicable` for a model whose layers are unknown (:func:`require_layers`) or a causal
+    decoder: the encoder span attacks assume every position sees the whole sentence and learned absolute
+    positions; ``span_decoder`` reads decoders."""
+    require_layers(spec)
     if spec.causal:
         raise NotApplicable(f"reads bidirectional encoders (BERT family); this {spec.model_type} model is a causal "
                             "decoder, read by span_decoder")

@@ -14,7 +14,7 @@ from leak_audit.attacks.registry import check_attack_name, get_attack
 from leak_audit.models import MODALITIES
 
 __all__ = [
-    "DEFAULT_ATTACKS", "DEFAULT_DECODER_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "check_requested", "default_attacks",
+    "DEFAULT_ATTACKS", "DEFAULT_DECODER_ATTACKS", "DEFAULT_GENERIC_ATTACKS", "DEFAULT_IMAGE_ATTACKS", "check_requested", "default_attacks",
     "resolve_attacks",
 ]
 
@@ -22,13 +22,16 @@ DEFAULT_ATTACKS: tuple[str, ...] = ("token_bag", "span_check", "span_attention",
 """Text attacks run on encoders (the BERT family) when ``attacks`` is not given."""
 DEFAULT_DECODER_ATTACKS: tuple[str, ...] = ("span_decoder",)
 """Text attacks run on causal decoders (GPT-2, the Llama family) when ``attacks`` is not given."""
+DEFAULT_GENERIC_ATTACKS: tuple[str, ...] = ("token_bag", "labels", "gradient_matching")
+"""Text attacks run on a Hugging Face model no architecture family knows (the model-agnostic ones)."""
 DEFAULT_IMAGE_ATTACKS: tuple[str, ...] = ("dlg",)
 """Image attacks run when ``attacks`` is not given: DLG, bounded to 1000 evaluations and 30 s per audit."""
 
 
-def default_attacks(modality: str, *, causal: bool = False) -> tuple[str, ...]:
-    """The attacks run when none are requested: per ``modality`` (``"text"``, ``"image"``), and for a ``causal``
-    text decoder :data:`DEFAULT_DECODER_ATTACKS`.
+def default_attacks(modality: str, *, causal: bool = False, generic: bool = False) -> tuple[str, ...]:
+    """The attacks run when none are requested: per ``modality`` (``"text"``, ``"image"``); for text,
+    :data:`DEFAULT_GENERIC_ATTACKS` on a model no family knows (``generic``), :data:`DEFAULT_DECODER_ATTACKS` on a
+    ``causal`` decoder, else :data:`DEFAULT_ATTACKS`.
 
     Raises:
         ValueError: an unknown modality.
@@ -37,6 +40,8 @@ def default_attacks(modality: str, *, causal: bool = False) -> tuple[str, ...]:
         raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
     if modality == "image":
         return DEFAULT_IMAGE_ATTACKS
+    if generic:
+        return DEFAULT_GENERIC_ATTACKS
     return DEFAULT_DECODER_ATTACKS if causal else DEFAULT_ATTACKS
 
 
@@ -69,11 +74,13 @@ def check_requested(attacks: Iterable[str | Attack] | None, modalities: Sequence
     return requested
 
 
-def resolve_attacks(requested: Sequence[str | Attack] | None, modality: str, *, causal: bool = False) -> list[Attack]:
+def resolve_attacks(
+    requested: Sequence[str | Attack] | None, modality: str, *, causal: bool = False, generic: bool = False
+) -> list[Attack]:
     """The :class:`Attack` objects of a request (checked by :func:`check_requested`) for the model's ``modality``;
     ``None``: :func:`default_attacks`. A name present in both modalities (``"dlg"``) gets that modality's class.
 
     Raises:
         ValueError: a name not registered for ``modality``.
     """
-    return [get_attack(a, modality) for a in (requested or default_attacks(modality, causal=causal))]
+    return [get_attack(a, modality) for a in (requested or default_attacks(modality, causal=causal, generic=generic))]

@@ -56,7 +56,10 @@ class EmbeddingTables:
 
         Raises:
             KeyError: ``params`` lacks one of ``spec.embedding_params``.
+            ValueError: the spec names no first-layer normalisation (a ``"generic"`` spec: layers unknown).
         """
+        if spec.norm_weight is None:
+            raise ValueError(f"the {spec.family} spec of {spec.model_type!r} does not know layer 0's inputs")
         word = params[spec.word_embeddings]
         weight = params[spec.norm_weight]
         if spec.position_embeddings is not None:

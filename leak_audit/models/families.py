@@ -13,6 +13,7 @@ from torch import nn
 
 from leak_audit.models.bert import BERT_FAMILY
 from leak_audit.models.distilbert import DISTILBERT_FAMILY
+from leak_audit.models.generic import generic_model_spec
 from leak_audit.models.gpt2 import GPT2_FAMILY
 from leak_audit.models.hf import UnsupportedModelError, find_hf_model
 from leak_audit.models.llama import LLAMA_FAMILY
@@ -66,21 +67,26 @@ def unsupported_message(hf: nn.Module) -> str:
     )
 
 
-def text_model_spec(root: nn.Module) -> TextModelSpec:
+def text_model_spec(root: nn.Module, *, generic: bool = False) -> TextModelSpec:
     """Build the :class:`~leak_audit.models.spec.TextModelSpec` of the Hugging Face text model inside ``root``.
 
     The first registered family whose ``matches`` accepts the model builds the spec.
 
     Args:
         root: the audited module (usually the LightningModule).
+        generic: when no family matches, return the ``"generic"`` spec of
+            :func:`~leak_audit.models.generic.generic_model_spec` (no layers: the model-agnostic attacks only)
+            instead of raising.
 
     Raises:
-        UnsupportedModelError: no Hugging Face model inside ``root``; no family matches (the message names
-            the model class, its ``model_type`` and the supported families); or the matching family misses
-            a part the attacks need.
+        UnsupportedModelError: no Hugging Face model inside ``root``; no family matches and not ``generic``
+            (the message names the model class, its ``model_type`` and the supported families), or the model
+            has no input embedding; or the matching family misses a part the attacks need.
     """
     hf_name, hf = find_hf_model(root)
     for family in _FAMILIES:
         if family.matches(hf):
             return family.build(hf_name, hf)
+    if generic:
+        return generic_model_spec(hf_name, hf)
     raise UnsupportedModelError(unsupported_message(hf))

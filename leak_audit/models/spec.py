@@ -137,7 +137,8 @@ class TextModelSpec:
             is ``"absolute"``.
         token_type_embeddings: the segment table ``[T, d]`` (BERT), or ``None``.
         norm_weight, norm_bias: the first-layer normalisation's affine parameters ``[d]`` (``norm_bias``
-            ``None`` for RMSNorm); ``norm_eps`` its epsilon; ``norm_kind`` its formula.
+            ``None`` for RMSNorm; both ``None`` when the layers are unknown: the ``"generic"`` spec of
+            :mod:`leak_audit.models.generic`); ``norm_eps`` its epsilon; ``norm_kind`` its formula.
         layers: the Transformer layers, first to last.
         classifier_weight, classifier_bias: a sequence classifier's output layer, or ``None``.
         hidden_size, vocab_size: ``d`` and ``V``.
@@ -163,7 +164,7 @@ class TextModelSpec:
     word_embeddings: str
     position_embeddings: str | None
     token_type_embeddings: str | None
-    norm_weight: str
+    norm_weight: str | None
     norm_bias: str | None
     norm_eps: float
     layers: tuple[EncoderLayerSpec, ...]

@@ -79,7 +79,7 @@ def build_auditor(
         if network is not None:
             raise ValueError(f"network={network!r} applies to image models; the text audit finds the Hugging "
                              "Face model itself (pass modality='image' if this is an image model)")
-        spec = text_model_spec(module).with_tokenizer(tokenizer)
+        spec = text_model_spec(module, generic=True).with_tokenizer(tokenizer)
         hf_name, hf_model = find_hf_model(module)
         replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
         return Auditor(

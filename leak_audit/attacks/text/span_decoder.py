@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements
+from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import EmbeddingTables, TextModelSpec
@@ -217,6 +217,7 @@ class SpanDecoder(Attack):
         self.last_token_candidates = last_token_candidates
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
+        require_layers(spec)
         if not getattr(spec, "causal", False):
             raise NotApplicable("reads causal decoders (GPT-2, the Llama family); encoders are read by span_check")
         first = [w for w, _ in layer0_rows(spec, tapped)]

@@ -1,0 +1,77 @@
+"""Any other Hugging Face text model: what the model-agnostic attacks need, and nothing more.
+
+A model no family knows (OPT, T5's encoder, a custom ``PreTrainedModel``, ...) still has an input embedding
+(``get_input_embeddings()``), usually an output head, and its own ``forward``. That is enough for the attacks
+that read no layer by name: the token bag (nonzero rows of an *untied* embedding's gradient), the labels
+(a sequence classifier's last linear layer) and gradient matching (the model's own forward on
+``inputs_embeds``). The spec of such a model has no layers (:attr:`~leak_audit.models.spec.TextModelSpec.layers`
+is empty), so the span attacks, which run a layer-0 reimplementation, say they do not apply.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from leak_audit.models.hf import UnsupportedModelError, classifier_names, join_names, lm_head_name
+from leak_audit.models.spec import TextModelSpec
+
+__all__ = ["generic_model_spec"]
+
+
+def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
+    """The :class:`~leak_audit.models.spec.TextModelSpec` of a Hugging Face model no family knows
+    (``family="generic"``, no layers).
+
+    The classifier is the model's last ``nn.Linear`` with ``config.num_labels`` outputs when the model has no
+    LM head (``get_output_embeddings()``); the model is causal when its class is a ``*ForCausalLM`` or its config
+    says ``is_decoder``.
+
+    Raises:
+        UnsupportedModelError: the model has no input embedding table (``get_input_embeddings()`` returns no
+            ``nn.Embedding``); the message says what would make it auditable.
+    """
+    try:
+        embedding = hf.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Embedding):
+        raise UnsupportedModelError(
+            f"{type(hf).__name__} has no input embedding table (get_input_embeddings() gave "
+            f"{type(embedding).__name__}); the text attacks read token embeddings. Give the model an nn.Embedding "
+            "returned by get_input_embeddings(), or audit it as an image classifier (modality='image')"
+        )
+    word = next(n for n, p in hf.named_parameters() if p is embedding.weight)
+    config = hf.config
+    lm_head, tied = lm_head_name(hf, hf_name, embedding.weight)
+    num_labels = int(getattr(config, "num_labels", 0) or 0)
+    cls_w, cls_b = (None, None) if lm_head is not None else classifier_names(hf, hf_name, num_labels, marker="")
+    pad_id = getattr(config, "pad_token_id", None)
+    vocab = int(embedding.num_embeddings)
+    special = {int(i) for i in (pad_id, getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
+               if isinstance(i, int) and 0 <= i < vocab}
+    causal = type(hf).__name__.endswith("ForCausalLM") or bool(getattr(config, "is_decoder", False))
+    return TextModelSpec(
+        hf_prefix=hf_name,
+        model_type=str(getattr(config, "model_type", type(hf).__name__)),
+        word_embeddings=join_names(hf_name, word),
+        position_embeddings=None,
+        token_type_embeddings=None,
+        norm_weight=None,
+        norm_bias=None,
+        norm_eps=0.0,
+        layers=(),
+        classifier_weight=cls_w,
+        classifier_bias=cls_b,
+        hidden_size=int(embedding.embedding_dim),
+        vocab_size=vocab,
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 512),
+        position_offset=0,
+        num_labels=num_labels if cls_w is not None else 0,
+        pad_token_id=int(pad_id) if isinstance(pad_id, int) else None,
+        special_token_ids=frozenset(special),
+        family="generic",
+        position_scheme="none",
+        lm_head=lm_head,
+        tied_embeddings=tied,
+        causal=causal,
+    )

@@ -1,0 +1,77 @@
+"""A Hugging Face model no architecture family knows (a random-init OPT): the model-agnostic attacks run and
+say so, the span attacks say why they do not apply, and the auditor refuses only when nothing applies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from leak_audit import LeakageAudit
+from leak_audit.models import UnsupportedModelError, text_model_spec
+
+
+def _opt(cls_name: str):
+    import transformers
+    from transformers import OPTConfig
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=500, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, word_embed_proj_dim=64,
+                       pad_token_id=1, num_labels=2)
+    return getattr(transformers, cls_name)(config)
+
+
+class Module(LightningModule):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+IDS = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_the_generic_spec_and_the_strict_one():
+    model = _opt("OPTForSequenceClassification")
+    with pytest.raises(UnsupportedModelError, match="OPTForSequenceClassification.*model_type 'opt'"):
+        text_model_spec(model)
+    spec = text_model_spec(model, generic=True)
+    assert (spec.family, spec.layers, spec.classifier_weight) == ("generic", (), "score.weight")
+    assert spec.word_embeddings == "model.decoder.embed_tokens.weight" and not spec.causal
+    lm = text_model_spec(_opt("OPTForCausalLM"), generic=True)
+    assert lm.causal and lm.tied_embeddings and lm.classifier_weight is None
+
+
+def test_an_unknown_sequence_classifier_gets_the_model_agnostic_attacks(tmp_path: Path):
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": torch.tensor([0, 1])}]
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path, max_seconds=15)
+    trainer = Trainer(max_steps=1, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="no architecture family knows this 'opt' model; only the model-agnostic"):
+        trainer.fit(Module(_opt("OPTForSequenceClassification")), DataLoader(batches, batch_size=None))
+    records = {r["attack"]: r for r in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())}
+    assert set(records) == {"token_bag", "labels", "gradient_matching"}
+    assert records["labels"]["status"] == "n/a" or "B = 1" in (records["labels"].get("error") or ""), records["labels"]
+    assert records["token_bag"]["status"] == "ok"
+    assert records["token_bag"]["metrics"]["token_recall"] == 1.0  # the untied embedding's nonzero rows
+    assert records["gradient_matching"]["status"] in {"ok", "timeout"}
+    assert trainer.global_step == 1
+
+
+def test_nothing_applies_to_an_unknown_tied_causal_lm_and_setup_says_what_would(tmp_path: Path):
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS.clone()}]
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path)
+    trainer = Trainer(max_steps=1, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"no attack can use.*register one \(leak_audit.models.register_family\)"):
+        trainer.fit(Module(_opt("OPTForCausalLM")), DataLoader(batches, batch_size=None))
