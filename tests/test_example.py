@@ -1,5 +1,5 @@
-"""The main jobs, run as a user runs them: a few steps of examples/text_classification.py and
-examples/image_classification.py."""
+"""The main jobs, run as a user runs them: a few steps of examples/text_classification.py,
+examples/image_classification.py and examples/causal_lm.py."""
 
 from __future__ import annotations
 
@@ -107,3 +107,33 @@ def test_image_example_on_real_cifar10_writes_samples_when_asked(tmp_path):
         "audit00001-step0000000-dlg.npz", "audit00002-step0000001-dlg.npz"
     ]
     assert (tmp_path / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def run_causal_lm_example(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(  # callers take the smollm2_path fixture: it skips (fails under CI) without the model
+        [sys.executable, str(REPO / "examples" / "causal_lm.py"), "--log-dir", str(tmp_path), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+
+
+def test_causal_lm_example_lora_on_smollm2_breaches_on_generated_pii(smollm2_path, tmp_path):
+    """The LoRA example on its default data: the step-0 audit (lora_B = 0) recovers nothing, the step-12 audit
+    recovers part of a 30-40-token ticket as a bag with no wrong token, and the default gate breaches."""
+    proc = run_causal_lm_example(tmp_path, "--max-steps", "13", "--no-wandb", "--fail-on-breach")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "BREACH" in proc.stdout
+    records = {r.step: r for r in read_audit_log(tmp_path / "audit.jsonl")}
+    assert set(records) == {0, 12} and {r.attack for r in records.values()} == {"span_decoder"}
+    assert records[0].status == "ok" and records[0].metrics["token_recall"] == 0.0
+    late = records[12]
+    assert late.status == "ok" and late.info["saturated"] == 1
+    assert late.metrics["token_precision"] == 1.0 and late.metrics["token_recall"] >= 0.25
+    assert not any("lm_head" in m or "embed_tokens" in m for m in late.modules)
+
+
+def test_causal_lm_example_names_a_lora_target_that_does_not_exist(smollm2_path, tmp_path):
+    proc = run_causal_lm_example(tmp_path, "--lora-targets", "q_proj,query", "--max-steps", "1", "--no-wandb")
+    assert proc.returncode != 0
+    assert "--lora-targets: ['query'] names no linear module of SmolLM2; valid: " in proc.stderr
+    assert "q_proj" in proc.stderr and "v_proj" in proc.stderr

@@ -36,8 +36,10 @@ map's input size. Noise-free gradients only (DP noise: not applicable yet).
 **LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
 projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs, so they hold each input only
 while the positions number at most about ``r`` per adapter (q and v stacked: ``2r``): exact at B = 1 on short
-sentences, not beyond. At initialisation ``lora_B = 0`` makes them vanish: nothing is recovered. The frozen
-LM head gives no gradient, so the last token stays unknown.
+sentences, not beyond. Beyond it the row space is saturated and no input lies in it exactly, but the inputs
+that dominate it rank far below the rest of the vocabulary: :func:`ranked_bag` reports them as a partial
+token bag (token recall, no order). At initialisation ``lora_B = 0`` makes the ``A`` gradients vanish:
+nothing is recovered. The frozen LM head gives no gradient, so the last token stays unknown.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
 __all__ = [
-    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows",
+    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows", "ranked_bag",
 ]
 
 
@@ -187,6 +189,25 @@ def candidates_by_position(
     return out, int(basis.shape[1])
 
 
+def ranked_bag(grads: Sequence[Tensor], tables: EmbeddingTables, rtol: float = 1e-6, margin: float = 0.8,
+               quantile: float = 0.01) -> tuple[Tensor, float]:
+    """A partial token bag from a *saturated* row space (fewer dimensions than inputs), by ranking.
+
+    Every vocabulary row's position-free input ``Norm(E[v])`` is ranked by its relative residual to the row
+    space. Rows of tokens absent from the batch pile up at a common floor (their shared direction lies in the
+    span), the batch's dominant tokens sit well below it; the floor is the residual at the ``quantile`` of the
+    vocabulary, and the bag holds the rows below ``margin`` times it.
+
+    Returns:
+        ``(tokens, floor)``: token ids ``[K]`` (ascending residual) and the floor (a relative residual).
+    """
+    rows, residuals, _ = candidate_tokens(grads, tables, threshold=1.0 + 1e-9, rtol=rtol)
+    if rows.numel() == 0:
+        return rows, 1.0
+    floor = float(residuals[min(int(quantile * tables.word.shape[0]), rows.numel() - 1)])
+    return rows[residuals < margin * floor], floor
+
+
 class SpanDecoder(Attack):
     """Registered attack ``"span_decoder"``: exact sentences from a causal decoder's first layers (DAGER).
 
@@ -197,13 +218,15 @@ class SpanDecoder(Attack):
         max_seconds: the attack's own time limit (``inf``: none; the audit's budget still applies).
         max_length: longest sentence assembled, in tokens.
         last_token_candidates: rows of the LM head's gradient compared per sentence for its last token.
+        bag_margin: with a saturated layer-0 row space (LoRA beyond its rank), the partial bag keeps the rows
+            whose residual is below this fraction of the vocabulary's floor (:func:`ranked_bag`).
     """
 
     name = "span_decoder"
     cost = "search"
 
     def __init__(self, threshold: float = 1e-3, rtol: float = 1e-6, max_seconds: float = math.inf,
-                 max_length: int = 512, last_token_candidates: int = 8) -> None:
+                 max_length: int = 512, last_token_candidates: int = 8, bag_margin: float = 0.8) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not 0 < rtol < 1:
@@ -215,6 +238,9 @@ class SpanDecoder(Attack):
         self.max_seconds = max_seconds
         self.max_length = max_length
         self.last_token_candidates = last_token_candidates
+        if not 0 < bag_margin < 1:
+            raise ValueError(f"bag_margin must be in (0, 1), got {bag_margin!r}")
+        self.bag_margin = bag_margin
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
         require_layers(spec)
@@ -265,6 +291,13 @@ class SpanDecoder(Attack):
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
         if per_position is not None:
             info["candidate_positions"] = len(per_position)
+        saturated = rank0 >= min(sum(int(g.shape[0]) for g in first), tables.word.shape[-1])
+        if tokens.numel() == 0 and saturated and per_position is None:
+            # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows for q and v): no input is
+            # inside it exactly, but the inputs that dominate it sit far below every other row: a partial bag
+            bag, floor = ranked_bag(first, tables, self.rtol, self.bag_margin)
+            info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()))
+            return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info)  # a bag, no order
         if tokens.numel() == 0:
             return Reconstruction(attack=self.name, sequences=[], info=info)
         prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
