@@ -161,6 +161,8 @@ def test_bad_view_exits_2_with_suggestions(minilm_path, cola_file, tmp_path, cap
         (["--views", "lora"], ["--views lora taps LoRA adapters: add --lora-r R"]),
         (["--lora-r", "0"], ["LoRA rank r must be >= 1, got 0"]),
         (["--lora-r", "8", "--lora-steps", "5,x"], ["--lora-steps must be non-negative integers"]),
+        (["--task", "translation"], ["invalid choice: 'translation'", "'causal-lm'", "'seq-class'"]),
+        (["--task", "causal-lm", "--dp-noise", "0.1"], ["--task causal-lm runs without --dp-noise"]),
     ],
 )
 def test_bad_options_exit_2(tmp_path, capsys, args, expected):
@@ -276,6 +278,23 @@ def test_lora_rows_at_initialisation_and_after_training(minilm_path, tmp_path):
     assert [(r["lora_steps"], r["lora_r"], r["n_sentences"]) for r in rows] == [(0, 8, 2), (3, 8, 2)]
     assert all(r["exact_match"] == 1.0 and r["rouge1"] == 1.0 for r in rows)
     assert rows[0]["params_fraction"] < 0.004  # the 24 adapter matrices alone
+
+
+def test_decoder_lora_rows_on_smollm2(smollm2_path, tmp_path):
+    """LoRA r=8 on SmolLM2 (the default targets resolve to q_proj/v_proj), causal LM, B=1, two short CoLA
+    sentences: nothing at initialisation, every token but the last after 20 AdamW steps."""
+    short = tmp_path / "short.tsv"
+    short.write_text("sentence\tlabel\nBill left the room.\t1\nThe dog barked at the cat.\t1\n")
+    out = tmp_path / "lora.json"
+    argv = ["bench", "text", "--model", "smollm2", "--task", "causal-lm", "--data", str(short), "--n", "2",
+            "--batch-sizes", "1", "--views", "lora", "--attacks", "span_decoder", "--lora-r", "8",
+            "--lora-steps", "0,20", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["lora_steps"], r["lora_targets"], r["task"]) for r in rows] == [
+        (0, ["q_proj", "v_proj"], "causal-lm"), (20, ["q_proj", "v_proj"], "causal-lm")]
+    assert rows[0]["token_recall"] == 0.0
+    assert rows[1]["token_recall"] >= 0.8 and rows[1]["token_precision"] == 1.0
 
 
 def test_bench_overhead_smoke(minilm_path, cola_file, tmp_path):

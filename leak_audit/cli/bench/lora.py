@@ -19,7 +19,11 @@ from torch import nn
 
 from leak_audit.models import lora_specs
 
-__all__ = ["LoraSetup", "lora_parameter_names", "train_adapters", "wrap_lora"]
+__all__ = ["DEFAULT_TARGETS", "LoraSetup", "lora_parameter_names", "train_adapters", "wrap_lora"]
+
+DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"),
+                                                ("c_attn",))
+"""Query and value projections per architecture family (BERT, Llama, DistilBERT, GPT-2), tried in order."""
 
 
 @dataclass(frozen=True)
@@ -29,27 +33,29 @@ class LoraSetup:
     Attributes:
         r: adapter rank.
         alpha: ``lora_alpha`` (the update is scaled by ``alpha / r``).
-        targets: module names to adapt (``peft``'s ``target_modules``), e.g. ``("query", "value")``.
+        targets: module names to adapt (``peft``'s ``target_modules``), e.g. ``("query", "value")``; empty: the
+            model's attention query and value projections (:data:`DEFAULT_TARGETS`, the first pair it has).
         dropout: ``lora_dropout`` (applied to the adapter's input in training mode).
         steps: adapter training steps after which the batches are attacked, ascending (0: at
             initialisation, ``B = 0``).
         lr: AdamW learning rate of that training.
         train_batch_size: batch size of that training.
+        causal: the model trains on next-token loss (``labels = input_ids``, -100 on padding) instead of a
+            sequence classifier's labels.
     """
 
     r: int
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = ()
     dropout: float = 0.0
     steps: tuple[int, ...] = (0,)
     lr: float = 1e-3
     train_batch_size: int = 8
+    causal: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if not self.targets:
-            raise ValueError("LoRA needs at least one target module name, e.g. query,value")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.dropout}")
         if not self.steps or any(s < 0 for s in self.steps) or list(self.steps) != sorted(set(self.steps)):
@@ -57,7 +63,7 @@ class LoraSetup:
 
 
 def wrap_lora(model: nn.Module, setup: LoraSetup, seed: int) -> nn.Module:
-    """``peft.get_peft_model`` with ``setup`` on a sequence classifier (``A`` drawn from ``seed``).
+    """``peft.get_peft_model`` with ``setup`` on a sequence classifier or causal LM (``A`` drawn from ``seed``).
 
     Returns:
         The peft model, in eval mode: base weights frozen, adapters and head trainable.
@@ -67,13 +73,15 @@ def wrap_lora(model: nn.Module, setup: LoraSetup, seed: int) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    missing = [t for t in setup.targets if t not in linear]
-    if missing:
-        raise ValueError(f"LoRA targets {missing} match no linear layer; valid names: {', '.join(linear)}")
+    names = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()}
+    linear = sorted(n for n, kind in names.items() if kind in ("Linear", "Conv1D"))
+    targets = setup.targets or next((pair for pair in DEFAULT_TARGETS if all(t in linear for t in pair)), ())
+    missing = [t for t in targets if t not in linear]
+    if missing or not targets:
+        raise ValueError(f"LoRA targets {missing or list(targets)} match no linear layer; valid names: {', '.join(linear)}")
     config = LoraConfig(
-        r=setup.r, lora_alpha=setup.alpha, target_modules=list(setup.targets), lora_dropout=setup.dropout,
-        task_type="SEQ_CLS",
+        r=setup.r, lora_alpha=setup.alpha, target_modules=list(targets), lora_dropout=setup.dropout,
+        task_type="CAUSAL_LM" if setup.causal else "SEQ_CLS",
     )
     torch.manual_seed(seed)
     return get_peft_model(model, config).eval()
@@ -123,7 +131,11 @@ def train_adapters(
             for _ in range(steps):
                 batch = next(batches)
                 enc = tokenizer([s for s, _ in batch], return_tensors="pt", padding=True, truncation=True)
-                loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
+                if setup.causal:
+                    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                else:
+                    labels = torch.tensor([y for _, y in batch])
+                loss = model(**enc, labels=labels).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

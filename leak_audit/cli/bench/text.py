@@ -189,7 +189,8 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="lora_alpha (default 16)")
     parser.add_argument(
-        "--lora-targets", default="query,value", metavar="NAME,...", help="modules to adapt (default query,value)"
+        "--lora-targets", default="", metavar="NAME,...",
+        help="modules to adapt (default: the attention query and value projections: query,value or q_proj,v_proj)"
     )
     parser.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="lora_dropout (default 0)")
     parser.add_argument(
@@ -222,9 +223,9 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             raise BenchError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
         if args.plot and dp_noise is None:
             raise BenchError("--plot draws leakage against the noise multiplier: it needs --dp-noise")
-        if args.task == "causal-lm" and (dp_noise is not None or args.lora_r is not None):
-            raise BenchError("--task causal-lm runs without --dp-noise and --lora-r for now (next-token DP-SGD and "
-                             "decoder LoRA benchmarks are not implemented); use --task seq-class")
+        if args.task == "causal-lm" and dp_noise is not None:
+            raise BenchError("--task causal-lm runs without --dp-noise for now (next-token DP-SGD benchmarks are not "
+                             "implemented); use --task seq-class")
         attacks, with_best = parse_attacks(args.attacks)
         lora = None
         if args.lora_r is not None:
@@ -233,8 +234,10 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
                 raise BenchError(f"--lora-steps must be non-negative integers, got {args.lora_steps!r}")
             try:
                 lora = LoraSetup(
-                    r=args.lora_r, alpha=args.lora_alpha, targets=tuple(parse_list(args.lora_targets, "--lora-targets")),
+                    r=args.lora_r, alpha=args.lora_alpha,
+                    targets=tuple(parse_list(args.lora_targets, "--lora-targets")) if args.lora_targets else (),
                     dropout=args.lora_dropout, steps=tuple(sorted({int(x) for x in steps})),
+                    causal=args.task == "causal-lm",
                 )
             except ValueError as exc:
                 raise BenchError(f"--lora-*: {exc}") from None

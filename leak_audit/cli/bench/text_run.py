@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -290,6 +291,8 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
             model = wrap_lora(model, config.lora, config.seed)
         except ValueError as exc:
             raise BenchError(f"--lora-targets: {exc}") from None
+        chosen = tuple(sorted(model.peft_config["default"].target_modules))  # the defaults, once resolved
+        config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, targets=chosen))
     views = resolve_views(config.views, model)
     try:
         spec = text_model_spec(model).with_tokenizer(tokenizer)
