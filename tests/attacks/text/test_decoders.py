@@ -85,6 +85,22 @@ def test_span_decoder_recovers_real_cola_sentences_exactly_from_smollm2(smollm2)
     assert sorted(tokenizer.decode(s) for s in recon.sequences) == sorted(sentences)
 
 
+def test_left_padding_is_read_like_right_padding(smollm2) -> None:
+    """Rotary positions are relative and padded keys are masked, so a left-padded sentence's hidden states are
+    those of the sentence alone: the assembly from position 0 finds it, and padding positions (no target, no
+    key) leave no trace in the gradients."""
+    model, tokenizer = smollm2
+    sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=12)][8:12]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = _lm_batch(tokenizer, sentences)
+    finally:
+        tokenizer.padding_side = side
+    assert int((batch["attention_mask"] == 0).sum()) > 0 and bool((batch["attention_mask"][:, 0] == 0).any())
+    recon = _attack(model, batch)
+    assert sorted(recon.sequences) == sorted(_truth(batch))
+
+
 def test_without_the_head_the_sentences_stop_one_token_short(smollm2) -> None:
     """Under causal LM the last position predicts nothing: layers 0 and 1 alone never see the last token."""
     model, tokenizer = smollm2
