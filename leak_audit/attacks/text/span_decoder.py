@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,10 +119,11 @@ def layer0_rows(spec: TextModelSpec, tapped: Collection[str]) -> list[tuple[str,
 
 
 def _residuals(x: Tensor, basis: Tensor) -> Tensor:
-    """Relative residual ``‖x − V Vᵀ x‖ / ‖x‖`` of each row of ``x`` ``[..., d]`` (float64 out)."""
-    x = x.to(torch.float64)
+    """Relative residual ``‖x − V Vᵀ x‖ / ‖x‖`` of each row of ``x`` ``[..., d]``, in ``basis``'s dtype (float32
+    suffices to separate true inputs, about 1e-6, from others, above 1e-2)."""
+    x = x.to(basis.dtype)
     proj = (x @ basis) @ basis.T
-    return torch.linalg.vector_norm(x - proj, dim=-1) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-300)
+    return torch.linalg.vector_norm(x - proj, dim=-1) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-30)
 
 
 def candidate_tokens(
@@ -337,12 +339,14 @@ class SpanDecoder(Attack):
         modules = [c.module for c in checks]
         width = max(4 * batch_size, 16)  # live prefixes kept (sentences may share a prefix)
         tokens = at(0)
+        cache = replica.new_cache()  # layer 0's keys and values of the live prefixes, grown one position a step
         with torch.no_grad():
-            seen = replica.module_inputs(params, modules, tokens[:, None])
-        score = self._score(seen, modules, bases)[:, 0]
+            seen = replica.module_inputs(params, modules, tokens[:, None], cache=cache)
+        score = self._score(seen, modules, bases, self.threshold)[:, 0]
         keep = (score < self.threshold).nonzero().flatten()
         keep = keep[score[keep].argsort()][:width]
         live = [[int(tokens[i])] for i in keep]
+        cache.batch_select_indices(keep)
         last = [[seen[m][i, 0] for m in modules] for i in keep]
         finished: list[list[int]] = []
         while live:
@@ -353,22 +357,19 @@ class SpanDecoder(Attack):
             if len(live[0]) >= self.max_length or n == 0:
                 finished += live
                 break
-            prefix = torch.tensor(live, dtype=torch.long, device=tokens.device)
             with torch.no_grad():
-                cache = replica.new_cache()
-                replica.module_inputs(params, modules, prefix, cache=cache)
-                cache.batch_repeat_interleave(n)
-                seen = replica.module_inputs(params, modules, tokens.repeat(len(live))[:, None], cache=cache)
-            score = self._score(seen, modules, bases)[:, 0].view(len(live), n)
-            new = [seen[m][:, 0].view(len(live), n, -1) for m in modules]
-            for j, p in enumerate(live):
-                # a repeated token at a prefix made of it reproduces the previous hidden state: no new information
-                same = torch.stack([
-                    torch.linalg.vector_norm(new[q][j] - last[j][q], dim=-1)
-                    <= 1e-6 * torch.linalg.vector_norm(last[j][q]) for q in range(len(modules))
-                ]).all(0)
-                score[j][same] = math.inf
+                seen, score = self._extend(replica, params, modules, bases, cache, tokens, len(live))
+            score = score.view(len(live), n)
             ok = (score < self.threshold).nonzero()
+            if ok.numel():
+                # a repeated token at a prefix made of it reproduces the previous hidden state: no new information
+                rows = ok[:, 0] * n + ok[:, 1]
+                same = torch.stack([
+                    torch.linalg.vector_norm(seen[m][rows] - prev, dim=-1) <= 1e-6 * torch.linalg.vector_norm(prev, dim=-1)
+                    for q, m in enumerate(modules)
+                    for prev in [torch.stack([last[int(j)][q] for j in ok[:, 0]])]
+                ]).all(0)
+                ok = ok[~same]
             if ok.numel() == 0:
                 finished += live
                 break
@@ -377,15 +378,68 @@ class SpanDecoder(Attack):
             order = score[ok[:, 0], ok[:, 1]].argsort()[:width]
             pairs = ok[order]
             live = [live[int(j)] + [int(tokens[int(i)])] for j, i in pairs]
-            last = [[new[q][int(j), int(i)] for q in range(len(modules))] for j, i in pairs]
+            chosen = pairs[:, 0] * n + pairs[:, 1]
+            cache.batch_select_indices(chosen)
+            last = [[seen[m][int(r)] for m in modules] for r in chosen]
         finished.sort(key=len, reverse=True)
         return finished[:batch_size], False
 
+    def _extend(
+        self,
+        replica: ModelReplica,
+        params: Mapping[str, Tensor],
+        modules: Sequence[str],
+        bases: Sequence[Tensor],
+        cache: Any,
+        tokens: Tensor,
+        live: int,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Every live prefix extended by every candidate (row ``j·n + i``: prefix ``j``, candidate ``i``): the
+        check maps' inputs ``{module: [live·n, d_in]}`` (zeros where a row failed early) and the scores
+        ``[live·n]``. Two passes: the first check map alone (layer 0's attention output: the forward stops
+        before the MLP), then the whole check only for the rows it kept; ``cache`` ends holding every row."""
+        n = int(tokens.numel())
+        rows = tokens.repeat(live)[:, None]
+        cache.batch_repeat_interleave(n)
+        length = cache.get_seq_length()
+        first = replica.module_inputs(params, modules[:1], rows, cache=cache)[modules[0]][:, 0]
+        score = _residuals(first, bases[0].to(device=first.device, dtype=torch.float32)).to(torch.float32)
+        seen = {m: first.new_zeros(0) for m in modules}
+        alive = (score < self.threshold).nonzero().flatten()
+        if len(modules) == 1 or alive.numel() == 0:
+            seen[modules[0]] = first
+            return seen, score
+        # the rest of the check for the kept rows, on a copy of their cache cut back to the prefixes
+        sub = replica.new_cache()
+        for layer in range(len(cache.layers)):
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            if keys is not None and keys.numel():
+                sub.update(keys[alive, :, :length], values[alive, :, :length], layer)
+        rest = replica.module_inputs(params, modules, rows[alive], cache=sub)
+        part = self._score(rest, modules, bases, self.threshold)[:, 0]
+        score[alive] = torch.maximum(score[alive], part)
+        for m in modules:
+            full = rest[m].new_zeros(rows.shape[0], rest[m].shape[-1])
+            full[alive] = rest[m][:, 0]
+            seen[m] = full
+        return seen, score
+
     @staticmethod
-    def _score(seen: Mapping[str, Tensor], modules: Sequence[str], bases: Sequence[Tensor]) -> Tensor:
-        """The largest relative residual over the check maps: ``[M, k]``."""
-        return torch.stack([_residuals(seen[m], b.to(seen[m].device)) for m, b in zip(modules, bases, strict=True)]
-                           ).amax(0)
+    def _score(seen: Mapping[str, Tensor], modules: Sequence[str], bases: Sequence[Tensor], threshold: float
+               ) -> Tensor:
+        """The largest relative residual over the check maps, ``[M, k]``: exact for rows under ``threshold``; a
+        row is dropped at the first map it fails (its score is then that map's residual, already too large).
+        Layer 1's map, the last and most selective, goes first."""
+        first = seen[modules[0]]
+        score = torch.zeros(first.shape[:-1], dtype=torch.float32, device=first.device)
+        alive = torch.ones_like(score, dtype=torch.bool)
+        for m, b in reversed(list(zip(modules, bases, strict=True))):
+            r = _residuals(seen[m][alive], b.to(device=first.device, dtype=torch.float32)).to(torch.float32)
+            score[alive] = torch.maximum(score[alive], r)
+            alive &= score < threshold
+            if not bool(alive.any()):
+                break
+        return score
 
     # ------------------------------------------------------------------ the last token
     def _last_tokens(
