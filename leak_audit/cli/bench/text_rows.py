@@ -93,6 +93,7 @@ def _portfolio_entry(
     entry: dict[str, Any] = {"attack": name, "n_sentences": sum(r.batch_size for r in picks)}
     for m in (*METRICS, *EXTRA_METRICS):
         entry[m] = _mean([float(r.metrics[m]) for r in picks if r.metrics.get(m) is not None])
+    entry["rouge_batches"] = sum(r.metrics.get("rouge1") is not None for r in picks)
     entry["seconds_per_batch"] = _mean(seconds)
     entry["status_counts"] = {"ok": len(picks), "timeout": timed_out, "skipped": 0,
                               "failed": len(batches) - len(picks)}
@@ -118,7 +119,9 @@ def summarize(
     Returns:
         Dicts with ``attack``, ``n_sentences`` (sentences in batches the attack scored), every metric of
         :data:`METRICS` and :data:`EXTRA_METRICS` (mean over the batches that report it, rounded to 6
-        digits, else ``None``), ``seconds_per_batch`` (mean wall seconds; for ``best`` and ``pick`` the mean
+        digits, else ``None``), ``rouge_batches`` (the ok batches behind the ROUGE means: an attack that returns
+        a token bag for a batch reports token recall there, no ROUGE), ``seconds_per_batch`` (mean wall seconds;
+        for ``best`` and ``pick`` the mean
         over batches of the summed seconds of all ``attacks``), ``status_counts`` (``{"ok", "timeout",
         "skipped", "failed"}``: records; for ``best`` and ``pick``: batches with a chosen record
         (``ok``), batches in which at least one attack ran out of time (``timeout``: the row may be lower
@@ -132,6 +135,7 @@ def summarize(
         entry: dict[str, Any] = {"attack": attack, "n_sentences": sum(r.batch_size for r in ok)}
         for m in (*METRICS, *EXTRA_METRICS):
             entry[m] = _mean([float(r.metrics[m]) for r in ok if r.metrics.get(m) is not None])
+        entry["rouge_batches"] = sum(r.metrics.get("rouge1") is not None for r in ok)
         entry["seconds_per_batch"] = _mean([float(r.seconds) for r in recs]) if recs else None
         entry["status_counts"] = _status_counts(recs)
         entry["best_of"] = None
