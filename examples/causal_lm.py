@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default="runs/causal_lm", help="where audit.jsonl, CSV and W&B logs go")
     p.add_argument("--log-samples", action="store_true", help="store and show reconstructed text (private!)")
     p.add_argument("--no-wandb", action="store_true", help="do not log to W&B (offline by default)")
+    p.add_argument("--no-audit", action="store_true", help="train without the audit (the baseline of its overhead)")
     p.add_argument("--gate", nargs="+", default=["rouge1=0.5", "token_recall=0.2"], metavar="METRIC=MAX",
                    help="release-gate thresholds for the final verdict (max rules)")
     p.add_argument("--fail-on-breach", action="store_true", help="exit 1 when the gate fails")
@@ -141,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(project="leak-audit-causal-lm", save_dir=str(log_dir), offline=True))
-    trainer = L.Trainer(max_steps=args.max_steps, callbacks=[audit], logger=loggers, log_every_n_steps=1,
+    trainer = L.Trainer(max_steps=args.max_steps, callbacks=[] if args.no_audit else [audit], logger=loggers,
+                        log_every_n_steps=1,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="auto", devices=1)
     start = time.perf_counter()
     trainer.fit(module, make_loader(texts, tokenizer, args.batch_size, args.max_length, args.seed))
+    if args.no_audit:
+        console.print(f"trained {trainer.global_step} steps in {time.perf_counter() - start:.1f}s without the audit")
+        return 0
     console.print(f"trained {trainer.global_step} steps in {time.perf_counter() - start:.1f}s; audits: {audit.audits} "
                   f"(skipped while busy: {audit.skipped}, failed: {audit.failed})")
     records = read_audit_log(audit.log_path)

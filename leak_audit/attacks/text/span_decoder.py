@@ -30,6 +30,9 @@ gradient, as long as they number fewer than the input size ``d``. The attack rea
 Degenerate case: a run of one repeated token (``"the the"`` at the very start) gives the same hidden
 state at every position of the run, so such extensions are refused unless their inputs differ.
 
+With only layer 0's attention projections tapped (one linear, e.g. ``v_proj``) nothing orders the candidates:
+the attack returns them as an exact token bag.
+
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
 map's input size. Noise-free gradients only (DP noise: not applicable yet).
 
@@ -252,10 +255,7 @@ class SpanDecoder(Attack):
         if not first:
             raise NotApplicable("needs the gradient of layer 0's attention projections (q_proj/k_proj/v_proj or "
                                 "c_attn, or their LoRA adapters); tap layer 0 (e.g. modules='model.layers.0')")
-        checks = check_maps(spec, tapped)
-        if not checks:
-            raise NotApplicable("orders tokens with a map whose inputs depend on the prefix: tap layer 0's o_proj "
-                                "or MLP, or layer 1's attention (e.g. modules=['model.layers.0', 'model.layers.1'])")
+        checks = check_maps(spec, tapped)  # none (one linear of layer 0 tapped): the candidates, as a bag
         grads = set(first) | {w for c in checks for w in c.weights}
         # the assembly runs layers 0 and 1 only; the last-token step runs the whole model (every weight)
         scope: tuple[str, ...] | None = tuple(layer.prefix for layer in spec.layers[:2])
@@ -302,6 +302,9 @@ class SpanDecoder(Attack):
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info)  # a bag, no order
         if tokens.numel() == 0:
             return Reconstruction(attack=self.name, sequences=[], info=info)
+        if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order
+            info["order"] = "missing: no tapped map depends on the prefix (layer 0's o_proj/MLP, layer 1's attention)"
+            return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
         prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
                                        budget.deadline, per_position)
         info["prefixes"] = len(prefixes)

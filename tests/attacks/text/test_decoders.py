@@ -85,6 +85,17 @@ def test_span_decoder_recovers_real_cola_sentences_exactly_from_smollm2(smollm2)
     assert sorted(tokenizer.decode(s) for s in recon.sequences) == sorted(sentences)
 
 
+def test_one_linear_of_layer_0_gives_the_exact_bag(smollm2) -> None:
+    """Layer 0's v_proj alone: its gradient's row space holds every position that feeds a loss (all but each
+    sentence's last), and nothing orders them: the attack returns exactly those tokens as a bag."""
+    model, tokenizer = smollm2
+    sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=4)]
+    batch = _lm_batch(tokenizer, sentences)
+    recon = _attack(model, batch, tapped=["model.layers.0.self_attn.v_proj."])
+    assert recon.sequences is None and "no tapped map depends on the prefix" in recon.info["order"]
+    assert set(recon.token_bag) == {t for seq in _truth(batch) for t in seq[:-1]}
+
+
 def test_left_padding_is_read_like_right_padding(smollm2) -> None:
     """Rotary positions are relative and padded keys are masked, so a left-padded sentence's hidden states are
     those of the sentence alone: the assembly from position 0 finds it, and padding positions (no target, no
