@@ -34,7 +34,8 @@ With only layer 0's attention projections tapped (one linear, e.g. ``v_proj``) n
 the attack returns them as an exact token bag.
 
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
-map's input size. Noise-free gradients only (DP noise: not applicable yet).
+map's input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions
+above the noise edge, as beyond LoRA's rank (:func:`ranked_bag`), giving a partial token bag (rotary decoders).
 
 **LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
 projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs, so they hold each input only
@@ -138,6 +139,7 @@ def candidate_tokens(
     *,
     position: int | None = None,
     basis: Tensor | None = None,
+    noise_std: float = 0.0,
 ) -> tuple[Tensor, Tensor, int]:
     """Vocabulary rows whose layer-0 input lies in the gradients' row space.
 
@@ -151,13 +153,15 @@ def candidate_tokens(
         position: rank ``Norm(E[v] + P[position])`` (learned absolute positions); ``None``: the position-free
             ``Norm(E[v])`` (rotary positions act inside attention).
         basis: the row space's orthonormal basis ``[d, r]``, if already computed (then ``grads`` is unused).
+        noise_std: DP-SGD's per-coordinate noise std: directions under the noise edge are dropped
+            (:func:`~leak_audit.attacks.spans.span_basis`).
 
     Returns:
         ``(tokens, residuals, rank)``: candidate token ids ``[K]`` (ascending residual), their residuals
         ``[K]``, and the row space's rank.
     """
     if basis is None:
-        basis, _ = span_basis(grads, rtol=rtol)
+        basis, _ = span_basis(grads, rtol=rtol, noise_std=noise_std)
     res = torch.empty(tables.word.shape[0], dtype=torch.float64)
     basis32 = basis.to(device=tables.word.device, dtype=torch.float32)  # float32 suffices to rank: true rows ~1e-6
     shift = 0.0 if position is None else tables.position[position + tables.position_offset].to(torch.float32)
@@ -195,8 +199,11 @@ def candidates_by_position(
 
 
 def ranked_bag(grads: Sequence[Tensor], tables: EmbeddingTables, rtol: float = 1e-6, margin: float = 0.8,
-               quantile: float = 0.01) -> tuple[Tensor, float]:
-    """A partial token bag from a *saturated* row space (fewer dimensions than inputs), by ranking.
+               quantile: float = 0.01, noise_std: float = 0.0) -> tuple[Tensor, float]:
+    """A partial token bag from a *saturated* or *noised* row space, by ranking.
+
+    Saturated: fewer dimensions than inputs (LoRA beyond its rank). Noised: DP-SGD's Gaussian noise fills every
+    direction; the directions above the noise edge (``noise_std``) are kept, and they too mix the inputs.
 
     Every vocabulary row's position-free input ``Norm(E[v])`` is ranked by its relative residual to the row
     space. Rows of tokens absent from the batch pile up at a common floor (their shared direction lies in the
@@ -206,7 +213,9 @@ def ranked_bag(grads: Sequence[Tensor], tables: EmbeddingTables, rtol: float = 1
     Returns:
         ``(tokens, floor)``: token ids ``[K]`` (ascending residual) and the floor (a relative residual).
     """
-    rows, residuals, _ = candidate_tokens(grads, tables, threshold=1.0 + 1e-9, rtol=rtol)
+    rows, residuals, rank = candidate_tokens(grads, tables, threshold=1.0 + 1e-9, rtol=rtol, noise_std=noise_std)
+    if rank == 0:  # the noise drowns every direction
+        return rows[:0], 1.0
     if rows.numel() == 0:
         return rows, 1.0
     floor = float(residuals[min(int(quantile * tables.word.shape[0]), rows.numel() - 1)])
@@ -266,9 +275,6 @@ class SpanDecoder(Attack):
                             replica_scope=scope)
 
     def run(self, inp: AttackInput) -> Reconstruction:
-        if inp.noise_std > 0:
-            raise NotApplicable(f"needs noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} per "
-                                "coordinate)")
         if not isinstance(inp.replica, ModelReplica) or not isinstance(inp.spec, TextModelSpec):
             raise NotApplicable("runs the decoder's first layers, but no text model replica was given")
         budget = inp.budget(self.max_seconds)
@@ -277,6 +283,13 @@ class SpanDecoder(Attack):
         if not any(bool(g.any()) for g in first):  # e.g. LoRA at initialisation: lora_B = 0, so dL/dA = 0
             return Reconstruction(attack=self.name, sequences=[], info={"rank_layer0": 0, "candidates": 0})
         tables = EmbeddingTables.from_params(params, spec)
+        if inp.noise_std > 0:  # DP-SGD: nothing lies in a noised span exactly; rank rows against its signal part
+            if spec.position_scheme == "absolute":
+                raise NotApplicable("ranks position-free inputs under DP noise (rotary decoders); GPT-2's "
+                                    "(token, position) inputs need noise-free gradients")
+            bag, floor = ranked_bag(first, tables, self.rtol, self.bag_margin, noise_std=inp.noise_std)
+            info_dp: dict[str, object] = {"noised": 1, "bag_floor": round(floor, 4), "bag": int(bag.numel())}
+            return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info_dp)
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
         if spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
