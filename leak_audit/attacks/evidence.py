@@ -13,7 +13,8 @@ over the tapped gradients ``∇W`` of a batch of ``B`` examples. ``r = 0`` for a
 a noise-free gradient. This module never sees the private batch: it reads a :class:`Reconstruction`, the
 observed gradients, the parameters, the model replica and public metadata.
 
-Labels (text): the reconstruction's own labels when aligned; otherwise the ``labels`` attack's multiset
+Labels (text): under next-token loss (an LM head, no classifier) the sequences themselves; the reconstruction's
+own labels when aligned; otherwise the ``labels`` attack's multiset
 (every distinct assignment of it to the sequences when there are at most :data:`MAX_ASSIGNMENTS`,
 keeping the smallest residual; else its class frequencies as soft labels for every sequence); without
 either, every hard assignment when there are at most :data:`MAX_ASSIGNMENTS`, else uniform soft labels.
@@ -75,12 +76,18 @@ def gradient_residual(recon: Reconstruction, inp: AttackInput) -> float | None:
         return _relative(grads, len(x) / inp.batch_size, target, norm)
     if not isinstance(replica, ModelReplica) or not isinstance(inp.spec, TextModelSpec) or not recon.sequences:
         return None
-    ids, mask = _pad(recon.sequences, inp.spec.pad_token_id or 0, target.device)
+    spec = inp.spec
+    ids, mask = _pad(recon.sequences, spec.pad_token_id or 0, target.device)
     scale = len(recon.sequences) / inp.batch_size
+    extra = {"token_type_ids": torch.zeros_like(ids)} if spec.token_type_embeddings is not None else {}
+    if spec.classifier_weight is None and spec.lm_head is not None:  # next-token loss: the labels are the text
+        options = [ids.masked_fill(mask == 0, -100)]  # (the loss is a mean over target tokens: B'/B is approximate)
+    else:
+        options = _label_options(recon, inp, len(recon.sequences))
     best = math.inf
-    for labels in _label_options(recon, inp, len(recon.sequences)):
+    for labels in options:
         grads = replica.gradients(inp.params, names, labels=labels.to(ids.device), input_ids=ids,
-                                  attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+                                  attention_mask=mask, **extra)
         best = min(best, _relative(grads, scale, target, norm))
     return best
 

@@ -116,7 +116,8 @@ class ModelReplica:
 
         ``input_ids`` ``[B, L]`` or ``inputs_embeds`` ``[B, L, d]`` (word embeddings only: position and
         token-type embeddings and the LayerNorm are added by the model). ``labels`` ``[B]`` (class ids) or
-        ``[B, C]`` soft labels (probabilities): the loss is the batch-mean cross-entropy either way.
+        ``[B, C]`` soft labels (probabilities): the loss is the batch-mean cross-entropy either way; with an LM
+        head (logits ``[B, L, V]``), ``[B, L]`` token ids (-100: ignored) and the mean next-token loss.
         ``train`` switches dropout on for this call.
         """
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "output_hidden_states": output_hidden_states}
@@ -133,7 +134,10 @@ class ModelReplica:
             self.model.eval()
         if labels is not None:
             logits = out.logits
-            if labels.dim() == 2:
+            if logits.dim() == 3:  # an LM head: next-token loss, labels [B, L] with -100 ignored (the model's shift)
+                out.loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                       ignore_index=-100)
+            elif labels.dim() == 2:
                 out.loss = -(labels * logits.log_softmax(-1)).sum(-1).mean()
             else:
                 out.loss = nn.functional.cross_entropy(logits, labels)
