@@ -347,3 +347,23 @@ def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
     right, recovered, true = found[1e-4]
     assert right / true >= 0.4 and right / recovered >= 0.75, found
     assert found[0.1][1] == 0, found
+
+
+def test_the_attackers_evidence_under_next_token_loss(smollm2) -> None:
+    """gradient_residual re-runs a reconstruction under the model's own next-token loss: the exact batch explains
+    the gradient, a batch one token short less so, a scrambled one not at all."""
+    from leak_audit.attacks.base import Reconstruction
+    from leak_audit.attacks.evidence import gradient_residual
+
+    model, tokenizer = smollm2
+    batch = _lm_batch(tokenizer, [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=4)])
+    model.zero_grad()
+    model(**batch).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    inp = AttackInput(grads, params, text_model_spec(model), 4, replica=ModelReplica(model))
+    truth = _truth(batch)
+    exact = gradient_residual(Reconstruction("x", sequences=truth), inp)
+    short = gradient_residual(Reconstruction("x", sequences=[t[:-1] for t in truth]), inp)
+    scrambled = gradient_residual(Reconstruction("x", sequences=[t[::-1] for t in truth]), inp)
+    assert exact < 1e-4 < 0.1 < short < 0.5 < 1.0 < scrambled
