@@ -295,6 +295,7 @@ def test_decoder_lora_rows_on_smollm2(smollm2_path, tmp_path):
         (0, ["q_proj", "v_proj"], "causal-lm"), (20, ["q_proj", "v_proj"], "causal-lm")]
     assert rows[0]["token_recall"] == 0.0
     assert rows[1]["token_recall"] >= 0.8 and rows[1]["token_precision"] == 1.0
+    assert rows[1]["rouge_batches"] == 2  # both batches came back as sentences (up to their last token)
 
 
 def test_bench_overhead_smoke(minilm_path, cola_file, tmp_path):

@@ -405,6 +405,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
                 "attack": entry["attack"],
                 "n_sentences": entry["n_sentences"],
                 **{m: entry[m] for m in METRICS},
+                "rouge_batches": entry["rouge_batches"],
                 "seconds_per_batch": entry["seconds_per_batch"],
                 "dropout": config.dropout,
                 "params_fraction": view.params_fraction,
