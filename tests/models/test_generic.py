@@ -75,3 +75,27 @@ def test_nothing_applies_to_an_unknown_tied_causal_lm_and_setup_says_what_would(
                       enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"no attack can use.*register one \(leak_audit.models.register_family\)"):
         trainer.fit(Module(_opt("OPTForCausalLM")), DataLoader(batches, batch_size=None))
+
+
+def test_a_text_model_without_an_embedding_table_is_refused_with_what_would_help():
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class NoTableConfig(PretrainedConfig):
+        model_type = "no-table"
+
+    class NoTable(PreTrainedModel):  # reads one-hot rows through a linear map: no nn.Embedding to read
+        config_class = NoTableConfig
+        main_input_name = "input_ids"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = torch.nn.Linear(50, 8)
+
+        def forward(self, input_ids, **_):
+            return self.proj(torch.nn.functional.one_hot(input_ids, 50).float())
+
+    with pytest.raises(UnsupportedModelError) as err:
+        text_model_spec(NoTable(NoTableConfig()), generic=True)
+    message = str(err.value)
+    assert "NoTable has no input embedding table" in message and "get_input_embeddings" in message
+    assert "modality='image'" in message
