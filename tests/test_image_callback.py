@@ -258,7 +258,7 @@ def test_modality_is_decided_from_the_model_at_setup(tmp_path):
 
     x, y = digits(2)
     loader = DataLoader(TensorDataset(x, y), batch_size=2)
-    with pytest.raises(UnsupportedModelError, match="contains no Hugging Face PreTrainedModel"):
+    with pytest.raises(UnsupportedModelError, match="holds no Hugging Face model and no nn.Embedding.*modality='image'"):
         fit(ImageClassifier(1, 8), loader, tmp_path, [LeakageAudit(modality="text", log_dir=tmp_path)], max_steps=1)
     with pytest.raises(ValueError, match="recompute='eval' is implemented for text models only"):
         fit(ImageClassifier(1, 8), loader, tmp_path, [LeakageAudit(recompute="eval", log_dir=tmp_path)], max_steps=1)

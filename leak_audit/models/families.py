@@ -13,7 +13,7 @@ from torch import nn
 
 from leak_audit.models.bert import BERT_FAMILY
 from leak_audit.models.distilbert import DISTILBERT_FAMILY
-from leak_audit.models.generic import generic_model_spec
+from leak_audit.models.generic import generic_model_spec, plain_model_spec
 from leak_audit.models.gpt2 import GPT2_FAMILY
 from leak_audit.models.hf import UnsupportedModelError, find_hf_model
 from leak_audit.models.llama import LLAMA_FAMILY
@@ -76,14 +76,20 @@ def text_model_spec(root: nn.Module, *, generic: bool = False) -> TextModelSpec:
         root: the audited module (usually the LightningModule).
         generic: when no family matches, return the ``"generic"`` spec of
             :func:`~leak_audit.models.generic.generic_model_spec` (no layers: the model-agnostic attacks only)
-            instead of raising.
+            instead of raising; without a Hugging Face model, that of a plain ``nn.Module`` language model
+            (:func:`~leak_audit.models.generic.plain_model_spec`).
 
     Raises:
         UnsupportedModelError: no Hugging Face model inside ``root``; no family matches and not ``generic``
             (the message names the model class, its ``model_type`` and the supported families), or the model
             has no input embedding; or the matching family misses a part the attacks need.
     """
-    hf_name, hf = find_hf_model(root)
+    try:
+        hf_name, hf = find_hf_model(root)
+    except UnsupportedModelError:
+        if generic:  # a plain nn.Module language model
+            return plain_model_spec(root)
+        raise
     for family in _FAMILIES:
         if family.matches(hf):
             return family.build(hf_name, hf)

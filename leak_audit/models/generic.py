@@ -6,6 +6,10 @@ that read no layer by name: the token bag (nonzero rows of an *untied* embedding
 (a sequence classifier's last linear layer) and gradient matching (the model's own forward on
 ``inputs_embeds``). The spec of such a model has no layers (:attr:`~leak_audit.models.spec.TextModelSpec.layers`
 is empty), so the span attacks, which run a layer-0 reimplementation, say they do not apply.
+
+A plain ``nn.Module`` language model (no Hugging Face model inside) gets the same kind of spec from its first
+``nn.Embedding`` (:func:`plain_model_spec`): the token bag where its embedding is untied, the labels where it
+ends in a classifier. Attacks that run the model need a Hugging Face ``forward`` and say so.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 from leak_audit.models.hf import UnsupportedModelError, classifier_names, join_names, lm_head_name
 from leak_audit.models.spec import TextModelSpec
 
-__all__ = ["generic_model_spec"]
+__all__ = ["generic_model_spec", "has_token_embedding", "plain_model_spec"]
 
 
 def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
@@ -74,4 +78,61 @@ def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
         lm_head=lm_head,
         tied_embeddings=tied,
         causal=causal,
+    )
+
+
+def has_token_embedding(root: nn.Module) -> bool:
+    """Whether ``root`` holds an ``nn.Embedding`` and no convolution: how a module without a Hugging Face model
+    inside is recognised as a language model (:func:`~leak_audit.models.model_modality`)."""
+    modules = list(root.modules())
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return any(isinstance(m, nn.Embedding) for m in modules) and not any(isinstance(m, conv) for m in modules)
+
+
+def plain_model_spec(root: nn.Module) -> TextModelSpec:
+    """The ``"generic"`` :class:`~leak_audit.models.spec.TextModelSpec` of a plain ``nn.Module`` language model.
+
+    The token embedding is the first ``nn.Embedding`` in module order. An ``nn.Linear`` with as many outputs as
+    the vocabulary is the LM head (tied when it shares the embedding's weight, and the model is then taken as
+    causal); without one, the last ``nn.Linear`` is a sequence classifier's output layer.
+
+    Raises:
+        UnsupportedModelError: ``root`` holds no ``nn.Embedding``.
+    """
+    named = list(root.named_modules())
+    found = next(((n, m) for n, m in named if isinstance(m, nn.Embedding)), None)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{type(root).__name__} holds no Hugging Face model and no nn.Embedding; the text attacks read token "
+            "embeddings (audit it as an image classifier with modality='image')"
+        )
+    name, embedding = found
+    vocab = int(embedding.num_embeddings)
+    linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+    head = next(((n, m) for n, m in reversed(linears) if m.out_features == vocab), None)
+    classifier = linears[-1] if head is None and linears else None
+    weight = join_names(name, "weight")
+    return TextModelSpec(
+        hf_prefix="",
+        model_type=type(root).__name__,
+        word_embeddings=weight,
+        position_embeddings=None,
+        token_type_embeddings=None,
+        norm_weight=None,
+        norm_bias=None,
+        norm_eps=0.0,
+        layers=(),
+        classifier_weight=join_names(classifier[0], "weight") if classifier else None,
+        classifier_bias=join_names(classifier[0], "bias") if classifier and classifier[1].bias is not None else None,
+        hidden_size=int(embedding.embedding_dim),
+        vocab_size=vocab,
+        max_positions=512,
+        position_offset=0,
+        num_labels=int(classifier[1].out_features) if classifier else 0,
+        pad_token_id=embedding.padding_idx,
+        family="generic",
+        position_scheme="none",
+        lm_head=join_names(head[0], "weight") if head else None,
+        tied_embeddings=head is not None and head[1].weight is embedding.weight,
+        causal=head is not None,
     )

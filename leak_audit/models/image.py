@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from leak_audit.models.generic import has_token_embedding
 from leak_audit.models.hf import UnsupportedModelError, find_hf_model, join_names, unwrap_linear
 
 __all__ = ["MODALITIES", "ImageModelSpec", "find_image_network", "image_model_spec", "model_modality"]
@@ -53,16 +54,16 @@ def model_modality(root: nn.Module) -> str:
     """``"text"`` or ``"image"``: what ``root`` (a LightningModule) is audited as, from its model alone.
 
     A Hugging Face model inside decides by its ``main_input_name``: ``"input_ids"`` is text,
-    ``"pixel_values"`` is images (ViT, ConvNeXt, ...). Without one, ``"image"``: the text attacks need a
-    Hugging Face model of a supported family, and any other ``nn.Module`` classifier is audited as an
-    image model.
+    ``"pixel_values"`` is images (ViT, ConvNeXt, ...). Without one, a module holding an ``nn.Embedding`` and no
+    convolution is a plain language model (``"text"``, :func:`~leak_audit.models.generic.has_token_embedding`);
+    any other ``nn.Module`` classifier is audited as an image model.
 
     Raises:
         UnsupportedModelError: a Hugging Face model whose main input is neither (audio, ...).
     """
     hf = _find_hf(root)
     if hf is None:
-        return "image"
+        return "text" if has_token_embedding(root) else "image"
     main = getattr(hf[1], "main_input_name", "input_ids")
     if main == "input_ids":
         return "text"

@@ -18,7 +18,7 @@ from torch import nn
 
 from leak_audit.attacks import Attack
 from leak_audit.metrics.scoring import ImageScorer
-from leak_audit.models import find_hf_model, image_model_spec, text_model_spec
+from leak_audit.models import UnsupportedModelError, find_hf_model, image_model_spec, text_model_spec
 from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models.replica import ModelReplica
 from leak_audit.runtime.auditor import Auditor
@@ -80,8 +80,15 @@ def build_auditor(
             raise ValueError(f"network={network!r} applies to image models; the text audit finds the Hugging "
                              "Face model itself (pass modality='image' if this is an image model)")
         spec = text_model_spec(module, generic=True).with_tokenizer(tokenizer)
-        hf_name, hf_model = find_hf_model(module)
-        replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
+        try:
+            hf_name, hf_model = find_hf_model(module)
+        except UnsupportedModelError:  # a plain nn.Module language model: attacks that run the model do not apply
+            if recompute == "eval":
+                raise ValueError("recompute='eval' re-runs a Hugging Face model's forward; this plain nn.Module "
+                                 "has none: use recompute='observed'") from None
+            replica = None
+        else:
+            replica = ModelReplica(hf_model, hf_name, device)  # shares the live parameters' storage on their device
         return Auditor(
             spec,
             attacks,

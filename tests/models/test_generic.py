@@ -99,3 +99,57 @@ def test_a_text_model_without_an_embedding_table_is_refused_with_what_would_help
     message = str(err.value)
     assert "NoTable has no input embedding table" in message and "get_input_embeddings" in message
     assert "modality='image'" in message
+
+
+class TinyLM(torch.nn.Module):
+    """A plain nn.Module language model: embedding, a GRU, a vocabulary projection (tied or not)."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(500, 32)
+        self.rnn = torch.nn.GRU(32, 32, batch_first=True)
+        self.out = torch.nn.Linear(32, 500, bias=False)
+        if tied:
+            self.out.weight = self.embed.weight
+
+    def forward(self, input_ids):
+        return self.out(self.rnn(self.embed(input_ids))[0])
+
+
+class PlainModule(LightningModule):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.lm = TinyLM(tied)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.lm(batch["input_ids"])
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_a_plain_nn_module_language_model_gets_what_applies(tmp_path: Path):
+    """No Hugging Face model inside: an nn.Embedding and no convolution make it a text model; its untied
+    embedding's gradient gives the token bag (all but each sequence's last token), and training goes on."""
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS.clone()}]
+    spec = text_model_spec(PlainModule(tied=False), generic=True)
+    assert (spec.word_embeddings, spec.lm_head, spec.tied_embeddings, spec.causal) == ("lm.embed.weight",
+                                                                                      "lm.out.weight", False, True)
+    audit = LeakageAudit(every_n_steps=1, log_dir=tmp_path)
+    trainer = Trainer(max_steps=1, callbacks=[audit], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="no architecture family knows this 'PlainModule' model"):
+        trainer.fit(PlainModule(tied=False), DataLoader(batches, batch_size=None))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    status = {r["attack"]: r["status"] for r in records}
+    assert status == {"token_bag": "ok", "labels": "skipped", "gradient_matching": "skipped"}  # no classifier
+    (bag,) = [r for r in records if r["attack"] == "token_bag"]
+    # every token but each sequence's last, which predicts nothing, so its embedding row gets no gradient
+    assert bag["metrics"]["token_recall"] == pytest.approx(16 / 18) and bag["metrics"]["token_precision"] == 1.0
+    assert trainer.global_step == 1
+    # tied to its output projection, the embedding's gradient is dense: nothing applies, and setup says so
+    tied = Trainer(max_steps=1, callbacks=[LeakageAudit(log_dir=tmp_path / "t")], logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="no attack can use.*tied to the LM head.*register one"):
+        tied.fit(PlainModule(tied=True), DataLoader(batches, batch_size=None))
