@@ -19,6 +19,7 @@ from leak_audit.models.hf import (
     UnsupportedModelError,
     base_model,
     classifier_names,
+    dropout_p,
     join_names,
     linear_weight_names,
     lm_head_name,
@@ -44,13 +45,6 @@ def is_bert_family(hf: nn.Module) -> bool:
     return emb is not None and encoder is not None and all(hasattr(emb, n) for n in _EMBEDDING_PARTS)
 
 
-def _dropout_p(module: nn.Module, path: str) -> float:
-    """``p`` of the dropout module at ``path`` inside ``module``; 0 without one."""
-    try:
-        return float(module.get_submodule(path).p)  # type: ignore[arg-type]
-    except AttributeError:
-        return 0.0
-
 
 def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     """The :class:`EncoderLayerSpec` of encoder layer ``index`` (module ``layer``, root-relative name ``lp``)."""
@@ -70,8 +64,8 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
         ffn_input=join_names(lp, "intermediate.dense.weight"),
         ffn_output=join_names(lp, "output.dense.weight"),
         linear_weights=linear,
-        attention_dropout=_dropout_p(layer, "attention.self.dropout"),
-        attention_output_dropout=_dropout_p(layer, "attention.output.dropout"),
+        attention_dropout=dropout_p(layer, "attention.self.dropout"),
+        attention_output_dropout=dropout_p(layer, "attention.output.dropout"),
         attention_norm=join_names(lp, "attention.output.LayerNorm"),
         ffn_activation=join_names(lp, "intermediate.intermediate_act_fn"),
     )

@@ -22,11 +22,12 @@ from leak_audit.models.hf import (
     UnsupportedModelError,
     base_model,
     classifier_names,
+    dropout_p,
     join_names,
     linear_weight_names,
     lm_head_name,
     projection_weights,
-    unwrap_linear,
+    weight_name,
 )
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
@@ -54,12 +55,6 @@ def is_distilbert_family(hf: nn.Module) -> bool:
     return attn is not None and all(hasattr(attn, p) for p in _PROJECTIONS)
 
 
-def _dropout_p(module: nn.Module, path: str) -> float:
-    try:
-        return float(module.get_submodule(path).p)  # type: ignore[arg-type]
-    except AttributeError:
-        return 0.0
-
 
 def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     attn = getattr(layer, "attention", None)
@@ -70,11 +65,7 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     adapters = tuple(a for a in lora_specs(attn, join_names(lp, "attention")) if a.module in mods)
 
     def weight(path: str) -> str | None:
-        try:
-            module = layer.get_submodule(path)
-        except AttributeError:
-            return None
-        return join_names(lp, path, "base_layer.weight" if unwrap_linear(module) is not module else "weight")
+        return weight_name(layer, lp, path)
 
     return EncoderLayerSpec(
         lp, weights[0], weights[1], weights[2], mods, adapters,  # type: ignore[arg-type]
@@ -85,7 +76,7 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
         ffn_input=weight("ffn.lin1"),
         ffn_output=weight("ffn.lin2"),
         linear_weights=linear_weight_names(layer, lp),
-        attention_dropout=_dropout_p(attn, "dropout"),
+        attention_dropout=dropout_p(attn, "dropout"),
         attention_output_dropout=0.0,  # DistilBERT applies no dropout to the attention output projection
         attention_norm=join_names(lp, "sa_layer_norm"),
         ffn_activation=join_names(lp, "ffn.activation"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from leak_audit.models.hf import UnsupportedModelError, classifier_names, join_names, lm_head_name
+from leak_audit.models.hf import UnsupportedModelError, classifier_names, join_names, lm_head_name, special_token_ids
 from leak_audit.models.spec import TextModelSpec
 
 __all__ = ["generic_model_spec", "has_token_embedding", "plain_model_spec"]
@@ -51,8 +51,6 @@ def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     cls_w, cls_b = (None, None) if lm_head is not None else classifier_names(hf, hf_name, num_labels, marker="")
     pad_id = getattr(config, "pad_token_id", None)
     vocab = int(embedding.num_embeddings)
-    special = {int(i) for i in (pad_id, getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
-               if isinstance(i, int) and 0 <= i < vocab}
     causal = type(hf).__name__.endswith("ForCausalLM") or bool(getattr(config, "is_decoder", False))
     return TextModelSpec(
         hf_prefix=hf_name,
@@ -72,7 +70,7 @@ def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
         position_offset=0,
         num_labels=num_labels if cls_w is not None else 0,
         pad_token_id=int(pad_id) if isinstance(pad_id, int) else None,
-        special_token_ids=frozenset(special),
+        special_token_ids=special_token_ids(config, vocab),
         family="generic",
         position_scheme="none",
         lm_head=lm_head,

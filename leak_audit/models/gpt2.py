@@ -23,10 +23,13 @@ from leak_audit.models.hf import (
     UnsupportedModelError,
     base_model,
     classifier_names,
+    dropout_p,
     join_names,
     linear_weight_names,
     lm_head_name,
+    special_token_ids,
     unwrap_linear,
+    weight_name,
 )
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
@@ -50,29 +53,12 @@ def is_gpt2_family(hf: nn.Module) -> bool:
     return hasattr(first, "ln_1") and hasattr(getattr(first, "attn", None), "c_attn")
 
 
-def _weight(layer: nn.Module, lp: str, path: str) -> str | None:
-    """Root-relative weight name of the linear map ``layer.<path>`` (through ``peft``'s ``base_layer``)."""
-    try:
-        module = layer.get_submodule(path)
-    except AttributeError:
-        return None
-    inner = unwrap_linear(module)
-    return join_names(lp, path, "base_layer.weight" if inner is not module else "weight")
-
-
-def _dropout_p(layer: nn.Module, path: str) -> float:
-    try:
-        return float(layer.get_submodule(path).p)  # type: ignore[arg-type]
-    except AttributeError:
-        return 0.0
-
-
 def _layer_spec(layer: nn.Module, lp: str, index: int, hidden: int) -> EncoderLayerSpec:
     attn = getattr(layer, "attn", None)
     if attn is None or not hasattr(attn, "c_attn"):
         raise UnsupportedModelError(f"GPT-2 layer {index} has no attn.c_attn (cross-attention-only layers are not read)")
     module = join_names(lp, "attn", "c_attn")
-    fused = _weight(layer, lp, "attn.c_attn")
+    fused = weight_name(layer, lp, "attn.c_attn")
     assert fused is not None
     adapters = tuple(a for a in lora_specs(attn, join_names(lp, "attn")) if a.module == module)
     return EncoderLayerSpec(
@@ -82,12 +68,12 @@ def _layer_spec(layer: nn.Module, lp: str, index: int, hidden: int) -> EncoderLa
         query_dim=hidden,
         key_dim=hidden,
         value_dim=hidden,
-        attention_output=_weight(layer, lp, "attn.c_proj"),
-        ffn_input=_weight(layer, lp, "mlp.c_fc"),
-        ffn_output=_weight(layer, lp, "mlp.c_proj"),
+        attention_output=weight_name(layer, lp, "attn.c_proj"),
+        ffn_input=weight_name(layer, lp, "mlp.c_fc"),
+        ffn_output=weight_name(layer, lp, "mlp.c_proj"),
         linear_weights=linear_weight_names(layer, lp),
-        attention_dropout=_dropout_p(layer, "attn.attn_dropout"),
-        attention_output_dropout=_dropout_p(layer, "attn.resid_dropout"),
+        attention_dropout=dropout_p(layer, "attn.attn_dropout"),
+        attention_output_dropout=dropout_p(layer, "attn.resid_dropout"),
     )
 
 
@@ -119,8 +105,6 @@ def gpt2_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     lm_head, tied = lm_head_name(hf, hf_name, wte.weight)
     pad_id = getattr(config, "pad_token_id", None)
     vocab = int(wte.num_embeddings)
-    special = {int(i) for i in (pad_id, getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
-               if isinstance(i, int) and 0 <= i < vocab}
     heads = int(getattr(config, "n_head", 0) or getattr(config, "num_attention_heads", 0) or 0)
     ln_1 = layer_list[0].ln_1
     return TextModelSpec(
@@ -142,7 +126,7 @@ def gpt2_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
         num_labels=int(config.num_labels) if cls_w is not None else 0,
         pad_token_id=int(pad_id) if isinstance(pad_id, int) else None,
         dropout=float(getattr(config, "embd_pdrop", 0.0) or 0.0),
-        special_token_ids=frozenset(special),
+        special_token_ids=special_token_ids(config, vocab),
         num_heads=heads,
         family="gpt2",
         position_scheme="absolute",

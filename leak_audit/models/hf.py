@@ -15,12 +15,15 @@ __all__ = [
     "UnsupportedModelError",
     "base_model",
     "classifier_names",
+    "dropout_p",
     "find_hf_model",
     "join_names",
     "linear_weight_names",
     "lm_head_name",
     "projection_weights",
+    "special_token_ids",
     "unwrap_linear",
+    "weight_name",
 ]
 
 
@@ -132,3 +135,27 @@ def projection_weights(parent: nn.Module, names: tuple[str, ...], prefix: str) -
         weights.append(join_names(prefix, name, "base_layer.weight" if inner is not wrapped else "weight"))
         dims.append(int(getattr(inner, "out_features", 0) or 0))
     return weights, dims
+
+
+def weight_name(layer: nn.Module, prefix: str, path: str) -> str | None:
+    """Root-relative weight name of the linear map ``layer.<path>`` (``prefix``: the layer's root-relative name),
+    through ``peft``'s ``base_layer``; ``None`` when the layer has no such module."""
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        return None
+    return join_names(prefix, path, "base_layer.weight" if unwrap_linear(module) is not module else "weight")
+
+
+def dropout_p(module: nn.Module, path: str) -> float:
+    """``p`` of the dropout module at ``path`` inside ``module``; 0 without one."""
+    try:
+        return float(module.get_submodule(path).p)  # type: ignore[arg-type]
+    except AttributeError:
+        return 0.0
+
+
+def special_token_ids(config: object, vocab_size: int, names: tuple[str, ...] = ("pad", "bos", "eos")) -> frozenset[int]:
+    """The ids ``config.<name>_token_id`` for ``names`` that are integers inside the vocabulary."""
+    ids = (getattr(config, f"{n}_token_id", None) for n in names)
+    return frozenset(int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size)

@@ -26,7 +26,8 @@ from leak_audit.models.hf import (
     linear_weight_names,
     lm_head_name,
     projection_weights,
-    unwrap_linear,
+    special_token_ids,
+    weight_name,
 )
 from leak_audit.models.lora import lora_specs
 from leak_audit.models.spec import EncoderLayerSpec, TextFamily, TextModelSpec
@@ -59,12 +60,7 @@ def _layer_spec(layer: nn.Module, lp: str, index: int) -> EncoderLayerSpec:
     adapters = tuple(a for a in lora_specs(attn, join_names(lp, "self_attn")) if a.module in mods)
 
     def weight(path: str) -> str | None:
-        try:
-            module = layer.get_submodule(path)
-        except AttributeError:
-            return None
-        inner = unwrap_linear(module)
-        return join_names(lp, path, "base_layer.weight" if inner is not module else "weight")
+        return weight_name(layer, lp, path)
 
     linear = linear_weight_names(layer, lp)
     return EncoderLayerSpec(
@@ -107,7 +103,6 @@ def llama_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     lm_head, tied = lm_head_name(hf, hf_name, embed.weight)
     pad_id = getattr(config, "pad_token_id", None)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
-    special = {int(i) for i in (pad_id, getattr(config, "bos_token_id", None)) if isinstance(i, int)}
     return TextModelSpec(
         hf_prefix=hf_name,
         model_type=str(getattr(config, "model_type", "llama")),
@@ -127,7 +122,7 @@ def llama_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
         position_offset=0,
         num_labels=int(config.num_labels) if cls_w is not None else 0,
         pad_token_id=int(pad_id) if isinstance(pad_id, int) else None,
-        special_token_ids=frozenset(special),
+        special_token_ids=special_token_ids(config, int(embed.num_embeddings), ("pad", "bos")),
         num_heads=heads,
         family="llama",
         position_scheme="rotary",
