@@ -306,21 +306,34 @@ class SpanDecoder(Attack):
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
         if per_position is not None:
             info["candidate_positions"] = len(per_position)
-        saturated = rank0 >= min(sum(int(g.shape[0]) for g in first), tables.word.shape[-1])
-        if tokens.numel() == 0 and saturated and per_position is None:
+        saturated = per_position is None and rank0 >= min(sum(int(g.shape[0]) for g in first), tables.word.shape[-1])
+
+        def partial_bag() -> Reconstruction:
             # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows for q and v): no input is
             # inside it exactly, but the inputs that dominate it sit far below every other row: a partial bag
             bag, floor = ranked_bag(first, tables, self.rtol, self.bag_margin)
             info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()))
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info)  # a bag, no order
+
+        if saturated:  # rows may pass the threshold by chance in a full span: its assembly cannot be trusted
+            return partial_bag()
         if tokens.numel() == 0:
             return Reconstruction(attack=self.name, sequences=[], info=info)
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order
             info["order"] = "missing: no tapped map depends on the prefix (layer 0's o_proj/MLP, layer 1's attention)"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
+        full = [c.weights for c, b in zip(checks, bases, strict=True)
+                if b.shape[1] >= min(sum(int(inp.gradients[w].shape[0 if not c.transposed else 1]) for w in c.weights),
+                                     b.shape[0])]
+        if full:  # a check span with as many dimensions as rows (LoRA beyond its rank) holds no input exactly
+            info["order"] = f"missing: the check span of {full[0][0]} is saturated"
+            return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
         prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
                                        budget.deadline, per_position)
         info["prefixes"] = len(prefixes)
+        if not prefixes and not cut:  # the candidates are exact, their order is not: keep the bag
+            info["order"] = "missing: no candidate extends a prefix"
+            return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
         if prefixes and head is not None and not cut:
