@@ -322,12 +322,17 @@ class SpanDecoder(Attack):
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order
             info["order"] = "missing: no tapped map depends on the prefix (layer 0's o_proj/MLP, layer 1's attention)"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
-        full = [c.weights for c, b in zip(checks, bases, strict=True)
-                if b.shape[1] >= min(sum(int(inp.gradients[w].shape[0 if not c.transposed else 1]) for w in c.weights),
-                                     b.shape[0])]
-        if full:  # a check span with as many dimensions as rows (LoRA beyond its rank) holds no input exactly
-            info["order"] = f"missing: the check span of {full[0][0]} is saturated"
+        # a check span with as many dimensions as its rows or inputs (LoRA beyond its rank, B·n >= d) accepts every
+        # extension: it is dropped, and without any other check the exact candidates stay a bag
+        kept = [(c, b) for c, b in zip(checks, bases, strict=True)
+                if b.shape[1] < min(sum(int(input_rows(inp.gradients[w], c.transposed).shape[0]) for w in c.weights),
+                                    b.shape[0])]
+        if len(kept) < len(checks):
+            info["saturated_checks"] = len(checks) - len(kept)
+        if not kept:
+            info["order"] = "missing: every check span is saturated"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
+        checks, bases = [c for c, _ in kept], [b for _, b in kept]
         prefixes, cut = self._assemble(replica, params, checks, bases, tokens.to(device), inp.batch_size,
                                        budget.deadline, per_position)
         info["prefixes"] = len(prefixes)
