@@ -6,7 +6,7 @@ Layout: :mod:`~leak_audit.attacks.base` (the contract: :class:`Attack`, :class:`
 :mod:`~leak_audit.attacks.budget` (deadline checks), the numerics several attacks share
 (:mod:`~leak_audit.attacks.spans`, :mod:`~leak_audit.attacks.lasso`, :mod:`~leak_audit.attacks.least_squares`,
 :mod:`~leak_audit.attacks.optim`, :mod:`~leak_audit.attacks.labels`, :mod:`~leak_audit.attacks.evidence`), then
-:mod:`leak_audit.attacks.text` (BERT-family encoders, Llama-family decoders) and :mod:`leak_audit.attacks.image` (image
+:mod:`leak_audit.attacks.text` (encoders: BERT, DistilBERT; decoders: Llama family, GPT-2) and :mod:`leak_audit.attacks.image` (image
 classifiers). Use :func:`get_attack` to build a registered attack by name and :func:`register_attack` to
 add your own :class:`Attack` subclass.
 """

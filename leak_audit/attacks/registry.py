@@ -4,7 +4,7 @@ Attacks are registered per modality (:attr:`~leak_audit.attacks.base.Attack.moda
 both (``"dlg"``, ``"labels"``), and the modality picks the class. The built-in attacks are registered when
 this module is imported: text attacks (``"token_bag"``, ``"labels"``, ``"span_check"``, ``"span_search"``,
 ``"span_attention"``, ``"span_cluster"``, ``"gradient_matching"``, ``"dlg"``) read Hugging Face
-BERT-family encoders, ``"span_decoder"`` Llama-family decoders; image attacks (``"dlg"``,
+encoders (BERT, DistilBERT), ``"span_decoder"`` causal decoders (Llama family, GPT-2); image attacks (``"dlg"``,
 ``"inverting_gradients"``, ``"labels"``) image classifiers.
 :func:`get_attack` builds one by name, :func:`register_attack` adds your own subclass, :func:`order_attacks`
 fixes the run order of an audit's attacks.

@@ -16,7 +16,11 @@ Modules:
 * :mod:`~leak_audit.models.bert`: the BERT family (BERT, MiniLM, RoBERTa, ELECTRA, XLM-R, ...: anything
   whose base model has ``embeddings.{word,position,token_type}_embeddings``, ``embeddings.LayerNorm`` and
   ``encoder.layer[i].attention.self.{query,key,value}``), possibly wrapped in a LightningModule attribute
-  or a ``peft`` model;
+  or a ``peft`` model; :mod:`~leak_audit.models.distilbert`, :mod:`~leak_audit.models.llama` (Llama, Mistral,
+  Qwen2/3, SmolLM) and :mod:`~leak_audit.models.gpt2`: the other families, one module each;
+* :mod:`~leak_audit.models.generic`: any other Hugging Face text model or plain ``nn.Module`` language model
+  (no layers: the model-agnostic attacks);
+* :mod:`~leak_audit.models.first_layer`: layer 0 of a post-LayerNorm encoder as values and a forward;
 * :mod:`~leak_audit.models.embeddings`: :class:`EmbeddingTables`, layer 0's inputs from snapshot tensors;
 * :mod:`~leak_audit.models.lora`: ``peft`` LoRA adapters (:func:`lora_specs`);
 * :mod:`~leak_audit.models.hf`: finding the Hugging Face model (:func:`find_hf_model`), naming helpers,
@@ -26,8 +30,8 @@ Modules:
 * :mod:`~leak_audit.models.replica`, :mod:`~leak_audit.models.image_replica`: private functional copies
   of the model that optimisation attacks run at snapshot parameters.
 
-Adding an architecture (DistilBERT, GPT-2, Llama) is one module that defines a :class:`TextFamily`,
-registered in :mod:`~leak_audit.models.families`, plus its tests.
+Adding an architecture is one module that defines a :class:`TextFamily`, registered in
+:mod:`~leak_audit.models.families`, plus its tests (``tests/models/test_model_families.py`` shows the seam).
 """
 
 from __future__ import annotations
