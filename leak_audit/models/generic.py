@@ -52,29 +52,16 @@ def generic_model_spec(hf_name: str, hf: nn.Module) -> TextModelSpec:
     pad_id = getattr(config, "pad_token_id", None)
     vocab = int(embedding.num_embeddings)
     causal = type(hf).__name__.endswith("ForCausalLM") or bool(getattr(config, "is_decoder", False))
-    return TextModelSpec(
+    return _layerless_spec(
         hf_prefix=hf_name,
         model_type=str(getattr(config, "model_type", type(hf).__name__)),
+        embedding=embedding,
         word_embeddings=join_names(hf_name, word),
-        position_embeddings=None,
-        token_type_embeddings=None,
-        norm_weight=None,
-        norm_bias=None,
-        norm_eps=0.0,
-        layers=(),
-        classifier_weight=cls_w,
-        classifier_bias=cls_b,
-        hidden_size=int(embedding.embedding_dim),
-        vocab_size=vocab,
+        classifier=(cls_w, cls_b, num_labels if cls_w is not None else 0),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 512),
-        position_offset=0,
-        num_labels=num_labels if cls_w is not None else 0,
         pad_token_id=int(pad_id) if isinstance(pad_id, int) else None,
-        special_token_ids=special_token_ids(config, vocab),
-        family="generic",
-        position_scheme="none",
-        lm_head=lm_head,
-        tied_embeddings=tied,
+        special=special_token_ids(config, vocab),
+        lm_head=(lm_head, tied),
         causal=causal,
     )
 
@@ -109,28 +96,58 @@ def plain_model_spec(root: nn.Module) -> TextModelSpec:
     linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
     head = next(((n, m) for n, m in reversed(linears) if m.out_features == vocab), None)
     classifier = linears[-1] if head is None and linears else None
-    weight = join_names(name, "weight")
-    return TextModelSpec(
+    cls_w = join_names(classifier[0], "weight") if classifier else None
+    cls_b = join_names(classifier[0], "bias") if classifier and classifier[1].bias is not None else None
+    return _layerless_spec(
         hf_prefix="",
         model_type=type(root).__name__,
-        word_embeddings=weight,
+        embedding=embedding,
+        word_embeddings=join_names(name, "weight"),
+        classifier=(cls_w, cls_b, int(classifier[1].out_features) if classifier else 0),
+        max_positions=512,
+        pad_token_id=embedding.padding_idx,
+        special=frozenset(),
+        lm_head=(join_names(head[0], "weight") if head else None, head is not None and head[1].weight is embedding.weight),
+        causal=head is not None,
+    )
+
+
+def _layerless_spec(
+    *,
+    hf_prefix: str,
+    model_type: str,
+    embedding: nn.Embedding,
+    word_embeddings: str,
+    classifier: tuple[str | None, str | None, int],
+    max_positions: int,
+    pad_token_id: int | None,
+    special: frozenset[int],
+    lm_head: tuple[str | None, bool],
+    causal: bool,
+) -> TextModelSpec:
+    """The ``"generic"`` spec: an embedding table and a head, no layers, no normalisation, no positions."""
+    return TextModelSpec(
+        hf_prefix=hf_prefix,
+        model_type=model_type,
+        word_embeddings=word_embeddings,
         position_embeddings=None,
         token_type_embeddings=None,
         norm_weight=None,
         norm_bias=None,
         norm_eps=0.0,
         layers=(),
-        classifier_weight=join_names(classifier[0], "weight") if classifier else None,
-        classifier_bias=join_names(classifier[0], "bias") if classifier and classifier[1].bias is not None else None,
+        classifier_weight=classifier[0],
+        classifier_bias=classifier[1],
         hidden_size=int(embedding.embedding_dim),
-        vocab_size=vocab,
-        max_positions=512,
+        vocab_size=int(embedding.num_embeddings),
+        max_positions=max_positions,
         position_offset=0,
-        num_labels=int(classifier[1].out_features) if classifier else 0,
-        pad_token_id=embedding.padding_idx,
+        num_labels=classifier[2],
+        pad_token_id=pad_token_id,
+        special_token_ids=special,
         family="generic",
         position_scheme="none",
-        lm_head=join_names(head[0], "weight") if head else None,
-        tied_embeddings=head is not None and head[1].weight is embedding.weight,
-        causal=head is not None,
+        lm_head=lm_head[0],
+        tied_embeddings=lm_head[1],
+        causal=causal,
     )

@@ -178,24 +178,25 @@ def candidate_tokens(
 def candidates_by_position(
     grads: Sequence[Tensor], tables: EmbeddingTables, threshold: float, rtol: float = 1e-6, max_length: int = 512,
     deadline: float | None = None,
-) -> tuple[list[Tensor], int]:
+) -> tuple[list[Tensor], int, bool]:
     """Per position ``i = 0, 1, ...``, the tokens ``v`` whose ``Norm(E[v] + P[i])`` lies in the row space (learned
     absolute positions, GPT-2). Sentences start at position 0 and are contiguous, so the scan stops at the first
     position without a candidate (or at ``max_length``, the position table's end or ``deadline``).
 
     Returns:
-        ``(per_position, rank)``: candidate token ids ``[K_i]`` per position, and the row space's rank.
+        ``(per_position, rank, cut)``: candidate token ids ``[K_i]`` per position, the row space's rank, and
+        whether the deadline stopped the scan (the later positions are then unknown, not empty).
     """
     basis, _ = span_basis(grads, rtol=rtol)
     out: list[Tensor] = []
     for i in range(min(max_length, tables.max_length)):
         if late(deadline):
-            break
+            return out, int(basis.shape[1]), True
         tokens, _, _ = candidate_tokens(grads, tables, threshold, position=i, basis=basis)
         if tokens.numel() == 0:
             break
         out.append(tokens)
-    return out, int(basis.shape[1])
+    return out, int(basis.shape[1]), False
 
 
 def ranked_bag(grads: Sequence[Tensor], tables: EmbeddingTables, rtol: float = 1e-6, margin: float = 0.8,
@@ -292,9 +293,10 @@ class SpanDecoder(Attack):
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info_dp)
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
+        scan_cut = False
         if spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
-            per_position, rank0 = candidates_by_position(first, tables, self.threshold, self.rtol, self.max_length,
-                                                         budget.deadline)
+            per_position, rank0, scan_cut = candidates_by_position(first, tables, self.threshold, self.rtol,
+                                                                   self.max_length, budget.deadline)
             tokens = torch.cat(per_position).unique() if per_position else torch.zeros(0, dtype=torch.long)
             per_position = [t.to(device) for t in per_position]
         else:
@@ -317,8 +319,8 @@ class SpanDecoder(Attack):
 
         if saturated:  # rows may pass the threshold by chance in a full span: its assembly cannot be trusted
             return partial_bag()
-        if tokens.numel() == 0:
-            return Reconstruction(attack=self.name, sequences=[], info=info)
+        if tokens.numel() == 0:  # nothing in the span, or the deadline stopped the scan first (then: a timeout)
+            return Reconstruction(attack=self.name, sequences=[], info=info, timed_out=scan_cut and budget.audit_bound)
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order
             info["order"] = "missing: no tapped map depends on the prefix (layer 0's o_proj/MLP, layer 1's attention)"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
