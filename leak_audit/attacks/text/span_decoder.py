@@ -59,6 +59,7 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.text.decoder_pursuit import pursue_prefixes, sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -233,15 +234,20 @@ class SpanDecoder(Attack):
         max_seconds: the attack's own time limit (``inf``: none; the audit's budget still applies).
         max_length: longest sentence assembled, in tokens.
         last_token_candidates: rows of the LM head's gradient compared per sentence for its last token.
-        bag_margin: with a saturated layer-0 row space (LoRA beyond its rank), the partial bag keeps the rows
-            whose residual is below this fraction of the vocabulary's floor (:func:`ranked_bag`).
+        bag_margin: where the sparse recovery does not close (below), the partial bag keeps the rows whose
+            residual is below this fraction of the vocabulary's floor (:func:`ranked_bag`).
+        pursuit_tol: relative residual at which the sparse recoveries of LoRA beyond its rank stop
+            (:mod:`~leak_audit.attacks.text.decoder_pursuit`; float32 gradients: round-off near ``1e-7``).
+        pursuit_accept: the token bag's recovery counts as complete below this relative residual; above it the
+            ranked partial bag is returned instead.
     """
 
     name = "span_decoder"
     cost = "search"
 
     def __init__(self, threshold: float = 1e-3, rtol: float = 1e-6, max_seconds: float = math.inf,
-                 max_length: int = 512, last_token_candidates: int = 8, bag_margin: float = 0.8) -> None:
+                 max_length: int = 512, last_token_candidates: int = 8, bag_margin: float = 0.8,
+                 pursuit_tol: float = 1e-6, pursuit_accept: float = 1e-4) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not 0 < rtol < 1:
@@ -256,6 +262,10 @@ class SpanDecoder(Attack):
         if not 0 < bag_margin < 1:
             raise ValueError(f"bag_margin must be in (0, 1), got {bag_margin!r}")
         self.bag_margin = bag_margin
+        if not 0 < pursuit_tol <= pursuit_accept < 1:
+            raise ValueError(f"need 0 < pursuit_tol <= pursuit_accept < 1, got {pursuit_tol!r} and {pursuit_accept!r}")
+        self.pursuit_tol = pursuit_tol
+        self.pursuit_accept = pursuit_accept
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
         require_layers(spec)
@@ -308,7 +318,8 @@ class SpanDecoder(Attack):
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
         if per_position is not None:
             info["candidate_positions"] = len(per_position)
-        saturated = per_position is None and rank0 >= min(sum(int(g.shape[0]) for g in first), tables.word.shape[-1])
+        rows0 = sum(int(g.shape[0]) for g in first)
+        saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
         def partial_bag() -> Reconstruction:
             # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows for q and v): no input is
@@ -317,8 +328,13 @@ class SpanDecoder(Attack):
             info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()))
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info)  # a bag, no order
 
-        if saturated:  # rows may pass the threshold by chance in a full span: its assembly cannot be trusted
+        if saturated and rows0 >= tables.word.shape[-1]:  # B·n >= d: a full span; rows pass it by chance
             return partial_bag()
+        if saturated:  # LoRA beyond its rank: the sparsest vocabulary set whose inputs span the rows
+            tokens, bag_residual, bag_cut = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
+            info.update(saturated=1, candidates=int(tokens.numel()), bag_residual=float(f"{bag_residual:.3g}"))
+            if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:
+                return partial_bag()  # the pursuit did not close: keep the ranked bag
         if tokens.numel() == 0:  # nothing in the span, or the deadline stopped the scan first (then: a timeout)
             return Reconstruction(attack=self.name, sequences=[], info=info, timed_out=scan_cut and budget.audit_bound)
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order
@@ -326,11 +342,22 @@ class SpanDecoder(Attack):
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
         # a check span with as many dimensions as its rows or inputs (LoRA beyond its rank, B·n >= d) accepts every
         # extension: it is dropped, and without any other check the exact candidates stay a bag
-        kept = [(c, b) for c, b in zip(checks, bases, strict=True)
-                if b.shape[1] < min(sum(int(input_rows(inp.gradients[w], c.transposed).shape[0]) for w in c.weights),
-                                    b.shape[0])]
+        check_rows = [sum(int(input_rows(inp.gradients[w], c.transposed).shape[0]) for w in c.weights) for c in checks]
+        kept = [(c, b) for c, b, n in zip(checks, bases, check_rows, strict=True) if b.shape[1] < min(n, b.shape[0])]
         if len(kept) < len(checks):
             info["saturated_checks"] = len(checks) - len(kept)
+        # a saturated check with fewer rows than inputs (LoRA's A beyond its rank) still determines the prefixes
+        # among the candidates' extensions: joint sparse recovery over the prefix tree (decoder_pursuit)
+        sparse = [c for c, b, n in zip(checks, bases, check_rows, strict=True)
+                  if b.shape[1] >= n and n < b.shape[0] and per_position is None]
+        if sparse and (saturated or not kept):
+            c = sparse[-1]  # layer 1's adapters: the most selective
+            prefixes, more, cut = pursue_prefixes(
+                replica, params, c.module, [input_rows(inp.gradients[w], c.transposed) for w in c.weights],
+                tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
+            info.update(more, order="pursuit", prefixes=len(prefixes))
+            return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
+                                budget.audit_bound)
         if not kept:
             info["order"] = "missing: every check span is saturated"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
@@ -342,6 +369,12 @@ class SpanDecoder(Attack):
         if not cut and covered < 0.5 * tokens.numel():  # near saturation the candidates hold, their order does not
             info["order"] = f"missing: the assembly placed {covered} of {int(tokens.numel())} candidates"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
+        return self._finish(inp, spec, replica, params, prefixes, tokens, info, cut, budget.audit_bound)
+
+    def _finish(self, inp: AttackInput, spec: TextModelSpec, replica: ModelReplica, params: Mapping[str, Tensor],
+                prefixes: list[list[int]], tokens: Tensor, info: dict[str, object], cut: bool,
+                audit_bound: bool) -> Reconstruction:
+        """The prefixes with each sentence's last token where the LM head's gradient holds it."""
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
         if prefixes and head is not None and not cut:
@@ -351,7 +384,7 @@ class SpanDecoder(Attack):
             info["last_token"] = ("missing: the deadline cut the assembly" if cut
                                   else "missing: the LM head's gradient is not tapped (or frozen)")
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
-                              info=info, timed_out=cut and budget.audit_bound)
+                              info=info, timed_out=cut and audit_bound)
 
     # ------------------------------------------------------------------ assembly
     def _assemble(

@@ -317,6 +317,35 @@ def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: st
     assert trained["metrics"]["rouge1"] >= 0.9
 
 
+def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) -> None:
+    """peft LoRA r = 8 on q_proj/v_proj of the real SmolLM2, trained a few steps; then a batch of four real CoLA
+    sentences: 40 positions against the 16 rows of layer 0's stacked adapter gradients, so no single input lies
+    in their row space. Joint sparse recovery still finds the exact token bag from layer 0's adapters and the
+    sentences (up to their last token, which no gradient sees) from layer 1's."""
+    from peft import LoraConfig, get_peft_model
+
+    from leak_audit.demos.pretrained import load_smollm2
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2("causal-lm")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0)).eval()
+    rows = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=12)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for start in (4, 8, 4, 8, 4):
+        model.zero_grad()
+        model(**_lm_batch(tokenizer, rows[start:start + 4])).loss.backward()
+        opt.step()
+    batch = _lm_batch(tokenizer, rows[:4])
+    truth = _truth(batch)
+    assert sum(len(t) for t in truth) > 2 * 16  # beyond the rank: the span test alone reads nothing exactly
+    recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    assert recon.info["saturated"] == 1 and recon.info["order"] == "pursuit", recon.info
+    assert set(recon.token_bag) == {t for seq in truth for t in seq[:-1]}
+    assert sorted(recon.sequences) == sorted(t[:-1] for t in truth)
+
+
 def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
     """DP-SGD-style release of one CoLA sentence's gradient (clipped to norm 1, Gaussian noise of std s per
     coordinate): nothing lies in the noised span, so the rows are ranked against its directions above the noise

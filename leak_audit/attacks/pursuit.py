@@ -1,0 +1,166 @@
+"""Joint sparse recovery by rank-aware order-recursive matching pursuit (RA-ORMP).
+
+A weight gradient with fewer rows than inputs (a LoRA adapter's ``A`` gradient ``[r, d]``) no longer spans
+each input: every row is a mix ``T = C X`` of the ``k`` inputs ``X [k, d]``, ``k > r``. The inputs are still
+determined when they come from a known set of candidate *atoms* (vocabulary rows, or the hidden states of
+candidate prefixes): ``T``'s rows lie in the span of exactly those atoms, and for atoms in general position
+no other set of at most ``(spark + rank(T) − 1) / 2`` atoms spans them (Davies & Eldar 2012, Thm. 1). Finding
+that set is joint sparse recovery from multiple measurement vectors (Cotter, Rao, Engan, Kreutz-Delgado
+2005). The greedy solver here is *rank-aware* ORMP (Davies & Eldar, "Rank Awareness in Joint Sparse Recovery",
+IEEE Trans. Inf. Theory 58(2), 2012, §V): each pick maximises ``‖Uᵀ a‖ / ‖P⊥ a‖``, with ``U`` an orthonormal
+basis of the current residual's row space and ``P⊥`` the projection away from the atoms already picked.
+
+:class:`Pursuit` keeps the state so the dictionary may grow between picks (the decoder assembly adds the
+extensions of every prefix it picks); :func:`joint_support` is the functional form over a fixed dictionary;
+:func:`prune_support` drops picks the final fit does not need (backward elimination).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from leak_audit.attacks.budget import late
+
+__all__ = ["Pursuit", "joint_support", "prune_support", "relative_residual"]
+
+
+def relative_residual(targets: Tensor, atoms: Tensor) -> float:
+    """``‖T − T P‖ / ‖T‖``, ``P`` the projection onto the span of ``atoms`` ``[s, d]`` (``targets`` ``[k, d]``)."""
+    t = targets.to(torch.float64)
+    norm = float(torch.linalg.matrix_norm(t))
+    if norm == 0.0:
+        return 0.0
+    if atoms.shape[0] == 0:
+        return 1.0
+    q, _ = torch.linalg.qr(atoms.to(torch.float64).T)  # [d, s]
+    return float(torch.linalg.matrix_norm(t - (t @ q) @ q.T)) / norm
+
+
+class Pursuit:
+    """Incremental RA-ORMP: targets ``[k, d]`` explained by atoms picked one at a time from a dictionary that
+    may grow between picks.
+
+    Args:
+        targets: ``[k, d]`` rows to explain (any float dtype; kept in float64).
+        rtol: singular values of the residual below ``rtol`` times its largest span no direction of ``U``.
+        degenerate: an atom whose part outside the picked span is below this fraction of its norm is already
+            explained (a repeat): it is never picked. Atoms are scored in float32, so their projections carry
+            about ``1e-7`` relative error: below ``1e-3`` the part outside is round-off.
+
+    Attributes:
+        picked: indices of the picked atoms, in pick order.
+    """
+
+    def __init__(self, targets: Tensor, rtol: float = 1e-6, degenerate: float = 1e-3) -> None:
+        self.targets = targets.to(torch.float64)
+        self.device = self.targets.device
+        self.norm = float(torch.linalg.matrix_norm(self.targets))
+        self.rtol = rtol
+        self.degenerate = degenerate
+        d = self.targets.shape[1]
+        self.basis = torch.zeros(d, 0, dtype=torch.float64, device=self.device)  # orthonormal, picked span
+        self.atoms = torch.zeros(0, d, dtype=torch.float32, device=self.device)
+        self.rest = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖P⊥ a‖² per atom
+        self.full = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖a‖² per atom
+        self.picked: list[int] = []
+
+    def extend(self, atoms: Tensor) -> None:
+        """Append ``atoms`` ``[m, d]`` to the dictionary (their indices follow the earlier ones)."""
+        a = atoms.to(device=self.device, dtype=torch.float32)
+        full = a.to(torch.float64).pow(2).sum(1)
+        inside = (a.to(torch.float64) @ self.basis).pow(2).sum(1) if self.basis.shape[1] else torch.zeros_like(full)
+        self.atoms = torch.cat([self.atoms, a])
+        self.full = torch.cat([self.full, full])
+        self.rest = torch.cat([self.rest, (full - inside).clamp_min(0.0)])
+
+    def residual(self) -> float:
+        """The targets' relative residual outside the picked span (``1.0`` before any pick, ``0.0`` for zero
+        targets)."""
+        if self.norm == 0.0:
+            return 0.0
+        t = self.targets
+        return float(torch.linalg.matrix_norm(t - (t @ self.basis) @ self.basis.T)) / self.norm
+
+    def step(self) -> int | None:
+        """Pick the atom that best explains the residual's row space; ``None`` when no atom is left (or the
+        residual is zero)."""
+        if self.atoms.shape[0] == 0 or self.norm == 0.0:
+            return None
+        t = self.targets
+        resid = t - (t @ self.basis) @ self.basis.T
+        u, s, _ = torch.linalg.svd(resid.T, full_matrices=False)  # [d, k]
+        if s.numel() == 0 or float(s[0]) == 0.0:
+            return None
+        u = u[:, s > self.rtol * s[0]].to(torch.float32)
+        score = (self.atoms @ u).to(torch.float64).pow(2).sum(1) / self.rest.clamp_min(1e-300)
+        score[self.rest <= self.degenerate**2 * self.full] = -1.0
+        if self.picked:
+            score[torch.tensor(self.picked, device=self.device)] = -1.0
+        best = int(score.argmax())
+        if float(score[best]) <= 0.0:
+            return None
+        a = self.atoms[best].to(torch.float64)
+        a = a - self.basis @ (self.basis.T @ a)
+        a = a - self.basis @ (self.basis.T @ a)  # twice: Gram-Schmidt keeps the basis orthonormal in float64
+        q = a / torch.linalg.vector_norm(a)
+        self.basis = torch.cat([self.basis, q[:, None]], 1)
+        self.rest = (self.rest - (self.atoms @ q.to(torch.float32)).to(torch.float64).pow(2)).clamp_min(0.0)
+        self.picked.append(best)
+        return best
+
+
+def joint_support(
+    targets: Tensor,
+    atoms: Tensor,
+    tol: float = 1e-6,
+    max_atoms: int | None = None,
+    deadline: float | None = None,
+) -> tuple[list[int], float, bool]:
+    """The few atoms whose span holds every row of ``targets`` (RA-ORMP over a fixed dictionary).
+
+    Args:
+        targets: ``[k, d]`` (e.g. the stacked ``lora_A`` gradients of layer 0, ``k = 2r``).
+        atoms: ``[n, d]`` candidate atoms (e.g. every vocabulary row's layer-0 input).
+        tol: stop once the relative residual is below it (float32 gradients: round-off near ``1e-7``).
+        max_atoms: at most this many picks (default: ``d − 1``).
+        deadline: ``time.monotonic()`` value after which the picks stop.
+
+    Returns:
+        ``(picked, residual, cut)``: atom indices in pick order, the final relative residual, and whether the
+        deadline stopped the picks.
+    """
+    d = targets.shape[1]
+    limit = d - 1 if max_atoms is None else min(max_atoms, d - 1)
+    state = Pursuit(targets)
+    state.extend(atoms)
+    res = state.residual()
+    while res > tol and len(state.picked) < limit:
+        if late(deadline):
+            return state.picked, res, True
+        if state.step() is None:
+            break
+        res = state.residual()
+    return state.picked, res, False
+
+
+def prune_support(targets: Tensor, atoms: Tensor, slack: float = 2.0, tol: float = 1e-6) -> list[int]:
+    """Backward elimination: drop, last picked first, every atom without which the fit stays as good.
+
+    An atom is dropped when the relative residual without it stays below ``max(slack · r₀, tol)``, ``r₀`` the
+    residual with every atom (greedy picks made before the right atoms were in reach explain nothing at the end).
+
+    Args:
+        targets: ``[k, d]``.
+        atoms: ``[s, d]`` the picked atoms, in pick order.
+
+    Returns:
+        The indices (into ``atoms``) kept, ascending.
+    """
+    keep = list(range(atoms.shape[0]))
+    bound = max(slack * relative_residual(targets, atoms), tol)
+    for j in reversed(range(atoms.shape[0])):
+        rest = [i for i in keep if i != j]
+        if relative_residual(targets, atoms[rest]) <= bound:
+            keep = rest
+    return keep
