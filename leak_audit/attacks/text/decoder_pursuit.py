@@ -35,7 +35,7 @@ from leak_audit.attacks.pursuit import Pursuit, joint_support, prune_support
 from leak_audit.models import EmbeddingTables
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["pursue_prefixes", "sparse_bag"]
+__all__ = ["lora_last_tokens", "pursue_prefixes", "sparse_bag"]
 
 
 def sparse_bag(
@@ -74,7 +74,7 @@ def pursue_prefixes(
     max_length: int = 512,
     patience: int = 24,
     deadline: float | None = None,
-) -> tuple[list[list[int]], dict[str, object], bool]:
+) -> tuple[list[list[int]], dict[str, object], bool, Tensor]:
     """Sentences (less their last token) as the leaves of the prefix tree whose layer-1 inputs span ``rows``.
 
     Args:
@@ -90,8 +90,10 @@ def pursue_prefixes(
         deadline: ``time.monotonic()`` value after which it stops.
 
     Returns:
-        ``(prefixes, info, cut)``: the leaves, longest first; ``info`` with ``pursuit_picks`` (atoms picked),
-        ``pursuit_kept`` (after pruning) and ``pursuit_residual``; whether the deadline stopped the picks.
+        ``(prefixes, info, cut, coefficients)``: the leaves, longest first; ``info`` with ``pursuit_picks``
+        (atoms picked), ``pursuit_kept`` (after pruning) and ``pursuit_residual``; whether the deadline stopped
+        the picks; and the fit's coefficients at each leaf ``[Σ k_i, len(prefixes)]`` (``∂L/∂(A h)`` at the
+        leaf's position under LoRA: :func:`lora_last_tokens`).
     """
     targets = torch.cat([r.to(torch.float64) for r in rows])
     state = Pursuit(targets)
@@ -129,8 +131,82 @@ def pursue_prefixes(
     kept = prune_support(targets, state.atoms[torch.tensor(picked, dtype=torch.long)], tol=tol) if picked else []
     chosen = {prefixes[picked[i]] for i in kept}
     chosen = {p for p in chosen if all(p[:n] in chosen for n in range(1, len(p)))}
-    leaves = [list(p) for p in chosen if not any(len(q) > len(p) and q[: len(p)] == p for q in chosen)]
+    leaves = [p for p in chosen if not any(len(q) > len(p) and q[: len(p)] == p for q in chosen)]
     leaves.sort(key=lambda p: (-len(p), p))
     info: dict[str, object] = {"pursuit_picks": len(picked), "pursuit_kept": len(chosen),
                                "pursuit_residual": float(f"{residual:.3g}")}
-    return leaves, info, cut
+    coefficients = targets.new_zeros(targets.shape[0], 0)
+    if leaves:  # the fit's coefficient of each leaf: ∂L/∂(A h) at that position, one column per leaf [k, b]
+        final = [picked[i] for i in kept if prefixes[picked[i]] in chosen]
+        atoms = state.atoms[torch.tensor(final, dtype=torch.long)].to(torch.float64)  # [s, d]
+        fit = torch.linalg.lstsq(atoms.T, targets.T).solution.T  # targets ≈ fit @ atoms: [k, s]
+        column = {prefixes[j]: i for i, j in enumerate(final)}
+        coefficients = fit[:, [column[p] for p in leaves]]
+    return [list(p) for p in leaves], info, cut, coefficients
+
+
+def lora_last_tokens(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    adapters: Sequence[str],
+    prefixes: Sequence[Sequence[int]],
+    coefficients: Tensor,
+    *,
+    candidates: int = 32,
+    accept: float = 1e-2,
+) -> list[int | None]:
+    """Each sentence's last token from the adapters' gradient at its last visible position.
+
+    Under causal LM the last visible position ``m − 1`` of a sentence predicts its last token ``y``, and nothing
+    after it carries a loss, so the gradient reaching the adapters' bottleneck ``z = A h`` there is
+    ``u(y) = ∂(−log p(y | prefix))/∂z / N`` (``N`` the batch's target count). The pursuit's fit gives the observed
+    ``u`` (``coefficients``); the replica computes ``u(y)`` for the model's ``candidates`` likeliest next tokens
+    (one forward and backward of the prefix copied once per candidate), and the token whose ``u(y)`` matches
+    within ``accept`` (relative) is the last token.
+
+    Args:
+        replica: the model replica.
+        params: parameter values by root-relative name.
+        adapters: root-relative ``lora_A`` weight names of layer 1, in the order of ``coefficients``' row blocks.
+        prefixes: the sentences less their last token (every sentence of the batch: ``N = Σ len``).
+        coefficients: ``[Σ r_i, b]`` the observed ``u`` at each prefix's last position.
+        candidates: next tokens tried per prefix.
+        accept: largest relative misfit accepted.
+
+    Returns:
+        The last token of each prefix, or ``None`` where no candidate matches.
+    """
+    total = sum(len(p) for p in prefixes)
+    device = next(iter(params.values())).device
+    names = [a.removesuffix(".weight") for a in adapters]
+    modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
+               for n in names]
+    seen: list[Tensor] = []
+
+    def grab(_module: torch.nn.Module, _args: tuple[object, ...], output: Tensor) -> Tensor:
+        out = output.detach().requires_grad_(True)
+        seen.append(out)
+        return out
+
+    out: list[int | None] = []
+    for b, prefix in enumerate(prefixes):
+        m = len(prefix)
+        ids = torch.tensor([list(prefix)] * candidates, dtype=torch.long, device=device)
+        seen.clear()
+        handles = [mod.register_forward_hook(grab) for mod in modules]
+        try:
+            with torch.enable_grad():
+                logits = replica.forward(params, input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, m - 1]
+                logp = logits.log_softmax(-1)
+                ys = logp[0].detach().topk(candidates).indices
+                loss = -logp.gather(1, ys[:, None]).sum()
+                grads = torch.autograd.grad(loss, seen)
+        finally:
+            for h in handles:
+                h.remove()
+        u = torch.cat([g[:, m - 1].to(torch.float64) for g in grads], dim=1) / total  # [candidates, Σ r]
+        observed = coefficients[:, b].to(u.device)
+        misfit = torch.linalg.vector_norm(u - observed, dim=1) / torch.linalg.vector_norm(observed).clamp_min(1e-300)
+        best = int(misfit.argmin())
+        out.append(int(ys[best]) if float(misfit[best]) < accept else None)
+    return out

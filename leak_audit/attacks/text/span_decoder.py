@@ -59,7 +59,7 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
-from leak_audit.attacks.text.decoder_pursuit import pursue_prefixes, sparse_bag
+from leak_audit.attacks.text.decoder_pursuit import lora_last_tokens, pursue_prefixes, sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -233,7 +233,8 @@ class SpanDecoder(Attack):
         rtol: relative singular-value tolerance of the row spaces.
         max_seconds: the attack's own time limit (``inf``: none; the audit's budget still applies).
         max_length: longest sentence assembled, in tokens.
-        last_token_candidates: rows of the LM head's gradient compared per sentence for its last token.
+        last_token_candidates: rows of the LM head's gradient compared per sentence for its last token (LoRA
+            beyond its rank with a frozen head: four times as many of the model's likeliest next tokens).
         bag_margin: where the sparse recovery does not close (below), the partial bag keeps the rows whose
             residual is below this fraction of the vocabulary's floor (:func:`ranked_bag`).
         pursuit_tol: relative residual at which the sparse recoveries of LoRA beyond its rank stop
@@ -352,10 +353,20 @@ class SpanDecoder(Attack):
                   if b.shape[1] >= n and n < b.shape[0] and per_position is None]
         if sparse and (saturated or not kept):
             c = sparse[-1]  # layer 1's adapters: the most selective
-            prefixes, more, cut = pursue_prefixes(
+            prefixes, more, cut, coefficients = pursue_prefixes(
                 replica, params, c.module, [input_rows(inp.gradients[w], c.transposed) for w in c.weights],
                 tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
             info.update(more, order="pursuit", prefixes=len(prefixes))
+            adapters = {a.a for a in spec.layers[1].lora}
+            if (len(prefixes) == inp.batch_size and not cut and set(c.weights) <= adapters
+                    and not (spec.lm_head in inp.gradients and spec.classifier_weight is None)):
+                # LoRA with a frozen head: each last token from the adapters' gradient at the position before it
+                last = lora_last_tokens(replica, params, c.weights, prefixes, coefficients,
+                                        candidates=4 * self.last_token_candidates)
+                info["last_token"] = f"adapters: {sum(t is not None for t in last)} of {len(last)}"
+                sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
+                return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
+                                      info=info)
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
                                 budget.audit_bound)
         if not kept:

@@ -321,7 +321,8 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) 
     """peft LoRA r = 8 on q_proj/v_proj of the real SmolLM2, trained a few steps; then a batch of four real CoLA
     sentences: 40 positions against the 16 rows of layer 0's stacked adapter gradients, so no single input lies
     in their row space. Joint sparse recovery still finds the exact token bag from layer 0's adapters and the
-    sentences (up to their last token, which no gradient sees) from layer 1's."""
+    sentences from layer 1's, up to each last token; that one (no gradient sees its position) is the target of
+    the position before, whose adapter gradient the model's likeliest next tokens are matched against."""
     from peft import LoraConfig, get_peft_model
 
     from leak_audit.demos.pretrained import load_smollm2
@@ -343,7 +344,8 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) 
     recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
     assert recon.info["saturated"] == 1 and recon.info["order"] == "pursuit", recon.info
     assert set(recon.token_bag) == {t for seq in truth for t in seq[:-1]}
-    assert sorted(recon.sequences) == sorted(t[:-1] for t in truth)
+    assert sorted(recon.sequences) == sorted(truth), [tokenizer.decode(q) for q in recon.sequences]
+    assert recon.info["last_token"] == "adapters: 4 of 4"
 
 
 def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
