@@ -35,7 +35,7 @@ from leak_audit.attacks.pursuit import Pursuit, joint_support, prune_support
 from leak_audit.models import EmbeddingTables
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["lora_last_tokens", "pursue_prefixes", "sparse_bag"]
+__all__ = ["last_tokens_by_matching", "leaf_coefficients", "pursue_prefixes", "sparse_bag"]
 
 
 def sparse_bag(
@@ -74,7 +74,7 @@ def pursue_prefixes(
     max_length: int = 512,
     patience: int = 24,
     deadline: float | None = None,
-) -> tuple[list[list[int]], dict[str, object], bool, Tensor]:
+) -> tuple[list[list[int]], dict[str, object], bool]:
     """Sentences (less their last token) as the leaves of the prefix tree whose layer-1 inputs span ``rows``.
 
     Args:
@@ -90,10 +90,8 @@ def pursue_prefixes(
         deadline: ``time.monotonic()`` value after which it stops.
 
     Returns:
-        ``(prefixes, info, cut, coefficients)``: the leaves, longest first; ``info`` with ``pursuit_picks``
-        (atoms picked), ``pursuit_kept`` (after pruning) and ``pursuit_residual``; whether the deadline stopped
-        the picks; and the fit's coefficients at each leaf ``[Σ k_i, len(prefixes)]`` (``∂L/∂(A h)`` at the
-        leaf's position under LoRA: :func:`lora_last_tokens`).
+        ``(prefixes, info, cut)``: the leaves, longest first; ``info`` with ``pursuit_picks`` (atoms picked),
+        ``pursuit_kept`` (after pruning) and ``pursuit_residual``; whether the deadline stopped the picks.
     """
     targets = torch.cat([r.to(torch.float64) for r in rows])
     state = Pursuit(targets)
@@ -135,41 +133,67 @@ def pursue_prefixes(
     leaves.sort(key=lambda p: (-len(p), p))
     info: dict[str, object] = {"pursuit_picks": len(picked), "pursuit_kept": len(chosen),
                                "pursuit_residual": float(f"{residual:.3g}")}
-    coefficients = targets.new_zeros(targets.shape[0], 0)
-    if leaves:  # the fit's coefficient of each leaf: ∂L/∂(A h) at that position, one column per leaf [k, b]
-        final = [picked[i] for i in kept if prefixes[picked[i]] in chosen]
-        atoms = state.atoms[torch.tensor(final, dtype=torch.long)].to(torch.float64)  # [s, d]
-        fit = torch.linalg.lstsq(atoms.T, targets.T).solution.T  # targets ≈ fit @ atoms: [k, s]
-        column = {prefixes[j]: i for i, j in enumerate(final)}
-        coefficients = fit[:, [column[p] for p in leaves]]
-    return [list(p) for p in leaves], info, cut, coefficients
+    return [list(p) for p in leaves], info, cut
 
 
-def lora_last_tokens(
+def leaf_coefficients(
+    replica: ModelReplica, params: Mapping[str, Tensor], module: str, rows: Sequence[Tensor],
+    prefixes: Sequence[Sequence[int]],
+) -> Tensor:
+    """What each prefix's last position contributes to a weight gradient: ``∂L/∂(W x)`` there.
+
+    A weight gradient's rows are ``Σ_t u_t x_tᵀ`` over the positions ``t`` (``u_t = ∂L/∂(W x_t)``, for a LoRA
+    ``A`` the bottleneck ``A x_t``). With every position's input ``x_t`` known (the replica runs the prefixes up
+    to ``module``), least squares gives each ``u_t``.
+
+    Args:
+        module: root-relative name of the module whose input the ``rows`` span.
+        rows: the gradients as input-spanning rows ``[k_i, d]`` (:func:`~leak_audit.attacks.text.span_decoder.input_rows`).
+        prefixes: every sentence of the batch, less its last token.
+
+    Returns:
+        ``[Σ k_i, len(prefixes)]``: ``u`` at each prefix's last position (shared positions get the shared ``u``).
+    """
+    targets = torch.cat([r.to(torch.float64) for r in rows])
+    device = next(iter(params.values())).device
+    states: dict[tuple[int, ...], Tensor] = {}
+    for p in prefixes:
+        with torch.no_grad():
+            seen = replica.module_inputs(params, [module], torch.tensor([list(p)], dtype=torch.long, device=device))
+        for i, h in enumerate(seen[module][0]):
+            states[tuple(p[: i + 1])] = h.to(torch.float64)
+    order = list(states)
+    atoms = torch.stack([states[q] for q in order]).to(targets.device)  # [s, d]
+    fit = torch.linalg.lstsq(atoms.T, targets.T).solution.T  # targets ≈ fit @ atoms: [k, s]
+    return fit[:, [order.index(tuple(p)) for p in prefixes]]
+
+
+def last_tokens_by_matching(
     replica: ModelReplica,
     params: Mapping[str, Tensor],
-    adapters: Sequence[str],
+    weights: Sequence[str],
     prefixes: Sequence[Sequence[int]],
     coefficients: Tensor,
     *,
     candidates: int = 32,
     accept: float = 1e-2,
 ) -> list[int | None]:
-    """Each sentence's last token from the adapters' gradient at its last visible position.
+    """Each sentence's last token, matched against a weight gradient at the position before it.
 
-    Under causal LM the last visible position ``m − 1`` of a sentence predicts its last token ``y``, and nothing
-    after it carries a loss, so the gradient reaching the adapters' bottleneck ``z = A h`` there is
-    ``u(y) = ∂(−log p(y | prefix))/∂z / N`` (``N`` the batch's target count). The pursuit's fit gives the observed
-    ``u`` (``coefficients``); the replica computes ``u(y)`` for the model's ``candidates`` likeliest next tokens
+    Under causal LM the last position ``m − 1`` of a prefix predicts the sentence's last token ``y``, and nothing
+    after it carries a loss, so what reaches the output of a tapped map there is
+    ``u(y) = ∂(−log p(y | prefix))/∂(W x) / N`` (``N`` the batch's target count). :func:`leaf_coefficients`
+    gives the observed ``u``; the replica computes ``u(y)`` for the model's ``candidates`` likeliest next tokens
     (one forward and backward of the prefix copied once per candidate), and the token whose ``u(y)`` matches
-    within ``accept`` (relative) is the last token.
+    within ``accept`` (relative) is the last token. It reads the adapters of a LoRA model with a frozen LM head,
+    or layer 0's maps when only layer 0 is tapped.
 
     Args:
         replica: the model replica.
         params: parameter values by root-relative name.
-        adapters: root-relative ``lora_A`` weight names of layer 1, in the order of ``coefficients``' row blocks.
+        weights: root-relative weight names of the map (stacked in the order of ``coefficients``' row blocks).
         prefixes: the sentences less their last token (every sentence of the batch: ``N = Σ len``).
-        coefficients: ``[Σ r_i, b]`` the observed ``u`` at each prefix's last position.
+        coefficients: ``[Σ k_i, b]`` the observed ``u`` at each prefix's last position.
         candidates: next tokens tried per prefix.
         accept: largest relative misfit accepted.
 
@@ -178,14 +202,14 @@ def lora_last_tokens(
     """
     total = sum(len(p) for p in prefixes)
     device = next(iter(params.values())).device
-    names = [a.removesuffix(".weight") for a in adapters]
+    names = [w.removesuffix(".weight") for w in weights]
     modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
                for n in names]
-    seen: list[Tensor] = []
+    seen: dict[int, Tensor] = {}
 
-    def grab(_module: torch.nn.Module, _args: tuple[object, ...], output: Tensor) -> Tensor:
+    def grab(module: torch.nn.Module, _args: tuple[object, ...], output: Tensor) -> Tensor:
         out = output.detach().requires_grad_(True)
-        seen.append(out)
+        seen[id(module)] = out
         return out
 
     out: list[int | None] = []
@@ -198,9 +222,9 @@ def lora_last_tokens(
             with torch.enable_grad():
                 logits = replica.forward(params, input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, m - 1]
                 logp = logits.log_softmax(-1)
-                ys = logp[0].detach().topk(candidates).indices
+                ys = logp[0].detach().topk(min(candidates, logp.shape[-1])).indices
                 loss = -logp.gather(1, ys[:, None]).sum()
-                grads = torch.autograd.grad(loss, seen)
+                grads = torch.autograd.grad(loss, [seen[id(mod)] for mod in modules])
         finally:
             for h in handles:
                 h.remove()

@@ -59,7 +59,9 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
-from leak_audit.attacks.text.decoder_pursuit import lora_last_tokens, pursue_prefixes, sparse_bag
+from leak_audit.attacks.text.decoder_pursuit import (
+    last_tokens_by_matching, leaf_coefficients, pursue_prefixes, sparse_bag,
+)
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -278,10 +280,14 @@ class SpanDecoder(Attack):
                                 "c_attn, or their LoRA adapters); tap layer 0 (e.g. modules='model.layers.0')")
         checks = check_maps(spec, tapped)  # none (one linear of layer 0 tapped): the candidates, as a bag
         grads = set(first) | {w for c in checks for w in c.weights}
-        # the assembly runs layers 0 and 1 only; the last-token step runs the whole model (every weight)
+        # the assembly runs layers 0 and 1 only; the last-token step runs the whole model (every trainable weight
+        # copied): always with the LM head's gradient, and without it under LoRA (only the adapters train), where
+        # the last token is matched at the adapters; a fully fine-tuned model tapped below the head skips it
         scope: tuple[str, ...] | None = tuple(layer.prefix for layer in spec.layers[:2])
         if spec.lm_head is not None and spec.lm_head in tapped and spec.classifier_weight is None:
             grads.add(spec.lm_head)
+            scope = None
+        elif checks and set(checks[-1].weights) <= {a.a for layer in spec.layers[:2] for a in layer.lora}:
             scope = None
         return Requirements(gradients=frozenset(grads), params=frozenset(spec.embedding_params), replica=True,
                             replica_scope=scope)
@@ -353,22 +359,12 @@ class SpanDecoder(Attack):
                   if b.shape[1] >= n and n < b.shape[0] and per_position is None]
         if sparse and (saturated or not kept):
             c = sparse[-1]  # layer 1's adapters: the most selective
-            prefixes, more, cut, coefficients = pursue_prefixes(
+            prefixes, more, cut = pursue_prefixes(
                 replica, params, c.module, [input_rows(inp.gradients[w], c.transposed) for w in c.weights],
                 tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
             info.update(more, order="pursuit", prefixes=len(prefixes))
-            adapters = {a.a for a in spec.layers[1].lora}
-            if (len(prefixes) == inp.batch_size and not cut and set(c.weights) <= adapters
-                    and not (spec.lm_head in inp.gradients and spec.classifier_weight is None)):
-                # LoRA with a frozen head: each last token from the adapters' gradient at the position before it
-                last = lora_last_tokens(replica, params, c.weights, prefixes, coefficients,
-                                        candidates=4 * self.last_token_candidates)
-                info["last_token"] = f"adapters: {sum(t is not None for t in last)} of {len(last)}"
-                sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
-                return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
-                                      info=info)
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
-                                budget.audit_bound)
+                                budget.audit_bound, c)
         if not kept:
             info["order"] = "missing: every check span is saturated"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
@@ -380,20 +376,32 @@ class SpanDecoder(Attack):
         if not cut and covered < 0.5 * tokens.numel():  # near saturation the candidates hold, their order does not
             info["order"] = f"missing: the assembly placed {covered} of {int(tokens.numel())} candidates"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
-        return self._finish(inp, spec, replica, params, prefixes, tokens, info, cut, budget.audit_bound)
+        return self._finish(inp, spec, replica, params, prefixes, tokens, info, cut, budget.audit_bound, checks[-1])
 
     def _finish(self, inp: AttackInput, spec: TextModelSpec, replica: ModelReplica, params: Mapping[str, Tensor],
                 prefixes: list[list[int]], tokens: Tensor, info: dict[str, object], cut: bool,
-                audit_bound: bool) -> Reconstruction:
-        """The prefixes with each sentence's last token where the LM head's gradient holds it."""
+                audit_bound: bool, check: CheckMap) -> Reconstruction:
+        """The prefixes with each sentence's last token: from the LM head's gradient where it is tapped, else
+        matched against ``check``'s gradient at the position before it (:func:`last_tokens_by_matching`)."""
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
         if prefixes and head is not None and not cut:
             sequences = self._last_tokens(replica, params, inp.gradients[head], prefixes)
             info["last_token"] = "lm_head"
+        elif spec.classifier_weight is None and cut:
+            info["last_token"] = "missing: the deadline cut the assembly"
+        elif spec.classifier_weight is None and len(prefixes) != inp.batch_size:
+            info["last_token"] = f"missing: {len(prefixes)} sentences found for a batch of {inp.batch_size}"
+        elif spec.classifier_weight is None and not replica.trainable <= inp.params.keys():
+            # the matching runs the whole model; trainable weights outside the snapshot may have moved on since
+            info["last_token"] = "missing: the LM head's gradient is not tapped and the snapshot holds layers 0-1 only"
         elif spec.classifier_weight is None:
-            info["last_token"] = ("missing: the deadline cut the assembly" if cut
-                                  else "missing: the LM head's gradient is not tapped (or frozen)")
+            rows = [input_rows(inp.gradients[w], check.transposed) for w in check.weights]
+            coefficients = leaf_coefficients(replica, params, check.module, rows, prefixes)
+            last = last_tokens_by_matching(replica, params, check.weights, prefixes, coefficients,
+                                           candidates=4 * self.last_token_candidates)
+            info["last_token"] = f"matched at {check.module}: {sum(t is not None for t in last)} of {len(last)}"
+            sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
                               info=info, timed_out=cut and audit_bound)
 

@@ -112,14 +112,16 @@ def test_left_padding_is_read_like_right_padding(smollm2) -> None:
     assert sorted(recon.sequences) == sorted(_truth(batch))
 
 
-def test_without_the_head_the_sentences_stop_one_token_short(smollm2) -> None:
-    """Under causal LM the last position predicts nothing: layers 0 and 1 alone never see the last token."""
+def test_without_the_head_the_last_token_is_matched_at_the_position_before_it(smollm2) -> None:
+    """Under causal LM the last position predicts nothing, so layers 0 and 1 never see the last token at its own
+    position. It is the target of the position before, whose gradient at layer 1 depends on it alone: the
+    model's likeliest next tokens are tried there, and the one whose gradient matches is the last token."""
     model, tokenizer = smollm2
     sentences = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=2)]
     batch = _lm_batch(tokenizer, sentences)
     recon = _attack(model, batch, tapped=["model.layers.0.", "model.layers.1."])
-    assert recon.info["last_token"].startswith("missing")
-    assert sorted(recon.sequences) == sorted(s[:-1] for s in _truth(batch))
+    assert recon.info["last_token"] == "matched at model.layers.1.self_attn.q_proj: 2 of 2", recon.info
+    assert sorted(recon.sequences) == sorted(_truth(batch))
 
 
 def test_encoder_attacks_say_they_read_encoders_and_labels_say_why(smollm2) -> None:
@@ -284,8 +286,9 @@ def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: st
     """peft LoRA (r = 8 on q_proj/v_proj) on the real SmolLM2, batch of one CoLA sentence: the default view keeps
     what trains (layers 0-1's adapters; the frozen LM head drops out) and span_decoder reads the adapters' A
     gradients. At initialisation (lora_B = 0) those gradients vanish and nothing is recovered; three AdamW
-    steps later the sentence is recovered up to its last token, which no adapter gradient sees (the last
-    position predicts nothing, and the LM head is frozen)."""
+    steps later the sentence is recovered exactly: up to its last token from the adapters' row spaces, and the
+    last token (its position predicts nothing, and the LM head is frozen) matched against the adapters'
+    gradient at the position before it."""
     from peft import LoraConfig, get_peft_model
 
     from leak_audit.demos.pretrained import load_smollm2
@@ -313,8 +316,8 @@ def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: st
     assert trained["status"] == "ok", trained.get("error")
     truth = tokenizer(sentence)["input_ids"]
     assert trained["info"]["candidates"] >= len(set(truth[:-1])) and trained["info"]["prefixes"] == 1
-    assert trained["metrics"]["token_recall"] >= (len(truth) - 1) / len(truth) - 1e-9
-    assert trained["metrics"]["rouge1"] >= 0.9
+    assert trained["info"]["last_token"].endswith("1 of 1"), trained["info"]
+    assert trained["metrics"]["exact_match"] == 1.0 and trained["metrics"]["rouge1"] == 1.0
 
 
 def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) -> None:
@@ -345,7 +348,7 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) 
     assert recon.info["saturated"] == 1 and recon.info["order"] == "pursuit", recon.info
     assert set(recon.token_bag) == {t for seq in truth for t in seq[:-1]}
     assert sorted(recon.sequences) == sorted(truth), [tokenizer.decode(q) for q in recon.sequences]
-    assert recon.info["last_token"] == "adapters: 4 of 4"
+    assert recon.info["last_token"].endswith(": 4 of 4"), recon.info
 
 
 def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
