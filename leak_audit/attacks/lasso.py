@@ -1,4 +1,4 @@
-"""Group lasso by FISTA: the one sparse solver of the span attacks.
+"""Group lasso by FISTA: the convex sparse solver of the span attacks (the greedy one: :mod:`~leak_audit.attacks.pursuit`).
 
 ``min_Y ½‖T − A(Y)‖² + λ Σ_g w_g ‖Y_g‖₂`` solved by FISTA (Beck & Teboulle, "A Fast Iterative
 Shrinkage-Thresholding Algorithm for Linear Inverse Problems", SIAM J. Imaging Sci. 2009) with group

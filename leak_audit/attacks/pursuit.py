@@ -11,18 +11,21 @@ IEEE Trans. Inf. Theory 58(2), 2012, §V): each pick maximises ``‖Uᵀ a‖ / 
 basis of the current residual's row space and ``P⊥`` the projection away from the atoms already picked.
 
 :class:`Pursuit` keeps the state so the dictionary may grow between picks (the decoder assembly adds the
-extensions of every prefix it picks); :func:`joint_support` is the functional form over a fixed dictionary;
-:func:`prune_support` drops picks the final fit does not need (backward elimination).
+extensions of every prefix it picks); :class:`SharedPursuit` solves several such problems with one support
+(one batch position seen through several layers); :func:`joint_support` is the functional form over a fixed
+dictionary; :func:`prune_support` drops picks the final fit does not need (backward elimination).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
 
-__all__ = ["Pursuit", "joint_support", "prune_support", "relative_residual"]
+__all__ = ["Pursuit", "SharedPursuit", "joint_support", "prune_support", "relative_residual"]
 
 
 def relative_residual(targets: Tensor, atoms: Tensor) -> float:
@@ -82,31 +85,87 @@ class Pursuit:
         t = self.targets
         return float(torch.linalg.matrix_norm(t - (t @ self.basis) @ self.basis.T)) / self.norm
 
-    def step(self) -> int | None:
-        """Pick the atom that best explains the residual's row space; ``None`` when no atom is left (or the
-        residual is zero)."""
-        if self.atoms.shape[0] == 0 or self.norm == 0.0:
-            return None
+    def scores(self) -> Tensor:
+        """Each atom's RA-ORMP score ``‖Uᵀ a‖² / ‖P⊥ a‖²`` in ``[0, 1]`` (``[n]``, float64); ``-1`` for picked and
+        degenerate atoms, ``0`` everywhere once the residual is zero."""
+        score = torch.zeros(self.atoms.shape[0], dtype=torch.float64, device=self.device)
+        if self.norm == 0.0 or self.atoms.shape[0] == 0:
+            return score
         t = self.targets
         resid = t - (t @ self.basis) @ self.basis.T
         u, s, _ = torch.linalg.svd(resid.T, full_matrices=False)  # [d, k]
-        if s.numel() == 0 or float(s[0]) == 0.0:
-            return None
-        u = u[:, s > self.rtol * s[0]].to(torch.float32)
-        score = (self.atoms @ u).to(torch.float64).pow(2).sum(1) / self.rest.clamp_min(1e-300)
+        if s.numel() and float(s[0]) > 0.0:
+            u = u[:, s > self.rtol * s[0]].to(torch.float32)
+            score = (self.atoms @ u).to(torch.float64).pow(2).sum(1) / self.rest.clamp_min(1e-300)
         score[self.rest <= self.degenerate**2 * self.full] = -1.0
         if self.picked:
             score[torch.tensor(self.picked, device=self.device)] = -1.0
+        return score
+
+    def take(self, index: int) -> None:
+        """Pick atom ``index``: its part outside the picked span joins the basis."""
+        a = self.atoms[index].to(torch.float64)
+        a = a - self.basis @ (self.basis.T @ a)
+        a = a - self.basis @ (self.basis.T @ a)  # twice: Gram-Schmidt keeps the basis orthonormal in float64
+        norm = torch.linalg.vector_norm(a)
+        if float(norm) > 0.0:
+            q = a / norm
+            self.basis = torch.cat([self.basis, q[:, None]], 1)
+            self.rest = (self.rest - (self.atoms @ q.to(torch.float32)).to(torch.float64).pow(2)).clamp_min(0.0)
+        self.picked.append(index)
+
+    def step(self) -> int | None:
+        """Pick the atom that best explains the residual's row space; ``None`` when no atom is left (or the
+        residual is zero)."""
+        score = self.scores()
+        if score.numel() == 0:
+            return None
         best = int(score.argmax())
         if float(score[best]) <= 0.0:
             return None
-        a = self.atoms[best].to(torch.float64)
-        a = a - self.basis @ (self.basis.T @ a)
-        a = a - self.basis @ (self.basis.T @ a)  # twice: Gram-Schmidt keeps the basis orthonormal in float64
-        q = a / torch.linalg.vector_norm(a)
-        self.basis = torch.cat([self.basis, q[:, None]], 1)
-        self.rest = (self.rest - (self.atoms @ q.to(torch.float32)).to(torch.float64).pow(2)).clamp_min(0.0)
-        self.picked.append(best)
+        self.take(best)
+        return best
+
+
+class SharedPursuit:
+    """Several RA-ORMP problems with one support: atom ``i`` of every block stands for the same unknown (one
+    position of the batch, seen through several layers' gradients). A pick maximises the sum of the blocks'
+    scores and is taken in every block; the residual is the largest block's.
+
+    Args:
+        targets: one ``[k_l, d_l]`` per block.
+        rtol, degenerate: as for :class:`Pursuit`.
+    """
+
+    def __init__(self, targets: Sequence[Tensor], rtol: float = 1e-6, degenerate: float = 1e-3) -> None:
+        if not targets:
+            raise ValueError("SharedPursuit needs at least one block of targets")
+        self.blocks = [Pursuit(t, rtol, degenerate) for t in targets]
+
+    @property
+    def picked(self) -> list[int]:
+        return self.blocks[0].picked
+
+    def extend(self, atoms: Sequence[Tensor]) -> None:
+        """Append one ``[m, d_l]`` per block (the same ``m`` unknowns)."""
+        if len(atoms) != len(self.blocks):
+            raise ValueError(f"got atoms for {len(atoms)} blocks, the pursuit has {len(self.blocks)}")
+        for block, a in zip(self.blocks, atoms, strict=True):
+            block.extend(a)
+
+    def residual(self) -> float:
+        return max(block.residual() for block in self.blocks)
+
+    def step(self) -> int | None:
+        score = torch.stack([block.scores() for block in self.blocks])  # [blocks, n]
+        score = torch.where((score < 0).any(0), torch.full_like(score[0], -1.0), score.sum(0))
+        if score.numel() == 0:
+            return None
+        best = int(score.argmax())
+        if float(score[best]) <= 0.0:
+            return None
+        for block in self.blocks:
+            block.take(best)
         return best
 
 
@@ -144,23 +203,32 @@ def joint_support(
     return state.picked, res, False
 
 
-def prune_support(targets: Tensor, atoms: Tensor, slack: float = 2.0, tol: float = 1e-6) -> list[int]:
+def prune_support(
+    targets: Tensor | Sequence[Tensor], atoms: Tensor | Sequence[Tensor], slack: float = 2.0, tol: float = 1e-6
+) -> list[int]:
     """Backward elimination: drop, last picked first, every atom without which the fit stays as good.
 
     An atom is dropped when the relative residual without it stays below ``max(slack · r₀, tol)``, ``r₀`` the
     residual with every atom (greedy picks made before the right atoms were in reach explain nothing at the end).
+    With several blocks (:class:`SharedPursuit`) the residual is the largest block's.
 
     Args:
-        targets: ``[k, d]``.
-        atoms: ``[s, d]`` the picked atoms, in pick order.
+        targets: ``[k, d]``, or one ``[k_l, d_l]`` per block.
+        atoms: ``[s, d]`` the picked atoms in pick order, or one ``[s, d_l]`` per block.
 
     Returns:
         The indices (into ``atoms``) kept, ascending.
     """
-    keep = list(range(atoms.shape[0]))
-    bound = max(slack * relative_residual(targets, atoms), tol)
-    for j in reversed(range(atoms.shape[0])):
+    blocks = list(zip([targets] if isinstance(targets, Tensor) else targets,
+                      [atoms] if isinstance(atoms, Tensor) else atoms, strict=True))
+
+    def residual(index: list[int]) -> float:
+        return max(relative_residual(t, a[index]) for t, a in blocks)
+
+    keep = list(range(blocks[0][1].shape[0]))
+    bound = max(slack * residual(keep), tol)
+    for j in reversed(range(len(keep))):
         rest = [i for i in keep if i != j]
-        if relative_residual(targets, atoms[rest]) <= bound:
+        if residual(rest) <= bound:
             keep = rest
     return keep

@@ -200,15 +200,17 @@ class TextModelSpec:
         return tuple(names)
 
     def decoder_view(self) -> tuple[str, ...]:
-        """Module names a decoder's audit taps by default: layer 0, layer 1's attention input projections and
-        the LM head (the output embedding; the input embedding when tied).
+        """Module names a decoder's audit taps by default: layer 0, layer 1's attention input projections (under
+        LoRA, those of layers 1-3) and the LM head (the output embedding; the input embedding when tied).
 
         That is everything ``span_decoder`` reads, at a fraction of the whole gradient (SmolLM2-135M: the
         head's ``[V, d]`` gradient, 113 MB, plus about 18 MB, instead of 540 MB).
         """
         names = [self.layers[0].prefix] if self.layers else []
-        if len(self.layers) > 1:
-            names += list(dict.fromkeys(self.layers[1].modules))
+        # under LoRA the adapters of layers 1-3 (a few KB each): beyond their rank they are read together
+        deep = 4 if any(layer.lora for layer in self.layers[:2]) else 2
+        for layer in self.layers[1:deep]:
+            names += list(dict.fromkeys(layer.modules))
         if self.lm_head is not None:
             names.append(self.lm_head.rsplit(".", 1)[0])
         elif self.classifier_weight is not None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
-from leak_audit.attacks.pursuit import Pursuit, joint_support, prune_support
+from leak_audit.attacks.pursuit import SharedPursuit, joint_support, prune_support
 from leak_audit.models import EmbeddingTables
 from leak_audit.models.replica import ModelReplica
 
@@ -66,8 +66,8 @@ def sparse_bag(
 def pursue_prefixes(
     replica: ModelReplica,
     params: Mapping[str, Tensor],
-    module: str,
-    rows: Sequence[Tensor],
+    modules: Sequence[str],
+    rows: Sequence[Sequence[Tensor]],
     tokens: Tensor,
     *,
     tol: float = 1e-6,
@@ -75,13 +75,16 @@ def pursue_prefixes(
     patience: int = 24,
     deadline: float | None = None,
 ) -> tuple[list[list[int]], dict[str, object], bool]:
-    """Sentences (less their last token) as the leaves of the prefix tree whose layer-1 inputs span ``rows``.
+    """Sentences (less their last token) as the leaves of the prefix tree whose hidden states span ``rows``.
 
     Args:
-        replica: the model replica (runs layer 0 only: :meth:`~leak_audit.models.replica.ModelReplica.module_inputs`).
+        replica: the model replica (runs the first layers only, with a key/value cache:
+            :meth:`~leak_audit.models.replica.ModelReplica.module_inputs`).
         params: parameter values by root-relative name.
-        module: root-relative name of the module whose input the ``rows`` span (layer 1's attention projection).
-        rows: its gradient rows ``[k_i, d]`` (e.g. layer 1's ``lora_A`` gradients of ``q_proj`` and ``v_proj``).
+        modules: root-relative names of the modules whose inputs the ``rows`` span, one per block (the attention
+            projections of layers 1, 2, ...: every block must be explained by the same positions).
+        rows: per block, its gradient rows ``[k_i, d]`` (e.g. a layer's ``lora_A`` gradients of ``q_proj`` and
+            ``v_proj``).
         tokens: the bag ``[K]`` (:func:`sparse_bag`).
         tol: relative residual at which the pursuit stops.
         max_length: longest prefix.
@@ -91,24 +94,32 @@ def pursue_prefixes(
 
     Returns:
         ``(prefixes, info, cut)``: the leaves, longest first; ``info`` with ``pursuit_picks`` (atoms picked),
-        ``pursuit_kept`` (after pruning) and ``pursuit_residual``; whether the deadline stopped the picks.
+        ``pursuit_kept`` (after pruning), ``pursuit_residual`` and ``pursuit_blocks``; whether the deadline stopped
+        the picks.
     """
-    targets = torch.cat([r.to(torch.float64) for r in rows])
-    state = Pursuit(targets)
+    targets = [torch.cat([r.to(torch.float64) for r in block]) for block in rows]
+    state = SharedPursuit(targets)
     ids = tokens.tolist()
     device = next(iter(params.values())).device
+    column = torch.tensor(ids, dtype=torch.long, device=device)[:, None]
     prefixes: list[tuple[int, ...]] = []
 
-    def add(new: list[tuple[int, ...]]) -> None:
-        batch = torch.tensor(new, dtype=torch.long, device=device)
+    def add(parent: tuple[int, ...]) -> None:
+        # the parent's keys and values once, then one new position per candidate token
         with torch.no_grad():
-            h = replica.module_inputs(params, [module], batch)[module][:, -1]
-        state.extend(h)
-        prefixes.extend(new)
+            if parent:
+                cache = replica.new_cache()
+                replica.module_inputs(params, modules, torch.tensor([list(parent)], device=device), cache=cache)
+                cache.batch_repeat_interleave(len(ids))
+                seen = replica.module_inputs(params, modules, column, cache=cache)
+            else:
+                seen = replica.module_inputs(params, modules, column)
+        state.extend([seen[m][:, -1] for m in modules])
+        prefixes.extend(parent + (v,) for v in ids)
 
-    add([(v,) for v in ids])
+    add(())
     residual, mark, since, cut = state.residual(), 1.0, 0, False
-    limit = targets.shape[1] // 2  # beyond about (d + rank) / 2 atoms the sparsest set is no longer unique
+    limit = min(t.shape[1] for t in targets) // 2  # beyond about (d + rank) / 2 atoms the sparsest set is not unique
     while residual > tol and len(state.picked) < limit:
         if late(deadline):
             cut = True
@@ -117,7 +128,7 @@ def pursue_prefixes(
         if j is None:
             break
         if len(prefixes[j]) < max_length:
-            add([prefixes[j] + (v,) for v in ids])
+            add(prefixes[j])
         residual = state.residual()
         if residual < 0.9 * mark:
             mark, since = residual, 0
@@ -126,13 +137,14 @@ def pursue_prefixes(
             if since >= patience:
                 break
     picked = state.picked
-    kept = prune_support(targets, state.atoms[torch.tensor(picked, dtype=torch.long)], tol=tol) if picked else []
+    index = torch.tensor(picked, dtype=torch.long)
+    kept = prune_support(targets, [b.atoms[index] for b in state.blocks], tol=tol) if picked else []
     chosen = {prefixes[picked[i]] for i in kept}
     chosen = {p for p in chosen if all(p[:n] in chosen for n in range(1, len(p)))}
     leaves = [p for p in chosen if not any(len(q) > len(p) and q[: len(p)] == p for q in chosen)]
     leaves.sort(key=lambda p: (-len(p), p))
     info: dict[str, object] = {"pursuit_picks": len(picked), "pursuit_kept": len(chosen),
-                               "pursuit_residual": float(f"{residual:.3g}")}
+                               "pursuit_residual": float(f"{residual:.3g}"), "pursuit_blocks": len(targets)}
     return [list(p) for p in leaves], info, cut
 
 

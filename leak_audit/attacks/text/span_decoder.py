@@ -24,8 +24,11 @@ gradient, as long as they number fewer than the input size ``d``. The attack rea
    head's gradient (``Σ_t (p_t − e_{y_t}) h_tᵀ / N``, tied to the input embedding in many decoders) holds
    it: with the finished prefixes the replica computes every known term, and the remaining rows are
    ``−Σ_b h_b / N`` at each sentence's last target, solved by least squares against the prefixes' final
-   hidden states ``h_b``. Without the head's gradient the sentences stay one token short (``info``
-   says so).
+   hidden states ``h_b``. Without the head's gradient (LoRA, or layers 0-1 tapped) the position before the
+   last token still carries its loss alone: the check map's gradient there is matched against the model's
+   likeliest next tokens (:func:`~leak_audit.attacks.text.decoder_pursuit.last_tokens_by_matching`); it needs
+   every trainable weight in the snapshot (the adapters under LoRA; a fully fine-tuned model tapped below
+   the head skips it, and ``info`` says so).
 
 Degenerate case: a run of one repeated token (``"the the"`` at the very start) gives the same hidden
 state at every position of the run, so such extensions are refused unless their inputs differ.
@@ -35,15 +38,16 @@ the attack returns them as an exact token bag.
 
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
 map's input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions
-above the noise edge, as beyond LoRA's rank (:func:`ranked_bag`), giving a partial token bag (rotary decoders).
+above the noise edge (:func:`ranked_bag`, also the fallback where the sparse recovery beyond LoRA's rank does
+not close), giving a partial token bag (rotary decoders).
 
 **LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
 projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs, so they hold each input only
-while the positions number at most about ``r`` per adapter (q and v stacked: ``2r``): exact at B = 1 on short
-sentences, not beyond. Beyond it the row space is saturated and no input lies in it exactly, but the inputs
-that dominate it rank far below the rest of the vocabulary: :func:`ranked_bag` reports them as a partial
-token bag (token recall, no order). At initialisation ``lora_B = 0`` makes the ``A`` gradients vanish:
-nothing is recovered. The frozen LM head gives no gradient, so the last token stays unknown.
+while the positions number at most about ``r`` per adapter (q and v stacked: ``2r``); the steps above then
+apply unchanged. Beyond that rank no input lies in the row space, but the rows are still combinations of the
+batch's inputs alone: :mod:`~leak_audit.attacks.text.decoder_pursuit` recovers the token bag and then the
+prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences). At initialisation
+``lora_B = 0`` makes the ``A`` gradients vanish: nothing is recovered.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
 __all__ = [
-    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows", "ranked_bag",
+    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows",
+    "lora_blocks", "ranked_bag",
 ]
 
 
@@ -113,6 +118,19 @@ def check_maps(spec: TextModelSpec, tapped: Collection[str]) -> list[CheckMap]:
             adapters = [a for a in spec.layers[1].lora if a.a in tapped]
             if adapters:
                 out.append(CheckMap(adapters[0].module, tuple(a.a for a in adapters)))
+    return out
+
+
+def lora_blocks(spec: TextModelSpec, tapped: Collection[str], depth: int = 4) -> list[CheckMap]:
+    """The tapped LoRA adapters of layers ``1 .. depth − 1``, one map per layer (its adapters' ``A`` gradients
+    stacked): beyond the adapters' rank every layer's rows constrain the same positions, and the sparse recovery
+    of the prefixes reads them together (:func:`~leak_audit.attacks.text.decoder_pursuit.pursue_prefixes`)."""
+    out = []
+    for layer in spec.layers[1:depth]:
+        adapters = [a for a in layer.lora if a.a in tapped]
+        if not adapters:
+            break
+        out.append(CheckMap(adapters[0].module, tuple(a.a for a in adapters)))
     return out
 
 
@@ -279,7 +297,7 @@ class SpanDecoder(Attack):
             raise NotApplicable("needs the gradient of layer 0's attention projections (q_proj/k_proj/v_proj or "
                                 "c_attn, or their LoRA adapters); tap layer 0 (e.g. modules='model.layers.0')")
         checks = check_maps(spec, tapped)  # none (one linear of layer 0 tapped): the candidates, as a bag
-        grads = set(first) | {w for c in checks for w in c.weights}
+        grads = set(first) | {w for c in checks + lora_blocks(spec, tapped) for w in c.weights}
         # the assembly runs layers 0 and 1 only; the last-token step runs the whole model (every trainable weight
         # copied): always with the LM head's gradient, and without it under LoRA (only the adapters train), where
         # the last token is matched at the adapters; a fully fine-tuned model tapped below the head skips it
@@ -358,9 +376,11 @@ class SpanDecoder(Attack):
         sparse = [c for c, b, n in zip(checks, bases, check_rows, strict=True)
                   if b.shape[1] >= n and n < b.shape[0] and per_position is None]
         if sparse and (saturated or not kept):
-            c = sparse[-1]  # layer 1's adapters: the most selective
+            c = sparse[-1]  # layer 1's adapters, read with those of the next layers
+            blocks = lora_blocks(spec, inp.gradients.keys()) or [c]
             prefixes, more, cut = pursue_prefixes(
-                replica, params, c.module, [input_rows(inp.gradients[w], c.transposed) for w in c.weights],
+                replica, params, [b.module for b in blocks],
+                [[input_rows(inp.gradients[w], b.transposed) for w in b.weights] for b in blocks],
                 tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
             info.update(more, order="pursuit", prefixes=len(prefixes))
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
