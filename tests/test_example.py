@@ -118,17 +118,19 @@ def run_causal_lm_example(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_causal_lm_example_lora_on_smollm2_breaches_on_generated_pii(smollm2_path, tmp_path):
-    """The LoRA example on its default data: the step-0 audit (lora_B = 0) recovers nothing, the step-12 audit
-    recovers part of a 30-40-token ticket as a bag with no wrong token, and the default gate breaches."""
-    proc = run_causal_lm_example(tmp_path, "--max-steps", "13", "--no-wandb", "--fail-on-breach")
+    """The LoRA example on its default data: the step-0 audit (lora_B = 0) recovers nothing; at step 32 the
+    30-40-token ticket, beyond the adapters' rank, comes back by joint sparse recovery, its last token matched
+    at the position before it; the default gate breaches."""
+    proc = run_causal_lm_example(tmp_path, "--max-steps", "33", "--no-wandb", "--fail-on-breach")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "BREACH" in proc.stdout
     records = {r.step: r for r in read_audit_log(tmp_path / "audit.jsonl")}
-    assert set(records) == {0, 12} and {r.attack for r in records.values()} == {"span_decoder"}
+    assert set(records) == {0, 32} and {r.attack for r in records.values()} == {"span_decoder"}
     assert records[0].status == "ok" and records[0].metrics["token_recall"] == 0.0
-    late = records[12]
-    assert late.status == "ok" and late.info["saturated"] == 1
-    assert late.metrics["token_precision"] == 1.0 and late.metrics["token_recall"] >= 0.25
+    late = records[32]
+    assert late.status == "ok" and late.info["saturated"] == 1 and late.info["order"] == "pursuit"
+    assert late.metrics["rouge1"] >= 0.95 and late.metrics["token_precision"] >= 0.95
+    assert late.info["last_token"].endswith(": 1 of 1")
     assert not any("lm_head" in m or "embed_tokens" in m for m in late.modules)
 
 
