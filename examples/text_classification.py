@@ -172,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-epsilon", type=float, default=None,
                    help="with --dp: choose σ so that training ends at this ε (overrides --noise-multiplier)")
     p.add_argument("--delta", type=float, default=None, help="δ for ε (default 1/N for N training examples)")
+    p.add_argument("--canaries", type=int, default=0, metavar="M",
+                   help="with --dp: M Dirac canaries for an empirical lower bound on ε from this run (default 0)")
     p.add_argument("--lora", action="store_true", help="fine-tune LoRA adapters (peft) instead of the whole model")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r (with --lora)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="lora_alpha (with --lora)")
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         source = f"synthetic support tickets and clinical notes (n={args.n}, seed={args.seed})"
     console.print(f"data: {source}; {len(rows)} examples, e.g. [italic]{rows[0][0]!r}[/italic]")
 
+    if args.canaries and not args.dp:
+        sys.exit(f"--canaries {args.canaries} audits DP-SGD: add --dp (without DP noise epsilon is infinite)")
     if args.lora and args.dp:
         sys.exit("--lora with --dp is not supported yet: Opacus's per-sample hooks on peft adapters are untested here")
     lora = None
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         delta=delta,
         policy=policy,
         on_breach=args.on_breach,
+        canaries=args.canaries,
     )
     loggers: list[Logger] = [CSVLogger(save_dir=log_dir, name="csv")]
     if not args.no_wandb:
@@ -266,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             f"epsilon {report.epsilon:.3g} at delta {delta:.3g} ({report.epsilon_accountant} accountant) "
             f"after {trainer.global_step} steps"
         )
+        if args.canaries:
+            last = [r.privacy for r in read_audit_log(audit.log_path) if r.privacy and "epsilon_empirical" in r.privacy]
+            if last:
+                p = last[-1]
+                console.print(f"canaries: {p['canaries']}; empirical epsilon >= {p['epsilon_empirical']:.3g} at 95% "
+                              f"(GDP estimate {p['epsilon_empirical_gdp']:.3g}; the most {p['canaries']} canaries "
+                              f"can certify: {p['epsilon_empirical_ceiling']:.3g}) at the last audit")
     console.print(summary_table(read_audit_log(audit.log_path), TEXT_METRICS,
                                 f"Leakage summary, worst over audits ({audit.log_path})"))
     report = policy.evaluate(read_audit_log(audit.log_path))

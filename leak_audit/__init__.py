@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, available_attacks, get_attack
     from leak_audit.callback import LeakageAudit
     from leak_audit.capture.batch import BatchAdapterError, ImageBatch, TextBatch
+    from leak_audit.capture.canaries import CanaryError
     from leak_audit.capture.tap import ModuleSelectionError
     from leak_audit.gate.breach import LeakageThresholdExceeded
     from leak_audit.gate.policy import GatePolicy, MetricRule, PolicyError
@@ -25,6 +26,7 @@ __all__ = [
     "AttackInput",
     "AuditRecord",
     "BatchAdapterError",
+    "CanaryError",
     "GatePolicy",
     "ImageBatch",
     "LeakageAudit",
@@ -49,6 +51,7 @@ _HOMES: dict[str, str] = {
     "available_attacks": "leak_audit.attacks",
     "get_attack": "leak_audit.attacks",
     "BatchAdapterError": "leak_audit.capture.batch",
+    "CanaryError": "leak_audit.capture.canaries",
     "ImageBatch": "leak_audit.capture.batch",
     "TextBatch": "leak_audit.capture.batch",
     "LeakageThresholdExceeded": "leak_audit.gate.breach",

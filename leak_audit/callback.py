@@ -31,7 +31,7 @@ from leak_audit.attacks import (
     DEFAULT_ATTACKS, DEFAULT_DECODER_ATTACKS, DEFAULT_IMAGE_ATTACKS, Attack, check_requested, resolve_attacks,
 )
 from leak_audit.capture.batch import BatchAdapter, default_batch_adapter, default_image_batch_adapter
-from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, announce_dp_release, attach_dp_release
+from leak_audit.capture.privacy import DEFAULT_DELTA, DPRelease, announce_dp_release, attach_dp_release, place_canaries
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.capture.snapshotter import BatchWindow, Snapshotter
 from leak_audit.capture.tap import GradientTap, LocalGradientCapture, trainable_modules
@@ -40,7 +40,8 @@ from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
 from leak_audit.results.records import AuditRecord
 from leak_audit.results.reporter import AuditReporter
-from leak_audit.results.sinks import AuditLog
+from leak_audit.results.canaries import announce_canaries, final_canary_metrics
+from leak_audit.results.sinks import AuditLog, log_to_loggers
 from leak_audit.runtime.auditor import Auditor, failed_records
 from leak_audit.runtime.factory import build_auditor, find_tokenizer
 from leak_audit.runtime.job import AuditJob
@@ -100,6 +101,12 @@ class LeakageAudit(Callback):
         on_breach: ``"warn"``, ``"stop"`` (``trainer.should_stop``, agreed across ranks) or ``"raise"``
             (:class:`~leak_audit.gate.breach.LeakageThresholdExceeded`) on a breached rule.
         wandb_alert: with a ``WandbLogger`` and a policy, one W&B alert (``run.alert``) per breached rule.
+        canaries: under Opacus DP-SGD, ``m`` Dirac canaries in the optimizer's clipped sum
+            (:class:`~leak_audit.capture.canaries.DiracCanaries`) for an empirical lower bound on ε from this
+            run (Steinke, Nasr, Jagielski 2023; :mod:`leak_audit.metrics.epsilon`), logged at every audit and
+            at the end as ``privacy/epsilon_empirical`` (with ``_ceiling``, ``_gdp`` and ``privacy/canaries``)
+            next to the accountant's ``privacy/epsilon``. Each canary changes one trained coordinate by at most
+            ``C / B`` per step. ``0``: none.
 
     Under DDP, logging and the audit log are rank-zero; with ``scope="local"`` the other ranks' audits reach
     rank 0 at the next audited step (after an exception only rank 0's own audits are written).
@@ -109,6 +116,8 @@ class LeakageAudit(Callback):
             an unknown attack; at ``setup``, a module pattern that matches nothing or only frozen modules
             (:class:`~leak_audit.capture.tap.ModuleSelectionError`), no attack that can use the tapped view, an
             attack of the other modality, ``recompute="eval"`` on an image model, or ``network`` on a text model.
+        ~leak_audit.capture.canaries.CanaryError: at ``on_train_start``, ``canaries > 0`` without an Opacus ``DPOptimizer`` or an accountant's
+            sample rate, with noise multiplier 0, under DDP, or more canaries than trained coordinates.
         UnsupportedModelError: at ``setup``, no image network can be found, or a text model has no input
             embedding table. A text model no family knows gets the model-agnostic attacks (a warning says so);
             when none of them applies either, ``setup`` raises the ``ValueError`` above.
@@ -145,12 +154,13 @@ class LeakageAudit(Callback):
         policy: GatePolicy | str | Path | dict[str, Any] | None = None,
         on_breach: str = "warn",
         wandb_alert: bool = False,
+        canaries: int = 0,
     ) -> None:
         attack_device = check_options(
             every_n_steps=every_n_steps, recompute=recompute, log_samples=log_samples, max_pending=max_pending,
             max_seconds=max_seconds, worker_threads=worker_threads, worker_niceness=worker_niceness, delta=delta,
             batch_adapter=batch_adapter, modality=modality, network=network, worker=worker, on_breach=on_breach,
-            wandb_alert=wandb_alert, scope=scope, attack_device=attack_device,
+            wandb_alert=wandb_alert, scope=scope, attack_device=attack_device, canaries=canaries,
         )
         self.policy = GatePolicy.coerce(policy)  # a malformed policy fails here (PolicyError, a ValueError)
         if self.policy is None and (on_breach != "warn" or wandb_alert):
@@ -183,6 +193,8 @@ class LeakageAudit(Callback):
         self.worker = worker
         self.on_breach = on_breach
         self.wandb_alert = wandb_alert
+        self.canaries = canaries
+        self._canary_state: dict[str, Any] | None = None  # from a checkpoint, applied when the canaries are placed
         # run state (also in state_dict); failed, timeouts, worst in the reporter, verdict and breach in the monitor
         self.audits = 0
         self.skipped = 0
@@ -265,6 +277,7 @@ class LeakageAudit(Callback):
             "log_path": str(self.log_path),
             "verdict": self.verdict,
             "breach": self.breach.to_dict() if self.breach else None,
+            "canaries": self._dp.canary_state() if self._dp is not None else self._canary_state,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -278,6 +291,7 @@ class LeakageAudit(Callback):
             self._monitor.verdict = state_dict.get("verdict")
             saved_breach = state_dict.get("breach")
             self._monitor.breach = Breach(**saved_breach) if isinstance(saved_breach, dict) else None
+        self._canary_state = state_dict.get("canaries")
         self._resumed = True  # the policy's history is read back from the audit log at `on_train_start`
         saved = state_dict.get("log_path")
         if saved and Path(saved).resolve() != self.log_path.resolve():
@@ -358,6 +372,10 @@ class LeakageAudit(Callback):
             if self._dp is not None:
                 text_attacks = self._auditor.applicable if self._modality == "text" else None
                 announce_dp_release(self._dp, trainer.loggers, text_attacks=text_attacks)
+            if self.canaries:
+                self._dp = place_canaries(self._dp, self.canaries, dict(pl_module.named_parameters()), seed=self.seed,
+                                          world_size=self._world, state=self._canary_state)
+                announce_canaries(self.canaries, self._dp.delta)
         if self._resumed and self._monitor is not None and trainer.is_global_zero:
             self._monitor.resume(self.log_path, self.last_audited_step)
         params = dict(pl_module.named_parameters())
@@ -381,7 +399,11 @@ class LeakageAudit(Callback):
             )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dp, zero = self._dp, trainer.is_global_zero
+        final = final_canary_metrics(dp.canaries, dp.delta) if dp and dp.canaries is not None and zero else None
         self._finish(trainer, self.end_timeout, log=True, collective=True)
+        if final:  # after the audits still running, so the loggers' steps stay in order
+            log_to_loggers(trainer.loggers, final, trainer.global_step)
         if self._monitor is not None and self.on_breach == "raise":  # audits finished after the last step can breach
             self._monitor.decide(trainer, collective=True)
 
@@ -407,6 +429,8 @@ class LeakageAudit(Callback):
         if self._snapshots is not None:
             self._snapshots.close()
             self._snapshots = None
+        if self._dp is not None and self._dp.canaries is not None:
+            self._canary_state = self._dp.remove_canaries()
         self._dp = None
         self._active = False
 

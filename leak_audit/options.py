@@ -52,6 +52,7 @@ def check_options(
     wandb_alert: Any,
     scope: Any,
     attack_device: Any,
+    canaries: Any = 0,
 ) -> torch.device | None:
     """Check the arguments of :class:`~leak_audit.LeakageAudit` (see its docstring for their meaning).
 
@@ -84,6 +85,8 @@ def check_options(
     _one_of("on_breach", on_breach, BREACH_ACTIONS)
     _flag("wandb_alert", wandb_alert)
     _one_of("scope", scope, SCOPES)
+    if not isinstance(canaries, int) or isinstance(canaries, bool) or canaries < 0:
+        raise ValueError(f"canaries must be an int >= 0 (0: none), got {canaries!r}")
     if attack_device is None:
         return None
     try:

@@ -59,6 +59,22 @@ def test_example_with_dp_sgd_audits_the_released_gradient(tmp_path):
     assert "privacy/epsilon" in header and "privacy/noise_multiplier" in header
 
 
+def test_example_with_dp_sgd_and_canaries_logs_the_empirical_epsilon(tmp_path):
+    proc = run_example(tmp_path, "--dp", "--canaries", "1000", "--delta", "1e-5", "--n", "32", "--max-steps", "3",
+                       "--every-n-steps", "2", "--no-wandb")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "canaries: 1000; empirical epsilon >= " in proc.stdout
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"privacy/epsilon", "privacy/epsilon_empirical", "privacy/epsilon_empirical_ceiling",
+            "privacy/epsilon_empirical_gdp", "privacy/canaries"} <= set(header)
+    records = [r for r in read_audit_log(tmp_path / "audit.jsonl") if r.status == "ok"]
+    assert records and all(r.privacy["canaries"] == 1000 and r.privacy["epsilon_empirical_ceiling"] > 5 for r in records)
+    (tmp_path / "no-dp").mkdir()
+    refused = run_example(tmp_path / "no-dp", "--canaries", "10", "--max-steps", "1", "--no-wandb")
+    assert refused.returncode != 0 and "--canaries 10 audits DP-SGD: add --dp" in refused.stderr
+
+
 def test_example_with_lora_taps_only_the_adapters(tmp_path):
     cola = data_file("cola_dev.tsv")
     proc = run_example(tmp_path, "--lora", "--lora-r", "8", "--lora-dropout", "0", "--data", str(cola), "--n", "16",

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from leak_audit.capture.canaries import CanaryError, CanaryScores, DiracCanaries
 
 __all__ = [
     "DEFAULT_DELTA",
@@ -40,6 +42,7 @@ __all__ = [
     "epsilon_for",
     "find_accountant",
     "find_dp_optimizer",
+    "place_canaries",
     "privacy_report",
 ]
 
@@ -217,7 +220,8 @@ class DPState:
 
     ε is computed later (:meth:`report`, in the audit worker) from a copy of the accountant's history,
     so the training thread never pays for the accountant's numerics. Fields as in
-    :class:`PrivacyReport`; ``history`` is the accountant's ``[(σ, q, steps), ...]`` at the step.
+    :class:`PrivacyReport`; ``history`` is the accountant's ``[(σ, q, steps), ...]`` at the step; ``canaries``
+    the canaries' scores and truth at the step (:class:`~leak_audit.capture.canaries.CanaryScores`), if any.
     """
 
     noise_multiplier: float
@@ -227,6 +231,7 @@ class DPState:
     accountant: str | None
     history: tuple[tuple[float, float, int], ...]
     sample_rate: float | None
+    canaries: CanaryScores | None = None
 
     @property
     def steps(self) -> int:
@@ -382,12 +387,14 @@ class DPRelease:
         accountant: the Opacus accountant (``None``: noise without accounting, ε not reported).
         sample_rate: the sample rate the accountant charges per step, if known.
         delta: δ at which ε is reported, in ``(0, 1)``.
+        canaries: the Dirac canaries in the optimizer's clipped sum (``LeakageAudit(canaries=m)``), or ``None``.
     """
 
     capture: ReleasedGradientCapture
     accountant: Any
     sample_rate: float | None
     delta: float
+    canaries: DiracCanaries | None = None
 
     @property
     def mechanism(self) -> str | None:
@@ -396,7 +403,19 @@ class DPRelease:
 
     def state(self) -> DPState:
         """The DP state now (:func:`dp_state`: σ, C, the accountant's history; no ε computed)."""
-        return dp_state(self.capture.dp_optimizer, self.accountant, self.sample_rate)
+        state = dp_state(self.capture.dp_optimizer, self.accountant, self.sample_rate)
+        return replace(state, canaries=self.canaries.scores()) if self.canaries is not None else state
+
+    def canary_state(self) -> dict[str, Any] | None:
+        """The canaries' :meth:`~leak_audit.capture.canaries.DiracCanaries.state_dict` (``None`` without canaries)."""
+        return self.canaries.state_dict() if self.canaries is not None else None
+
+    def remove_canaries(self) -> dict[str, Any] | None:
+        """Stop the canaries (the optimizer's ``add_noise`` is restored); their last :meth:`canary_state`."""
+        state = self.canary_state()
+        if self.canaries is not None:
+            self.canaries.remove()
+        return state
 
 
 def attach_dp_release(
@@ -440,6 +459,38 @@ def attach_dp_release(
     accountant, sample_rate = find_accountant(dp, privacy_engine, module)
     delta = delta if delta is not None else default_delta(dataloader)
     return DPRelease(ReleasedGradientCapture(dp, parameters), accountant, sample_rate, delta)
+
+
+def place_canaries(dp: DPRelease | None, count: int, parameters: Mapping[str, torch.nn.Parameter], *, seed: int,
+                   world_size: int = 1, state: Mapping[str, Any] | None = None) -> DPRelease:
+    """``dp`` with ``count`` Dirac canaries placed in its optimizer (:class:`~leak_audit.capture.canaries.DiracCanaries`).
+
+    Args:
+        dp: the run's DP-SGD release (:func:`attach_dp_release`), ``None`` when the run is not DP.
+        count: ``m`` ≥ 1.
+        parameters: ``{name: parameter}`` of the LightningModule; only trained ones carry canaries.
+        seed: the canaries' placement, inclusion and participation seed.
+        world_size: processes training; canaries need one.
+        state: :meth:`~leak_audit.capture.canaries.DiracCanaries.state_dict` from a checkpoint, to resume.
+
+    Raises:
+        CanaryError: no DP optimizer, no sample rate from an accountant, DDP, or as
+            :class:`~leak_audit.capture.canaries.DiracCanaries`.
+    """
+    if dp is None:
+        raise CanaryError(f"LeakageAudit(canaries={count}) audits DP-SGD, but this run has no Opacus DPOptimizer: "
+                          "make the optimizer private (PrivacyEngine.make_private) or pass canaries=0")
+    if world_size > 1:
+        raise CanaryError(f"LeakageAudit(canaries={count}) under DDP ({world_size} processes) is not supported: each "
+                          "rank's DPOptimizer adds a share of the noise, so no rank sees the released canary "
+                          "coordinates before the all-reduce; audit with canaries on one device")
+    if dp.sample_rate is None:
+        raise CanaryError(f"LeakageAudit(canaries={count}) needs the sample rate the accountant charges (a canary "
+                          "joins each step with it), but no Opacus accountant was found: pass privacy_engine=")
+    canaries = DiracCanaries(dp.capture.dp_optimizer, parameters, count, sample_rate=dp.sample_rate, seed=seed)
+    if state:
+        canaries.load_state_dict(state)
+    return replace(dp, canaries=canaries)
 
 
 def announce_dp_release(dp: DPRelease, loggers: Iterable[Any], *, text_attacks: Iterable[str] | None) -> None:

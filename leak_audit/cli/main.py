@@ -94,6 +94,12 @@ COMMANDS: tuple[Command, ...] = (
         "Exit 0: done. 2: bad input (unreadable data, unknown attack, bad option).",
     ),
     Command(
+        ("bench", "canary"), "leak_audit.cli.bench.canary", "add_canary_arguments", "bench_canary_command",
+        "empirical epsilon of Dirac canaries against the accountant's, honest and with injected faults",
+        "Train with Opacus DP-SGD and Dirac canaries, and compare the one-run empirical lower bound on epsilon "
+        "(Steinke, Nasr, Jagielski 2023) with the accountant's epsilon. Exit 0: done. 2: bad input.",
+    ),
+    Command(
         ("bench", "overhead"), "leak_audit.cli.bench.overhead", "add_overhead_arguments", "bench_overhead_command",
         "training steps/s with and without LeakageAudit (pretrained MiniLM, interleaved runs)",
         "Time optimizer steps of the pretrained MiniLM on real sentences without and with "

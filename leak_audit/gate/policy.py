@@ -65,6 +65,7 @@ from leak_audit.results.records import AuditRecord
 
 __all__ = [
     "AGGREGATIONS",
+    "DP_FAULT_NAME",
     "KNOWN_METRICS",
     "GateError",
     "GatePolicy",
@@ -80,8 +81,13 @@ KNOWN_METRICS: tuple[str, ...] = RECORD_METRICS
 """Text metrics and the image ones that grow with leakage (``psnr`` in dB, ``ssim``); LPIPS is a distance
 and is never a record metric (:data:`leak_audit.metrics.names.RECORD_METRICS`)."""
 
-PRIVACY_METRICS: tuple[str, ...] = ("epsilon",)
-"""Metrics read from a record's ``privacy`` field rather than its ``metrics``."""
+PRIVACY_METRICS: tuple[str, ...] = ("epsilon", "epsilon_empirical", "epsilon_empirical_gdp", "epsilon_excess")
+"""Metrics read from a record's ``privacy`` field rather than its ``metrics``: the accountant's ε, the canaries'
+empirical lower bound on it and its GDP-model estimate (:mod:`leak_audit.metrics.epsilon`), and
+``epsilon_excess = epsilon_empirical − epsilon``, which is above 0 only when DP-SGD leaks more than its
+accountant says (checked on every gate with canaries: :data:`DP_FAULT_NAME`)."""
+
+DP_FAULT_NAME = "DP fault: empirical epsilon > accountant's"
 
 RULE_METRICS: tuple[str, ...] = KNOWN_METRICS + PRIVACY_METRICS
 """Every metric a rule may bound."""
@@ -245,7 +251,11 @@ class MetricRule:
 
     def value_of(self, record: AuditRecord) -> float | None:
         """The rule's metric in ``record``, or ``None`` when the record does not report a number for it."""
-        if self.metric in PRIVACY_METRICS:
+        if self.metric == "epsilon_excess":
+            p = record.privacy if isinstance(record.privacy, dict) else {}
+            low, eps = p.get("epsilon_empirical"), p.get("epsilon")
+            v = low - eps if _is_number(low) and _is_number(eps) else None
+        elif self.metric in PRIVACY_METRICS:
             v = record.privacy.get(self.metric) if isinstance(record.privacy, dict) else None
         else:
             v = record.metrics.get(self.metric)
@@ -644,4 +654,9 @@ class GatePolicy:
         if not any(r.status == "ok" for r in records):
             statuses = sorted({r.status for r in records}) or ["none"]
             raise GateError(f"the audit log has no successful audit (record statuses: {', '.join(statuses)})")
-        return GateReport(tuple(rule.evaluate(records) for rule in self.rules))
+        rules = list(self.rules)
+        canaries = any(r.status == "ok" and isinstance(r.privacy, dict) and _is_number(r.privacy.get("epsilon_empirical"))
+                       for r in records)
+        if canaries and not any(rule.metric == "epsilon_excess" for rule in rules):
+            rules.append(MetricRule("epsilon_excess", max=0.0, name=DP_FAULT_NAME))  # always checked with canaries
+        return GateReport(tuple(rule.evaluate(records) for rule in rules))

@@ -15,6 +15,7 @@ from leak_audit.results.records import PICK, AuditRecord
 
 PRIVACY_KEYS: tuple[str, ...] = (
     "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "noise_std",
+    "epsilon_empirical", "epsilon_empirical_ceiling", "epsilon_empirical_gdp", "canaries",
 )
 """The numeric fields of a record's ``privacy`` dict that go to the loggers as ``privacy/<key>``."""
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.capture.snapshot import AuditSnapshot
+from leak_audit.metrics.epsilon import canary_privacy
 from leak_audit.results.records import AuditRecord
 from leak_audit.runtime.auditor import Auditor, failed_records
 from leak_audit.runtime.memory import PeakMemory
@@ -74,6 +75,8 @@ class AuditJob:
             records = self.auditor(snap, audit=snap.audit)
         if snap.dp is not None:
             privacy = snap.dp.report(self.delta).to_dict()
+            if snap.dp.canaries is not None:
+                privacy.update(canary_privacy(snap.dp.canaries.llr, snap.dp.canaries.included, self.delta))
             for r in records:
                 r.privacy = privacy
         for r in records:

@@ -177,6 +177,37 @@ def test_non_dp_runs_have_no_privacy_fields(tokenizer, tmp_path):
     assert '"privacy"' not in audit.log_path.read_text()
 
 
+def test_canaries_log_the_empirical_epsilon_next_to_the_accountants_and_leave_it_unchanged(tokenizer, tmp_path):
+    audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                         every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, delta=1e-5, canaries=500)
+    with_canaries = _history_and_eps(tokenizer, tmp_path / "a", [audit])
+    without = _history_and_eps(tokenizer, tmp_path / "b", [])
+    assert with_canaries == without  # the accountant never sees the canaries
+    records = [r for r in read_audit_log(audit.log_path) if r.status == "ok"]
+    assert [r.step for r in records] == [0, 2]
+    for r in records:
+        p = r.privacy
+        assert p["canaries"] == 500 and 4.5 < p["epsilon_empirical_ceiling"] < 5.5
+        assert 0.0 <= p["epsilon_empirical"] <= p["epsilon_empirical_ceiling"] and p["epsilon_empirical_gdp"] >= 0.0
+    (metrics,) = (tmp_path / "a").glob("csv/version_*/metrics.csv")
+    with open(metrics) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("privacy/epsilon_empirical")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]  # every audit, and the end of training
+    assert all(float(r["privacy/canaries"]) == 500 for r in rows)
+    assert audit._canary_state is not None and audit._canary_state["steps"] == 4  # kept for a resumed run
+
+
+def test_canaries_need_dp_sgd_and_say_why(tokenizer, tmp_path):
+    from leak_audit import CanaryError
+    from tests.test_callback import Classifier
+
+    audit = LeakageAudit(attacks=["span_check"], every_n_steps=1, log_dir=tmp_path / "audit", canaries=10)
+    with pytest.raises(CanaryError, match=r"canaries=10\) audits DP-SGD, but this run has no Opacus DPOptimizer"):
+        fit(Classifier(tokenizer), tmp_path, [audit], max_steps=1)
+    with pytest.raises(ValueError, match="canaries must be an int >= 0"):
+        LeakageAudit(canaries=-1)
+
+
 # ------------------------------------------------------------------------------ accounting edge cases
 
 

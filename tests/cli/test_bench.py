@@ -338,3 +338,22 @@ def test_bench_overhead_missing_data_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["bench", "overhead", "--steps", "4"]) == 2
     err = capsys.readouterr().err
     assert "cola_dev.tsv" in err and "--data" in err
+
+
+def test_bench_canary_rows_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "canary.json"
+    code = main(["bench", "canary", "--noise-multiplier", "1", "--inject-noise-scale", "1,0.1", "--canaries", "500",
+                 "--steps", "100", "--json", str(out), "--markdown", str(tmp_path / "canary.md")])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    keys = {"model", "noise_multiplier", "inject_noise_scale", "max_grad_norm", "batch_size", "dataset_size", "steps",
+            "canaries", "seed", "epsilon", "epsilon_empirical", "epsilon_empirical_ceiling", "delta", "seconds"}
+    assert len(rows) == 2 and all(keys <= set(r) for r in rows)
+    honest, faulty = rows
+    assert honest["epsilon"] == faulty["epsilon"] and honest["epsilon_empirical"] <= honest["epsilon"]
+    assert faulty["epsilon_empirical"] > honest["epsilon_empirical"]
+    assert "leak-audit bench canary" in (tmp_path / "canary.md").read_text()
+    assert main(["bench", "canary", "--noise-multiplier", "0"]) == 2
+    assert "--noise-multiplier: 0 must be > 0" in capsys.readouterr().out
+    assert main(["bench", "canary", "--canaries", "5000"]) == 2
+    assert "use canaries <= 2242" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 
 from leak_audit.cli.main import main
 from leak_audit.gate.thresholds import GateError, policy_from_args
-from leak_audit.gate.policy import AGGREGATIONS, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
+from leak_audit.gate.policy import AGGREGATIONS, DP_FAULT_NAME, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
 from leak_audit.results.records import AuditRecord, read_audit_log
 from leak_audit.results.sinks import AuditLog
 
@@ -158,6 +158,28 @@ def test_epsilon_comes_from_the_privacy_field(recs):
     inf_eps = [AuditRecord(step=0, attack="a", status="ok", privacy={"epsilon": None, "error": "no privacy: noise multiplier 0 (epsilon = inf)"})]
     r = one(inf_eps, metric="epsilon", max=8)
     assert r.value is None and r.status == "fail" and "privacy.epsilon null: no privacy" in r.message
+
+
+def test_canaries_add_the_dp_fault_check_and_empirical_epsilon_rules():
+    def rec(step, eps, low):
+        return AuditRecord(step=step, attack="a", status="ok", metrics={"rouge1": 0.1},
+                           privacy={"epsilon": eps, "epsilon_empirical": low, "epsilon_empirical_gdp": low,
+                                    "canaries": 1000})
+
+    policy = GatePolicy.from_thresholds({"rouge1": 0.5})
+    honest = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 0.9)])
+    fault = [r for r in honest.results if r.rule.name == DP_FAULT_NAME]
+    assert honest.verdict == "pass" and len(fault) == 1 and fault[0].value == pytest.approx(-0.8)
+    faulty = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 4.2)])
+    (breach,) = faulty.breaches()
+    assert breach.rule.name == DP_FAULT_NAME and breach.value == pytest.approx(0.7)
+    assert "epsilon_excess = 0.7" in breach.message and "> max 0" in breach.message
+    assert faulty.exit_code == 1
+    # without canaries there is no such check; epsilon_empirical is a rule metric like epsilon
+    plain = [AuditRecord(step=0, attack="a", status="ok", metrics={"rouge1": 0.1}, privacy={"epsilon": 1.0})]
+    assert [r.rule.name for r in policy.evaluate(plain).results] == ["rouge1"]
+    report = GatePolicy((MetricRule("epsilon_empirical", max=0.5),)).evaluate([rec(0, 3.5, 0.9)])
+    assert [r.status for r in report.results] == ["fail", "pass"]  # the rule, then the fault check
 
 
 def test_value_is_shown_precisely_enough_to_justify_the_verdict():
