@@ -108,6 +108,7 @@ class WandbDashboard:
         self.alert = alert
         self._series: dict[str, dict[str, dict[int, float]]] = {}  # metric -> attack -> step -> worst value
         self._epsilon: dict[int, tuple[float, float]] = {}  # step -> (epsilon, worst headline value)
+        self._canary_eps: dict[int, tuple[float, float]] = {}  # step -> (accountant's epsilon, empirical epsilon)
         self._worst: dict[str, tuple[float, str]] = {}  # metric -> (value, "attack@step"), the oracle
         self._picked: dict[str, tuple[float, str]] = {}  # the same over the attacker's picks
         self._timeouts = 0
@@ -156,6 +157,15 @@ class WandbDashboard:
             table = wandb.Table(columns=["epsilon", f"worst {headline}", "step"], data=rows)
             payload["charts/leakage_vs_epsilon"] = wandb.plot.line(
                 table, "epsilon", f"worst {headline}", title=f"worst {headline} vs epsilon")
+        privacy = next((r.privacy for r in records if r.privacy), None) or {}
+        low = privacy.get("epsilon_empirical")
+        if isinstance(eps, int | float) and isinstance(low, int | float) and not isinstance(low, bool):
+            self._canary_eps[step] = (float(eps), float(low))
+            steps = sorted(self._canary_eps)
+            payload["charts/epsilon_accountant_vs_empirical"] = wandb.plot.line_series(
+                xs=[steps, steps], ys=[[self._canary_eps[s][0] for s in steps], [self._canary_eps[s][1] for s in steps]],
+                keys=["accountant", "empirical (canaries, 95% lower bound)"], title="epsilon: promised vs delivered",
+                xname="step")
         if self.log_samples:
             payload.update(self._samples(records, wandb))
         if payload:

@@ -76,7 +76,7 @@ def test_canaries_sit_only_on_trained_parameters():
 
 def test_an_honest_run_is_sound_and_a_tenth_of_the_noise_is_flagged():
     kwargs = dict(max_grad_norm=1.0, canaries=1000, steps=300, batch_size=8, dataset_size=256, delta=1e-5,
-                  seed=0, accountant="prv", lr=0.1)
+                  seed=0, accountant="prv", lr=0.01)
     honest = run_canary("tiny", noise_multiplier=1.0, inject=1.0, **kwargs)
     assert 0 < honest["epsilon_empirical"] < honest["epsilon"]
     faulty = run_canary("tiny", noise_multiplier=1.0, inject=0.1, **kwargs)

@@ -355,5 +355,5 @@ def test_bench_canary_rows_and_bad_input(tmp_path, capsys):
     assert "leak-audit bench canary" in (tmp_path / "canary.md").read_text()
     assert main(["bench", "canary", "--noise-multiplier", "0"]) == 2
     assert "--noise-multiplier: 0 must be > 0" in capsys.readouterr().out
-    assert main(["bench", "canary", "--canaries", "5000"]) == 2
-    assert "use canaries <= 2242" in capsys.readouterr().out
+    assert main(["bench", "canary", "--canaries", "300000"]) == 2
+    assert "use canaries <= 296706" in capsys.readouterr().out

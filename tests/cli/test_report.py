@@ -413,3 +413,18 @@ def test_gate_table_never_rounds_a_failing_value_onto_its_limit():
     gate = _section(page, "gate")
     assert "<td class=\"num\">8.00001</td><td>max 8</td>" in gate
     assert "max 0.123456" in gate
+
+
+def test_canaries_get_their_own_section_and_a_fault_is_named():
+    def rec(step, eps, low):
+        return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": 0.1},
+                           privacy={"epsilon": eps, "delta": 1e-5, "epsilon_empirical": low, "canaries": 1000,
+                                    "epsilon_empirical_ceiling": 5.27, "epsilon_empirical_gdp": low * 2})
+
+    page = render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 0.7)])
+    section = _section(page, "canaries")
+    assert "(1000 canaries)" in section and "stays at or below the accountant" in section and "FAULT" not in section
+    assert "<td class=\"num\">0.7</td>" in section and "<td class=\"num\">1.4</td>" in section
+    faulty = _section(render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 4.2)]), "canaries")
+    assert "DP implementation fault:</strong> at step(s) 10" in faulty and ">FAULT<" in faulty
+    assert 'id="canaries"' not in render_report(text_records())

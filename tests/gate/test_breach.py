@@ -249,3 +249,18 @@ def test_image_panels_show_a_faint_reconstruction_faint():
     assert shown.shape == rebuilt.shape == (1, 8, 8, 3)
     assert float(np.ptp(rebuilt)) < 0.1 and float(np.ptp(shown)) > 0.9
     assert display_images(originals[:, :1], recons[:, :1])[1].shape == (1, 8, 8)  # one channel: [N, H, W]
+
+
+def test_dashboard_charts_the_promised_and_the_delivered_epsilon(monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = Recorder()
+    board = WandbDashboard(run, "text")
+    for step, eps, low in ((0, 0.5, 0.0), (10, 2.0, 0.7)):
+        rec = _rec(step, "span_check", 0.1, eps=eps)
+        rec.privacy.update(epsilon_empirical=low, canaries=1000)
+        board.update([rec], step)
+    chart = run.logged[-1]["charts/epsilon_accountant_vs_empirical"]
+    low = "empirical (canaries, 95% lower bound)"
+    assert sorted(tuple(r) for r in chart.table.data) == sorted(  # (step, line, epsilon) over the audited steps
+        [(0, "accountant", 0.5), (10, "accountant", 2.0), (0, low, 0.0), (10, low, 0.7)])

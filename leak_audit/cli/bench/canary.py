@@ -7,7 +7,8 @@ canaries (:class:`~leak_audit.capture.canaries.DiracCanaries`), then computes th
 is fault injection: the optimizer adds ``F·σ·C`` noise while the accountant is told σ (``F = 1``: honest).
 ``--canaries 0`` runs without canaries, for their effect on the final loss.
 
-Models: ``tiny``, an MLP (32 → 64 → 2, 2,242 parameters) on a fixed random linearly separable task;
+Models: ``tiny``, an MLP (32 → 1024 → 256 → 2, 296,706 parameters, room for 10⁵ canaries) on a fixed random
+linearly separable task;
 ``minilm``, the pretrained all-MiniLM-L6-v2 with a 2-class head on CoLA sentences (``--data``).
 """
 
@@ -52,7 +53,7 @@ def add_canary_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inject-noise-scale", default="1.0", metavar="F[,F...]",
                    help="fault injection: the optimizer adds F·σ·C noise, the accountant is told σ (default 1.0)")
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="Opacus accountant (default prv)")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--json", metavar="OUT.json", default=None, help="write the rows as JSON")
     p.add_argument("--markdown", metavar="OUT.md", default=None, help="write a markdown report")
@@ -101,7 +102,7 @@ def _tiny_task(n: int, seed: int) -> tuple[Any, Any, Any]:
     w = torch.randn(32, generator=gen)
     y = (x @ w > 0).long()
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2))
+    model = nn.Sequential(nn.Linear(32, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 2))
     return model, torch.utils.data.TensorDataset(x, y), None
 
 

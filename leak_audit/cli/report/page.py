@@ -10,7 +10,13 @@ from typing import Any
 
 from leak_audit.cli.report.format import escape, module_set, sort_records
 from leak_audit.cli.report.plots import plots_section
-from leak_audit.cli.report.sections import audit_section, gate_section, samples_section, summary_section
+from leak_audit.cli.report.sections import (
+    audit_section,
+    canary_section,
+    gate_section,
+    samples_section,
+    summary_section,
+)
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.results.records import AuditRecord, read_audit_log
 
@@ -91,6 +97,7 @@ def render_page(
         '<section id="plots"><h2>Leakage</h2>',
         plots_section(records, attacks, sets),
         "</section>",
+        canary_section(records),
         audit_section(records, attacks, sets),
         samples_section(records, include_samples, base, attacks),
         "<footer>Every metric grows with leakage (higher: the attacker rebuilt more of the batch). "

@@ -23,7 +23,7 @@ from leak_audit.cli.report.plots import image_grid
 from leak_audit.gate.policy import VERDICT_WORDS, GateError, GatePolicy
 from leak_audit.results.records import PICK, AuditRecord, worst_values
 
-__all__ = ["audit_section", "gate_section", "samples_section", "summary_section"]
+__all__ = ["audit_section", "canary_section", "gate_section", "samples_section", "summary_section"]
 
 
 def summary_section(records: Sequence[AuditRecord], source: str | None, attacks: Sequence[str], sets: Sequence[str]) -> str:
@@ -209,3 +209,36 @@ def samples_section(records: Sequence[AuditRecord], include_samples: bool, base:
             else:
                 parts.append(f'<pre class="sample">{escape(sample)}</pre>')
     return "\n".join(parts) + "</section>"
+
+
+def canary_section(records: Sequence[AuditRecord]) -> str:
+    """The ε DP-SGD delivered, per audited step: the accountant's ε against the canaries' empirical lower bound
+    (``privacy.epsilon_empirical``), its GDP estimate and ceiling; empty when no record carries canaries."""
+    by_step: dict[int, Mapping] = {}
+    for r in records:
+        p = r.privacy or {}
+        if isinstance(p.get("epsilon_empirical"), int | float):
+            by_step[r.step] = p
+    if not by_step:
+        return ""
+    rows, faults = [], []
+    for step in sorted(by_step):
+        p = by_step[step]
+        eps, low = p.get("epsilon"), float(p["epsilon_empirical"])
+        fault = isinstance(eps, int | float) and low > eps
+        if fault:
+            faults.append(step)
+        cells = [str(step), format_number(eps) if eps is not None else "∞ / not computed", format_number(low),
+                 format_number(p.get("epsilon_empirical_gdp")), format_number(p.get("epsilon_empirical_ceiling")),
+                 "FAULT" if fault else "ok"]
+        rows.append("<tr>" + "".join(f'<td class="num">{escape(c)}</td>' for c in cells) + "</tr>")
+    m = by_step[max(by_step)].get("canaries")
+    verdict = (f"<p><strong>DP implementation fault:</strong> at step(s) {', '.join(map(str, faults))} the canaries' "
+               "95% lower bound on ε exceeds the accountant's ε: this run leaks more than its accountant says.</p>"
+               if faults else "<p>At every audited step the canaries' lower bound stays at or below the accountant's ε.</p>")
+    head = "".join(f"<th>{h}</th>" for h in ("step", "accountant ε", "empirical ε (95% lower bound)", "GDP estimate",
+                                               "ceiling", "check"))
+    return (f'<section id="canaries"><h2>The ε DP-SGD delivered ({escape(str(m))} canaries)</h2>'
+            "<p>Dirac canaries in the same run (Steinke, Nasr, Jagielski 2023): a lower bound on the true ε at the "
+            "accountant's δ. The ceiling is the most these canaries can certify; the GDP estimate assumes a Gaussian "
+            f"trade-off curve.</p>{verdict}<table><tr>{head}</tr>{''.join(rows)}</table></section>")
