@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -99,6 +101,11 @@ def test_bad_canary_settings_are_refused_with_the_reason():
         DiracCanaries(opt0, dict(model0.named_parameters()), 10, sample_rate=0.1)
     with pytest.raises(CanaryError, match="no Opacus DPOptimizer"):
         place_canaries(None, 10, params, seed=0)
+    release = SimpleNamespace(capture=SimpleNamespace(dp_optimizer=opt), sample_rate=0.1)
+    with pytest.raises(CanaryError, match=r"under DDP \(2 processes\) is not supported: each rank's DPOptimizer"):
+        place_canaries(release, 10, params, seed=0, world_size=2)
+    with pytest.raises(CanaryError, match="no Opacus accountant was found: pass privacy_engine="):
+        place_canaries(SimpleNamespace(capture=release.capture, sample_rate=None), 10, params, seed=0)
     with pytest.raises(TypeError, match="expected an Opacus DPOptimizer, got SGD"):
         DiracCanaries(torch.optim.SGD(model.parameters(), lr=0.1), params, 10, sample_rate=0.1)
 

@@ -151,9 +151,11 @@ def run_canary(model_name: str, *, noise_multiplier: float, max_grad_norm: float
     loader = torch.utils.data.DataLoader(data_set, batch_size=batch_size)
     engine = PrivacyEngine(accountant=accountant)
     torch.manual_seed(seed)
-    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
-                                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                             poisson_sampling=True, wrap_model=kind != "hf")
+    wrapped, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                               noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                               poisson_sampling=True, wrap_model=kind != "hf")
+    if kind != "hf":  # hooks mode (Hugging Face) keeps the model itself; otherwise train the GradSampleModule
+        model = wrapped
     inject_noise_scale(opt, inject)
     params = dict(model.named_parameters())
     canary = (DiracCanaries(opt, params, canaries, sample_rate=batch_size / dataset_size, seed=seed)

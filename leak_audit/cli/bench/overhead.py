@@ -137,6 +137,10 @@ class OverheadConfig:
         recompute: the callback's ``recompute`` (``"observed"`` or ``"eval"``).
         log_dir: keep the audit runs' logs in ``log_dir/audit_<repeat>/audit.jsonl``; ``None``: a
             temporary folder, removed afterwards.
+        dp_noise: train every run (baseline included) with Opacus DP-SGD at this noise multiplier, as the
+            example's ``--dp`` does; ``None``: no DP.
+        max_grad_norm: the per-sample clipping norm with ``dp_noise``.
+        canaries: the callback's ``canaries`` (needs ``dp_noise``); δ is then 1e-5.
     """
 
     data: Path
@@ -157,6 +161,9 @@ class OverheadConfig:
     end_timeout: float = 600.0
     recompute: str = "observed"
     log_dir: Path | None = None
+    dp_noise: float | None = None
+    max_grad_norm: float = 1.0
+    canaries: int = 0
 
     def setting(self, worker: str) -> str:
         """The row name of the audited runs with ``worker``: ``"audit"``, or ``"audit (<worker> worker)"`` when
@@ -196,6 +203,10 @@ class OverheadConfig:
             raise BenchError(f"accelerator must be resolved to 'cpu' or 'cuda', got {self.accelerator!r}")
         if self.recompute not in ("observed", "eval"):
             raise BenchError(f"--recompute must be 'observed' or 'eval', got {self.recompute!r}")
+        if self.dp_noise is not None and not self.dp_noise >= 0:
+            raise BenchError(f"--dp-noise must be >= 0, got {self.dp_noise}")
+        if self.canaries < 0 or (self.canaries and self.dp_noise is None):
+            raise BenchError(f"--canaries {self.canaries} needs --dp-noise SIGMA (canaries audit DP-SGD) and must be >= 0")
         for name in self.attacks or ():
             try:
                 check_attack_name(name, ("text",))
@@ -310,6 +321,8 @@ def _make_audit(config: OverheadConfig, log_dir: Path, worker: str = "thread") -
         end_timeout=config.end_timeout,
         seed=config.seed,
         modality="text",
+        canaries=config.canaries,
+        delta=1e-5 if config.dp_noise is not None else None,
     )
 
 
@@ -381,6 +394,9 @@ def run_once(
     L.seed_everything(config.seed, verbose=False)
     module = copy.deepcopy(template)
     loader = make_loader(list(rows), module.tokenizer, config.batch_size, config.max_length, config.seed)
+    if config.dp_noise is not None:  # the example's --dp: Opacus on this run's loader
+        module.dp = {"loader": loader, "noise_multiplier": config.dp_noise, "max_grad_norm": config.max_grad_norm,
+                     "epochs": 1, "delta": 1e-5, "seed": config.seed}
     timer = StepTimer(synchronize=config.accelerator == "cuda")
     audit = _make_audit(config, log_dir, worker) if log_dir is not None else None
     callbacks: list[L.Callback] = [timer, *([audit] if audit is not None else []), timer.end]
@@ -489,6 +505,9 @@ def run_overhead_bench(
         "recompute": config.recompute,
         "end_timeout_seconds": config.end_timeout,
         "seed": config.seed,
+        "dp_noise": config.dp_noise,
+        "max_grad_norm": config.max_grad_norm if config.dp_noise is not None else None,
+        "canaries": config.canaries,
     }
     return summary, settings, runs
 
@@ -533,6 +552,11 @@ def add_overhead_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of head, dropout, data order, attacks (default 0)")
     parser.add_argument("--end-timeout", type=float, default=600.0, metavar="S",
                         help="seconds the callback waits for the last audit at the end (default 600)")
+    parser.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                        help="train every run with Opacus DP-SGD at this noise multiplier (the example's --dp)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD clipping norm (default 1.0)")
+    parser.add_argument("--canaries", type=int, default=0, metavar="M",
+                        help="the callback's canaries= (with --dp-noise; default 0)")
     parser.add_argument("--log-dir", default=None, metavar="DIR",
                         help="keep each audit run's log as DIR/audit_<repeat>/audit.jsonl (default: not kept)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the rows and settings as JSON")
@@ -574,6 +598,9 @@ def bench_overhead_command(args: argparse.Namespace, console: Console) -> int:
             end_timeout=args.end_timeout,
             recompute=args.recompute,
             log_dir=Path(args.log_dir) if args.log_dir else None,
+            dp_noise=args.dp_noise,
+            max_grad_norm=args.max_grad_norm,
+            canaries=args.canaries,
         )
         rows, settings, _ = run_overhead_bench(config, console)
     except BenchError as exc:
