@@ -197,6 +197,28 @@ def test_canaries_log_the_empirical_epsilon_next_to_the_accountants_and_leave_it
     assert audit._canary_state is not None and audit._canary_state["steps"] == 4  # kept for a resumed run
 
 
+def test_canaries_resume_from_a_checkpoint(tokenizer, tmp_path):
+    def audit():
+        return LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
+                            every_n_steps=2, log_dir=tmp_path / "audit", max_pending=8, delta=1e-5, canaries=300)
+
+    first = audit()
+    _, trainer = dp_fit(tokenizer, tmp_path, [first], max_steps=3)
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "LeakageAudit" in k)
+    assert state["canaries"]["steps"] == 3
+    resumed = audit()
+    L.seed_everything(0, verbose=False)
+    data = loader(tokenizer, n=32, batch_size=4)
+    trainer = L.Trainer(max_steps=5, callbacks=[resumed], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        default_root_dir=tmp_path)
+    trainer.fit(DPClassifier(tokenizer, data), data, ckpt_path=ckpt)
+    assert resumed._canary_state["steps"] == 5  # the scores went on from step 3, not from zero
+    assert torch.equal(resumed._canary_state["included"], state["canaries"]["included"])
+
+
 def test_canaries_need_dp_sgd_and_say_why(tokenizer, tmp_path):
     from leak_audit import CanaryError
     from tests.test_callback import Classifier
