@@ -80,8 +80,8 @@ class DiracCanaries:
 
     Raises:
         CanaryError: ``count < 1``, more canaries than trained coordinates, no trained parameter, ``sample_rate``
-            outside ``(0, 1]``, a noise multiplier of 0 (nothing to audit: ε is infinite), or a
-            ``DistributedDPOptimizer``.
+            outside ``(0, 1]``, a noise multiplier of 0 (nothing to audit: ε is infinite), per-layer clipping
+            (a list of norms), or a ``DistributedDPOptimizer``.
         TypeError: ``dp_optimizer`` has no ``add_noise``/``params`` (not an Opacus ``DPOptimizer``).
     """
 
@@ -97,6 +97,10 @@ class DiracCanaries:
             raise CanaryError(f"canaries must be an int >= 1, got {count!r}")
         if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
             raise CanaryError(f"the canaries' sample rate must be in (0, 1], got {sample_rate!r}")
+        if not isinstance(dp_optimizer.max_grad_norm, int | float):
+            raise CanaryError(f"canaries need flat clipping (one max_grad_norm), got per-layer norms "
+                              f"{dp_optimizer.max_grad_norm!r}: a canary of the overall norm would be stronger than any "
+                              "example in its layer, and the bound unsound; train with clipping='flat'")
         sigma = float(dp_optimizer.noise_multiplier)
         if not sigma > 0:
             raise CanaryError(f"canaries need DP noise, but the noise multiplier is {sigma!r}: without noise "
@@ -124,7 +128,7 @@ class DiracCanaries:
         device = self._params[0].device
         self.count = count
         self.sample_rate = float(sample_rate)
-        self.norm = _norm(dp_optimizer.max_grad_norm)
+        self.norm = float(dp_optimizer.max_grad_norm)
         self.included = (torch.rand(count, generator=gen) < 0.5).to(device)
         self._gen = torch.Generator().manual_seed(int(seed) + 1)
         self._llr = torch.zeros(count, dtype=torch.float64, device=device)
@@ -221,10 +225,3 @@ def _distinct(total: int, count: int, gen: torch.Generator) -> Tensor:
                 seen.add(v)
                 picked.append(v)
     return torch.tensor(picked, dtype=torch.int64)
-
-
-def _norm(clip: Any) -> float:
-    """``C`` as a float (per-layer clipping gives a list: its overall L2 norm)."""
-    if isinstance(clip, int | float):
-        return float(clip)
-    return float(torch.as_tensor(clip, dtype=torch.float64).norm())

@@ -106,6 +106,9 @@ def test_bad_canary_settings_are_refused_with_the_reason():
         place_canaries(release, 10, params, seed=0, world_size=2)
     with pytest.raises(CanaryError, match="no Opacus accountant was found: pass privacy_engine="):
         place_canaries(SimpleNamespace(capture=release.capture, sample_rate=None), 10, params, seed=0)
+    per_layer = SimpleNamespace(add_noise=lambda: None, params=[], noise_multiplier=1.0, max_grad_norm=[1.0, 1.0])
+    with pytest.raises(CanaryError, match=r"canaries need flat clipping \(one max_grad_norm\), got per-layer"):
+        DiracCanaries(per_layer, params, 10, sample_rate=0.1)
     with pytest.raises(TypeError, match="expected an Opacus DPOptimizer, got SGD"):
         DiracCanaries(torch.optim.SGD(model.parameters(), lr=0.1), params, 10, sample_rate=0.1)
 
