@@ -250,6 +250,8 @@ def gdp_mu_lower_bound(scores: Tensor, included: Tensor, confidence: float = 0.9
     (Bonferroni). The approach of Nasr et al. (USENIX Security 2023, "Tight auditing of differentially private
     machine learning") and of jax_privacy's canary auditor. DP-SGD over many steps is close to GDP (the
     central limit theorem of Dong, Roth, Su), but not exactly; :func:`empirical_epsilon` needs no such model.
+    The threshold of "top ``k``" is read from the pooled scores, so it depends slightly on the data, which the
+    Clopper–Pearson intervals treat as fixed: one more reason this estimate is not the gate's.
 
     Args:
         scores: ``[m]`` float, higher = more likely included.
