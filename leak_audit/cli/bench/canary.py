@@ -24,6 +24,7 @@ from rich.console import Console
 from leak_audit.cli.bench.common import (
     BenchError,
     command_line,
+    default_data_path,
     fmt,
     markdown_report,
     parse_list,
@@ -109,7 +110,6 @@ def _tiny_task(n: int, seed: int) -> tuple[Any, Any, Any]:
 def _minilm_task(n: int, seed: int, data: str | None) -> tuple[Any, Any, Any]:
     import torch
 
-    from leak_audit.cli.bench.overhead import default_data_path
     from leak_audit.cli.bench.text_run import load_model
     from leak_audit.demos.datasets import read_tsv
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Collection
@@ -21,16 +22,23 @@ from rich.console import Console
 __all__ = [
     "BenchError",
     "command_line",
+    "default_data_path",
     "fmt",
     "intra_op_threads",
     "markdown_report",
     "parse_batch_sizes",
     "parse_list",
+    "parse_niceness",
+    "resolve_accelerator",
     "wide_console",
     "write_json",
     "write_markdown",
     "wrote",
 ]
+
+
+REPO = Path(__file__).resolve().parents[3]
+"""The source checkout (the default data sits beside it, in ``../shared/data``)."""
 
 
 class BenchError(ValueError):
@@ -155,3 +163,41 @@ def wide_console(console: Console) -> Console:
     """``console`` itself on a terminal (which wraps tables to its width); a pipe or file gets a console of
     at least 200 columns, so wide tables are not squeezed."""
     return console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
+
+
+def default_data_path(name: str = "cola_dev.tsv") -> Path:
+    """``$LEAK_AUDIT_DATA/<name>`` when that variable is set, else ``<repo>/../shared/data/<name>``."""
+    folder = os.environ.get("LEAK_AUDIT_DATA")
+    return Path(folder) / name if folder else REPO.parent / "shared" / "data" / name
+
+
+def parse_niceness(text: str) -> int | None:
+    """``"19"`` -> ``19``; ``"none"`` -> ``None`` (leave the worker's nice value alone).
+
+    Raises:
+        BenchError: neither ``none`` nor an integer in 0..19.
+    """
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"--worker-niceness must be an integer in 0..19 or 'none', got {text!r}") from None
+    if not 0 <= value <= 19:
+        raise BenchError(f"--worker-niceness must be in 0..19 or 'none', got {value}")
+    return value
+
+
+def resolve_accelerator(choice: str, cuda_available: bool) -> str:
+    """``"auto"`` -> ``"cuda"`` when CUDA is available, else ``"cpu"``; ``"cpu"``/``"cuda"`` as given.
+
+    Raises:
+        BenchError: ``"cuda"`` without a CUDA device, or an unknown choice.
+    """
+    if choice == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if choice == "cuda" and not cuda_available:
+        raise BenchError("--accelerator cuda: torch sees no CUDA device (use --accelerator cpu or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise BenchError(f"--accelerator must be auto, cpu or cuda, got {choice!r}")
+    return choice

@@ -59,10 +59,14 @@ from rich.console import Console
 from leak_audit.attacks import check_attack_name
 from leak_audit.callback import DEFAULT_ATTACKS, LeakageAudit
 from leak_audit.cli.bench.common import (
+    REPO,
     BenchError,
     command_line,
+    default_data_path,
     intra_op_threads,
     parse_list,
+    parse_niceness,
+    resolve_accelerator,
     wide_console,
     write_json,
     write_markdown,
@@ -92,9 +96,6 @@ __all__ = [
     "add_overhead_arguments",
     "bench_overhead_command",
     "check_audit_setup",
-    "default_data_path",
-    "parse_niceness",
-    "resolve_accelerator",
     "run_once",
     "run_overhead_bench",
 ]
@@ -103,10 +104,6 @@ DEFAULT_DATA_NAME = "cola_dev.tsv"
 
 
 MODEL_NAME = "all-MiniLM-L6-v2"
-
-
-REPO = Path(__file__).resolve().parents[3]
-"""The source checkout holding ``examples/`` (the package is installed editable)."""
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -212,44 +209,6 @@ class OverheadConfig:
                 check_attack_name(name, ("text",))
             except ValueError as exc:
                 raise BenchError(f"--attacks: {exc}") from None
-
-
-def default_data_path() -> Path:
-    """``$LEAK_AUDIT_DATA/cola_dev.tsv`` when that variable is set, else ``<repo>/../shared/data/cola_dev.tsv``."""
-    folder = os.environ.get("LEAK_AUDIT_DATA")
-    return Path(folder) / DEFAULT_DATA_NAME if folder else REPO.parent / "shared" / "data" / DEFAULT_DATA_NAME
-
-
-def parse_niceness(text: str) -> int | None:
-    """``"19"`` -> ``19``; ``"none"`` -> ``None`` (leave the worker's nice value alone).
-
-    Raises:
-        BenchError: neither ``none`` nor an integer in 0..19.
-    """
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise BenchError(f"--worker-niceness must be an integer in 0..19 or 'none', got {text!r}") from None
-    if not 0 <= value <= 19:
-        raise BenchError(f"--worker-niceness must be in 0..19 or 'none', got {value}")
-    return value
-
-
-def resolve_accelerator(choice: str, cuda_available: bool) -> str:
-    """``"auto"`` -> ``"cuda"`` when CUDA is available, else ``"cpu"``; ``"cpu"``/``"cuda"`` as given.
-
-    Raises:
-        BenchError: ``"cuda"`` without a CUDA device, or an unknown choice.
-    """
-    if choice == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if choice == "cuda" and not cuda_available:
-        raise BenchError("--accelerator cuda: torch sees no CUDA device (use --accelerator cpu or auto)")
-    if choice not in ("cpu", "cuda"):
-        raise BenchError(f"--accelerator must be auto, cpu or cuda, got {choice!r}")
-    return choice
 
 
 # ---------------------------------------------------------------------------------------- running
