@@ -15,8 +15,8 @@ accountant's ``step_hook``. The canaries wrap ``add_noise`` on the optimizer *in
 ``step_hook`` is never replaced, so the accountant's history is the same with and without canaries.
 
 Score: each step adds the log-likelihood ratio of "included" against "excluded" for ``x`` under the
-mechanism the accountant was told, ``log((1 − q) + q·exp((x·C − C²/2) / (σC)²))``, σ read from the
-optimizer at that step (:meth:`DiracCanaries.scores`; the plain sum of ``x`` is kept as well). Any score gives a
+mechanism, ``log((1 − q) + q·exp((x·C − C²/2) / s²))``, with ``s`` the step's noise scale estimated from all
+canaries' released values (:meth:`DiracCanaries.scores`). Any score gives a
 valid bound; this one is the Neyman-Pearson test for a coordinate the data does not touch, so it is the
 tight choice. It never uses which steps a canary joined: that randomness is part of the mechanism.
 
@@ -46,7 +46,6 @@ class CanaryScores:
 
     Attributes:
         llr: ``[m]`` float64, summed per-step log-likelihood ratios (the score used for ε).
-        total: ``[m]`` float64, summed released coordinates (units of the unscaled gradient).
         included: ``[m]`` bool, the truth: which canaries take part in training.
         steps: DP-SGD steps the canaries have seen.
         norm: ``C``, each canary's value (the clipping norm).
@@ -54,7 +53,6 @@ class CanaryScores:
     """
 
     llr: Tensor
-    total: Tensor
     included: Tensor
     steps: int
     norm: float
@@ -132,8 +130,6 @@ class DiracCanaries:
         self.included = (torch.rand(count, generator=gen) < 0.5).to(device)
         self._gen = torch.Generator().manual_seed(int(seed) + 1)
         self._llr = torch.zeros(count, dtype=torch.float64, device=device)
-        self._total = torch.zeros(count, dtype=torch.float64, device=device)
-        self._mean = torch.zeros(count, dtype=torch.float64, device=device)
         self.steps = 0
         self.dp_optimizer = dp_optimizer
         self._own_attr = "add_noise" in vars(dp_optimizer)
@@ -167,8 +163,7 @@ class DiracCanaries:
             if g is not None:
                 x[pos] = g.reshape(-1)[idx].to(torch.float64)
         q, c = self.sample_rate, self.norm
-        # the step's noise scale, pooled over the canaries (robust: a spike is an outlier), and each canary's own
-        # running mean (the data's gradient at its coordinate) from earlier steps: both are read from what DP-SGD
+        # the step's noise scale, pooled over the canaries (robust: a spike is an outlier): read from what DP-SGD
         # released, never from which canaries joined
         scale = 1.4826 * (x - x.median()).abs().median()
         told = float(opt.noise_multiplier) * c
@@ -176,13 +171,11 @@ class DiracCanaries:
         z = (x * c - 0.5 * c**2) / scale**2
         stay = torch.full_like(z, math.log1p(-q)) if q < 1 else torch.full_like(z, -math.inf)
         self._llr += torch.logaddexp(stay, z + math.log(q))
-        self._total += x
         self.steps += 1
-        self._mean += (x - self._mean) / self.steps
 
     def scores(self) -> CanaryScores:
         """A copy of the scores and the truth now (:class:`CanaryScores`; on the parameters' device)."""
-        return CanaryScores(self._llr.clone(), self._total.clone(), self.included.clone(), self.steps, self.norm,
+        return CanaryScores(self._llr.clone(), self.included.clone(), self.steps, self.norm,
                             self.sample_rate)
 
     def remove(self) -> None:
@@ -196,7 +189,7 @@ class DiracCanaries:
 
     def state_dict(self) -> dict[str, Any]:
         """The scores and step count, to resume an audit (placement and inclusion follow from ``seed``)."""
-        return {"llr": self._llr.cpu(), "total": self._total.cpu(), "steps": self.steps,
+        return {"llr": self._llr.cpu(), "steps": self.steps,
                 "included": self.included.cpu(), "participation": self._gen.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -208,7 +201,6 @@ class DiracCanaries:
         if not torch.equal(state["included"].to(self.included.device), self.included):
             raise CanaryError("the saved canaries differ from these (another canary count or seed): cannot resume")
         self._llr.copy_(state["llr"])
-        self._total.copy_(state["total"])
         self.steps = int(state["steps"])
         self._gen.set_state(state["participation"])
 
