@@ -105,8 +105,8 @@ class LeakageAudit(Callback):
             (:class:`~leak_audit.capture.canaries.DiracCanaries`) for an empirical lower bound on ε from this
             run (Steinke, Nasr, Jagielski 2023; :mod:`leak_audit.metrics.epsilon`), logged at every audit and
             at the end as ``privacy/epsilon_empirical`` (with ``_ceiling``, ``_gdp`` and ``privacy/canaries``)
-            next to the accountant's ``privacy/epsilon``. Each canary changes one trained coordinate by at most
-            ``C / B`` per step. ``0``: none.
+            next to the accountant's ``privacy/epsilon``. Each canary adds at most ``C / B`` to one trained
+            coordinate's gradient per step (what the optimizer makes of it is measured in docs/privacy.md). ``0``: none.
 
     Under DDP, logging and the audit log are rank-zero; with ``scope="local"`` the other ranks' audits reach
     rank 0 at the next audited step (after an exception only rank 0's own audits are written).

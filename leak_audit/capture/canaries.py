@@ -47,21 +47,10 @@ class CanaryScores:
     Attributes:
         llr: ``[m]`` float64, summed per-step log-likelihood ratios (the score used for ε).
         included: ``[m]`` bool, the truth: which canaries take part in training.
-        steps: DP-SGD steps the canaries have seen.
-        norm: ``C``, each canary's value (the clipping norm).
-        sample_rate: ``q``, each included canary's per-step probability of joining.
     """
 
     llr: Tensor
     included: Tensor
-    steps: int
-    norm: float
-    sample_rate: float
-
-    @property
-    def count(self) -> int:
-        """``m``."""
-        return int(self.included.numel())
 
 
 class DiracCanaries:
@@ -175,8 +164,7 @@ class DiracCanaries:
 
     def scores(self) -> CanaryScores:
         """A copy of the scores and the truth now (:class:`CanaryScores`; on the parameters' device)."""
-        return CanaryScores(self._llr.clone(), self.included.clone(), self.steps, self.norm,
-                            self.sample_rate)
+        return CanaryScores(self._llr.clone(), self.included.clone())
 
     def remove(self) -> None:
         """Stop adding canaries: restore the optimizer's ``add_noise`` (if nothing wrapped it since)."""

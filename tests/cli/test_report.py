@@ -423,8 +423,8 @@ def test_canaries_get_their_own_section_and_a_fault_is_named():
 
     page = render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 0.7)])
     section = _section(page, "canaries")
-    assert "(1000 canaries)" in section and "stays at or below the accountant" in section and "FAULT" not in section
+    assert "(1000 canaries)" in section and "stays at or below the accountant" in section and ">above<" not in section
     assert "<td class=\"num\">0.7</td>" in section and "<td class=\"num\">1.4</td>" in section
     faulty = _section(render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 4.2)]), "canaries")
-    assert "DP implementation fault:</strong> at step(s) 10" in faulty and ">FAULT<" in faulty
+    assert "DP implementation fault:</strong> at the last audited step (10)" in faulty and ">above<" in faulty
     assert 'id="canaries"' not in render_report(text_records())

@@ -169,7 +169,7 @@ def test_canaries_add_the_dp_fault_check_and_empirical_epsilon_rules():
     policy = GatePolicy.from_thresholds({"rouge1": 0.5})
     honest = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 0.9)])
     fault = [r for r in honest.results if r.rule.name == DP_FAULT_NAME]
-    assert honest.verdict == "pass" and len(fault) == 1 and fault[0].value == pytest.approx(-0.8)
+    assert honest.verdict == "pass" and len(fault) == 1 and fault[0].value == pytest.approx(0.9 - 3.5)  # the last audit
     faulty = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 4.2)])
     (breach,) = faulty.breaches()
     assert breach.rule.name == DP_FAULT_NAME and breach.value == pytest.approx(0.7)

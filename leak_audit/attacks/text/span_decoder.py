@@ -346,12 +346,14 @@ class SpanDecoder(Attack):
         rows0 = sum(int(g.shape[0]) for g in first)
         saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
-        def partial_bag() -> Reconstruction:
+        def partial_bag(cut: bool = False) -> Reconstruction:
             # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows for q and v): no input is
-            # inside it exactly, but the inputs that dominate it sit far below every other row: a partial bag
+            # inside it exactly, but the inputs that dominate it sit far below every other row: a partial bag.
+            # ``cut``: the deadline stopped the joint sparse recovery, so the bag is what was read, not all of it
             bag, floor = ranked_bag(first, tables, self.rtol, self.bag_margin)
             info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()))
-            return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info)  # a bag, no order
+            return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info,  # a bag, no order
+                                  timed_out=cut and budget.audit_bound)
 
         if saturated and rows0 >= tables.word.shape[-1]:  # B·n >= d: a full span; rows pass it by chance
             return partial_bag()
@@ -359,7 +361,7 @@ class SpanDecoder(Attack):
             tokens, bag_residual, bag_cut = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
             info.update(saturated=1, candidates=int(tokens.numel()), bag_residual=float(f"{bag_residual:.3g}"))
             if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:
-                return partial_bag()  # the pursuit did not close: keep the ranked bag
+                return partial_bag(cut=bag_cut)  # the pursuit did not close (or ran out of time): the ranked bag
         if tokens.numel() == 0:  # nothing in the span, or the deadline stopped the scan first (then: a timeout)
             return Reconstruction(attack=self.name, sequences=[], info=info, timed_out=scan_cut and budget.audit_bound)
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order

@@ -32,8 +32,9 @@ def _lm_batch(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _attack(model: torch.nn.Module, batch: dict[str, torch.Tensor], tapped=None):
-    """Run span_decoder on the causal-LM gradient of ``batch`` (eval mode), tapping ``tapped`` (all: None)."""
+def _attack(model: torch.nn.Module, batch: dict[str, torch.Tensor], tapped=None, deadline=None):
+    """Run span_decoder on the causal-LM gradient of ``batch`` (eval mode), tapping ``tapped`` (all: None), under
+    the audit's ``deadline`` (``time.monotonic()``; None: none)."""
     model.zero_grad()
     model(**batch).loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -44,7 +45,7 @@ def _attack(model: torch.nn.Module, batch: dict[str, torch.Tensor], tapped=None)
     attack = get_attack("span_decoder", "text")
     attack.requirements(spec, grads.keys())
     b = batch["input_ids"].shape[0]
-    return attack.run(AttackInput(grads, params, spec, b, replica=ModelReplica(model)))
+    return attack.run(AttackInput(grads, params, spec, b, replica=ModelReplica(model), deadline=deadline))
 
 
 def _truth(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -320,7 +321,7 @@ def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: st
     assert trained["metrics"]["exact_match"] == 1.0 and trained["metrics"]["rouge1"] == 1.0
 
 
-def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) -> None:
+def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str, monkeypatch) -> None:
     """peft LoRA r = 8 on q_proj/v_proj of the real SmolLM2, trained a few steps; then a batch of four real CoLA
     sentences: 40 positions against the 16 rows of layer 0's stacked adapter gradients, so no single input lies
     in their row space. Joint sparse recovery still finds the exact token bag from layer 0's adapters and the
@@ -349,6 +350,17 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str) 
     assert set(recon.token_bag) == {t for seq in truth for t in seq[:-1]}
     assert sorted(recon.sequences) == sorted(truth), [tokenizer.decode(q) for q in recon.sequences]
     assert recon.info["last_token"].endswith(": 4 of 4"), recon.info
+    # when the audit's deadline stops the joint sparse recovery, the ranked bag it falls back to is a timeout
+    # (partial evidence), never an ok record that reads as "this is all the gradient leaks"
+    import time
+
+    import leak_audit.attacks.text.span_decoder as span_decoder
+
+    real = span_decoder.sparse_bag
+    monkeypatch.setattr(span_decoder, "sparse_bag", lambda *a, **k: (*real(*a, **k)[:2], True))
+    cut = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad],
+                  deadline=time.monotonic() + 3600)
+    assert cut.timed_out and cut.token_bag and not cut.sequences, cut.info
 
 
 def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
