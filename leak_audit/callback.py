@@ -40,8 +40,8 @@ from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
 from leak_audit.results.records import AuditRecord
 from leak_audit.results.reporter import AuditReporter
-from leak_audit.results.canaries import announce_canaries, final_canary_metrics
-from leak_audit.results.sinks import AuditLog, log_to_loggers
+from leak_audit.results.canaries import announce_canaries, final_canary_record
+from leak_audit.results.sinks import AuditLog
 from leak_audit.runtime.auditor import Auditor, failed_records
 from leak_audit.runtime.factory import build_auditor, find_tokenizer
 from leak_audit.runtime.job import AuditJob
@@ -400,10 +400,9 @@ class LeakageAudit(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dp, zero = self._dp, trainer.is_global_zero
-        final = final_canary_metrics(dp.canaries, dp.delta) if dp and dp.canaries is not None and zero else None
-        self._finish(trainer, self.end_timeout, log=True, collective=True)
-        if final:  # after the audits still running, so the loggers' steps stay in order
-            log_to_loggers(trainer.loggers, final, trainer.global_step)
+        closing = (final_canary_record(dp, step=trainer.global_step, epoch=trainer.current_epoch, audit=self.audits)
+                   if dp is not None and dp.canaries is not None and zero else None)
+        self._finish(trainer, self.end_timeout, log=True, collective=True, closing=closing)
         if self._monitor is not None and self.on_breach == "raise":  # audits finished after the last step can breach
             self._monitor.decide(trainer, collective=True)
 
@@ -414,9 +413,11 @@ class LeakageAudit(Callback):
         if stage == "fit":
             self._finish(trainer, self.end_timeout, log=False)
 
-    def _finish(self, trainer: Trainer, timeout: float | None, *, log: bool, collective: bool = False) -> None:
+    def _finish(self, trainer: Trainer, timeout: float | None, *, log: bool, collective: bool = False,
+                closing: AuditRecord | None = None) -> None:
         """Join the worker and write what it finished. ``collective``: every rank is here (end of training),
-        so the other ranks' results can still be sent to rank 0."""
+        so the other ranks' results can still be sent to rank 0. ``closing``: the canaries' record over the
+        whole run, written and reported after every audit."""
         if self._worker is not None:
             done = self._worker.close(timeout)
             if not done:
@@ -425,6 +426,8 @@ class LeakageAudit(Callback):
             self._worker = None
         if self._reporter.exchanging and (collective or trainer.is_global_zero):
             self._reporter.exchange(trainer, log=log, collective=collective, skipped=self.skipped)
+        if closing is not None:
+            self._reporter.emit(trainer, [closing], skipped=self.skipped)
         self._reporter.close()
         if self._snapshots is not None:
             self._snapshots.close()

@@ -70,6 +70,7 @@ def test_example_with_dp_sgd_and_canaries_logs_the_empirical_epsilon(tmp_path):
             "privacy/epsilon_empirical_gdp", "privacy/canaries"} <= set(header)
     records = [r for r in read_audit_log(tmp_path / "audit.jsonl") if r.status == "ok"]
     assert records and all(r.privacy["canaries"] == 1000 and r.privacy["epsilon_empirical_ceiling"] > 5 for r in records)
+    assert records[-1].attack == "canaries" and records[-1].step == 3  # the closing record, over every step
     (tmp_path / "no-dp").mkdir()
     refused = run_example(tmp_path / "no-dp", "--canaries", "10", "--max-steps", "1", "--no-wandb")
     assert refused.returncode != 0 and "--canaries 10 audits DP-SGD: add --dp" in refused.stderr

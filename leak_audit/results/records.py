@@ -18,6 +18,11 @@ attack that scored highest against the real batch: the worst case over the attac
 single attacker without the answer achieves. The *attacker's pick* (``info["attacker_pick"] = 1``,
 ``leak/pick/*``) is the one record per audit an attacker would keep from its own evidence, the smallest
 gradient residual (``info["gradient_residual"]``).
+
+A run with canaries (``LeakageAudit(canaries=m)``) ends with one more ``ok`` record whose ``attack`` is
+:data:`CANARY_RECORD`: no ``metrics``, and ``privacy`` holding the accountant's ε and the canaries' empirical ε
+over every step of the run (:func:`leak_audit.results.canaries.final_canary_record`). It is not an audit: it
+counts in no audit total, and the gate's DP-fault check reads it as the run's last word.
 ``samples`` is present only when the user opted in with ``log_samples=True``: reference and reconstructed
 text for text models; for image models never pixels, only ``[{"file": "samples/<name>.npz", "images": B}]``,
 the path (relative to the log's folder) of the file holding the originals and reconstructions. Image
@@ -34,9 +39,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
+__all__ = ["CANARY_RECORD", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
 
 SCHEMA_VERSION = 1
+CANARY_RECORD = "canaries"
+"""``attack`` of the record that closes a run with canaries (see the module docstring)."""
 STATUSES: tuple[str, ...] = ("ok", "timeout", "failed", "skipped")
 """A record's status (see the module docstring); a gate rule's status is a verdict
 (:data:`leak_audit.gate.policy.VERDICTS`)."""

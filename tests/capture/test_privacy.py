@@ -14,6 +14,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from leak_audit import LeakageAudit, read_audit_log
+from leak_audit.results.records import CANARY_RECORD
 from leak_audit.capture.privacy import DPState, epsilon_for, find_accountant, find_dp_optimizer, privacy_report
 from tests.conftest import small_bert
 from tests.test_callback import Recorder, fit, loader
@@ -184,7 +185,10 @@ def test_canaries_log_the_empirical_epsilon_next_to_the_accountants_and_leave_it
     without = _history_and_eps(tokenizer, tmp_path / "b", [])
     assert with_canaries == without  # the accountant never sees the canaries
     records = [r for r in read_audit_log(audit.log_path) if r.status == "ok"]
-    assert [r.step for r in records] == [0, 2]
+    assert [(r.step, r.attack) for r in records] == [(0, "span_check"), (2, "span_check"), (4, CANARY_RECORD)]
+    closing = records[-1]  # over every step, written after the audits: what the gate's DP-fault check reads
+    assert closing.metrics == {} and closing.info["private_steps"] == 4
+    assert closing.privacy["epsilon"] == pytest.approx(with_canaries[1])  # the accountant's after the last step
     for r in records:
         p = r.privacy
         assert p["canaries"] == 500 and 4.5 < p["epsilon_empirical_ceiling"] < 5.5

@@ -22,7 +22,7 @@ import pytest
 
 from leak_audit.cli.main import main
 from leak_audit.gate.policy import GatePolicy, PolicyError
-from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.results.records import CANARY_RECORD, AuditRecord, read_audit_log
 from leak_audit.cli.report import render_report, write_report
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -428,3 +428,9 @@ def test_canaries_get_their_own_section_and_a_fault_is_named():
     faulty = _section(render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 4.2)]), "canaries")
     assert "DP implementation fault:</strong> at the last audited step (10)" in faulty and ">above<" in faulty
     assert 'id="canaries"' not in render_report(text_records())
+    closing = AuditRecord(step=16, attack=CANARY_RECORD, status="ok", audit=2,
+                          privacy={"epsilon": 2.5, "delta": 1e-5, "epsilon_empirical": 3.1, "canaries": 1000})
+    page = render_report([rec(0, 0.5, 0.0), rec(10, 2.0, 0.7), closing])
+    ended = _section(page, "canaries")
+    assert "16 (end of run)" in ended and "DP implementation fault:</strong> at the end of the run (step 16)" in ended
+    assert "2 (2 ran, 0 skipped entirely)" in _section(page, "summary")  # the closing record is no audit

@@ -10,7 +10,7 @@ import pytest
 from leak_audit.cli.main import main
 from leak_audit.gate.thresholds import GateError, policy_from_args
 from leak_audit.gate.policy import AGGREGATIONS, DP_FAULT_NAME, GatePolicy, GateReport, MetricRule, PolicyError, RuleResult
-from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.results.records import CANARY_RECORD, AuditRecord, read_audit_log
 from leak_audit.results.sinks import AuditLog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,6 +180,23 @@ def test_canaries_add_the_dp_fault_check_and_empirical_epsilon_rules():
     assert [r.rule.name for r in policy.evaluate(plain).results] == ["rouge1"]
     report = GatePolicy((MetricRule("epsilon_empirical", max=0.5),)).evaluate([rec(0, 3.5, 0.9)])
     assert [r.status for r in report.results] == ["fail", "pass"]  # the rule, then the fault check
+
+
+def test_the_dp_fault_check_reads_the_canaries_closing_record_over_the_whole_run():
+    def rec(step, eps, low, attack="span_check"):
+        return AuditRecord(step=step, attack=attack, status="ok", metrics={} if attack == CANARY_RECORD else {"rouge1": 0.1},
+                           privacy={"epsilon": eps, "epsilon_empirical": low, "canaries": 1000})
+
+    policy = GatePolicy.from_thresholds({"rouge1": 0.5})
+    # the audits saw no excess; the run's last steps (after the last audit) did
+    report = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 0.9), rec(16, 4.0, 4.6, CANARY_RECORD)])
+    (breach,) = report.breaches()
+    assert breach.rule.name == DP_FAULT_NAME and breach.value == pytest.approx(0.6) and "step 16" in breach.message
+    # and the other way round: a closing record within the accountant's bound passes the run
+    fine = policy.evaluate([rec(0, 1.0, 0.2), rec(10, 3.5, 0.9), rec(16, 4.0, 1.1, CANARY_RECORD)])
+    assert fine.verdict == "pass"
+    rouge = next(r for r in fine.results if r.rule.metric == "rouge1")
+    assert "over 2 audits" in rouge.message  # the closing record has no metrics: it is no audit of rouge1
 
 
 def test_value_is_shown_precisely_enough_to_justify_the_verdict():

@@ -21,7 +21,7 @@ from leak_audit.cli.report.format import (
 )
 from leak_audit.cli.report.plots import image_grid
 from leak_audit.gate.policy import VERDICT_WORDS, GateError, GatePolicy
-from leak_audit.results.records import PICK, AuditRecord, worst_values
+from leak_audit.results.records import CANARY_RECORD, PICK, AuditRecord, worst_values
 
 __all__ = ["audit_section", "canary_section", "gate_section", "samples_section", "summary_section"]
 
@@ -29,8 +29,8 @@ __all__ = ["audit_section", "canary_section", "gate_section", "samples_section",
 def summary_section(records: Sequence[AuditRecord], source: str | None, attacks: Sequence[str], sets: Sequence[str]) -> str:
     """The run summary: audits, record statuses, steps, attacks, tapped modules, batch sizes, time span, DP-SGD."""
     status = Counter(r.status for r in records)
-    audits = {(r.audit, r.step) for r in records}
-    ran = {(r.audit, r.step) for r in records if r.status != "skipped"}
+    audits = {(r.audit, r.step) for r in records if r.attack != CANARY_RECORD}  # the closing record is no audit
+    ran = {(r.audit, r.step) for r in records if r.status != "skipped" and r.attack != CANARY_RECORD}
     rows: list[tuple[str, str]] = [("audit log", escape(source) if source else "–")]
     rows.append(("audits", f"{len(audits)} ({len(ran)} ran, {len(audits) - len(ran)} skipped entirely)"))
     rows.append(("records", f"{len(records)}: <span class=\"s-ok\">{status['ok']} ok</span>, "
@@ -215,10 +215,13 @@ def canary_section(records: Sequence[AuditRecord]) -> str:
     """The ε DP-SGD delivered, per audited step: the accountant's ε against the canaries' empirical lower bound
     (``privacy.epsilon_empirical``), its GDP estimate and ceiling; empty when no record carries canaries."""
     by_step: dict[int, Mapping] = {}
+    closing: int | None = None  # the step of the record over the whole run (CANARY_RECORD)
     for r in records:
         p = r.privacy or {}
         if isinstance(p.get("epsilon_empirical"), int | float):
             by_step[r.step] = p
+            if r.attack == CANARY_RECORD:
+                closing = r.step
     if not by_step:
         return ""
     rows, faults = [], []
@@ -228,16 +231,17 @@ def canary_section(records: Sequence[AuditRecord]) -> str:
         fault = isinstance(eps, int | float) and low > eps
         if fault:
             faults.append(step)
-        cells = [str(step), format_number(eps) if eps is not None else "∞ / not computed", format_number(low),
+        cells = [f"{step} (end of run)" if step == closing else str(step), format_number(eps) if eps is not None else "∞ / not computed", format_number(low),
                  format_number(p.get("epsilon_empirical_gdp")), format_number(p.get("epsilon_empirical_ceiling")),
                  "above" if fault else "ok"]
         rows.append("<tr>" + "".join(f'<td class="num">{escape(c)}</td>' for c in cells) + "</tr>")
     m = by_step[max(by_step)].get("canaries")
     last = max(by_step)
-    verdict = (f"<p><strong>DP implementation fault:</strong> at the last audited step ({last}) the canaries' 95% "
+    where = f"At the end of the run (step {last})" if last == closing else f"At the last audited step ({last})"
+    verdict = (f"<p><strong>DP implementation fault:</strong> {where[0].lower() + where[1:]} the canaries' 95% "
                "lower bound on ε exceeds the accountant's ε: this run leaks more than its accountant says.</p>"
                if last in faults else
-               f"<p>At the last audited step ({last}) the canaries' lower bound stays at or below the accountant's ε "
+               f"<p>{where} the canaries' lower bound stays at or below the accountant's ε "
                "(the gate's check; each row is one 95% test, so an isolated earlier \"above\" is weaker evidence)"
                ".</p>")
     head = "".join(f"<th>{h}</th>" for h in ("step", "accountant ε", "empirical ε (95% lower bound)", "GDP estimate",
