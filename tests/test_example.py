@@ -82,7 +82,13 @@ def test_example_with_lora_taps_only_the_adapters(tmp_path):
                        "--batch-size", "1", "--max-steps", "3", "--every-n-steps", "2", "--no-wandb")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = read_audit_log(tmp_path / "audit.jsonl")
-    assert {r.attack for r in records} == {"span_check", "labels"}
+    assert {r.attack for r in records} == {"token_bag", "span_check", "labels"}
+    # step 0: lora_B = 0, so the lora_A gradients are zero and hold nothing; step 2: the example trains with dropout
+    # on, whose masks move layer 0's inputs off the token and position atoms: no complete bag, said so (the exact
+    # bag with dropout off: tests/test_peft.py)
+    bags = {r.step: r for r in records if r.attack == "token_bag"}
+    assert bags[0].status == "skipped" and "lora_B = 0" in (bags[0].error or "")
+    assert bags[2].status == "skipped" and "not a complete bag" in (bags[2].error or "")
     # modules="peft": the 12 LoRA-adapted projections (6 layers x query, value) and the trained head
     modules = records[0].modules
     assert len(modules) == 13 and sum(m.endswith(("query", "value")) for m in modules) == 12

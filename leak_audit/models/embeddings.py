@@ -107,6 +107,34 @@ class EmbeddingTables:
             z = z + self.token_type[tt]
         return self.normalize(z)
 
+    def additive_atoms(self, segments: tuple[int, ...] = (0,), dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """Vectors whose span holds every layer-0 input, one per token and one per position (and segment).
+
+        LayerNorm centres and scales its input ``z = E[v] + P[i] + T[s]`` as a whole, so
+        ``Norm(z) = (γ ⊙ c(E[v]) + γ ⊙ c(P[i] + T[s])) / σ(z) + β`` with ``c`` the centring: each input lies in
+        the span of its token's atom, its position's atom and ``β``. RMSNorm is the same without centring and
+        ``β`` (``β`` is then the zero vector). Rotary or position-free models have all-zero position atoms.
+
+        Args:
+            segments: segment ids whose position atoms to build (``(0,)``: single-sentence inputs).
+            dtype: dtype of the atoms.
+
+        Returns:
+            ``(tokens [V, d], positions [len(segments)·L, d], bias [d])``, ``L`` = :attr:`max_length`; position
+            atom ``k·L + i`` is position ``i`` (from 0) in segment ``segments[k]``.
+        """
+        weight = self.norm_weight.to(dtype)
+
+        def centre(z: Tensor) -> Tensor:
+            z = z.to(dtype)
+            return z if self.norm_kind == "rmsnorm" else z - z.mean(-1, keepdim=True)
+
+        tokens = weight * centre(self.word)
+        table = self.position[self.position_offset:]
+        rows = [table.to(dtype) + (self.token_type[s].to(dtype) if self.token_type is not None else 0.0) for s in segments]
+        positions = weight * centre(torch.cat(rows))
+        return tokens, positions, self.norm_bias.to(dtype)
+
     def pair_inputs(
         self, tokens: Tensor, positions: Tensor, segment: int = 0, dtype: torch.dtype = torch.float64
     ) -> Tensor:

@@ -8,10 +8,11 @@ candidate atoms whose span holds the rows: joint sparse recovery (:mod:`~leak_au
 rank-aware ORMP). The idea of reading adapter gradients in their own subspace is that of the 2026 LoRA
 attacks (UTR, FedSpy-LLM); the solver and the decoder tree below are ours.
 
-1. **The token bag** (:func:`sparse_bag`). Layer 0's attention reads the position-free ``Norm(E[v])`` under
-   rotary positions, so the atoms are the vocabulary's rows; the stacked ``q``/``v`` adapters of layer 0
-   (``2r`` rows) are the targets. On SmolLM2 with ``r = 8`` (16 rows) it recovers 18-110 distinct tokens
-   exactly (``docs/decoders.md``).
+1. **The token bag** (:func:`~leak_audit.attacks.text.sparse_bag.sparse_bag`). Layer 0's attention reads the
+   position-free ``Norm(E[v])`` under rotary positions, so the atoms are the vocabulary's rows (GPT-2's learned
+   positions add one atom per position); the stacked ``q``/``v`` adapters of layer 0 (``2r`` rows) are the
+   targets. On SmolLM2 with ``r = 8`` (16 rows) it recovers 18-110 distinct tokens exactly
+   (``docs/decoders.md``).
 2. **The sentences** (:func:`pursue_prefixes`). Layer 1's adapters read the hidden state of each position,
    which depends on the prefix only (causal attention). The atoms are the layer-1 inputs of candidate
    prefixes: every bag token alone at the start, and each picked prefix extended by every bag token. A prefix
@@ -31,36 +32,10 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
-from leak_audit.attacks.pursuit import SharedPursuit, joint_support, prune_support
-from leak_audit.models import EmbeddingTables
+from leak_audit.attacks.pursuit import SharedPursuit, prune_support
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["last_tokens_by_matching", "leaf_coefficients", "pursue_prefixes", "sparse_bag"]
-
-
-def sparse_bag(
-    rows: Sequence[Tensor], tables: EmbeddingTables, tol: float = 1e-6, deadline: float | None = None
-) -> tuple[Tensor, float, bool]:
-    """The batch's tokens as the sparsest vocabulary set whose layer-0 inputs span ``rows``.
-
-    Args:
-        rows: layer 0's input-spanning gradient rows ``[k_i, d]`` (e.g. ``lora_A`` of ``q_proj`` and ``v_proj``).
-        tables: the first-layer tables (position-free inputs ``Norm(E[v])``: rotary decoders only).
-        tol: relative residual at which the pursuit stops (float32 gradients: round-off near ``1e-7``).
-        deadline: ``time.monotonic()`` value after which it stops.
-
-    Returns:
-        ``(tokens, residual, cut)``: token ids ``[K]`` (ascending), the relative residual of the rows outside
-        their inputs' span (near ``1e-7`` when the bag is complete), and whether the deadline stopped it.
-    """
-    targets = torch.cat([r.to(torch.float64) for r in rows])
-    atoms = tables.normalize(tables.word.to(torch.float32))
-    picked, residual, cut = joint_support(targets, atoms, tol=tol, deadline=deadline)
-    if not picked:
-        return torch.zeros(0, dtype=torch.long), residual, cut
-    index = torch.tensor(picked, dtype=torch.long, device=atoms.device)
-    kept = prune_support(targets, atoms[index], tol=tol)
-    return index[kept].sort().values.cpu(), residual, cut
+__all__ = ["last_tokens_by_matching", "leaf_coefficients", "pursue_prefixes"]
 
 
 def pursue_prefixes(
@@ -85,7 +60,7 @@ def pursue_prefixes(
             projections of layers 1, 2, ...: every block must be explained by the same positions).
         rows: per block, its gradient rows ``[k_i, d]`` (e.g. a layer's ``lora_A`` gradients of ``q_proj`` and
             ``v_proj``).
-        tokens: the bag ``[K]`` (:func:`sparse_bag`).
+        tokens: the bag ``[K]`` (:func:`~leak_audit.attacks.text.sparse_bag.sparse_bag`).
         tol: relative residual at which the pursuit stops.
         max_length: longest prefix.
         patience: stop when this many picks in a row left the residual above 0.9 of what it was (a token the

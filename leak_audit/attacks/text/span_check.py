@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import lora_input_constraints, span_basis
+from leak_audit.attacks.text.sparse_bag import SparseBag, sparse_bag
 from leak_audit.attacks.text.token_scores import TokenScorer, clipped_residuals, trimmed_residuals
 from leak_audit.models import EmbeddingTables, TextModelSpec
 
@@ -80,6 +82,9 @@ class SpanCheckResult:
         cut_short: the deadline stopped the work before its own end (the scan had not reached the end of
             the sequences, or the joint fit had not converged): the candidates are those found so far.
         progress: how far it got, a short string (e.g. ``"scanned 7 positions, 7 with tokens"``).
+        bag: with a partly observed span, the exact distinct tokens and length read by
+            :func:`~leak_audit.attacks.text.sparse_bag.sparse_bag` (``None`` when it did not close, was cut by
+            the deadline, or a vocabulary was given).
     """
 
     candidates: list[list[tuple[int, int, float]]]
@@ -92,6 +97,7 @@ class SpanCheckResult:
     partial: bool = False
     cut_short: bool = False
     progress: str = ""
+    bag: SparseBag | None = None
 
 
 def _trim_count(dropout: float, d: int) -> int:
@@ -224,8 +230,17 @@ def span_check(
             return cut_before_scan("while testing for exact span members")
         if not shows:
             # more distinct inputs than observed directions (and a slice small enough to say something): no
-            # token is certified; recover them by joint sparse recovery instead
-            return partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
+            # token is certified; recover them by joint sparse recovery instead: first the exact bag and length
+            # over token and position atoms, then (token, position) pairs among those
+            bag = None
+            if vocabulary is None:
+                read = sparse_bag(grads, tables, deadline=deadline, segments=tuple(segments))
+                if not read.cut and read.residual <= BAG_ACCEPT and read.tokens.numel():
+                    bag = read
+                    scorer = TokenScorer(tables, basis, read.tokens.to(basis.device), complement=False)
+                    limit = min(limit, read.length) if read.length else limit
+            result = partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
+            return dataclasses.replace(result, bag=bag)
     # with dropout, after two C-steps only the best candidates are refined further (B true ones at most)
     refine = max(6 * batch_size, 48) if prune else None
     # Rank >= d/4 and a candidate set small enough to score whole: keep the B best per occupied position.
@@ -283,6 +298,10 @@ def span_check(
     return SpanCheckResult(candidates, best[:length], sequences, rank, threshold, length, dropout_mode=trim > 0,
                            cut_short=cut, progress=progress)
 
+
+BAG_ACCEPT = 1e-4
+"""Relative residual below which :func:`~leak_audit.attacks.text.sparse_bag.sparse_bag` counts as complete
+(float32 gradients: about ``1e-7``); above it the bag is not used."""
 
 PARTIAL_SCAN = 64
 """Positions :func:`partial_span` considers (from 0)."""
@@ -539,7 +558,11 @@ class SpanCheck(Attack):
                 )
         tables = EmbeddingTables.from_params(inp.params, spec)
         bag = inp.priors.get("token_bag")
+        if bag is not None and bag.timed_out:  # a pursuit the deadline cut: a partial bag would hide tokens
+            bag = None
         vocabulary = torch.tensor(bag.token_bag, dtype=torch.long) if bag is not None and bag.token_bag else None
+        # a bag read from LoRA adapters (token_bag's pursuit) also knows the longest length
+        length = bag.info.get("length") if bag is not None and vocabulary is not None else None
         token_types = None
         tt_grad = inp.gradients.get(spec.token_type_embeddings) if spec.token_type_embeddings else None
         if tt_grad is not None and bool(tt_grad.any()):
@@ -555,6 +578,7 @@ class SpanCheck(Attack):
             deadline=budget.deadline,
             vocabulary=vocabulary,
             token_types=token_types,
+            max_length=int(length) if isinstance(length, int) and length > 0 else None,
             noise_std=inp.noise_std,
             constraints=constraints,
         )
@@ -573,5 +597,7 @@ class SpanCheck(Attack):
                 "dropout_mode": int(result.dropout_mode),
                 "partial": int(result.partial),
                 "vocabulary": int(vocabulary.numel()) if vocabulary is not None else spec.vocab_size,
+                **({"bag": int(result.bag.tokens.numel()), "bag_length": result.bag.length,
+                    "bag_residual": float(f"{result.bag.residual:.3g}")} if result.bag is not None else {}),
             },
         )

@@ -63,9 +63,8 @@ from torch import Tensor
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.spans import span_basis
-from leak_audit.attacks.text.decoder_pursuit import (
-    last_tokens_by_matching, leaf_coefficients, pursue_prefixes, sparse_bag,
-)
+from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
+from leak_audit.attacks.text.sparse_bag import sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
@@ -358,7 +357,8 @@ class SpanDecoder(Attack):
         if saturated and rows0 >= tables.word.shape[-1]:  # B·n >= d: a full span; rows pass it by chance
             return partial_bag()
         if saturated:  # LoRA beyond its rank: the sparsest vocabulary set whose inputs span the rows
-            tokens, bag_residual, bag_cut = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
+            read = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
+            tokens, bag_residual, bag_cut = read.tokens, read.residual, read.cut
             info.update(saturated=1, candidates=int(tokens.numel()), bag_residual=float(f"{bag_residual:.3g}"))
             if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:
                 return partial_bag(cut=bag_cut)  # the pursuit did not close (or ran out of time): the ranked bag
