@@ -328,7 +328,13 @@ class SpanDecoder(Attack):
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
         scan_cut = False
-        if spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
+        rank_first = int(span_basis(first, rtol=self.rtol)[0].shape[1])
+        if spec.position_scheme == "absolute" and rank_first >= min(sum(int(g.shape[0]) for g in first),
+                                                                     tables.word.shape[-1]):
+            # GPT-2 LoRA beyond its rank: no (token, position) pair lies in the row space; the bag and the
+            # prefixes come from the joint sparse recoveries below (token and position atoms, then prefixes)
+            tokens, rank0 = torch.zeros(0, dtype=torch.long), rank_first
+        elif spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
             per_position, rank0, scan_cut = candidates_by_position(first, tables, self.threshold, self.rtol,
                                                                    self.max_length, budget.deadline)
             tokens = torch.cat(per_position).unique() if per_position else torch.zeros(0, dtype=torch.long)

@@ -192,6 +192,30 @@ def test_random_gpt2_sequence_classifier_b2() -> None:
     assert sorted(recon.sequences) == sorted(ids.tolist())  # the classifier reads the last token: all 9 seen
 
 
+def test_gpt2_lora_beyond_its_rank_gives_the_sentences_less_their_last_token() -> None:
+    """GPT-2's layer-0 inputs carry learned positions: LayerNorm(wte[v] + wpe[i]) lies in the span of a token atom,
+    a position atom and the bias, so the bag comes from joint sparse recovery over those (27 positions against
+    the 4 rows of a rank-4 c_attn adapter), and the prefixes from layer 1's adapter as for rotary decoders."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = _gpt2_config()
+    config.n_embd, config.n_layer = 128, 3
+    model = get_peft_model(GPT2LMHeadModel(config).eval(), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)).eval()
+    with torch.no_grad():  # as after some training: lora_B != 0, so the lora_A gradients are not zero
+        generator = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=generator)
+    ids = torch.randint(3, 500, (3, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    assert recon.info["saturated"] == 1 and recon.info["order"] == "pursuit" and recon.info["bag_residual"] < 1e-5
+    assert sorted(recon.sequences) == sorted(s[:-1] for s in ids.tolist())  # a random model rarely predicts the last
+
+
 def test_a_trainer_run_on_a_random_gpt2_is_audited_not_refused(tmp_path: Path) -> None:
     """A GPT2LMHeadModel used to stop training at setup (UnsupportedModelError); now it gets the decoder
     defaults and an exact audit."""
