@@ -94,7 +94,9 @@ def pursue_prefixes(
 
     add(())
     residual, mark, since, cut = state.residual(), 1.0, 0, False
-    limit = min(t.shape[1] for t in targets) // 2  # beyond about (d + rank) / 2 atoms the sparsest set is not unique
+    # the sparsest set is unique up to about (d + rank) / 2 atoms, but the greedy picks may pass that on their way
+    # (near-copies of true prefixes picked before the true ones): up to d − 1 picks, then the pruning
+    limit = min(t.shape[1] for t in targets) - 1
     while residual > tol and len(state.picked) < limit:
         if late(deadline):
             cut = True
