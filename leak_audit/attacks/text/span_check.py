@@ -232,13 +232,12 @@ def span_check(
             # more distinct inputs than observed directions (and a slice small enough to say something): no
             # token is certified; recover them by joint sparse recovery instead: first the exact bag and length
             # over token and position atoms, then (token, position) pairs among those
-            bag = None
-            if vocabulary is None:
-                read = sparse_bag(grads, tables, deadline=deadline, segments=tuple(segments))
-                if not read.cut and read.residual <= BAG_ACCEPT and read.tokens.numel():
-                    bag = read
-                    scorer = TokenScorer(tables, basis, read.tokens.to(basis.device), complement=False)
-                    limit = min(limit, read.length) if read.length else limit
+            bag = sparse_bag(grads, tables, deadline=deadline, segments=tuple(segments)) if vocabulary is None else None
+            if bag is not None and not bag.cut and bag.residual <= BAG_ACCEPT and bag.tokens.numel():
+                scorer = TokenScorer(tables, basis, bag.tokens.to(basis.device), complement=False)
+                limit = min(limit, bag.length) if bag.length else limit
+            else:
+                bag = None
             result = partial_span(scorer, batch_size, min(limit, PARTIAL_SCAN), segments, sep_token_id, deadline)
             return dataclasses.replace(result, bag=bag)
     # with dropout, after two C-steps only the best candidates are refined further (B true ones at most)
@@ -300,8 +299,7 @@ def span_check(
 
 
 BAG_ACCEPT = 1e-4
-"""Relative residual below which :func:`~leak_audit.attacks.text.sparse_bag.sparse_bag` counts as complete
-(float32 gradients: about ``1e-7``); above it the bag is not used."""
+"""Relative residual below which a :func:`~leak_audit.attacks.text.sparse_bag.sparse_bag` bag is used (complete: ~1e-7)."""
 
 PARTIAL_SCAN = 64
 """Positions :func:`partial_span` considers (from 0)."""
@@ -561,8 +559,7 @@ class SpanCheck(Attack):
         if bag is not None and bag.timed_out:  # a pursuit the deadline cut: a partial bag would hide tokens
             bag = None
         vocabulary = torch.tensor(bag.token_bag, dtype=torch.long) if bag is not None and bag.token_bag else None
-        # a bag read from LoRA adapters (token_bag's pursuit) also knows the longest length
-        length = bag.info.get("length") if bag is not None and vocabulary is not None else None
+        length = bag.info.get("length") if bag is not None and vocabulary is not None else None  # LoRA bags know it
         token_types = None
         tt_grad = inp.gradients.get(spec.token_type_embeddings) if spec.token_type_embeddings else None
         if tt_grad is not None and bool(tt_grad.any()):

@@ -68,10 +68,8 @@ from leak_audit.attacks.text.sparse_bag import sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
-__all__ = [
-    "CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows", "layer0_rows",
-    "lora_blocks", "ranked_bag",
-]
+__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows",
+           "layer0_rows", "lora_blocks", "ranked_bag"]
 
 
 @dataclass(frozen=True)
@@ -274,18 +272,13 @@ class SpanDecoder(Attack):
             raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length!r}")
-        self.threshold = threshold
-        self.rtol = rtol
-        self.max_seconds = max_seconds
-        self.max_length = max_length
-        self.last_token_candidates = last_token_candidates
         if not 0 < bag_margin < 1:
             raise ValueError(f"bag_margin must be in (0, 1), got {bag_margin!r}")
-        self.bag_margin = bag_margin
         if not 0 < pursuit_tol <= pursuit_accept < 1:
             raise ValueError(f"need 0 < pursuit_tol <= pursuit_accept < 1, got {pursuit_tol!r} and {pursuit_accept!r}")
-        self.pursuit_tol = pursuit_tol
-        self.pursuit_accept = pursuit_accept
+        self.threshold, self.rtol, self.max_seconds, self.max_length = threshold, rtol, max_seconds, max_length
+        self.last_token_candidates, self.bag_margin = last_token_candidates, bag_margin
+        self.pursuit_tol, self.pursuit_accept = pursuit_tol, pursuit_accept
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
         require_layers(spec)
@@ -328,12 +321,11 @@ class SpanDecoder(Attack):
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
         scan_cut = False
-        rank_first = int(span_basis(first, rtol=self.rtol)[0].shape[1])
-        if spec.position_scheme == "absolute" and rank_first >= min(sum(int(g.shape[0]) for g in first),
-                                                                     tables.word.shape[-1]):
-            # GPT-2 LoRA beyond its rank: no (token, position) pair lies in the row space; the bag and the
-            # prefixes come from the joint sparse recoveries below (token and position atoms, then prefixes)
-            tokens, rank0 = torch.zeros(0, dtype=torch.long), rank_first
+        rows0 = sum(int(g.shape[0]) for g in first)
+        rank0 = int(span_basis(first, rtol=self.rtol)[0].shape[1]) if spec.position_scheme == "absolute" else 0
+        if rank0 >= min(rows0, tables.word.shape[-1]):
+            # GPT-2 LoRA beyond its rank: no (token, position) pair lies in the span; the bag and prefixes by pursuit
+            tokens = torch.zeros(0, dtype=torch.long)
         elif spec.position_scheme == "absolute":  # a candidate input is a (token, position) pair
             per_position, rank0, scan_cut = candidates_by_position(first, tables, self.threshold, self.rtol,
                                                                    self.max_length, budget.deadline)
@@ -348,7 +340,6 @@ class SpanDecoder(Attack):
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
         if per_position is not None:
             info["candidate_positions"] = len(per_position)
-        rows0 = sum(int(g.shape[0]) for g in first)
         saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
         def partial_bag(cut: bool = False) -> Reconstruction:
