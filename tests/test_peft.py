@@ -20,8 +20,9 @@ from tests.test_callback import fit
 peft = pytest.importorskip("peft")
 
 
-def lora_minilm(path: str, r: int = 8, targets=("query", "value"), seed: int = 0):
-    """A fresh pretrained MiniLM (dropout off) wrapped with LoRA adapters; the base is frozen."""
+def lora_minilm(path: str, r: int = 8, targets=("query", "value"), seed: int = 0, lora_b: float = 0.0):
+    """A fresh pretrained MiniLM (dropout off) wrapped with LoRA adapters; the base is frozen. ``lora_b > 0``:
+    every ``lora_B`` drawn from N(0, lora_b²) (a fixed stream), as after some training (``lora_A`` gradients ≠ 0)."""
     from transformers import AutoModelForSequenceClassification
     from transformers import logging as hf_logging
 
@@ -31,7 +32,14 @@ def lora_minilm(path: str, r: int = 8, targets=("query", "value"), seed: int = 0
         path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     config = peft.LoraConfig(r=r, lora_alpha=16, target_modules=list(targets), task_type="SEQ_CLS")
-    return peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config)
+    if lora_b > 0:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)  # str hashes vary per process; a fixed stream does not
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, lora_b, generator=generator)
+    return model
 
 
 def short_sentences(cola, tokenizer, max_tokens: int, n: int) -> list[tuple[str, int]]:
@@ -78,12 +86,7 @@ def test_frozen_module_request_says_it_is_frozen(minilm_path):
 def test_span_check_on_lora_a_gradients_recovers_real_cola_sentences(minilm_path, tokenizer, cola):
     # after some training lora_B != 0 and the stacked lora_A gradients of layer 0's query and value span
     # the inputs while the sentence has <= 2r = 16 tokens
-    model = lora_minilm(minilm_path)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)  # str hashes vary per process; a fixed stream does not
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0, 0.02, generator=generator)
+    model = lora_minilm(minilm_path, lora_b=0.02)
     spec = text_model_spec(model).with_tokenizer(tokenizer)
     tables = EmbeddingTables.from_params({n: p.detach() for n, p in model.named_parameters()}, spec)
     rows = short_sentences(cola, tokenizer, 16, 12)
@@ -130,12 +133,7 @@ def test_span_check_beyond_lora_rank_recovers_most_positions_of_real_cola_senten
     # 17-20 tokens against 2r = 16 observed directions: no token is in the observed slice, DAGER's LoRA
     # mode stops; the joint sparse fit still puts the true token first at most positions (84% measured
     # on 12 sentences, 37% by the shortlist ranking alone)
-    model = lora_minilm(minilm_path)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0, 0.02, generator=generator)
+    model = lora_minilm(minilm_path, lora_b=0.02)
     spec = text_model_spec(model).with_tokenizer(tokenizer)
     tables = EmbeddingTables.from_params({n: p.detach() for n, p in model.named_parameters()}, spec)
     rows = [(s, y) for s, y in cola if 16 < len(tokenizer(s).input_ids) <= 20][:6]
@@ -236,12 +234,7 @@ def test_token_bag_reads_the_exact_bag_and_length_of_real_cola_batches_from_satu
     from leak_audit.attacks.text.sparse_bag import sparse_bag
     from leak_audit.attacks.text.token_bag import TokenBag
 
-    model = lora_minilm(minilm_path)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0, 0.02, generator=generator)
+    model = lora_minilm(minilm_path, lora_b=0.02)
     spec = text_model_spec(model).with_tokenizer(tokenizer)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tables = EmbeddingTables.from_params(params, spec)
