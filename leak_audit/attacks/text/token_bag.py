@@ -61,7 +61,7 @@ class TokenBag(Attack):
     (when that is not tapped) from layer 0's ``lora_A`` gradients.
 
     From the embedding gradient it is one pass over the rows (no time limit of its own). From LoRA adapters
-    it is a pursuit over ``V + L + 1`` atoms (2-3 s for a B = 4 CoLA batch on MiniLM, 2 CPU cores) that stops
+    it is a pursuit over ``V + L + 1`` atoms (0.8-6 s per B = 4-8 batch on MiniLM, 2 CPU cores) that stops
     at the audit's deadline. Either way it returns at once, timed out, when started past the deadline.
 
     Args:
