@@ -40,11 +40,17 @@ CERTIFY_TOL = 1e-4
 
 @dataclass(frozen=True)
 class Proposal:
-    """Candidate sentences for the gradient that is left, with the bag and length their columns use."""
+    """Candidate sentences for the gradient that is left, with the bag and length their columns use.
+
+    ``members``, when given, names per sentence the tokens its certificate reads (tokens known to occur in
+    that sentence only, e.g. the anchors whose query gradient its key span explained exactly); otherwise a
+    sentence's members are its tokens that no other proposed sentence has.
+    """
 
     sequences: list[list[int]]
     bag: list[int]
     length: int
+    members: list[list[int]] | None = None
 
 
 @dataclass
@@ -183,8 +189,12 @@ def peel(
         columns = None
         accepted: list[tuple[list[int], Tensor, Tensor, float]] = []
         for i, seq in enumerate(proposal.sequences):
-            others = {v for j, s in enumerate(proposal.sequences) if j != i for v in s}
-            members = sorted(index[v] for v in set(seq) if v not in others and v not in structural and v in index)
+            if proposal.members is not None:
+                own = set(proposal.members[i]) & set(seq)
+            else:
+                others = {v for j, s in enumerate(proposal.sequences) if j != i for v in s}
+                own = set(seq) - others
+            members = sorted(index[v] for v in own if v not in structural and v in index)
             if not members or seq in out.sequences:
                 continue
             if late(deadline):

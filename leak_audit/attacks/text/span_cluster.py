@@ -40,7 +40,9 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
+from leak_audit.attacks.text.pair_pursuit import pair_pursuit
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
+from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.span_check import span_check
@@ -54,34 +56,6 @@ __all__ = [
     "spectral_clusters",
     "token_query_gradients",
 ]
-
-
-def _centre(z: Tensor) -> Tensor:
-    return z - z.mean(-1, keepdim=True)
-
-
-def additive_atoms(tables: EmbeddingTables, bag: Sequence[int], length: int, segment: int = 0) -> Tensor:
-    """Columns spanning the layer-0 inputs of every (bag token, position) pair: ``[d, |bag| + length + 1]``.
-
-    ``[γ⊙C(E[v]) for v in bag] + [γ⊙C(P[i] + T[segment]) for i < length] + [β]`` in float64, where ``C``
-    centres a vector: ``LN(E[v] + P[i] + T) = (γ⊙C(E[v]) + γ⊙C(P[i] + T)) / σ + β``.
-    """
-    gam = tables.norm_weight.detach().double()
-    word = tables.word.detach()[torch.as_tensor(list(bag), dtype=torch.long)].double()
-    pos = tables.position.detach()[tables.position_offset : tables.position_offset + length].double()
-    if tables.token_type is not None:
-        pos = pos + tables.token_type[segment].detach().double()
-    return torch.cat([gam * _centre(word), gam * _centre(pos), tables.norm_bias.detach().double()[None]]).T
-
-
-def token_query_gradients(grad: Tensor, atoms: Tensor) -> Tensor:
-    """Split a first-layer weight gradient ``[d_out, d]`` over the columns of ``atoms`` ``[d, m]``.
-
-    Returns ``H`` ``[d_out, m]`` with ``grad = H atomsᵀ`` (least squares; exact when the gradient's rows
-    lie in the atoms' span, i.e. for exact gradients). For the atoms of :func:`additive_atoms` the
-    column of token ``v`` is ``Σ_{t: token v} δ_t / σ_t``, the output gradients of its occurrences.
-    """
-    return torch.linalg.lstsq(atoms, grad.detach().double().T).solution.T
 
 
 def spectral_clusters(affinity: Tensor, k: int, seed: int = 0, restarts: int = 10) -> list[int]:
@@ -345,15 +319,23 @@ class SpanCluster(Attack):
         support: group-lasso support threshold (share of an anchor's largest score).
         test_tol: tolerance of the exact span test.
         peel: certify and peel sentences with the model (needs the auditor's model replica).
+        pairs: while at most this many sentences are left (0: never), propose first the sentences of the pair
+            pursuit (:mod:`~leak_audit.attacks.text.pair_pursuit`: whole sentences in order from the position
+            columns and per-token key spans, certified through their anchors); the clustering proposes only
+            when it finds none. Above it (B = 16: 17-25 s per pursuit round, a few sentences each) the
+            clustering proposes first and peeling brings the batch down to it.
+        beam: width of the pair pursuit's second try for an anchor its greedy search leaves open (1: none).
 
     Raises:
-        ValueError: ``support`` or ``test_tol`` outside ``(0, 1)``.
+        ValueError: ``support`` or ``test_tol`` outside ``(0, 1)``, ``pairs < 0`` or ``beam < 1``.
     """
 
     name = "span_cluster"
     uses = ("span_check", "token_bag")
 
-    def __init__(self, support: float = 0.01, test_tol: float = 1e-6, peel: bool = True) -> None:
+    def __init__(
+        self, support: float = 0.01, test_tol: float = 1e-6, peel: bool = True, pairs: int = 8, beam: int = 6
+    ) -> None:
         if not 0 < support < 1:
             raise ValueError(f"support must be in (0, 1), got {support}")
         if not 0 < test_tol < 1:
@@ -361,6 +343,12 @@ class SpanCluster(Attack):
         self.support = support
         self.test_tol = test_tol
         self.peel = bool(peel)
+        if pairs < 0:
+            raise ValueError(f"pairs must be >= 0 (0: never), got {pairs}")
+        self.pairs = int(pairs)
+        if beam < 1:
+            raise ValueError(f"beam must be >= 1, got {beam}")
+        self.beam = int(beam)
 
     @staticmethod
     def _key(spec: TextModelSpec) -> str:
@@ -419,6 +407,8 @@ class SpanCluster(Attack):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inp.generator)) if inp.generator is not None else 0
         key_weight = inp.params[self._key(spec)]
 
+        peeling = self.peel and inp.replica is not None
+
         def propose(
             g: Tensor, b: int, cands: Sequence[Sequence[int]] | None = None, single: list[list[int]] | None = None
         ) -> Proposal:
@@ -428,9 +418,23 @@ class SpanCluster(Attack):
                     cut.append("span check")
                     raise NotApplicable("the deadline cut the span check")  # ends the peeling rounds
                 cands, single = [[t for t, _, _ in c] for c in found.candidates], found.sequences
+            bag = sorted({int(t) for c in cands for t in c})
             if b == 1:
                 seqs = [list(single[0])] if single else []
-                return Proposal(seqs, sorted({int(t) for c in cands for t in c}), len(cands))
+                return Proposal(seqs, bag, len(cands))
+            if b <= self.pairs and spec.cls_token_id is not None and spec.sep_token_id is not None:
+                with torch.no_grad():
+                    pp = pair_pursuit(
+                        g, key_weight, spec.num_heads, tables, bag, len(cands), segment=segment,
+                        cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, beam=self.beam,
+                        deadline=deadline,
+                    )
+                if pp.cut_short and "pair pursuit" not in cut:
+                    cut.append("pair pursuit")
+                if pp.sequences and (peeling or len(pp.sequences) >= b):  # sentences in order, with their anchors
+                    return Proposal(pp.sequences[:b] if not peeling else pp.sequences, bag, len(cands), members=pp.members)
+            else:
+                pp = None
             with torch.no_grad():
                 res = span_cluster(
                     g, key_weight, spec.num_heads, tables, cands, b, segment=segment, structural=structural,
@@ -439,6 +443,10 @@ class SpanCluster(Attack):
                 )
             if res.cut_short:
                 cut.extend(c for c in res.progress.split(", ") if c not in cut)
+            if pp is not None and pp.sequences:  # no peeling: the pair pursuit's sentences, then other clusters
+                found = {v for m in pp.members for v in m}
+                rest = [q for q in res.sequences if not found & set(q)]
+                return Proposal([*pp.sequences, *rest][:b], res.bag, res.length)
             return Proposal(res.sequences, res.bag, res.length)
 
         def finish(
