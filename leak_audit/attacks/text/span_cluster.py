@@ -444,8 +444,8 @@ class SpanCluster(Attack):
             if res.cut_short:
                 cut.extend(c for c in res.progress.split(", ") if c not in cut)
             if pp is not None and pp.sequences:  # no peeling: the pair pursuit's sentences, then other clusters
-                found = {v for m in pp.members for v in m}
-                rest = [q for q in res.sequences if not found & set(q)]
+                explained = {v for m in pp.members for v in m}
+                rest = [q for q in res.sequences if not explained & set(q)]
                 return Proposal([*pp.sequences, *rest][:b], res.bag, res.length)
             return Proposal(res.sequences, res.bag, res.length)
 
