@@ -170,6 +170,16 @@ def _residuals(target: Tensor, keys: Tensor) -> Tensor:
     return r.square().sum((-2, -1)) / target.square().sum().clamp_min(1e-300)
 
 
+def _swap_residuals(target: Tensor, others: Tensor, swaps: Tensor) -> Tensor:
+    """:func:`_residuals` of ``others`` ``[s, H, d_h]`` plus each one of ``swaps`` ``[c, H, d_h]``: ``[c]``, by one
+    QR of ``others`` per head and a rank-one update per swap."""
+    q = torch.linalg.qr(others.permute(1, 2, 0)).Q  # [H, d_h, s]
+    r0 = target - (q @ (q.transpose(1, 2) @ target[..., None]))[..., 0]
+    left = swaps - torch.einsum("hds,hs...->...hd", q, torch.einsum("hds,chd->hsc", q, swaps))
+    drop = torch.einsum("chd,hd->ch", left, r0).square() / left.square().sum(2).clamp_min(1e-300)
+    return (r0.square().sum() - drop.sum(1)) / target.square().sum().clamp_min(1e-300)
+
+
 def _residual(target: Tensor, keys: Tensor) -> float:
     return float(_residuals(target, keys))
 
@@ -193,15 +203,18 @@ def _close(
     for _ in range(sweeps if best >= tol * 1e-2 else 0):
         improved = False
         for k in range(len(chosen)):
-            trials = [chosen[:k] + [p] + chosen[k + 1 :] for p in at[k + 1] if p != chosen[k]]
-            if not trials:
+            swaps = [p for p in at[k + 1] if p != chosen[k]]
+            if not swaps:
                 continue
-            res = _residuals(target, keys[torch.tensor(trials, device=keys.device)])
+            res = _swap_residuals(target, keys[chosen[:k] + chosen[k + 1 :]], keys[swaps])
             i = int(res.argmin())
             if float(res[i]) < 0.999 * best:
-                best, chosen, improved = float(res[i]), trials[i], True
+                best, improved = float(res[i]), True
+                chosen = chosen[:k] + [swaps[i]] + chosen[k + 1 :]
         if not improved or best < tol * 1e-2:
             break
+    if sweeps:
+        best = _residual(target, keys[chosen])  # the swaps' rank-one updates, checked by least squares
     for k, p in enumerate(chosen[:-1]):  # a superset of the pairs passes too: end at the first [SEP]
         if int(tokens[p]) == sep_token_id:
             res = _residual(target, keys[chosen[: k + 1]])
