@@ -25,7 +25,7 @@ that sentence alone; these anchors are the *members* the peeling certificate rea
 before its clustering. Measured on the pretrained MiniLM, layer 0's query gradient alone (``leak-audit
 bench text --data cola_dev.tsv --n 64 --batch-sizes 4 --views
 linear:bert.encoder.layer.0.attention.self.query --attacks span_cluster --dropout off --max-seconds 30``):
-all 64 CoLA sentences exact at B = 4 (before: 19), 8.8 s per batch. Limits: the test needs ``n − 1 < d_h``
+all 64 CoLA sentences exact at B = 4 (before: 19), 6.2 s per batch. Limits: the test needs ``n − 1 < d_h``
 pairs (sentences under ~31 tokens on MiniLM); the search is greedy, then a beam, so an anchor may stay
 open (it then proposes nothing); a true pair the candidate fits miss makes its sentence unreachable until
 peeling has removed the sentences that share its tokens.
