@@ -180,6 +180,11 @@ def _swap_residuals(target: Tensor, others: Tensor, swaps: Tensor) -> Tensor:
     return (r0.square().sum() - drop.sum(1)) / target.square().sum().clamp_min(1e-300)
 
 
+def _take(t: Tensor, index: Sequence[int]) -> Tensor:
+    """Rows ``index`` of ``t`` (an empty list indexes as ``long``, not ``float``)."""
+    return t[torch.as_tensor(list(index), dtype=torch.long, device=t.device)]
+
+
 def _residual(target: Tensor, keys: Tensor) -> float:
     return float(_residuals(target, keys))
 
@@ -199,14 +204,14 @@ def _close(
     if any(i not in at for i in range(1, n)):
         return [], float("inf")
     chosen = [picked.get(i, at[i][0]) for i in range(1, n)]
-    best = _residual(target, keys[chosen])
+    best = _residual(target, _take(keys, chosen))
     for _ in range(sweeps if best >= tol * 1e-2 else 0):
         improved = False
         for k in range(len(chosen)):
             swaps = [p for p in at[k + 1] if p != chosen[k]]
             if not swaps:
                 continue
-            res = _swap_residuals(target, keys[chosen[:k] + chosen[k + 1 :]], keys[swaps])
+            res = _swap_residuals(target, _take(keys, chosen[:k] + chosen[k + 1 :]), _take(keys, swaps))
             i = int(res.argmin())
             if float(res[i]) < 0.999 * best:
                 best, improved = float(res[i]), True
@@ -214,10 +219,10 @@ def _close(
         if not improved or best < tol * 1e-2:
             break
     if sweeps:
-        best = _residual(target, keys[chosen])  # the swaps' rank-one updates, checked by least squares
+        best = _residual(target, _take(keys, chosen))  # the swaps' rank-one updates, checked by least squares
     for k, p in enumerate(chosen[:-1]):  # a superset of the pairs passes too: end at the first [SEP]
         if int(tokens[p]) == sep_token_id:
-            res = _residual(target, keys[chosen[: k + 1]])
+            res = _residual(target, _take(keys, chosen[: k + 1]))
             if res < tol:
                 chosen, best = chosen[: k + 1], res
             break
@@ -296,7 +301,7 @@ def pair_pursuit(
     def known(v: int, target: Tensor) -> bool:
         """The anchor lies in a sentence already found: one more member, no search."""
         for seq, (chosen, anchors, res0) in found.items():
-            if v in seq and _residual(target, keys[chosen]) < tol:
+            if v in seq and _residual(target, _take(keys, chosen)) < tol:
                 found[seq] = (chosen, [*anchors, int(v)], res0)
                 return True
         return False
@@ -311,7 +316,7 @@ def pair_pursuit(
         target = h[:, j].view(heads, dh)
         if known(v, target):
             continue
-        picks = first[_ormp(target, keys[first], positions[first], tol * 1e-2)[0]].tolist()
+        picks = _take(first, _ormp(target, keys[first], positions[first], tol * 1e-2)[0]).tolist()
         chosen, best = _close(target, picks, *args)
         if not chosen and len(first) < len(pairs):  # the pairs of the second stage too
             picks = _ormp(target, keys, positions, tol * 1e-2)[0]
@@ -319,7 +324,7 @@ def pair_pursuit(
         if chosen:
             record(v, chosen, best)
         elif picks:
-            open_.append((_residual(target, keys[picks]), v, target))
+            open_.append((_residual(target, _take(keys, picks)), v, target))
     for _, v, target in sorted(open_, key=lambda e: e[0])[: beam_anchors if beam > 1 else 0]:
         if late(deadline):
             out.cut_short = True
