@@ -6,7 +6,10 @@ sentence's tokens. A member token's per-token query gradient ``s_v^h`` (head ``h
 placement of the tokens on positions whose keys explain every member exactly: scored by a group lasso
 (:func:`~leak_audit.attacks.lasso.group_lasso`, one group per pair across members and heads), placed by a
 linear assignment (``scipy.optimize.linear_sum_assignment``), then polished by steepest descent over swaps
-under the members' exact least-squares residual.
+under the members' exact least-squares residual. Each descent step ranks all its moves from one QR of the
+current order (:func:`move_scores`, rank-two updates) and recomputes the best :data:`VERIFY` exactly: on a CoLA
+batch of 16 (layer 0's query, MiniLM) the descent went from 99 s to 19 s and ``span_cluster`` from 167 s to
+84 s, with the same sentences.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.lasso import group_lasso
 
-__all__ = ["ORDER_CHUNK", "OrderedSentence", "order_sentence"]
+__all__ = ["ORDER_CHUNK", "VERIFY", "OrderedSentence", "move_scores", "order_sentence"]
 
 
 class OrderedSentence(NamedTuple):
@@ -41,6 +44,71 @@ class OrderedSentence(NamedTuple):
 ORDER_CHUNK = 64
 """Placements :func:`order_sentence` scores per batched least-squares call (the deadline is checked between
 calls): a sweep over a 50-token sentence's ~1300 swaps took 7 s in one call."""
+
+
+VERIFY = 8
+"""Moves per descent step whose residuals are recomputed exactly after :func:`move_scores` ranked them all."""
+
+
+def move_scores(d: Tensor, y: Tensor, slots: Tensor, new: Tensor) -> Tensor | None:
+    """Members' largest relative squared residual after replacing two atoms, for many moves from one QR.
+
+    With ``D = QR`` (per head) and ``W = D (DᵀD)⁻¹ = Q R⁻ᵀ`` (the dual vectors: ``W_sᵀ d_k = δ_sk``), removing
+    the columns ``S`` turns the residual ``E = (I − QQᵀ) Y`` into ``E_S = E + W_S (W_SᵀW_S)⁻¹ W_Sᵀ Y`` and the
+    projector into ``P_S = (I − QQᵀ) + W_S (W_SᵀW_S)⁻¹ W_Sᵀ``; adding the new columns ``U`` leaves
+    ``‖E_S‖² − cᵀ (UᵀP_S U)⁻¹ c`` with ``c = (P_S U)ᵀ E_S`` (block Gram–Schmidt). Each move costs a few
+    ``d_h × 2`` products instead of a least-squares solve: for *ranking* moves (differences of squares lose
+    digits near zero; the caller recomputes the best few exactly).
+
+    Args:
+        d: ``[H, d_h, n]`` the current atoms per head; y: ``[H, d_h, m]`` the members' query gradients.
+        slots: ``[M, 2]`` the two replaced columns of each move (distinct).
+        new: ``[M, H, d_h, 2]`` their replacements (a column may be replaced by itself).
+
+    Returns:
+        ``[M]`` the largest relative squared residual over members, or ``None`` when ``D`` is rank-deficient
+        (more atoms than ``d_h``, or a QR pivot below ``1e-10`` of the largest).
+    """
+    h, dh, n = d.shape
+    if n > dh:
+        return None
+    q, r = torch.linalg.qr(d)
+    diag = r.diagonal(dim1=-2, dim2=-1).abs()
+    if bool((diag <= 1e-10 * diag.max(-1, keepdim=True).values).any()):
+        return None
+    eye = torch.eye(n, dtype=d.dtype, device=d.device).expand(h, n, n)
+    w = q @ torch.linalg.solve_triangular(r, eye, upper=True).transpose(-1, -2)  # H x d_h x n
+    e = y - q @ (q.transpose(-1, -2) @ y)  # H x d_h x m
+    x = w.transpose(-1, -2) @ y  # H x n x m: W_sᵀ Y are the least-squares coefficients
+    moves, m = slots.shape[0], y.shape[-1]
+    # E ⟂ span(D) ∋ W_S, so ‖E_S‖² = ‖E‖² + X_Sᵀ G⁻¹ X_S, (P_S U)ᵀ E_S = UᵀE + UᵀW_S G⁻¹ X_S and
+    # UᵀP_S U = U_⟂ᵀU_⟂ + UᵀW_S G⁻¹ W_SᵀU (G = W_SᵀW_S): only 2 x 2 and 2 x m blocks per move and head
+    g = (w.transpose(-1, -2) @ w)[:, slots[:, :, None], slots[:, None, :]]  # H x M x 2 x 2
+    gi = _inverse2(g)
+    xs = x[:, slots]  # H x M x 2 x m
+    t = _mul2(gi, xs)
+    norms = e.square().sum(1)[:, None] + (xs * t).sum(-2)  # H x M x m
+    u = new.permute(1, 0, 3, 2).reshape(h, 2 * moves, dh)  # H x 2M x d_h
+    ue = (u @ e).view(h, moves, 2, m)
+    uw = torch.gather((u @ w).view(h, moves, 2, n), 3, slots[None, :, None, :].expand(h, moves, 2, 2))  # H x M x 2 x 2
+    c = ue + _mul2(uw, t)
+    perp = (u - (u @ q) @ q.transpose(-1, -2)).view(h, moves, 2, dh)
+    a = (perp[..., :, None, :] * perp[..., None, :, :]).sum(-1) + _mul2(uw, _mul2(gi, uw.transpose(-1, -2)))
+    a = a + 1e-14 * a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * torch.eye(2, dtype=d.dtype, device=d.device)
+    left = norms - (c * _mul2(_inverse2(a), c)).sum(-2)  # H x M x m
+    return (left.sum(0) / y.square().sum((0, 1)).clamp_min(1e-300)).max(1).values
+
+
+def _mul2(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``[..., 2, 2]`` and ``[..., 2, l]`` (elementwise: a batched matmul of tiny blocks costs more)."""
+    return a[..., :, 0, None] * b[..., 0, None, :] + a[..., :, 1, None] * b[..., 1, None, :]
+
+
+def _inverse2(a: Tensor) -> Tensor:
+    """Inverses of ``[..., 2, 2]`` matrices in closed form (a batched LAPACK solve of 2 x 2 systems costs more)."""
+    det = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    adj = torch.stack([torch.stack([a[..., 1, 1], -a[..., 0, 1]], -1), torch.stack([-a[..., 1, 0], a[..., 0, 0]], -1)], -2)
+    return adj / det[..., None, None]
 
 
 def order_sentence(
@@ -171,6 +239,15 @@ def order_sentence(
         fx = fixed(count)
         tail_atoms = (fx[1:] - ref).view(-1, heads, dh)
 
+        def rank_moves(place: list[int], moves: list[tuple[int, int, int, int]]) -> Tensor | None:
+            """Approximate residuals of ``moves`` (slots ``i, j`` get tokens ``a, b``) from one QR of ``place``
+            (:func:`move_scores`); ``None`` when the placement's atoms are rank-deficient."""
+            cols = pair_atoms[torch.tensor(place), torch.arange(count)]  # count x H x d_h
+            d = torch.cat([cols, tail_atoms], 0).permute(1, 2, 0)  # H x d_h x n
+            mv = torch.tensor(moves, dtype=torch.long)
+            new = torch.stack([pair_atoms[mv[:, 2], mv[:, 0]], pair_atoms[mv[:, 3], mv[:, 1]]], -1)  # M x H x d_h x 2
+            return move_scores(d, rhs, mv[:, :2], new)
+
         def descend(place: list[int]) -> tuple[float, list[int]]:
             nonlocal cut
             cur = float(residuals([place], tail_atoms)[0])
@@ -179,21 +256,31 @@ def order_sentence(
                     cut = True
                     break
                 moves: list[list[int]] = []
+                spec: list[tuple[int, int, int, int]] = []  # (slot i, slot j, token at i, token at j)
                 for i in range(count):
                     for j in range(i + 1, count):
                         if place[i] != place[j]:
                             trial = list(place)
                             trial[i], trial[j] = trial[j], trial[i]
                             moves.append(trial)
+                            spec.append((i, j, place[j], place[i]))
                     if place.count(place[i]) >= 2:
+                        other = (i + 1) % count  # a replacement changes one slot: pair it with an unchanged one
                         for t in range(len(middle)):
                             if t != place[i]:
                                 trial = list(place)
                                 trial[i] = t
                                 moves.append(trial)
+                                spec.append((i, other, t, place[other]))
                 if not moves:
                     break
-                res = move_residuals(moves, tail_atoms)
+                ranked = rank_moves(place, spec) if count >= 2 else None
+                if ranked is None:
+                    res = move_residuals(moves, tail_atoms)
+                else:  # the best few by the one-QR ranking, their residuals exact
+                    top = ranked.topk(min(VERIFY, len(moves)), largest=False).indices.tolist()
+                    res = torch.full((len(moves),), float("inf"), dtype=torch.float64)
+                    res[top] = residuals([moves[t] for t in top], tail_atoms).to(res.dtype)
                 j = int(res.argmin())
                 if float(res[j]) >= cur:
                     cut = cut or len(res) < len(moves)  # the deadline stopped the scan of the moves
