@@ -301,7 +301,9 @@ class SpanCluster(Attack):
     Needs the weight gradient of layer 0's ``attention.self.query`` (the ``linear:…layer.0…query`` view,
     and any view containing it) plus the embedding tables and layer 0's key weight. Uses the span check's
     per-position candidates when ``span_check`` ran first, otherwise runs it. Exact (dropout-off)
-    gradients only. At ``B = 1`` the span check's sentence is the proposal.
+    gradients only. At ``B = 1`` the span check's sentence is the proposal. When ``span_attention`` ran first
+    and certified all ``B`` sentences (the full view), there is nothing left to find: it raises
+    :class:`~leak_audit.attacks.base.NotApplicable` (a ``skipped`` record) and costs nothing.
 
     With ``peel=True`` (default) it also needs the model (``Requirements.replica``): every proposed
     sentence is certified by its exact gradient and subtracted, and the rest of the batch is attacked
@@ -332,7 +334,8 @@ class SpanCluster(Attack):
     """
 
     name = "span_cluster"
-    uses = ("span_check", "token_bag")
+    uses = ("span_attention", "span_check", "token_bag")
+    cost = "search"
 
     def __init__(
         self, support: float = 0.01, test_tol: float = 1e-6, peel: bool = True, pairs: int = 16, beam: int = 6
@@ -377,6 +380,9 @@ class SpanCluster(Attack):
                 f"its exact certificates need noise-free gradients; these carry DP noise (std {inp.noise_std:.3g} "
                 "per coordinate): span_check, token_bag, labels and gradient_matching rank candidates under noise"
             )
+        done = inp.priors.get("span_attention")
+        if done is not None and done.sequences is not None and len(done.sequences) == inp.batch_size:
+            raise NotApplicable(f"span_attention already certified all {inp.batch_size} sentences of this batch")
         budget = inp.budget()
         deadline = budget.deadline
         cut: list[str] = []  # what the deadline cut, in order
@@ -435,7 +441,7 @@ class SpanCluster(Attack):
                 if pp.sequences and peeling:  # sentences in order, with their anchors; the clustering if none certifies
                     return Proposal(
                         pp.sequences, bag, len(cands), members=pp.members,
-                        fallback=lambda: cluster(g, b, cands, None),
+                        fallback=lambda: cluster(g, b, cands, pp),
                     )
                 if len(pp.sequences) >= b:
                     return Proposal(pp.sequences[:b], bag, len(cands), members=pp.members)
@@ -452,7 +458,7 @@ class SpanCluster(Attack):
                 )
             if res.cut_short:
                 cut.extend(c for c in res.progress.split(", ") if c not in cut)
-            if pp is not None and pp.sequences:  # no peeling: the pair pursuit's sentences, then other clusters
+            if pp is not None and pp.sequences:  # the pair pursuit's sentences, then the clusters they do not explain
                 explained = {v for m in pp.members for v in m}
                 rest = [q for q in res.sequences if not explained & set(q)]
                 return Proposal([*pp.sequences, *rest][:b], res.bag, res.length)

@@ -140,3 +140,37 @@ def test_pruned_refinement_and_segment_restriction_keep_recall(minilm, tokenizer
     assert sum(recall.values()) / len(recall) >= 0.9, recall
     with pytest.raises(ValueError, match=r"token_types must be a non-empty subset of 0\.\.1, got \[5\]"):
         span_check([grads[QUERY0]], tables, 4, token_types=[5], **kw)
+
+
+def test_default_attacks_pick_span_cluster_for_a_single_query_and_skip_it_on_the_full_view(minilm, tokenizer, cola, spec):
+    """The callback's default encoder attacks on CoLA 0-3 (B = 4, dropout off): with layer 0's query alone
+    tapped, ``span_cluster`` recovers all four sentences exactly (``span_check`` cannot group them); on the
+    full view ``span_attention`` certifies the batch and ``span_cluster`` skips itself."""
+    from leak_audit.attacks import DEFAULT_ATTACKS, resolve_attacks
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
+    from leak_audit.models.replica import ModelReplica
+    from leak_audit.runtime.auditor import Auditor
+
+    assert "span_cluster" in DEFAULT_ATTACKS
+    rows = cola[:4]
+    enc, grads = gradients(minilm, tokenizer, [s for s, _ in rows], [y for _, y in rows], train=False)
+    params = {n: p.detach() for n, p in minilm.named_parameters()}
+    batch = default_batch_adapter({**enc, "labels": torch.tensor([y for _, y in rows])})
+
+    def audit(names):
+        auditor = Auditor(spec, resolve_attacks(None, "text"), names,
+                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True), replica=ModelReplica(minilm),
+                          max_seconds=120)
+        snap = AuditSnapshot(0, 0, 0.0, {n: grads[n] for n in names}, params, batch, ("model",))
+        return {r.attack: r for r in auditor(snap)}
+
+    single = audit({QUERY0})
+    assert single["span_cluster"].status == "ok"
+    assert single["span_cluster"].metrics["exact_match"] == 1.0
+    assert single["span_check"].metrics["exact_match"] < 1.0
+    assert single["span_attention"].status == "skipped"
+    full = audit(set(grads))
+    assert full["span_attention"].status == "ok" and full["span_attention"].metrics["exact_match"] == 1.0
+    assert full["span_cluster"].status == "skipped"
+    assert "already certified all 4 sentences" in full["span_cluster"].error
