@@ -44,16 +44,13 @@ class Proposal:
 
     ``members``, when given, names per sentence the tokens its certificate reads (tokens known to occur in
     that sentence only, e.g. the anchors whose query gradient its key span explained exactly); otherwise a
-    sentence's members are its tokens that no other proposed sentence has. ``fallback``, when given, is a
-    second attack on the same gradient that :func:`peel` runs when none of these sentences is certified
-    (e.g. a clustering behind a pursuit), so one failed proposer does not end the rounds.
+    sentence's members are its tokens that no other proposed sentence has.
     """
 
     sequences: list[list[int]]
     bag: list[int]
     length: int
     members: list[list[int]] | None = None
-    fallback: Callable[[], Proposal] | None = None
 
 
 @dataclass
@@ -158,9 +155,7 @@ def peel(
     Args:
         grad: the observed first-layer weight gradient ``[d_out, d]`` of ``batch_size`` sentences.
         propose: ``(gradient left, B') -> Proposal``, an attack on what is left (may raise
-            :class:`~leak_audit.attacks.base.NotApplicable`, which ends the rounds). When a round certifies
-            nothing, the proposal's ``fallback`` (if any, and the deadline allows) proposes again on the same
-            gradient in the same round; the rounds end when no proposal is left.
+            :class:`~leak_audit.attacks.base.NotApplicable`, which ends the rounds).
         contribution: ``sentence -> [C − 1, d_out, d]``, e.g. :func:`logit_gradients`.
         split: ``(gradient, bag, length) -> [d_out, m]`` per-token columns, the first ``|bag|`` in bag order
             (:func:`~leak_audit.attacks.text.span_cluster.token_query_gradients` on the bag's atoms).
@@ -213,15 +208,7 @@ def peel(
             if res < tol:
                 accepted.append((seq, alpha, basis, res))
         if not accepted:
-            if proposal.fallback is None or late(deadline):
-                out.cut_short = out.cut_short or proposal.fallback is not None
-                break
-            try:
-                proposal = proposal.fallback()
-            except NotApplicable:
-                break
-            out.rounds -= 1  # the same round, another proposer
-            continue
+            break
         for seq, alpha, basis, res in accepted[:b]:
             rest.remove(seq)
             left = left - torch.einsum("c,c...->...", alpha, basis.double())

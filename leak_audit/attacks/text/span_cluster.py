@@ -40,7 +40,7 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
-from leak_audit.attacks.text.pair_pursuit import PairPursuitResult, pair_pursuit
+from leak_audit.attacks.text.pair_pursuit import pair_pursuit
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
 from leak_audit.attacks.lasso import group_lasso
@@ -438,18 +438,10 @@ class SpanCluster(Attack):
                     )
                 if pp.cut_short and "pair pursuit" not in cut:
                     cut.append("pair pursuit")
-                if pp.sequences and peeling:  # sentences in order, with their anchors; the clustering if none certifies
-                    return Proposal(
-                        pp.sequences, bag, len(cands), members=pp.members,
-                        fallback=lambda: cluster(g, b, cands, pp),
-                    )
-                if len(pp.sequences) >= b:
-                    return Proposal(pp.sequences[:b], bag, len(cands), members=pp.members)
+                if pp.sequences and (peeling or len(pp.sequences) >= b):  # sentences in order, with their anchors
+                    return Proposal(pp.sequences[:b] if not peeling else pp.sequences, bag, len(cands), members=pp.members)
             else:
                 pp = None
-            return cluster(g, b, cands, pp)
-
-        def cluster(g: Tensor, b: int, cands: Sequence[Sequence[int]], pp: PairPursuitResult | None) -> Proposal:
             with torch.no_grad():
                 res = span_cluster(
                     g, key_weight, spec.num_heads, tables, cands, b, segment=segment, structural=structural,
@@ -458,7 +450,7 @@ class SpanCluster(Attack):
                 )
             if res.cut_short:
                 cut.extend(c for c in res.progress.split(", ") if c not in cut)
-            if pp is not None and pp.sequences:  # the pair pursuit's sentences, then the clusters they do not explain
+            if pp is not None and pp.sequences:  # no peeling: the pair pursuit's sentences, then other clusters
                 explained = {v for m in pp.members for v in m}
                 rest = [q for q in res.sequences if not explained & set(q)]
                 return Proposal([*pp.sequences, *rest][:b], res.bag, res.length)

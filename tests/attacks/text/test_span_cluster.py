@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.text.peeling import Proposal, certify, label_from_coefficients, logit_gradients, peel
+from leak_audit.attacks.text.peeling import certify, label_from_coefficients, logit_gradients
 from leak_audit.models import EmbeddingTables
 from leak_audit.attacks.text.span_cluster import SpanCluster, additive_atoms, token_query_gradients
 from leak_audit.models import text_model_spec
@@ -122,42 +122,6 @@ def test_certificate_separates_true_from_near_miss_sentences(minilm, tokenizer, 
         wrong = list(sent)
         wrong[-2] = tokenizer.convert_tokens_to_ids("!")
         assert residual(wrong, [v for v in members if v in wrong]) > 0.1
-
-
-def test_peeling_falls_back_when_no_proposed_sentence_certifies(minilm, tokenizer, cola, setup):
-    """A proposer whose sentences all fail their certificates (two words swapped in each) does not end the
-    rounds when it names a fallback: the true sentences behind it are certified, all four with their labels."""
-    spec, params = setup
-    enc, grad, _ = _query_gradients(minilm, tokenizer, cola[:4])
-    truth = [row[: int(m.sum())] for row, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
-    tables = EmbeddingTables.from_params(params, spec)
-    bag = sorted({v for t in truth for v in t})
-    length = max(map(len, truth))
-    replica = ModelReplica(minilm)
-    name = spec.layers[0].query
-    swapped = [[s[0], s[2], s[1], *s[3:]] for s in truth]
-    calls = []
-
-    def fallback() -> Proposal:
-        calls.append(1)
-        return Proposal([list(s) for s in truth], bag, length)
-
-    def split(g, b, n):
-        return token_query_gradients(g, additive_atoms(tables, b, n))
-
-    def contribution(s):
-        return logit_gradients(replica, params, name, s)
-
-    structural = [spec.cls_token_id, spec.sep_token_id]
-    alone = peel(grad, 4, lambda g, b: Proposal(swapped, bag, length), contribution, split,
-                 first=Proposal(swapped, bag, length), structural=structural)
-    assert alone.labels == [] and alone.sequences == swapped  # nothing certified, the rounds end
-    both = peel(grad, 4, lambda g, b: Proposal(swapped, bag, length), contribution, split,
-                first=Proposal(swapped, bag, length, fallback=fallback), structural=structural)
-    assert calls == [1]
-    assert sorted(both.sequences) == sorted(truth)
-    assert len(both.labels) == 4
-    assert [both.labels[both.sequences.index(t)] for t in truth] == [r[1] for r in cola[:4]]
 
 
 def test_labels_from_coefficient_signs():
