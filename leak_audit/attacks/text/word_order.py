@@ -7,9 +7,9 @@ placement of the tokens on positions whose keys explain every member exactly: sc
 (:func:`~leak_audit.attacks.lasso.group_lasso`, one group per pair across members and heads), placed by a
 linear assignment (``scipy.optimize.linear_sum_assignment``), then polished by steepest descent over swaps
 under the members' exact least-squares residual. Each descent step ranks all its moves from one QR of the
-current order (:func:`move_scores`, rank-two updates) and recomputes the best :data:`VERIFY` exactly: on a CoLA
-batch of 16 (layer 0's query, MiniLM) the descent went from 99 s to 19 s and ``span_cluster`` from 167 s to
-84 s, with the same sentences.
+current order (:func:`move_scores`, rank-two updates) and recomputes the best :data:`VERIFY` exactly: layer 0's
+query of MiniLM, CoLA B = 16, ``span_cluster`` 168 → 52 s a batch with the same sentences (benchmarks/README.md,
+"One QR per word-order step").
 """
 
 from __future__ import annotations
