@@ -244,7 +244,7 @@ def order_sentence(
             (:func:`move_scores`); ``None`` when the placement's atoms are rank-deficient."""
             cols = pair_atoms[torch.tensor(place), torch.arange(count)]  # count x H x d_h
             d = torch.cat([cols, tail_atoms], 0).permute(1, 2, 0)  # H x d_h x n
-            mv = torch.tensor(moves, dtype=torch.long)
+            mv = torch.tensor(moves, dtype=torch.long, device=pair_atoms.device)
             new = torch.stack([pair_atoms[mv[:, 2], mv[:, 0]], pair_atoms[mv[:, 3], mv[:, 1]]], -1)  # M x H x d_h x 2
             return move_scores(d, rhs, mv[:, :2], new)
 
@@ -280,7 +280,7 @@ def order_sentence(
                 else:  # the best few by the one-QR ranking, their residuals exact
                     top = ranked.topk(min(VERIFY, len(moves)), largest=False).indices.tolist()
                     res = torch.full((len(moves),), float("inf"), dtype=torch.float64)
-                    res[top] = residuals([moves[t] for t in top], tail_atoms).to(res.dtype)
+                    res[top] = residuals([moves[t] for t in top], tail_atoms).to("cpu", torch.float64)
                 j = int(res.argmin())
                 if float(res[j]) >= cur:
                     cut = cut or len(res) < len(moves)  # the deadline stopped the scan of the moves
