@@ -46,7 +46,8 @@ projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs,
 while the positions number at most about ``r`` per adapter (q and v stacked: ``2r``); the steps above then
 apply unchanged. Beyond that rank no input lies in the row space, but the rows are still combinations of the
 batch's inputs alone: :mod:`~leak_audit.attacks.text.decoder_pursuit` recovers the token bag and then the
-prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences). At initialisation
+prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences; SST-2 reviews at
+B = 4 ROUGE-1 0.991, B = 8 0.594). At initialisation
 ``lora_B = 0`` makes the ``A`` gradients vanish: nothing is recovered.
 """
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from leak_audit import LeakageAudit
 from leak_audit.attacks import get_attack
 from leak_audit.attacks.base import AttackInput, NotApplicable
+from leak_audit.attacks.text.decoder_pursuit import context_states
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
@@ -190,6 +191,26 @@ def test_random_gpt2_sequence_classifier_b2() -> None:
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(1))
     recon = _attack(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])})
     assert sorted(recon.sequences) == sorted(ids.tolist())  # the classifier reads the last token: all 9 seen
+
+
+def test_context_states_average_each_tokens_state_after_every_context_token() -> None:
+    """context_states: row i is token i's input to the module at position 1, averaged over the contexts put before
+    it (here every bag token), as computed one two-token sequence at a time."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = _gpt2_config()
+    config.n_embd, config.n_layer = 64, 2
+    model = GPT2LMHeadModel(config).eval()
+    replica, params = ModelReplica(model), {n: p.detach() for n, p in model.named_parameters()}
+    module, tokens = "transformer.h.1.attn.c_attn", torch.tensor([7, 31, 400])
+    states = context_states(replica, params, [module], tokens, chunk=4)[0]
+    assert states.shape == (3, 64) and states.dtype == torch.float64
+    for i, v in enumerate(tokens.tolist()):
+        seqs = torch.tensor([[u, v] for u in tokens.tolist()])
+        expected = replica.module_inputs(params, [module], seqs)[module][:, 1].double().mean(0)
+        torch.testing.assert_close(states[i], expected, rtol=1e-5, atol=1e-6)
+    assert context_states(replica, params, [module], tokens, deadline=0.0) is None  # past the deadline: nothing
 
 
 def test_gpt2_lora_beyond_its_rank_gives_the_sentences_less_their_last_token() -> None:
@@ -387,6 +408,39 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str, 
     cut = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad],
                   deadline=time.monotonic() + 3600)
     assert cut.timed_out and cut.token_bag and not cut.sequences, cut.info
+
+
+def test_lora_pursuit_reads_long_reviews_once_the_shared_token_states_are_projected_away(smollm2_path: str) -> None:
+    """Four real SST-2 reviews of 23-41 tokens (121 positions, 92 distinct tokens) against LoRA r = 8 on the real
+    SmolLM2. Every prefix ending in the same token has nearly the same state, and without the projection the
+    greedy pursuit took those near-copies for each other: it ran to its 575-pick limit and kept 573 prefixes,
+    no sentence right (measured with ``deflate=False``). Projected away from the bag's context-averaged states,
+    the 117 true prefixes are the sparsest fit, and all four reviews come back (their last tokens as far as the
+    matching of the model's likeliest next tokens reads them)."""
+    from peft import LoraConfig, get_peft_model
+
+    from leak_audit.demos.pretrained import load_smollm2
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2("causal-lm")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0)).eval()
+    rows = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=12)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for start in (4, 8, 4, 8, 4):  # the same few steps as the CoLA test above: lora_B != 0
+        model.zero_grad()
+        model(**_lm_batch(tokenizer, rows[start:start + 4])).loss.backward()
+        opt.step()
+    reviews = [s for s, _ in read_tsv(data_file("sst2_dev.tsv"), limit=12)][8:12]
+    batch = _lm_batch(tokenizer, reviews)
+    truth = _truth(batch)
+    assert sum(len(t) for t in truth) == 121
+    recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    assert recon.info["order"] == "pursuit" and recon.info["pursuit_deflated"] > 0, recon.info
+    assert recon.info["pursuit_kept"] == sum(len(t) - 1 for t in truth), recon.info  # the true prefixes, no other
+    assert len(recon.sequences) == 4, [tokenizer.decode(q) for q in recon.sequences]
+    for t in truth:  # every review, at least up to its last token (read by matching the model's likeliest ones)
+        assert any(q[: len(t) - 1] == t[:-1] and len(q) >= len(t) - 1 for q in recon.sequences), tokenizer.decode(t)
 
 
 def test_under_dp_noise_span_decoder_ranks_a_partial_bag(smollm2) -> None:
