@@ -68,7 +68,7 @@ def context_states(
         contexts: at most this many of the bag's tokens are put before each token (evenly spread over the bag),
             and the states averaged over them.
         chunk: sequences per forward (``K·min(contexts, K)`` sequences of two tokens in all: 2.4 s for ``K = 60``,
-            12.6 s for ``K = 154`` on SmolLM2's layers 0-3, one CPU thread).
+            12.6 s for ``K = 154`` on SmolLM2's layers 0-3, one CPU thread with another job on the other core).
         deadline: ``time.monotonic()`` value after which it gives up (checked between chunks).
 
     Returns:
@@ -137,6 +137,7 @@ def pursue_prefixes(
         # orthonormal bases of the context-averaged states; atoms and targets lose their parts along them
         away = [torch.linalg.qr(z.to(t.device).T)[0] for z, t in zip(states, targets, strict=True)]
         targets = [t - (t @ z) @ z.T for t, z in zip(targets, away, strict=True)]
+    deflated = away[0].shape[1] if away else 0
     state = SharedPursuit(targets)
     ids = tokens.tolist()
     device = next(iter(params.values())).device
@@ -163,7 +164,7 @@ def pursue_prefixes(
     residual, mark, since, cut = state.residual(), 1.0, 0, False
     # the sparsest set is unique up to about (d + rank) / 2 atoms, but the greedy picks may pass that on their way
     # (near-copies of true prefixes picked before the true ones): up to d − 1 picks, then the pruning
-    limit = min(t.shape[1] for t in targets) - (away[0].shape[1] if away else 0) - 1
+    limit = min(t.shape[1] for t in targets) - deflated - 1
     while residual > tol and len(state.picked) < limit:
         if late(deadline):
             cut = True
@@ -189,7 +190,7 @@ def pursue_prefixes(
     leaves.sort(key=lambda p: (-len(p), p))
     info: dict[str, object] = {"pursuit_picks": len(picked), "pursuit_kept": len(chosen),
                                "pursuit_residual": float(f"{residual:.3g}"), "pursuit_blocks": len(targets),
-                               "pursuit_deflated": away[0].shape[1] if away else 0}
+                               "pursuit_deflated": deflated}
     return [list(p) for p in leaves], info, cut
 
 
