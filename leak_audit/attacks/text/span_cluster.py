@@ -439,7 +439,7 @@ class SpanCluster(Attack):
                 if pp.cut_short and "pair pursuit" not in cut:
                     cut.append("pair pursuit")
                 if pp.sequences and (peeling or len(pp.sequences) >= b):  # sentences in order, with their anchors
-                    return Proposal(pp.sequences[:b] if not peeling else pp.sequences, bag, len(cands), members=pp.members)
+                    return Proposal(pp.sequences if peeling else pp.sequences[:b], bag, len(cands), members=pp.members)
             else:
                 pp = None
             with torch.no_grad():
