@@ -39,7 +39,7 @@ SENTENCES = ["the cat sat on the mat .", "john thinks that mary left early ."]
 
 def _text_attacks():
     fixed = {
-        "gradient_matching": GradientMatching(max_steps=3, discrete_steps=3, max_seconds=1e6),
+        "gradient_matching": GradientMatching(max_steps=3, discrete_steps=1, top_k=2, candidates=4, max_seconds=1e6),
         "dlg": DLG(max_steps=3, max_seconds=1e6),
         "span_search": SpanSearch(steps=3, max_seconds=1e6, max_perturbations=2),
     }
