@@ -2,6 +2,7 @@
 under the gradient Opacus releases (pretrained MiniLM, full view, flat clipping to C = 1, B = 1, CoLA).
 
     .venv/bin/python benchmarks/dp_likelihood_probe.py [--n 4] [--sigmas 0,0.001,0.01,0.1] [--threads 2]
+    .venv/bin/python benchmarks/dp_likelihood_probe.py --corrupt 3 --top 16 --sigmas 0,0.001,0.01   # the search
 
 With B = 1 the release is ``r = clip_C(g) + σC z``. A candidate sentence ``c`` with clipped gradient ``ḡ_c``
 has log-likelihood ``(⟨ḡ_c, r⟩ − ½‖ḡ_c‖²) / (σC)²`` up to a constant, so the maximum-likelihood test
@@ -16,6 +17,12 @@ random single-token replacements per position, every adjacent swap and 10 random
 length (all with the true label), the smallest ``‖ḡ_t − ḡ_c‖`` over the neighbours (the predicted SNR is that
 over ``2σ``), and the ranks of the true tokens among the word-embedding gradient's rows by norm (what a
 noise-thresholded token bag can see).
+
+``--corrupt K``: instead, the likelihood's *landscape*. Start from the truth with ``K`` random positions
+replaced, and climb the likelihood by coordinate ascent (up to two sweeps over the positions; at each, the
+``--top`` tokens of HotFlip's first-order estimate of the likelihood, from one double backward through the
+clipped gradient, each scored exactly; the best that raises the score is kept). Prints the true token's rank in
+HotFlip's estimate at every wrong position met, and how many positions are right at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def main() -> None:
     p.add_argument("--per-position", type=int, default=5, help="random replacements per position")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None, help="TSV (default: cola_dev.tsv beside the repository)")
+    p.add_argument("--corrupt", type=int, default=0, help="K > 0: the coordinate-ascent probe from K corruptions")
+    p.add_argument("--top", type=int, default=16, help="HotFlip candidates scored per position (--corrupt)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = read_tsv(args.data or default_data_path("cola_dev.tsv"))[: args.n]
@@ -55,11 +64,73 @@ def main() -> None:
         flat = torch.cat([(x if x is not None else torch.zeros_like(q)).reshape(-1) for x, q in zip(g, params)])
         return flat * min(1.0, 1.0 / float(flat.norm()))
 
+    table = model.get_input_embeddings().weight.detach()
+    banned = torch.zeros(table.shape[0], dtype=torch.bool)
+    banned[sorted(special)] = True
+
+    def likelihood(g: list[torch.Tensor], r: list[torch.Tensor]) -> torch.Tensor:
+        """``⟨ḡ, r⟩ − ½‖ḡ‖²`` of a gradient ``g`` (a list of tensors), clipped to C = 1 (differentiable)."""
+        norm = torch.sqrt(sum((x * x).sum() for x in g))
+        c = torch.clamp(1.0 / norm, max=1.0)
+        return c * sum((x * y).sum() for x, y in zip(g, r, strict=True)) - 0.5 * (c * norm) ** 2
+
+    def gradient(label: int, create_graph: bool = False, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        loss = model(**inputs, labels=torch.tensor([label])).loss
+        g = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
+        return [x if x is not None else torch.zeros_like(q) for x, q in zip(g, params)]
+
+    def exact(ids: torch.Tensor, label: int, r: list[torch.Tensor]) -> float:
+        return float(likelihood(gradient(label, input_ids=ids[None]), r))
+
+    def hotflip(ids: torch.Tensor, label: int, r: list[torch.Tensor], pos: int) -> torch.Tensor:
+        """First-order gain in likelihood of every token at ``pos`` ``[V]`` (special tokens ``-inf``)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        e = table[ids].clone().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no double backward
+            (ge,) = torch.autograd.grad(likelihood(gradient(label, True, inputs_embeds=e[None]), r), [e])
+        return (table @ ge[pos] - ge[pos] @ e[pos].detach()).masked_fill(banned, -float("inf"))
+
+    def climb(truth: torch.Tensor, label: int, r: list[torch.Tensor], rng: random.Random) -> str:
+        ids = truth.clone()
+        n = len(ids)
+        for i in rng.sample(range(1, n - 1), min(args.corrupt, n - 2)):
+            ids[i] = rng.choice(vocab)
+        start_right = int((ids == truth).sum()) - 2
+        current, ranks = exact(ids, label, r), []
+        for _ in range(2):
+            moved = False
+            for pos in range(1, n - 1):
+                gain = hotflip(ids, label, r, pos)
+                if ids[pos] != truth[pos]:
+                    ranks.append(int((gain > gain[truth[pos]]).sum()))
+                best: tuple[float, torch.Tensor] | None = None
+                for v in gain.topk(args.top).indices.tolist():
+                    if v != int(ids[pos]):
+                        c = ids.clone()
+                        c[pos] = v
+                        score = exact(c, label, r)
+                        if score > current and (best is None or score > best[0]):
+                            best = (score, c)
+                if best is not None:
+                    (current, ids), moved = best, True
+            if not moved:
+                break
+        right = int((ids == truth).sum()) - 2
+        return (f"{start_right} → {right} of {n - 2} positions right (score {current:.4f}, truth "
+                f"{exact(truth, label, r):.4f}); the true token's HotFlip rank at each wrong position met: {ranks}")
+
     for sigma in (float(s) for s in args.sigmas.split(",")):
         with DPGradients(model, sigma, 1.0, train=False) as dp:
             released = [dp(tokenizer, [row], names, seed=i) for i, row in enumerate(rows)]
         model.eval()
         rng = random.Random(0)
+        if args.corrupt > 0:
+            for k, ((_, label), (batch, grads, _)) in enumerate(zip(rows, released, strict=True)):
+                t0 = time.monotonic()
+                line = climb(batch.input_ids[0], label, [grads[n] for n in names], rng)
+                print(f"σ={sigma:g} sentence {k}: {line} ({time.monotonic() - t0:.0f} s)", flush=True)
+            continue
         for k, ((_, label), (batch, grads, _)) in enumerate(zip(rows, released, strict=True)):
             r = torch.cat([grads[n].reshape(-1) for n in names])
             ids = batch.input_ids[0]
