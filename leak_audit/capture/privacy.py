@@ -55,8 +55,9 @@ SMALL_NOISE_MULTIPLIER = 0.01
 (benchmarks/README.md, DP-SGD section): :func:`announce_dp_release` warns when it is not among the attacks."""
 
 LOWER_BOUND_NOISE_MULTIPLIER = 0.1
-"""Below this noise multiplier the release still ranks a private sentence above its single-token neighbours
-(B = 1, C = 1: 4 of 4 CoLA sentences at σ = 0.01, none at 0.1; ``benchmarks/dp_likelihood_probe.py``), so a low
+"""Below this noise multiplier the release still ranks a private sentence above the single-token replacements
+and swaps of it that were tried (B = 1, C = 1: 4 of 4 CoLA sentences at σ = 0.01, none at 0.1;
+``benchmarks/dp_likelihood_probe.py``), so a low
 text reading is the attacks' search failing, not the noise: :func:`announce_dp_release` says the text metrics
 are lower bounds there."""
 
@@ -527,7 +528,7 @@ def announce_dp_release(dp: DPRelease, loggers: Iterable[Any], *, text_attacks: 
     if text_attacks is not None and 0 < sigma < LOWER_BOUND_NOISE_MULTIPLIER:
         rank_zero_warn(
             f"LeakageAudit: noise multiplier {sigma} < {LOWER_BOUND_NOISE_MULTIPLIER}: the released gradient still "
-            "ranks a private sentence above its single-token neighbours (CoLA, B=1, sigma 0.01), so low text "
+            "ranks a private sentence above the single-token changes of it that were tried (CoLA, B=1, sigma 0.01), so low text "
             "leakage here is a lower bound set by the attacks' search, not evidence that the noise hides the text"
         )
     rank_zero_info(
