@@ -57,13 +57,6 @@ def main() -> None:
     special = set(tokenizer.all_special_ids)
     vocab = [v for v in range(tokenizer.vocab_size) if v not in special]
 
-    def clipped(ids: torch.Tensor, label: int) -> torch.Tensor:
-        """The candidate's per-sample gradient over every parameter, clipped to C = 1 as DP-SGD clips it."""
-        loss = model(input_ids=ids[None], labels=torch.tensor([label])).loss
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(x if x is not None else torch.zeros_like(q)).reshape(-1) for x, q in zip(g, params)])
-        return flat * min(1.0, 1.0 / float(flat.norm()))
-
     table = model.get_input_embeddings().weight.detach()
     banned = torch.zeros(table.shape[0], dtype=torch.bool)
     banned[sorted(special)] = True
@@ -78,6 +71,11 @@ def main() -> None:
         loss = model(**inputs, labels=torch.tensor([label])).loss
         g = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
         return [x if x is not None else torch.zeros_like(q) for x, q in zip(g, params)]
+
+    def clipped(ids: torch.Tensor, label: int) -> torch.Tensor:
+        """The candidate's per-sample gradient over every parameter, flat, clipped to C = 1 as DP-SGD clips it."""
+        flat = torch.cat([x.reshape(-1) for x in gradient(label, input_ids=ids[None])])
+        return flat * min(1.0, 1.0 / float(flat.norm()))
 
     def exact(ids: torch.Tensor, label: int, r: list[torch.Tensor]) -> float:
         return float(likelihood(gradient(label, input_ids=ids[None]), r))
