@@ -153,7 +153,7 @@ def test_accountant_found_inside_the_optimizer_hook_and_default_delta(tokenizer,
     assert record.privacy["epsilon"] == pytest.approx(module.engine.get_epsilon(1 / 32), rel=1e-9)
 
 
-def test_small_noise_warns_that_gradient_matching_is_missing(tokenizer, tmp_path):
+def test_small_noise_warns_of_missing_gradient_matching_and_a_lower_bound(tokenizer, tmp_path):
     audit = LeakageAudit(modules="bert.encoder.layer.0.attention.self.query", attacks=["span_check"],
                          every_n_steps=1, log_dir=tmp_path / "audit")
     with pytest.warns(UserWarning) as seen:
