@@ -14,8 +14,8 @@ pretrained MiniLM (LoRA r = 8 on query/value, 50 AdamW steps, as ``leak-audit be
    reached, the truth's, and the sentences exact.
 3. **A per-sentence certificate from layer 0's token coefficients** (span_cluster's peeling certificate,
    :mod:`leak_audit.attacks.text.peeling`, on the adapters' 16 rows instead of the query's 384). Every
-   layer-0 input is ``(γ⊙c(E[v]) + γ⊙c(P[i] + T₀))/σ + β``, so ``lora_A``'s gradient ``Σ_t u_t x_tᵀ`` splits exactly over the bag's
-   token atoms, the position atoms and ``β``: a token that occurs once in the batch gets the coefficient
+   layer-0 input is ``(γ⊙c(E[v]) + γ⊙c(P[i] + T₀))/σ + β``, so ``lora_A``'s gradient ``Σ_t u_t x_tᵀ``
+   splits exactly over the bag's token atoms, the position atoms and ``β``: a token that occurs once in the batch gets the coefficient
    ``u_t/σ_t`` (``[16]``: query and value) of its one occurrence, and that depends on its own sentence only.
    The batch loss is a mean of per-sentence losses, and for two classes ``∇ℓ_s = (p₁(s) − y_s)·∇(z₁ − z₀)(s)``,
    so a candidate sentence's own forward/backward predicts those coefficients up to one scale ``α_s``. The
@@ -60,13 +60,15 @@ def sentence_directions(model: nn.Module, modules: list[nn.Module], sentences: l
     mask = torch.zeros_like(ids)
     for b, s in enumerate(sentences):
         ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
-    taken: list[tuple[torch.Tensor, torch.Tensor]] = []
+    taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def keep(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        x = inp[0].detach()
-        out.register_hook(lambda g: taken.append((x, g)))
+    def keeper(k: int):
+        def keep(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = inp[0].detach()
+            out.register_hook(lambda g: taken.__setitem__(k, (x, g)))
+        return keep
 
-    hooks = [m.register_forward_hook(keep) for m in modules]
+    hooks = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -75,7 +77,7 @@ def sentence_directions(model: nn.Module, modules: list[nn.Module], sentences: l
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
-    blocks = [torch.einsum("blk,bld->bkd", g.double() * mask[..., None], x.double()) for x, g in reversed(taken)]
+    blocks = [torch.einsum("blk,bld->bkd", g.double() * mask[..., None], x.double()) for x, g in (taken[k] for k in range(len(modules)))]
     return torch.cat(blocks, 1)
 
 
