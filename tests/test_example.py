@@ -93,6 +93,7 @@ def test_example_with_lora_taps_only_the_adapters(tmp_path):
     modules = records[0].modules
     assert len(modules) == 13 and sum(m.endswith(("query", "value")) for m in modules) == 12
     assert sum("classifier" in m for m in modules) == 1
+    assert not any(r.info.get("lower_bound") for r in records)  # B = 1: the span check reads whole sentences
 
 
 def run_image_example(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from leak_audit.gate.policy import VERDICTS, GateError, GatePolicy, GateReport, RuleResult
-from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.results.records import LOWER_BOUND, AuditLogError, AuditRecord, read_audit_log
 from leak_audit.results.reporter import Judgement
 
 __all__ = ["BREACH_ACTIONS", "JUDGED_STATUSES", "Breach", "BreachMonitor", "LeakageThresholdExceeded", "find_breaches"]
@@ -190,6 +190,7 @@ class BreachMonitor:
 
 
 def _light(record: AuditRecord) -> AuditRecord:
-    """What the policy reads of a record (no samples; of ``info`` only partial values), so the run's
-    history stays small."""
-    return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items() if k.startswith("partial_")})
+    """What the policy reads of a record (no samples; of ``info`` only partial values and the lower-bound mark), so
+    the run's history stays small."""
+    return dataclasses.replace(record, samples=None, info={k: v for k, v in record.info.items()
+                                                           if k.startswith("partial_") or k == LOWER_BOUND})

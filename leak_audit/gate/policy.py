@@ -35,13 +35,16 @@ An attack stopped by its time budget (``status == "timeout"``) is missing eviden
 value: it does not count, and the rule's message says how many timed-out attacks in scope were left out.
 One exception makes a breach certain: a timed-out attack's partial value (``info["partial_<metric>"]``) is
 a lower bound on what it would have found, so a ``max`` rule aggregated by ``max`` fails when a partial
-value is already beyond the limit. The gate's verdict is ``fail`` if any rule fails, else ``warn`` if any warns, else
+value is already beyond the limit. A successful record marked ``info["lower_bound"]`` (an attack run where it is
+measured to read far less than published attacks, :mod:`leak_audit.attacks.gaps`) counts the same way: its
+value never makes a rule pass, and it fails a ``max`` rule aggregated by ``max`` when it is already beyond the
+limit. The gate's verdict is ``fail`` if any rule fails, else ``warn`` if any warns, else
 ``pass``; only ``fail`` fails the gate (:attr:`GateReport.exit_code` 1).
 
 Every metric grows with leakage, so the usual rule is a ``max``; a ``min`` rule bounds from below, e.g. a
 canary that an attack known to work on the run still recovers the labels (``label_accuracy``).
 
-This module is one contract and stays one module (about 640 lines): the TOML format, its validation
+This module is one contract and stays one module (about 690 lines): the TOML format, its validation
 messages, the evaluation and the report documents (JSON, JUnit) change together. The console rendering is
 :mod:`leak_audit.gate.render`, the ``--max`` form :mod:`leak_audit.gate.thresholds`.
 """
@@ -61,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from leak_audit.metrics.names import RECORD_METRICS
-from leak_audit.results.records import AuditRecord
+from leak_audit.results.records import LOWER_BOUND, AuditRecord
 
 __all__ = [
     "AGGREGATIONS",
@@ -281,7 +284,7 @@ class MetricRule:
             if r.status != "ok" or not self.in_scope(r):
                 continue
             v = self.value_of(r)
-            if v is None:
+            if v is None or r.info.get(LOWER_BOUND):  # a lower bound is never evidence of a pass
                 continue
             n += 1
             best = per_step.get(r.step)
@@ -324,7 +327,21 @@ class MetricRule:
         timeouts = sum(r.status == "timeout" and self.in_scope(r) for r in records)
         if timeouts:
             text += f"; {_n(timeouts, 'timed-out attack')} not counted (missing evidence)"
+        bounds = len(self._lower_bounds(records))
+        if bounds:
+            text += f"; {_n(bounds, 'lower-bound reading')} not counted (attacks run where they read less than published ones)"
         return RuleResult(self, status, value, text, where, n)
+
+    def _lower_bounds(self, records: Sequence[AuditRecord]) -> list[tuple[float, AuditRecord]]:
+        """``(value, record)`` of the ``ok`` records in scope that report the metric as a lower bound
+        (``info["lower_bound"]``, :data:`~leak_audit.results.records.LOWER_BOUND`)."""
+        out = []
+        for r in records:
+            if r.status == "ok" and r.info.get(LOWER_BOUND) and self.in_scope(r):
+                v = self.value_of(r)
+                if v is not None:
+                    out.append((v, r))
+        return out
 
     def _partial_breach(self, records: Sequence[AuditRecord]) -> RuleResult | None:
         """A fail from timed-out attacks' partial values, where they prove one: a partial result is a
@@ -337,12 +354,17 @@ class MetricRule:
             v = r.info.get(f"partial_{self.metric}") if r.status == "timeout" and self.in_scope(r) else None
             if _is_number(v) and not math.isnan(v) and (worst is None or v > worst[0]):
                 worst = (float(v), r)
+        for v, r in self._lower_bounds(records):
+            if worst is None or v > worst[0]:
+                worst = (v, r)
         if worst is None or not worst[0] > self.threshold:
             return None
         value, rec = worst
         where = f"{rec.attack}@step {rec.step}"
-        text = (f"{self.metric} >= {_fmt(value, self.threshold, self.warn)} (partial result of {where}, which timed "
-                f"out: a lower bound) > {self.direction} {_g(self.threshold)}")
+        why = "which timed out" if rec.status == "timeout" else "run where it reads less than published attacks"
+        kind = "partial result" if rec.status == "timeout" else "result"
+        text = (f"{self.metric} >= {_fmt(value, self.threshold, self.warn)} ({kind} of {where}, {why}: a lower "
+                f"bound) > {self.direction} {_g(self.threshold)}")
         return RuleResult(self, "fail", value, text, where, 1)
 
     def _status(self, value: float) -> str:
@@ -362,6 +384,9 @@ class MetricRule:
         timeouts = sorted({r.attack for r in records if r.status == "timeout" and self.in_scope(r)})
         if timeouts:
             text += f" (timed out, which is not a measurement: {', '.join(timeouts)})"
+        bounds = sorted({r.attack for _, r in self._lower_bounds(records)})
+        if bounds:
+            text += f" (lower bounds only, never evidence of a pass: {', '.join(bounds)})"
         if self.metric in PRIVACY_METRICS:
             nulls = [r for r in ok if self.in_scope(r) and isinstance(r.privacy, dict)]
             if nulls:

@@ -19,6 +19,9 @@ single attacker without the answer achieves. The *attacker's pick* (``info["atta
 ``leak/pick/*``) is the one record per audit an attacker would keep from its own evidence, the smallest
 gradient residual (``info["gradient_residual"]``).
 
+An ``ok`` record with ``info["lower_bound"]`` (:data:`LOWER_BOUND`, a sentence saying why) comes from an attack
+run where it is measured to read far less than published attacks do: its metrics are lower bounds.
+
 A run with canaries (``LeakageAudit(canaries=m)``) ends with one more ``ok`` record whose ``attack`` is
 :data:`CANARY_RECORD`: no ``metrics``, and ``privacy`` holding the accountant's ε and the canaries' empirical ε
 over every step of the run (:func:`leak_audit.results.canaries.final_canary_record`). It is not an audit: it
@@ -39,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CANARY_RECORD", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
+__all__ = ["CANARY_RECORD", "LOWER_BOUND", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
 
 SCHEMA_VERSION = 1
 CANARY_RECORD = "canaries"
@@ -50,6 +53,10 @@ STATUSES: tuple[str, ...] = ("ok", "timeout", "failed", "skipped")
 PICK = "attacker_pick"
 """``info`` key (value ``1``) of the record an attacker without the answer would keep in its audit: the
 smallest gradient residual (:mod:`leak_audit.attacks.evidence`)."""
+LOWER_BOUND = "lower_bound"
+"""``info`` key of an ``ok`` record whose attack ran where it is measured to fall far short of published attacks
+(e.g. ``span_check`` on LoRA adapters at ``B > 1``); its value says why. Its metrics are lower bounds: the gate
+counts them toward a breach, never as evidence of a pass (:mod:`leak_audit.gate.policy`)."""
 
 
 class AuditLogError(ValueError):

@@ -30,7 +30,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 
 from leak_audit.capture.distributed import gather_to_all
-from leak_audit.results.records import AuditRecord
+from leak_audit.results.records import LOWER_BOUND, AuditRecord
 from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
 from leak_audit.results.wandb_dashboard import WandbDashboard
 
@@ -206,6 +206,12 @@ class AuditReporter:
                 "max_seconds or audit less often"
             )
         self.timeouts += len(timeout)
+        bound = [r for r in records if r.status == "ok" and r.info.get(LOWER_BOUND)]
+        if bound:
+            self.warn_once(
+                "lower_bound", f"LeakageAudit: {bound[0].attack!r} at step {bound[0].step}: {bound[0].info[LOWER_BOUND]}; "
+                "the gate counts such readings toward a breach, never toward a pass"
+            )
 
     def _dashboard(self, trainer: Any, records: Sequence[AuditRecord], step: int, judgement: Judgement | None) -> None:
         try:

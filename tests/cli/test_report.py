@@ -176,6 +176,18 @@ def test_timeouts_and_the_attackers_pick_are_shown_apart():
     assert "≥ 0.350" in timeout_row and "step 12 of 300" in timeout_row
 
 
+def test_lower_bound_records_show_as_at_least_with_their_reason():
+    records = text_records()
+    why = "LoRA adapters at B > 1 <tokens without their sentences>"
+    records.append(AuditRecord(step=60, attack="span_check", status="ok", modules=[QUERY], batch_size=4, audit=98,
+                               seconds=1.0, metrics={"rouge1": 0.425, "token_recall": 0.7}, info={"lower_bound": why}))
+    page = render_report(records)
+    row = [r for r in re.findall(r'<tr class="r-ok">.*?</tr>', _section(page, "audits")) if "0.425" in r]
+    assert len(row) == 1 and "≥ 0.425" in row[0] and f'title="{html.escape(why)}"' in row[0]
+    assert "1 record(s) are lower bounds" in _section(page, "gate") and html.escape(why) in _section(page, "gate")
+    assert why not in page  # escaped wherever it appears
+
+
 def test_warn_and_pass_verdicts_and_toml_policy(tmp_path):
     recs = text_records()
     toml = tmp_path / "policy.toml"

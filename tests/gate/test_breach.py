@@ -264,3 +264,25 @@ def test_dashboard_charts_the_promised_and_the_delivered_epsilon(monkeypatch):
     low = "empirical (canaries, 95% lower bound)"
     assert sorted(tuple(r) for r in chart.table.data) == sorted(  # (step, line, epsilon) over the audited steps
         [(0, "accountant", 0.5), (10, "accountant", 2.0), (0, low, 0.0), (10, low, 0.7)])
+
+
+def test_a_lower_bound_breaches_while_training_only_beyond_the_limit():
+    """The monitor keeps a record's lower-bound mark (``info["lower_bound"]``) in its light history: a lower bound
+    below a max limit is no breach, one beyond it is a breach that says so."""
+    from leak_audit.gate.breach import BreachMonitor
+    from leak_audit.gate.policy import GatePolicy, MetricRule
+    from leak_audit.results.records import AuditRecord
+
+    warned = []
+    monitor = BreachMonitor(GatePolicy((MetricRule(metric="rouge1", max=0.5),)), "warn", lambda k, m: warned.append(m))
+
+    def record(step: int, value: float) -> AuditRecord:
+        return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": value},
+                           info={"lower_bound": "LoRA adapters at B > 1", "rank": 16})
+
+    monitor([record(0, 0.4)], 0)
+    assert monitor.breach is None and not warned
+    assert monitor.history[0].info == {"lower_bound": "LoRA adapters at B > 1"}
+    monitor([record(2, 0.6)], 2)
+    assert monitor.breach is not None and monitor.breach.value == 0.6
+    assert "a lower bound" in monitor.breach.message and len(warned) == 1

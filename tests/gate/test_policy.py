@@ -147,6 +147,33 @@ def test_missing_metric_fails_with_a_message(recs):
     assert r.status == "fail" and "attacks with successful audits: span_check, token_bag" in r.message
 
 
+def test_lower_bound_readings_count_toward_a_breach_never_toward_a_pass(recs):
+    """An ok record marked ``info["lower_bound"]`` (an attack run where it reads far less than published ones, e.g.
+    span_check on LoRA adapters at B > 1): its value never lets a rule pass, and beyond a max limit it is a breach."""
+    why = "LoRA adapters at B > 1: tokens without their sentences"
+    lora = [AuditRecord(step=s, attack="span_check", status="ok", modules=[QUERY], batch_size=4,
+                        metrics={"rouge1": v, "token_recall": 0.7}, info={"lower_bound": why})
+            for s, v in ((0, 0.30), (10, 0.42))]
+    exact_bag = [AuditRecord(step=s, attack="token_bag", status="ok", modules=[EMBED], batch_size=4,
+                             metrics={"token_recall": 1.0}) for s in (0, 10)]
+    # only lower bounds report rouge1: missing evidence, not a pass, and the message says why
+    r = one(lora + exact_bag, metric="rouge1", max=0.5)
+    assert (r.status, r.value, r.records) == ("fail", None, 0)
+    assert "lower bounds only, never evidence of a pass: span_check" in r.message
+    # a lower bound already beyond the limit proves the breach
+    r = one(lora + exact_bag, metric="rouge1", max=0.4)
+    assert (r.status, r.value, r.where) == ("fail", 0.42, "span_check@step 10")
+    assert "result of span_check@step 10, run where it reads less than published attacks: a lower bound" in r.message
+    # beside measured values the lower bounds are left out of the value and named in the message
+    r = one(lora + exact_bag, metric="token_recall", max=1.0)
+    assert (r.status, r.value, r.records) == ("pass", 1.0, 2)
+    assert "2 lower-bound readings not counted" in r.message
+    # the same records without the mark are ordinary measurements
+    plain = [AuditRecord(step=x.step, attack=x.attack, status="ok", modules=x.modules, batch_size=4, metrics=x.metrics)
+             for x in lora]
+    assert one(plain, metric="rouge1", max=0.5).status == "pass"
+
+
 def test_epsilon_comes_from_the_privacy_field(recs):
     r = one(recs, metric="epsilon", max=3.5)
     assert (r.status, r.value, r.where, r.records) == ("fail", 4.0, "span_check@step 30", 8)

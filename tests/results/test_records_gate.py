@@ -133,3 +133,19 @@ def test_package_names_are_lazy_but_complete():
             "assert all(getattr(leak_audit, n) is not None for n in leak_audit.__all__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "[]"
+
+
+def test_the_run_warns_once_when_a_reading_is_a_lower_bound():
+    import warnings
+
+    from leak_audit.results.reporter import AuditReporter
+
+    why = "span_check read LoRA adapters at B > 1"
+    rec = AuditRecord(step=3, attack="span_check", status="ok", metrics={"rouge1": 0.4}, info={"lower_bound": why})
+    reporter = AuditReporter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reporter.report(None, [[rec], [rec]], log=False, skipped=0)
+    said = [str(w.message) for w in caught if "lower" in str(w.message) or why in str(w.message)]
+    assert said == [f"LeakageAudit: 'span_check' at step 3: {why}; the gate counts such readings toward a breach, "
+                    "never toward a pass"]

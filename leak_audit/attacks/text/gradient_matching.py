@@ -91,7 +91,9 @@ from leak_audit.attacks.text.matching_search import (
     distinct_permutations,
     random_moves,
 )
+from leak_audit.attacks.gaps import lora_sentence_gap
 from leak_audit.models import TextModelSpec
+from leak_audit.results.records import LOWER_BOUND
 
 __all__ = ["OPTIMIZERS", "GradientMatching"]
 
@@ -281,6 +283,7 @@ class GradientMatching(Attack):
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
         b = max(1, inp.batch_size)
         info: dict[str, Any] = {"matched_tensors": len(names), "loss": self.loss}
+        info.update({LOWER_BOUND: gap} if (gap := lora_sentence_gap(spec, inp.gradients, inp.batch_size)) else {})
 
         # ---- layout: from span_check's seeds, else the length rule
         sc = inp.priors.get("span_check")

@@ -49,11 +49,13 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
+from leak_audit.attacks.gaps import lora_sentence_gap
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import lora_input_constraints, span_basis
 from leak_audit.attacks.text.sparse_bag import SparseBag, sparse_bag
 from leak_audit.attacks.text.token_scores import TokenScorer, clipped_residuals, trimmed_residuals
 from leak_audit.models import EmbeddingTables, TextModelSpec
+from leak_audit.results.records import LOWER_BOUND
 
 __all__ = ["LORA_EXACT_TOL", "PARTIAL_CANDIDATES", "PARTIAL_KEEP", "PARTIAL_SCAN", "SpanCheck", "SpanCheckResult",
            "partial_span", "span_check"]
@@ -581,19 +583,16 @@ class SpanCheck(Attack):
         )
         timed_out = result.cut_short and budget.audit_bound
         return Reconstruction(
-            attack=self.name,
-            sequences=result.sequences,
+            attack=self.name, sequences=result.sequences, timed_out=timed_out,
             position_candidates=[[tok for tok, _, _ in c] for c in result.candidates],
-            timed_out=timed_out,
             info={
                 **({"progress": result.progress} if timed_out else {}),
-                "rank": result.rank,
-                "length": result.length,
-                "grads_used": len(grads),
+                "rank": result.rank, "length": result.length, "grads_used": len(grads),
                 "lora_constraints": 0 if constraints is None else int(constraints.shape[0]),
                 "dropout_mode": int(result.dropout_mode),
                 "partial": int(result.partial),
                 "vocabulary": int(vocabulary.numel()) if vocabulary is not None else spec.vocab_size,
+                **({LOWER_BOUND: gap} if (gap := lora_sentence_gap(spec, inp.gradients, inp.batch_size)) else {}),
                 **({"bag": int(result.bag.tokens.numel()), "bag_length": result.bag.length,
                     "bag_residual": float(f"{result.bag.residual:.3g}")} if result.bag is not None else {}),
             },

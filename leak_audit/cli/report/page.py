@@ -101,7 +101,7 @@ def render_page(
         audit_section(records, attacks, sets),
         samples_section(records, include_samples, base, attacks),
         "<footer>Every metric grows with leakage (higher: the attacker rebuilt more of the batch). "
-        "Record <code>info</code> fields are not shown.</footer>",
+        "Record <code>info</code> fields are not shown, except partial values and lower-bound reasons.</footer>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n", verdict

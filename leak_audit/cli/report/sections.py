@@ -21,7 +21,7 @@ from leak_audit.cli.report.format import (
 )
 from leak_audit.cli.report.plots import image_grid
 from leak_audit.gate.policy import VERDICT_WORDS, GateError, GatePolicy
-from leak_audit.results.records import CANARY_RECORD, PICK, AuditRecord, worst_values
+from leak_audit.results.records import CANARY_RECORD, LOWER_BOUND, PICK, AuditRecord, worst_values
 
 __all__ = ["audit_section", "canary_section", "gate_section", "samples_section", "summary_section"]
 
@@ -82,6 +82,10 @@ def _worst_table(records: Sequence[AuditRecord]) -> str:
     timeouts = sum(r.status == "timeout" for r in records)
     missing = (f" {timeouts} timed-out attack record(s) are missing evidence and count in neither column."
                if timeouts else "")
+    bounds = [r for r in records if r.status == "ok" and r.info.get(LOWER_BOUND)]
+    if bounds:
+        missing += (f" {len(bounds)} record(s) are lower bounds (shown as ≥ x below; the gate never counts them toward "
+                    f"a pass): {bounds[0].info[LOWER_BOUND]}.")
     return ("<h3>Worst value per metric</h3><table class=\"grid\"><thead><tr><th>metric</th>"
             "<th>worst (oracle)</th><th>where</th><th>worst (attacker's pick)</th><th>where</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
@@ -164,8 +168,11 @@ def audit_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
 
 
 def _metric_cell(r: AuditRecord, metric: str) -> str:
-    """The record's value, or for a timed-out attack its partial value as a lower bound (``≥ x``)."""
+    """The record's value, or for a timed-out attack its partial value as a lower bound (``≥ x``); a record marked
+    ``info["lower_bound"]`` also shows ``≥ x``, with the reason as its tooltip."""
     if metric in r.metrics:
+        if isinstance(why := r.info.get(LOWER_BOUND), str) and why:
+            return f'<span class="partial" title="{escape(why)}">≥ {format_metric(metric, r.metrics[metric])}</span>'
         return format_metric(metric, r.metrics[metric])
     partial = r.info.get(f"partial_{metric}") if r.status == "timeout" else None
     if isinstance(partial, int | float) and not isinstance(partial, bool) and math.isfinite(partial):
