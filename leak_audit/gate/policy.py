@@ -344,9 +344,9 @@ class MetricRule:
         return out
 
     def _partial_breach(self, records: Sequence[AuditRecord]) -> RuleResult | None:
-        """A fail from timed-out attacks' partial values, where they prove one: a partial result is a
-        lower bound on what the attack would have found, so for a ``max`` rule aggregated by ``max`` a
-        partial value beyond the limit is a breach. Otherwise a timed-out attack is missing evidence."""
+        """A fail from lower bounds, where they prove one: timed-out attacks' partial values and the values of
+        records marked ``info["lower_bound"]`` are lower bounds on what could be found, so for a ``max`` rule
+        aggregated by ``max`` one beyond the limit is a breach. Otherwise they are missing evidence."""
         if self.direction != "max" or self.aggregation != "max" or self.metric in PRIVACY_METRICS:
             return None
         worst: tuple[float, AuditRecord] | None = None
