@@ -17,12 +17,13 @@ import torch
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, order_attacks
 from leak_audit.attacks.base import ModelSpec
 from leak_audit.attacks.evidence import gradient_residual, pick
+from leak_audit.attacks.gaps import dp_search_gap
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.metrics.scoring import ImageScorer, Scorer, TextScorer
 from leak_audit.models import TextModelSpec
 from leak_audit.models.image_replica import ImageReplica
 from leak_audit.models.replica import ModelReplica
-from leak_audit.results.records import AuditRecord
+from leak_audit.results.records import LOWER_BOUND, AuditRecord
 from leak_audit.runtime.recompute import EvalRecompute
 
 __all__ = ["Auditor", "attack_seed", "failed_records"]
@@ -162,6 +163,8 @@ class Auditor:
         ``timeout`` (its partial metrics under ``info["partial_<metric>"]``), never as ``ok``. Every ``ok``
         record with sequences or images gets the attacker-side ``info["gradient_residual"]``
         (:mod:`leak_audit.attacks.evidence`); the one with the smallest carries ``info["attacker_pick"] = 1``.
+        Under DP-SGD noise too small for the attacks' search to be the limit, a text record's token and sentence
+        metrics are marked as lower bounds (``info["lower_bound"]``, :func:`~leak_audit.attacks.gaps.dp_search_gap`).
         """
         gradients = dict(snapshot.gradients)
         info_common: dict[str, object] = {}
@@ -215,6 +218,9 @@ class Auditor:
                 continue
             priors[attack.name] = recon
             residuals[attack.name] = self._residual(recon, inp, info, gradients, snapshot.params)
+            sigma = snapshot.dp.noise_multiplier if snapshot.dp is not None else None
+            if LOWER_BOUND not in info and (gap := dp_search_gap(self.spec, sigma, score.metrics)):
+                info[LOWER_BOUND] = gap
             records.append(AuditRecord(
                 status="ok", metrics=score.metrics, seconds=round(seconds, 4), info=info, samples=score.samples, **base
             ))

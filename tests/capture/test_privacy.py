@@ -15,7 +15,8 @@ from opacus import PrivacyEngine
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from leak_audit import LeakageAudit, read_audit_log
-from leak_audit.results.records import CANARY_RECORD
+from leak_audit.gate.policy import GatePolicy, MetricRule
+from leak_audit.results.records import CANARY_RECORD, LOWER_BOUND
 from leak_audit.capture.privacy import DPState, epsilon_for, find_accountant, find_dp_optimizer, privacy_report
 from tests.conftest import small_bert
 from tests.test_callback import Recorder, fit, loader
@@ -94,6 +95,7 @@ def test_the_audited_gradient_is_the_released_one(tokenizer, tmp_path):
         assert pre.norm() < 0.01 * grads[QUERY0].norm()
     records = read_audit_log(audit.log_path)
     assert {r.attack for r in records} == {"recorder", "span_check"}
+    assert not any(LOWER_BOUND in r.info for r in records)  # sigma 0.5: a low reading is a measurement there
     privacy = records[0].privacy
     assert privacy is not None
     assert privacy["noise_multiplier"] == 0.5 and privacy["max_grad_norm"] == 1.0
@@ -164,6 +166,12 @@ def test_small_noise_warns_of_missing_gradient_matching_and_a_lower_bound(tokeni
     (record,) = read_audit_log(audit.log_path)
     # PRV is not run at this sigma: RDP stands in, and says so
     assert record.privacy["epsilon_accountant"] == "rdp" and record.privacy["epsilon"] > 100
+    # the record says its text metrics are lower bounds, and the release gate does not pass on them
+    assert record.status == "ok" and record.metrics["rouge1"] < 0.5, record.metrics
+    assert record.info[LOWER_BOUND].startswith("DP-SGD below noise multiplier 0.1: the released gradient"), record.info
+    (result,) = GatePolicy((MetricRule(metric="rouge1", max=0.5),)).evaluate([record]).results
+    assert result.status == "fail" and result.value is None, result
+    assert "lower bounds only, never evidence of a pass: span_check" in result.message
 
 
 def test_recompute_eval_is_refused_under_dp(tokenizer, tmp_path):
