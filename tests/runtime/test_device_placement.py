@@ -43,7 +43,7 @@ def _text_attacks():
         "dlg": DLG(max_steps=3, max_seconds=1e6),
         "span_search": SpanSearch(steps=3, max_seconds=1e6, max_perturbations=2),
     }
-    names = ["labels", "token_bag", "span_check", "span_attention", "span_cluster", *fixed]
+    names = ["labels", "token_bag", "span_check", "span_attention", *fixed]
     return [fixed.get(n) or get_attack(n) for n in names]
 
 
@@ -76,8 +76,8 @@ def _assert_same(cpu, accel, nondeterministic=()):
 @pytest.mark.parametrize("train", [False, True], ids=["dropout-off", "dropout-on"])
 def test_text_attacks_on_an_accelerator_match_the_cpu(tokenizer, train):
     """The text attacks on a 2-layer BERT, with exact (eval) and training-mode (dropout) gradients. Seven
-    run; span_cluster does not apply to this model's batch (its query gradient is not spanned by the bag),
-    so it runs on MiniLM below."""
+    run; span_cluster does not apply to this model's batch (its query gradient is not spanned by the bag: it
+    skipped here, after 9-12 s of the simulated accelerator's 21-44 s per audit), so it runs on MiniLM below."""
     model = small_bert(vocab_size=tokenizer.vocab_size, dropout=0.1)
     spec = text_model_spec(model).with_tokenizer(tokenizer)
     enc, grads = gradients(model, tokenizer, SENTENCES, [0, 1], train=train, seed=1)
@@ -95,11 +95,12 @@ def test_text_attacks_on_an_accelerator_match_the_cpu(tokenizer, train):
 
 @pytest.mark.parametrize("pair_pursuit", [False, True], ids=["clustering", "pair-pursuit"])
 def test_span_cluster_on_an_accelerator_runs_like_on_the_cpu(minilm, tokenizer, cola, spec, pair_pursuit):
-    """span_cluster on the pretrained MiniLM, two real CoLA sentences: with ``pairs=0`` two clusters (the
-    spectral clustering, the group lasso and the assignment all run), by default the pair pursuit. The
+    """span_cluster on the pretrained MiniLM, two real CoLA sentences (12 and 13 tokens): with ``pairs=0`` two
+    clusters (the spectral clustering, the group lasso and the assignment all run), by default the pair pursuit
+    (which returns both sentences here: 0.25 s against 1.9 s for the clustering on the CPU). The
     clustering's token order varies between runs on the CPU alone (k-means on near-tied affinities), so the
     metrics are compared by bar, not equality."""
-    pairs = cola[10:12]
+    pairs = cola[:2]
     enc, grads = gradients(minilm, tokenizer, [s for s, _ in pairs], [y for _, y in pairs], train=False)
     batch = default_batch_adapter({**enc, "labels": torch.tensor([y for _, y in pairs])})
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731

@@ -368,12 +368,10 @@ def test_a_trainer_run_with_lora_on_smollm2_audits_the_adapters(smollm2_path: st
     assert trained["metrics"]["exact_match"] == 1.0 and trained["metrics"]["rouge1"] == 1.0
 
 
-def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str, monkeypatch) -> None:
-    """peft LoRA r = 8 on q_proj/v_proj of the real SmolLM2, trained a few steps; then a batch of four real CoLA
-    sentences: 40 positions against the 16 rows of layer 0's stacked adapter gradients, so no single input lies
-    in their row space. Joint sparse recovery still finds the exact token bag from layer 0's adapters and the
-    sentences from layer 1's, up to each last token; that one (no gradient sees its position) is the target of
-    the position before, whose adapter gradient the model's likeliest next tokens are matched against."""
+@pytest.fixture(scope="module")
+def lora_smollm2(smollm2_path: str):
+    """A fresh SmolLM2 (peft changes the model in place) with peft LoRA r = 8 on q_proj/v_proj, trained five AdamW
+    steps on CoLA sentences 4-11 so that ``lora_B != 0``; the tests below only read its gradients."""
     from peft import LoraConfig, get_peft_model
 
     from leak_audit.demos.pretrained import load_smollm2
@@ -383,13 +381,23 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str, 
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                              lora_dropout=0.0)).eval()
     rows = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=12)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for start in (4, 8, 4, 8, 4):
         model.zero_grad()
         model(**_lm_batch(tokenizer, rows[start:start + 4])).loss.backward()
         opt.step()
-    batch = _lm_batch(tokenizer, rows[:4])
+    return model, tokenizer
+
+
+def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monkeypatch) -> None:
+    """peft LoRA r = 8 on q_proj/v_proj of the real SmolLM2, trained a few steps; then a batch of four real CoLA
+    sentences: 40 positions against the 16 rows of layer 0's stacked adapter gradients, so no single input lies
+    in their row space. Joint sparse recovery still finds the exact token bag from layer 0's adapters and the
+    sentences from layer 1's, up to each last token; that one (no gradient sees its position) is the target of
+    the position before, whose adapter gradient the model's likeliest next tokens are matched against."""
+    model, tokenizer = lora_smollm2
+    rows = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=4)]
+    batch = _lm_batch(tokenizer, rows)
     truth = _truth(batch)
     assert sum(len(t) for t in truth) > 2 * 16  # beyond the rank: the span test alone reads nothing exactly
     recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
@@ -410,27 +418,14 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(smollm2_path: str, 
     assert cut.timed_out and cut.token_bag and not cut.sequences, cut.info
 
 
-def test_lora_pursuit_reads_long_reviews_once_the_shared_token_states_are_projected_away(smollm2_path: str) -> None:
+def test_lora_pursuit_reads_long_reviews_once_the_shared_token_states_are_projected_away(lora_smollm2) -> None:
     """Four real SST-2 reviews of 23-41 tokens (121 positions, 92 distinct tokens) against LoRA r = 8 on the real
     SmolLM2. Every prefix ending in the same token has nearly the same state, and without the projection the
     greedy pursuit took those near-copies for each other: it ran to its 575-pick limit and kept 573 prefixes,
     no sentence right (measured with ``deflate=False``). Projected away from the bag's context-averaged states,
     the 117 true prefixes are the sparsest fit, and all four reviews come back (their last tokens as far as the
     matching of the model's likeliest next tokens reads them)."""
-    from peft import LoraConfig, get_peft_model
-
-    from leak_audit.demos.pretrained import load_smollm2
-
-    torch.manual_seed(0)
-    model, tokenizer = load_smollm2("causal-lm")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             lora_dropout=0.0)).eval()
-    rows = [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=12)]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for start in (4, 8, 4, 8, 4):  # the same few steps as the CoLA test above: lora_B != 0
-        model.zero_grad()
-        model(**_lm_batch(tokenizer, rows[start:start + 4])).loss.backward()
-        opt.step()
+    model, tokenizer = lora_smollm2  # the same adapters as the CoLA test above: lora_B != 0
     reviews = [s for s, _ in read_tsv(data_file("sst2_dev.tsv"), limit=12)][8:12]
     batch = _lm_batch(tokenizer, reviews)
     truth = _truth(batch)

@@ -180,15 +180,16 @@ def test_only_the_word_embeddings_is_not_enough(spec):
 
 def test_dlg_lowers_the_gradient_distance_but_recovers_little_text(model, spec, params, replica, tokenizer, sentences):
     """The classic baseline through the Auditor, B = 1, 300 L-BFGS evaluations, on the first 4 sentences x
-    attack seeds 0, 1, 2 (every run counts, none picked): L-BFGS drives the l2 gradient distance down by
+    attack seeds 0, 1 (every run counts, none picked): L-BFGS drives the l2 gradient distance down by
     5 orders of magnitude in most runs and its soft label then lands on the true class, yet the nearest
     tokens of its embeddings are not the sentence: the reference point gradient matching is compared with.
 
-    Measured (these 12 runs; one thread, 8 to 13 s a run on 2 shared cores): 9/12 end below 1e-3 of the start
-    distance (the others stall at 0.08 to 0.39, where the random soft label starts on the wrong class: the
-    failure iDLG's label step fixes), 10/12 labels right, mean ROUGE-1 0.0. Over 8 sentences x seeds 0-4:
-    33/40 below 1e-3, 36/40 labels right, ROUGE-1 0.0 in 39/40 runs (0.083 in one). The bars keep a margin
-    below those rates; an attack that does not optimise (distance ratio 1) fails the first."""
+    Measured (these 8 runs; one thread, about 4.5 s a run on 2 cores): 6/8 end below 1e-3 of the start distance,
+    5 of them below 1e-5 (the others stall at 0.08 and 0.23, where the random soft label starts on the wrong
+    class: the failure iDLG's label step fixes), 7/8 labels right, mean ROUGE-1 0.01. With seed 2 too: 9/12
+    below 1e-3, 10/12 labels right. Over 8 sentences x seeds 0-4: 33/40 below 1e-3, 36/40 labels right,
+    ROUGE-1 0.0 in 39/40 runs (0.083 in one). The bars keep a margin below those rates; an attack that does
+    not optimise (distance ratio 1) fails the first."""
     from leak_audit.runtime.auditor import Auditor
     from leak_audit.capture.batch import default_batch_adapter
     from leak_audit.capture.snapshot import AuditSnapshot
@@ -202,7 +203,7 @@ def test_dlg_lowers_the_gradient_distance_but_recovers_little_text(model, spec, 
     for sentence, label in sentences[:4]:
         enc, grads = gradients(model, tokenizer, [sentence], [label], train=False)
         batch = default_batch_adapter({**enc, "labels": torch.tensor([label])})
-        for seed in range(3):  # the attack's generator is seeded with auditor.seed + snapshot.step
+        for seed in range(2):  # the attack's generator is seeded with auditor.seed + snapshot.step
             snap = AuditSnapshot(seed, 0, 0.0, grads, {n: params[n] for n in auditor.param_names}, batch, ("",))
             (record,) = auditor(snap)
             assert record.status == "ok", record.error
@@ -212,9 +213,9 @@ def test_dlg_lowers_the_gradient_distance_but_recovers_little_text(model, spec, 
             ratios.append(info["continuous_distance"] / info["init_distance"])
             labels_right += record.metrics["label_accuracy"] == 1.0
             r1.append(record.metrics["rouge1"])
-    assert sum(r <= 1e-3 for r in ratios) >= 6, ratios  # measured 9/12
-    assert sorted(ratios)[5] <= 1e-4, ratios  # the 6th best run: measured 5.1e-6 (8/12 below 1e-4)
-    assert labels_right >= 8, labels_right  # measured 10/12
+    assert sum(r <= 1e-3 for r in ratios) >= 4, ratios  # measured 6/8
+    assert sorted(ratios)[3] <= 1e-4, ratios  # the 4th best run: measured below 1e-5 (5/8 below 1e-4)
+    assert labels_right >= 5, labels_right  # measured 7/8
     assert sum(r1) / len(r1) <= 0.2, r1  # weak on text: measured 0.0
 
 
