@@ -252,7 +252,8 @@ class LeakageAudit(Callback):
 
     @property
     def verdict(self) -> str | None:
-        """The policy's latest verdict (``"pass"``, ``"warn"``, ``"fail"``); ``None`` without one."""
+        """The policy's latest verdict (``"pass"``, ``"warn"``, ``"fail"``); ``None`` without one. ``"fail"`` with no
+        :attr:`breach`: a rule whose only evidence is lower bounds (the release gate fails it; ``on_breach`` does not act)."""
         return self._monitor.verdict if self._monitor else None
 
     @property

@@ -80,8 +80,9 @@ class LeakageThresholdExceeded(RuntimeError):
 
 
 def find_breaches(report: GateReport, step: int) -> list[Breach]:
-    """The rules of ``report`` that fail on a measured value (missing evidence is not a breach here)."""
-    return [_breach(r, step) for r in report.measured().breaches()]
+    """The rules of ``report`` that fail on a measured value (missing evidence is not a breach here, nor is a rule
+    whose only evidence is lower bounds below its limit: training is not stopped for what was not measured)."""
+    return [_breach(r, step) for r in report.breaches() if r.value is not None]
 
 
 def _breach(result: RuleResult, step: int) -> Breach:
@@ -106,7 +107,9 @@ class BreachMonitor:
 
     Attributes:
         verdict: the latest verdict over measured rules (``"pass"``, ``"warn"``, ``"fail"``), ``None`` before
-            the first successful audit.
+            the first rule with evidence. A rule whose only evidence is lower bounds counts as ``"fail"`` here, as
+            the release gate fails it, but it is no :attr:`breach`: ``on_breach`` does not act on it. Until some rule
+            has evidence there is no verdict (``None``): nothing is logged as a pass on nothing.
         breach: the first breached rule of the run, if any.
         history: the run's judged records so far, without samples (:meth:`resume` reads a resumed run's).
     """
@@ -135,8 +138,8 @@ class BreachMonitor:
 
     def __call__(self, records: Sequence[AuditRecord], step: int) -> Judgement | None:
         """Judge the run after ``records`` (one audit, at optimizer step ``step``): note the first breach and
-        warn once per warned or breached rule. ``None`` when there is nothing to judge yet, or the policy
-        cannot be evaluated (a warning: it must not stop training)."""
+        warn once per warned or breached rule. ``None`` when there is nothing to judge yet (no rule has a
+        measured value or lower bounds), or the policy cannot be evaluated (a warning: it must not stop training)."""
         self.history.extend(_light(r) for r in records if r.status in JUDGED_STATUSES)
         try:
             report = self.policy.evaluate(self.history)
@@ -145,7 +148,10 @@ class BreachMonitor:
         except Exception as exc:  # noqa: BLE001 - a policy that cannot be evaluated must not stop training
             self.warn("policy", f"LeakageAudit: the policy could not be evaluated at step {step}: {exc!r}")
             return None
-        self.verdict = report.measured().verdict  # no evidence yet is not a verdict yet
+        measured = report.measured()
+        if not measured.results:  # no rule has evidence yet: no verdict yet, never a "pass" on nothing
+            return None
+        self.verdict = measured.verdict
         for result in report.results:
             if result.status == "warn":
                 self.warn(f"policy-warn:{result.rule.name}", f"LeakageAudit: leakage warning at step {step}: "
@@ -156,10 +162,9 @@ class BreachMonitor:
                 self.breach = breach
             self.warn(f"policy-fail:{breach.rule}", f"LeakageAudit: leakage policy breached at step {step}: "
                       f"{breach.message}" + ("" if self.on_breach == "warn" else f" (on_breach={self.on_breach!r})"))
-        verdict = self.verdict or "pass"
         return Judgement(
-            verdict, VERDICTS.index(verdict),
-            {r.rule.name: r.status if r.value is not None else "no data" for r in report.results},
+            self.verdict, VERDICTS.index(self.verdict),
+            {r.rule.name: _rule_status(r) for r in report.results},
             {b.rule: b.message for b in breaches},
         )
 
@@ -187,6 +192,14 @@ class BreachMonitor:
         elif self.on_breach == "raise":
             step = self.breach.step if self.breach is not None else trainer.global_step
             raise LeakageThresholdExceeded(f"leakage policy breached (audit of step {step}): {message}", self.breach)
+
+
+def _rule_status(result: RuleResult) -> str:
+    """A rule's status as the run logs it: ``pass``, ``warn``, ``fail``, ``"lower bounds only"`` (a fail on
+    missing evidence) or ``"no data"`` (no evidence yet)."""
+    if result.value is not None:
+        return result.status
+    return "lower bounds only" if result.only_lower_bounds else "no data"
 
 
 def _light(record: AuditRecord) -> AuditRecord:

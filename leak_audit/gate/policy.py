@@ -44,7 +44,7 @@ limit. The gate's verdict is ``fail`` if any rule fails, else ``warn`` if any wa
 Every metric grows with leakage, so the usual rule is a ``max``; a ``min`` rule bounds from below, e.g. a
 canary that an attack known to work on the run still recovers the labels (``label_accuracy``).
 
-This module is one contract and stays one module (about 690 lines): the TOML format, its validation
+This module is one contract and stays one module (about 700 lines): the TOML format, its validation
 messages, the evaluation and the report documents (JSON, JUnit) change together. The console rendering is
 :mod:`leak_audit.gate.render`, the ``--max`` form :mod:`leak_audit.gate.thresholds`.
 """
@@ -59,7 +59,7 @@ import os
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,10 +291,11 @@ class MetricRule:
             if best is None or sign * v > sign * best[0]:  # ties keep the first record
                 per_step[r.step] = (v, r)
         partial = self._partial_breach(records)
+        bounds = len(self._lower_bounds(records))
         if not per_step:
             if partial is not None:
-                return partial
-            return RuleResult(self, "fail", None, self._missing_message(records), "", 0)
+                return replace(partial, lower_bounds=bounds)
+            return RuleResult(self, "fail", None, self._missing_message(records), "", 0, bounds)
         steps = sorted(per_step)
         where = ""
         if self.aggregation in ("max", "min"):
@@ -323,14 +324,13 @@ class MetricRule:
         else:
             text += f" {'<=' if self.direction == 'max' else '>='} {self.direction} {_g(self.threshold)}"
         if status != "fail" and partial is not None:
-            return partial
+            return replace(partial, lower_bounds=bounds)
         timeouts = sum(r.status == "timeout" and self.in_scope(r) for r in records)
         if timeouts:
             text += f"; {_n(timeouts, 'timed-out attack')} not counted (missing evidence)"
-        bounds = len(self._lower_bounds(records))
         if bounds:
             text += f"; {_n(bounds, 'lower-bound reading')} not counted (attacks run where they read less than published ones)"
-        return RuleResult(self, status, value, text, where, n)
+        return RuleResult(self, status, value, text, where, n, bounds)
 
     def _lower_bounds(self, records: Sequence[AuditRecord]) -> list[tuple[float, AuditRecord]]:
         """``(value, record)`` of the ``ok`` records in scope that report the metric as a lower bound
@@ -434,6 +434,8 @@ class RuleResult:
         message: a sentence, e.g. ``"rouge1 = 0.812 (max over 12 audits; worst span_check@step 150) > max 0.5"``.
         where: ``"<attack>@step <n>"`` of the worst record for the ``max``/``min`` aggregations, else ``""``.
         records: ok records in scope that report the metric.
+        lower_bounds: ok records in scope whose value is a lower bound (``info["lower_bound"]``), left out of
+            ``value``; with ``value`` ``None`` they are the rule's only evidence, and it fails on missing evidence.
     """
 
     rule: MetricRule
@@ -442,12 +444,21 @@ class RuleResult:
     message: str
     where: str = ""
     records: int = 0
+    lower_bounds: int = 0
+
+    @property
+    def only_lower_bounds(self) -> bool:
+        """No value, and lower bounds in scope: more audits of the same setting cannot make this rule pass."""
+        return self.value is None and self.lower_bounds > 0
 
     @property
     def value_text(self) -> str:
         """``value`` as the message shows it (4 significant digits, more when needed to show how it compares
-        with the limit and warn level), or ``"missing"``."""
-        return "missing" if self.value is None else _fmt(self.value, self.rule.threshold, self.rule.warn)
+        with the limit and warn level), ``"lower bounds"`` when those are the rule's only evidence, or
+        ``"missing"``."""
+        if self.value is None:
+            return "lower bounds" if self.only_lower_bounds else "missing"
+        return _fmt(self.value, self.rule.threshold, self.rule.warn)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as one entry of the JSON report's ``results``."""
@@ -465,6 +476,7 @@ class RuleResult:
             "message": self.message,
             "where": self.where,
             "records": self.records,
+            "lower_bounds": self.lower_bounds,
             "scope": r.scope_dict(),
         }
 
@@ -496,8 +508,10 @@ class GateReport:
         return [r for r in self.results if r.status == "fail"]
 
     def measured(self) -> GateReport:
-        """The results with a value: what a run in progress is judged on (no evidence yet is no verdict yet)."""
-        return GateReport(tuple(r for r in self.results if r.value is not None))
+        """The results with a value, and those whose only evidence is lower bounds (a fail that more audits of
+        the same setting cannot turn into a pass): what a run in progress is judged on (no evidence yet is no
+        verdict yet)."""
+        return GateReport(tuple(r for r in self.results if r.value is not None or r.only_lower_bounds))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"verdict", "exit_code", "results"}``: the JSON report (:meth:`to_json`) before serialisation."""

@@ -44,7 +44,8 @@ class Judgement:
     Attributes:
         verdict: ``"pass"``, ``"warn"`` or ``"fail"``.
         code: the verdict as logged under ``gate/verdict`` (0 pass, 1 warn, 2 fail).
-        rules: each rule's name and status (``"pass"``, ``"warn"``, ``"fail"`` or ``"no data"``).
+        rules: each rule's name and status (``"pass"``, ``"warn"``, ``"fail"``, ``"lower bounds only"`` or
+            ``"no data"``).
         breaches: each breached rule's name and verdict sentence.
     """
 

@@ -20,7 +20,8 @@ What it adds to the scalars every Lightning logger gets (:func:`~leak_audit.resu
   ``leak/pick_worst/<metric>`` (the same over the attacker's picks only: per audit the reconstruction an
   attacker without the answer keeps, the smallest gradient residual), ``audit/timeouts`` (attacks stopped
   by their budget: missing evidence, never charted as a value) and, with a policy, ``gate/result`` (pass, warn or fail; rules without a
-  measured value yet do not count) and ``gate/rule/<rule>`` (pass, warn, fail or "no data").
+  measured value yet do not count, except those with lower bounds only, which fail as at the release gate) and
+  ``gate/rule/<rule>`` (pass, warn, fail, "lower bounds only" or "no data").
 * ``alert=True``: one ``run.alert`` per breached rule (delivery, by e-mail or Slack, is W&B's when the run
   is online; tested here only as the call).
 

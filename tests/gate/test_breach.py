@@ -280,9 +280,13 @@ def test_a_lower_bound_breaches_while_training_only_beyond_the_limit():
         return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": value},
                            info={"lower_bound": "LoRA adapters at B > 1", "rank": 16})
 
-    monitor([record(0, 0.4)], 0)
+    judgement = monitor([record(0, 0.4)], 0)
     assert monitor.breach is None and not warned
     assert monitor.history[0].info == {"lower_bound": "LoRA adapters at B > 1"}
+    # the release gate fails a rule with lower bounds only, so the run logs that, without acting on it
+    assert (judgement.verdict, judgement.code, judgement.rules, judgement.breaches) == (
+        "fail", 2, {"rouge1": "lower bounds only"}, {})
+    assert monitor.verdict == "fail"
     monitor([record(2, 0.6)], 2)
     assert monitor.breach is not None and monitor.breach.value == 0.6
     assert "a lower bound" in monitor.breach.message and len(warned) == 1

@@ -158,16 +158,20 @@ def test_lower_bound_readings_count_toward_a_breach_never_toward_a_pass(recs):
                              metrics={"token_recall": 1.0}) for s in (0, 10)]
     # only lower bounds report rouge1: missing evidence, not a pass, and the message says why
     r = one(lora + exact_bag, metric="rouge1", max=0.5)
-    assert (r.status, r.value, r.records) == ("fail", None, 0)
+    assert (r.status, r.value, r.records, r.lower_bounds) == ("fail", None, 0, 2)
     assert "lower bounds only, never evidence of a pass: span_check" in r.message
+    assert r.only_lower_bounds and r.value_text == "lower bounds" and r.to_dict()["lower_bounds"] == 2
+    report = GatePolicy((MetricRule(metric="rouge1", max=0.5),)).evaluate(lora + exact_bag)
+    assert report.measured().verdict == "fail"  # what a run in progress logs: more audits cannot make it pass
+    assert one(exact_bag, metric="rouge1", max=0.5).value_text == "missing"  # no evidence at all
     # a lower bound already beyond the limit proves the breach
     r = one(lora + exact_bag, metric="rouge1", max=0.4)
     assert (r.status, r.value, r.where) == ("fail", 0.42, "span_check@step 10")
     assert "result of span_check@step 10, run where it reads less than published attacks: a lower bound" in r.message
     # beside measured values the lower bounds are left out of the value and named in the message
     r = one(lora + exact_bag, metric="token_recall", max=1.0)
-    assert (r.status, r.value, r.records) == ("pass", 1.0, 2)
-    assert "2 lower-bound readings not counted" in r.message
+    assert (r.status, r.value, r.records, r.lower_bounds) == ("pass", 1.0, 2, 2)
+    assert "2 lower-bound readings not counted" in r.message and not r.only_lower_bounds
     # the same records without the mark are ordinary measurements
     plain = [AuditRecord(step=x.step, attack=x.attack, status="ok", modules=x.modules, batch_size=4, metrics=x.metrics)
              for x in lora]
