@@ -11,12 +11,13 @@ names the measurement behind it (benchmarks/README.md); an entry goes when an at
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from leak_audit.capture.privacy import LOWER_BOUND_NOISE_MULTIPLIER
 from leak_audit.models import TextModelSpec
 
-__all__ = ["DP_SEARCH_BOUND", "LORA_SENTENCE_ASSIGNMENT", "dp_search_gap", "lora_sentence_gap"]
+__all__ = ["DECODER_PURSUIT_UNFINISHED", "DP_SEARCH_BOUND", "LORA_SENTENCE_ASSIGNMENT", "decoder_pursuit_gap",
+           "dp_search_gap", "lora_sentence_gap"]
 
 LORA_SENTENCE_ASSIGNMENT = (
     "LoRA adapters of an encoder at B > 1: the batch's tokens come back but not which sentence each belongs to "
@@ -64,3 +65,28 @@ def dp_search_gap(spec: object, noise_multiplier: float | None, metrics: Collect
     if not 0 < noise_multiplier < LOWER_BOUND_NOISE_MULTIPLIER or not set(metrics) - {"label_accuracy"}:
         return None
     return DP_SEARCH_BOUND
+
+
+DECODER_PURSUIT_UNFINISHED = (
+    "a decoder's LoRA adapters beyond their rank: span_decoder's prefix pursuit stopped without explaining the "
+    "gradient (its relative residual stayed above the acceptance level, or its prefix tree has more leaves than the "
+    "batch has sentences), so its sentences are unverified guesses (pretrained SmolLM2, r = 8, SST-2 B = 8, a batch of "
+    "219 positions: residual 3.2e-3 to 3.6e-3 after 421 picks, 169-170 leaves, ROUGE-1 0.21), while published LoRA attacks (UTR, "
+    "FedSpy-LLM, 2026) report ROUGE-1 > 0.99 at such batches; these sentence metrics are lower bounds"
+)
+"""``span_decoder`` on a decoder's LoRA adapters beyond their rank when its joint sparse recovery of the prefix tree
+(:func:`~leak_audit.attacks.text.decoder_pursuit.pursue_prefixes`) does not close. Measured with ``leak-audit bench
+text --model smollm2 --task causal-lm --views lora --attacks span_decoder --lora-r 8 --lora-steps 50 --n 16``: on
+SST-2 the second batch of 8 ends at relative residual 3.2e-3 to 3.6e-3 (two runs) with 169-170 leaves (ROUGE-1
+0.21); the other SST-2 batches of 4 and 8 and the CoLA batches of 8 close below 1e-6 with one leaf per sentence
+(ROUGE-1 0.96-1.0) and carry no mark (``benchmarks/decoder_pursuit_probe.py``; docs/decoders.md, LoRA section)."""
+
+
+def decoder_pursuit_gap(pursuit: Mapping[str, object], accept: float, leaves: int, batch_size: int) -> str | None:
+    """:data:`DECODER_PURSUIT_UNFINISHED` when the prefix pursuit did not close: ``pursuit["pursuit_residual"]`` (its
+    relative residual after pruning) above ``accept`` (``SpanDecoder.pursuit_accept``, the level at which its token
+    bag counts as complete), or more ``leaves`` (sentences found) than ``batch_size``; ``None`` otherwise (fewer leaves
+    with a closed fit can be a batch with repeated sentences, which the fit explains)."""
+    residual = pursuit.get("pursuit_residual")
+    unexplained = not isinstance(residual, (int, float)) or residual > accept
+    return DECODER_PURSUIT_UNFINISHED if unexplained or leaves > batch_size else None

@@ -47,8 +47,8 @@ while the positions number at most about ``r`` per adapter (q and v stacked: ``2
 apply unchanged. Beyond that rank no input lies in the row space, but the rows are still combinations of the
 batch's inputs alone: :mod:`~leak_audit.attacks.text.decoder_pursuit` recovers the token bag and then the
 prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences; SST-2 reviews at
-B = 4 ROUGE-1 0.991, B = 8 0.594). At initialisation
-``lora_B = 0`` makes the ``A`` gradients vanish: nothing is recovered.
+B = 4 ROUGE-1 0.991, B = 8 0.594: a pursuit that stops without explaining the gradient marks its sentence metrics
+as lower bounds, :func:`~leak_audit.attacks.gaps.decoder_pursuit_gap`). ``lora_B = 0`` (initialisation): nothing.
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.gaps import decoder_pursuit_gap
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
 from leak_audit.attacks.text.sparse_bag import sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
+from leak_audit.results.records import LOWER_BOUND
 
 __all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows",
            "layer0_rows", "lora_blocks", "ranked_bag"]
@@ -339,8 +341,7 @@ class SpanDecoder(Attack):
                  for c in checks]
         info: dict[str, object] = {"rank_layer0": rank0, "candidates": int(tokens.numel()),
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
-        if per_position is not None:
-            info["candidate_positions"] = len(per_position)
+        info.update({"candidate_positions": len(per_position)} if per_position is not None else {})
         saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
         def partial_bag(cut: bool = False) -> Reconstruction:
@@ -371,8 +372,8 @@ class SpanDecoder(Attack):
         kept = [(c, b) for c, b, n in zip(checks, bases, check_rows, strict=True) if b.shape[1] < min(n, b.shape[0])]
         if len(kept) < len(checks):
             info["saturated_checks"] = len(checks) - len(kept)
-        # a saturated check with fewer rows than inputs (LoRA's A beyond its rank) still determines the prefixes
-        # among the candidates' extensions: joint sparse recovery over the prefix tree (decoder_pursuit)
+        # a saturated check with fewer rows than inputs (LoRA's A beyond its rank) still fixes the prefixes: joint
+        # sparse recovery over the prefix tree (decoder_pursuit); one that does not close is marked a lower bound
         sparse = [c for c, b, n in zip(checks, bases, check_rows, strict=True)
                   if b.shape[1] >= n and n < b.shape[0] and per_position is None]
         if sparse and (saturated or not kept):
@@ -382,7 +383,8 @@ class SpanDecoder(Attack):
                 replica, params, [b.module for b in blocks],
                 [[input_rows(inp.gradients[w], b.transposed) for w in b.weights] for b in blocks],
                 tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
-            info.update(more, order="pursuit", prefixes=len(prefixes))
+            gap = decoder_pursuit_gap(more, self.pursuit_accept, len(prefixes), inp.batch_size)
+            info.update(more, order="pursuit", prefixes=len(prefixes), **({LOWER_BOUND: gap} if gap else {}))
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
                                 budget.audit_bound, c)
         if not kept:

@@ -405,11 +405,22 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monke
     assert set(recon.token_bag) == {t for seq in truth for t in seq[:-1]}
     assert sorted(recon.sequences) == sorted(truth), [tokenizer.decode(q) for q in recon.sequences]
     assert recon.info["last_token"].endswith(": 4 of 4"), recon.info
+    assert "lower_bound" not in recon.info and recon.info["pursuit_residual"] < 1e-4  # the fit closed: a measurement
+    # a pursuit that stops early (patience 1 instead of 24) leaves the gradient unexplained: its sentences are
+    # guesses, and the record says its sentence metrics are lower bounds
+    import functools
+
+    import leak_audit.attacks.text.span_decoder as span_decoder
+    from leak_audit.attacks.gaps import DECODER_PURSUIT_UNFINISHED
+
+    monkeypatch.setattr(span_decoder, "pursue_prefixes", functools.partial(span_decoder.pursue_prefixes, patience=1))
+    stopped = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    assert stopped.info["pursuit_residual"] > 1e-4 and not stopped.timed_out, stopped.info
+    assert stopped.info["lower_bound"] == DECODER_PURSUIT_UNFINISHED
+    monkeypatch.undo()
     # when the audit's deadline stops the joint sparse recovery, the ranked bag it falls back to is a timeout
     # (partial evidence), never an ok record that reads as "this is all the gradient leaks"
     import time
-
-    import leak_audit.attacks.text.span_decoder as span_decoder
 
     real = span_decoder.sparse_bag
     monkeypatch.setattr(span_decoder, "sparse_bag", lambda *a, **k: dataclasses.replace(real(*a, **k), cut=True))
@@ -433,6 +444,7 @@ def test_lora_pursuit_reads_long_reviews_once_the_shared_token_states_are_projec
     recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
     assert recon.info["order"] == "pursuit" and recon.info["pursuit_deflated"] > 0, recon.info
     assert recon.info["pursuit_kept"] == sum(len(t) - 1 for t in truth), recon.info  # the true prefixes, no other
+    assert "lower_bound" not in recon.info  # the fit closed (relative residual below 1e-4): a measurement
     assert len(recon.sequences) == 4, [tokenizer.decode(q) for q in recon.sequences]
     for t in truth:  # every review, at least up to its last token (read by matching the model's likeliest ones)
         assert any(q[: len(t) - 1] == t[:-1] and len(q) >= len(t) - 1 for q in recon.sequences), tokenizer.decode(t)
