@@ -9,7 +9,7 @@ import pytest
 
 from leak_audit.cli.bench.common import BenchError, parse_batch_sizes
 from leak_audit.cli.bench.text import parse_attacks
-from leak_audit.cli.bench.text_rows import BEST, METRICS, PICK_ROW, ROW_KEYS, reference_for, summarize
+from leak_audit.cli.bench.text_rows import BEST, METRICS, PICK_ROW, ROW_KEYS, reference_for, rows_markdown, summarize
 from leak_audit.cli.bench.text_run import bench_attack, split_batches
 from leak_audit.cli.bench.views import resolve_view
 from leak_audit.cli.main import main
@@ -237,7 +237,7 @@ def test_summarize_best_per_batch():
     assert out["a"]["rouge1"] == pytest.approx(1.4 / 3, abs=1e-6) and out["a"]["n_sentences"] == 6
     # a timed-out attack is missing evidence: its partial 0.9 counts nowhere
     assert out["b"]["n_sentences"] == 2 and out["b"]["rouge1"] == 0.5
-    assert out["b"]["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 1}
+    assert out["b"]["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 1, "lower_bound": 0}
     assert out["b"]["seconds_per_batch"] == 2.0
     assert out["bag"]["rouge1"] is None and out["bag"]["token_recall"] == 1.0
     best = out[BEST]
@@ -245,10 +245,20 @@ def test_summarize_best_per_batch():
     assert best["rouge1"] == pytest.approx(1.4 / 3, abs=1e-6) and best["token_recall"] == pytest.approx(2.0 / 3, abs=1e-6)
     assert best["seconds_per_batch"] == pytest.approx(4.0)  # (1+1+1 + 1+3+1 + 1+2+1) / 3
     assert best["n_sentences"] == 6
-    assert best["status_counts"] == {"ok": 3, "timeout": 1, "skipped": 0, "failed": 0}  # batch 2 is marked
+    assert best["status_counts"] == {"ok": 3, "timeout": 1, "skipped": 0, "failed": 0, "lower_bound": 0}  # batch 2 is marked
     pick = out[PICK_ROW]  # only batch 2 has a record with the attacker's mark
     assert pick["best_of"] == {"a": 1} and pick["rouge1"] == pytest.approx(0.1)
-    assert pick["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 2}
+    assert pick["status_counts"] == {"ok": 1, "timeout": 1, "skipped": 0, "failed": 2, "lower_bound": 0}
+
+
+def test_lower_bound_batches_are_counted_in_the_means_and_named_in_the_table():
+    batches = [[rec("a", 0, rouge1=0.4, info={"lower_bound": "read where our attack is weak"})], [rec("a", 1, rouge1=0.6)]]
+    (a,) = summarize(batches, ["a"])
+    assert a["status_counts"] == {"ok": 2, "timeout": 0, "skipped": 0, "failed": 0, "lower_bound": 1}
+    assert a["rouge1"] == pytest.approx(0.5)  # as read: the mark says the value is a lower bound
+    row = {"data": "d", "view": "lora", "batch_size": 2, "dropout": "off", "params_fraction": 0.01, "reference": None,
+           "seconds_per_batch": 1.0, **a}
+    assert "| 2 ok (1 lower bound) |" in rows_markdown([row], "leak-audit bench text")
 
 
 def test_small_parsers():
