@@ -174,6 +174,7 @@ class Auditor:
             gradients = self.recomputer(snapshot.params, snapshot.batch, self.gradient_names)
             info_common["recompute_seconds"] = round(time.perf_counter() - t0, 4)
         priors: dict[str, Reconstruction] = {}
+        sigma = snapshot.dp.noise_multiplier if snapshot.dp is not None else None  # DP-SGD's, for dp_search_gap
         records = []
         residuals: dict[str, float | None] = {}
         for attack in self.attacks:
@@ -218,7 +219,6 @@ class Auditor:
                 continue
             priors[attack.name] = recon
             residuals[attack.name] = self._residual(recon, inp, info, gradients, snapshot.params)
-            sigma = snapshot.dp.noise_multiplier if snapshot.dp is not None else None
             if LOWER_BOUND not in info and (gap := dp_search_gap(self.spec, sigma, score.metrics)):
                 info[LOWER_BOUND] = gap
             records.append(AuditRecord(
