@@ -51,8 +51,9 @@ DP_SEARCH_BOUND = (
 """Text attacks on a DP-SGD release whose noise multiplier is below
 :data:`~leak_audit.capture.privacy.LOWER_BOUND_NOISE_MULTIPLIER`: ``benchmarks/dp_likelihood_probe.py --n 4`` (the
 truth scores above its 50-60 nearest neighbours in 4 of 4 sentences up to σ = 0.01, in none at σ = 0.1) against
-``leak-audit bench text --views full --attacks gradient_matching --dp-noise 0.001,0.01`` (ROUGE-1 0.455 at 500 steps
-and 0.09): benchmarks/README.md, DP-SGD section; docs/privacy.md."""
+``leak-audit bench text --views full --attacks gradient_matching --max-grad-norm 1.0`` on CoLA, B = 1, with
+``--n 4 --max-steps 500 --dp-noise 0.001`` (ROUGE-1 0.455) and ``--n 2 --max-steps 100 --dp-noise 0.01`` (0.09):
+benchmarks/README.md, DP-SGD section; docs/privacy.md."""
 
 
 def dp_search_gap(spec: object, noise_multiplier: float | None, metrics: Collection[str]) -> str | None:
