@@ -7,7 +7,7 @@ import torch) re-export these tuples.
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_METRICS", "RECORD_METRICS", "TEXT_METRICS"]
+__all__ = ["IMAGE_METRICS", "RECORD_METRICS", "SENTENCE_METRICS", "TEXT_METRICS"]
 
 TEXT_METRICS: tuple[str, ...] = (
     "rouge1",
@@ -20,6 +20,9 @@ TEXT_METRICS: tuple[str, ...] = (
     "label_accuracy",
 )
 """Keys :func:`~leak_audit.metrics.text.score_text_reconstruction` may return (all in ``[0, 1]``)."""
+
+SENTENCE_METRICS: frozenset[str] = frozenset({"rouge1", "rouge2", "rougeL", "exact_match"})
+"""The text metrics that need the batch's tokens assigned to sentences (a token bag alone reads none of them)."""
 
 IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "label_accuracy")
 """Keys :func:`~leak_audit.metrics.image.score_image_reconstruction` may return."""

@@ -11,6 +11,7 @@ from leak_audit.models import EmbeddingTables
 from leak_audit.attacks.text.span_cluster import SpanCluster, additive_atoms, token_query_gradients
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
+from tests.conftest import gradients
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,53 @@ def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, 
         generator=torch.Generator().manual_seed(0),
     )
     assert seq == target and res < 1e-10
+
+
+def test_an_audit_of_the_query_alone_is_a_lower_bound_until_span_cluster_certifies_the_batch(
+        minilm, tokenizer, cola, setup):
+    """Real CoLA, layer 0's query weight alone (the ``linear:`` view). At B = 4 span_cluster certifies all four
+    sentences (ROUGE-1 1.0) and no record is marked. Without span_cluster in the audit, span_check's per-position
+    sets (no sentence assignment) read well below that, so every record with sentence metrics in the audit is marked a
+    lower bound and a ROUGE-1 gate has no evidence of a pass. One sentence (B = 1) is not a gap: span_check reads it
+    exactly, unmarked. Nor is a training-mode (dropout) gradient, where no such gap was measured."""
+    from leak_audit.attacks.gaps import QUERY_SENTENCE_ASSIGNMENT, query_sentence_gap
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
+    from leak_audit.gate.policy import GatePolicy, MetricRule
+    from leak_audit.runtime.auditor import Auditor
+
+    spec, params = setup
+    query = spec.layers[0].query
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    def audit(rows, names, train=False):
+        if train:  # the observed training-mode gradient: dropout masks in layer 0's inputs
+            enc, grads = gradients(minilm, tokenizer, [s for s, _ in rows], [y for _, y in rows], train=True)
+            grad = grads[query]
+        else:
+            enc, grad, _ = _query_gradients(minilm, tokenizer, rows)
+        batch = default_batch_adapter({**enc, "labels": torch.tensor([y for _, y in rows])})
+        snap = AuditSnapshot(0, 0, 0.0, {query: grad}, params, batch, ("",))
+        auditor = Auditor(spec, [get_attack(n) for n in names], {query}, decode, replica=ModelReplica(minilm))
+        return {r.attack: r for r in auditor(snap)}
+
+    certified = audit(cola[:4], ["span_check", "span_cluster"])
+    assert certified["span_cluster"].info["certified"] == 4 and certified["span_cluster"].metrics["rouge1"] == 1.0
+    assert not any("lower_bound" in r.info for r in certified.values())
+
+    alone = audit(cola[:4], ["span_check"])
+    assert alone["span_check"].status == "ok" and alone["span_check"].metrics["rouge1"] < 0.9
+    assert alone["span_check"].info["lower_bound"].startswith(QUERY_SENTENCE_ASSIGNMENT)
+    assert "span_cluster did not finish" in alone["span_check"].info["lower_bound"]
+    result = GatePolicy((MetricRule("rouge1", max=0.5),)).evaluate(list(alone.values())).results[0]
+    assert result.only_lower_bounds and result.status == "fail"
+
+    one = audit(cola[4:5], ["span_check"])
+    assert one["span_check"].metrics["rouge1"] == 1.0 and "lower_bound" not in one["span_check"].info
+    # dropout on: span_check reads the gradient in its dropout mode; no such gap measured there, so no mark
+    dropout = audit(cola[:4], ["span_check"], train=True)
+    assert dropout["span_check"].info["dropout_mode"] == 1 and "lower_bound" not in dropout["span_check"].info
+    # the full view: span_attention assigns sentences there; a decoder or DP noise: no such gap measured
+    assert query_sentence_gap(spec, set(params), 4, 0.0, {}) is None
+    assert query_sentence_gap(spec, {query}, 4, 1e-3, {}) is None
+    assert query_sentence_gap(spec, {query, spec.layers[0].key}, 4, 0.0, {}) is None
