@@ -148,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="tapped modules (names or globs); default: the whole model",
     )
-    p.add_argument("--attacks", nargs="+", default=None, help=f"attacks (default: all of {available_attacks()})")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help=f"attacks, of {available_attacks()} (default: token_bag span_check labels; add span_cluster "
+                        "for layer 0's query alone at B > 1 with --recompute eval)")
     p.add_argument("--recompute", choices=("observed", "eval"), default="observed")
     p.add_argument("--log-dir", default="runs/demo", help="where audit.jsonl, CSV and W&B logs go")
     p.add_argument("--log-samples", action="store_true", help="store and show reconstructed text (private!)")

@@ -117,11 +117,12 @@ bounds")."""
 
 
 def query_sentence_gap(spec: object, gradients: Collection[str], batch_size: int, noise_std: float,
-                       priors: Mapping[str, Reconstruction]) -> str | None:
+                       priors: Mapping[str, Reconstruction], attacks: Collection[str] = ()) -> str | None:
     """:data:`QUERY_SENTENCE_ASSIGNMENT`, with this audit's count, for an encoder's audit whose view (``gradients``:
     the tapped names) holds layer 0's attention query weight and no other embedding or layer weight, at
     ``batch_size > 1`` on exact gradients, unless ``priors["span_cluster"]`` (the audit's finished, untimed
     ``span_cluster`` reconstruction, if any) certified all ``batch_size`` sentences (``info["certified"]``).
+    ``attacks``: the audit's attack names, so that the sentence can say when ``span_cluster`` was not among them.
 
     Exact means no DP noise (``noise_std == 0``) and no dropout mask, by the attacks' own evidence: ``span_cluster``
     finished (it runs only on a gradient spanned by the bag's tokens and positions) or ``span_check`` read the gradient
@@ -144,7 +145,12 @@ def query_sentence_gap(spec: object, gradients: Collection[str], batch_size: int
     certified = cluster.info.get("certified") if cluster is not None else None
     if isinstance(certified, int) and certified >= batch_size:
         return None
-    found = (f"span_cluster certified {certified} of {batch_size}" if isinstance(certified, int)
-             else "span_cluster did not finish: not requested, timed out or failed" if cluster is None
-             else "span_cluster ran without its certificates (peel=False)")
+    if isinstance(certified, int):
+        found = f"span_cluster certified {certified} of {batch_size}"
+    elif cluster is not None:
+        found = "span_cluster ran without its certificates (peel=False)"
+    elif "span_cluster" not in attacks:
+        found = "span_cluster is not among its attacks; add it to read the sentences"
+    else:
+        found = "span_cluster did not finish: timed out, skipped or failed"
     return f"{QUERY_SENTENCE_ASSIGNMENT} (this audit: {found})"

@@ -230,12 +230,13 @@ class Auditor:
             records.append(AuditRecord(
                 status="ok", metrics=score.metrics, seconds=round(seconds, 4), info=info, samples=score.samples, **base
             ))
-        gap = query_sentence_gap(self.spec, self.tapped, snapshot.batch_size, snapshot.noise_std, priors)
+        names = [a.name for a in self.attacks]
+        gap = query_sentence_gap(self.spec, self.tapped, snapshot.batch_size, snapshot.noise_std, priors, names)
         gap = gap or next((r.info[LOWER_BOUND] for r in records if r.status == "ok" and LOWER_BOUND in r.info), None)
         for r in records:  # one attack's gap is the audit's: no weaker attack's reading decides a rule in its place
             if gap and r.status == "ok" and LOWER_BOUND not in r.info and SENTENCE_METRICS & r.metrics.keys():
                 r.info[LOWER_BOUND] = gap
-        chosen = pick(residuals, [a.name for a in self.attacks])
+        chosen = pick(residuals, names)
         for r in records:
             if r.attack == chosen:
                 r.info["attacker_pick"] = 1
