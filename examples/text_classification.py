@@ -7,7 +7,8 @@ notes full of fake personal data, audits every 12 optimizer steps (3 epochs), lo
 
     python examples/text_classification.py                                   # the demo
     python examples/text_classification.py --data cola_dev.tsv --max-steps 40
-    python examples/text_classification.py --modules bert.encoder.layer.0.attention.self.query
+    python examples/text_classification.py --modules bert.encoder.layer.0.attention.self.query \\
+        --recompute eval --attacks span_check span_cluster                  # one linear module, B > 1
     python examples/text_classification.py --recompute eval --log-samples    # worst case, show text
     python examples/text_classification.py --dp --noise-multiplier 0.5 --max-grad-norm 1.0   # DP-SGD (Opacus)
     python examples/text_classification.py --dp --target-epsilon 8                # σ chosen for ε = 8
