@@ -41,9 +41,15 @@ def lora_sentence_gap(spec: TextModelSpec, gradients: Collection[str], batch_siz
     if spec.causal or batch_size <= 1:
         return None
     names = set(gradients)
-    adapters = {n for layer in spec.layers for a in layer.lora for n in (a.a, a.b)}
-    base = (set(spec.embedding_params) | {n for layer in spec.layers for n in layer.linear_weights}) - adapters
+    adapters, base = _adapters_and_base(spec)
     return LORA_SENTENCE_ASSIGNMENT if names & adapters and not names & base else None
+
+
+def _adapters_and_base(spec: TextModelSpec) -> tuple[set[str], set[str]]:
+    """The LoRA adapter weights of ``spec``, and its base weights: embedding tables and norm, every layer's linear
+    weights, adapters excluded."""
+    adapters = {n for layer in spec.layers for a in layer.lora for n in (a.a, a.b)}
+    return adapters, (set(spec.embedding_params) | {n for layer in spec.layers for n in layer.linear_weights}) - adapters
 
 
 DP_SEARCH_BOUND = (
@@ -132,9 +138,7 @@ def query_sentence_gap(spec: object, gradients: Collection[str], batch_size: int
     ``span_cluster`` returns exactly."""
     if not isinstance(spec, TextModelSpec) or spec.causal or not spec.layers or batch_size <= 1 or noise_std > 0:
         return None
-    adapters = {n for layer in spec.layers for a in layer.lora for n in (a.a, a.b)}
-    base = (set(spec.embedding_params) | {n for layer in spec.layers for n in layer.linear_weights}) - adapters
-    if set(gradients) & base != {spec.layers[0].query}:
+    if set(gradients) & _adapters_and_base(spec)[1] != {spec.layers[0].query}:
         return None
     cluster, check = priors.get("span_cluster"), priors.get("span_check")
     if cluster is None and (check is None or check.info.get("dropout_mode") != 0):
