@@ -146,6 +146,7 @@ def peel(
     split: Callable[[Tensor, Sequence[int], int], Tensor],
     *,
     first: Proposal | None = None,
+    complete: Callable[[Tensor, int], Proposal | None] | None = None,
     structural: Collection[int] = (),
     tol: float = CERTIFY_TOL,
     deadline: float | None = None,
@@ -160,6 +161,9 @@ def peel(
         split: ``(gradient, bag, length) -> [d_out, m]`` per-token columns, the first ``|bag|`` in bag order
             (:func:`~leak_audit.attacks.text.span_cluster.token_query_gradients` on the bag's atoms).
         first: the first round's proposal when it is already computed (the attack's priors).
+        complete: ``(gradient left, B') -> Proposal | None``, a slower search asked once per ``B'`` when a
+            round certifies nothing and ``B' ≥ 2`` (e.g. :func:`~leak_audit.attacks.text.assignment_descent.
+            complete`); its sentences are certified like any proposal's. ``None`` (or no proposal) ends the rounds.
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
         deadline: ``time.monotonic()`` value after which no new round and no further certificate starts
@@ -173,6 +177,7 @@ def peel(
     out = PeelResult()
     rest: list[list[int]] = []
     proposal = first
+    asked: set[int] = set()  # the B' that ``complete`` was asked for
     while len(out.sequences) < batch_size:
         b = batch_size - len(out.sequences)
         if proposal is None:
@@ -208,7 +213,13 @@ def peel(
             if res < tol:
                 accepted.append((seq, alpha, basis, res))
         if not accepted:
-            break
+            if complete is None or b < 2 or b in asked or late(deadline):
+                break
+            asked.add(b)
+            proposal = complete(left, b)
+            if proposal is None:
+                break
+            continue
         for seq, alpha, basis, res in accepted[:b]:
             rest.remove(seq)
             left = left - torch.einsum("c,c...->...", alpha, basis.double())

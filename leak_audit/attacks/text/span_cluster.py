@@ -40,6 +40,7 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
+from leak_audit.attacks.text.assignment_descent import complete
 from leak_audit.attacks.text.pair_pursuit import pair_pursuit
 from leak_audit.attacks.text.peeling import Proposal, logit_gradients, peel
 from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
@@ -328,6 +329,9 @@ class SpanCluster(Attack):
             it. Measured on CoLA B = 16 (four batches, no time bound): exact sentences 16 of 64 with ``0``,
             23 with ``8``, 38 with ``16``.
         beam: width of the pair pursuit's second try for an anchor its greedy search leaves open (1: none).
+        descent: when a peeling round certifies nothing with two or more sentences left, place their tokens by
+            the row space of the gradient left and assign them by the certificate
+            (:mod:`~leak_audit.attacks.text.assignment_descent`; a few seconds per pair of long sentences).
 
     Raises:
         ValueError: ``support`` or ``test_tol`` outside ``(0, 1)``, ``pairs < 0`` or ``beam < 1``.
@@ -338,7 +342,13 @@ class SpanCluster(Attack):
     cost = "search"
 
     def __init__(
-        self, support: float = 0.01, test_tol: float = 1e-6, peel: bool = True, pairs: int = 16, beam: int = 6
+        self,
+        support: float = 0.01,
+        test_tol: float = 1e-6,
+        peel: bool = True,
+        pairs: int = 16,
+        beam: int = 6,
+        descent: bool = True,
     ) -> None:
         if not 0 < support < 1:
             raise ValueError(f"support must be in (0, 1), got {support}")
@@ -353,6 +363,7 @@ class SpanCluster(Attack):
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.beam = int(beam)
+        self.descent = bool(descent)
 
     @staticmethod
     def _key(spec: TextModelSpec) -> str:
@@ -480,9 +491,24 @@ class SpanCluster(Attack):
         def split(g: Tensor, bag: Sequence[int], length: int) -> Tensor:
             return token_query_gradients(g, additive_atoms(tables, bag, length, segment))
 
+        def contribution(s: list[int]) -> Tensor:
+            return logit_gradients(replica, inp.params, name, s, segment=segment)
+
+        def completion(g: Tensor, b: int) -> Proposal | None:
+            if spec.cls_token_id is None or spec.sep_token_id is None:
+                return None
+            with torch.no_grad():
+                found = complete(
+                    g, b, tables, first.bag, first.length, contribution, cls_token_id=spec.cls_token_id,
+                    sep_token_id=spec.sep_token_id, segment=segment, deadline=deadline,
+                )
+            if late(deadline) and "assignment descent" not in cut:
+                cut.append("assignment descent")
+            return None if found is None else Proposal(found, first.bag, first.length)
+
         peeled = peel(
-            grad, inp.batch_size, propose, lambda s: logit_gradients(replica, inp.params, name, s, segment=segment),
-            split, first=first, structural=structural, deadline=deadline,
+            grad, inp.batch_size, propose, contribution, split, first=first,
+            complete=completion if self.descent else None, structural=structural, deadline=deadline,
         )
         info.update(certified=len(peeled.labels), rounds=peeled.rounds)
         if peeled.cut_short and "peeling" not in cut:
