@@ -63,8 +63,8 @@ class Placement:
         uncertain: positions whose last pick is within a factor 3 of the next candidate, or that repeat a token.
         rank: the row space's rank; separation: candidates as close as the closest 90% of the placed pairs,
             per such pair (1 when the ranking is clean).
-        inputs: ``[d, m]`` float64, the layer-0 inputs of the ``m`` distinct placed pairs; positions: ``[m]``
-            their positions.
+        inputs: ``[d, m]`` float64, the layer-0 inputs of the ``m`` distinct placed pairs; tokens and
+            positions: ``[m]`` their token ids and positions.
     """
 
     lengths: list[int]
@@ -74,6 +74,7 @@ class Placement:
     rank: int
     separation: float
     inputs: Tensor
+    tokens: Tensor
     positions: Tensor
 
 
@@ -170,20 +171,22 @@ def place_pairs(
         return None
     distinct = sorted({(bag.index(v), p) for p in range(lengths[0]) for v in slots[p]}, key=lambda jp: jp[::-1])
     inputs = x.view(nb, length, -1)[[j for j, _ in distinct], [p for _, p in distinct]].T.contiguous()
+    tokens = torch.tensor([bag[j] for j, _ in distinct], dtype=torch.long)
     positions = torch.tensor([p for _, p in distinct], dtype=torch.long)
-    return Placement(lengths, slots, alternatives, sorted(uncertain), rank, separation, inputs, positions)
+    return Placement(lengths, slots, alternatives, sorted(uncertain), rank, separation, inputs, tokens, positions)
 
 
 def assignment_descent(
     grad: Tensor,
     placement: Placement,
-    contribution: Callable[[list[int]], Tensor],
+    contributions: Callable[[list[list[int]]], list[Tensor]],
     *,
     cls_token_id: int,
     sep_token_id: int,
     steps: int = 200,
     span: int = 8,
     tol: float = 1e-5,
+    own_tol: float = 1e-4,
     deadline: float | None = None,
 ) -> tuple[list[list[int]], float]:
     """Assign the placed tokens to sentences by the exact-gradient certificate of all of them together.
@@ -191,12 +194,15 @@ def assignment_descent(
     Args:
         grad: ``[d_out, d]`` the gradient of these sentences only (as given to :func:`place_pairs`).
         placement: the placed tokens and lengths.
-        contribution: ``sentence -> [C − 1, d_out, d]``, the logit gradients of one sentence
-            (:func:`~leak_audit.attacks.text.peeling.logit_gradients`).
+        contributions: ``sentences -> [[C − 1, d_out, d], ...]``, the logit gradients of each sentence
+            (:func:`~leak_audit.attacks.text.peeling.batched_logit_gradients`; the moves at one position are
+            evaluated together).
         steps: improving moves at most. Each step tries the moves at the position where the fit's residual
             sits most (the residual split over the placed pairs' inputs) first, and takes the first that lowers
             the certificate's residual; the search stops when none does or the residual falls below ``tol``.
         span: the longest run ``[p, q)`` of positions two sentences swap in one move (besides whole prefixes).
+        own_tol: the search also stops once one sentence fits the gradient on its own pairs within this
+            relative residual (the peeling certificate then removes it and the rest is read again).
         deadline: ``time.monotonic()`` value after which it stops with its best so far.
 
     Returns:
@@ -223,8 +229,13 @@ def assignment_descent(
     def columns(s: list[int]) -> Tensor:
         key = tuple(s)
         if key not in cache:
-            cache[key] = contribution(s).detach().double().flatten(1).T
+            fill([s])
         return cache[key]
+
+    def fill(sentences: list[list[int]]) -> None:
+        new = list({tuple(s): s for s in sentences if tuple(s) not in cache}.values())
+        for s, g in zip(new, contributions(new) if new else [], strict=True):
+            cache[tuple(s)] = g.detach().double().flatten(1).T
 
     def residual(h: list[list[int]]) -> float:
         m = torch.cat([columns(s) for s in h], 1)
@@ -243,6 +254,25 @@ def assignment_descent(
         out = torch.zeros(lengths[0], dtype=per_pair.dtype, device=per_pair.device)
         return out.index_add_(0, placement.positions.to(per_pair.device), per_pair).cpu()
 
+    column_of = {(int(v), int(p)): k for k, (v, p) in enumerate(zip(placement.tokens, placement.positions))}
+    per_pair = torch.linalg.lstsq(pairs, target.view(shape).T).solution  # [m, d_out]: Σ δ_t/σ_t per pair
+
+    def one_exact(h: list[list[int]]) -> bool:
+        """Whether some sentence of ``h`` alone fits the gradient on its own pairs (its own certificate)."""
+        for i, sentence in enumerate(h):
+            others = {(v, p) for j, o in enumerate(h) if j != i for p, v in enumerate(o)}
+            own = [column_of[(v, p)] for p, v in enumerate(sentence) if p and (v, p) not in others and (v, p) in column_of]
+            if len(own) < 2:
+                continue
+            jac = columns(sentence).T.reshape(-1, *shape)  # [C − 1, d_out, d]
+            predicted = torch.stack([torch.linalg.lstsq(pairs, jc.T).solution[own] for jc in jac])  # [C−1, |own|, d_out]
+            y = per_pair[own].reshape(-1, 1)
+            a = predicted.flatten(1).T
+            fit = a @ torch.linalg.lstsq(a, y).solution
+            if float((fit - y).norm()) < own_tol * float(y.norm()):
+                return True
+        return False
+
     def moves_at(p: int) -> Iterator[list[list[int]]]:
         """The moves that change position ``p``, from the current ``hyp`` (read as each move is made)."""
         for i, j in itertools.combinations(range(len(lengths)), 2):
@@ -259,29 +289,36 @@ def assignment_descent(
                     continue
                 a, c = hyp[i], hyp[j]
                 yield _with(hyp, {i: a[:lo] + c[lo:hi] + a[hi:], j: c[:lo] + a[lo:hi] + c[hi:]})
-        if p in placement.uncertain:
-            for i in range(len(lengths)):
-                if lengths[i] - 1 <= p:
-                    continue
-                for v in sorted({*placement.alternatives[p], *slots[p]} - {sep_token_id, cls_token_id}):
-                    if v != hyp[i][p]:
-                        yield _with(hyp, {i: [*hyp[i][:p], v, *hyp[i][p + 1 :]]})
+
+    def replacements(p: int) -> Iterator[list[list[int]]]:
+        """Replace one sentence's token at an uncertain position ``p`` by another candidate there."""
+        for i in range(len(lengths)):
+            if lengths[i] - 1 <= p:
+                continue
+            for v in sorted({*placement.alternatives[p], *slots[p]} - {sep_token_id, cls_token_id}):
+                if v != hyp[i][p]:
+                    yield _with(hyp, {i: [*hyp[i][:p], v, *hyp[i][p + 1 :]]})
 
     for _ in range(steps):
         if cur < tol or late(deadline):
             break
         order = mismatch(hyp).argsort(descending=True).tolist()
         improved = False
-        for p in order:
-            for new in moves_at(p):
-                if late(deadline):
-                    return hyp, cur
-                r = residual(new)
-                if r < cur:
-                    hyp, cur, improved = new, r, True
-                    break
-            if improved:
+        # the uncertain positions' replacements first (a misplaced token keeps every assignment inexact), then
+        # the moves at the positions the residual sits on most
+        for group in [itertools.chain(*map(replacements, placement.uncertain)), *(moves_at(p) for p in order)]:
+            if late(deadline):
+                return hyp, cur
+            tries = list(group)
+            if not tries:
+                continue
+            fill([s for h in tries for s in h])
+            r, k = min((residual(h), k) for k, h in enumerate(tries))  # the best move of the group
+            if r < cur:
+                hyp, cur, improved = tries[k], r, True
                 break
+        if improved and cur >= tol and one_exact(hyp):  # the certificate can take that one out: stop here
+            break
         if not improved:
             break
     return hyp, cur
@@ -297,7 +334,7 @@ def complete(
     tables: EmbeddingTables,
     bag: Sequence[int],
     length: int,
-    contribution: Callable[[list[int]], Tensor],
+    contributions: Callable[[list[list[int]]], list[Tensor]],
     *,
     cls_token_id: int,
     sep_token_id: int,
@@ -316,6 +353,6 @@ def complete(
     if placement is None:
         return None
     sentences, _ = assignment_descent(
-        grad, placement, contribution, cls_token_id=cls_token_id, sep_token_id=sep_token_id, deadline=deadline
+        grad, placement, contributions, cls_token_id=cls_token_id, sep_token_id=sep_token_id, deadline=deadline
     )
     return sentences

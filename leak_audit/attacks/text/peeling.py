@@ -32,7 +32,16 @@ from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import NotApplicable
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["CERTIFY_TOL", "PeelResult", "Proposal", "certify", "label_from_coefficients", "logit_gradients", "peel"]
+__all__ = [
+    "CERTIFY_TOL",
+    "PeelResult",
+    "Proposal",
+    "batched_logit_gradients",
+    "certify",
+    "label_from_coefficients",
+    "logit_gradients",
+    "peel",
+]
 
 CERTIFY_TOL = 1e-4
 """Relative residual below which a sentence is certified (true ≤ 2.1e-6, one swap or wrong word ≥ 0.16 on MiniLM)."""
@@ -111,6 +120,62 @@ def logit_gradients(
             (g,) = torch.autograd.grad(logits[c] - logits[0], leaf, retain_graph=c < logits.numel() - 1)
             rows.append(g.detach())
     return torch.stack(rows)
+
+
+def batched_logit_gradients(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    name: str,
+    sequences: Sequence[Sequence[int]],
+    *,
+    segment: int = 0,
+) -> list[Tensor]:
+    """:func:`logit_gradients` of many sentences, one forward and ``C − 1`` backward passes per length.
+
+    ``name`` must be the weight of a linear module (``….weight``): each sentence's gradient is read as
+    ``Σ_t δ_t x_tᵀ`` from the module's inputs ``x_t`` and the gradients ``δ_t`` of its outputs, which sentences
+    of one forward never share (dropout off). Returns one ``[C − 1, *W.shape]`` tensor per sentence, in order.
+
+    Raises:
+        KeyError: ``name`` is not the weight of a module of the replicated model.
+        ValueError: the model has a single output.
+    """
+    if not name.endswith(".weight") or name not in replica.parameter_names:
+        raise KeyError(f"not the weight of a linear module of the replicated model: {name!r}")
+    module = replica.model.get_submodule(name[len(replica.prefix) : -len(".weight")])
+    out: list[Tensor | None] = [None] * len(sequences)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(sequences):
+        by_length.setdefault(len(s), []).append(i)
+    for rows in by_length.values():
+        ids = torch.as_tensor([list(sequences[i]) for i in rows], dtype=torch.long, device=params[name].device)
+        seen: dict[str, Tensor] = {}
+
+        def hook(_: torch.nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            seen["x"] = args[0].detach()
+            seen["eps"] = torch.zeros_like(output, requires_grad=True)
+            return output + seen["eps"]
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                logits = replica.forward(
+                    params, input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.full_like(ids, segment)
+                ).logits
+                if logits.shape[-1] < 2:
+                    raise ValueError(f"the model has {logits.shape[-1]} output; peeling needs class logits (C ≥ 2)")
+                per_class = []
+                for c in range(1, logits.shape[-1]):
+                    (delta,) = torch.autograd.grad(
+                        (logits[:, c] - logits[:, 0]).sum(), seen["eps"], retain_graph=c < logits.shape[-1] - 1
+                    )
+                    per_class.append(torch.einsum("nto,nti->noi", delta, seen["x"]))
+        finally:
+            handle.remove()
+        grads = torch.stack(per_class, 1)  # [n, C − 1, d_out, d_in]
+        for k, i in enumerate(rows):
+            out[i] = grads[k]
+    return [g for g in out if g is not None]
 
 
 def certify(observed: Tensor, basis: Tensor) -> tuple[float, Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from leak_audit.attacks import AttackInput
 from leak_audit.attacks.text.assignment_descent import assignment_descent, place_pairs
-from leak_audit.attacks.text.peeling import logit_gradients
+from leak_audit.attacks.text.peeling import batched_logit_gradients
 from leak_audit.attacks.text.span_cluster import SpanCluster
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import EmbeddingTables, text_model_spec
@@ -55,10 +55,16 @@ def test_two_long_reviews_are_placed_and_assigned_exactly(minilm, tokenizer, sst
     for p in range(39):
         assert sorted(placement.slots[p]) == sorted(t[p] for t in truth if len(t) > p), p
     name = spec.layers[0].query
-    sentences, residual = assignment_descent(
-        grad, placement, lambda s: logit_gradients(replica, params, name, s),
-        cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id,
-    )
+    kw = {"cls_token_id": spec.cls_token_id, "sep_token_id": spec.sep_token_id}
+
+    def contributions(ss):
+        return batched_logit_gradients(replica, params, name, ss)
+
+    # by default it stops once one sentence fits on its own pairs (peeling then takes it out)
+    sentences, _ = assignment_descent(grad, placement, contributions, **kw)
+    assert sum(s in truth for s in sentences) >= 1
+    # asked for the whole assignment, it finds both
+    sentences, residual = assignment_descent(grad, placement, contributions, own_tol=0.0, **kw)
     assert sorted(sentences) == sorted(truth)
     assert residual < 1e-4
 
@@ -99,3 +105,21 @@ def test_span_cluster_certifies_a_batch_that_peeling_left_open(minilm, tokenizer
     assert sorted(after.sequences) == sorted(truth)  # type: ignore[arg-type]
     assert after.labels_aligned
     assert [after.labels[after.sequences.index(t)] for t in truth] == [r[1] for r in rows]  # type: ignore[index,union-attr]
+
+
+def test_batched_logit_gradients_equal_one_sentence_at_a_time(minilm, tokenizer, sst2, setup):
+    """Per-sentence gradients read from one batched forward (inputs × output gradients) match the
+    one-sentence autograd of :func:`logit_gradients`, for sentences of different lengths, in order."""
+    from leak_audit.attacks.text.peeling import logit_gradients
+
+    spec, params, _, replica = setup
+    sentences = [tokenizer(r[0])["input_ids"] for r in sst2[:5]]
+    name = spec.layers[0].query
+    batched = batched_logit_gradients(replica, params, name, sentences)
+    assert len(batched) == 5
+    for s, g in zip(sentences, batched, strict=True):
+        one = logit_gradients(replica, params, name, s)
+        assert g.shape == one.shape
+        assert float((g - one).norm() / one.norm()) < 1e-4
+    with pytest.raises(KeyError, match="not the weight of a linear module"):
+        batched_logit_gradients(replica, params, "bert.embeddings.LayerNorm.bias", sentences)
