@@ -42,9 +42,10 @@ from leak_audit.models import EmbeddingTables
 
 __all__ = ["Placement", "assignment_descent", "complete", "place_pairs"]
 
-SEP_TOL = 1e-3
-"""A position holds ``[SEP]`` when its input's relative distance to the row space is below this (true ~1e-5,
-other positions ~4e-2 on MiniLM)."""
+SEP_GAP = 4.0
+"""The ``[SEP]`` positions are the closest ``n ≤ B`` positions of ``[SEP]``'s input to the row space, cut at the
+widest ratio between consecutive distances, which must be at least this (measured on MiniLM, SST-2: true
+7e-6 to 3e-5, next 2e-4 to 5e-2)."""
 
 SEPARATION = 1.5
 """Placement gives up when more than this many candidate pairs per placed pair lie as close to the row space
@@ -129,10 +130,16 @@ def place_pairs(
     poss = torch.arange(length).repeat(nb)
     x = tables.pair_inputs(toks.to(tables.word.device), poss.to(tables.word.device), segment).double().to(g.device)
     dist = ((x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1).clamp_min(1e-300)).view(nb, length).cpu()
-    sep_row = dist[bag.index(sep_token_id)]
-    ends = [p for p in range(1, length) if float(sep_row[p]) < SEP_TOL]
-    if not ends or len(ends) > batch_size:
+    sep_row = dist[bag.index(sep_token_id), 1:]
+    ranked = sep_row.argsort()[: batch_size + 1]
+    near = sep_row[ranked].clamp_min(1e-300)
+    if near.numel() < 2:
         return None
+    # the [SEP] positions are the closest ones up to the widest gap (1 to B of them: equal lengths share one)
+    n = int((near[1:] / near[:-1]).argmax()) + 1
+    if float(near[n] / near[n - 1]) < SEP_GAP:
+        return None
+    ends = sorted(int(p) + 1 for p in ranked[:n])
     order = dist.argsort(0)  # per position, bag indices closest first
     best: tuple[int, list[int], list[list[int]]] | None = None
     # sentences sharing a length share a [SEP] position: try each way to give the b lengths to the positions
@@ -183,6 +190,7 @@ def assignment_descent(
     *,
     cls_token_id: int,
     sep_token_id: int,
+    start: Sequence[Sequence[int]] = (),
     steps: int = 200,
     span: int = 8,
     tol: float = 1e-5,
@@ -197,6 +205,8 @@ def assignment_descent(
         contributions: ``sentences -> [[C − 1, d_out, d], ...]``, the logit gradients of each sentence
             (:func:`~leak_audit.attacks.text.peeling.batched_logit_gradients`; the moves at one position are
             evaluated together).
+        start: earlier guesses of these sentences (e.g. the last proposal peeling could not certify): each
+            position's tokens start with the sentence whose guess holds them (else in closest-first order).
         steps: improving moves at most. Each step tries the moves at the position where the fit's residual
             sits most (the residual split over the placed pairs' inputs) first, and takes the first that lowers
             the certificate's residual; the search stops when none does or the residual falls below ``tol``.
@@ -210,6 +220,7 @@ def assignment_descent(
         ``‖G − Σ α J‖ / ‖G‖`` of the best fit (true sentences ~1e-6).
     """
     lengths, slots = placement.lengths, placement.slots
+    sets = _match(lengths, slots, [set(s) - {cls_token_id, sep_token_id} for s in start])
     hyp: list[list[int]] = [[cls_token_id] * n for n in lengths]
     for p in range(1, lengths[0]):
         owners = [i for i, n in enumerate(lengths) if n > p]
@@ -220,7 +231,7 @@ def assignment_descent(
                 tokens.remove(sep_token_id)
         rest = [i for i in owners if lengths[i] > p + 1]
         tokens = tokens + tokens[-1:] * max(len(rest) - len(tokens), 0)
-        for i, v in zip(rest, tokens, strict=False):
+        for i, v in zip(rest, _warm(tokens, [sets[i] for i in rest]), strict=False):
             hyp[i][p] = v
     target = grad.detach().double().reshape(-1, 1)
     norm = float(target.norm()) or 1.0
@@ -261,11 +272,14 @@ def assignment_descent(
         """Whether some sentence of ``h`` alone fits the gradient on its own pairs (its own certificate)."""
         for i, sentence in enumerate(h):
             others = {(v, p) for j, o in enumerate(h) if j != i for p, v in enumerate(o)}
-            own = [column_of[(v, p)] for p, v in enumerate(sentence) if p and (v, p) not in others and (v, p) in column_of]
+            own = [
+                column_of[(v, p)] for p, v in enumerate(sentence) if p and (v, p) not in others and (v, p) in column_of
+            ]
             if len(own) < 2:
                 continue
             jac = columns(sentence).T.reshape(-1, *shape)  # [C − 1, d_out, d]
-            predicted = torch.stack([torch.linalg.lstsq(pairs, jc.T).solution[own] for jc in jac])  # [C−1, |own|, d_out]
+            # [C − 1, |own|, d_out]: the sentence's own per-pair gradients
+            predicted = torch.stack([torch.linalg.lstsq(pairs, jc.T).solution[own] for jc in jac])
             y = per_pair[own].reshape(-1, 1)
             a = predicted.flatten(1).T
             fit = a @ torch.linalg.lstsq(a, y).solution
@@ -324,6 +338,33 @@ def assignment_descent(
     return hyp, cur
 
 
+def _warm(tokens: list[int], sets: list[set[int]]) -> list[int]:
+    """``tokens`` ordered so that as many as possible fall to the sentence whose earlier guess holds them."""
+    if not any(sets):
+        return tokens
+    return list(max(itertools.permutations(tokens), key=lambda o: sum(v in t for v, t in zip(o, sets, strict=False))))
+
+
+def _match(lengths: list[int], slots: list[list[int]], guesses: list[set[int]]) -> list[set[int]]:
+    """Per sentence, the token set of the earlier guess it most likely is (empty sets without guesses)."""
+    b = len(lengths)
+    guesses = (guesses + [set()] * b)[: max(b, len(guesses))]
+    if not any(guesses) or len(guesses) > 5:  # the matching tries every order of the guesses
+        return [set() for _ in range(b)]
+
+    def score(order: tuple[int, ...]) -> int:
+        sets = [guesses[k] for k in order]
+        total = 0
+        for p in range(1, lengths[0]):
+            owners = [i for i, n in enumerate(lengths) if n > p + 1]
+            tokens = slots[p][: len(owners)]
+            total += max(sum(v in sets[i] for v, i in zip(o, owners, strict=False)) for o in itertools.permutations(tokens))
+        return total
+
+    best = max(itertools.permutations(range(len(guesses)), b), key=score)
+    return [guesses[k] for k in best]
+
+
 def _with(hyp: list[list[int]], changes: dict[int, list[int]]) -> list[list[int]]:
     return [changes.get(i, s) for i, s in enumerate(hyp)]
 
@@ -338,6 +379,7 @@ def complete(
     *,
     cls_token_id: int,
     sep_token_id: int,
+    start: Sequence[Sequence[int]] = (),
     segment: int = 0,
     deadline: float | None = None,
 ) -> list[list[int]] | None:
@@ -353,6 +395,7 @@ def complete(
     if placement is None:
         return None
     sentences, _ = assignment_descent(
-        grad, placement, contributions, cls_token_id=cls_token_id, sep_token_id=sep_token_id, deadline=deadline
+        grad, placement, contributions, cls_token_id=cls_token_id, sep_token_id=sep_token_id, start=start,
+        deadline=deadline,
     )
     return sentences

@@ -159,9 +159,8 @@ def batched_logit_gradients(
         handle = module.register_forward_hook(hook)
         try:
             with torch.enable_grad():
-                logits = replica.forward(
-                    params, input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.full_like(ids, segment)
-                ).logits
+                mask, types = torch.ones_like(ids), torch.full_like(ids, segment)
+                logits = replica.forward(params, input_ids=ids, attention_mask=mask, token_type_ids=types).logits
                 if logits.shape[-1] < 2:
                     raise ValueError(f"the model has {logits.shape[-1]} output; peeling needs class logits (C ≥ 2)")
                 per_class = []
@@ -211,7 +210,7 @@ def peel(
     split: Callable[[Tensor, Sequence[int], int], Tensor],
     *,
     first: Proposal | None = None,
-    complete: Callable[[Tensor, int], Proposal | None] | None = None,
+    complete: Callable[[Tensor, int, list[list[int]]], Proposal | None] | None = None,
     structural: Collection[int] = (),
     tol: float = CERTIFY_TOL,
     deadline: float | None = None,
@@ -226,8 +225,8 @@ def peel(
         split: ``(gradient, bag, length) -> [d_out, m]`` per-token columns, the first ``|bag|`` in bag order
             (:func:`~leak_audit.attacks.text.span_cluster.token_query_gradients` on the bag's atoms).
         first: the first round's proposal when it is already computed (the attack's priors).
-        complete: ``(gradient left, B') -> Proposal | None``, a slower search asked once per ``B'`` when a
-            round certifies nothing and ``B' ≥ 2`` (e.g. :func:`~leak_audit.attacks.text.assignment_descent.
+        complete: ``(gradient left, B', the round's uncertified sentences) -> Proposal | None``, a slower
+            search asked once per ``B'`` when a round certifies nothing and ``B' ≥ 2`` (e.g. :func:`~leak_audit.attacks.text.assignment_descent.
             complete`); its sentences are certified like any proposal's. ``None`` (or no proposal) ends the rounds.
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
@@ -281,7 +280,7 @@ def peel(
             if complete is None or b < 2 or b in asked or late(deadline):
                 break
             asked.add(b)
-            proposal = complete(left, b)
+            proposal = complete(left, b, rest)
             if proposal is None:
                 break
             continue

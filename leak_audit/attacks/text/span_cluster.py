@@ -313,8 +313,8 @@ class SpanCluster(Attack):
     ``info``: ``clusters``, ``length``, ``certified`` and ``rounds``.
 
     Budget: no time limit of its own. The audit's deadline is passed to every stage (the span check, the
-    group lasso, the reassignment rounds, the word-order searches, the peeling rounds and their
-    certificates), each of which stops at it with its best so far. Cut short by it, the attack returns the
+    group lasso, the reassignment rounds, the word-order searches, the peeling rounds, the assignment descent
+    and their certificates), each of which stops at it with its best so far. Cut short by it, the attack returns the
     certified sentences and the last proposal with ``timed_out`` set and ``info["progress"]`` (e.g.
     ``"1 of 4 sentences certified in 2 peeling rounds; the deadline cut the word order"``).
 
@@ -494,15 +494,15 @@ class SpanCluster(Attack):
         def contribution(s: list[int]) -> Tensor:
             return logit_gradients(replica, inp.params, name, s, segment=segment)
 
-        def completion(g: Tensor, b: int) -> Proposal | None:
+        def completion(g: Tensor, b: int, guesses: list[list[int]]) -> Proposal | None:
             if spec.cls_token_id is None or spec.sep_token_id is None:
                 return None
             with torch.no_grad():
                 found = complete(
                     g, b, tables, first.bag, first.length,
                     lambda ss: batched_logit_gradients(replica, inp.params, name, ss, segment=segment),
-                    cls_token_id=spec.cls_token_id,
-                    sep_token_id=spec.sep_token_id, segment=segment, deadline=deadline,
+                    cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, start=guesses, segment=segment,
+                    deadline=deadline,
                 )
             if late(deadline) and "assignment descent" not in cut:
                 cut.append("assignment descent")
