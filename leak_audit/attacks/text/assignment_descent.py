@@ -1,8 +1,8 @@
 """Assignment descent: the last few long sentences of a batch from layer 0's query gradient that is left.
 
 :func:`~leak_audit.attacks.text.peeling.peel` removes sentences one by one once a proposal certifies them.
-It stalls when two or more sentences of 32 tokens or more are left: their keys fill each 32-dimensional head
-of MiniLM, so the pair pursuit's key-span test cannot tell their tokens apart (measured on SST-2's first 64,
+It stalls when two or more sentences of about 25 tokens or more are left: their keys fill most of each
+32-dimensional head of MiniLM, so the pair pursuit's key-span test cannot tell their tokens apart (measured on SST-2's first 64,
 B = 4: the ten batches left open held two or more sentences over ~25 tokens). This module reads them in two
 steps, neither of which needs the key span.
 
@@ -12,25 +12,29 @@ steps, neither of which needs the key span.
    own). Each candidate pair is ranked per position by its input's distance to that row space, and each
    position keeps as many tokens as sentences reach it; the ``[SEP]`` positions give the lengths. With two
    or three sentences left, the inputs of false pairs lie off the row space (the bipartite token–position
-   graph of so few sentences has few cycles), so the ranking is right at every position: measured on SST-2,
-   the two open sentences of dev 32–35 (39 and 27 tokens) and the three of dev 24–27, all positions. With
+   graph of so few sentences has few cycles), so the ranking is right at (nearly) every position: SST-2 dev
+   33–34 (39 and 27 tokens), all 39 positions (``tests/attacks/text/test_assignment_descent.py``). With
    four long sentences the graph's cycles bring nearly every pair into the span; :func:`place_pairs` then
    returns ``None`` (its separation check) rather than guess.
 2. **Descent** (:func:`assignment_descent`). Which of a position's tokens belongs to which sentence is read
-   by the exact-gradient certificate (:mod:`~leak_audit.attacks.text.peeling`): the gradient left is fitted
-   by the hypotheses' logit gradients ``J_{S,c}`` and a local search lowers the relative residual by
-   swapping two sentences' tokens at one position, swapping their prefixes ``[1, p)``, or replacing an
-   uncertain pick by the next candidate. The true sentences fit exactly (residual ~1e-6); measured on dev
-   32–35, from the ranking's arbitrary split to exact in 2 sweeps, 3.3 s on 2 CPU cores.
+   by the exact-gradient certificate of :mod:`~leak_audit.attacks.text.peeling`: the gradient left is fitted
+   by the hypotheses' logit gradients ``J_{S,c}``, and a local search lowers the relative residual. Its
+   moves swap two sentences' tokens at one position, swap runs of up to 8 positions or whole prefixes, and
+   replace a token at an uncertain position by the next candidate there. Each step takes the best move at
+   the position where the fit's residual sits most (all of a position's moves from one batched forward).
+   It starts from the proposal peeling could not certify (each token to the sentence whose guess holds it)
+   and stops once one sentence fits on its own pairs. The true sentences fit exactly (residual ~1e-6).
 
 :class:`~leak_audit.attacks.text.span_cluster.SpanCluster` calls :func:`complete` when a peeling round
-certifies nothing; its sentences are then certified like any proposal. Method after the layer-0 span test of
-DAGER and the exact-gradient certificates of SPEAR (Dimitrov et al. 2024); the code is ours.
+certifies nothing; its sentences are then certified like any proposal. Cost: a few seconds to a minute
+per open batch on 2 CPU cores (benchmarks/README.md, "Which audits of this view are lower bounds").
+The code is ours.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +50,10 @@ SEP_GAP = 4.0
 """The ``[SEP]`` positions are the closest ``n ≤ B`` positions of ``[SEP]``'s input to the row space, cut at the
 widest ratio between consecutive distances, which must be at least this (measured on MiniLM, SST-2: true
 7e-6 to 3e-5, next 2e-4 to 5e-2)."""
+
+CACHE = 512
+"""Sentences whose logit gradients the descent keeps (least recently used dropped first; the moves of one
+position are kept together)."""
 
 SEPARATION = 1.5
 """Placement gives up when more than this many candidate pairs per placed pair lie as close to the row space
@@ -235,18 +243,22 @@ def assignment_descent(
             hyp[i][p] = v
     target = grad.detach().double().reshape(-1, 1)
     norm = float(target.norm()) or 1.0
-    cache: dict[tuple[int, ...], Tensor] = {}
+    # the last CACHE sentences' logit gradients, as computed (float32 from the model: 0.6 MB each on MiniLM)
+    cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
 
     def columns(s: list[int]) -> Tensor:
         key = tuple(s)
         if key not in cache:
             fill([s])
-        return cache[key]
+        cache.move_to_end(key)
+        return cache[key].double()
 
     def fill(sentences: list[list[int]]) -> None:
         new = list({tuple(s): s for s in sentences if tuple(s) not in cache}.values())
         for s, g in zip(new, contributions(new) if new else [], strict=True):
-            cache[tuple(s)] = g.detach().double().flatten(1).T
+            cache[tuple(s)] = g.detach().flatten(1).T
+        while len(cache) > max(CACHE, 2 * len(sentences)):
+            cache.popitem(last=False)
 
     def residual(h: list[list[int]]) -> float:
         m = torch.cat([columns(s) for s in h], 1)
