@@ -2,9 +2,9 @@
 
 :func:`~leak_audit.attacks.text.peeling.peel` removes sentences one by one once a proposal certifies them.
 It stalls when two or more sentences of about 25 tokens or more are left: their keys fill most of each
-32-dimensional head of MiniLM, so the pair pursuit's key-span test cannot tell their tokens apart (measured on SST-2's first 64,
-B = 4: the ten batches left open held two or more sentences over ~25 tokens). This module reads them in two
-steps, neither of which needs the key span.
+32-dimensional head of MiniLM, so the pair pursuit's key-span test cannot tell their tokens apart
+(measured on SST-2's first 64, B = 4: the ten batches left open held two or more sentences over ~25
+tokens). This module reads them in two steps, neither of which needs the key span.
 
 1. **Placement** (:func:`place_pairs`). The gradient left, ``G = Σ_t δq_t x_tᵀ``, has the row space
    ``span{x_t}`` of its inputs ``x_t = LN(E[v] + P[i] + T)``, of rank the number of distinct
@@ -215,9 +215,10 @@ def assignment_descent(
             evaluated together).
         start: earlier guesses of these sentences (e.g. the last proposal peeling could not certify): each
             position's tokens start with the sentence whose guess holds them (else in closest-first order).
-        steps: improving moves at most. Each step tries the moves at the position where the fit's residual
-            sits most (the residual split over the placed pairs' inputs) first, and takes the first that lowers
-            the certificate's residual; the search stops when none does or the residual falls below ``tol``.
+        steps: improving moves at most. Each step evaluates the uncertain positions' replacements, then the
+            moves at each position in turn, starting where the fit's residual sits most (the residual split
+            over the placed pairs' inputs), and takes the best move of the first group that lowers the
+            certificate's residual; the search stops when none does or the residual falls below ``tol``.
         span: the longest run ``[p, q)`` of positions two sentences swap in one move (besides whole prefixes).
         own_tol: the search also stops once one sentence fits the gradient on its own pairs within this
             relative residual (the peeling certificate then removes it and the rest is read again).
@@ -260,10 +261,13 @@ def assignment_descent(
         while len(cache) > max(CACHE, 2 * len(sentences)):
             cache.popitem(last=False)
 
-    def residual(h: list[list[int]]) -> float:
+    def unexplained(h: list[list[int]]) -> Tensor:
+        """What the fit of the gradient by ``h``'s logit gradients leaves: ``[d_out · d, 1]``."""
         m = torch.cat([columns(s) for s in h], 1)
-        sol = torch.linalg.lstsq(m, target).solution
-        return float((m @ sol - target).norm()) / norm
+        return target - m @ torch.linalg.lstsq(m, target).solution
+
+    def residual(h: list[list[int]]) -> float:
+        return float(unexplained(h).norm()) / norm
 
     cur = residual(hyp)
     pairs = placement.inputs.to(target)  # [d, m]: the placed pairs' inputs
@@ -271,9 +275,7 @@ def assignment_descent(
 
     def mismatch(h: list[list[int]]) -> Tensor:
         """Per position, how much of the gradient left over ``h``'s fit sits on the pairs placed there."""
-        m = torch.cat([columns(s) for s in h], 1)
-        rest = (target - m @ torch.linalg.lstsq(m, target).solution).view(shape)
-        per_pair = torch.linalg.lstsq(pairs, rest.T).solution.norm(dim=1)  # [m]
+        per_pair = torch.linalg.lstsq(pairs, unexplained(h).view(shape).T).solution.norm(dim=1)  # [m]
         out = torch.zeros(lengths[0], dtype=per_pair.dtype, device=per_pair.device)
         return out.index_add_(0, placement.positions.to(per_pair.device), per_pair).cpu()
 
@@ -370,7 +372,8 @@ def _match(lengths: list[int], slots: list[list[int]], guesses: list[set[int]]) 
         for p in range(1, lengths[0]):
             owners = [i for i, n in enumerate(lengths) if n > p + 1]
             tokens = slots[p][: len(owners)]
-            total += max(sum(v in sets[i] for v, i in zip(o, owners, strict=False)) for o in itertools.permutations(tokens))
+            orders = itertools.permutations(tokens)
+            total += max(sum(v in sets[i] for v, i in zip(o, owners, strict=False)) for o in orders)
         return total
 
     best = max(itertools.permutations(range(len(guesses)), b), key=score)
