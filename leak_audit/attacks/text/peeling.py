@@ -226,8 +226,9 @@ def peel(
             (:func:`~leak_audit.attacks.text.span_cluster.token_query_gradients` on the bag's atoms).
         first: the first round's proposal when it is already computed (the attack's priors).
         complete: ``(gradient left, B', the round's uncertified sentences) -> Proposal | None``, a slower
-            search asked once per ``B'`` when a round certifies nothing and ``B' ≥ 2`` (e.g. :func:`~leak_audit.attacks.text.assignment_descent.
-            complete`); its sentences are certified like any proposal's. ``None`` (or no proposal) ends the rounds.
+            search asked once per ``B'`` when a round certifies nothing and ``B' ≥ 2`` (e.g.
+            :func:`~leak_audit.attacks.text.assignment_descent.complete`); its sentences are certified like
+            any proposal's. ``None`` (or no proposal) ends the rounds.
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
         deadline: ``time.monotonic()`` value after which no new round and no further certificate starts
