@@ -331,8 +331,9 @@ class SpanCluster(Attack):
         beam: width of the pair pursuit's second try for an anchor its greedy search leaves open (1: none).
         descent: when a peeling round certifies nothing with two or more sentences left, place their tokens by
             the row space of the gradient left and assign them by the certificate
-            (:mod:`~leak_audit.attacks.text.assignment_descent`; measured on SST-2 B = 4, 2 CPU cores: seconds
-            for two open sentences, 25-65 s for three; it gives up at once on four long ones).
+            (:mod:`~leak_audit.attacks.text.assignment_descent`; on SST-2 B = 4, 2 CPU cores, the open pairs fit a
+            30 s audit budget, three open sentences need up to 90 s, and it gives up at once on four long ones:
+            benchmarks/README.md, "Which audits of this view are lower bounds").
 
     Raises:
         ValueError: ``support`` or ``test_tol`` outside ``(0, 1)``, ``pairs < 0`` or ``beam < 1``.
