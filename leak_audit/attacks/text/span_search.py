@@ -20,9 +20,15 @@ Three stages:
 1. **Continuous relaxation.** Input word embeddings ``[R, L, d]`` (``R`` restarts as one batch) are
    optimised with Adam on ``D``; ``[CLS]``/``[SEP]`` are known structure.
 2. **Projection.** Each position's nearest word embeddings (cosine) form a pool of candidate tokens.
-3. **Discrete descent** on the exact ``D`` of real token sequences: replace a token by any pool token,
-   swap two tokens, move a token (LAMP's discrete moves, Balunović et al. 2022), until no move helps or
-   ``D`` is numerically zero; then perturb-and-descend while time is left.
+3. **Discrete descent** on the exact ``D`` of real token sequences, a variable-neighbourhood descent.
+   Each step scores a neighbourhood (:func:`neighbours`) and takes its best sequence. The first level
+   only replaces a token by one of those that lower ``D`` most to first order (the gradient of ``D`` with
+   respect to the input embeddings, as HotFlip and GCG rank them). When that is stuck, the next level
+   also swaps two tokens, moves a token (LAMP's discrete moves, Balunović et al. 2022) and shifts a block
+   by one (delete a token, insert a ranked one elsewhere), and follows the best of these moves by a
+   replacement where they put a token; the last two levels rank more tokens. An improvement returns to
+   the first level. The descent ends when every level is stuck, or when ``D`` is numerically zero; then
+   perturb-and-descend while time is left.
 
 The sequence length is the rank of the gradient at ``B = 1`` (one input per position). At ``B > 1`` the
 rank is the total number of tokens; without better information the batch is split into equal lengths.
@@ -42,7 +48,7 @@ from leak_audit.attacks.spans import span_basis
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "SpanSearch", "module_inputs", "span_distance"]
+__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "WIDEN", "SpanSearch", "module_inputs", "neighbours", "span_distance"]
 
 SCORE_CHUNK = 2**21
 """Elements (candidates × inputs × width) of the layer inputs the discrete search scores in one batch.
@@ -56,6 +62,10 @@ one thread) let the deadline be checked between chunks."""
 
 SCORE_TOKENS = 256
 """Candidate tokens (rows × sequence length) the discrete search runs through the model in one batch."""
+
+WIDEN = 4
+"""Factor by which the descent's last two levels rank more replacement tokens (``replace_k``, then 4×,
+then 16×) before it counts a local minimum; shifts then insert 4× more of them."""
 
 
 class _Captured(Exception):
@@ -136,6 +146,66 @@ def span_distance(x: Tensor, basis: Tensor) -> Tensor:
     return resid + (basis.shape[1] - covered)
 
 
+def neighbours(q: Tensor, free: Sequence[int], top: Tensor, shift_k: int, reorder: bool = True) -> tuple[Tensor, Tensor]:
+    """Every sequence one discrete move away from ``q``: the descent's candidates, duplicates removed.
+
+    Moves (only at the ``free`` positions, so ``[CLS]``/``[SEP]`` stay put):
+
+    * **replace** the token at ``i`` by one of ``top[i]``;
+    * **swap** two tokens; **move** one token to another position (LAMP's discrete moves, Balunović et
+      al. 2022);
+    * **shift**: delete the token at ``j`` and insert one of ``top[i, :shift_k]`` at ``i``, which slides
+      the block between them by one. Measured on SST-2 (layer 3's query, B = 1) most local minima of
+      replace/swap/move are a correct block one position off, which no single replace or move mends.
+
+    Args:
+        q: ``[L]`` token ids.
+        free: the positions moves may touch.
+        top: ``[L, k]`` ranked replacement tokens per position.
+        shift_k: how many of each position's ranked tokens a shift may insert.
+        reorder: ``False``: replacements only (the cheap first level of the descent).
+
+    Returns:
+        ``([M, L]`` distinct candidate sequences, ``q`` itself excluded; ``[M]`` the position each move
+        put a token at: the one a look-ahead replacement then revisits).
+    """
+    base = q.tolist()
+    body = [base[i] for i in free]
+    rows: dict[tuple[int, ...], int] = {tuple(base): -1}
+
+    def put(order: list[int], spot: int) -> None:
+        row = list(base)
+        for pos, tok in zip(free, order, strict=True):
+            row[pos] = tok
+        rows.setdefault(tuple(row), spot)
+
+    for a, i in enumerate(free):
+        for v in top[i].tolist():
+            row = list(base)
+            row[i] = v
+            rows.setdefault(tuple(row), i)
+        for c, j in enumerate(free if reorder else ()):
+            if a == c:
+                continue
+            if a < c:
+                order = list(body)
+                order[a], order[c] = order[c], order[a]
+                put(order, i)
+            order = list(body)
+            order.insert(c, order.pop(a))
+            put(order, j)
+            for v in top[i, :shift_k].tolist():
+                order = list(body)
+                order.pop(c)
+                order.insert(a, v)
+                put(order, i)
+    del rows[tuple(base)]
+    if not rows:
+        return q.new_empty((0, len(base))), q.new_empty(0)
+    return (torch.tensor(list(rows), dtype=q.dtype, device=q.device),
+            torch.tensor(list(rows.values()), dtype=torch.long, device=q.device))
+
+
 class SpanSearch(Attack):
     """Registered attack ``"span_search"``: token sequences whose layer inputs fall into a gradient's span.
 
@@ -160,13 +230,19 @@ class SpanSearch(Attack):
         max_perturbations: perturb-and-descend rounds at most (a work bound: with a generous
             ``max_seconds`` the result depends only on the seed, not on the machine's speed).
         exact_tol: ``D`` below which the reconstruction is certified exact and the search stops.
+        replace_k: replacement tokens ranked per position in a descent step (:data:`WIDEN` × more, twice,
+            when no neighbour improves).
+        shift_k: of those, how many a shift move may insert (see :func:`neighbours`).
+        lookahead: the best ``lookahead`` moves of a step are each followed by every ranked replacement at
+            the position they changed (ranked in the moved sequence), so a block shifted into place with the
+            wrong token at its end still counts; ``0`` looks one move deep only.
 
     Measured (pretrained MiniLM, real CoLA dev, B=1, dropout off, layer 3's query alone, 1 thread):
     the first 8 sentences all exact, 14.1 s each on average with the 30 s default; over the first 64
     with a 10 s budget on a loaded machine, ROUGE-1 0.901, exact match 0.31 (``benchmarks/README.md``).
 
     Raises:
-        ValueError: a non-positive option.
+        ValueError: a non-positive option (a negative ``lookahead``).
     """
 
     name = "span_search"
@@ -182,10 +258,14 @@ class SpanSearch(Attack):
         max_seconds: float = 30.0,
         exact_tol: float = 1e-4,
         max_perturbations: int = 64,
+        replace_k: int = 8,
+        shift_k: int = 1,
+        lookahead: int = 16,
     ) -> None:
         for key, value in dict(restarts=restarts, steps=steps, lr=lr, pool_per_position=pool_per_position,
                                max_seconds=max_seconds, exact_tol=exact_tol,
-                               max_perturbations=max_perturbations).items():
+                               max_perturbations=max_perturbations, replace_k=replace_k,
+                               shift_k=shift_k).items():
             if value <= 0:
                 raise ValueError(f"{key} must be > 0, got {value!r}")
         self.restarts = restarts
@@ -195,6 +275,11 @@ class SpanSearch(Attack):
         self.max_seconds = max_seconds
         self.exact_tol = exact_tol
         self.max_perturbations = max_perturbations
+        self.replace_k = replace_k
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead!r}")
+        self.shift_k = shift_k
+        self.lookahead = lookahead
 
     @staticmethod
     def _candidates(spec: TextModelSpec, tapped: Collection[str]) -> list[tuple[int, str]]:
@@ -340,11 +425,28 @@ class SpanSearch(Attack):
             pool = torch.unique(torch.cat(current))
             pool = pool[~torch.isin(pool, special)]
 
-        # 3. discrete descent with replace / swap / move, then perturb-and-descend
+        # 3. discrete descent: the best of all neighbours (gradient-ranked replacements, swaps, moves, shifts)
         def free_of(q: Tensor) -> list[int]:
             return [i for i in range(len(q)) if not (i == 0 and q[0] == cls_id) and not (i == len(q) - 1 and q[i] == sep_id)]
 
         sweeps = restarts_done = 0
+
+        def ranked(cache: list[Tensor], b: int, rows: Tensor, k: int) -> Tensor:
+            """``[K, L_b, k]`` tokens that most lower ``D`` to first order at each position when sequence ``b`` is
+            each of ``rows`` ``[K, L_b]`` (HotFlip's linearisation, Ebrahimi et al. 2018, as GCG ranks
+            tokens, Zou et al. 2023), among the allowed ones."""
+            emb = table[rows].clone().requires_grad_(True)
+            with torch.enable_grad():
+                x = inputs_of(embeds=emb)
+                rest = [c for j, c in enumerate(cache) if j != b]
+                if rest:
+                    x = torch.cat([x, torch.cat(rest)[None].expand(x.shape[0], -1, -1)], dim=1)
+                span_distance(x, basis).sum().backward()
+            g = emb.grad  # [K, L_b, d]
+            assert g is not None
+            gain = g @ table.T - (g * table[rows]).sum(-1, keepdim=True)  # [K, L_b, V]
+            gain[..., ~allowed] = float("inf")
+            return gain.topk(min(k, len(allowed_ids)), dim=-1, largest=False).indices
 
         def descend(seqs: list[Tensor], value: Tensor) -> tuple[list[Tensor], Tensor]:
             nonlocal sweeps, timed
@@ -355,6 +457,7 @@ class SpanSearch(Attack):
                 timed = True
                 return seqs, value
             cache = states(seqs)
+            level = 0  # 0: replacements only; 1: every move; 2, 3: WIDEN×, WIDEN²× more ranked tokens
             while float(value) > self.exact_tol:
                 if late(deadline):
                     timed = True
@@ -363,43 +466,38 @@ class SpanSearch(Attack):
                 improved = False
                 for b in range(bsz):
                     free = free_of(seqs[b])
-                    for i in free:  # replace
-                        rows = seqs[b][None].repeat(len(pool), 1)
-                        rows[:, i] = pool
-                        s = score_rows(cache, b, rows)
-                        j = int(s.argmin())
-                        if s[j] < value - 1e-9:
-                            seqs[b], value, improved = rows[j].clone(), s[j], True
-                            cache[b] = inputs_of(seqs[b][None])[0]
-                        if float(value) <= self.exact_tol:
-                            return seqs, value
-                        if late(deadline):
-                            timed = True
-                            return seqs, value
+                    if not free:
+                        continue
+                    k = self.replace_k * WIDEN ** max(0, level - 1)
+                    top = ranked(cache, b, seqs[b][None], k)[0]
+                    rows, spots = neighbours(seqs[b], free, top, self.shift_k * (1 if level < 2 else WIDEN), level > 0)
+                    if not len(rows):
+                        continue
+                    s = score_rows(cache, b, rows)
+                    rows = rows[: len(s)]
+                    if level and self.lookahead and not late(deadline):
+                        # two moves deep: re-rank the spot the m best moves changed, in their new context
+                        pick = s.topk(min(self.lookahead, len(s)), largest=False).indices
+                        picked, where = rows[pick], spots[pick]
+                        tokens = ranked(cache, b, picked, k)[torch.arange(len(pick)), where]  # [m, k]
+                        deeper = picked[:, None].repeat(1, tokens.shape[1], 1)
+                        deeper[torch.arange(len(pick))[:, None], torch.arange(tokens.shape[1])[None], where[:, None]] = tokens
+                        deeper = deeper.flatten(0, 1)
+                        rows, s = torch.cat([rows, deeper]), torch.cat([s, score_rows(cache, b, deeper)])
+                    j = int(s.argmin())
+                    if s[j] < value - 1e-9:
+                        seqs[b], value, improved = rows[j].clone(), s[j], True
+                        cache[b] = inputs_of(seqs[b][None])[0]
+                    if float(value) <= self.exact_tol:
+                        return seqs, value
                     if late(deadline):
                         timed = True
                         return seqs, value
-                    moves = []
-                    for i in free:  # swap and move within the sequence
-                        for j in free:
-                            if i < j:
-                                swapped = seqs[b].clone()
-                                swapped[i], swapped[j] = seqs[b][j], seqs[b][i]
-                                moves.append(swapped)
-                            if i != j:
-                                row = [seqs[b][f] for f in free]
-                                row.insert(free.index(j), row.pop(free.index(i)))
-                                moved = seqs[b].clone()
-                                moved[free] = torch.stack(row)
-                                moves.append(moved)
-                    if moves:
-                        rows = torch.stack(moves)
-                        s = score_rows(cache, b, rows)
-                        j = int(s.argmin())
-                        if s[j] < value - 1e-9:
-                            seqs[b], value, improved = rows[j].clone(), s[j], True
-                            cache[b] = inputs_of(seqs[b][None])[0]
-                if not improved:
+                if improved:
+                    level = 0
+                elif level < 3:
+                    level += 1  # stuck: every move, then more ranked tokens, before counting a local minimum
+                else:
                     break
             return seqs, value
 

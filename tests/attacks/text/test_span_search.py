@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.text.span_search import SpanSearch, span_distance
+from leak_audit.attacks.text.span_search import SpanSearch, neighbours, span_distance
+from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
-from tests.conftest import gradients
+from tests.conftest import data_file, gradients
 
 QUERY3 = "bert.encoder.layer.3.attention.self.query"
 
@@ -77,3 +78,48 @@ def test_needs_a_deep_linear_gradient(setup):
         SpanSearch().requirements(spec, ["bert.embeddings.word_embeddings.weight"])
     with pytest.raises(ValueError, match="max_seconds must be > 0"):
         SpanSearch(max_seconds=0)
+
+
+def test_neighbours_hold_every_move_and_the_shift_that_mends_an_off_by_one_block():
+    """The shift move: the private ``[CLS] a b c d [SEP]`` is one move from ``[CLS] b c d x [SEP]`` (``x``
+    deleted at the end, ``a`` inserted at the front), which no swap, move or single replacement reaches."""
+    cls, a, b, c, d, x, sep = 101, 11, 12, 13, 14, 99, 102
+    q = torch.tensor([cls, b, c, d, x, sep])
+    free = [1, 2, 3, 4]
+    top = torch.tensor([[0, 0], [a, 50], [60, 61], [70, 71], [80, 81], [0, 0]])
+    rows, spots = neighbours(q, free, top, shift_k=1)
+    as_lists = [r.tolist() for r in rows]
+    assert [cls, a, b, c, d, sep] in as_lists  # the shift: x deleted at 4, a inserted at 1
+    assert spots[as_lists.index([cls, a, b, c, d, sep])] == 1
+    assert [cls, 50, c, d, x, sep] in as_lists  # replacement by a ranked token
+    assert [cls, c, b, d, x, sep] in as_lists  # swap
+    assert [cls, c, d, x, b, sep] in as_lists  # move b to the end
+    assert [cls, 50, b, c, d, sep] not in as_lists  # shifts insert only the first shift_k ranked tokens
+    assert len(set(map(tuple, as_lists))) == len(as_lists) and q.tolist() not in as_lists
+    assert all(r[0] == cls and r[-1] == sep for r in as_lists)
+    # swaps (6) + moves (12; the 6 between neighbours equal swaps) + replacements (8) + shifts (12)
+    assert len(as_lists) == 6 + 12 - 6 + 8 + 12
+    only, spots = neighbours(q, free, top, shift_k=1, reorder=False)  # the descent's first level
+    assert len(only) == 8 and [cls, 50, c, d, x, sep] in only.tolist() and spots.tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_descent_mends_a_real_review_shifted_by_one_with_a_word_missing(minilm, tokenizer, setup):
+    """SST-2 dev review 2 (24 tokens), layer 3's query alone, B=1. The descent starts from the review with
+    ``us`` deleted (everything after it one position early) and ``to`` repeated at the end: the seed's
+    tokens lack ``us``, and no single replace, swap or move mends a shifted block. The descent of 8a37fd7
+    (replace from the seed's tokens, swap, move) stopped at D = 1.65 with one position wrong; the ranked
+    replacements and the move-then-replace look-ahead reach the exact review, certified by ``D ≈ 0``, before
+    any random perturbation."""
+    from leak_audit.attacks import Reconstruction
+
+    sentence, label = read_tsv(data_file("sst2_dev.tsv"), limit=3)[2]
+    enc, grads = gradients(minilm, tokenizer, [sentence], [label], train=False)
+    ids = enc["input_ids"][0]
+    assert tokenizer.convert_ids_to_tokens(ids[2:4].tolist()) == ["us", "to"]
+    seed = torch.cat([ids[:2], ids[3:-1], ids[3:4], ids[-1:]])
+    names = [QUERY3 + ".weight", QUERY3 + ".bias"]
+    prior = Reconstruction(attack="span_check", sequences=[seed.tolist()])
+    rec = _run(SpanSearch(max_seconds=600, max_perturbations=1), setup, grads, names, priors={"span_check": prior})
+    assert rec.info["seeded"] == 1 and rec.info["perturbations"] == 0
+    assert rec.sequences == enc["input_ids"].tolist()
+    assert rec.info["exact"] == 1 and rec.info["distance"] < 1e-4
