@@ -146,7 +146,9 @@ def span_distance(x: Tensor, basis: Tensor) -> Tensor:
     return resid + (basis.shape[1] - covered)
 
 
-def neighbours(q: Tensor, free: Sequence[int], top: Tensor, shift_k: int, reorder: bool = True) -> tuple[Tensor, Tensor]:
+def neighbours(
+    q: Tensor, free: Sequence[int], top: Tensor, shift_k: int, reorder: bool = True
+) -> tuple[Tensor, Tensor]:
     """Every sequence one discrete move away from ``q``: the descent's candidates, duplicates removed.
 
     Moves (only at the ``free`` positions, so ``[CLS]``/``[SEP]`` stay put):
@@ -155,8 +157,9 @@ def neighbours(q: Tensor, free: Sequence[int], top: Tensor, shift_k: int, reorde
     * **swap** two tokens; **move** one token to another position (LAMP's discrete moves, Balunović et
       al. 2022);
     * **shift**: delete the token at ``j`` and insert one of ``top[i, :shift_k]`` at ``i``, which slides
-      the block between them by one. Measured on SST-2 (layer 3's query, B = 1) most local minima of
-      replace/swap/move are a correct block one position off, which no single replace or move mends.
+      the block between them by one. In the SST-2 runs inspected (layer 3's query, B = 1, dev 2-15) most
+      local minima of replace/swap/move were a correct block one position off, which no single replace or
+      move mends.
 
     Args:
         q: ``[L]`` token ids.
@@ -237,9 +240,10 @@ class SpanSearch(Attack):
             the position they changed (ranked in the moved sequence), so a block shifted into place with the
             wrong token at its end still counts; ``0`` looks one move deep only.
 
-    Measured (pretrained MiniLM, real CoLA dev, B=1, dropout off, layer 3's query alone, 1 thread):
-    the first 8 sentences all exact, 14.1 s each on average with the 30 s default; over the first 64
-    with a 10 s budget on a loaded machine, ROUGE-1 0.901, exact match 0.31 (``benchmarks/README.md``).
+    Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads):
+    the first 8 CoLA dev sentences all exact, 4.3 s each; the first 16 SST-2 dev reviews (~25 tokens)
+    ROUGE-1 0.914, 7 of 16 exact, 20.9 s each (the descent before the shift moves and look-ahead: 0.916, 5
+    of 16, 22.5 s). ``benchmarks/README.md`` has the commands.
 
     Raises:
         ValueError: a non-positive option (a negative ``lookahead``).
@@ -481,7 +485,8 @@ class SpanSearch(Attack):
                         picked, where = rows[pick], spots[pick]
                         tokens = ranked(cache, b, picked, k)[torch.arange(len(pick)), where]  # [m, k]
                         deeper = picked[:, None].repeat(1, tokens.shape[1], 1)
-                        deeper[torch.arange(len(pick))[:, None], torch.arange(tokens.shape[1])[None], where[:, None]] = tokens
+                        m, kk = torch.arange(len(pick))[:, None], torch.arange(tokens.shape[1])[None]
+                        deeper[m, kk, where[:, None]] = tokens
                         deeper = deeper.flatten(0, 1)
                         rows, s = torch.cat([rows, deeper]), torch.cat([s, score_rows(cache, b, deeper)])
                     j = int(s.argmin())
