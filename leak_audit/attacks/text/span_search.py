@@ -221,7 +221,8 @@ class SpanSearch(Attack):
         restarts: continuous restarts, optimised as one batch.
         steps: Adam steps of the continuous stage.
         lr: Adam learning rate (embedding units).
-        pool_per_position: nearest tokens per position that enter the candidate pool.
+        pool_per_position: nearest tokens per position that enter the pool the perturbation rounds draw
+            from (the descent ranks replacements over every allowed token).
         max_seconds: the attack's own time budget of one run, capped by the audit's deadline
             (:meth:`~leak_audit.attacks.base.AttackInput.budget`). The continuous stage gets the first half;
             the discrete descent checks the deadline between candidate chunks of at most
@@ -429,7 +430,7 @@ class SpanSearch(Attack):
             pool = torch.unique(torch.cat(current))
             pool = pool[~torch.isin(pool, special)]
 
-        # 3. discrete descent: the best of all neighbours (gradient-ranked replacements, swaps, moves, shifts)
+        # 3. variable-neighbourhood descent (see the module docstring), then perturb-and-descend
         def free_of(q: Tensor) -> list[int]:
             return [i for i in range(len(q)) if not (i == 0 and q[0] == cls_id) and not (i == len(q) - 1 and q[i] == sep_id)]
 
