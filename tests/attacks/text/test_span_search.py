@@ -123,3 +123,33 @@ def test_descent_mends_a_real_review_shifted_by_one_with_a_word_missing(minilm, 
     assert rec.info["seeded"] == 1 and rec.info["perturbations"] == 0
     assert rec.sequences == enc["input_ids"].tolist()
     assert rec.info["exact"] == 1 and rec.info["distance"] < 1e-4
+
+
+def _rotated_seed(tokenizer, minilm):
+    """SST-2 dev review 57 (14 tokens) and a seed with ``cold turkey`` moved behind ``would 've been a``: a
+    local minimum a 30 s search from the continuous start stopped in (so the descent has work to do)."""
+    sentence, label = read_tsv(data_file("sst2_dev.tsv"), limit=58)[57]
+    enc, grads = gradients(minilm, tokenizer, [sentence], [label], train=False)
+    ids = enc["input_ids"][0]
+    assert tokenizer.convert_ids_to_tokens(ids[2:4].tolist()) == ["cold", "turkey"]
+    return enc, grads, torch.cat([ids[:2], ids[4:9], ids[2:4], ids[9:]])
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144])
+def test_a_deadline_at_any_check_ends_the_descent_with_a_whole_sequence(minilm, tokenizer, setup, monkeypatch, cut):
+    """The deadline may fall between any two scored chunks of any part of a descent step (replacements,
+    moves, the look-ahead, the perturbation rounds): the run returns one sequence of the review's length
+    and a finite distance. Here the ``cut``-th deadline check says "late". (A look-ahead whose scores the
+    deadline cut short leaves fewer scores than candidate rows; code that assumes equal lengths crashes
+    there, as a tried and reverted descent did on 6 of 64 SST-2 reviews.)"""
+    from leak_audit.attacks import Reconstruction
+    import leak_audit.attacks.text.span_search as module
+
+    enc, grads, seed = _rotated_seed(tokenizer, minilm)
+    calls = iter(range(10**9))
+    monkeypatch.setattr(module, "late", lambda _deadline: next(calls) >= cut)
+    prior = Reconstruction(attack="span_check", sequences=[seed.tolist()])
+    rec = _run(SpanSearch(max_seconds=600, max_perturbations=1), setup, grads, [QUERY3 + ".weight", QUERY3 + ".bias"],
+               priors={"span_check": prior})
+    assert len(rec.sequences) == 1 and len(rec.sequences[0]) == enc["input_ids"].shape[1]
+    assert rec.info["seeded"] == 1 and 0 <= rec.info["distance"] < float("inf")
