@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.gaps import span_search_gap
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
+from leak_audit.results.records import LOWER_BOUND
 
 __all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "WIDEN", "SpanSearch", "module_inputs", "neighbours", "span_distance"]
 
@@ -243,7 +245,10 @@ class SpanSearch(Attack):
     Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads):
     the first 8 CoLA dev sentences all exact, 4.3 s each; the first 16 SST-2 dev reviews (~25 tokens)
     ROUGE-1 0.914, 7 of 16 exact, 20.9 s each (the descent before the shift moves and look-ahead: 0.916, 5
-    of 16, 22.5 s); over the first 64, 0.877 and 26 exact. ``benchmarks/README.md`` has the commands.
+    of 16, 22.5 s); over the first 64, 0.877 and 26 exact. ``benchmarks/README.md`` has the commands. A run
+    that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise puts
+    :data:`~leak_audit.attacks.gaps.SPAN_SEARCH_UNFINISHED` in ``info["lower_bound"]``: the private batch has
+    ``D = 0`` there, so its metrics are a lower bound (:func:`~leak_audit.attacks.gaps.span_search_gap`).
 
     Raises:
         ValueError: a non-positive option (a negative ``lookahead``).
@@ -524,6 +529,7 @@ class SpanSearch(Attack):
                 current, best = trial, value
         length = max(len(q) for q in current)
         exact = float(best) <= self.exact_tol
+        gap = span_search_gap(float(best), self.exact_tol, inp.noise_std)
         timed_out = timed and budget.audit_bound and not exact
         progress = (
             (f"continuous stage {steps} of {self.steps} steps" if not seeded else "seeded by span_check")
@@ -546,5 +552,6 @@ class SpanSearch(Attack):
                 "sweeps": sweeps,
                 "perturbations": restarts_done,
                 "seeded": seeded,
+                **({LOWER_BOUND: gap} if gap else {}),
             },
         )

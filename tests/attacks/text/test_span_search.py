@@ -153,3 +153,37 @@ def test_a_deadline_at_any_check_ends_the_descent_with_a_whole_sequence(minilm, 
                priors={"span_check": prior})
     assert len(rec.sequences) == 1 and len(rec.sequences[0]) == enc["input_ids"].shape[1]
     assert rec.info["seeded"] == 1 and 0 <= rec.info["distance"] < float("inf")
+    assert ("lower_bound" in rec.info) == (rec.info["distance"] > 1e-4)  # uncertified: a lower bound
+
+
+def test_an_uncertified_search_marks_the_audit_as_a_lower_bound_and_a_certified_one_does_not(minilm, tokenizer, cola,
+                                                                                                setup):
+    """Through the auditor, layer 3's query alone, B = 1. SST-2 dev 17 (44 tokens) in 3 s ends at ``D > 0``: the private
+    review has ``D = 0``, so the search did not finish, and the record says its sentence metrics are a lower bound
+    (a ``max`` rule cannot pass on it). CoLA dev 2 comes back certified (``D ≈ 0``): a measurement, no mark. Without
+    noise only; under DP noise the truth's ``D`` is not 0 and ``dp_search_gap`` decides."""
+    from leak_audit.attacks.gaps import SPAN_SEARCH_UNFINISHED, span_search_gap
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
+    from leak_audit.gate.policy import GatePolicy, MetricRule
+    from leak_audit.runtime.auditor import Auditor
+
+    spec, params, replica = setup
+    names = [QUERY3 + ".weight", QUERY3 + ".bias"]
+    assert span_search_gap(0.5, 1e-4, noise_std=1e-3) is None and span_search_gap(1e-6, 1e-4, 0.0) is None
+    review = read_tsv(data_file("sst2_dev.tsv"), limit=18)[17]
+    for (sentence, label), attack, certified in ((review, SpanSearch(max_seconds=3), False),
+                                                 (cola[2], SpanSearch(max_seconds=600, max_perturbations=16), True)):
+        enc, grads = gradients(minilm, tokenizer, [sentence], [label], train=False)
+        auditor = Auditor(spec, [attack], set(names), lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                          replica=replica)
+        batch = default_batch_adapter({**enc, "labels": torch.tensor([label])})
+        (record,) = auditor(AuditSnapshot(0, 0, 0.0, {n: grads[n] for n in names}, params, batch, ("",)))
+        assert record.status == "ok", record.error
+        if certified:
+            assert record.metrics["exact_match"] == 1.0 and "lower_bound" not in record.info
+        else:
+            assert record.info["distance"] > 1e-4 and record.info["lower_bound"] == SPAN_SEARCH_UNFINISHED
+            assert record.metrics["exact_match"] == 0.0
+            rule = MetricRule("rouge1", max=0.99, aggregation="last")
+            assert GatePolicy((rule,)).evaluate([record]).results[0].only_lower_bounds
