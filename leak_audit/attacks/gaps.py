@@ -111,7 +111,8 @@ SPAN_SEARCH_UNFINISHED = (
     "alone, B = 1, span_search's 30 s: the first 8 CoLA dev sentences all certified, but only 26 of the first 64 "
     "SST-2 reviews, ROUGE-1 0.877); these sentence metrics are lower bounds"
 )
-"""``span_search`` ended without certifying its sequences (``D`` above ``exact_tol``) on a gradient without DP noise.
+"""``span_search`` ended without certifying its sequences (``D`` above ``exact_tol``) on a gradient without DP noise,
+from a view without layer 0's linear weights.
 Measured with ``leak-audit bench text --data ../shared/data/sst2_dev.tsv --n 64 --batch-sizes 1 --views
 linear:bert.encoder.layer.3.attention.self.query --attacks span_search --dropout off --seed 0 --max-seconds 60
 --threads 2`` (ROUGE-1 0.877, exact 26 of 64; the same with ``cola_dev.tsv --n 8``: 8 of 8 exact; benchmarks/README.md,
@@ -120,10 +121,14 @@ is not measured there, so its uncertified reading is marked too. Under DP noise 
 :func:`dp_search_gap` decides."""
 
 
-def span_search_gap(distance: float, exact_tol: float, noise_std: float) -> str | None:
-    """:data:`SPAN_SEARCH_UNFINISHED` when ``span_search`` stopped at ``distance`` above ``exact_tol`` on a gradient
-    without noise (``noise_std == 0``); ``None`` when it certified its sequences or the gradient is noised."""
-    return SPAN_SEARCH_UNFINISHED if noise_std == 0 and distance > exact_tol else None
+def span_search_gap(spec: TextModelSpec, gradients: Collection[str], exact: bool, noise_std: float) -> str | None:
+    """:data:`SPAN_SEARCH_UNFINISHED` when ``span_search`` ended uncertified (not ``exact``) on a gradient without
+    noise (``noise_std == 0``) and its view (``gradients``: the names it was given) holds no linear weight of layer 0;
+    ``None`` otherwise: a certified result, a noised gradient (:func:`dp_search_gap`), or a view with layer 0's
+    weights, where the layer-0 attacks (``span_check``, ``span_attention``, ``span_cluster``) read the batch and their
+    own gaps apply."""
+    first = set(spec.layers[0].linear_weights) if spec.layers else set()
+    return SPAN_SEARCH_UNFINISHED if not exact and noise_std == 0 and not first & set(gradients) else None
 
 
 QUERY_SENTENCE_ASSIGNMENT = (

@@ -246,7 +246,8 @@ class SpanSearch(Attack):
     the first 8 CoLA dev sentences all exact, 4.3 s each; the first 16 SST-2 dev reviews (~25 tokens)
     ROUGE-1 0.914, 7 of 16 exact, 20.9 s each (the descent before the shift moves and look-ahead: 0.916, 5
     of 16, 22.5 s); over the first 64, 0.877 and 26 exact. ``benchmarks/README.md`` has the commands. A run
-    that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise puts
+    that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise, from a view without layer 0's
+    weights, puts
     :data:`~leak_audit.attacks.gaps.SPAN_SEARCH_UNFINISHED` in ``info["lower_bound"]``: the private batch has
     ``D = 0`` there, so its metrics are a lower bound (:func:`~leak_audit.attacks.gaps.span_search_gap`).
 
@@ -529,7 +530,7 @@ class SpanSearch(Attack):
                 current, best = trial, value
         length = max(len(q) for q in current)
         exact = float(best) <= self.exact_tol
-        gap = span_search_gap(float(best), self.exact_tol, inp.noise_std)
+        gap = span_search_gap(spec, inp.gradients.keys(), exact, inp.noise_std)
         timed_out = timed and budget.audit_bound and not exact
         progress = (
             (f"continuous stage {steps} of {self.steps} steps" if not seeded else "seeded by span_check")

@@ -161,7 +161,8 @@ def test_an_uncertified_search_marks_the_audit_as_a_lower_bound_and_a_certified_
     """Through the auditor, layer 3's query alone, B = 1. SST-2 dev 17 (44 tokens) in 3 s ends at ``D > 0``: the private
     review has ``D = 0``, so the search did not finish, and the record says its sentence metrics are a lower bound
     (a ``max`` rule cannot pass on it). CoLA dev 2 comes back certified (``D ≈ 0``): a measurement, no mark. Without
-    noise only; under DP noise the truth's ``D`` is not 0 and ``dp_search_gap`` decides."""
+    noise only (under DP noise the truth's ``D`` is not 0 and ``dp_search_gap`` decides), and not on a view with layer
+    0's weights, where the layer-0 attacks read the batch."""
     from leak_audit.attacks.gaps import SPAN_SEARCH_UNFINISHED, span_search_gap
     from leak_audit.capture.batch import default_batch_adapter
     from leak_audit.capture.snapshot import AuditSnapshot
@@ -170,7 +171,11 @@ def test_an_uncertified_search_marks_the_audit_as_a_lower_bound_and_a_certified_
 
     spec, params, replica = setup
     names = [QUERY3 + ".weight", QUERY3 + ".bias"]
-    assert span_search_gap(0.5, 1e-4, noise_std=1e-3) is None and span_search_gap(1e-6, 1e-4, 0.0) is None
+    layer0 = {n for n in params if n.startswith("bert.encoder.layer.0.") and n.endswith(".weight")}
+    assert span_search_gap(spec, names, exact=False, noise_std=0.0) == SPAN_SEARCH_UNFINISHED
+    assert span_search_gap(spec, names, exact=False, noise_std=1e-3) is None  # dp_search_gap decides
+    assert span_search_gap(spec, names, exact=True, noise_std=0.0) is None
+    assert span_search_gap(spec, [*names, *layer0], exact=False, noise_std=0.0) is None  # the layer-0 attacks read
     review = read_tsv(data_file("sst2_dev.tsv"), limit=18)[17]
     for (sentence, label), attack, certified in ((review, SpanSearch(max_seconds=3), False),
                                                  (cola[2], SpanSearch(max_seconds=600, max_perturbations=16), True)):
