@@ -115,7 +115,7 @@ SPAN_SEARCH_UNFINISHED = (
 from a view without layer 0's linear weights.
 Measured with ``leak-audit bench text --data ../shared/data/sst2_dev.tsv --n 64 --batch-sizes 1 --views
 linear:bert.encoder.layer.3.attention.self.query --attacks span_search --dropout off --seed 0 --max-seconds 60
---threads 2`` (ROUGE-1 0.877, exact 26 of 64; the same with ``cola_dev.tsv --n 8``: 8 of 8 exact; benchmarks/README.md,
+--threads 2`` (ROUGE-1 0.877, exact 26 of 64; with ``cola_dev.tsv --n 8 --max-seconds 30``: 8 of 8 exact; benchmarks/README.md,
 "The descent's neighbourhood"). A training-mode gradient (dropout on) has ``D > 0`` at the truth as well; span search
 is not measured there, so its uncertified reading is marked too. Under DP noise ``D > 0`` at the truth, and
 :func:`dp_search_gap` decides."""
