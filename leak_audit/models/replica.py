@@ -127,11 +127,13 @@ class ModelReplica:
             kwargs["inputs_embeds"] = inputs_embeds
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        self.model.train(train)
+        if train or self.model.training:  # it rests in eval mode; switching every module's mode costs ~1 ms
+            self.model.train(train)
         try:
             out = functional_call(self.model, self.local(params), args=(), kwargs=kwargs, strict=False)
         finally:
-            self.model.eval()
+            if train:
+                self.model.eval()
         if labels is not None:
             logits = out.logits
             if logits.dim() == 3:  # an LM head: next-token loss, labels [B, L] with -100 ignored (the model's shift)
