@@ -44,13 +44,14 @@ from torch import Tensor, nn
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.gaps import span_search_gap
+from leak_audit.attacks.precision import SCREEN_CHOICES, cast_floating, screening_dtype
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
-from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.spans import span_basis, span_distance
 from leak_audit.models import TextModelSpec
 from leak_audit.models.replica import ModelReplica
 from leak_audit.results.records import LOWER_BOUND
 
-__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "WIDEN", "SpanSearch", "module_inputs", "neighbours", "span_distance"]
+__all__ = ["SCORE_CHUNK", "SCORE_TOKENS", "VERIFY", "WIDEN", "SpanSearch", "module_inputs", "neighbours"]
 
 SCORE_CHUNK = 2**21
 """Elements (candidates × inputs × width) of the layer inputs the discrete search scores in one batch.
@@ -62,12 +63,20 @@ QR) and ran for minutes between two deadline checks (a 10 s budget overran to 20
 this many elements and :data:`SCORE_TOKENS` candidate tokens (a few tenths of a second each on MiniLM,
 one thread) let the deadline be checked between chunks."""
 
-SCORE_TOKENS = 256
-"""Candidate tokens (rows × sequence length) the discrete search runs through the model in one batch."""
+SCORE_TOKENS = 1024
+"""Candidate tokens (rows × sequence length) the discrete search runs through the model in one batch.
+
+Each call of the replica swaps its ~200 parameters in and out (``functional_call``) and walks the module
+tree, a millisecond or two whatever the batch: at 256 tokens that overhead was a fifth of span search's time
+on SST-2 (layer 3's query, B = 1, cProfile); 1024 tokens take ~0.1 s on one thread."""
 
 WIDEN = 4
 """Factor by which the descent's last two levels rank more replacement tokens (``replace_k``, then 4×,
 then 16×) before it counts a local minimum; shifts then insert 4× more of them."""
+
+
+VERIFY = 8
+"""With screening on, how many of a step's best-screened candidates are rescored in float32 to pick the move."""
 
 
 class _Captured(Exception):
@@ -127,25 +136,6 @@ def module_inputs(
         for h in handles:
             h.remove()
     return captured
-
-
-def span_distance(x: Tensor, basis: Tensor) -> Tensor:
-    """Span-search objective ``D`` of candidate inputs (see the module docstring).
-
-    Args:
-        x: ``[K, N, d]``, the ``N`` layer inputs of each of ``K`` candidates.
-        basis: ``[d, r]`` orthonormal basis of the gradient's row space.
-
-    Returns:
-        ``[K]``: sum of squared residual fractions plus ``r`` minus the covered share of the span
-        (``0`` iff the inputs lie in and span the gradient's row space).
-    """
-    basis = basis.to(x.dtype)
-    coef = x @ basis
-    resid = ((x - coef @ basis.T).square().sum(-1) / x.square().sum(-1).clamp_min(1e-30)).sum(-1)
-    q, _ = torch.linalg.qr(x.transpose(1, 2))  # [K, d, N]
-    covered = (q.transpose(1, 2) @ basis).square().sum((1, 2))
-    return resid + (basis.shape[1] - covered)
 
 
 def neighbours(
@@ -241,6 +231,11 @@ class SpanSearch(Attack):
         lookahead: the best ``lookahead`` moves of a step are each followed by every ranked replacement at
             the position they changed (ranked in the moved sequence), so a block shifted into place with the
             wrong token at its end still counts; ``0`` looks one move deep only.
+        screen: the precision the descent scores its candidates in (:mod:`~leak_audit.attacks.precision`):
+            ``"bfloat16"`` ranks them in bfloat16 and rescores the :data:`VERIFY` best in float32 before it
+            accepts a move (``D`` and the exact certificate are always float32); ``"off"`` scores all in
+            float32; ``"auto"`` screens when a timed bfloat16 forward is clearly faster on this machine.
+            ``info["screen"]`` records the dtype used.
 
     Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads):
     the first 8 CoLA dev sentences all exact, 4.3 s each; the first 16 SST-2 dev reviews (~25 tokens)
@@ -252,7 +247,8 @@ class SpanSearch(Attack):
     ``D = 0`` there, so its metrics are a lower bound (:func:`~leak_audit.attacks.gaps.span_search_gap`).
 
     Raises:
-        ValueError: a non-positive option (a negative ``lookahead``).
+        ValueError: a non-positive option (a negative ``lookahead``), or ``screen`` not one of
+            ``"auto"``, ``"bfloat16"``, ``"off"``.
     """
 
     name = "span_search"
@@ -271,6 +267,7 @@ class SpanSearch(Attack):
         replace_k: int = 8,
         shift_k: int = 1,
         lookahead: int = 16,
+        screen: str = "auto",
     ) -> None:
         for key, value in dict(restarts=restarts, steps=steps, lr=lr, pool_per_position=pool_per_position,
                                max_seconds=max_seconds, exact_tol=exact_tol,
@@ -288,6 +285,9 @@ class SpanSearch(Attack):
         self.replace_k = replace_k
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead!r}")
+        if screen not in SCREEN_CHOICES:
+            raise ValueError(f"screen must be one of {SCREEN_CHOICES}, got {screen!r}")
+        self.screen = screen
         self.shift_k = shift_k
         self.lookahead = lookahead
 
@@ -341,9 +341,27 @@ class SpanSearch(Attack):
         cls_id, sep_id = spec.cls_token_id, spec.sep_token_id
         gen = inp.generator if inp.generator is not None else torch.Generator().manual_seed(0)
 
-        def inputs_of(ids: Tensor | None = None, embeds: Tensor | None = None) -> Tensor:
+        def inputs_of(
+            ids: Tensor | None = None, embeds: Tensor | None = None, values: Mapping[str, Tensor] = params
+        ) -> Tensor:
             with torch.set_grad_enabled(embeds is not None and embeds.requires_grad):
-                return module_inputs(replica, params, [module], input_ids=ids, inputs_embeds=embeds)[module]
+                return module_inputs(replica, values, [module], input_ids=ids, inputs_embeds=embeds)[module]
+
+        # screening: rank a step's candidates in bfloat16 where that is faster here (precision.py)
+        cast: dict[torch.dtype, Mapping[str, Tensor]] = {torch.float32: params}
+
+        def probe_run(dtype: torch.dtype) -> Tensor:
+            width = max(2, rank // bsz)
+            probe = torch.randint(table.shape[0], (max(1, SCORE_TOKENS // width), width),
+                                  generator=torch.Generator().manual_seed(0)).to(dev)
+            if dtype not in cast:
+                cast[dtype] = cast_floating(params, dtype)
+            return inputs_of(probe, values=cast[dtype])
+
+        screen = screening_dtype(self.screen, probe_run)
+        if screen is not None and screen not in cast:
+            cast[screen] = cast_floating(params, screen)
+        low = cast[screen] if screen is not None else None
 
         # A batch hypothesis is a list of B 1-D token tensors (lengths may differ); states are cached per
         # sequence so a move re-runs only the sequence it changes.
@@ -358,10 +376,12 @@ class SpanSearch(Attack):
                     out[j] = xj
             return out  # type: ignore[return-value]
 
-        def score_rows(cache: list[Tensor], b: int, rows: Tensor) -> Tensor:
+        def score_rows(cache: list[Tensor], b: int, rows: Tensor, screened: bool = False) -> Tensor:
             """D of the batch with sequence ``b`` replaced by each row of ``rows`` ``[K, L_b]``: ``[K']``, scored
-            in chunks of at most :data:`SCORE_CHUNK` elements; past the deadline it stops after the chunk in
-            hand (``K' ≤ K``: the scores of the first ``K'`` rows)."""
+            in chunks of at most :data:`SCORE_CHUNK` elements (``screened``: in the screening dtype, when there is
+            one); past the deadline it stops after the chunk in hand (``K' ≤ K``: the scores of the first ``K'``
+            rows)."""
+            values = low if screened and low is not None else params
             others = [c for j, c in enumerate(cache) if j != b]
             rest = torch.cat(others) if others else None
             inputs = rows.shape[1] + (rest.shape[0] if rest is not None else 0)
@@ -370,11 +390,22 @@ class SpanSearch(Attack):
             for lo in range(0, rows.shape[0], per):
                 if lo and late(deadline):
                     break
-                x = inputs_of(rows[lo : lo + per])  # [k, L_b, d]
+                x = inputs_of(rows[lo : lo + per], values=values).float()  # [k, L_b, d]
                 if rest is not None:
                     x = torch.cat([x, rest[None].expand(x.shape[0], -1, -1)], dim=1)
                 out.append(span_distance(x, basis))
             return torch.cat(out)
+
+        def settle(cache: list[Tensor], b: int, rows: Tensor, s: Tensor) -> tuple[int, Tensor]:
+            """The best of ``rows`` by screened scores ``s``: without screening ``s``'s argmin; with it, the
+            :data:`VERIFY` lowest rescored in float32. Returns (row index, its float32 ``D``)."""
+            if low is None:
+                j = int(s.argmin())
+                return j, s[j]
+            pick = s.topk(min(VERIFY, len(s)), largest=False).indices
+            exact = score_rows(cache, b, rows[pick])
+            k = int(exact.argmin())
+            return int(pick[k]), exact[k]
 
         def total(cache: list[Tensor]) -> Tensor:
             return span_distance(torch.cat(cache)[None], basis)[0]
@@ -483,7 +514,7 @@ class SpanSearch(Attack):
                     rows, spots = neighbours(seqs[b], free, top, self.shift_k * (1 if level < 2 else WIDEN), level > 0)
                     if not len(rows):
                         continue
-                    s = score_rows(cache, b, rows)
+                    s = score_rows(cache, b, rows, screened=True)
                     rows = rows[: len(s)]
                     if level and self.lookahead and not late(deadline):
                         # two moves deep: re-rank the spot the m best moves changed, in their new context
@@ -494,10 +525,11 @@ class SpanSearch(Attack):
                         m, kk = torch.arange(len(pick))[:, None], torch.arange(tokens.shape[1])[None]
                         deeper[m, kk, where[:, None]] = tokens
                         deeper = deeper.flatten(0, 1)
-                        rows, s = torch.cat([rows, deeper]), torch.cat([s, score_rows(cache, b, deeper)])
-                    j = int(s.argmin())
-                    if s[j] < value - 1e-9:
-                        seqs[b], value, improved = rows[j].clone(), s[j], True
+                        s = torch.cat([s, score_rows(cache, b, deeper, screened=True)])
+                        rows = torch.cat([rows, deeper])[: len(s)]
+                    j, d = settle(cache, b, rows, s)
+                    if d < value - 1e-9:
+                        seqs[b], value, improved = rows[j].clone(), d, True
                         cache[b] = inputs_of(seqs[b][None])[0]
                     if float(value) <= self.exact_tol:
                         return seqs, value
@@ -553,6 +585,7 @@ class SpanSearch(Attack):
                 "sweeps": sweeps,
                 "perturbations": restarts_done,
                 "seeded": seeded,
+                "screen": str(screen or torch.float32).removeprefix("torch."),
                 **({LOWER_BOUND: gap} if gap else {}),
             },
         )

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput, NotApplicable, get_attack
-from leak_audit.attacks.text.span_search import SpanSearch, neighbours, span_distance
+from leak_audit.attacks.spans import span_distance
+from leak_audit.attacks.text.span_search import SpanSearch, neighbours
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
@@ -33,16 +34,20 @@ def _run(attack, setup, grads, names, batch_size=1, priors=None, seed=0):
         return attack(inp)
 
 
-def test_layer3_query_alone_recovers_a_real_sentence_exactly(minilm, tokenizer, cola, setup):
-    """Only layer 3's query (0.65% of the parameters) is tapped, B=1, dropout off: exact, certified D≈0."""
+@pytest.mark.parametrize("screen", ["off", "bfloat16"])
+def test_layer3_query_alone_recovers_a_real_sentence_exactly(minilm, tokenizer, cola, setup, screen):
+    """Only layer 3's query (0.65% of the parameters) is tapped, B=1, dropout off: exact, certified D≈0, whether
+    the descent ranks its candidates in float32 or screens them in bfloat16 (the certificate is float32 either
+    way)."""
     sentence, label = cola[2]
     enc, grads = gradients(minilm, tokenizer, [sentence], [label], train=False)
     names = [QUERY3 + ".weight", QUERY3 + ".bias"]
     # bounded by work (perturbation rounds), not seconds, so the outcome does not depend on machine load
-    rec = _run(SpanSearch(max_seconds=600, max_perturbations=16), setup, grads, names)
+    rec = _run(SpanSearch(max_seconds=600, max_perturbations=16, screen=screen), setup, grads, names)
     assert rec.sequences == enc["input_ids"].tolist()
     assert rec.info["exact"] == 1 and rec.info["distance"] < 1e-4
     assert rec.info["module"] == QUERY3
+    assert rec.info["screen"] == ("float32" if screen == "off" else "bfloat16")
 
 
 def test_seed_from_span_check_is_certified_without_search(minilm, tokenizer, cola, setup):
@@ -72,12 +77,38 @@ def test_span_distance_is_zero_only_for_the_private_inputs(minilm, tokenizer, co
     assert float(d[0]) < 1e-4 < 0.1 < float(d[1])
 
 
+def test_span_distance_matches_a_qr_reference_for_independent_and_dependent_inputs():
+    """The covered share is computed through a float64 Cholesky factor; where the inputs are linearly dependent
+    (a repeated input, more inputs than dimensions) it falls back to the QR, so ``D`` equals the QR definition
+    everywhere, and it stays differentiable (the continuous stage descends it)."""
+    torch.manual_seed(0)
+    d, r = 64, 20
+    basis, _ = torch.linalg.qr(torch.randn(d, r))
+
+    def reference(x):
+        resid = ((x - x @ basis @ basis.T).square().sum(-1) / x.square().sum(-1)).sum(-1)
+        q, _ = torch.linalg.qr(x.transpose(1, 2))
+        return resid + (r - (q.transpose(1, 2) @ basis).square().sum((1, 2)))
+
+    for n in (5, 20, 64, 80):  # 80 > d: every Gram matrix is singular
+        x = torch.randn(4, n, d)
+        x[1, -1] = x[1, 0]  # one candidate repeats an input
+        torch.testing.assert_close(span_distance(x, basis), reference(x), atol=1e-4, rtol=1e-5)
+    inside = (torch.randn(3, r, r) @ basis.T).requires_grad_(True)  # inputs that span the basis exactly
+    dist = span_distance(inside, basis)
+    assert float(dist.abs().max()) < 1e-4
+    (dist.sum() + span_distance(inside + 0.1, basis).sum()).backward()
+    assert inside.grad is not None and bool(inside.grad.isfinite().all()) and float(inside.grad.abs().max()) > 0
+
+
 def test_needs_a_deep_linear_gradient(setup):
     spec, _, _ = setup
     with pytest.raises(NotApplicable, match="linear module inside an encoder layer"):
         SpanSearch().requirements(spec, ["bert.embeddings.word_embeddings.weight"])
     with pytest.raises(ValueError, match="max_seconds must be > 0"):
         SpanSearch(max_seconds=0)
+    with pytest.raises(ValueError, match=r"screen must be one of .*got 'float16'"):
+        SpanSearch(screen="float16")
 
 
 def test_neighbours_hold_every_move_and_the_shift_that_mends_an_off_by_one_block():
