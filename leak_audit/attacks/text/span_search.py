@@ -237,14 +237,14 @@ class SpanSearch(Attack):
             float32; ``"auto"`` screens when a timed bfloat16 forward is clearly faster on this machine.
             ``info["screen"]`` records the dtype used.
 
-    Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads):
-    the first 8 CoLA dev sentences all exact, 4.3 s each; the first 16 SST-2 dev reviews (~25 tokens)
-    ROUGE-1 0.914, 7 of 16 exact, 20.9 s each (the descent before the shift moves and look-ahead: 0.916, 5
-    of 16, 22.5 s); over the first 64, 0.877 and 26 exact. ``benchmarks/README.md`` has the commands. A run
-    that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise, from a view without layer 0's
-    weights, puts
-    :data:`~leak_audit.attacks.gaps.SPAN_SEARCH_UNFINISHED` in ``info["lower_bound"]``: the private batch has
-    ``D = 0`` there, so its metrics are a lower bound (:func:`~leak_audit.attacks.gaps.span_search_gap`).
+    Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads, a
+    Xeon with native bfloat16): the first 8 CoLA dev sentences all exact, 4.2 s each; the first 64 SST-2 dev
+    reviews (~25 tokens) ROUGE-1 0.923, 38 exact, 18.7 s each; with ``screen="off"`` (float32 throughout, what a
+    CPU without bfloat16 units runs) 0.879 and 29 exact. ``benchmarks/README.md`` ("Screening in bfloat16") has
+    the commands. A run that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise, from a view
+    without layer 0's weights, puts :data:`~leak_audit.attacks.gaps.SPAN_SEARCH_UNFINISHED` in
+    ``info["lower_bound"]``: the private batch has ``D = 0`` there, so its metrics are a lower bound
+    (:func:`~leak_audit.attacks.gaps.span_search_gap`).
 
     Raises:
         ValueError: a non-positive option (a negative ``lookahead``), or ``screen`` not one of
