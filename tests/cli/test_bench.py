@@ -207,6 +207,20 @@ def test_bench_attack_work_bounds():
         bench_attack("dlg", 0)
 
 
+def test_bench_screen_sets_span_search_precision_and_rejects_unknown_values(capsys):
+    """``--screen`` reaches span_search (time- or work-bounded) and no other attack; a bad value is refused
+    with the valid ones named."""
+    assert bench_attack("span_search").screen == "auto"
+    assert bench_attack("span_search", screen="off").screen == "off"
+    work = bench_attack("span_search", 50, screen="bfloat16")
+    assert (work.screen, work.max_seconds) == ("bfloat16", math.inf)
+    assert bench_attack("span_check", screen="off").name == "span_check"
+    with pytest.raises(ValueError, match="screen must be one of"):
+        bench_attack("span_search", screen="half")
+    assert main(["bench", "text", "--attacks", "span_search", "--screen", "half"]) == 2
+    assert "argument --screen: invalid choice: 'half' (choose from 'auto', 'bfloat16', 'off')" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------- pure helpers
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from rich.console import Console
 
 from leak_audit.attacks import available_attacks
+from leak_audit.attacks.precision import SCREEN_CHOICES
 from leak_audit.cli.bench.common import (
     BenchError,
     command_line,
@@ -169,6 +170,13 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         "(its default work bounds): with it and without --max-seconds every row depends on its seed alone",
     )
     parser.add_argument(
+        "--screen",
+        choices=SCREEN_CHOICES,
+        default="auto",
+        help="the precision span_search ranks its candidates in: bfloat16 where a timed forward is faster (auto, "
+        "the default), always (bfloat16), or float32 throughout (off); moves and certificates are float32",
+    )
+    parser.add_argument(
         "--dp-noise",
         default=None,
         metavar="SIGMA,...",
@@ -259,6 +267,7 @@ def bench_text_command(args: argparse.Namespace, console: Console) -> int:
             dp_noise=dp_noise,
             max_grad_norm=args.max_grad_norm,
             lora=lora,
+            screen=args.screen,
         )
         with intra_op_threads(args.threads):
             rows, meta = run_text_bench(config, console)

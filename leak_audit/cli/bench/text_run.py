@@ -67,7 +67,7 @@ STEP_BOUNDED: tuple[str, ...] = ("gradient_matching", "dlg", "span_search")
 """Attacks whose default bound is wall-clock time; ``--max-steps`` replaces it by a work bound."""
 
 
-def bench_attack(name: str, max_steps: int | None = None) -> Attack:
+def bench_attack(name: str, max_steps: int | None = None, screen: str = "auto") -> Attack:
     """The attack ``name`` as the benchmark runs it.
 
     Args:
@@ -78,19 +78,21 @@ def bench_attack(name: str, max_steps: int | None = None) -> Attack:
             at most ``max(1, N // 100)`` discrete rounds, ``dlg`` ``N`` L-BFGS evaluations, ``span_search`` its
             default work bounds (200 Adam steps per stage, 64 perturbation rounds); none of them has a time
             limit. Attacks outside :data:`STEP_BOUNDED` are unaffected.
+        screen: ``span_search``'s screening precision (:mod:`~leak_audit.attacks.precision`: ``"auto"``,
+            ``"bfloat16"`` or ``"off"``); other attacks ignore it.
 
     Raises:
-        ValueError: unknown attack name (closest names listed), ``max_steps < 1``.
+        ValueError: unknown attack name (closest names listed), ``max_steps < 1``, an unknown ``screen``.
     """
+    if name == "span_search":
+        return SpanSearch(screen=screen) if max_steps is None else SpanSearch(max_seconds=math.inf, screen=screen)
     if max_steps is None or name not in STEP_BOUNDED:
         return get_attack(name)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
     if name == "gradient_matching":
         return GradientMatching(max_steps=max_steps, max_seconds=math.inf, discrete_steps=max(1, max_steps // 100))
-    if name == "dlg":
-        return DLG(max_steps=max_steps, max_seconds=math.inf)
-    return SpanSearch(max_seconds=math.inf)
+    return DLG(max_steps=max_steps, max_seconds=math.inf)
 
 
 def split_batches(rows: Sequence[tuple[str, int]], batch_size: int) -> list[list[tuple[str, int]]]:
@@ -176,6 +178,7 @@ class BenchConfig:
         max_grad_norm: per-sample clipping norm ``C`` with ``dp_noise``.
         lora: fine-tune with LoRA adapters (:mod:`leak_audit.cli.bench.lora`) and attack their gradients at
             each of ``lora.steps``; ``None``: full fine-tuning.
+        screen: ``span_search``'s screening precision (see :func:`bench_attack`).
     """
 
     data: Path
@@ -193,6 +196,7 @@ class BenchConfig:
     max_grad_norm: float = 1.0
     lora: LoraSetup | None = None
     task: str = "seq-class"
+    screen: str = "auto"
 
 
 def load_model(path: str | None, seed: int, task: str = "seq-class") -> tuple[nn.Module, Any, str]:
@@ -308,7 +312,7 @@ def run_text_bench(config: BenchConfig, console: Console) -> tuple[list[dict[str
     for view in views:
         auditor = Auditor(
             spec,
-            [bench_attack(a, config.max_steps) for a in config.attacks],
+            [bench_attack(a, config.max_steps, config.screen) for a in config.attacks],
             view.parameters,
             decode,
             replica=replica,
