@@ -240,7 +240,7 @@ class SpanSearch(Attack):
     Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads, a
     Xeon with native bfloat16): the first 8 CoLA dev sentences all exact, 4.2 s each; the first 64 SST-2 dev
     reviews (~25 tokens) ROUGE-1 0.923, 38 exact, 18.7 s each; with ``screen="off"`` (float32 throughout, what a
-    CPU without bfloat16 units runs) 0.879 and 29 exact. ``benchmarks/README.md`` ("Screening in bfloat16") has
+    CPU without bfloat16 units runs) 0.881 and 28 exact. ``benchmarks/README.md`` ("Screening in bfloat16") has
     the commands. A run that ends uncertified (``D`` above ``exact_tol``) on a gradient without noise, from a view
     without layer 0's weights, puts :data:`~leak_audit.attacks.gaps.SPAN_SEARCH_UNFINISHED` in
     ``info["lower_bound"]``: the private batch has ``D = 0`` there, so its metrics are a lower bound
