@@ -71,6 +71,7 @@ def batches(minilm, tokenizer, cola):
         "cola4_train": grads(cola[0:4], train=True),
         "sst2_16": grads(sst2[:16]),
         "sst2_long4": grads(longest),
+        "sst2_long1": grads(longest[:1]),
     }
 
 
@@ -186,9 +187,11 @@ def test_span_search_at_b16_on_sst2_layer3_returns_within_its_budget(setup, batc
 
 
 def test_span_search_own_time_limit_is_no_timeout(setup, batches):
-    """Stopped by its own ``max_seconds`` (the audit's deadline is later): a measured result, not a timeout."""
+    """Stopped by its own ``max_seconds`` (the audit's deadline is later): a measured result, not a timeout. A
+    review of 45+ tokens, which the search does not certify in 2 s (since the bfloat16 screening it certifies
+    CoLA dev 2 within 2 s on this project's machine, so that sentence no longer tests a stop by time)."""
     attack = SpanSearch(max_seconds=2.0)
-    rec, elapsed = _call(attack, setup, batches["cola1"], [QUERY3 + ".weight", QUERY3 + ".bias"], budget=60.0)
+    rec, elapsed = _call(attack, setup, batches["sst2_long1"], [QUERY3 + ".weight", QUERY3 + ".bias"], budget=60.0)
     assert elapsed <= 2.0 + SLACK
     assert rec.info["exact"] == 0  # stopped by time, not by the certificate
     _assert_finished(rec)
