@@ -1,7 +1,7 @@
 """Screening precision: rank many candidates in a cheaper dtype, decide between the best few in float32.
 
 A search attack scores thousands of candidate inputs by running the model on each (span search runs
-three to four encoder layers per candidate, about 90% of its time). The *ranking* of a step's candidates
+three to four encoder layers per candidate, most of its time). The *ranking* of a step's candidates
 tolerates an error of a few hundredths in the score; accepting a move and certifying an exact result
 (``D = 0``) do not. So the candidates are scored in bfloat16 and the few best are rescored in float32.
 
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["SCREEN_CHOICES", "MIN_SPEEDUP", "ScreenChoice", "cast_floating", "screening_dtype"]
+__all__ = ["MIN_SPEEDUP", "SCREEN_CHOICES", "cast_floating", "screening_dtype"]
 
-ScreenChoice = Literal["auto", "bfloat16", "off"]
 SCREEN_CHOICES: tuple[str, ...] = ("auto", "bfloat16", "off")
 
 MIN_SPEEDUP = 1.3

@@ -217,6 +217,8 @@ def test_bench_screen_sets_span_search_precision_and_rejects_unknown_values(caps
     assert bench_attack("span_check", screen="off").name == "span_check"
     with pytest.raises(ValueError, match="screen must be one of"):
         bench_attack("span_search", screen="half")
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1, got 0"):
+        bench_attack("span_search", 0)
     assert main(["bench", "text", "--attacks", "span_search", "--screen", "half"]) == 2
     assert "argument --screen: invalid choice: 'half' (choose from 'auto', 'bfloat16', 'off')" in capsys.readouterr().err
 

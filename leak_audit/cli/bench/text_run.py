@@ -84,12 +84,12 @@ def bench_attack(name: str, max_steps: int | None = None, screen: str = "auto") 
     Raises:
         ValueError: unknown attack name (closest names listed), ``max_steps < 1``, an unknown ``screen``.
     """
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
     if name == "span_search":
         return SpanSearch(screen=screen) if max_steps is None else SpanSearch(max_seconds=math.inf, screen=screen)
     if max_steps is None or name not in STEP_BOUNDED:
         return get_attack(name)
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
     if name == "gradient_matching":
         return GradientMatching(max_steps=max_steps, max_seconds=math.inf, discrete_steps=max(1, max_steps // 100))
     return DLG(max_steps=max_steps, max_seconds=math.inf)
