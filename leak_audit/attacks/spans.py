@@ -191,9 +191,10 @@ def span_distance(x: Tensor, basis: Tensor) -> Tensor:
     basis = basis.to(x.dtype)
     coef = x @ basis
     resid = ((x - coef @ basis.T).square().sum(-1) / x.square().sum(-1).clamp_min(1e-30)).sum(-1)
-    # covered share ‖Q_Xᵀ V‖²_F = ‖C⁻¹ X V‖²_F with X Xᵀ = C Cᵀ (Cholesky, float64): 2.3-2.4× faster than a
-    # batched QR of [K, d, N] on CPU from 24 inputs (benchmarks/screening_probe.py). Inputs that are (numerically) linearly dependent, e.g. N > d, fall back
-    # to the QR: the Cholesky factor fails, or its round-off shows as a share above min(N, r)
+    # covered share ‖Q_Xᵀ V‖²_F = ‖C⁻¹ X V‖²_F with X Xᵀ = C Cᵀ (Cholesky, float64): 2.3-2.4× faster than
+    # a batched QR of [K, d, N] on CPU from 24 inputs on (benchmarks/screening_probe.py). Inputs that are
+    # (numerically) linearly dependent, e.g. N > d, fall back to the QR: the Cholesky factor fails, or its
+    # round-off shows as a share above min(N, r)
     wide = x.double()
     chol, info = torch.linalg.cholesky_ex(wide @ wide.transpose(1, 2))
     covered = torch.linalg.solve_triangular(chol, wide @ basis.double(), upper=False).square().sum((1, 2))
