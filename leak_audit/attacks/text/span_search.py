@@ -74,7 +74,6 @@ WIDEN = 4
 """Factor by which the descent's last two levels rank more replacement tokens (``replace_k``, then 4×,
 then 16×) before it counts a local minimum; shifts then insert 4× more of them."""
 
-
 VERIFY = 8
 """With screening on, how many of a step's best-screened candidates are rescored in float32 to pick the move."""
 
@@ -235,7 +234,8 @@ class SpanSearch(Attack):
             ``"bfloat16"`` ranks them in bfloat16 and rescores the :data:`VERIFY` best in float32 before it
             accepts a move (``D`` and the exact certificate are always float32); ``"off"`` scores all in
             float32; ``"auto"`` screens when a timed bfloat16 forward is clearly faster on this machine.
-            ``info["screen"]`` records the dtype used.
+            ``info["screen"]`` records the dtype used (``"unused"`` when ``"auto"`` never had to decide: the
+            search scored no candidate, e.g. a seed certified at once).
 
     Measured (pretrained MiniLM, B=1, dropout off, layer 3's query alone, the 30 s default, 2 threads, a
     Xeon with native bfloat16): the first 8 CoLA dev sentences all exact, 4.2 s each; the first 64 SST-2 dev
@@ -358,10 +358,18 @@ class SpanSearch(Attack):
                 cast[dtype] = cast_floating(params, dtype)
             return inputs_of(probe, values=cast[dtype])
 
-        screen = screening_dtype(self.screen, probe_run)
-        if screen is not None and screen not in cast:
-            cast[screen] = cast_floating(params, screen)
-        low = cast[screen] if screen is not None else None
+        # "auto" is timed at the first screened score, so a seed certified at once costs no timing
+        chosen: dict[str, torch.dtype | None] = {} if self.screen == "auto" else {
+            "dtype": screening_dtype(self.screen, probe_run)}  # "off"/"bfloat16": probe_run is not called
+
+        def screen_values() -> Mapping[str, Tensor] | None:
+            """The parameters in the screening dtype, or ``None`` when candidates are scored in float32."""
+            if "dtype" not in chosen:
+                chosen["dtype"] = screening_dtype(self.screen, probe_run)
+            dtype = chosen["dtype"]
+            if dtype is not None and dtype not in cast:
+                cast[dtype] = cast_floating(params, dtype)
+            return None if dtype is None else cast[dtype]
 
         # A batch hypothesis is a list of B 1-D token tensors (lengths may differ); states are cached per
         # sequence so a move re-runs only the sequence it changes.
@@ -381,7 +389,8 @@ class SpanSearch(Attack):
             in chunks of at most :data:`SCORE_CHUNK` elements (``screened``: in the screening dtype, when there is
             one); past the deadline it stops after the chunk in hand (``K' ≤ K``: the scores of the first ``K'``
             rows)."""
-            values = low if screened and low is not None else params
+            low = screen_values() if screened else None
+            values = low if low is not None else params
             others = [c for j, c in enumerate(cache) if j != b]
             rest = torch.cat(others) if others else None
             inputs = rows.shape[1] + (rest.shape[0] if rest is not None else 0)
@@ -399,7 +408,7 @@ class SpanSearch(Attack):
         def settle(cache: list[Tensor], b: int, rows: Tensor, s: Tensor) -> tuple[int, Tensor]:
             """The best of ``rows`` by screened scores ``s``: without screening ``s``'s argmin; with it, the
             :data:`VERIFY` lowest rescored in float32. Returns (row index, its float32 ``D``)."""
-            if low is None:
+            if screen_values() is None:
                 j = int(s.argmin())
                 return j, s[j]
             pick = s.topk(min(VERIFY, len(s)), largest=False).indices
@@ -585,7 +594,7 @@ class SpanSearch(Attack):
                 "sweeps": sweeps,
                 "perturbations": restarts_done,
                 "seeded": seeded,
-                "screen": str(screen or torch.float32).removeprefix("torch."),
+                "screen": str(chosen["dtype"] or torch.float32).removeprefix("torch.") if chosen else "unused",
                 **({LOWER_BOUND: gap} if gap else {}),
             },
         )

@@ -60,6 +60,7 @@ def test_seed_from_span_check_is_certified_without_search(minilm, tokenizer, col
     rec = _run(SpanSearch(), setup, grads, names, priors={"span_check": sc})
     assert rec.info["seeded"] == 1 and rec.info["steps"] == 0
     assert rec.sequences == enc["input_ids"].tolist()
+    assert rec.info["screen"] == "unused"  # "auto" never timed bfloat16: nothing was screened
 
 
 def test_span_distance_is_zero_only_for_the_private_inputs(minilm, tokenizer, cola, setup):
