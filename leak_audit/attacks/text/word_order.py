@@ -203,13 +203,10 @@ def order_sentence(
     if m:
         unit = pair_atoms.reshape(-1, heads, dh)
         unit = unit / unit.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
-        targets = members.reshape(1, m * heads, dh)
-        # the atoms repeat per member: their spectral norms are those of the H distinct blocks (one SVD each
-        # instead of m·H, several seconds on long sentences)
-        lip = float(torch.linalg.matrix_norm(unit.permute(1, 2, 0), 2).max()) ** 2
+        # one group per pair over every member and head: the members are parts of one sentence
         score, cut = group_lasso(
-            targets, unit.repeat(1, m, 1), penalty=torch.ones(unit.shape[0], dtype=torch.float64, device=unit.device),
-            lam=0.02, iterations=300, rounds=3, eps=1e-3, deadline=deadline, lipschitz=lip,
+            members, unit, penalty=torch.ones(unit.shape[0], dtype=torch.float64, device=unit.device),
+            lam=0.02, iterations=300, rounds=3, eps=1e-3, deadline=deadline, joint=True,
         )
         score = score[0].view(len(middle), most)
     else:
