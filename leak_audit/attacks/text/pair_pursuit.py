@@ -126,13 +126,27 @@ def _ormp(target: Tensor, keys: Tensor, positions: Tensor, tol: float, beam: int
     """Group ORMP with a beam: pair sets (rows of ``keys`` ``[P, H, d_h]``, one per position) explaining
     ``target`` ``[H, d_h]``. Each step extends every kept set by each of its ``beam`` best pairs (the largest
     drops of the per-head residual) and keeps the ``beam`` sets with the smallest residual. Returns the kept
-    sets, best first; the first is exact (``< tol`` relative) when any set closed. ``beam = 1`` is ORMP."""
+    sets, best first; the first is exact (``< tol`` relative) when any set closed. ``beam = 1`` is ORMP.
+
+    A pair's drop is ``Σ_h ⟨k_h, r_h⟩² / ‖(I − Q_h Q_hᵀ) k_h‖²`` (``r ⟂ Q``): the squared projections of every
+    key on the kept sets' orthonormal bases ``Q`` are accumulated one column at a time, so no step rewrites
+    the ``[P, H, d_h]`` keys (2-3× faster than deflating them on SST-2's pair sets, the same picks). A key
+    within ``1e-12`` (relative) of a kept span adds nothing and is never picked."""
     norm = float(target.square().sum())
-    states = [([], keys.clone(), target.clone(), torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device))]
+    kh = keys.permute(1, 0, 2).contiguous()  # [H, P, d_h]
+    sq = kh.square().sum(2)  # [H, P]
+    floor = 1e-12 * sq
+    # a state: (picked, Q columns [H, d_h] each, residual [H, d_h], squared projections [H, P], blocked [P])
+    State = tuple[list[int], list[Tensor], Tensor, Tensor, Tensor]
+    states: list[State] = [
+        ([], [], target.clone(), torch.zeros_like(sq), torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device))
+    ]
     for _ in range(min(int(positions.unique().numel()), keys.shape[2] - 1)):
         children: list[tuple[float, int, int]] = []
-        for k, (_, left, r, blocked) in enumerate(states):
-            gain = (torch.einsum("phd,hd->ph", left, r).square() / left.square().sum(2).clamp_min(1e-300)).sum(1)
+        for k, (_, _, r, proj, blocked) in enumerate(states):
+            left = sq - proj
+            dots = torch.bmm(kh, r[..., None])[..., 0]  # [H, P]
+            gain = torch.where(left > floor, dots.square() / left.clamp_min(1e-300), 0.0).sum(0)
             gain[blocked] = -1.0
             top = gain.topk(min(beam, int((~blocked).sum())))
             rest = float(r.square().sum())
@@ -141,17 +155,20 @@ def _ormp(target: Tensor, keys: Tensor, positions: Tensor, tol: float, beam: int
             break
         children.sort()
         seen: set[frozenset[int]] = set()
-        nxt = []
+        nxt: list[State] = []
         for _, k, p in children:
-            picked, left, r, blocked = states[k]
+            picked, basis, r, proj, blocked = states[k]
             key = frozenset([*picked, p])
             if key in seen:
                 continue
             seen.add(key)
-            q = left[p] / left[p].norm(dim=1, keepdim=True).clamp_min(1e-300)
+            q = keys[p]
+            for b in basis:  # Gram-Schmidt against the kept columns, per head
+                q = q - (q * b).sum(1, keepdim=True) * b
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
             nxt.append((
-                [*picked, p], left - torch.einsum("phd,hd->ph", left, q)[..., None] * q[None],
-                r - (r * q).sum(1, keepdim=True) * q, blocked | (positions == positions[p]),
+                [*picked, p], [*basis, q], r - (r * q).sum(1, keepdim=True) * q,
+                proj + torch.bmm(kh, q[..., None])[..., 0].square(), blocked | (positions == positions[p]),
             ))
             if len(nxt) == beam:
                 break
