@@ -20,7 +20,11 @@ from torch import Tensor
 from leak_audit.attacks.budget import late
 from leak_audit.models import EmbeddingTables
 
-__all__ = ["TokenScorer", "clipped_residuals", "trimmed_residuals"]
+__all__ = ["BLOCK", "TokenScorer", "clipped_residuals", "trimmed_residuals"]
+
+BLOCK = 32
+"""Positions whose per-position products :class:`TokenScorer` computes together (one matrix product over the
+``[V, d]`` token table instead of one mat-vec per position)."""
 
 
 class TokenScorer:
@@ -30,7 +34,7 @@ class TokenScorer:
     ``‖x − V Vᵀx‖ / ‖x‖``. LayerNorm is affine after centring and scaling, so for ``z = e_v + q``
     (``q`` = position + type embedding) every term of ``‖x‖²`` and ``Vᵀx`` splits into a per-token part
     computed once and a per-position part: scoring all ``V`` tokens at one position costs a few
-    ``[V, d]`` mat-vecs plus a ``[V, r]`` update, instead of a LayerNorm and a ``[V, d] × [d, r]`` product.
+    ``[V, d]`` and ``[V, r]`` mat-vecs, instead of a LayerNorm and a ``[V, d] × [d, r]`` product.
     All arithmetic is float64 because residuals of true tokens are ~1e-7 of ``‖x‖``.
 
     Args:
@@ -68,6 +72,10 @@ class TokenScorer:
         self._e_gb = self._ce @ self._gb  # [V]
         self._beta_proj = self._beta @ self.basis  # [r]
         self._beta_sq = float((self._beta**2).sum())
+        # ‖s(e + c) + b‖² = s²(‖e‖² + 2⟨e, c⟩ + ‖c‖²) + 2s(⟨e, b⟩ + ⟨c, b⟩) + ‖b‖²: a [V, r] mat-vec per position
+        self._e_proj_sq = (self._e_proj**2).sum(1)  # [V]
+        self._e_proj_beta = self._e_proj @ self._beta_proj  # [V]
+        self._blocks: dict[tuple[int, int], tuple[int, Tensor, Tensor]] = {}
 
     def _offset(self, position: int, token_type: int) -> Tensor:
         t = self.tables
@@ -75,6 +83,22 @@ class TokenScorer:
         if t.token_type is not None:
             q = q + t.token_type[token_type].detach().to(torch.float64)
         return q
+
+    def _block(self, position: int, token_type: int) -> tuple[int, Tensor, Tensor]:
+        """The per-position token products of the :data:`BLOCK` positions around ``position``, in two matrix
+        products (not ``2·BLOCK`` mat-vecs over the ``[V, d]`` table): ``(first position, [V, 2, n], [V, n])``,
+        ``⟨e, q⟩, ⟨e, γ²⊙q⟩`` and ``⟨e Γ V, q Γ V⟩`` for the block's centred offsets ``q``."""
+        key = (token_type, position // BLOCK)
+        if key not in self._blocks:
+            lo = key[1] * BLOCK
+            hi = min(lo + BLOCK, self.tables.position.shape[0] - self.tables.position_offset)
+            cq = torch.stack([self._offset(p, token_type) for p in range(lo, hi)])
+            cq = cq - cq.mean(1, keepdim=True)  # [n, d]
+            cross = (self._ce @ torch.cat([cq, self._g2 * cq]).T).view(-1, 2, hi - lo)
+            if len(self._blocks) >= 2:  # span checks walk positions in order: keep the last two blocks
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[key] = (lo, cross, self._e_proj @ (cq @ self._gamma_basis).T)
+        return self._blocks[key]
 
     def residuals(self, position: int, token_type: int = 0) -> Tensor:
         """Residual fraction in ``[0, 1]`` of every candidate token at ``position``.
@@ -84,16 +108,21 @@ class TokenScorer:
         """
         q = self._offset(position, token_type)
         cq = q - q.mean()
-        cross = self._ce @ torch.stack([cq, self._g2 * cq], dim=1)  # [V, 2]
+        lo, cross, e_c = self._block(position, token_type)
+        cross, e_c = cross[:, :, position - lo], e_c[:, position - lo]  # [V, 2], [V]
         var = (self._e_sq + 2 * cross[:, 0] + (cq * cq).sum()) / self.d
         inv_sigma = torch.rsqrt(var + self.tables.norm_eps)
-        proj = (self._e_proj + cq @ self._gamma_basis) * inv_sigma[:, None] + self._beta_proj
+        c = cq @ self._gamma_basis  # [r]
+        proj_sq = (
+            (self._e_proj_sq + 2 * e_c + (c * c).sum()) * inv_sigma**2
+            + 2 * (self._e_proj_beta + (c * self._beta_proj).sum()) * inv_sigma
+            + (self._beta_proj**2).sum()
+        )
         norm_sq = (
             (self._e_g2 + 2 * cross[:, 1] + (self._g2 * cq * cq).sum()) * inv_sigma**2
             + 2 * (self._e_gb + (cq * self._gb).sum()) * inv_sigma
             + self._beta_sq
         )
-        proj_sq = (proj**2).sum(1)
         res_sq = proj_sq if self.complement else (norm_sq - proj_sq).clamp_min(0)
         return (res_sq / norm_sq).sqrt()
 
