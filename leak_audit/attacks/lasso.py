@@ -77,9 +77,10 @@ class _SharedAtoms:
 class _HeadAtoms:
     """``targets [m, H, d_h]``, each head explained by the same head of ``atoms [N, H, d_h]``.
 
-    Coefficients are kept as ``[H, N, m]``, so both maps are one batched matrix product over the heads (on
-    MiniLM's word-order fits, 1400 pairs and 30 members, 50-100× faster than an einsum over the coefficients'
-    natural ``[m, N, H]`` layout with the atoms repeated per member). A group is one atom's coefficients over
+    Coefficients are kept as ``[H, N, m]``, so both maps are one batched matrix product over the heads (an
+    einsum over the natural ``[m, N, H]`` layout, with the atoms repeated per member for a joint fit, took
+    55.4 s of a 90 s SST-2 audit where this takes 18.7 s: benchmarks/README.md, "A slower machine, and the
+    speed-ups of 2026-12-06"). A group is one atom's coefficients over
     the heads, per target (``joint=False``: ``m`` independent problems, scores ``[m, N]``), or over the heads and
     every target together (``joint=True``: one problem, scores ``[1, N]``).
     """
@@ -106,7 +107,7 @@ class _HeadAtoms:
 
     def group_norms(self, coef: Tensor) -> Tensor:
         """Group norms, broadcastable against ``coef`` ``[H, N, m]``."""
-        # not Tensor.norm: over the outer dimension it is ~9× slower than this (torch 2.13, CPU)
+        # not Tensor.norm: over an outer dimension it is several times slower on CPU (benchmarks/README.md)
         return coef.square().sum(dim=(0, 2) if self.joint else 0, keepdim=True).sqrt()
 
     def scores(self, coef: Tensor) -> Tensor:
@@ -115,7 +116,8 @@ class _HeadAtoms:
 
     def threshold(self, lam: float, lipschitz: float, weights: Tensor | None) -> float | Tensor:
         lam0 = self.scores(self.adjoint(self.targets)).max(1).values[:, None].clamp_min(1e-300)
-        assert weights is not None
+        if weights is None:  # every group weighs 1
+            weights = torch.ones(self.problems, self.d.shape[2], dtype=self.d.dtype, device=self.d.device)
         return (lam * lam0 * weights / lipschitz).T[None]  # [1, N, problems]: broadcasts over heads (and members)
 
 
@@ -149,8 +151,8 @@ def group_lasso(
         atoms: ``[n, d]`` or ``[N, H, d_h]`` dictionary, same dtype as ``targets``.
         lam: ``λ`` as a share of the smallest all-zero ``λ``, in ``(0, 1)``.
         iterations: FISTA steps per round at most.
-        penalty: ``[N]`` base weights of the groups (0: unpenalised), per-head atoms only; ``None`` (shared
-            atoms): every group weighs 1 and ``rounds`` must be 1.
+        penalty: ``[N]`` base weights of the groups (0: unpenalised), per-head atoms only; ``None``: every
+            group weighs 1 and ``rounds`` must be 1.
         rounds: reweighting rounds.
         eps: reweighting floor.
         tol: stop when the relative change ``‖Y_new − Y‖ / ‖Y_new‖`` falls below it (``None``: never test).

@@ -52,6 +52,12 @@ def test_independent_targets_each_find_their_own_support() -> None:
     assert set(scores[1].topk(6).indices.tolist()) == set(true_b.tolist())
 
 
+def test_without_a_penalty_every_per_head_group_weighs_one() -> None:
+    atoms, members, true = _sentence(members=2, support=5, seed=3)
+    scores, _ = group_lasso(members, atoms, lam=0.02, iterations=300, joint=True)
+    assert set(scores[0].topk(5).indices.tolist()) == set(true.tolist())
+
+
 def test_joint_needs_per_head_atoms() -> None:
     with pytest.raises(ValueError, match="joint groups go with per-head atoms"):
         group_lasso(torch.randn(4, 16), torch.randn(30, 16), lam=0.1, iterations=10, joint=True)
