@@ -123,7 +123,8 @@ class TokenScorer:
             + 2 * (self._e_gb + (cq * self._gb).sum()) * inv_sigma
             + self._beta_sq
         )
-        res_sq = proj_sq if self.complement else (norm_sq - proj_sq).clamp_min(0)
+        # both are differences of expanded terms here: clamp their round-off below 0
+        res_sq = proj_sq.clamp_min(0) if self.complement else (norm_sq - proj_sq).clamp_min(0)
         return (res_sq / norm_sq).sqrt()
 
     def inputs(self, token_ids: Tensor, position: int, token_type: int = 0) -> Tensor:
