@@ -37,8 +37,8 @@ def test_joint_groups_equal_one_problem_with_the_atoms_repeated_per_member() -> 
 
 
 def test_independent_targets_each_find_their_own_support() -> None:
-    """Without ``joint`` each target is its own problem: two targets from disjoint supports get disjoint top
-    scores, and an unpenalised atom (``penalty`` 0, like LayerNorm's β) is free."""
+    """Without ``joint`` each target is its own problem: two targets from disjoint supports each get their own
+    support as their top scores."""
     atoms, first, true_a = _sentence(members=1, support=6, seed=1)
     gen = torch.Generator().manual_seed(2)
     others = torch.tensor([i for i in range(atoms.shape[0]) if i not in set(true_a.tolist())])
