@@ -137,9 +137,10 @@ def test_analytic_attacks_finish_well_within_a_budget(name, setup, batches):
 
 
 def test_span_check_scan_past_the_budget_is_a_timeout(setup, batches):
-    """B = 16 SST-2 sentences, layer 0's query, the whole vocabulary: a 40-position scan (~20 s)."""
-    rec, elapsed = _call("span_check", setup, batches["sst2_16"], [QUERY0 + ".weight"], budget=1.0)
-    _assert_timed_out(rec, elapsed, 1.0)
+    """B = 16 SST-2 sentences, layer 0's query, the whole vocabulary: a 40-position scan (~20 s before the
+    residuals were blocked, 0.3-1 s since, so the budget is far below that)."""
+    rec, elapsed = _call("span_check", setup, batches["sst2_16"], [QUERY0 + ".weight"], budget=0.05)
+    _assert_timed_out(rec, elapsed, 0.05)
     # with the token bag the same scan takes a fraction of a second: finished, not timed out
     bag = _token_bag(setup, batches["sst2_16"])
     rec, _ = _call("span_check", setup, batches["sst2_16"], [QUERY0 + ".weight"], budget=60.0,
@@ -173,8 +174,8 @@ def test_span_cluster_on_long_sentences_past_the_budget_is_a_timeout(setup, batc
                          priors={"token_bag": bag})
     _assert_timed_out(rec, elapsed, 4.0)
     # without the bag the full-vocabulary span check is cut: its tokens are incomplete, no clustering
-    rec, elapsed = _call("span_cluster", setup, batches["sst2_long4"], [QUERY0 + ".weight"], budget=1.0)
-    _assert_timed_out(rec, elapsed, 1.0)
+    rec, elapsed = _call("span_cluster", setup, batches["sst2_long4"], [QUERY0 + ".weight"], budget=0.05)
+    _assert_timed_out(rec, elapsed, 0.05)
     assert rec.info["progress"].startswith("span check")
 
 
