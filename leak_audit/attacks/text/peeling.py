@@ -36,6 +36,7 @@ __all__ = [
     "CERTIFY_TOL",
     "PeelResult",
     "Proposal",
+    "batched_logit_factors",
     "batched_logit_gradients",
     "certify",
     "label_from_coefficients",
@@ -122,19 +123,20 @@ def logit_gradients(
     return torch.stack(rows)
 
 
-def batched_logit_gradients(
+def batched_logit_factors(
     replica: ModelReplica,
     params: Mapping[str, Tensor],
     name: str,
     sequences: Sequence[Sequence[int]],
     *,
     segment: int = 0,
-) -> list[Tensor]:
-    """:func:`logit_gradients` of many sentences, one forward and ``C − 1`` backward passes per length.
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`logit_gradients` of many sentences in factored form, one forward and ``C − 1`` backward passes per length.
 
-    ``name`` must be the weight of a linear module (``….weight``): each sentence's gradient is read as
-    ``Σ_t δ_t x_tᵀ`` from the module's inputs ``x_t`` and the gradients ``δ_t`` of its outputs, which sentences
-    of one forward never share (dropout off). Returns one ``[C − 1, *W.shape]`` tensor per sentence, in order.
+    ``name`` must be the weight of a linear module (``….weight``): a sentence's gradient is ``Σ_t δ_t x_tᵀ``
+    over the module's inputs ``x_t`` and the gradients ``δ_t`` of its outputs, which sentences of one forward
+    never share (dropout off). Returns per sentence, in order, ``(outputs [C − 1, n, d_out], inputs [n, d_in])``
+    (``n`` its length), so that ``J_c = outputs[c]ᵀ @ inputs``: a rank-``n`` matrix kept as its factors.
 
     Raises:
         KeyError: ``name`` is not the weight of a module of the replicated model.
@@ -143,7 +145,7 @@ def batched_logit_gradients(
     if not name.endswith(".weight") or name not in replica.parameter_names:
         raise KeyError(f"not the weight of a linear module of the replicated model: {name!r}")
     module = replica.model.get_submodule(name[len(replica.prefix) : -len(".weight")])
-    out: list[Tensor | None] = [None] * len(sequences)
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(sequences)
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(sequences):
         by_length.setdefault(len(s), []).append(i)
@@ -168,13 +170,31 @@ def batched_logit_gradients(
                     (delta,) = torch.autograd.grad(
                         (logits[:, c] - logits[:, 0]).sum(), seen["eps"], retain_graph=c < logits.shape[-1] - 1
                     )
-                    per_class.append(torch.einsum("nto,nti->noi", delta, seen["x"]))
+                    per_class.append(delta.detach())
         finally:
             handle.remove()
-        grads = torch.stack(per_class, 1)  # [n, C − 1, d_out, d_in]
+        deltas = torch.stack(per_class, 1)  # [n, C − 1, length, d_out]
         for k, i in enumerate(rows):
-            out[i] = grads[k]
-    return [g for g in out if g is not None]
+            out[i] = (deltas[k], seen["x"][k])
+    return [f for f in out if f is not None]
+
+
+def batched_logit_gradients(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    name: str,
+    sequences: Sequence[Sequence[int]],
+    *,
+    segment: int = 0,
+) -> list[Tensor]:
+    """:func:`batched_logit_factors` multiplied out: one ``[C − 1, *W.shape]`` tensor per sentence, in order.
+
+    Raises:
+        KeyError: ``name`` is not the weight of a module of the replicated model.
+        ValueError: the model has a single output.
+    """
+    factors = batched_logit_factors(replica, params, name, sequences, segment=segment)
+    return [torch.einsum("cto,ti->coi", d, x) for d, x in factors]
 
 
 def certify(observed: Tensor, basis: Tensor) -> tuple[float, Tensor]:

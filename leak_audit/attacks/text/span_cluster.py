@@ -42,7 +42,7 @@ from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.text.assignment_descent import complete
 from leak_audit.attacks.text.pair_pursuit import pair_pursuit
-from leak_audit.attacks.text.peeling import Proposal, batched_logit_gradients, logit_gradients, peel
+from leak_audit.attacks.text.peeling import Proposal, batched_logit_factors, logit_gradients, peel
 from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import span_basis
@@ -502,7 +502,7 @@ class SpanCluster(Attack):
             with torch.no_grad():
                 found = complete(
                     g, b, tables, first.bag, first.length,
-                    lambda ss: batched_logit_gradients(replica, inp.params, name, ss, segment=segment),
+                    lambda ss: batched_logit_factors(replica, inp.params, name, ss, segment=segment),
                     cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, start=guesses, segment=segment,
                     deadline=deadline,
                 )
