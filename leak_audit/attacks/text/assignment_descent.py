@@ -23,7 +23,7 @@ tokens). This module reads them in two steps, neither of which needs the key spa
    replace a token at an uncertain position by the next candidate there. Each step takes the best move at
    the position where the fit's residual sits most (all of a position's moves from one batched forward).
    It starts from the proposal peeling could not certify (each token to the sentence whose guess holds it)
-   and stops once one sentence fits on its own pairs. The true sentences fit exactly (residual ~1e-6).
+   and stops once one sentence fits on its own tokens (peeling's certificate). The true sentences fit exactly (residual ~1e-6).
 
 :class:`~leak_audit.attacks.text.span_cluster.SpanCluster` calls :func:`complete` when a peeling round
 certifies nothing; its sentences are then certified like any proposal. Cost: a few seconds to a minute
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.text.query_columns import additive_atoms
 from leak_audit.models import EmbeddingTables
 
 __all__ = ["Placement", "assignment_descent", "complete", "factored_inner_products", "place_pairs"]
@@ -78,6 +79,9 @@ class Placement:
             per such pair (1 when the ranking is clean).
         inputs: ``[d, m]`` float64, the layer-0 inputs of the ``m`` distinct placed pairs; tokens and
             positions: ``[m]`` their token ids and positions.
+        bag: the candidate tokens; atoms: ``[d, |bag| + length + 1]`` float64, their additive atoms
+            (:func:`~leak_audit.attacks.text.query_columns.additive_atoms`), over which a gradient splits
+            into one column per token (the peeling certificate's columns).
     """
 
     lengths: list[int]
@@ -89,6 +93,8 @@ class Placement:
     inputs: Tensor
     tokens: Tensor
     positions: Tensor
+    bag: list[int]
+    atoms: Tensor
 
 
 def _rank(s: Tensor) -> int:
@@ -192,7 +198,10 @@ def place_pairs(
     inputs = x.view(nb, length, -1)[[j for j, _ in distinct], [p for _, p in distinct]].T.contiguous()
     tokens = torch.tensor([bag[j] for j, _ in distinct], dtype=torch.long)
     positions = torch.tensor([p for _, p in distinct], dtype=torch.long)
-    return Placement(lengths, slots, alternatives, sorted(uncertain), rank, separation, inputs, tokens, positions)
+    atoms = additive_atoms(tables, bag, length, segment).to(g.device)
+    return Placement(
+        lengths, slots, alternatives, sorted(uncertain), rank, separation, inputs, tokens, positions, bag, atoms
+    )
 
 
 def assignment_descent(
@@ -226,8 +235,10 @@ def assignment_descent(
             over the placed pairs' inputs), and takes the best move of the first group that lowers the
             certificate's residual; the search stops when none does or the residual falls below ``tol``.
         span: the longest run ``[p, q)`` of positions two sentences swap in one move (besides whole prefixes).
-        own_tol: the search also stops once one sentence fits the gradient on its own pairs within this
-            relative residual (the peeling certificate then removes it and the rest is read again).
+        own_tol: the search also stops once one sentence fits the gradient on its own tokens (those no other
+            sentence of the hypothesis holds, each split over the additive atoms as peeling's certificate
+            does) within this relative residual (the peeling certificate then removes it and the rest is read
+            again).
         deadline: ``time.monotonic()`` value after which it stops with its best so far.
 
     Returns:
@@ -332,22 +343,25 @@ def assignment_descent(
         out = torch.zeros(lengths[0], dtype=per_pair.dtype, device=per_pair.device)
         return out.index_add_(0, placement.positions.to(per_pair.device), per_pair).cpu()
 
-    column_of = {(int(v), int(p)): k for k, (v, p) in enumerate(zip(placement.tokens, placement.positions))}
-    per_pair = torch.linalg.lstsq(pairs, target.view(shape).T).solution  # [m, d_out]: Σ δ_t/σ_t per pair
+    atoms = placement.atoms.to(target)  # [d, |bag| + length + 1]
+    atom_of = {v: k for k, v in enumerate(placement.bag)}
+    special = {atom_of.get(cls_token_id), atom_of.get(sep_token_id)}
+    per_atom = torch.linalg.lstsq(atoms, tmat.T).solution  # [atoms, d_out]: per token Σ δ_t/σ_t
 
     def one_exact(h: list[list[int]]) -> bool:
-        """Whether some sentence of ``h`` alone fits the gradient on its own pairs (its own certificate)."""
+        """Whether some sentence of ``h`` fits the gradient on its own tokens (those no other sentence of ``h``
+        holds): the peeling certificate, which then takes that sentence out."""
         for i, sentence in enumerate(h):
-            others = {(v, p) for j, o in enumerate(h) if j != i for p, v in enumerate(o)}
-            own = [
-                column_of[(v, p)] for p, v in enumerate(sentence) if p and (v, p) not in others and (v, p) in column_of
-            ]
+            others = {v for j, o in enumerate(h) if j != i for v in o}
+            own = sorted({atom_of[v] for v in sentence if v not in others and v in atom_of} - special)
             if len(own) < 2:
                 continue
-            jac = columns(sentence).T.reshape(-1, *shape)  # [C − 1, d_out, d]
-            # [C − 1, |own|, d_out]: the sentence's own per-pair gradients
-            predicted = torch.stack([torch.linalg.lstsq(pairs, jc.T).solution[own] for jc in jac])
-            y = per_pair[own].reshape(-1, 1)
+            if tuple(sentence) not in cache:
+                fill([sentence])
+            d, x = cache[tuple(sentence)][:2]
+            # [C − 1, |own|, d_out]: the sentence's own token columns, J_c = d[c]ᵀ x split over the atoms
+            predicted = torch.linalg.lstsq(atoms, x.T).solution[own] @ d
+            y = per_atom[own].reshape(-1, 1)
             a = predicted.flatten(1).T
             fit = a @ torch.linalg.lstsq(a, y).solution
             if float((fit - y).norm()) < own_tol * float(y.norm()):
