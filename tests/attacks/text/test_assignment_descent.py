@@ -127,7 +127,8 @@ def test_batched_logit_gradients_equal_one_sentence_at_a_time(minilm, tokenizer,
 
 def test_factored_inner_products_equal_the_multiplied_out_gradients(minilm, tokenizer, sst2, setup):
     """The descent ranks its moves by inner products of factored gradients: on real sentences' logit
-    gradients (SST-2 dev 0-3: 12, 10, 24 and 28 tokens, and one with itself) they equal the dense ``d_out · d`` inner products to 1e-10."""
+    gradients (SST-2 dev 0-3: 12, 10, 24 and 28 tokens, and one with itself) they equal the dense
+    ``d_out · d`` inner products to 1e-10."""
     spec, params, _, replica = setup
     sentences = [tokenizer(r[0])["input_ids"] for r in sst2[:4]]
     name = spec.layers[0].query
@@ -139,3 +140,15 @@ def test_factored_inner_products_equal_the_multiplied_out_gradients(minilm, toke
         assert got.shape == (1, 1, 1)
         assert float((got[0] - want).abs().max()) <= 1e-10 * float(dense[i].norm() * dense[j].norm())
         assert abs(float(want)) > 1e-3 * float(dense[i].norm() * dense[j].norm())  # not a trivial zero
+
+
+def test_factored_inner_products_with_several_logit_differences_per_sentence():
+    """``C − 1 > 1`` gradients per sentence (a 3- and a 4-class head) and a batch of pairs of different lengths."""
+    g = torch.Generator().manual_seed(0)
+    da, xa = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(5, 2, 7, 6), (5, 7, 4)])
+    db, xb = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(5, 3, 9, 6), (5, 9, 4)])
+    got = factored_inner_products(da, xa, db, xb)
+    assert got.shape == (5, 2, 3)
+    ja = torch.einsum("pcto,pti->pcoi", da, xa).flatten(2)
+    jb = torch.einsum("pcto,pti->pcoi", db, xb).flatten(2)
+    torch.testing.assert_close(got, ja @ jb.transpose(1, 2), rtol=1e-12, atol=1e-12)
