@@ -37,7 +37,6 @@ __all__ = [
     "PeelResult",
     "Proposal",
     "batched_logit_factors",
-    "batched_logit_gradients",
     "certify",
     "label_from_coefficients",
     "logit_gradients",
@@ -177,24 +176,6 @@ def batched_logit_factors(
         for k, i in enumerate(rows):
             out[i] = (deltas[k], seen["x"][k])
     return [f for f in out if f is not None]
-
-
-def batched_logit_gradients(
-    replica: ModelReplica,
-    params: Mapping[str, Tensor],
-    name: str,
-    sequences: Sequence[Sequence[int]],
-    *,
-    segment: int = 0,
-) -> list[Tensor]:
-    """:func:`batched_logit_factors` multiplied out: one ``[C − 1, *W.shape]`` tensor per sentence, in order.
-
-    Raises:
-        KeyError: ``name`` is not the weight of a module of the replicated model.
-        ValueError: the model has a single output.
-    """
-    factors = batched_logit_factors(replica, params, name, sequences, segment=segment)
-    return [torch.einsum("cto,ti->coi", d, x) for d, x in factors]
 
 
 def certify(observed: Tensor, basis: Tensor) -> tuple[float, Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from leak_audit.attacks import AttackInput
 from leak_audit.attacks.text.assignment_descent import assignment_descent, factored_inner_products, place_pairs
-from leak_audit.attacks.text.peeling import batched_logit_factors, batched_logit_gradients
+from leak_audit.attacks.text.peeling import batched_logit_factors
 from leak_audit.attacks.text.span_cluster import SpanCluster
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import EmbeddingTables, text_model_spec
@@ -107,22 +107,24 @@ def test_span_cluster_certifies_a_batch_that_peeling_left_open(minilm, tokenizer
     assert [after.labels[after.sequences.index(t)] for t in truth] == [r[1] for r in rows]  # type: ignore[index,union-attr]
 
 
-def test_batched_logit_gradients_equal_one_sentence_at_a_time(minilm, tokenizer, sst2, setup):
-    """Per-sentence gradients read from one batched forward (inputs × output gradients) match the
-    one-sentence autograd of :func:`logit_gradients`, for sentences of different lengths, in order."""
+def test_batched_logit_factors_equal_one_sentence_at_a_time(minilm, tokenizer, sst2, setup):
+    """Per-sentence gradients read from one batched forward as factors (output gradients and inputs),
+    multiplied out, match the one-sentence autograd of :func:`logit_gradients`, for sentences of different
+    lengths, in order."""
     from leak_audit.attacks.text.peeling import logit_gradients
 
     spec, params, _, replica = setup
     sentences = [tokenizer(r[0])["input_ids"] for r in sst2[:5]]
     name = spec.layers[0].query
-    batched = batched_logit_gradients(replica, params, name, sentences)
-    assert len(batched) == 5
-    for s, g in zip(sentences, batched, strict=True):
+    factors = batched_logit_factors(replica, params, name, sentences)
+    assert len(factors) == 5
+    for s, (d, x) in zip(sentences, factors, strict=True):
         one = logit_gradients(replica, params, name, s)
-        assert g.shape == one.shape
+        assert d.shape == (1, len(s), one.shape[1]) and x.shape == (len(s), one.shape[2])
+        g = torch.einsum("cto,ti->coi", d, x)
         assert float((g - one).norm() / one.norm()) < 1e-4
     with pytest.raises(KeyError, match="not the weight of a linear module"):
-        batched_logit_gradients(replica, params, "bert.embeddings.LayerNorm.bias", sentences)
+        batched_logit_factors(replica, params, "bert.embeddings.LayerNorm.bias", sentences)
 
 
 def test_factored_inner_products_equal_the_multiplied_out_gradients(minilm, tokenizer, sst2, setup):
