@@ -291,8 +291,8 @@ def assignment_descent(
         """The residuals of fitting the gradient by each hypothesis of ``tries`` (one move each), read from the
         inner products of the factored gradients (``⟨Σ δ_t x_tᵀ, Σ δ'_u x'_uᵀ⟩ = Σ_{t,u} (δ_t·δ'_u)(x_t·x'_u)``)
         instead of fitting ``d_out · d`` numbers per hypothesis. Equal to the exact fit up to the normal
-        equations' round-off (1e-15 at every move taken in a scratch trace of SST-2 dev 24-27): a ranking, which :func:`residual`
-        confirms."""
+        equations' round-off (1e-15 at every move taken in a scratch trace of SST-2 dev 24-27): a ranking,
+        which :func:`residual` confirms."""
         missing = {}
         for h in tries:
             keys = [tuple(s) for s in h]
