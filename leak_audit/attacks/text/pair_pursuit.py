@@ -131,8 +131,8 @@ def _ormp(target: Tensor, keys: Tensor, positions: Tensor, tol: float, beam: int
     A pair's drop is ``Σ_h ⟨k_h, r_h⟩² / ‖(I − Q_h Q_hᵀ) k_h‖²`` (``r ⟂ Q``): the squared projections of every
     key on the kept sets' orthonormal bases ``Q`` are accumulated one column at a time, so no step rewrites
     the ``[P, H, d_h]`` keys (on one SST-2 batch 11.5 s → 3.6 s: benchmarks/README.md, "A slower machine, and
-    the speed-ups of 2026-12-06"). A key
-    within ``1e-12`` (relative) of a kept span adds nothing and is never picked."""
+    the speed-ups of 2026-12-06"). A key within ``1e-12`` (relative) of a kept span adds nothing and is never
+    picked."""
     norm = float(target.square().sum())
     kh = keys.permute(1, 0, 2).contiguous()  # [H, P, d_h]
     sq = kh.square().sum(2)  # [H, P]
