@@ -23,7 +23,7 @@ from torch import Tensor
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.lasso import group_lasso
 
-__all__ = ["ORDER_CHUNK", "VERIFY", "OrderedSentence", "move_scores", "order_sentence"]
+__all__ = ["FIRST_EXTRA", "ORDER_CHUNK", "VERIFY", "OrderedSentence", "move_scores", "order_sentence"]
 
 
 class OrderedSentence(NamedTuple):
@@ -44,6 +44,10 @@ class OrderedSentence(NamedTuple):
 ORDER_CHUNK = 64
 """Placements :func:`order_sentence` scores per batched least-squares call (the deadline is checked between
 calls): a sweep over a 50-token sentence's ~1300 swaps took 7 s in one call."""
+
+
+FIRST_EXTRA = 2
+"""Extra copies :func:`order_sentence` tries first; only when no order is exact does it try more."""
 
 
 VERIFY = 8
@@ -120,7 +124,7 @@ def order_sentence(
     cls_token_id: int | None,
     sep_token_id: int | None,
     sweeps: int = 40,
-    extra: int = 2,
+    extra: int = 4,
     restarts: int = 6,
     exact: float = 1e-10,
     generator: torch.Generator | None = None,
@@ -142,7 +146,9 @@ def order_sentence(
             occur once in the batch (may be empty: the order then follows the scores only).
         key_inputs: ``(tokens [k], positions [k]) -> [k, d]`` layer-0 keys (without bias).
         sweeps: steepest-descent steps per start; extra: copies a token may add inside the sentence
-            (lengths ``|tokens| .. |tokens| + extra`` are tried); restarts: perturbed restarts while the
+            (lengths ``|tokens| .. |tokens| + 2`` are tried, then, when no order is exact, a second search up
+            to ``|tokens| + extra``: 9 of CoLA's first 64 dev sentences repeat three or four words, e.g. "The
+            more you would want, the less you would eat."); restarts: perturbed restarts while the
             residual is above ``exact``; generator: the perturbations; deadline: ``time.monotonic()`` value
             after which the search returns its best so far (already past at the start: the tokens in id
             order, unsearched).
@@ -151,6 +157,39 @@ def order_sentence(
         An :class:`OrderedSentence`: the ordered sentence, the members' largest relative squared residual
         (``nan`` without members) and whether the deadline cut the search short.
     """
+    def search(most: int, shortest: int) -> OrderedSentence:
+        return _order(
+            tokens, members, key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id, sweeps=sweeps,
+            extra=most, shortest=shortest, restarts=restarts, exact=exact, generator=generator, deadline=deadline,
+        )
+
+    found = search(min(extra, FIRST_EXTRA), 0)
+    if extra <= FIRST_EXTRA or not found.residual >= exact or late(deadline):
+        return found
+    # none exact: more repeated words (a second search, so the first stays what it was with fewer copies)
+    more = search(extra, FIRST_EXTRA + 1)
+    if more.residual < 0.5 * found.residual:
+        return OrderedSentence(more.sequence, more.residual, found.cut or more.cut)
+    return OrderedSentence(found.sequence, found.residual, found.cut or more.cut)
+
+
+def _order(
+    tokens: Collection[int],
+    members: Tensor,
+    key_inputs: Callable[[Tensor, Tensor], Tensor],
+    heads: int,
+    *,
+    cls_token_id: int | None,
+    sep_token_id: int | None,
+    sweeps: int,
+    extra: int,
+    shortest: int,
+    restarts: int,
+    exact: float,
+    generator: torch.Generator | None,
+    deadline: float | None,
+) -> OrderedSentence:
+    """:func:`order_sentence`'s search over the lengths ``|tokens| + shortest .. |tokens| + extra``."""
     from scipy.optimize import linear_sum_assignment
 
     middle = sorted(t for t in tokens if t not in (cls_token_id, sep_token_id))
@@ -212,7 +251,9 @@ def order_sentence(
     else:
         score = torch.zeros(len(middle), most, dtype=torch.float64)
     best: tuple[float, list[int], int] | None = None
-    for count in range(len(middle), most + 1):
+    for count in range(len(middle) + shortest, most + 1):
+        if m and best is not None and best[0] < exact:
+            break  # the shortest exact order: a longer one only adds atoms (a larger span fits more)
         if m and best is not None and late(deadline):
             cut = True  # longer counts left untried
             break

@@ -166,6 +166,38 @@ def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, 
     assert seq == target and res < 1e-10
 
 
+@pytest.mark.parametrize("index", [5, 12])
+def test_word_order_with_three_repeated_words(minilm, tokenizer, cola, setup, index):
+    """CoLA dev 5 ("The more you would want, the less you would eat.") and 12 ("The more people you give beer
+    to, the more people get sick."): three words occur twice, so the sentence is three tokens longer than its
+    token set. order_sentence orders each exactly from its token set and the query gradients of its words that
+    occur once; allowed only two extra copies (the default before), it cannot."""
+    from leak_audit.attacks.text.word_order import order_sentence
+
+    spec, params = setup
+    enc, grad, _ = _query_gradients(minilm, tokenizer, [cola[index]])
+    truth = enc["input_ids"][0].tolist()
+    assert len(truth) - len(set(truth)) == 3
+    tables = EmbeddingTables.from_params(params, spec)
+    bag = sorted(set(truth))
+    h = token_query_gradients(grad, additive_atoms(tables, bag, len(truth)))
+    wk = params[spec.layers[0].key].double()
+
+    def key_inputs(tok, pos):
+        return tables.pair_inputs(tok, pos) @ wk.T
+
+    once = [v for v in bag if truth.count(v) == 1 and v not in (spec.cls_token_id, spec.sep_token_id)]
+    members = torch.stack([h[:, bag.index(v)].view(12, 32) for v in once])
+    members = members / members.norm(dim=(1, 2), keepdim=True)
+    kw = {"cls_token_id": spec.cls_token_id, "sep_token_id": spec.sep_token_id}
+    seq, res, _ = order_sentence(set(truth), members, key_inputs, 12, generator=torch.Generator().manual_seed(0), **kw)
+    assert seq == truth and res < 1e-10
+    seq, res, _ = order_sentence(
+        set(truth), members, key_inputs, 12, extra=2, generator=torch.Generator().manual_seed(0), **kw
+    )
+    assert seq != truth and res > 1e-6
+
+
 def test_an_audit_of_the_query_alone_is_a_lower_bound_until_span_cluster_certifies_the_batch(
         minilm, tokenizer, cola, setup):
     """Real CoLA, layer 0's query weight alone (the ``linear:`` view). At B = 4 span_cluster certifies all four
