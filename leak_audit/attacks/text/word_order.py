@@ -47,7 +47,8 @@ calls): a sweep over a 50-token sentence's ~1300 swaps took 7 s in one call."""
 
 
 FIRST_EXTRA = 2
-"""Extra copies :func:`order_sentence` tries first; only when no order is exact does it try more."""
+"""Extra copies :func:`order_sentence` tries first; more only when no order is exact and one is close
+(:data:`SECOND_BELOW`)."""
 
 
 SECOND_BELOW = 1e-2
