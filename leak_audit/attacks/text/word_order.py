@@ -133,6 +133,7 @@ def order_sentence(
     sep_token_id: int | None,
     sweeps: int = 40,
     extra: int = 4,
+    shortest: int = 0,
     restarts: int = 6,
     exact: float = 1e-10,
     generator: torch.Generator | None = None,
@@ -157,51 +158,37 @@ def order_sentence(
             (lengths ``|tokens| .. |tokens| + 2`` are tried, then, when no order is exact but one is within
             :data:`SECOND_BELOW`, a second search up to ``|tokens| + extra``, as long as the orders stay testable
             (``d_h − 2`` atoms per head): 9 of CoLA's first 64 dev sentences repeat three or four words, e.g. "The
-            more you would want, the less you would eat."); restarts: perturbed restarts while the
-            residual is above ``exact``; generator: the perturbations; deadline: ``time.monotonic()`` value
-            after which the search returns its best so far (already past at the start: the tokens in id
-            order, unsearched).
+            more you would want, the less you would eat."); shortest: with ``shortest > 0``, one search over the
+            lengths ``|tokens| + shortest .. |tokens| + extra`` only (the second search); restarts: perturbed
+            restarts while the residual is above ``exact``; generator: the perturbations; deadline:
+            ``time.monotonic()`` value after which the search returns its best so far (already past at the start:
+            the tokens in id order, unsearched).
 
     Returns:
         An :class:`OrderedSentence`: the ordered sentence, the members' largest relative squared residual
         (``nan`` without members) and whether the deadline cut the search short.
     """
-    def search(most: int, shortest: int) -> OrderedSentence:
-        return _order(
-            tokens, members, key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id, sweeps=sweeps,
-            extra=most, shortest=shortest, restarts=restarts, exact=exact, generator=generator, deadline=deadline,
-        )
+    if shortest == 0 and extra > FIRST_EXTRA:
 
-    found = search(min(extra, FIRST_EXTRA), 0)
-    middle = len(set(tokens) - {cls_token_id, sep_token_id})
-    # the longer orders stay testable: fewer atoms per head than its d_h dimensions, with a margin of 2
-    most = min(extra, members.shape[-1] - 2 - (sep_token_id is not None) - middle)
-    if most <= FIRST_EXTRA or not exact <= found.residual < SECOND_BELOW or late(deadline):
-        return found
-    # none exact, one close: more repeated words (a second search, so the first stays what it was)
-    more = search(most, FIRST_EXTRA + 1)
-    if more.residual < 0.5 * found.residual:
-        return OrderedSentence(more.sequence, more.residual, found.cut or more.cut)
-    return OrderedSentence(found.sequence, found.residual, found.cut or more.cut)
+        def search(most: int, first: int) -> OrderedSentence:
+            return order_sentence(
+                tokens, members, key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id,
+                sweeps=sweeps, extra=most, shortest=first, restarts=restarts, exact=exact, generator=generator,
+                deadline=deadline,
+            )
 
+        found = search(FIRST_EXTRA, 0)
+        size = len(set(tokens) - {cls_token_id, sep_token_id})
+        # the longer orders stay testable: fewer atoms per head than its d_h dimensions, with a margin of 2
+        most = min(extra, members.shape[-1] - 2 - (sep_token_id is not None) - size)
+        if most <= FIRST_EXTRA or not exact <= found.residual < SECOND_BELOW or late(deadline):
+            return found
+        # none exact, one close: more repeated words (a second search, so the first stays what it was)
+        more = search(most, FIRST_EXTRA + 1)
+        if more.residual < 0.5 * found.residual:
+            return OrderedSentence(more.sequence, more.residual, found.cut or more.cut)
+        return OrderedSentence(found.sequence, found.residual, found.cut or more.cut)
 
-def _order(
-    tokens: Collection[int],
-    members: Tensor,
-    key_inputs: Callable[[Tensor, Tensor], Tensor],
-    heads: int,
-    *,
-    cls_token_id: int | None,
-    sep_token_id: int | None,
-    sweeps: int,
-    extra: int,
-    shortest: int,
-    restarts: int,
-    exact: float,
-    generator: torch.Generator | None,
-    deadline: float | None,
-) -> OrderedSentence:
-    """:func:`order_sentence`'s search over the lengths ``|tokens| + shortest .. |tokens| + extra``."""
     from scipy.optimize import linear_sum_assignment
 
     middle = sorted(t for t in tokens if t not in (cls_token_id, sep_token_id))
