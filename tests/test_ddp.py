@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,9 +54,10 @@ def test_a_breach_stops_every_rank_at_the_same_step(tmp_path):
     """on_breach="stop": only rank 0 evaluates the policy; the decision is reduced across ranks at an audited
     step, so both processes leave the loop together (one rank stopping alone would hang DDP: timeout)."""
     records, out = run_ddp("global", tmp_path / "audit", "--steps", "40", "--stop-above", "0.5")
-    stops = sorted(line for line in out.splitlines() if line.startswith("rank "))
-    assert len(stops) == 2, out
-    steps = {int(line.rsplit(" ", 1)[1]) for line in stops}
+    # each rank prints one line; unbuffered children may interleave the text and its newline, so match, don't split
+    stops = dict(re.findall(r"rank (\d+) stopped at step (\d+)", out))
+    assert sorted(stops) == ["0", "1"], out
+    steps = {int(step) for step in stops.values()}
     assert len(steps) == 1, stops  # the same step on both ranks
     [stop] = steps
     assert stop < 40 and stop % 2 == 1  # decided at the end of an audited step (0, 2, 4, ...), after step 0's breach
