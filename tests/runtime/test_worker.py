@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import threading
 import time
@@ -46,11 +47,15 @@ def test_worker_threads_do_not_change_the_training_thread():
 
 
 def test_training_never_waits_on_a_slow_audit():
-    w = ThreadAuditWorker(lambda x: time.sleep(1.0), lambda s, e: None)
-    t0 = time.perf_counter()
-    w.submit(0)
-    assert time.perf_counter() - t0 < 0.1
-    w.close(timeout=10)
+    """The audit blocks until the test releases it: a ``submit`` that waited for it would return only after
+    the gate's 30 s timeout, with the audit done and nothing in flight (no wall-clock threshold to flake)."""
+    gate = threading.Event()
+    w = ThreadAuditWorker(lambda x: gate.wait(30) and x, lambda s, e: None, max_pending=1)
+    assert w.submit(7)
+    assert w.in_flight == 1 and not gate.is_set()
+    gate.set()
+    assert w.close(timeout=10)
+    assert w.drain() == [7]
 
 
 def test_only_the_worker_thread_is_niced_on_linux():
@@ -85,17 +90,19 @@ def test_process_worker_runs_in_a_child_and_reads_shared_tensors():
 def test_process_worker_backpressure_errors_and_niceness():
     from leak_audit.runtime.worker import ProcessAuditWorker
 
+    gate = multiprocessing.get_context("fork").Event()  # inherited by the child, forked at construction
+
     def slow_or_boom(s):
         if s == "boom":
             raise RuntimeError("attack exploded")
-        time.sleep(0.5)
+        gate.wait(30)
         return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
 
     w = ProcessAuditWorker(slow_or_boom, lambda s, e: f"failed: {e}", max_pending=1, niceness=19, num_threads=1)
-    t0 = time.perf_counter()
     assert w.submit("slow")
-    assert time.perf_counter() - t0 < 0.1  # the caller never waits for the audit
-    assert w.busy and not w.submit("other")
+    # the caller never waits for the audit: it is still blocked on the gate when submit returns
+    assert w.busy and not w.submit("other") and not gate.is_set()
+    gate.set()
     deadline = time.time() + 30
     while w.busy and time.time() < deadline:
         time.sleep(0.05)
