@@ -2,7 +2,7 @@
 
 Attacks are registered per modality (:attr:`~leak_audit.attacks.base.Attack.modality`); a name may exist in
 both (``"dlg"``, ``"labels"``), and the modality picks the class. The built-in attacks are registered when
-this module is imported: text attacks (``"token_bag"``, ``"labels"``, ``"span_check"``, ``"span_search"``,
+this module is imported: text attacks (``"token_bag"``, ``"position_match"``, ``"labels"``, ``"span_check"``, ``"span_search"``,
 ``"span_attention"``, ``"span_cluster"``, ``"gradient_matching"``, ``"dlg"``) read Hugging Face
 encoders (BERT, DistilBERT), ``"span_decoder"`` causal decoders (Llama family, GPT-2); image attacks (``"dlg"``,
 ``"inverting_gradients"``, ``"labels"``) image classifiers.
@@ -22,6 +22,7 @@ from leak_audit.attacks.image.labels import ImageLabelRecovery
 from leak_audit.attacks.text.dlg import DLG
 from leak_audit.attacks.text.gradient_matching import GradientMatching
 from leak_audit.attacks.text.labels import LabelRecovery
+from leak_audit.attacks.text.position_match import PositionMatch
 from leak_audit.attacks.text.span_attention import SpanAttention
 from leak_audit.attacks.text.span_check import SpanCheck
 from leak_audit.attacks.text.span_cluster import SpanCluster
@@ -63,7 +64,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 BUILT_IN: tuple[type[Attack], ...] = (
-    TokenBag, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, SpanCluster, SpanDecoder, GradientMatching, DLG,
+    TokenBag, PositionMatch, SpanCheck, LabelRecovery, SpanSearch, SpanAttention, SpanCluster, SpanDecoder, GradientMatching, DLG,
     ImageDLG, InvertingGradients, ImageLabelRecovery,
 )
 """The attacks this package ships, registered at import (in this order)."""

@@ -115,6 +115,21 @@ def test_span_cluster_on_an_accelerator_runs_like_on_the_cpu(minilm, tokenizer, 
         assert records["span_cluster"].metrics["token_recall"] >= 0.9
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["dropout-off", "dropout-on"])
+def test_position_match_on_an_accelerator_matches_the_cpu(tokenizer, train):
+    """position_match reads one sentence (B = 1; the two-sentence batch above skips it): the same exact sentence
+    from the accelerator's tensors as from the CPU's."""
+    model = small_bert(vocab_size=tokenizer.vocab_size, dropout=0.1)
+    spec = text_model_spec(model).with_tokenizer(tokenizer)
+    enc, grads = gradients(model, tokenizer, SENTENCES[:1], [1], train=train, seed=1)
+    batch = default_batch_adapter({**enc, "labels": torch.tensor([1])})
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    cpu = _audit(model, spec, [get_attack("position_match")], grads, batch, decode, accelerated=False)
+    accel = _audit(model, spec, [get_attack("position_match")], grads, batch, decode, accelerated=True)
+    _assert_same(cpu, accel)
+    assert cpu["position_match"].status == "ok" and cpu["position_match"].metrics["rouge1"] == 1.0
+
+
 def test_image_attacks_on_an_accelerator_match_the_cpu():
     model = LeNet(seed=0)
     spec = image_model_spec(model)
