@@ -34,17 +34,16 @@ stationary point of the cosine).
 
 Priors from earlier attacks, when present (``uses``): ``labels`` fixes the labels (at ``B > 1`` a
 multiset, assigned to the sequences in the order that fits best), ``token_bag`` restricts the candidate
-vocabulary, ``span_check`` gives the sequence lengths and a seed: the continuous phase starts from the
-seed and the discrete phase from the best of seed and projection, and a seed whose gradient already
-matches (below ``exact_tol``) is returned at once (``info["exact_seed"] = 1``, no step run).
+vocabulary (the seed's tokens stay in it), ``position_match`` (else ``span_check``) gives the sequence lengths
+and a seed: the continuous phase starts from the seed and the discrete phase from the best of seed and
+projection, and a seed whose gradient already matches (below ``exact_tol``) is returned at once
+(``info["exact_seed"] = 1``, no step run). Under DP noise, seeded by ``position_match``: benchmarks/README.md.
 
 Measured on this project's 2-core CPU (shared with other jobs, one intra-op thread), B = 1, dropout off,
 real CoLA dev sentences, no priors, default options (``max_seconds=20``):
 
-* pretrained all-MiniLM-L6-v2 (6 layers, d = 384, 30522 tokens), first 8 sentences:
-  full gradient ROUGE-1 0.57 / ROUGE-2 0.15; only ``bert.encoder.layer.3.attention.self.query``
-  (weight and bias) ROUGE-1 0.20 / ROUGE-2 0.04; 20 s per attack (the budget binds: ~105 Adam steps
-  at ~150 ms each on the full gradient, ~280 on the one module). On this pretrained model the
+* pretrained all-MiniLM-L6-v2, first 8 sentences: full gradient ROUGE-1 0.57 / ROUGE-2 0.15; only layer 3's
+  query (weight and bias) 0.20 / 0.04; 20 s per attack (the budget binds: ~105 / ~280 Adam steps). On it the
   :class:`~leak_audit.attacks.text.dlg.DLG` baseline (free embeddings, l2, L-BFGS) did as well or better on
   the first 4 sentences (ROUGE-1 0.73 against 0.62 here); ``optimizer="lbfgs", parametrization="free"``
   gave 0.61 (cos) and 0.64 (l2), free embeddings with Adam 0.36, l2 with the simplex 0.26.
@@ -168,7 +167,7 @@ class GradientMatching(Attack):
 
     name = "gradient_matching"
     cost = "optimisation"
-    uses = ("labels", "token_bag", "span_check")
+    uses = ("labels", "token_bag", "position_match", "span_check")
 
     def __init__(
         self,
@@ -285,14 +284,13 @@ class GradientMatching(Attack):
         info: dict[str, Any] = {"matched_tensors": len(names), "loss": self.loss}
         info.update({LOWER_BOUND: gap} if (gap := lora_sentence_gap(spec, inp.gradients, inp.batch_size)) else {})
 
-        # ---- layout: from span_check's seeds, else the length rule
-        sc = inp.priors.get("span_check")
-        seeds = [list(s) for s in (sc.sequences or [])] if sc is not None and sc.sequences else []
-        seeds = seeds[:b] if seeds and min(len(s) for s in seeds) >= 2 else []
+        # ---- layout: from position_match's or span_check's seeds, else the length rule
+        found = [(k, [list(q) for q in r.sequences[:b]]) for k in ("position_match", "span_check")
+                 if (r := inp.priors.get(k)) is not None and r.sequences and min(len(q) for q in r.sequences[:b]) >= 2]
+        seeds = found[0][1] if found else []
         if seeds:
-            longest = max(len(s) for s in seeds)
-            lengths = [len(s) for s in seeds] + [longest] * (b - len(seeds))
-            info["length_source"] = "span_check"
+            lengths = [len(q) for q in seeds] + [max(len(q) for q in seeds)] * (b - len(seeds))
+            info["length_source"] = found[0][0]
         else:
             length, source = infer_length({n: inp.gradients[n] for n in names}, spec, b, self.max_length,
                                           noise_std=inp.noise_std)
@@ -308,7 +306,8 @@ class GradientMatching(Attack):
         special = set(spec.special_token_ids)
         bag = inp.priors.get("token_bag")
         if self.use_token_bag and bag is not None and bag.token_bag:
-            vocab = sorted({int(t) for t in bag.token_bag} - special) or sorted(int(t) for t in bag.token_bag)
+            kept = {int(t) for t in bag.token_bag} | {int(t) for q in seeds for t in q}  # the seeds' tokens stay reachable
+            vocab = sorted(kept - special) or sorted(kept)
             info["vocabulary"] = "token_bag"
         else:
             vocab = [t for t in range(spec.vocab_size) if t not in special]

@@ -122,7 +122,7 @@ def test_exact_span_check_seed_is_returned_without_optimisation(model, spec, par
     ref = enc["input_ids"][0].tolist()
     assert priors["span_check"].sequences == [ref]
     gm = get_attack("gradient_matching")
-    assert gm.uses == ("labels", "token_bag", "span_check")
+    assert gm.uses == ("labels", "token_bag", "position_match", "span_check")
     rec = _run(gm, _input(gm, spec, params, replica, grads, tapped, priors=priors))
     assert rec.sequences == priors["span_check"].sequences
     assert rec.info["seeded"] == 1 and rec.info["exact_seed"] == 1 and rec.info["steps"] == 0
@@ -136,6 +136,14 @@ def test_exact_span_check_seed_is_returned_without_optimisation(model, spec, par
     rec = _run(gm, _input(gm, spec, params, replica, grads, tapped, priors=priors))
     assert rec.info["seeded"] == 1 and rec.info["exact_seed"] == 0
     assert rec.sequences == [ref]
+
+    # position_match's sentence, when it ran, is the seed before span_check's
+    priors["position_match"] = get_attack("position_match")(_input(get_attack("position_match"), spec, params, replica,
+                                                                   grads, tapped))
+    assert priors["position_match"].sequences == [ref]
+    rec = _run(gm, _input(gm, spec, params, replica, grads, tapped, priors=priors))
+    assert rec.info["length_source"] == "position_match" and rec.info["exact_seed"] == 1 and rec.sequences == [ref]
+    del priors["position_match"]
 
     auditor = Auditor(
         spec,
