@@ -193,12 +193,15 @@ def span_distance(x: Tensor, basis: Tensor) -> Tensor:
     resid = ((x - coef @ basis.T).square().sum(-1) / x.square().sum(-1).clamp_min(1e-30)).sum(-1)
     # covered share ‖Q_Xᵀ V‖²_F = ‖C⁻¹ X V‖²_F with X Xᵀ = C Cᵀ (Cholesky, float64): 2.3-2.4× faster than
     # a batched QR of [K, d, N] on CPU from 24 inputs on (benchmarks/screening_probe.py). Inputs that are
-    # (numerically) linearly dependent, e.g. N > d, fall back to the QR: the Cholesky factor fails, or its
+    # (numerically) linearly dependent, e.g. N > d, fall back to the QR: the Cholesky factor fails, has a pivot
+    # at round-off level (a repeated input: which of the two fails depends on the LAPACK build), or its
     # round-off shows as a share above min(N, r)
     wide = x.double()
     chol, info = torch.linalg.cholesky_ex(wide @ wide.transpose(1, 2))
     covered = torch.linalg.solve_triangular(chol, wide @ basis.double(), upper=False).square().sum((1, 2))
-    singular = (info != 0) | ~(covered <= min(x.shape[1], basis.shape[1]) + 1e-6)  # ~(≤) also catches NaN
+    pivots = chol.diagonal(dim1=-2, dim2=-1).abs()
+    singular = (info != 0) | (pivots.amin(-1) <= 1e-6 * pivots.amax(-1))
+    singular |= ~(covered <= min(x.shape[1], basis.shape[1]) + 1e-6)  # ~(≤) also catches NaN
     covered = covered.to(x.dtype)
     if bool(singular.any()):
         q, _ = torch.linalg.qr(x[singular].transpose(1, 2))  # [k, d, N]
