@@ -14,8 +14,7 @@ positions' rows. The sentence is therefore the assignment ``z`` of positions to 
 
 which is 0 at the truth on exact gradients and, under DP-SGD's Gaussian noise (std ``s`` per coordinate), is
 the negative log-likelihood of the released word rows when the released position rows are taken as exact (up to
-scale and a constant). Embedding
-dropout acts after the normalisation, so the identity holds in training mode too.
+scale and a constant). Embedding dropout acts after the normalisation, so the identity holds in training mode too.
 
 Steps (:func:`position_match`): the length is one past the last position row above the noise (exact at
 ``s = 0``; a chi-square test, Bonferroni over the table's rows, under noise); the candidates are the bag
