@@ -63,7 +63,7 @@ from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
-from leak_audit.attacks.gaps import decoder_pursuit_gap
+from leak_audit.attacks.gaps import decoder_bag_gap, decoder_pursuit_gap
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
 from leak_audit.attacks.text.sparse_bag import sparse_bag
@@ -344,12 +344,11 @@ class SpanDecoder(Attack):
         info.update({"candidate_positions": len(per_position)} if per_position is not None else {})
         saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
-        def partial_bag(cut: bool = False) -> Reconstruction:
-            # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows for q and v): no input is
-            # inside it exactly, but the inputs that dominate it sit far below every other row: a partial bag.
-            # ``cut``: the deadline stopped the joint sparse recovery, so the bag is what was read, not all of it
+        def partial_bag(cut: bool = False, **mark: str) -> Reconstruction:
+            # more inputs than the row space has dimensions (LoRA's A gradients: 2r rows): none inside it exactly, but
+            # those that dominate it sit far below every other row. ``cut``: the deadline stopped the sparse recovery
             bag, floor = ranked_bag(first, tables, self.rtol, self.bag_margin)
-            info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()))
+            info.update(saturated=1, bag_floor=round(floor, 4), bag=int(bag.numel()), **mark)
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info,  # a bag, no order
                                   timed_out=cut and budget.audit_bound)
 
@@ -359,8 +358,9 @@ class SpanDecoder(Attack):
             read = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
             tokens, bag_residual, bag_cut = read.tokens, read.residual, read.cut
             info.update(saturated=1, candidates=int(tokens.numel()), bag_residual=float(f"{bag_residual:.3g}"))
-            if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:
-                return partial_bag(cut=bag_cut)  # the pursuit did not close (or ran out of time): the ranked bag
+            if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:  # not closed: the ranked bag
+                gap = decoder_bag_gap(bag_residual, self.pursuit_accept, bag_cut)
+                return partial_bag(cut=bag_cut, **({LOWER_BOUND: gap} if gap else {}))
         if tokens.numel() == 0:  # nothing in the span, or the deadline stopped the scan first (then: a timeout)
             return Reconstruction(attack=self.name, sequences=[], info=info, timed_out=scan_cut and budget.audit_bound)
         if not checks:  # no map whose inputs depend on the prefix is tapped: the exact bag, without order

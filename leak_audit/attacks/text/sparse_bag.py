@@ -40,7 +40,8 @@ class SparseBag:
         tokens: distinct token ids ``[K]``, ascending (on the CPU).
         length: the longest sequence's length (the last occupied position plus one); 0 without position atoms
             (rotary or position-free models) or when no position was picked.
-        residual: the rows' relative residual outside the picked atoms' span (near ``1e-7`` when complete).
+        residual: the rows' relative residual outside the picked atoms' span (near ``1e-7`` when complete; the
+            pursuit stops unclosed at the uniqueness bound ``(d + rank)/2`` atoms, ``rank`` the rows').
         cut: the deadline stopped the pursuit (the bag is what was read so far).
     """
 
@@ -79,7 +80,10 @@ def sparse_bag(
     device = targets.device
     atoms = torch.cat([tokens, positions, bias[None]]).to(device)
     vocab, per_segment = tokens.shape[0], tables.max_length
-    picked, residual, cut = joint_support(targets, atoms, tol=tol, deadline=deadline)
+    # past (d + rank)/2 atoms a support that spans the rows is no longer unique (two such supports share a subspace
+    # that holds the rows), so a fit that needs more is no evidence of the bag: stop there, unclosed
+    cap = (targets.shape[1] + int(torch.linalg.matrix_rank(targets))) // 2
+    picked, residual, cut = joint_support(targets, atoms, tol=tol, max_atoms=cap, deadline=deadline)
     if not picked:
         return SparseBag(torch.zeros(0, dtype=torch.long), 0, residual, cut)
     index = torch.tensor(picked, dtype=torch.long, device=device)

@@ -429,6 +429,34 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monke
     assert cut.timed_out and cut.token_bag and not cut.sequences, cut.info
 
 
+def test_lora_dropout_leaves_a_partial_bag_marked_a_lower_bound(lora_smollm2) -> None:
+    """With lora_dropout each adapter sees its inputs under its own dropout mask (training mode), so no set of
+    vocabulary inputs spans layer 0's adapter rows. The bag's sparse recovery stops unclosed at its uniqueness bound
+    ((576 + 16)/2 atoms; before that bound, it "closed" at 8e-5 with 574 tokens for these 32) and the attack returns
+    the bag ranked against the rows: true tokens only, no sentence, marked a lower bound rather than a measurement."""
+    from leak_audit.attacks.gaps import DECODER_BAG_UNFINISHED
+
+    model, tokenizer = lora_smollm2
+    batch = _lm_batch(tokenizer, [s for s, _ in read_tsv(data_file("cola_dev.tsv"), limit=4)])
+    adapted = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    try:
+        for m in adapted:
+            m.lora_dropout["default"] = torch.nn.Dropout(0.1)
+        model.train()
+        torch.manual_seed(1)
+        recon = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    finally:
+        for m in adapted:
+            m.lora_dropout["default"] = torch.nn.Identity()
+        model.eval()
+    true = {t for seq in _truth(batch) for t in seq[:-1]}
+    assert recon.info["saturated"] == 1 and recon.info["bag_residual"] > 1e-2, recon.info
+    assert recon.info["candidates"] <= (576 + 16) // 2
+    assert not recon.sequences and not recon.timed_out
+    assert recon.info["lower_bound"] == DECODER_BAG_UNFINISHED
+    assert len(recon.token_bag) >= 5 and set(recon.token_bag) <= true, (len(true), recon.token_bag)
+
+
 def test_lora_pursuit_reads_long_reviews_once_the_shared_token_states_are_projected_away(lora_smollm2) -> None:
     """Four real SST-2 reviews of 23-41 tokens (121 positions, 92 distinct tokens) against LoRA r = 8 on the real
     SmolLM2. Every prefix ending in the same token has nearly the same state, and without the projection the
