@@ -108,8 +108,9 @@ DECODER_BAG_UNFINISHED = (
     "a decoder's LoRA adapters beyond their rank: span_decoder's token-bag pursuit did not explain layer 0's adapter "
     "gradients (with lora_dropout, each adapter sees its inputs under its own dropout mask, so no set of vocabulary "
     "inputs spans the rows), so it returned a partial bag ranked against the rows and no sentence (pretrained "
-    "SmolLM2, r = 8 on q_proj/v_proj, lora_dropout 0.1, CoLA, training-mode gradients: MEASURED), while the same "
-    "view without dropout gives ROUGE-1 0.997 at B = 1 and 1.000 at B = 4; these token metrics are lower bounds"
+    "SmolLM2, r = 8 on q_proj/v_proj, lora_dropout 0.1, CoLA, training-mode gradients: token recall 0.72 at B = 1 "
+    "and 0.11 at B = 4, precision 0.97 and 1.0), while the same view without dropout gives ROUGE-1 0.997 at B = 1 "
+    "and 1.000 at B = 4; these token metrics are lower bounds"
 )
 """``span_decoder`` on a decoder's LoRA adapters beyond their rank when the joint sparse recovery of the token bag
 (:func:`~leak_audit.attacks.text.sparse_bag.sparse_bag`) does not close below ``SpanDecoder.pursuit_accept`` within

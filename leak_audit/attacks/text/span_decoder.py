@@ -48,8 +48,8 @@ apply unchanged. Beyond that rank no input lies in the row space, but the rows a
 batch's inputs alone: :mod:`~leak_audit.attacks.text.decoder_pursuit` recovers the token bag and then the
 prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences; SST-2 reviews at
 B = 4 ROUGE-1 0.991, B = 8 0.594: a pursuit that stops without explaining the gradient marks its sentence metrics
-as lower bounds, :func:`~leak_audit.attacks.gaps.decoder_pursuit_gap`). ``lora_B = 0`` (initialisation): nothing.
-"""
+as lower bounds, :func:`~leak_audit.attacks.gaps.decoder_pursuit_gap`; a bag that does not close, as under
+``lora_dropout``, its token metrics, :func:`~leak_audit.attacks.gaps.decoder_bag_gap`). ``lora_B = 0``: nothing."""
 
 from __future__ import annotations
 
