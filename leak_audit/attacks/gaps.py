@@ -20,9 +20,10 @@ from leak_audit.attacks.base import Reconstruction
 from leak_audit.capture.privacy import LOWER_BOUND_NOISE_MULTIPLIER
 from leak_audit.models import TextModelSpec
 
-__all__ = ["DECODER_BAG_UNFINISHED", "DECODER_PURSUIT_UNFINISHED", "DP_SEARCH_BOUND", "LORA_SENTENCE_ASSIGNMENT",
-           "QUERY_SENTENCE_ASSIGNMENT", "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap", "decoder_pursuit_gap",
-           "dp_search_gap", "lora_sentence_gap", "query_sentence_gap", "span_search_gap"]
+__all__ = ["DECODER_BAG_UNFINISHED", "DECODER_PURSUIT_UNFINISHED", "DECODER_SENTENCES_MISSING", "DP_SEARCH_BOUND",
+           "LORA_SENTENCE_ASSIGNMENT", "QUERY_SENTENCE_ASSIGNMENT", "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap",
+           "decoder_pursuit_gap", "decoder_sentences_gap", "dp_search_gap", "lora_sentence_gap", "query_sentence_gap",
+           "span_search_gap"]
 
 LORA_SENTENCE_ASSIGNMENT = (
     "LoRA adapters of an encoder at B > 1: the batch's tokens come back but not which sentence each belongs to "
@@ -124,6 +125,25 @@ def decoder_bag_gap(residual: float, accept: float, cut: bool) -> str | None:
     """:data:`DECODER_BAG_UNFINISHED` when the token bag's sparse recovery ended above ``accept`` (its relative
     ``residual``) without the deadline stopping it (``cut``: a timeout says that already); ``None`` otherwise."""
     return DECODER_BAG_UNFINISHED if residual > accept and not cut else None
+
+
+DECODER_SENTENCES_MISSING = (
+    "a decoder: span_decoder read fewer sentences than the batch holds, so the rest of the batch is unread (pretrained "
+    "SmolLM2, LoRA r = 8 on q_proj/v_proj after 50 steps, the 16 CoLA batches of 4: 15 exact; in the 12th, the first "
+    "position's massive activations spread layer 0's adapter rows over singular values 650 to 4.9e-5, so the rank "
+    "at relative tolerance 1e-6 was 11 of 16, the span test took 2 tokens and one sentence came back, ROUGE-1 0.20, "
+    "gradient residual 0.99999); these sentence metrics are lower bounds"
+)
+"""``span_decoder`` returned fewer sentences than ``B`` without the deadline stopping it (a batch that repeats a sentence
+is read as fewer too; its mark is then conservative). Measured with ``leak-audit bench text --model smollm2 --task
+causal-lm --data ../shared/data/cola_dev.tsv --n 64 --batch-sizes 4 --views lora --attacks span_decoder --lora-r 8
+--lora-steps 50 --seed 0`` and ``benchmarks/decoder_pursuit_probe.py`` (docs/decoders.md, LoRA section)."""
+
+
+def decoder_sentences_gap(found: int, batch_size: int, cut: bool) -> str | None:
+    """:data:`DECODER_SENTENCES_MISSING` when ``found < batch_size`` sentences came back and the deadline did not cut
+    the reading (``cut``: the record is a timeout then); ``None`` otherwise."""
+    return DECODER_SENTENCES_MISSING if found < batch_size and not cut else None
 
 
 SPAN_SEARCH_UNFINISHED = (

@@ -30,11 +30,10 @@ gradient, as long as they number fewer than the input size ``d``. The attack rea
    every trainable weight in the snapshot (the adapters under LoRA; a fully fine-tuned model tapped below
    the head skips it, and ``info`` says so).
 
-Degenerate case: a run of one repeated token (``"the the"`` at the very start) gives the same hidden
-state at every position of the run, so such extensions are refused unless their inputs differ.
-
-With only layer 0's attention projections tapped (one linear, e.g. ``v_proj``) nothing orders the candidates:
-the attack returns them as an exact token bag.
+Degenerate case: a run of one repeated token (``"the the"`` at the very start) gives the same hidden state at
+every position of the run, so such extensions are refused unless their inputs differ. With only layer 0's
+attention projections tapped (one linear, e.g. ``v_proj``) the candidates come back as an exact token bag.
+Fewer sentences than the batch holds are marked lower bounds (:func:`~leak_audit.attacks.gaps.decoder_sentences_gap`).
 
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
 map's input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions
@@ -63,7 +62,7 @@ from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
-from leak_audit.attacks.gaps import decoder_bag_gap, decoder_pursuit_gap
+from leak_audit.attacks.gaps import decoder_bag_gap, decoder_pursuit_gap, decoder_sentences_gap
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
 from leak_audit.attacks.text.sparse_bag import sparse_bag
@@ -403,8 +402,7 @@ class SpanDecoder(Attack):
     def _finish(self, inp: AttackInput, spec: TextModelSpec, replica: ModelReplica, params: Mapping[str, Tensor],
                 prefixes: list[list[int]], tokens: Tensor, info: dict[str, object], cut: bool,
                 audit_bound: bool, check: CheckMap) -> Reconstruction:
-        """The prefixes with each sentence's last token: from the LM head's gradient where it is tapped, else
-        matched against ``check``'s gradient at the position before it (:func:`last_tokens_by_matching`)."""
+        """The prefixes with their last tokens: from the LM head's gradient where tapped, else matched at ``check``."""
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
         if prefixes and head is not None and not cut:
@@ -424,6 +422,8 @@ class SpanDecoder(Attack):
                                            candidates=4 * self.last_token_candidates)
             info["last_token"] = f"matched at {check.module}: {sum(t is not None for t in last)} of {len(last)}"
             sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
+        if LOWER_BOUND not in info and (gap := decoder_sentences_gap(len(prefixes), inp.batch_size, cut)):
+            info[LOWER_BOUND] = gap
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
                               info=info, timed_out=cut and audit_bound)
 

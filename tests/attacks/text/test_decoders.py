@@ -427,6 +427,16 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monke
     cut = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad],
                   deadline=time.monotonic() + 3600)
     assert cut.timed_out and cut.token_bag and not cut.sequences, cut.info
+    monkeypatch.undo()
+    # a reading of fewer sentences than the batch holds (here: the pursuit's first leaf only, its fit closed) leaves
+    # the rest of the batch unread, so its sentence metrics are lower bounds
+    from leak_audit.attacks.gaps import DECODER_SENTENCES_MISSING
+
+    pursue = span_decoder.pursue_prefixes
+    monkeypatch.setattr(span_decoder, "pursue_prefixes", lambda *a, **k: (lambda r: (r[0][:1], *r[1:]))(pursue(*a, **k)))
+    one = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
+    assert len(one.sequences) == 1 and one.info["pursuit_residual"] < 1e-4 and not one.timed_out, one.info
+    assert one.info["lower_bound"] == DECODER_SENTENCES_MISSING
 
 
 def test_lora_dropout_leaves_a_partial_bag_marked_a_lower_bound(lora_smollm2) -> None:
