@@ -433,7 +433,12 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monke
     from leak_audit.attacks.gaps import DECODER_SENTENCES_MISSING
 
     pursue = span_decoder.pursue_prefixes
-    monkeypatch.setattr(span_decoder, "pursue_prefixes", lambda *a, **k: (lambda r: (r[0][:1], *r[1:]))(pursue(*a, **k)))
+
+    def first_leaf_only(*args, **kwargs):
+        prefixes, more, stopped = pursue(*args, **kwargs)
+        return prefixes[:1], more, stopped
+
+    monkeypatch.setattr(span_decoder, "pursue_prefixes", first_leaf_only)
     one = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad])
     assert len(one.sequences) == 1 and one.info["pursuit_residual"] < 1e-4 and not one.timed_out, one.info
     assert one.info["lower_bound"] == DECODER_SENTENCES_MISSING
