@@ -14,15 +14,15 @@ goes when an attack closes its gap.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from leak_audit.attacks.base import Reconstruction
 from leak_audit.capture.privacy import LOWER_BOUND_NOISE_MULTIPLIER
 from leak_audit.models import TextModelSpec
 
-__all__ = ["DECODER_BAG_UNFINISHED", "DECODER_PURSUIT_UNFINISHED", "DECODER_SENTENCES_MISSING", "DP_SEARCH_BOUND",
-           "LORA_SENTENCE_ASSIGNMENT", "QUERY_SENTENCE_ASSIGNMENT", "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap",
-           "decoder_pursuit_gap", "decoder_sentences_gap", "dp_search_gap", "lora_sentence_gap", "query_sentence_gap",
+__all__ = ["DECODER_BAG_UNFINISHED", "DECODER_ENDS_UNVERIFIED", "DECODER_PURSUIT_UNFINISHED",
+           "DECODER_SENTENCES_MISSING", "DP_SEARCH_BOUND", "LORA_SENTENCE_ASSIGNMENT", "QUERY_SENTENCE_ASSIGNMENT",
+           "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap", "decoder_ends_gap", "decoder_pursuit_gap", "decoder_sentences_gap", "dp_search_gap", "lora_sentence_gap", "query_sentence_gap",
            "span_search_gap"]
 
 LORA_SENTENCE_ASSIGNMENT = (
@@ -132,7 +132,7 @@ DECODER_SENTENCES_MISSING = (
     "SmolLM2, LoRA r = 8 on q_proj/v_proj after 50 steps, the 16 CoLA batches of 4: 15 exact; in the 12th, the first "
     "position's massive activations spread layer 0's adapter rows over singular values 650 to 4.9e-5, so the rank "
     "at relative tolerance 1e-6 was 11 of 16, the span test took 2 tokens and one sentence came back, ROUGE-1 0.20, "
-    "gradient residual 0.99999); these sentence metrics are lower bounds"
+    "gradient residual 0.99999, before the balanced reading of such rows); these sentence metrics are lower bounds"
 )
 """``span_decoder`` returned fewer sentences than ``B`` without the deadline stopping it (a batch that repeats a sentence
 is read as fewer too; its mark is then conservative). Measured with ``leak-audit bench text --model smollm2 --task
@@ -144,6 +144,27 @@ def decoder_sentences_gap(found: int, batch_size: int, cut: bool) -> str | None:
     """:data:`DECODER_SENTENCES_MISSING` when ``found < batch_size`` sentences came back and the deadline did not cut
     the reading (``cut``: the record is a timeout then); ``None`` otherwise."""
     return DECODER_SENTENCES_MISSING if found < batch_size and not cut else None
+
+
+DECODER_ENDS_UNVERIFIED = (
+    "a decoder's LoRA adapters under massive activations: span_decoder read their rows in a balanced frame, where "
+    "float32 round-off of the few massive directions hides the smallest contributions (a sentence's last positions), "
+    "and a sentence's last token matched no candidate, so that sentence may be cut short (pretrained SmolLM2, r = 8 "
+    "after 50 steps, CoLA dev 44-47: 'They represented seriously to the dean Mary as a genuine' for '... genuine "
+    "linguist.', the attacker's own gradient residual 0.12, the other three sentences exact); these sentence metrics "
+    "are lower bounds"
+)
+"""``span_decoder`` read layer 0's adapter rows in the balanced frame (:func:`~leak_audit.attacks.spans.balanced_rows`:
+the rank read at ``rtol`` fell short of the rows) and some sentence's last token did not match. There the pursuit
+closes at round-off level rather than exactly, so an unmatched end is no longer just a missing last token. Measured
+with ``leak-audit bench text --model smollm2 --task causal-lm --data ../shared/data/cola_dev.tsv --n 64 --batch-sizes
+4,8 --views lora --attacks span_decoder --lora-r 8 --lora-steps 50 --seed 0`` (docs/decoders.md, LoRA section)."""
+
+
+def decoder_ends_gap(balanced: bool, ends: Sequence[int | None]) -> str | None:
+    """:data:`DECODER_ENDS_UNVERIFIED` when the rows were read ``balanced`` and some entry of ``ends`` (each sentence's
+    matched last token) is ``None``; ``None`` otherwise."""
+    return DECODER_ENDS_UNVERIFIED if balanced and any(t is None for t in ends) else None
 
 
 SPAN_SEARCH_UNFINISHED = (

@@ -175,6 +175,7 @@ def joint_support(
     tol: float = 1e-6,
     max_atoms: int | None = None,
     deadline: float | None = None,
+    patience: int | None = None,
 ) -> tuple[list[int], float, bool]:
     """The few atoms whose span holds every row of ``targets`` (RA-ORMP over a fixed dictionary).
 
@@ -184,6 +185,8 @@ def joint_support(
         tol: stop once the relative residual is below it (float32 gradients: round-off near ``1e-7``).
         max_atoms: at most this many picks (default: ``d − 1``).
         deadline: ``time.monotonic()`` value after which the picks stop.
+        patience: stop once this many picks in a row left the residual above 0.9 of what it was (noisy targets:
+            the picks have reached the noise floor); ``None``: no such stop.
 
     Returns:
         ``(picked, residual, cut)``: atom indices in pick order, the final relative residual, and whether the
@@ -194,12 +197,19 @@ def joint_support(
     state = Pursuit(targets)
     state.extend(atoms)
     res = state.residual()
+    mark, since = res, 0
     while res > tol and len(state.picked) < limit:
         if late(deadline):
             return state.picked, res, True
         if state.step() is None:
             break
         res = state.residual()
+        if res < 0.9 * mark:
+            mark, since = res, 0
+        else:
+            since += 1
+            if patience is not None and since >= patience:
+                break
     return state.picked, res, False
 
 

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FLOAT32_EPS",
     "NOISE_EDGE_MARGIN",
+    "balanced_rows",
     "lora_input_constraints",
     "noise_edge",
     "noise_threshold",
@@ -208,3 +210,42 @@ def span_distance(x: Tensor, basis: Tensor) -> Tensor:
         covered = covered.clone()
         covered[singular] = (q.transpose(1, 2) @ basis).square().sum((1, 2))
     return resid + (basis.shape[1] - covered)
+
+
+FLOAT32_EPS = 2.0**-24
+"""Unit round-off of float32, the dtype gradients arrive in."""
+
+
+def balanced_rows(grads: Sequence[Tensor], floor: float = 1e-5) -> tuple[Tensor, float]:
+    """Stacked gradient rows re-weighted so that every direction of their row space above ``floor · σ_max`` counts
+    alike, and the relative residual float32 round-off alone leaves in that frame.
+
+    A row space is unchanged by any invertible map of the rows, but a residual measured on the raw rows weighs each
+    direction by its singular value. Massive activations (a decoder's first position) give a few directions singular
+    values ``10⁴``-``10⁷`` times the rest (SmolLM2, LoRA r = 8, layer 0's adapters on one CoLA batch of 4: 650 and 335,
+    then 0.032 down to 4.9e-5), so a pursuit that stops at a relative residual of ``1e-6`` on the raw rows never
+    looks at the small directions, where most tokens are. ``Σ'⁻¹ Uᵀ R`` with ``Σ' = max(Σ, floor · σ_max)`` weighs
+    the directions above the floor alike; those below, where float32 round-off of the large ones (about
+    ``2⁻²⁴ ‖R‖``) competes with the signal, less.
+
+    Args:
+        grads: input-spanning rows ``[k_i, d]`` (stacked row-wise).
+        floor: relative singular value below which directions are not raised to full weight.
+
+    Returns:
+        ``(rows, noise)``: the re-weighted rows ``[k, d]`` (float64) and the round-off level in their frame,
+        ``2⁻²⁴ ‖R‖_F / max(σ_min, floor · σ_max) / ‖rows‖_F`` (a relative residual no pursuit can go much below).
+
+    Raises:
+        ValueError: no rows, or all of them zero.
+    """
+    if not grads:
+        raise ValueError("balanced_rows needs at least one block of gradient rows")
+    stacked = torch.cat([g.detach().to(torch.float64) for g in grads])
+    _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 0:
+        raise ValueError("the gradient rows are all zero")
+    scale = s.clamp_min(floor * s[0])
+    rows = (s / scale)[:, None] * vh
+    noise = FLOAT32_EPS * float(torch.linalg.matrix_norm(stacked)) / float(scale[-1])  # the most raised direction's
+    return rows, noise / float(torch.linalg.matrix_norm(rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from leak_audit.attacks.pursuit import Pursuit, joint_support, prune_support, relative_residual
@@ -73,3 +74,42 @@ def test_blocks_sharing_one_support_are_read_together() -> None:
     assert sorted(state.picked[i] for i in kept) == sorted(support.tolist())
     with pytest.raises(ValueError, match="2 blocks"):
         state.extend(atoms[:2])
+
+
+def test_patience_stops_the_picks_at_the_noise_floor() -> None:
+    """Targets with round-off-like noise (relative 1e-3) never reach a tight tolerance: without patience the picks
+    run on to d − 1 atoms of noise; with it they stop soon after the true atoms (all of them picked first)."""
+    atoms, support, targets = _problem(n=1000, d=384, k=20, rows=12, seed=3)
+    noisy = targets + 1e-3 * targets.norm() / targets.numel() ** 0.5 * torch.randn(
+        targets.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    endless, _, _ = joint_support(noisy, atoms, tol=1e-9)
+    picked, residual, cut = joint_support(noisy, atoms, tol=1e-9, patience=8)
+    assert len(endless) == atoms.shape[1] - 1 and not cut
+    assert set(support.tolist()) <= set(picked) and len(picked) <= 20 + 8
+    assert 1e-4 < residual < 1e-2
+
+
+def test_balanced_rows_keep_the_row_space_and_weigh_its_directions_alike() -> None:
+    """Two massive directions (1e6 times the rest, as a decoder's first position gives) over 14 ordinary ones: the
+    balanced rows span the same space, their directions above the floor have weight 1, and the round-off level they
+    report is float32's unit round-off raised by the most raised direction."""
+    from leak_audit.attacks.spans import FLOAT32_EPS, balanced_rows
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(16, 64, generator=gen, dtype=torch.float64)
+    mix = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0]
+    scales = torch.cat([torch.tensor([1e6, 5e5], dtype=torch.float64), torch.logspace(0, -1, 14, dtype=torch.float64)])
+    rows = (mix * scales) @ inputs
+    balanced, noise = balanced_rows([rows[:8], rows[8:]], floor=1e-5)
+    s = torch.linalg.svdvals(balanced)
+    assert torch.allclose(s[:2], torch.ones(2, dtype=torch.float64), atol=1e-9)  # above the floor: weight 1
+    raw = torch.linalg.svdvals(rows)
+    assert torch.allclose(s[2:], raw[2:] / (1e-5 * raw[0]), rtol=1e-6)  # below it: raised to the floor's scale
+    q = torch.linalg.qr(balanced.T)[0]
+    assert torch.linalg.matrix_norm(rows - (rows @ q) @ q.T) < 1e-8 * torch.linalg.matrix_norm(rows)  # same span
+    expected = FLOAT32_EPS * float(torch.linalg.matrix_norm(rows)) / (1e-5 * float(raw[0]))
+    assert abs(noise - expected / float(torch.linalg.matrix_norm(balanced))) < 1e-12
+    with pytest.raises(ValueError, match="all zero"):
+        balanced_rows([torch.zeros(4, 8)])
+    with pytest.raises(ValueError, match="at least one"):
+        balanced_rows([])

@@ -37,7 +37,7 @@ Fewer sentences than the batch holds are marked lower bounds (:func:`~leak_audit
 
 Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
 map's input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions
-above the noise edge (:func:`ranked_bag`, also the fallback where the sparse recovery beyond LoRA's rank does
+above the noise edge (:func:`~leak_audit.attacks.text.decoder_candidates.ranked_bag`, also the fallback where the sparse recovery beyond LoRA's rank does
 not close), giving a partial token bag (rotary decoders).
 
 **LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
@@ -48,7 +48,15 @@ batch's inputs alone: :mod:`~leak_audit.attacks.text.decoder_pursuit` recovers t
 prefix tree by joint sparse recovery (exact on SmolLM2 at r = 8 up to B = 8 CoLA sentences; SST-2 reviews at
 B = 4 ROUGE-1 0.991, B = 8 0.594: a pursuit that stops without explaining the gradient marks its sentence metrics
 as lower bounds, :func:`~leak_audit.attacks.gaps.decoder_pursuit_gap`; a bag that does not close, as under
-``lora_dropout``, its token metrics, :func:`~leak_audit.attacks.gaps.decoder_bag_gap`). ``lora_B = 0``: nothing."""
+``lora_dropout``, its token metrics, :func:`~leak_audit.attacks.gaps.decoder_bag_gap`). ``lora_B = 0``: nothing.
+
+**Massive activations.** Trained adapters can give a few row directions singular values ``10⁴``-``10⁷`` times the
+rest (SmolLM2 after 50 steps, CoLA dev 44-47: 650 and 335, then 0.032 to 4.9e-5). The rank read at ``rtol`` then
+falls short of the rows (11 of 16) and the span test passes a couple of tokens. When the candidates' inputs do not
+span the rows (:func:`~leak_audit.attacks.text.decoder_candidates.unexplained`), the rows are read as saturated, and
+the token bag and the prefix pursuit run on :func:`~leak_audit.attacks.spans.balanced_rows`, every direction weighed
+alike down to float32's round-off, which also sets their stopping and acceptance levels (:data:`BALANCED_ACCEPT`,
+:data:`BALANCED_PATIENCE`, :data:`BALANCED_MARGIN`)."""
 
 from __future__ import annotations
 
@@ -62,16 +70,29 @@ from torch import Tensor
 
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
 from leak_audit.attacks.budget import late
-from leak_audit.attacks.gaps import decoder_bag_gap, decoder_pursuit_gap, decoder_sentences_gap
-from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.gaps import decoder_bag_gap, decoder_ends_gap, decoder_pursuit_gap, decoder_sentences_gap
+from leak_audit.attacks.spans import balanced_rows, span_basis
+from leak_audit.attacks.text.decoder_candidates import (candidate_tokens, candidates_by_position, ranked_bag,
+                                                        unexplained)
 from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
 from leak_audit.attacks.text.sparse_bag import sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
 from leak_audit.models.replica import ModelReplica
 from leak_audit.results.records import LOWER_BOUND
 
-__all__ = ["CheckMap", "SpanDecoder", "candidate_tokens", "candidates_by_position", "check_maps", "input_rows",
-           "layer0_rows", "lora_blocks", "ranked_bag"]
+__all__ = ["CheckMap", "SpanDecoder", "check_maps", "input_rows", "layer0_rows", "lora_blocks"]
+
+BALANCED_ACCEPT = 3.0
+"""Under massive activations (:func:`~leak_audit.attacks.spans.balanced_rows`), a recovery closes below this many
+times the rows' round-off level in the balanced frame."""
+
+BALANCED_MARGIN = 4.0
+"""Under massive activations a last token is also matched when it fits this many times better than any other
+candidate (:func:`~leak_audit.attacks.text.decoder_pursuit.last_tokens_by_matching`)."""
+
+BALANCED_PATIENCE = 16
+"""Under massive activations the token bag's picks stop once this many in a row leave the residual above 0.9 of what
+it was: the round-off floor (SmolLM2, CoLA dev 44-47: the 23 true tokens first, then ~1-3% per false pick)."""
 
 
 @dataclass(frozen=True)
@@ -148,99 +169,6 @@ def _residuals(x: Tensor, basis: Tensor) -> Tensor:
     x = x.to(basis.dtype)
     proj = (x @ basis) @ basis.T
     return torch.linalg.vector_norm(x - proj, dim=-1) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-30)
-
-
-def candidate_tokens(
-    grads: Sequence[Tensor],
-    tables: EmbeddingTables,
-    threshold: float,
-    rtol: float = 1e-6,
-    chunk: int = 8192,
-    *,
-    position: int | None = None,
-    basis: Tensor | None = None,
-    noise_std: float = 0.0,
-) -> tuple[Tensor, Tensor, int]:
-    """Vocabulary rows whose layer-0 input lies in the gradients' row space.
-
-    Args:
-        grads: layer 0's attention projection weight gradients as input-spanning rows ``[d_out_k, d]``
-            (:func:`input_rows`; they share their input).
-        tables: the first-layer input tables.
-        threshold: relative residual below which a row is a candidate.
-        rtol: relative singular-value tolerance of the row space (:func:`~leak_audit.attacks.spans.span_basis`).
-        chunk: rows ranked at once (memory).
-        position: rank ``Norm(E[v] + P[position])`` (learned absolute positions); ``None``: the position-free
-            ``Norm(E[v])`` (rotary positions act inside attention).
-        basis: the row space's orthonormal basis ``[d, r]``, if already computed (then ``grads`` is unused).
-        noise_std: DP-SGD's per-coordinate noise std: directions under the noise edge are dropped
-            (:func:`~leak_audit.attacks.spans.span_basis`).
-
-    Returns:
-        ``(tokens, residuals, rank)``: candidate token ids ``[K]`` (ascending residual), their residuals
-        ``[K]``, and the row space's rank.
-    """
-    if basis is None:
-        basis, _ = span_basis(grads, rtol=rtol, noise_std=noise_std)
-    res = torch.empty(tables.word.shape[0], dtype=torch.float64)
-    basis32 = basis.to(device=tables.word.device, dtype=torch.float32)  # float32 suffices to rank: true rows ~1e-6
-    shift = 0.0 if position is None else tables.position[position + tables.position_offset].to(torch.float32)
-    for start in range(0, tables.word.shape[0], chunk):
-        rows = tables.normalize(tables.word[start:start + chunk].to(torch.float32) + shift)
-        proj = (rows @ basis32) @ basis32.T
-        res[start:start + chunk] = (torch.linalg.vector_norm(rows - proj, dim=-1)
-                                    / torch.linalg.vector_norm(rows, dim=-1).clamp_min(1e-30)).cpu().double()
-    order = res.argsort()
-    keep = order[res[order] < threshold]
-    return keep, res[keep], int(basis.shape[1])
-
-
-def candidates_by_position(
-    grads: Sequence[Tensor], tables: EmbeddingTables, threshold: float, rtol: float = 1e-6, max_length: int = 512,
-    deadline: float | None = None,
-) -> tuple[list[Tensor], int, bool]:
-    """Per position ``i = 0, 1, ...``, the tokens ``v`` whose ``Norm(E[v] + P[i])`` lies in the row space (learned
-    absolute positions, GPT-2). Sentences start at position 0 and are contiguous, so the scan stops at the first
-    position without a candidate (or at ``max_length``, the position table's end or ``deadline``).
-
-    Returns:
-        ``(per_position, rank, cut)``: candidate token ids ``[K_i]`` per position, the row space's rank, and
-        whether the deadline stopped the scan (the later positions are then unknown, not empty).
-    """
-    basis, _ = span_basis(grads, rtol=rtol)
-    out: list[Tensor] = []
-    for i in range(min(max_length, tables.max_length)):
-        if late(deadline):
-            return out, int(basis.shape[1]), True
-        tokens, _, _ = candidate_tokens(grads, tables, threshold, position=i, basis=basis)
-        if tokens.numel() == 0:
-            break
-        out.append(tokens)
-    return out, int(basis.shape[1]), False
-
-
-def ranked_bag(grads: Sequence[Tensor], tables: EmbeddingTables, rtol: float = 1e-6, margin: float = 0.8,
-               quantile: float = 0.01, noise_std: float = 0.0) -> tuple[Tensor, float]:
-    """A partial token bag from a *saturated* or *noised* row space, by ranking.
-
-    Saturated: fewer dimensions than inputs (LoRA beyond its rank). Noised: DP-SGD's Gaussian noise fills every
-    direction; the directions above the noise edge (``noise_std``) are kept, and they too mix the inputs.
-
-    Every vocabulary row's position-free input ``Norm(E[v])`` is ranked by its relative residual to the row
-    space. Rows of tokens absent from the batch pile up at a common floor (their shared direction lies in the
-    span), the batch's dominant tokens sit well below it; the floor is the residual at the ``quantile`` of the
-    vocabulary, and the bag holds the rows below ``margin`` times it.
-
-    Returns:
-        ``(tokens, floor)``: token ids ``[K]`` (ascending residual) and the floor (a relative residual).
-    """
-    rows, residuals, rank = candidate_tokens(grads, tables, threshold=1.0 + 1e-9, rtol=rtol, noise_std=noise_std)
-    if rank == 0:  # the noise drowns every direction
-        return rows[:0], 1.0
-    if rows.numel() == 0:
-        return rows, 1.0
-    floor = float(residuals[min(int(quantile * tables.word.shape[0]), rows.numel() - 1)])
-    return rows[residuals < margin * floor], floor
 
 
 class SpanDecoder(Attack):
@@ -322,7 +250,7 @@ class SpanDecoder(Attack):
             return Reconstruction(attack=self.name, token_bag=sorted(bag.tolist()), info=info_dp)
         device = next(iter(params.values())).device
         per_position: list[Tensor] | None = None
-        scan_cut = False
+        scan_cut, rank_read = False, None
         rows0 = sum(int(g.shape[0]) for g in first)
         rank0 = int(span_basis(first, rtol=self.rtol)[0].shape[1]) if spec.position_scheme == "absolute" else 0
         if rank0 >= min(rows0, tables.word.shape[-1]):
@@ -335,12 +263,17 @@ class SpanDecoder(Attack):
             per_position = [t.to(device) for t in per_position]
         else:
             tokens, _, rank0 = candidate_tokens(first, tables, self.threshold, self.rtol)
+            if rank0 < rows0 < tables.word.shape[-1] and unexplained(first, tables, tokens) > self.pursuit_accept:
+                # the candidates do not span the rows: the rank was read too low (massive activations push directions
+                # under rtol), so no input lies in the row space and the rows are read as saturated
+                rank_read, rank0 = rank0, rows0
         checks = check_maps(spec, inp.gradients.keys())
         bases = [span_basis([input_rows(inp.gradients[w], c.transposed) for w in c.weights], rtol=self.rtol)[0]
                  for c in checks]
         info: dict[str, object] = {"rank_layer0": rank0, "candidates": int(tokens.numel()),
                                    "check_ranks": ",".join(str(b.shape[1]) for b in bases)}
         info.update({"candidate_positions": len(per_position)} if per_position is not None else {})
+        info.update({"rank_read": rank_read} if rank_read is not None else {})
         saturated = per_position is None and rank0 >= min(rows0, tables.word.shape[-1])
 
         def partial_bag(cut: bool = False, **mark: str) -> Reconstruction:
@@ -353,12 +286,21 @@ class SpanDecoder(Attack):
 
         if saturated and rows0 >= tables.word.shape[-1]:  # B·n >= d: a full span; rows pass it by chance
             return partial_bag()
-        if saturated:  # LoRA beyond its rank: the sparsest vocabulary set whose inputs span the rows
+        # massive activations (the rank read too low): every row direction weighed alike, to its round-off level
+        balanced = rank_read is not None
+        accept = self.pursuit_accept
+        if saturated and balanced:  # the sparsest vocabulary set, kept whole up to the noise floor (a superset)
+            rows_b, noise = balanced_rows(first)
+            accept = max(accept, BALANCED_ACCEPT * noise)
+            read = sparse_bag([rows_b], tables, noise / 2, budget.deadline, patience=BALANCED_PATIENCE, prune=False)
+            info["balanced_noise"] = float(f"{noise:.3g}")
+        elif saturated:  # LoRA beyond its rank: the sparsest vocabulary set whose inputs span the rows
             read = sparse_bag(first, tables, self.pursuit_tol, budget.deadline)
+        if saturated:
             tokens, bag_residual, bag_cut = read.tokens, read.residual, read.cut
             info.update(saturated=1, candidates=int(tokens.numel()), bag_residual=float(f"{bag_residual:.3g}"))
-            if bag_cut or bag_residual > self.pursuit_accept or tokens.numel() == 0:  # not closed: the ranked bag
-                gap = decoder_bag_gap(bag_residual, self.pursuit_accept, bag_cut)
+            if bag_cut or bag_residual > accept or tokens.numel() == 0:  # not closed: the ranked bag
+                gap = decoder_bag_gap(bag_residual, accept, bag_cut)
                 return partial_bag(cut=bag_cut, **({LOWER_BOUND: gap} if gap else {}))
         if tokens.numel() == 0:  # nothing in the span, or the deadline stopped the scan first (then: a timeout)
             return Reconstruction(attack=self.name, sequences=[], info=info, timed_out=scan_cut and budget.audit_bound)
@@ -373,16 +315,23 @@ class SpanDecoder(Attack):
             info["saturated_checks"] = len(checks) - len(kept)
         # a saturated check with fewer rows than inputs (LoRA's A beyond its rank) still fixes the prefixes: joint
         # sparse recovery over the prefix tree (decoder_pursuit); one that does not close is marked a lower bound
+        # (beyond layer 0's rank the batch has more positions than a check of as many rows: saturated too, whatever
+        # rank its singular values show)
         sparse = [c for c, b, n in zip(checks, bases, check_rows, strict=True)
-                  if b.shape[1] >= n and n < b.shape[0] and per_position is None]
+                  if (b.shape[1] >= n or (saturated and tokens.numel() >= n)) and n < b.shape[0]
+                  and per_position is None]
         if sparse and (saturated or not kept):
             c = sparse[-1]  # layer 1's adapters, read with those of the next layers
             blocks = lora_blocks(spec, inp.gradients.keys()) or [c]
-            prefixes, more, cut = pursue_prefixes(
-                replica, params, [b.module for b in blocks],
-                [[input_rows(inp.gradients[w], b.transposed) for w in b.weights] for b in blocks],
-                tokens.to(device), tol=self.pursuit_tol, max_length=self.max_length, deadline=budget.deadline)
-            gap = decoder_pursuit_gap(more, self.pursuit_accept, len(prefixes), inp.batch_size)
+            rows = [[input_rows(inp.gradients[w], b.transposed) for w in b.weights] for b in blocks]
+            tol = self.pursuit_tol
+            if balanced:
+                weighed = [balanced_rows(r) for r in rows]
+                rows, tol = [[r] for r, _ in weighed], max(n for _, n in weighed) / 2
+                accept = max(self.pursuit_accept, BALANCED_ACCEPT * 2 * tol)
+            prefixes, more, cut = pursue_prefixes(replica, params, [b.module for b in blocks], rows, tokens.to(device),
+                                                  tol=tol, max_length=self.max_length, deadline=budget.deadline)
+            gap = decoder_pursuit_gap(more, accept, len(prefixes), inp.batch_size)
             info.update(more, order="pursuit", prefixes=len(prefixes), **({LOWER_BOUND: gap} if gap else {}))
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
                                 budget.audit_bound, c)
@@ -419,9 +368,12 @@ class SpanDecoder(Attack):
             rows = [input_rows(inp.gradients[w], check.transposed) for w in check.weights]
             coefficients = leaf_coefficients(replica, params, check.module, rows, prefixes)
             last = last_tokens_by_matching(replica, params, check.weights, prefixes, coefficients,
-                                           candidates=4 * self.last_token_candidates)
+                                           candidates=4 * self.last_token_candidates,
+                                           margin=BALANCED_MARGIN if "balanced_noise" in info else None)
             info["last_token"] = f"matched at {check.module}: {sum(t is not None for t in last)} of {len(last)}"
             sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
+            if LOWER_BOUND not in info and (gap := decoder_ends_gap("balanced_noise" in info, last)):
+                info[LOWER_BOUND] = gap  # read at round-off level, an unmatched end may be a sentence cut short
         if LOWER_BOUND not in info and (gap := decoder_sentences_gap(len(prefixes), inp.batch_size, cut)):
             info[LOWER_BOUND] = gap
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),

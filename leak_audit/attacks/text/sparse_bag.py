@@ -62,6 +62,8 @@ def sparse_bag(
     tol: float = 1e-6,
     deadline: float | None = None,
     segments: tuple[int, ...] = (0,),
+    patience: int | None = None,
+    prune: bool = True,
 ) -> SparseBag:
     """The batch's tokens (and length) as the sparsest atom set whose span holds ``rows``.
 
@@ -71,6 +73,10 @@ def sparse_bag(
         tol: relative residual at which the pursuit stops (float32 gradients: round-off near ``1e-7``).
         deadline: ``time.monotonic()`` value after which it stops.
         segments: segment ids whose position atoms are offered (BERT: ``(0,)`` for single sentences).
+        patience: stop once this many picks in a row left the residual above 0.9 of what it was (rows with
+            round-off well above ``tol``, :func:`~leak_audit.attacks.spans.balanced_rows`); ``None``: no such stop.
+        prune: drop the picks the final fit does not need; ``False`` keeps every pick (a superset of the bag where
+            the rows are noisy, for a later pursuit to choose from).
 
     Returns:
         A :class:`SparseBag`.
@@ -88,11 +94,11 @@ def sparse_bag(
     # past (d + rank)/2 atoms a support that spans the rows is no longer unique (two such supports share a subspace
     # that holds the rows), so a fit that needs more is no evidence of the bag: stop there, unclosed
     cap = (targets.shape[1] + int(torch.linalg.matrix_rank(targets))) // 2
-    picked, residual, cut = joint_support(targets, atoms, tol=tol, max_atoms=cap, deadline=deadline)
+    picked, residual, cut = joint_support(targets, atoms, tol=tol, max_atoms=cap, deadline=deadline, patience=patience)
     if not picked:
         return SparseBag(torch.zeros(0, dtype=torch.long), 0, residual, cut)
     index = torch.tensor(picked, dtype=torch.long, device=device)
-    kept = index[prune_support(targets, atoms[index], tol=tol)].cpu()
+    kept = (index[prune_support(targets, atoms[index], tol=tol)] if prune else index).cpu()
     bag = kept[kept < vocab].sort().values
     occupied = [(int(k) - vocab) % per_segment for k in kept if vocab <= k < vocab + positions.shape[0]]
     return SparseBag(bag, max(occupied) + 1 if occupied else 0, residual, cut)
