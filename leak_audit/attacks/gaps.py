@@ -22,8 +22,8 @@ from leak_audit.models import TextModelSpec
 
 __all__ = ["DECODER_BAG_UNFINISHED", "DECODER_ENDS_UNVERIFIED", "DECODER_PURSUIT_UNFINISHED",
            "DECODER_SENTENCES_MISSING", "DP_SEARCH_BOUND", "LORA_SENTENCE_ASSIGNMENT", "QUERY_SENTENCE_ASSIGNMENT",
-           "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap", "decoder_ends_gap", "decoder_pursuit_gap", "decoder_sentences_gap", "dp_search_gap", "lora_sentence_gap", "query_sentence_gap",
-           "span_search_gap"]
+           "SPAN_SEARCH_UNFINISHED", "decoder_bag_gap", "decoder_ends_gap", "decoder_pursuit_gap",
+           "decoder_sentences_gap", "dp_search_gap", "lora_sentence_gap", "query_sentence_gap", "span_search_gap"]
 
 LORA_SENTENCE_ASSIGNMENT = (
     "LoRA adapters of an encoder at B > 1: the batch's tokens come back but not which sentence each belongs to "

@@ -35,10 +35,10 @@ every position of the run, so such extensions are refused unless their inputs di
 attention projections tapped (one linear, e.g. ``v_proj``) the candidates come back as an exact token bag.
 Fewer sentences than the batch holds are marked lower bounds (:func:`~leak_audit.attacks.gaps.decoder_sentences_gap`).
 
-Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check
-map's input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions
-above the noise edge (:func:`~leak_audit.attacks.text.decoder_candidates.ranked_bag`, also the fallback where the sparse recovery beyond LoRA's rank does
-not close), giving a partial token bag (rotary decoders).
+Exact while the batch's positions fit: distinct tokens below ``d`` at layer 0, and ``B·n`` below each check map's
+input size. Under DP-SGD noise nothing lies in a span exactly: the rows are ranked against the directions above the
+noise edge (:func:`~leak_audit.attacks.text.decoder_candidates.ranked_bag`, also the fallback where the sparse
+recovery beyond LoRA's rank does not close), giving a partial token bag (rotary decoders).
 
 **LoRA** (base weights frozen): the adapters' ``A`` gradients ``s·Bᵀ Σ_t δ_t x_tᵀ`` ``[r, d]`` stand in for the
 projections' (layer 0's candidates, layer 1's check). Their rows mix the inputs, so they hold each input only
@@ -325,10 +325,10 @@ class SpanDecoder(Attack):
             blocks = lora_blocks(spec, inp.gradients.keys()) or [c]
             rows = [[input_rows(inp.gradients[w], b.transposed) for w in b.weights] for b in blocks]
             tol = self.pursuit_tol
-            if balanced:
+            if balanced:  # each block in its own balanced frame; stop under, accept near, the largest round-off
                 weighed = [balanced_rows(r) for r in rows]
-                rows, tol = [[r] for r, _ in weighed], max(n for _, n in weighed) / 2
-                accept = max(self.pursuit_accept, BALANCED_ACCEPT * 2 * tol)
+                noise = max(n for _, n in weighed)
+                rows, tol, accept = [[r] for r, _ in weighed], noise / 2, max(self.pursuit_accept, BALANCED_ACCEPT * noise)
             prefixes, more, cut = pursue_prefixes(replica, params, [b.module for b in blocks], rows, tokens.to(device),
                                                   tol=tol, max_length=self.max_length, deadline=budget.deadline)
             gap = decoder_pursuit_gap(more, accept, len(prefixes), inp.batch_size)
