@@ -334,7 +334,7 @@ class SpanDecoder(Attack):
             gap = decoder_pursuit_gap(more, accept, len(prefixes), inp.batch_size)
             info.update(more, order="pursuit", prefixes=len(prefixes), **({LOWER_BOUND: gap} if gap else {}))
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
-                                budget.audit_bound, c)
+                                budget.audit_bound, c, balanced=balanced)
         if not kept:
             info["order"] = "missing: every check span is saturated"
             return Reconstruction(attack=self.name, token_bag=sorted(tokens.tolist()), info=info)
@@ -350,8 +350,10 @@ class SpanDecoder(Attack):
 
     def _finish(self, inp: AttackInput, spec: TextModelSpec, replica: ModelReplica, params: Mapping[str, Tensor],
                 prefixes: list[list[int]], tokens: Tensor, info: dict[str, object], cut: bool,
-                audit_bound: bool, check: CheckMap) -> Reconstruction:
-        """The prefixes with their last tokens: from the LM head's gradient where tapped, else matched at ``check``."""
+                audit_bound: bool, check: CheckMap, balanced: bool = False) -> Reconstruction:
+        """The prefixes with their last tokens: from the LM head's gradient where tapped, else matched at ``check``
+        (``balanced``: the rows were read in the balanced frame, so a clear best match counts and an unmatched end is
+        marked)."""
         sequences = prefixes
         head = spec.lm_head if spec.lm_head in inp.gradients and spec.classifier_weight is None else None
         if prefixes and head is not None and not cut:
@@ -369,10 +371,10 @@ class SpanDecoder(Attack):
             coefficients = leaf_coefficients(replica, params, check.module, rows, prefixes)
             last = last_tokens_by_matching(replica, params, check.weights, prefixes, coefficients,
                                            candidates=4 * self.last_token_candidates,
-                                           margin=BALANCED_MARGIN if "balanced_noise" in info else None)
+                                           margin=BALANCED_MARGIN if balanced else None)
             info["last_token"] = f"matched at {check.module}: {sum(t is not None for t in last)} of {len(last)}"
             sequences = [p + [t] if t is not None else p for p, t in zip(prefixes, last, strict=True)]
-            if LOWER_BOUND not in info and (gap := decoder_ends_gap("balanced_noise" in info, last)):
+            if LOWER_BOUND not in info and (gap := decoder_ends_gap(balanced, last)):
                 info[LOWER_BOUND] = gap  # read at round-off level, an unmatched end may be a sentence cut short
         if LOWER_BOUND not in info and (gap := decoder_sentences_gap(len(prefixes), inp.batch_size, cut)):
             info[LOWER_BOUND] = gap
