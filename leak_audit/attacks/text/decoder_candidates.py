@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.pursuit import relative_residual
 from leak_audit.attacks.spans import span_basis
 from leak_audit.models import EmbeddingTables
 
@@ -129,13 +130,9 @@ def unexplained(grads: Sequence[Tensor], tables: EmbeddingTables, tokens: Tensor
         tokens: candidate token ids ``[K]``.
 
     Returns:
-        ``‖R − R P‖ / ‖R‖`` for the stacked rows ``R`` and the projector ``P`` onto the candidates' inputs (1.0
-        without candidates).
+        ``‖R − R P‖ / ‖R‖`` for the stacked rows ``R`` and the projector ``P`` onto the candidates' inputs
+        (:func:`~leak_audit.attacks.pursuit.relative_residual`: 1.0 without candidates, 0.0 for zero rows).
     """
     rows = torch.cat([g.detach().to(torch.float64) for g in grads])
-    norm = float(torch.linalg.matrix_norm(rows))
-    if tokens.numel() == 0 or norm == 0.0:
-        return 1.0
     inputs = tables.normalize(tables.word[tokens.to(tables.word.device)].to(torch.float64)).to(rows.device)
-    q = torch.linalg.qr(inputs.T).Q  # [d, K]
-    return float(torch.linalg.matrix_norm(rows - (rows @ q) @ q.T)) / norm
+    return relative_residual(rows, inputs)
