@@ -68,12 +68,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_layers
+from leak_audit.attacks.base import (Attack, AttackInput, Budget, NotApplicable, Reconstruction, Requirements,
+                                     require_layers)
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.gaps import decoder_bag_gap, decoder_ends_gap, decoder_pursuit_gap, decoder_sentences_gap
 from leak_audit.attacks.spans import balanced_rows, span_basis
 from leak_audit.attacks.text.decoder_candidates import (candidate_tokens, candidates_by_position, ranked_bag,
                                                         unexplained)
+from leak_audit.attacks.text.decoder_peeling import peel_sentences
 from leak_audit.attacks.text.decoder_pursuit import last_tokens_by_matching, leaf_coefficients, pursue_prefixes
 from leak_audit.attacks.text.sparse_bag import sparse_bag
 from leak_audit.models import EmbeddingTables, TextModelSpec
@@ -188,6 +190,9 @@ class SpanDecoder(Attack):
             (:mod:`~leak_audit.attacks.text.decoder_pursuit`; float32 gradients: round-off near ``1e-7``).
         pursuit_accept: the token bag's recovery counts as complete below this relative residual; above it the
             ranked partial bag is returned instead.
+        peel: where the prefix pursuit does not close (LoRA, rotary positions), certify whole sentences among its
+            leaves, subtract them and pursue again (:mod:`~leak_audit.attacks.text.decoder_peeling`; a whole-model
+            forward/backward per leaf and round).
     """
 
     name = "span_decoder"
@@ -195,7 +200,7 @@ class SpanDecoder(Attack):
 
     def __init__(self, threshold: float = 1e-3, rtol: float = 1e-6, max_seconds: float = math.inf,
                  max_length: int = 512, last_token_candidates: int = 8, bag_margin: float = 0.8,
-                 pursuit_tol: float = 1e-6, pursuit_accept: float = 1e-4) -> None:
+                 pursuit_tol: float = 1e-6, pursuit_accept: float = 1e-4, peel: bool = True) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not 0 < rtol < 1:
@@ -208,7 +213,7 @@ class SpanDecoder(Attack):
             raise ValueError(f"need 0 < pursuit_tol <= pursuit_accept < 1, got {pursuit_tol!r} and {pursuit_accept!r}")
         self.threshold, self.rtol, self.max_seconds, self.max_length = threshold, rtol, max_seconds, max_length
         self.last_token_candidates, self.bag_margin = last_token_candidates, bag_margin
-        self.pursuit_tol, self.pursuit_accept = pursuit_tol, pursuit_accept
+        self.pursuit_tol, self.pursuit_accept, self.peel = pursuit_tol, pursuit_accept, peel
 
     def requirements(self, spec: TextModelSpec, tapped: Collection[str]) -> Requirements:  # type: ignore[override]
         require_layers(spec)
@@ -333,6 +338,10 @@ class SpanDecoder(Attack):
                                                   tol=tol, max_length=self.max_length, deadline=budget.deadline)
             gap = decoder_pursuit_gap(more, accept, len(prefixes), inp.batch_size)
             info.update(more, order="pursuit", prefixes=len(prefixes), **({LOWER_BOUND: gap} if gap else {}))
+            if gap and self.peel and not balanced and not cut and spec.position_scheme != "absolute" \
+                    and replica.trainable <= inp.params.keys() and (peeled := self._peel(
+                        inp, spec, replica, params, tables, blocks, tokens.to(device), prefixes, info, budget)):
+                return peeled
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
                                 budget.audit_bound, c, balanced=balanced)
         if not kept:
@@ -380,6 +389,34 @@ class SpanDecoder(Attack):
             info[LOWER_BOUND] = gap
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()),
                               info=info, timed_out=cut and audit_bound)
+
+    def _peel(self, inp: AttackInput, spec: TextModelSpec, replica: ModelReplica, params: Mapping[str, Tensor],
+              tables: EmbeddingTables, blocks: Sequence[CheckMap], tokens: Tensor, prefixes: list[list[int]],
+              info: dict[str, object], budget: Budget) -> Reconstruction | None:
+        """Certified sentences peeled off an unclosed pursuit (LoRA ``A`` rows of layer 0), or ``None`` if none."""
+        first = [w for w, transposed in layer0_rows(spec, inp.gradients) if not transposed and "lora_A" in w]
+        if not first:
+            return None
+        used = {w: inp.gradients[w] for w in dict.fromkeys([*first, *(w for b in blocks for w in b.weights)])}
+
+        def pursue(grads: Mapping[str, Tensor]) -> tuple[list[list[int]], bool, bool]:
+            rows = [[input_rows(grads[w], b.transposed) for w in b.weights] for b in blocks]
+            leaves, more, cut = pursue_prefixes(replica, params, [b.module for b in blocks], rows, tokens,
+                                                tol=self.pursuit_tol, max_length=self.max_length,
+                                                deadline=budget.deadline)
+            return leaves, float(more["pursuit_residual"]) <= self.pursuit_accept, cut  # type: ignore[arg-type]
+
+        inputs = tables.normalize(tables.word[tokens.to(tables.word.device)].to(torch.float64))
+        out = peel_sentences(replica, params, used, first, tokens, inputs, prefixes, pursue, inp.batch_size,
+                             deadline=budget.deadline)
+        if not out.sentences:
+            return None
+        info.update(certified=len(out.sentences), peel_rounds=out.rounds)
+        if len(out.sentences) == inp.batch_size:  # every sentence certified by its own exact gradient
+            info.pop(LOWER_BOUND, None)
+        sequences = out.sentences + out.leaves[: inp.batch_size - len(out.sentences)]
+        return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()), info=info,
+                              timed_out=out.cut and budget.audit_bound)
 
     # ------------------------------------------------------------------ assembly
     def _assemble(
