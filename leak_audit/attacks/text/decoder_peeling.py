@@ -213,6 +213,7 @@ def peel_sentences(
                         break
         if not found or result.cut:
             break
+        found = found[: batch_size - len(result.sentences)]
         whole = sentence_gradients(replica, params, names, [s for s, _ in found])  # [S, Σ r, d]
         offsets = [0]
         for w in names:

@@ -394,8 +394,8 @@ class SpanDecoder(Attack):
               tables: EmbeddingTables, blocks: Sequence[CheckMap], tokens: Tensor, prefixes: list[list[int]],
               info: dict[str, object], budget: Budget) -> Reconstruction | None:
         """Certified sentences peeled off an unclosed pursuit (LoRA ``A`` rows of layer 0), or ``None`` if none."""
-        first = [w for w, transposed in layer0_rows(spec, inp.gradients) if not transposed and "lora_A" in w]
-        if not first:
+        first = [w for w, _ in layer0_rows(spec, inp.gradients)]
+        if not set(first) <= {a.a for a in spec.layers[0].lora}:  # base weights tapped: no adapters to peel from
             return None
         used = {w: inp.gradients[w] for w in dict.fromkeys([*first, *(w for b in blocks for w in b.weights)])}
 
@@ -411,10 +411,11 @@ class SpanDecoder(Attack):
                              deadline=budget.deadline)
         if not out.sentences:
             return None
-        info.update(certified=len(out.sentences), peel_rounds=out.rounds)
+        info.update(certified=len(out.sentences), peel_rounds=out.rounds, peel_closed=int(out.closed),
+                    last_token=f"certified: {len(out.sentences)} of {inp.batch_size}")
         if len(out.sentences) == inp.batch_size:  # every sentence certified by its own exact gradient
             info.pop(LOWER_BOUND, None)
-        sequences = out.sentences + out.leaves[: inp.batch_size - len(out.sentences)]
+        sequences = out.sentences + out.leaves[: max(0, inp.batch_size - len(out.sentences))]
         return Reconstruction(attack=self.name, sequences=sequences, token_bag=sorted(tokens.tolist()), info=info,
                               timed_out=out.cut and budget.audit_bound)
 
