@@ -179,7 +179,8 @@ def peel_sentences(
         pursue: runs the prefix pursuit on gradients with the same names; returns ``(leaves, closed, cut)``.
         batch_size: sentences in the batch.
         next_tokens: the model's likeliest next tokens tried after each leaf.
-        deadline: ``time.monotonic()`` value after which it stops (between rounds and certificate chunks).
+        deadline: ``time.monotonic()`` value after which it stops (between rounds and between leaves); the
+            sentences certified before it are kept.
 
     Returns:
         A :class:`PeelResult`.
@@ -211,7 +212,7 @@ def peel_sentences(
                     if scale is not None and sentence not in result.sentences and all(sentence != s for s, _ in found):
                         found.append((sentence, scale))
                         break
-        if not found or result.cut:
+        if not found:
             break
         found = found[: batch_size - len(result.sentences)]
         whole = sentence_gradients(replica, params, names, [s for s, _ in found])  # [S, Σ r, d]
@@ -222,8 +223,11 @@ def peel_sentences(
             for j, w in enumerate(names):
                 work[w] = work[w] - scale * g[offsets[j]:offsets[j + 1]]
             result.sentences.append(sentence)
-        if len(result.sentences) >= batch_size or late(deadline):
-            result.cut = len(result.sentences) < batch_size
+        if len(result.sentences) >= batch_size:
+            result.cut = False
+            break
+        if result.cut or late(deadline):  # what the round certified is kept
+            result.cut = True
             break
         result.leaves, result.closed, cut = pursue({k: v.to(torch.float32) for k, v in work.items()})
         result.rounds += 1
