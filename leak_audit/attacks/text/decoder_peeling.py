@@ -30,7 +30,8 @@ from torch import Tensor
 from leak_audit.attacks.budget import late
 from leak_audit.models.replica import ModelReplica
 
-__all__ = ["CERTIFY_TOL", "PeelResult", "certify", "peel_sentences", "sentence_gradients", "token_columns"]
+__all__ = ["CERTIFY_TOL", "PeelResult", "certify", "next_token_gradients", "peel_sentences", "sentence_gradients",
+           "token_columns"]
 
 CERTIFY_TOL = 1e-4
 """Largest relative misfit of a token's predicted column that counts as a fit (true sentences: about 1e-6)."""
@@ -77,34 +78,115 @@ def sentence_gradients(
     """
     if any(len(s) < 2 for s in sentences):
         raise ValueError("every sentence needs at least 2 tokens (one next-token target)")
+    out: list[Tensor] = []
+    for start in range(0, len(sentences), chunk):
+        part = sentences[start:start + chunk]
+        ids, mask = _padded(part, params)
+        targets = [list(s[1:]) for s in part]
+        out.append(_target_gradients(replica, params, weights, ids, mask, [targets])[0])
+    return torch.cat(out)
+
+
+def next_token_gradients(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    weights: Sequence[str],
+    prefixes: Sequence[Sequence[int]],
+    k: int,
+    *,
+    chunk: int = 8,
+) -> tuple[list[list[int]], Tensor]:
+    """The model's ``k`` likeliest next tokens after each prefix, and the gradient of each prefix so completed.
+
+    A sentence's last token is only a target: no loss reads its position, so ``prefix + [y]`` has the gradient of
+    the prefix's own losses plus ``−log p(y | prefix)``, all from one forward of the prefix. The ``k`` completions
+    share that forward and take one backward each (against ``k + 1`` forwards and ``k`` backwards of the
+    completed sentences with :func:`sentence_gradients`, which gives the same gradients).
+
+    Args:
+        replica: the model replica (runs the whole model).
+        params: parameter values by root-relative name.
+        weights: root-relative weight names ``[r_i, d]``, stacked in this order.
+        prefixes: token ids, at least 1 each.
+        k: completions per prefix (at most the vocabulary).
+        chunk: prefixes per forward.
+
+    Returns:
+        ``(tokens, grads)``: ``tokens[b]`` the ``k`` next tokens of prefix ``b``, likeliest first; ``grads``
+        ``[len(prefixes), k, Σ r_i, d]`` float64, the gradient of ``prefixes[b] + [tokens[b][j]]``.
+
+    Raises:
+        ValueError: an empty prefix or ``k < 1``.
+    """
+    if any(len(p) < 1 for p in prefixes) or k < 1:
+        raise ValueError(f"need non-empty prefixes and k >= 1, got k = {k}")
+    tokens: list[list[int]] = []
+    out: list[Tensor] = []
+    for start in range(0, len(prefixes), chunk):
+        part = prefixes[start:start + chunk]
+        ids, mask = _padded(part, params)
+        chosen: list[list[int]] = []
+
+        def pick(last: Tensor) -> list[list[int]]:
+            chosen.extend(last.topk(min(k, last.shape[-1]), dim=-1).indices.tolist())
+            return [[list(p[1:]) + [chosen[b][j]] for b, p in enumerate(part)] for j in range(len(chosen[0]))]
+
+        grads = _target_gradients(replica, params, weights, ids, mask, pick)  # [k][b, Σ r, d]
+        tokens.extend(chosen)
+        out.append(torch.stack(grads, 1))
+    return tokens, torch.cat(out)
+
+
+def _target_gradients(
+    replica: ModelReplica,
+    params: Mapping[str, Tensor],
+    weights: Sequence[str],
+    ids: Tensor,
+    mask: Tensor,
+    targets: Sequence[Sequence[Sequence[int]]] | Callable[[Tensor], Sequence[Sequence[Sequence[int]]]],
+) -> list[Tensor]:
+    """Per-sentence weight gradients ``[b, Σ r_i, d]`` of summed next-token losses, one per set of targets.
+
+    ``targets[j][b]`` are the targets of row ``b`` of ``ids`` for the ``j``-th backward (one per position of the
+    row's inputs: a target at the last input is a token not among them); a callable gets the logits at each row's last
+    position ``[b, V]`` and returns them. One forward, one backward per set.
+    """
     names = [w.removesuffix(".weight") for w in weights]
     modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
                for n in names]
-    out: list[Tensor] = []
-    for start in range(0, len(sentences), chunk):
-        ids, mask = _padded(sentences[start:start + chunk], params)
-        seen: dict[int, tuple[Tensor, Tensor]] = {}
+    seen: dict[int, tuple[Tensor, Tensor]] = {}
 
-        def grab(module: torch.nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            # a module fed by an earlier one stays in the graph (its gradient reaches the earlier one through it)
-            y = output if output.requires_grad else output.detach().requires_grad_(True)
-            seen[id(module)] = (args[0].detach(), y)
-            return y
+    def grab(module: torch.nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        # a module fed by an earlier one stays in the graph (its gradient reaches the earlier one through it)
+        y = output if output.requires_grad else output.detach().requires_grad_(True)
+        seen[id(module)] = (args[0].detach(), y)
+        return y
 
-        handles = [m.register_forward_hook(grab) for m in modules]
-        try:
-            with torch.enable_grad():
-                logits = replica.forward(params, input_ids=ids, attention_mask=mask).logits[:, :-1]
-                nll = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-                loss = (nll * mask[:, 1:]).sum()
-                grads = torch.autograd.grad(loss, [seen[id(m)][1] for m in modules])
-        finally:
-            for h in handles:
-                h.remove()
-        blocks = [torch.einsum("bnr,bnd->brd", g.double() * mask[..., None], seen[id(m)][0].double())
-                  for m, g in zip(modules, grads, strict=True)]
-        out.append(torch.cat(blocks, 1))
-    return torch.cat(out)
+    handles = [m.register_forward_hook(grab) for m in modules]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    lengths = mask.sum(1)
+    try:
+        with torch.enable_grad():
+            logp = replica.forward(params, input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+            sets = targets(logp[rows, lengths - 1].detach()) if callable(targets) else targets
+            outs = [seen[id(m)][1] for m in modules]
+            result = []
+            for j, per_row in enumerate(sets):
+                tgt = torch.zeros_like(ids)
+                for b, t in enumerate(per_row):
+                    tgt[b, : len(t)] = torch.tensor(list(t), dtype=torch.long, device=ids.device)
+                valid = torch.zeros_like(mask)
+                for b, t in enumerate(per_row):
+                    valid[b, : len(t)] = 1
+                loss = -(logp.gather(-1, tgt[..., None])[..., 0] * valid).sum()
+                grads = torch.autograd.grad(loss, outs, retain_graph=j + 1 < len(sets))
+                result.append(torch.cat([torch.einsum("bnr,bnd->brd", g.double() * mask[..., None],
+                                                      seen[id(m)][0].double())
+                                         for m, g in zip(modules, grads, strict=True)], 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return result
 
 
 def certify(observed: Tensor, predicted: Tensor, columns: Sequence[int], *, tol: float = CERTIFY_TOL,
@@ -163,6 +245,7 @@ def peel_sentences(
     batch_size: int,
     *,
     next_tokens: int = 4,
+    chunk: int = 8,
     deadline: float | None = None,
 ) -> PeelResult:
     """Certify sentences among the leaves, subtract them, pursue again, until the batch is read or nothing certifies.
@@ -179,7 +262,8 @@ def peel_sentences(
         pursue: runs the prefix pursuit on gradients with the same names; returns ``(leaves, closed, cut)``.
         batch_size: sentences in the batch.
         next_tokens: the model's likeliest next tokens tried after each leaf.
-        deadline: ``time.monotonic()`` value after which it stops (between rounds and between leaves); the
+        chunk: leaves completed and differentiated per forward (:func:`next_token_gradients`).
+        deadline: ``time.monotonic()`` value after which it stops (between rounds and chunks of leaves); the
             sentences certified before it are kept.
 
     Returns:
@@ -198,16 +282,17 @@ def peel_sentences(
         observed = token_columns(torch.cat([work[w] for w in first]), pinv)
         found: list[tuple[list[int], float]] = []
         candidates = [p for p in result.leaves if len(p) >= 2 and all(t in index for t in p)]
-        if candidates:
-            ys = _likeliest_next(replica, params, candidates, next_tokens)
-            for b, p in enumerate(candidates):
-                if late(deadline):
-                    result.cut = True
-                    break
-                trial = [p + [y] for y in ys[b]]
-                predicted = token_columns(sentence_gradients(replica, params, first, trial), pinv)
+        for start in range(0, len(candidates), chunk):
+            if late(deadline):
+                result.cut = True
+                break
+            part = candidates[start:start + chunk]
+            ys, grads = next_token_gradients(replica, params, first, part, next_tokens, chunk=chunk)
+            predicted = token_columns(grads, pinv)  # [b, k, rows, K]
+            for b, p in enumerate(part):
                 columns = sorted({index[t] for t in p})
-                for sentence, pred in zip(trial, predicted, strict=True):
+                for y, pred in zip(ys[b], predicted[b], strict=True):
+                    sentence = p + [y]
                     scale = certify(observed, pred, columns)
                     if scale is not None and sentence not in result.sentences and all(sentence != s for s, _ in found):
                         found.append((sentence, scale))
@@ -235,19 +320,6 @@ def peel_sentences(
             result.cut = True
             break
     return result
-
-
-def _likeliest_next(replica: ModelReplica, params: Mapping[str, Tensor], prefixes: Sequence[Sequence[int]], k: int,
-                    chunk: int = 16) -> list[list[int]]:
-    """The model's ``k`` likeliest next tokens after each prefix (chunks of ``chunk``: the logits are ``[b, L, V]``)."""
-    out: list[list[int]] = []
-    for start in range(0, len(prefixes), chunk):
-        ids, mask = _padded(prefixes[start:start + chunk], params)
-        with torch.no_grad():
-            logits = replica.forward(params, input_ids=ids, attention_mask=mask).logits
-        last = logits[torch.arange(ids.shape[0], device=ids.device), mask.sum(1) - 1]
-        out.extend(last.topk(min(k, last.shape[-1]), dim=-1).indices.tolist())
-    return out
 
 
 def _padded(sentences: Sequence[Sequence[int]], params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:

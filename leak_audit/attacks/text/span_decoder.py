@@ -409,7 +409,8 @@ class SpanDecoder(Attack):
         inputs = tables.normalize(tables.word[tokens.to(tables.word.device)].to(torch.float64))
         out = peel_sentences(replica, params, used, first, tokens, inputs, prefixes, pursue, inp.batch_size,
                              deadline=budget.deadline)
-        if not out.sentences:
+        if not out.sentences:  # tried: the record says so
+            info["certified"] = 0
             return None
         info.update(certified=len(out.sentences), peel_rounds=out.rounds, peel_closed=int(out.closed),
                     last_token=f"certified: {len(out.sentences)} of {inp.batch_size}")

@@ -449,8 +449,11 @@ def test_decoder_peeling_certifies_whole_sentences_and_pursues_the_rest(lora_smo
     """The per-sentence certificate on real SmolLM2 LoRA gradients of four CoLA sentences: layer 0's adapter rows
     split over the bag's tokens, and each true sentence alone predicts its once-occurring tokens' columns at the
     scale 1/N (N: the batch's targets); a wrong last token, a replaced word or a sentence cut short do not fit.
+    A prefix's completions, differentiated from the prefix's own forward, have the completed sentences' gradients.
     Peeling two certified sentences leaves exactly the other two sentences' gradient for the next pursuit."""
-    from leak_audit.attacks.text.decoder_peeling import certify, peel_sentences, sentence_gradients, token_columns
+    from leak_audit.attacks.text.decoder_peeling import (
+        certify, next_token_gradients, peel_sentences, sentence_gradients, token_columns,
+    )
     from leak_audit.attacks.text.span_decoder import layer0_rows, lora_blocks
     from leak_audit.models import EmbeddingTables
 
@@ -483,6 +486,12 @@ def test_decoder_peeling_certifies_whole_sentences_and_pursues_the_rest(lora_smo
     assert scale(s[:-1] + [wrong_end], s[:-1]) is None
     assert scale(s[:2] + [s[3]] + s[3:], s[:-1]) is None  # the third word replaced by the fourth
     assert scale(s[:-1], s[:-2]) is None  # cut short by its last token
+    # a completed prefix's gradient from the prefix's own forward equals the whole sentence's
+    ys, completed = next_token_gradients(replica, params, first, [t[:-1] for t in truth], 4)
+    for t, y, g in zip(truth, ys, completed, strict=True):
+        assert len(y) == 4 and len(set(y)) == 4
+        whole = sentence_gradients(replica, params, first, [t[:-1] + [v] for v in y])
+        assert float((g - whole).norm() / whole.norm()) < 1e-6
     calls: list[torch.Tensor] = []
 
     def pursue(rest):
