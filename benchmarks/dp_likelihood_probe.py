@@ -3,6 +3,7 @@ under the gradient Opacus releases (pretrained MiniLM, full view, flat clipping 
 
     .venv/bin/python benchmarks/dp_likelihood_probe.py [--n 4] [--sigmas 0,0.001,0.01,0.1] [--threads 2]
     .venv/bin/python benchmarks/dp_likelihood_probe.py --corrupt 3 --top 16 --sigmas 0,0.001,0.01   # the search
+    .venv/bin/python benchmarks/dp_likelihood_probe.py --filter --n 8 --sigmas 0.001,0.01            # word rows
 
 With B = 1 the release is ``r = clip_C(g) + σC z``. A candidate sentence ``c`` with clipped gradient ``ḡ_c``
 has log-likelihood ``(⟨ḡ_c, r⟩ − ½‖ḡ_c‖²) / (σC)²`` up to a constant, so the maximum-likelihood test
@@ -23,6 +24,12 @@ replaced, and climb the likelihood by coordinate ascent (up to two sweeps over t
 ``--top`` tokens of HotFlip's first-order estimate of the likelihood, from one double backward through the
 clipped gradient, each scored exactly; the best that raises the score is kept). Prints the true token's rank in
 HotFlip's estimate at every wrong position met, and how many positions are right at the end.
+
+``--filter``: the word-embedding table's own rows as a per-position test. Row ``v`` of its released gradient is
+``Σ_{i: t_i = v} g_i`` plus noise (``g_i``: the clipped gradient at position ``i``'s embedding sum), so a known
+``g_i`` ranks the vocabulary by ``⟨g_i, r_v⟩`` with signal-to-noise ratio ``‖g_i‖/σC``. Prints, over every
+inner position, the true token's rank when ``g_i`` comes from the true sentence (an oracle) and when it comes from
+the sentence with a random token at ``i`` (what a search knows at a wrong position).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ def main() -> None:
     p.add_argument("--data", default=None, help="TSV (default: cola_dev.tsv beside the repository)")
     p.add_argument("--corrupt", type=int, default=0, help="K > 0: the coordinate-ascent probe from K corruptions")
     p.add_argument("--top", type=int, default=16, help="HotFlip candidates scored per position (--corrupt)")
+    p.add_argument("--filter", action="store_true", help="rank the vocabulary by <g_i, word row> per position")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = read_tsv(args.data or default_data_path("cola_dev.tsv"))[: args.n]
@@ -118,11 +126,45 @@ def main() -> None:
         return (f"{start_right} → {right} of {n - 2} positions right (score {current:.4f}, truth "
                 f"{exact(truth, label, r):.4f}); the true token's HotFlip rank at each wrong position met: {ranks}")
 
+    def position_gradients(ids: torch.Tensor, label: int) -> torch.Tensor:
+        """``[n, d]`` the clipped gradient at each position's embedding sum (= its word row's share)."""
+        e = table[ids].clone().requires_grad_(True)
+        loss = model(inputs_embeds=e[None], labels=torch.tensor([label])).loss
+        ge, *g = torch.autograd.grad(loss, [e, *params], allow_unused=True)
+        norm = torch.sqrt(sum((x * x).sum() for x in g if x is not None))
+        return ge * torch.clamp(1.0 / norm, max=1.0)
+
+    def ranks_by_rows(word_rows: torch.Tensor, ids: torch.Tensor, label: int,
+                      rng: random.Random) -> list[tuple[int, int]]:
+        """Per inner position: the true token's rank by ``⟨g_i, r_v⟩``, with the true ``g_i`` and a perturbed one."""
+        out, oracle = [], position_gradients(ids, label)
+        for i in range(1, len(ids) - 1):
+            c = ids.clone()
+            c[i] = rng.choice(vocab)
+            ranked = []
+            for g in (oracle[i], position_gradients(c, label)[i]):
+                score = (word_rows @ g).masked_fill(banned, -float("inf"))
+                ranked.append(int((score > score[ids[i]]).sum()))
+            out.append((ranked[0], ranked[1]))
+        return out
+
     for sigma in (float(s) for s in args.sigmas.split(",")):
         with DPGradients(model, sigma, 1.0, train=False) as dp:
             released = [dp(tokenizer, [row], names, seed=i) for i, row in enumerate(rows)]
         model.eval()
         rng = random.Random(0)
+        if args.filter:
+            ranks, scale = [], []
+            for (_, label), (batch, grads, _) in zip(rows, released, strict=True):
+                ids = batch.input_ids[0]
+                ranks += ranks_by_rows(grads["bert.embeddings.word_embeddings.weight"], ids, label, rng)
+                scale += (position_gradients(ids, label)[1:-1].norm(dim=1) / max(sigma, 1e-12)).tolist()
+            for k, what in enumerate(("true sentence (oracle)", "sentence with a random token there")):
+                r = torch.tensor([x[k] for x in ranks], dtype=torch.float64)
+                print(f"σ={sigma:g}, g_i from the {what}: the true token first at {int((r == 0).sum())} of {len(r)} "
+                      f"positions, in the top 16 at {int((r < 16).sum())}, median rank {float(r.median()):.0f}; "
+                      f"median ‖g_i‖/σC {float(torch.tensor(scale).median()):.2f}", flush=True)
+            continue
         if args.corrupt > 0:
             for k, ((_, label), (batch, grads, _)) in enumerate(zip(rows, released, strict=True)):
                 t0 = time.monotonic()
