@@ -342,6 +342,7 @@ class SpanDecoder(Attack):
                     and replica.trainable <= inp.params.keys() and (peeled := self._peel(
                         inp, spec, replica, params, tables, blocks, tokens.to(device), prefixes, info, budget)):
                 return peeled
+            cut = cut or bool(info.get("peel_cut"))  # the deadline stopped a peeling that certified nothing
             return self._finish(inp, spec, replica, params, prefixes[: inp.batch_size], tokens, info, cut,
                                 budget.audit_bound, c, balanced=balanced)
         if not kept:
@@ -410,7 +411,7 @@ class SpanDecoder(Attack):
         out = peel_sentences(replica, params, used, first, tokens, inputs, prefixes, pursue, inp.batch_size,
                              deadline=budget.deadline)
         if not out.sentences:  # tried: the record says so
-            info["certified"] = 0
+            info.update(certified=0, **({"peel_cut": 1} if out.cut else {}))
             return None
         info.update(certified=len(out.sentences), peel_rounds=out.rounds, peel_closed=int(out.closed),
                     last_token=f"certified: {len(out.sentences)} of {inp.batch_size}")

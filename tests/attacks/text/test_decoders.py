@@ -418,11 +418,19 @@ def test_lora_beyond_its_rank_gives_the_sentences_of_a_batch(lora_smollm2, monke
                       attack=span_decoder.SpanDecoder(peel=False))
     assert stopped.info["pursuit_residual"] > 1e-4 and not stopped.timed_out, stopped.info
     assert stopped.info["lower_bound"] == DECODER_PURSUIT_UNFINISHED
+    # peeling that the audit's deadline stops before it certifies anything: the record says so and is a timeout
+    import time
+
+    from leak_audit.attacks.text.decoder_peeling import PeelResult
+
+    monkeypatch.setattr(span_decoder, "peel_sentences", lambda *a, **k: PeelResult(leaves=list(a[6]), cut=True))
+    unpeeled = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad],
+                       deadline=time.monotonic() + 3600)
+    assert unpeeled.info["certified"] == 0 and unpeeled.info["peel_cut"] == 1 and unpeeled.timed_out, unpeeled.info
+    assert unpeeled.info["lower_bound"] == DECODER_PURSUIT_UNFINISHED
     monkeypatch.undo()
     # when the audit's deadline stops the joint sparse recovery, the ranked bag it falls back to is a timeout
     # (partial evidence), never an ok record that reads as "this is all the gradient leaks"
-    import time
-
     real = span_decoder.sparse_bag
     monkeypatch.setattr(span_decoder, "sparse_bag", lambda *a, **k: dataclasses.replace(real(*a, **k), cut=True))
     cut = _attack(model, batch, tapped=[n for n, p in model.named_parameters() if p.requires_grad],
