@@ -273,7 +273,7 @@ def peel_sentences(
     index = {v: k for k, v in enumerate(bag)}
     pinv = torch.linalg.pinv(inputs.to(next(iter(gradients.values())).device, torch.float64))  # [d, K]
     work = {k: v.to(torch.float64) for k, v in gradients.items()}
-    names = sorted(work)
+    names = list(work)
     result = PeelResult(leaves=[list(p) for p in leaves])
     while len(result.sentences) < batch_size:
         if late(deadline):
@@ -301,12 +301,9 @@ def peel_sentences(
             break
         found = found[: batch_size - len(result.sentences)]
         whole = sentence_gradients(replica, params, names, [s for s, _ in found])  # [S, Σ r, d]
-        offsets = [0]
-        for w in names:
-            offsets.append(offsets[-1] + work[w].shape[0])
         for (sentence, scale), g in zip(found, whole, strict=True):
-            for j, w in enumerate(names):
-                work[w] = work[w] - scale * g[offsets[j]:offsets[j + 1]]
+            for w, part in zip(names, g.split([work[w].shape[0] for w in names]), strict=True):
+                work[w] = work[w] - scale * part
             result.sentences.append(sentence)
         if len(result.sentences) >= batch_size:
             result.cut = False

@@ -476,8 +476,8 @@ def test_decoder_peeling_certifies_whole_sentences_and_pursues_the_rest(lora_smo
     first = [w for w, _ in layer0_rows(spec, grads)]
     used = {w: grads[w] for w in [*first, *(w for b in lora_blocks(spec, grads) for w in b.weights)]}
     tokens = torch.tensor(sorted({t for s in truth for t in s[:-1]}))
-    inputs = EmbeddingTables.from_params(params, spec).normalize(
-        EmbeddingTables.from_params(params, spec).word[tokens].double())
+    tables = EmbeddingTables.from_params(params, spec)
+    inputs = tables.normalize(tables.word[tokens].double())
     pinv = torch.linalg.pinv(inputs)
     observed = token_columns(torch.cat([grads[w] for w in first]), pinv)
     n_targets = sum(len(s) - 1 for s in truth)
