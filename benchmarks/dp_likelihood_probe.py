@@ -136,7 +136,8 @@ def main() -> None:
 
     def ranks_by_rows(word_rows: torch.Tensor, ids: torch.Tensor, label: int,
                       rng: random.Random) -> list[tuple[int, int]]:
-        """Per inner position: the true token's rank by ``⟨g_i, r_v⟩``, with the true ``g_i`` and a perturbed one."""
+        """Per inner position: the true token's rank by ``⟨g_i, r_v⟩``, with the true ``g_i`` and a perturbed
+        one."""
         out, oracle = [], position_gradients(ids, label)
         for i in range(1, len(ids) - 1):
             c = ids.clone()

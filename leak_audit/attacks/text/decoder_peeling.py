@@ -147,9 +147,9 @@ def _target_gradients(
 ) -> list[Tensor]:
     """Per-sentence weight gradients ``[b, Σ r_i, d]`` of summed next-token losses, one per set of targets.
 
-    ``targets[j][b]`` are the targets of row ``b`` of ``ids`` for the ``j``-th backward (one per position of the
-    row's inputs: a target at the last input is a token not among them); a callable gets the logits at each row's last
-    position ``[b, V]`` and returns them. One forward, one backward per set.
+    ``targets[j][b]`` are the targets of row ``b`` of ``ids`` for the ``j``-th backward, one per position from the
+    first (a target at the row's last input is a token not among its inputs); a callable gets the log-probabilities
+    at each row's last input ``[b, V]`` and returns them. One forward, then one backward per set.
     """
     names = [w.removesuffix(".weight") for w in weights]
     modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
@@ -172,13 +172,8 @@ def _target_gradients(
             outs = [seen[id(m)][1] for m in modules]
             result = []
             for j, per_row in enumerate(sets):
-                tgt = torch.zeros_like(ids)
-                for b, t in enumerate(per_row):
-                    tgt[b, : len(t)] = torch.tensor(list(t), dtype=torch.long, device=ids.device)
-                valid = torch.zeros_like(mask)
-                for b, t in enumerate(per_row):
-                    valid[b, : len(t)] = 1
-                loss = -(logp.gather(-1, tgt[..., None])[..., 0] * valid).sum()
+                tgt, valid = _padded(per_row, params)  # [b, ≤ L]: targets from the first position on
+                loss = -(logp[:, : tgt.shape[1]].gather(-1, tgt[..., None])[..., 0] * valid).sum()
                 grads = torch.autograd.grad(loss, outs, retain_graph=j + 1 < len(sets))
                 result.append(torch.cat([torch.einsum("bnr,bnd->brd", g.double() * mask[..., None],
                                                       seen[id(m)][0].double())
