@@ -197,14 +197,10 @@ class ModelReplica:
         Raises:
             KeyError: a name is not a module of the replica.
         """
-        local = [m[len(self.prefix):] if m.startswith(self.prefix) else m for m in modules]
         seen: dict[str, Tensor] = {}
         handles = []
-        for name, short in zip(modules, local, strict=True):
-            try:
-                module = self.model.get_submodule(short)
-            except AttributeError:
-                raise KeyError(f"{name!r} is not a module of the replicated model") from None
+        for name in modules:
+            module = self.submodule(name)
 
             def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 seen.setdefault(name, args[0])
@@ -228,6 +224,18 @@ class ModelReplica:
         if missing:
             raise KeyError(f"the forward never called {missing}")
         return seen
+
+    def submodule(self, name: str) -> nn.Module:
+        """The replica's module of root-relative ``name`` (with or without the replica's prefix).
+
+        Raises:
+            KeyError: ``name`` is not a module of the replica.
+        """
+        short = name[len(self.prefix):] if name.startswith(self.prefix) else name
+        try:
+            return self.model.get_submodule(short)
+        except AttributeError:
+            raise KeyError(f"{name!r} is not a module of the replicated model") from None
 
     def new_cache(self) -> Any:
         """An empty Hugging Face ``DynamicCache`` for :meth:`module_inputs` (a decoder's key/value cache)."""

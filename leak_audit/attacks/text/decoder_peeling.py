@@ -152,8 +152,7 @@ def _target_gradients(
     at each row's last input ``[b, V]`` and returns them. One forward, then one backward per set.
     """
     names = [w.removesuffix(".weight") for w in weights]
-    modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
-               for n in names]
+    modules = [replica.submodule(n) for n in names]
     seen: dict[int, tuple[Tensor, Tensor]] = {}
 
     def grab(module: torch.nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:

@@ -272,8 +272,7 @@ def last_tokens_by_matching(
     total = sum(len(p) for p in prefixes)
     device = next(iter(params.values())).device
     names = [w.removesuffix(".weight") for w in weights]
-    modules = [replica.model.get_submodule(n[len(replica.prefix):] if n.startswith(replica.prefix) else n)
-               for n in names]
+    modules = [replica.submodule(n) for n in names]
     seen: dict[int, Tensor] = {}
 
     def grab(module: torch.nn.Module, _args: tuple[object, ...], output: Tensor) -> Tensor:

@@ -143,7 +143,7 @@ def batched_logit_factors(
     """
     if not name.endswith(".weight") or name not in replica.parameter_names:
         raise KeyError(f"not the weight of a linear module of the replicated model: {name!r}")
-    module = replica.model.get_submodule(name[len(replica.prefix) : -len(".weight")])
+    module = replica.submodule(name.removesuffix(".weight"))
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(sequences)
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(sequences):

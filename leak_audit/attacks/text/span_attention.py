@@ -458,11 +458,8 @@ class SpanAttention(Attack):
         tables = EmbeddingTables.from_params(inp.params, spec)
         replica = inp.replica
 
-        def module(name: str) -> torch.nn.Module:
-            return replica.model.get_submodule(name[len(replica.prefix):] if name.startswith(replica.prefix) else name)
-
         try:
-            layer = FirstLayer.from_params(inp.params, spec.layers[0], spec.num_heads, module)
+            layer = FirstLayer.from_params(inp.params, spec.layers[0], spec.num_heads, replica.submodule)
         except UnsupportedModelError as exc:
             raise NotApplicable(str(exc)) from None
         segment = 0
