@@ -63,19 +63,44 @@ class Pursuit:
         self.degenerate = degenerate
         d = self.targets.shape[1]
         self.basis = torch.zeros(d, 0, dtype=torch.float64, device=self.device)  # orthonormal, picked span
-        self.atoms = torch.zeros(0, d, dtype=torch.float32, device=self.device)
-        self.rest = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖P⊥ a‖² per atom
-        self.full = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖a‖² per atom
+        # the dictionary grows in place: buffers of doubling capacity, the first `_n` rows in use (growing by
+        # concatenation copied the whole dictionary at every extension: 18 of the 99 s of a 427-pick pursuit)
+        self._n = 0
+        self._atoms = torch.zeros(0, d, dtype=torch.float32, device=self.device)
+        self._rest = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖P⊥ a‖² per atom
+        self._full = torch.zeros(0, dtype=torch.float64, device=self.device)  # ‖a‖² per atom
         self.picked: list[int] = []
+
+    @property
+    def atoms(self) -> Tensor:
+        """The dictionary ``[n, d]`` (float32), in the order the atoms were added."""
+        return self._atoms[: self._n]
+
+    @property
+    def rest(self) -> Tensor:
+        """``‖P⊥ a‖²`` per atom ``[n]`` (float64): each atom's part outside the picked span."""
+        return self._rest[: self._n]
+
+    @property
+    def full(self) -> Tensor:
+        """``‖a‖²`` per atom ``[n]`` (float64)."""
+        return self._full[: self._n]
 
     def extend(self, atoms: Tensor) -> None:
         """Append ``atoms`` ``[m, d]`` to the dictionary (their indices follow the earlier ones)."""
         a = atoms.to(device=self.device, dtype=torch.float32)
         full = a.to(torch.float64).pow(2).sum(1)
         inside = (a.to(torch.float64) @ self.basis).pow(2).sum(1) if self.basis.shape[1] else torch.zeros_like(full)
-        self.atoms = torch.cat([self.atoms, a])
-        self.full = torch.cat([self.full, full])
-        self.rest = torch.cat([self.rest, (full - inside).clamp_min(0.0)])
+        n, m = self._n, a.shape[0]
+        if n + m > self._atoms.shape[0]:
+            size = max(n + m, 2 * self._atoms.shape[0])
+            self._atoms = torch.cat([self.atoms, self._atoms.new_empty(size - n, a.shape[1])])
+            self._full = torch.cat([self.full, self._full.new_empty(size - n)])
+            self._rest = torch.cat([self.rest, self._rest.new_empty(size - n)])
+        self._atoms[n:n + m] = a
+        self._full[n:n + m] = full
+        self._rest[n:n + m] = (full - inside).clamp_min(0.0)
+        self._n = n + m
 
     def residual(self) -> float:
         """The targets' relative residual outside the picked span (``1.0`` before any pick, ``0.0`` for zero
@@ -111,7 +136,8 @@ class Pursuit:
         if float(norm) > 0.0:
             q = a / norm
             self.basis = torch.cat([self.basis, q[:, None]], 1)
-            self.rest = (self.rest - (self.atoms @ q.to(torch.float32)).to(torch.float64).pow(2)).clamp_min(0.0)
+            drop = (self.atoms @ q.to(torch.float32)).to(torch.float64).pow(2)
+            self._rest[: self._n] = (self.rest - drop).clamp_min(0.0)
         self.picked.append(index)
 
     def step(self) -> int | None:

@@ -47,6 +47,29 @@ def test_the_dictionary_may_grow_between_picks_and_repeats_are_never_picked() ->
     assert state.step() is None or state.picked[-1] != 200
 
 
+def test_a_dictionary_grown_in_many_pieces_between_picks_reads_as_one_given_at_once() -> None:
+    """The dictionary grows in place (buffers of doubling capacity): 200 atoms added in pieces of 1 to 13, with picks
+    in between, give the same picks, atoms and ``‖P⊥ a‖²`` as all 200 given before the first pick."""
+    atoms, _, targets = _problem(n=200, k=8, rows=3)
+    whole = Pursuit(targets)
+    whole.extend(atoms)
+    grown = Pursuit(targets)
+    start, size = 0, 1
+    while start < 200:
+        grown.extend(atoms[start:start + size])
+        start, size = start + size, size % 13 + 1
+        if start > 60 and grown.residual() > 1e-6:
+            grown.step()
+            whole.take(grown.picked[-1])
+    while whole.residual() > 1e-6:
+        assert whole.step() is not None
+        grown.take(whole.picked[-1])
+    assert whole.picked == grown.picked and grown.residual() < 1e-6
+    assert torch.equal(grown.atoms, atoms) and grown.rest.shape == (200,)
+    torch.testing.assert_close(grown.rest, whole.rest, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grown.full, atoms.double().pow(2).sum(1))
+
+
 def test_zero_targets_pick_nothing() -> None:
     state = Pursuit(torch.zeros(4, 16))
     state.extend(torch.randn(10, 16))
