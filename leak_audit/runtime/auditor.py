@@ -17,7 +17,7 @@ import torch
 from leak_audit.attacks import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, order_attacks
 from leak_audit.attacks.base import ModelSpec
 from leak_audit.attacks.evidence import gradient_residual, pick
-from leak_audit.attacks.gaps import dp_search_gap, query_sentence_gap
+from leak_audit.attacks.gaps import dp_search_gap, query_sentence_gap, span_attention_gap
 from leak_audit.capture.snapshot import AuditSnapshot
 from leak_audit.metrics.names import SENTENCE_METRICS
 from leak_audit.metrics.scoring import ImageScorer, Scorer, TextScorer
@@ -167,7 +167,8 @@ class Auditor:
         Under DP-SGD noise too small for the attacks' search to be the limit, a text record's token and sentence
         metrics are marked as lower bounds (``info["lower_bound"]``, :func:`~leak_audit.attacks.gaps.dp_search_gap`).
         On layer 0's query weight alone at ``B > 1``, every record with sentence metrics is marked unless
-        ``span_cluster`` certified the whole batch (:func:`~leak_audit.attacks.gaps.query_sentence_gap`). A mark is
+        ``span_cluster`` certified the whole batch (:func:`~leak_audit.attacks.gaps.query_sentence_gap`), and on the
+        full view unless ``span_attention`` did (:func:`~leak_audit.attacks.gaps.span_attention_gap`). A mark is
         the audit's: once one record carries one (an attack's own, e.g. ``span_decoder``'s unfinished pursuit), every
         ``ok`` record with sentence metrics (:data:`~leak_audit.metrics.names.SENTENCE_METRICS`) carries it too, so no
         weaker attack's lower reading decides a ``last`` or ``mean_last_k`` rule in its place.
@@ -232,6 +233,7 @@ class Auditor:
             ))
         names = [a.name for a in self.attacks]
         gap = query_sentence_gap(self.spec, self.tapped, snapshot.batch_size, snapshot.noise_std, priors, names)
+        gap = gap or span_attention_gap(self.spec, self.tapped, snapshot.batch_size, snapshot.noise_std, priors, names)
         gap = gap or next((r.info[LOWER_BOUND] for r in records if r.status == "ok" and LOWER_BOUND in r.info), None)
         for r in records:  # one attack's gap is the audit's: no weaker attack's reading decides a rule in its place
             if gap and r.status == "ok" and LOWER_BOUND not in r.info and SENTENCE_METRICS & r.metrics.keys():

@@ -158,3 +158,49 @@ def test_an_uncertified_batch_still_scores_zero_sentences_and_its_located_tokens
     assert certified < 4 and metrics["exact_match"] == certified / 4
     assert {"rouge1", "token_recall", "exact_match", "position_recall"} <= metrics.keys()
     assert metrics["position_recall"] > 0.5  # most tokens sit at one position and are placed there
+
+
+def test_a_full_view_audit_is_a_lower_bound_until_span_attention_certifies_the_batch(minilm, tokenizer, cola, setup):
+    """Real CoLA, the whole model tapped. Dropout off at B = 4: span_attention certifies all four sentences and
+    nothing is marked. Without span_attention in the audit, span_check's per-position sets read well below that, so
+    every record with sentence metrics is marked a lower bound and a ROUGE-1 gate has no evidence of a pass. Dropout on
+    at B = 8 (the observed training-mode gradient): span_attention certifies fewer than eight here (the bench: 26 of 64
+    sentences), and the audit is marked with its count. One sentence, DP noise or a decoder: no such gap."""
+    from leak_audit.attacks.gaps import SPAN_ATTENTION_UNCERTIFIED, span_attention_gap
+    from leak_audit.capture.batch import default_batch_adapter
+    from leak_audit.capture.snapshot import AuditSnapshot
+    from leak_audit.gate.policy import GatePolicy, MetricRule
+    from leak_audit.runtime.auditor import Auditor
+
+    spec, params, replica = setup
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    def audit(rows, names, train=False):
+        enc, grads = gradients(minilm, tokenizer, [s for s, _ in rows], [y for _, y in rows], train=train)
+        batch = default_batch_adapter({**enc, "labels": torch.tensor([y for _, y in rows])})
+        snap = AuditSnapshot(0, 0, 0.0, grads, params, batch, ("",))
+        auditor = Auditor(spec, [get_attack(n) for n in names], set(params), decode, replica=replica)
+        return {r.attack: r for r in auditor(snap)}
+
+    certified = audit(cola[:4], ["span_check", "span_attention"])
+    assert certified["span_attention"].info["certified"] == 4 and certified["span_attention"].metrics["rouge1"] == 1.0
+    assert not any("lower_bound" in r.info for r in certified.values())
+
+    alone = audit(cola[:4], ["span_check"])
+    assert alone["span_check"].status == "ok" and alone["span_check"].metrics["rouge1"] < 0.9
+    assert alone["span_check"].info["lower_bound"].startswith(SPAN_ATTENTION_UNCERTIFIED)
+    assert "span_attention is not among its attacks" in alone["span_check"].info["lower_bound"]
+    # lower bounds only: no evidence of a pass
+    result = GatePolicy((MetricRule("rouge1", max=0.9),)).evaluate(list(alone.values())).results[0]
+    assert result.only_lower_bounds and result.status == "fail"
+
+    trained = audit(cola[:8], ["span_check", "span_attention"], train=True)
+    found = trained["span_attention"].info["certified"]
+    assert trained["span_attention"].info["dropout"] is True and found < 8
+    for r in trained.values():
+        assert r.info["lower_bound"].endswith(f"(this audit: span_attention certified {found} of 8)")
+
+    one = audit(cola[4:5], ["span_check"])
+    assert one["span_check"].metrics["rouge1"] == 1.0 and "lower_bound" not in one["span_check"].info
+    assert span_attention_gap(spec, set(params), 4, 1e-3, {}) is None  # DP noise: dp_search_gap's
+    assert span_attention_gap(spec, {spec.layers[0].query}, 4, 0.0, {}) is None  # not the full view: query gap's
