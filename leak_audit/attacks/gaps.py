@@ -240,18 +240,25 @@ def query_sentence_gap(spec: object, gradients: Collection[str], batch_size: int
     rank = check.info.get("rank") if check is not None else None
     if cluster is None and isinstance(rank, int) and rank >= spec.hidden_size - 8:
         return None  # past the span methods' physical limit (span_cluster skips there): no such gap measured
-    certified = cluster.info.get("certified") if cluster is not None else None
+    return _uncertified(QUERY_SENTENCE_ASSIGNMENT, "span_cluster", cluster, batch_size, attacks)
+
+
+def _uncertified(reason: str, name: str, prior: Reconstruction | None, batch_size: int,
+                 attacks: Collection[str]) -> str | None:
+    """``reason`` with this audit's finding, unless ``prior`` (attack ``name``'s finished reconstruction, if any)
+    certified all ``batch_size`` sentences (``info["certified"]``)."""
+    certified = prior.info.get("certified") if prior is not None else None
     if isinstance(certified, int) and certified >= batch_size:
         return None
     if isinstance(certified, int):
-        found = f"span_cluster certified {certified} of {batch_size}"
-    elif cluster is not None:
-        found = "span_cluster ran without its certificates (peel=False)"
-    elif "span_cluster" not in attacks:
-        found = "span_cluster is not among its attacks; add it to read the sentences"
+        found = f"{name} certified {certified} of {batch_size}"
+    elif prior is not None:
+        found = f"{name} ran without its certificates (peel=False)"
+    elif name not in attacks:
+        found = f"{name} is not among its attacks; add it to read the sentences"
     else:
-        found = "span_cluster did not finish: timed out, skipped or failed"
-    return f"{QUERY_SENTENCE_ASSIGNMENT} (this audit: {found})"
+        found = f"{name} did not finish: timed out, skipped or failed"
+    return f"{reason} (this audit: {found})"
 
 
 SPAN_ATTENTION_UNCERTIFIED = (
@@ -295,13 +302,4 @@ def span_attention_gap(spec: object, gradients: Collection[str], batch_size: int
     rank = check.info.get("rank") if check is not None else None
     if attention is None and isinstance(rank, int) and rank >= spec.hidden_size - 8:
         return None
-    certified = attention.info.get("certified") if attention is not None else None
-    if isinstance(certified, int) and certified >= batch_size:
-        return None
-    if isinstance(certified, int):
-        found = f"span_attention certified {certified} of {batch_size}"
-    elif "span_attention" not in attacks:
-        found = "span_attention is not among its attacks; add it to read the sentences"
-    else:
-        found = "span_attention did not finish: timed out, skipped or failed"
-    return f"{SPAN_ATTENTION_UNCERTIFIED} (this audit: {found})"
+    return _uncertified(SPAN_ATTENTION_UNCERTIFIED, "span_attention", attention, batch_size, attacks)
