@@ -165,7 +165,7 @@ def test_a_full_view_audit_is_a_lower_bound_until_span_attention_certifies_the_b
     nothing is marked. Without span_attention in the audit, span_check's per-position sets read well below that, so
     every record with sentence metrics is marked a lower bound and a ROUGE-1 gate has no evidence of a pass. Dropout on
     at B = 8 (the observed training-mode gradient): span_attention certifies fewer than eight here (the bench: 26 of 64
-    sentences), and the audit is marked with its count. One sentence, DP noise or a decoder: no such gap."""
+    sentences), and the audit is marked with its count. One sentence, DP noise or the query-only view: no such gap."""
     from leak_audit.attacks.gaps import SPAN_ATTENTION_UNCERTIFIED, span_attention_gap
     from leak_audit.capture.batch import default_batch_adapter
     from leak_audit.capture.snapshot import AuditSnapshot
