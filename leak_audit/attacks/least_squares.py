@@ -77,7 +77,8 @@ def l1_fit(a: Tensor, b: Tensor, weights: Tensor | None = None, iters: int = 60)
         weights: ``[n, m]`` coordinate weights ``w_k`` (default ones).
 
     Returns:
-        ``[n, r]`` the solutions (float64).
+        ``[n, r]`` the solutions (float64). A problem whose reweighted system turns singular keeps its last
+        solution.
     """
     a = a.double()
     b = b.double()
@@ -90,7 +91,10 @@ def l1_fit(a: Tensor, b: Tensor, weights: Tensor | None = None, iters: int = 60)
     for _ in range(iters):
         ata = batched.transpose(1, 2) @ (w[..., None] * batched)
         atb = batched.transpose(1, 2) @ (w * b)[..., None]
-        sol = torch.linalg.solve(ata + 1e-12 * ata.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye, atb)[..., 0]
+        chol, info = torch.linalg.cholesky_ex(ata + 1e-12 * ata.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye)
+        step = torch.cholesky_solve(atb, chol)[..., 0]
+        # a system the weights made singular keeps its last solution
+        sol = torch.where(((info == 0) & step.isfinite().all(-1))[:, None], step, sol)
         res = (batched @ sol[..., None])[..., 0] - b
         scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
         w = prior / res.abs().clamp_min(eps * 1e-3 * scale)
