@@ -484,7 +484,8 @@ class SpanAttention(Attack):
         with torch.no_grad():
             if trained:
                 result = span_attention_dropout(
-                    {**grads, "inputs": inputs}, tables, layer, rates, inp.batch_size, **common
+                    {**grads, "inputs": inputs}, tables, layer, rates, inp.batch_size, sep_token_id=spec.sep_token_id,
+                    **common,
                 )
             else:
                 result = span_attention(grads, tables, layer, inp.batch_size, units=self.units, **common)

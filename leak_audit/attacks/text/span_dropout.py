@@ -9,10 +9,10 @@ themselves, because each is *sparse* (a share ``p`` of zeros) while every span i
 
 1. **Embedding masks (L1 regression).** ``x = m₁ ⊙ y'`` (``y' = LN(e)/(1 − p)``) lies in the row space
    ``S_x`` of the query/key/value gradients. Regressing ``y'`` on a basis of ``S_x`` under an L1 loss
-   (ADMM, then greedy exact coordinate flips) treats the dropped coordinates as outliers; the fit is exact
-   (residual ~1e-7) for a true (token, position) pair and fails (≥ 0.07 on MiniLM) for a false one. A
-   pair that occurs in several sentences has one instance per sentence, each with its own mask; the
-   search is restarted, weighting the coordinates already seen dropped, until no new instance appears.
+   treats the dropped coordinates as outliers; the fit is exact (residual ~1e-7) for a true (token,
+   position) pair and fails (≥ 0.05 on MiniLM) for a false one. A pair that occurs in several sentences has
+   one instance per sentence, each with its own mask; the search goes on until the instances found number
+   the rank of ``S_x`` (:mod:`leak_audit.attacks.text.dropout_masks`).
 2. **FFN input from the FFN spans.** ``h1`` lies in the span of ``intermediate.dense``'s gradient and
    ``act(W_1 h1 + b_1)`` in the span of ``output.dense``'s (no dropout in between). Levenberg-Marquardt
    over ``h1 ∈ S_h1`` from ``LN(x + b_o)`` solves it (``d_ff`` residuals, ``rank`` unknowns).
@@ -40,8 +40,9 @@ from torch import Tensor
 
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.base import NotApplicable
-from leak_audit.attacks.least_squares import l1_fit, l1_fit_orthonormal, levenberg_marquardt
+from leak_audit.attacks.least_squares import l1_fit, levenberg_marquardt
 from leak_audit.attacks.spans import span_basis
+from leak_audit.attacks.text.dropout_masks import masked_instances
 from leak_audit.attacks.text.layer0 import (
     DropoutRates,
     FirstLayer,
@@ -57,115 +58,7 @@ __all__ = [
     "context_from_hidden",
     "dropped_membership",
     "span_attention_dropout",
-    "unmask_inputs",
 ]
-
-
-def unmask_inputs(
-    y: Tensor,
-    basis_x: Tensor,
-    p: float,
-    weights: Tensor | None = None,
-    *,
-    tol: float = 1e-5,
-    powers: Sequence[float] = (1.0, 0.5, 0.0),
-    restarts: int = 2,
-    forced: int = 2,
-    near: float = 0.05,
-    iters: int = 200,
-    polish: int = 6,
-    generator: torch.Generator | None = None,
-    deadline: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Recover the dropout mask of layer-0 inputs: the ``x = m ⊙ y/(1 − p)`` that lies in ``S_x``.
-
-    L1 regression (ADMM) of ``y' = y/(1 − p)`` on ``S_x`` with coordinate weights ``|y'_k|^(−power)``: power 1
-    counts dropped coordinates whatever their size (plain L1, power 0, prefers dropping small ones and can
-    land on a mixture of instances of a repeated token). Rows not exact after one power are retried with
-    the next; each fit is polished by greedy single-coordinate flips that shrink the residual (``polish``
-    at most).
-
-    Args:
-        y: ``[n, d]`` undropped inputs ``LN(E[v] + P[i] + T[s])`` of candidate pairs.
-        basis_x: ``[d, r]`` orthonormal basis of the row space of layer 0's query/key/value gradients.
-        p: the embedding dropout probability.
-        weights: ``[n, d]`` extra L1 weights per coordinate (high: "probably kept"), to steer the search
-            towards another instance of a repeated pair.
-        tol: residual under which a row is exact (no retry).
-        powers: the weighting exponents tried in turn.
-        restarts: then, fits with random weights (uniform in [0.25, 1.75], times the count weights).
-        forced: then, fits with each of the ``forced`` largest coordinates forced to zero: a dropped
-            outlier coordinate (tens of times the mean magnitude) traps every weighting. Only rows with a
-            residual below ``near`` are retried (false pairs stay ≥ 0.07 on MiniLM).
-        generator: draws the random weights.
-        deadline: ``time.monotonic()`` value after which no further round (power, restart, forced drop)
-            starts after the first; rows keep their best fit so far.
-
-    Returns:
-        ``(x [n, d], residual [n])``: the masked inputs (float64) and ``‖x − proj(x)‖ / ‖x‖``; about
-        1e-7 for a true pair on MiniLM, ≥ 0.07 for a false one.
-    """
-    yp = y.double() / (1.0 - p)
-    basis = basis_x.double()
-    mag = yp.abs().mean(-1, keepdim=True)
-    inv = mag / yp.abs().clamp_min(1e-3 * mag)
-    x = torch.zeros_like(yp)
-    res = torch.full((yp.shape[0],), float("inf"), dtype=torch.float64, device=yp.device)
-    for k, power in enumerate([*powers, *([None] * restarts)]):
-        todo = (res >= tol).nonzero().flatten()
-        if todo.numel() == 0 or (k and late(deadline)):
-            break
-        if power is None:
-            noise = torch.rand(todo.numel(), yp.shape[1], generator=generator, dtype=yp.dtype).to(yp.device)
-            w = inv[todo] * (0.25 + 1.5 * noise)
-        else:
-            w = inv[todo] ** power
-        if weights is not None:
-            w = w * weights[todo].double()
-        xt, rt = _unmask(yp[todo], w, basis=basis, iters=iters, polish=polish)
-        better = rt < res[todo]
-        x[todo[better]], res[todo[better]] = xt[better], rt[better]
-    for rank in range(forced):
-        # a dropped outlier coordinate (MiniLM's LayerNorm outputs have one at ~50× the mean magnitude) is
-        # what no weighting recovers: the fit keeps it and spreads the error. Force it dropped.
-        todo = ((res >= tol) & (res < near)).nonzero().flatten()
-        if todo.numel() == 0 or late(deadline):
-            break
-        yz = _zero_top(yp[todo], rank)  # its weight becomes the largest (1e3): the fit keeps it at zero
-        w = mag[todo] / yz.abs().clamp_min(1e-3 * mag[todo])
-        xt, rt = _unmask(yz, w, basis=basis, iters=iters, polish=polish)
-        better = rt < res[todo]
-        x[todo[better]], res[todo[better]] = xt[better], rt[better]
-    return x, res
-
-
-def _zero_top(y: Tensor, rank: int) -> Tensor:
-    """``y`` ``[n, d]`` with each row's ``rank``-th largest coordinate (by magnitude) set to zero."""
-    k = y.abs().argsort(-1, descending=True)[:, rank]
-    out = y.clone()
-    out[torch.arange(y.shape[0], device=y.device), k] = 0.0
-    return out
-
-
-def _unmask(yp: Tensor, weights: Tensor, *, basis: Tensor, iters: int, polish: int) -> tuple[Tensor, Tensor]:
-    fit = l1_fit_orthonormal(basis, yp, weights, iters) @ basis.T
-    x = torch.where((fit - yp).abs() < fit.abs(), yp, torch.zeros_like(yp))
-    # The L1 optimum can sit a coordinate or two off the true mask (it spreads a small residual instead).
-    # Greedy exact flips: flipping coordinate k changes ‖P⊥x‖² by 2 δ_k (P⊥x)_k + δ_k² (P⊥)_kk.
-    p_diag = 1.0 - basis.square().sum(1)
-    rows = torch.arange(x.shape[0], device=x.device)
-    for _ in range(polish):
-        r = x - (x @ basis) @ basis.T
-        f = r.square().sum(1)
-        delta = torch.where(x != 0, -yp, yp)
-        gain = f[:, None] + 2 * delta * r + delta.square() * p_diag
-        k = gain.argmin(1)
-        better = gain[rows, k] < f
-        if not bool(better.any()):
-            break
-        x[rows[better], k[better]] += delta[rows[better], k[better]]
-    res = (x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)
-    return x, res
 
 
 class HiddenSolver:
@@ -312,59 +205,6 @@ def dropped_membership(
     return torch.from_numpy(res.x[:n]), float(res.x[n + n * heads :].sum())
 
 
-def _instances(
-    y: Tensor,
-    basis_x: Tensor,
-    p: float,
-    tol: float,
-    max_count: int,
-    generator: torch.Generator | None,
-    deadline: float | None = None,
-) -> tuple[list[int], Tensor, bool]:
-    """Every masked instance of each candidate pair: ``(pair index per instance, x [m, d], cut)``, ``cut``
-    when ``deadline`` (a ``time.monotonic()`` value) stopped the search for instances early."""
-    x, res = unmask_inputs(y, basis_x, p, tol=tol, generator=generator, deadline=deadline)
-    cut = late(deadline)
-    ok = res < tol
-    owner = ok.nonzero().flatten().tolist()
-    found: dict[int, list[Tensor]] = {j: [x[j]] for j in owner}
-    todo = list(owner)
-    # Up-weight the coordinates found instances dropped (another instance probably keeps them); too
-    # strong a weight can push the fit off every instance, so escalate only when needed. Last, force
-    # the largest coordinates dropped (see ``unmask_inputs``).
-    attempts: list[tuple[str, float]] = [("boost", 1.0), ("boost", 4.0), ("boost", 0.25), ("drop", 0), ("drop", 1)]
-    for _ in range(max_count - 1):
-        if cut:
-            break
-        seen = {j: torch.stack(found[j]).eq(0).any(0).double() for j in todo}
-        nxt: list[int] = []
-        for kind, arg in attempts:
-            rest = [j for j in todo if j not in nxt]
-            if not rest:
-                break
-            if late(deadline):
-                cut = True
-                break
-            if kind == "boost":
-                weights = 1.0 + arg * torch.stack([seen[j] for j in rest])
-                x2, res2 = unmask_inputs(y[rest], basis_x, p, weights=weights, tol=tol, generator=generator,
-                                         deadline=deadline)
-            else:
-                yz = _zero_top(y[rest], int(arg))
-                x2, res2 = unmask_inputs(yz, basis_x, p, tol=tol, restarts=0, forced=0, generator=generator,
-                                         deadline=deadline)
-            for j, xj, rj in zip(rest, x2, res2.tolist(), strict=True):
-                if rj < tol and all(float((xj - old).norm()) > 1e-3 * float(old.norm()) for old in found[j]):
-                    found[j].append(xj)
-                    nxt.append(j)
-        todo = nxt
-        if not todo:
-            break
-    pairs = [j for j in owner for _ in found[j]]
-    xs = torch.stack([xi for j in owner for xi in found[j]]) if owner else y.new_zeros(0, y.shape[1]).double()
-    return pairs, xs, cut
-
-
 def span_attention_dropout(
     grads: Mapping[str, Tensor],
     tables: EmbeddingTables,
@@ -375,6 +215,7 @@ def span_attention_dropout(
     segment: int = 0,
     position_offset: int = 0,
     cls_token_id: int | None = None,
+    sep_token_id: int | None = None,
     always_floating: Collection[int] = (),
     units: int = 768,
     input_tol: float = 1e-5,
@@ -394,7 +235,8 @@ def span_attention_dropout(
         tables, layer: embedding tables and layer 0's values; ``rates``: the dropout probabilities.
         batch_size: ``B``; the search stops after ``B`` accepted sentences.
         segment, position_offset, cls_token_id, always_floating: as for
-            :func:`~leak_audit.attacks.text.span_attention.span_attention`.
+            :func:`~leak_audit.attacks.text.span_attention.span_attention`; ``sep_token_id``: the token every
+            sentence ends with, which tells how many instances each position holds (optional).
         units: FFN units in the ``h1`` solve; ``input_tol``: residual under which a masked input is in
             ``S_x``; ``solve_tol``: ``h1`` solve loss for convergence; ``certify_tol``: largest LP slack
             for an accepted sentence (true sentences 2.4e-5 to 5.5e-4 on 16 CoLA sentences, B=4; a
@@ -438,7 +280,8 @@ def span_attention_dropout(
     tok = torch.tensor([c[0] for c in cands], dtype=torch.long)
     pos = torch.tensor([c[1] for c in cands], dtype=torch.long)
     y = candidate_inputs(shifted, tok, pos, segment)
-    owner, xs, cut = _instances(y, basis_x, rates.embeddings, input_tol, batch_size, generator, deadline)
+    owner, xs, cut = masked_instances(y, cands, basis_x, rates.embeddings, batch_size, tol=input_tol,
+                                      sep_token_id=sep_token_id, generator=generator, deadline=deadline)
     if cut:
         setup_cut = SpanAttentionResult.describe(0, batch_size, 0, "stopped while recovering the dropout masks")
         return SpanAttentionResult([], located, floating, 0, 0, rank, length, cut_short=True, progress=setup_cut)
@@ -479,7 +322,7 @@ def span_attention_dropout(
             if len(sequences) < batch_size and late(deadline):
                 cut = True  # this anchor (and the rest of the round) was not finished
                 break
-            if f > solve_tol or j in covered or len(sequences) >= batch_size:
+            if not f <= solve_tol or j in covered or len(sequences) >= batch_size:  # NaN: diverged
                 continue
             converged += 1
             # the solve may land on another instance of a repeated pair: try each instance's input

@@ -9,7 +9,7 @@ from leak_audit.attacks import AttackInput, NotApplicable, get_attack
 from leak_audit.attacks.text.layer0 import candidate_inputs, locate_tokens
 from leak_audit.attacks.text.span_attention import SpanAttention
 from leak_audit.attacks.spans import span_basis
-from leak_audit.attacks.text.span_dropout import unmask_inputs
+from leak_audit.attacks.text.dropout_masks import unmask_inputs
 from leak_audit.models import EmbeddingTables, text_model_spec
 from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients
@@ -163,9 +163,11 @@ def test_an_uncertified_batch_still_scores_zero_sentences_and_its_located_tokens
 def test_a_full_view_audit_is_a_lower_bound_until_span_attention_certifies_the_batch(minilm, tokenizer, cola, setup):
     """Real CoLA, the whole model tapped. Dropout off at B = 4: span_attention certifies all four sentences and
     nothing is marked. Without span_attention in the audit, span_check's per-position sets read well below that, so
-    every record with sentence metrics is marked a lower bound and a ROUGE-1 gate has no evidence of a pass. Dropout on
-    at B = 8 (the observed training-mode gradient): span_attention certifies fewer than eight here (the bench: 26 of 64
-    sentences), and the audit is marked with its count. One sentence, DP noise or the query-only view: no such gap."""
+    every record with sentence metrics is marked a lower bound and a ROUGE-1 gate has no evidence of a pass. With its
+    anchors capped at two, span_attention certifies fewer than four, and the audit is marked with its count. Dropout on
+    at B = 8 (the observed training-mode gradient): all eight certified, nothing marked (before the forced-drop search
+    for repeated tokens' dropout masks, 0 of 8 here and 26 of 64 in the bench). One sentence, DP noise or the
+    query-only view: no such gap."""
     from leak_audit.attacks.gaps import SPAN_ATTENTION_UNCERTIFIED, span_attention_gap
     from leak_audit.capture.batch import default_batch_adapter
     from leak_audit.capture.snapshot import AuditSnapshot
@@ -179,7 +181,8 @@ def test_a_full_view_audit_is_a_lower_bound_until_span_attention_certifies_the_b
         enc, grads = gradients(minilm, tokenizer, [s for s, _ in rows], [y for _, y in rows], train=train)
         batch = default_batch_adapter({**enc, "labels": torch.tensor([y for _, y in rows])})
         snap = AuditSnapshot(0, 0, 0.0, grads, params, batch, ("",))
-        auditor = Auditor(spec, [get_attack(n) for n in names], set(params), decode, replica=replica)
+        attacks = [get_attack(n) if isinstance(n, str) else n for n in names]
+        auditor = Auditor(spec, attacks, set(params), decode, replica=replica)
         return {r.attack: r for r in auditor(snap)}
 
     certified = audit(cola[:4], ["span_check", "span_attention"])
@@ -194,11 +197,17 @@ def test_a_full_view_audit_is_a_lower_bound_until_span_attention_certifies_the_b
     result = GatePolicy((MetricRule("rouge1", max=0.9),)).evaluate(list(alone.values())).results[0]
     assert result.only_lower_bounds and result.status == "fail"
 
+    capped = audit(cola[:4], ["span_check", SpanAttention(max_anchors=2)])
+    found = capped["span_attention"].info["certified"]
+    assert found < 4
+    for r in capped.values():
+        assert r.info["lower_bound"].endswith(f"(this audit: span_attention certified {found} of 4)")
+
     trained = audit(cola[:8], ["span_check", "span_attention"], train=True)
-    found = trained["span_attention"].info["certified"]
-    assert trained["span_attention"].info["dropout"] is True and found < 8
-    for r in trained.values():
-        assert r.info["lower_bound"].endswith(f"(this audit: span_attention certified {found} of 8)")
+    assert trained["span_attention"].info["dropout"] is True and trained["span_attention"].info["certified"] == 8
+    assert trained["span_attention"].metrics["exact_match"] == 1.0
+    assert trained["span_attention"].info.get("attacker_pick") == 1  # its certificate, whatever the residuals
+    assert not any("lower_bound" in r.info for r in trained.values())
 
     one = audit(cola[4:5], ["span_check"])
     assert one["span_check"].metrics["rouge1"] == 1.0 and "lower_bound" not in one["span_check"].info
