@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -92,9 +92,19 @@ def gradient_residual(recon: Reconstruction, inp: AttackInput) -> float | None:
     return best
 
 
-def pick(residuals: Mapping[str, float | None], order: Sequence[str]) -> str | None:
-    """The attack an attacker without the answer keeps: the smallest residual (ties: earlier in
-    ``order``); ``None`` when no attack has one."""
+def pick(residuals: Mapping[str, float | None], order: Sequence[str], certified: Collection[str] = ()) -> str | None:
+    """The attack an attacker without the answer keeps: the first in ``order`` of ``certified`` (attacks whose
+    own certificate says their reconstruction is the whole batch, exactly: ``span_attention`` and ``span_cluster``
+    with ``info["certified"] == B``), else the smallest residual (ties: earlier in ``order``); ``None`` when no
+    attack has either.
+
+    A certificate outranks the residual because the residual is computed in eval mode with the labels' best
+    guess: with dropout on, or soft labels at B > 8, it stays well above zero for an exact reconstruction (CoLA,
+    B = 8, dropout on: the residual kept ``span_check``'s 0.37 ROUGE-1 reading over ``span_attention``'s certified
+    1.000 in 2 of 8 batches)."""
+    for name in order:
+        if name in certified:
+            return name
     ranked = [(r, order.index(a)) for a, r in residuals.items() if r is not None and math.isfinite(r)]
     if not ranked:
         return None

@@ -163,7 +163,8 @@ class Auditor:
         which attacks ran before it or how long they took. An attack stopped by its budget is recorded as
         ``timeout`` (its partial metrics under ``info["partial_<metric>"]``), never as ``ok``. Every ``ok``
         record with sequences or images gets the attacker-side ``info["gradient_residual"]``
-        (:mod:`leak_audit.attacks.evidence`); the one with the smallest carries ``info["attacker_pick"] = 1``.
+        (:mod:`leak_audit.attacks.evidence`); the one with the smallest carries ``info["attacker_pick"] = 1``, unless
+        an attack certified the whole batch (``info["certified"] == B``): then that one.
         Under DP-SGD noise too small for the attacks' search to be the limit, a text record's token and sentence
         metrics are marked as lower bounds (``info["lower_bound"]``, :func:`~leak_audit.attacks.gaps.dp_search_gap`).
         On layer 0's query weight alone at ``B > 1``, every record with sentence metrics is marked unless
@@ -238,7 +239,8 @@ class Auditor:
         for r in records:  # one attack's gap is the audit's: no weaker attack's reading decides a rule in its place
             if gap and r.status == "ok" and LOWER_BOUND not in r.info and SENTENCE_METRICS & r.metrics.keys():
                 r.info[LOWER_BOUND] = gap
-        chosen = pick(residuals, names)
+        whole = [n for n, recon in priors.items() if recon.info.get("certified") == snapshot.batch_size]
+        chosen = pick(residuals, names, whole)
         for r in records:
             if r.attack == chosen:
                 r.info["attacker_pick"] = 1

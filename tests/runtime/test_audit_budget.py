@@ -140,3 +140,15 @@ def test_the_attacker_picks_the_exact_reconstruction(minilm, spec, tokenizer, on
     assert exact.info.get("attacker_pick") == 1
     assert [r.attack for r in records.values() if r.info.get("attacker_pick")] == ["span_check"]
     assert "gradient_residual" not in records["token_bag"].info  # a bag of tokens is not a batch
+
+
+def test_a_certified_batch_outranks_a_smaller_residual():
+    """An attack whose certificate covers the whole batch is kept whatever the residuals say (with dropout on the
+    residual of an exact reconstruction stays far from zero); without one, the smallest residual wins."""
+    from leak_audit.attacks.evidence import pick
+
+    residuals = {"span_check": 0.2, "span_attention": 0.6, "dlg": None}
+    order = ["dlg", "span_check", "span_attention"]
+    assert pick(residuals, order) == "span_check"
+    assert pick(residuals, order, certified=["span_attention"]) == "span_attention"
+    assert pick({"dlg": None}, ["dlg"]) is None
