@@ -275,8 +275,8 @@ embeddings, layer 0's attention output and FFN weights) at ``B > 1`` on gradient
 --dropout on --seed 0 --threads 2``: ``span_attention`` ROUGE-1 1.000 (64 of 64, each certified; 0.406 before the
 dropout-mask search of :mod:`~leak_audit.attacks.text.dropout_masks` found every instance of repeated tokens),
 ``span_check`` 0.366; on ``sst2_dev.tsv`` 0.219 (14 of 64) and 0.209. With ``--dropout off`` it certified all 64 of
-both at B = 8 (0.78 and 1.30 s per batch); at ``--batch-sizes 4`` all 64 CoLA sentences both ways and 62 of 64 SST-2
-reviews with dropout on (benchmarks/README.md). SST-2's batches of 8 hold 196 tokens on average against MiniLM's 384
+both at B = 8 (0.78 and 1.30 s per batch); at ``--batch-sizes 4`` all 64 of both both ways (62 of 64 SST-2 reviews with
+dropout on before the mask search) (benchmarks/README.md). SST-2's batches of 8 hold 196 tokens on average against MiniLM's 384
 dimensions, and there the mask search misses first instances, so the membership linear program of a sentence with a
 missing member does not close. Its ``info["certified"]`` counts the sentences it returns, each certified, so a
 batch it certified whole is exact and unmarked."""

@@ -197,9 +197,10 @@ def masked_instances(
        certainly hold more instances than found come first: position 0 holds ``batch_size``, no position
        fewer than a later one, and when the found ``sep_token_id`` instances number ``batch_size`` (each
        sentence ends with one) the count at every position is known exactly; otherwise the end-of-sentence
-       pairs themselves come first. A pair gets ``short_rows`` zeroed coordinates (all, when it is the only
-       found pair at its short position), others ``rows``, ``chunk`` pairs per batched solve, and
-       ``tries`` fruitless visits before it is dropped. Skipped when more than ``4 B`` instances are still
+       pairs themselves come first. With exact counts only pairs at short positions are searched, one at a
+       time, through every coordinate their found instances keep, ``short_rows`` per solve, stopping at the
+       first new instance; otherwise ``chunk`` pairs per solve get ``short_rows`` (short) or ``rows``
+       coordinates drawn at random, for ``tries`` fruitless visits each. Skipped when more than ``4 B`` are still
        missing: then plain fits failed on first instances (SST-2 at B = 8 fills 234 of MiniLM's 384
        dimensions and lacks 103), which forced drops cannot reach.
 
