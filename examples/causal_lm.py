@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from leak_audit import LeakageAudit, read_audit_log
+from leak_audit import LeakageAudit, read_audit_log, select_run
 from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset
 from leak_audit.demos.pretrained import PretrainedModelError, load_smollm2
 from leak_audit.gate.render import policy_table
@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console.print(f"trained {trainer.global_step} steps in {time.perf_counter() - start:.1f}s; audits: {audit.audits} "
                   f"(skipped while busy: {audit.skipped}, failed: {audit.failed})")
-    records = read_audit_log(audit.log_path)
-    console.print(summary_table(records, TEXT_METRICS, f"Leakage summary, worst over audits ({audit.log_path})"))
+    records = select_run(read_audit_log(audit.log_path), audit.run_id)  # this run's, not earlier runs' in the log
+    console.print(summary_table(records, TEXT_METRICS,
+                                f"Leakage summary of run {audit.run_id}, worst over audits"))
     report = policy.evaluate(records)
     console.print(policy_table(report, title="Release gate"))
     verdict = {"pass": "[green]verdict: PASS[/green]", "warn": "[yellow]verdict: WARN[/yellow]",

@@ -36,7 +36,7 @@ from rich.console import Console
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from leak_audit import ImageBatch, LeakageAudit, available_attacks, read_audit_log
+from leak_audit import ImageBatch, LeakageAudit, available_attacks, read_audit_log, select_run
 from leak_audit.demos.datasets import load_images
 from leak_audit.demos.image_models import LeNet
 from leak_audit.gate.render import policy_table
@@ -137,10 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_reconstructions(log_dir: Path, console: Console) -> None:
-    """Draw the first audit's originals above their reconstructions, per attack (``--log-samples``)."""
+def write_reconstructions(log_dir: Path, run: str, console: Console) -> None:
+    """Draw the first audit's originals above their reconstructions, per attack (``--log-samples``), of run ``run``."""
     first: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for r in read_audit_log(log_dir / "audit.jsonl"):
+    for r in select_run(read_audit_log(log_dir / "audit.jsonl"), run):
         if r.status == "ok" and r.samples and (r.attack, r.batch_size) not in first:
             with np.load(log_dir / r.samples[0]["file"]) as data:
                 first[(r.attack, r.batch_size)] = (torch.from_numpy(data["originals"]).clamp(0, 1),
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         f"trained {trainer.global_step} steps in {elapsed:.1f}s (audits included: training waits for the last ones "
         f"at the end); audits: {audit.audits} (skipped while busy: {audit.skipped}, failed: {audit.failed})"
     )
-    records = read_audit_log(audit.log_path)
+    records = select_run(read_audit_log(audit.log_path), audit.run_id)  # this run's, not earlier runs' in the log
     console.print(summary_table(records, [m for m in IMAGE_METRICS if m != "lpips"],
-                                f"Leakage summary, worst over audits ({audit.log_path})"))
+                                f"Leakage summary of run {audit.run_id}, worst over audits"))
     for attack in dict.fromkeys(r.attack for r in records):
         steps = [f"{r.step}: {r.metrics['psnr']:.1f}" for r in records if r.attack == attack and "psnr" in r.metrics]
         if steps:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"  (check again with: leak-audit gate {audit.log_path} " + " ".join(f"--max {t}" for t in args.gate) + ")"
     )
     if args.log_samples:
-        write_reconstructions(log_dir, console)
+        write_reconstructions(log_dir, audit.run_id, console)
     return 1 if (breach and args.fail_on_breach) else 0
 
 

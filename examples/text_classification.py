@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 
-from leak_audit import LeakageAudit, available_attacks, read_audit_log
+from leak_audit import LeakageAudit, available_attacks, read_audit_log, select_run
 from leak_audit.capture.privacy import privacy_report
 from leak_audit.demos.datasets import read_tsv, synthetic_pii_dataset
 from leak_audit.gate.render import policy_table
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trainer.fit(module, loader)
     elapsed = time.perf_counter() - start
+    records = select_run(read_audit_log(audit.log_path), audit.run_id)  # this run's, not earlier runs' in the log
     console.print(
         f"trained {trainer.global_step} steps in {elapsed:.1f}s; audits: {audit.audits} "
         f"(skipped while busy: {audit.skipped}, failed: {audit.failed})"
@@ -275,15 +276,15 @@ def main(argv: list[str] | None = None) -> int:
             f"after {trainer.global_step} steps"
         )
         if args.canaries:
-            last = [r.privacy for r in read_audit_log(audit.log_path) if r.privacy and "epsilon_empirical" in r.privacy]
+            last = [r.privacy for r in records if r.privacy and "epsilon_empirical" in r.privacy]
             if last:
                 p = last[-1]
                 console.print(f"canaries: {p['canaries']}; empirical epsilon >= {p['epsilon_empirical']:.3g} at 95% "
                               f"(GDP estimate {p['epsilon_empirical_gdp']:.3g}; the most {p['canaries']} canaries "
                               f"can certify: {p['epsilon_empirical_ceiling']:.3g}) at the last audit")
-    console.print(summary_table(read_audit_log(audit.log_path), TEXT_METRICS,
-                                f"Leakage summary, worst over audits ({audit.log_path})"))
-    report = policy.evaluate(read_audit_log(audit.log_path))
+    console.print(summary_table(records, TEXT_METRICS,
+                                f"Leakage summary of run {audit.run_id}, worst over audits"))
+    report = policy.evaluate(records)
     console.print(policy_table(report, title="Release gate"))
     breach = not report.passed
     verdict = {"pass": "[green]verdict: PASS[/green]", "warn": "[yellow]verdict: WARN[/yellow]",
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"; report: leak-audit report {audit.log_path} -o {log_dir / 'report.html'})"
     )
     if args.log_samples:
-        for r in read_audit_log(audit.log_path):
+        for r in records:
             if r.attack == "span_check" and r.samples:
                 console.print(f"[bold]span_check reconstruction at step {r.step}:[/bold]")
                 for s in r.samples[:4]:

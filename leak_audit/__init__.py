@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from leak_audit.capture.tap import ModuleSelectionError
     from leak_audit.gate.breach import LeakageThresholdExceeded
     from leak_audit.gate.policy import GatePolicy, MetricRule, PolicyError
-    from leak_audit.results.records import AuditRecord, read_audit_log
+    from leak_audit.results.records import AuditRecord, read_audit_log, select_run
 
 __all__ = [
     "Attack",
@@ -40,6 +40,7 @@ __all__ = [
     "available_attacks",
     "get_attack",
     "read_audit_log",
+    "select_run",
 ]
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ _HOMES: dict[str, str] = {
     "PolicyError": "leak_audit.gate.policy",
     "AuditRecord": "leak_audit.results.records",
     "read_audit_log": "leak_audit.results.records",
+    "select_run": "leak_audit.results.records",
     "ModuleSelectionError": "leak_audit.capture.tap",
 }
 """The module that defines each public name."""

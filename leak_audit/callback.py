@@ -38,7 +38,7 @@ from leak_audit.capture.tap import GradientTap, LocalGradientCapture, trainable_
 from leak_audit.gate.breach import Breach, BreachMonitor
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.models import MODALITIES, TextModelSpec, model_modality, text_model_spec
-from leak_audit.results.records import AuditRecord
+from leak_audit.results.records import AuditRecord, new_run_id
 from leak_audit.results.reporter import AuditReporter
 from leak_audit.results.canaries import announce_canaries, final_canary_record
 from leak_audit.results.sinks import AuditLog
@@ -199,6 +199,7 @@ class LeakageAudit(Callback):
         self.audits = 0
         self.skipped = 0
         self.last_audited_step = -1
+        self.run_id = ""  # this fit's id in the audit log's records: new at `setup`, a resumed run keeps its own
         self._reporter = AuditReporter(log_samples=log_samples, log_dir=self.log_dir, wandb_alert=wandb_alert)
         self._monitor = BreachMonitor(self.policy, on_breach, self._reporter.warn_once) if self.policy else None
         self._reporter.judge = self._monitor
@@ -262,7 +263,7 @@ class LeakageAudit(Callback):
         return self._monitor.breach if self._monitor else None
 
     def state_dict(self) -> dict[str, Any]:
-        """Audits done, skipped and failed, the schedule's position, worst values so far, and the log path.
+        """Audits done, skipped and failed, the schedule's position, worst values so far, the log path and run id.
 
         Saved in the checkpoint, so a run resumed from it continues the schedule (no step is audited
         twice) and appends to the same audit log.
@@ -276,6 +277,7 @@ class LeakageAudit(Callback):
             "next_audit_step": self.next_audit_step,
             "worst": dict(self.worst),
             "log_path": str(self.log_path),
+            "run": self.run_id,
             "verdict": self.verdict,
             "breach": self.breach.to_dict() if self.breach else None,
             "canaries": self._dp.canary_state() if self._dp is not None else self._canary_state,
@@ -294,6 +296,7 @@ class LeakageAudit(Callback):
             self._monitor.breach = Breach(**saved_breach) if isinstance(saved_breach, dict) else None
         self._canary_state = state_dict.get("canaries")
         self._resumed = True  # the policy's history is read back from the audit log at `on_train_start`
+        self.run_id = str(state_dict.get("run", ""))  # "": a checkpoint from before runs were named, as its records
         saved = state_dict.get("log_path")
         if saved and Path(saved).resolve() != self.log_path.resolve():
             rank_zero_warn(f"LeakageAudit: the checkpoint's audit log was {saved}; this run appends to {self.log_path} "
@@ -335,6 +338,7 @@ class LeakageAudit(Callback):
             if isinstance(plan, str):
                 rank_zero_warn(f"LeakageAudit: attack {name!r} is skipped for this view: {plan}")
         self._rank, self._world = trainer.global_rank, trainer.world_size
+        self.run_id = self.run_id if self._resumed else new_run_id()  # `fit(ckpt_path=)` restores its own later
         self._reporter.open(AuditLog(self.log_path) if trainer.is_global_zero else None, modality=self._modality,
                             rank=self._rank, world=self._world, scope=self.scope)
         # checked on every rank, so no rank fails alone and leaves the others waiting
@@ -361,8 +365,7 @@ class LeakageAudit(Callback):
             return
         assert self._tap is not None and self._auditor is not None
         if self._device is None:
-            # The strategy has placed the model by now (it may not have at `setup`): if it moved, or the attacks
-            # run elsewhere, the replica is rebuilt to share the placed weights, on the attack device.
+            # the model is placed now (maybe not at `setup`): if it moved, or attacks run elsewhere, rebuild the replica
             self._device = self.attack_device if self.attack_device is not None else pl_module.device
             if self._attacks_here and (pl_module.device != self._built_on or self._device != self._built_on):
                 self._auditor = self._build_auditor(pl_module, self._device)
@@ -377,8 +380,10 @@ class LeakageAudit(Callback):
                 self._dp = place_canaries(self._dp, self.canaries, dict(pl_module.named_parameters()), seed=self.seed,
                                           world_size=self._world, state=self._canary_state)
                 announce_canaries(self.canaries, self._dp.delta)
-        if self._resumed and self._monitor is not None and trainer.is_global_zero:
-            self._monitor.resume(self.log_path, self.last_audited_step)
+        if trainer.is_global_zero:
+            self._reporter.start_run(self.run_id)  # names the records; warns when the log holds earlier runs
+            if self._resumed and self._monitor is not None:
+                self._monitor.resume(self.log_path, self.last_audited_step, self.run_id)
         params = dict(pl_module.named_parameters())
         spec = self._auditor.spec
         local = self.scope == "local" and self.recompute == "observed"  # this rank's gradient, before all-reduce
@@ -390,8 +395,7 @@ class LeakageAudit(Callback):
             gather=self.scope == "global" and self._world > 1, recompute=self.recompute,
         )
         if self._attacks_here and self._worker is None:
-            # started now, once the replica, the DP setup and the log are final: a forked child holds a copy of
-            # them, and reads frozen weights from its own copy while they stay as they were at the fork
+            # started once the replica, DP setup and log are final: a forked child keeps copies (frozen weights too)
             job = AuditJob(self._auditor, device=self._device, delta=self._dp.delta if self._dp else DEFAULT_DELTA,
                            resident=params, finish=self._reporter.persist)
             self._worker = make_worker(
@@ -484,22 +488,20 @@ class LeakageAudit(Callback):
         elif self._worker.busy:
             self.skipped += 1
             problem = RuntimeError("the worker was still busy with an earlier audit (max_pending reached)")
-            self._emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem, audit,
-                                               status="skipped"))
+            self._reporter.emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem,
+                                                        audit, status="skipped"), skipped=self.skipped)
             return
         problem = problem or w.unreleased  # under DP-SGD, a step that released nothing fails without a warning
         if problem is not None:
-            self._emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem, audit))
+            self._reporter.emit(trainer, failed_records(self._snapshots.empty_snapshot(w, epoch, audit), names, problem,
+                                                        audit), skipped=self.skipped)
             return
         snap, ready = self._snapshots.snapshot(w, epoch, audit)
         try:
             self._worker.submit(snap, ready)
         except Exception as exc:  # noqa: BLE001 - e.g. no fresh worker process could be forked: a failed audit
             self._reporter.warn_once("submit", f"LeakageAudit: audit at step {w.step} could not start: {exc}")
-            self._emit(trainer, failed_records(snap, names, exc, audit))
-
-    def _emit(self, trainer: Trainer, records: list[AuditRecord]) -> None:
-        self._reporter.emit(trainer, records, skipped=self.skipped)
+            self._reporter.emit(trainer, failed_records(snap, names, exc, audit), skipped=self.skipped)
 
     def _collect(self, trainer: Trainer, *, log: bool) -> None:
         results = self._worker.drain() if self._worker is not None else []

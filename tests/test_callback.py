@@ -335,3 +335,4 @@ def test_process_worker_sends_a_copy_of_a_frozen_weight_changed_after_the_fork(t
     assert not weight.is_shared() and len(set(touch.ptrs)) == 1 and weight.data_ptr() == touch.ptrs[0]
     records = read_audit_log(audit.log_path)
     assert [r.status for r in records] == ["ok"] * 4
+    assert {r.run for r in records} == {audit.run_id}  # the forked child writes under the run's name

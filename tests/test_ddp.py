@@ -44,6 +44,7 @@ def test_local_scope_audits_each_ranks_own_gradient_before_the_all_reduce(tmp_pa
     # both ranks' audits reach rank 0's log, once each
     seen = sorted((r.step, r.info["process_rank"], r.attack) for r in records)
     assert seen == sorted((s, k, a) for s in (0, 2) for k in (0, 1) for a in ("labels", "token_bag"))
+    assert len({r.run for r in records}) == 1 and records[0].run  # one run: rank 0 names the other rank's too
     # precision 1.0: the gradient holds this rank's tokens only; after the all-reduce it would also hold
     # the other rank's sentences' tokens and precision would fall
     bag = [r for r in records if r.attack == "token_bag"]

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from leak_audit import LeakageAudit, read_audit_log
+from leak_audit import LeakageAudit, read_audit_log, select_run
 from leak_audit.attacks import Attack, Reconstruction, Requirements
 from leak_audit.callback import DEFAULT_ATTACKS
 from tests.conftest import REPO
@@ -47,6 +47,16 @@ def test_resume_from_a_checkpoint_continues_the_schedule_and_the_log(tokenizer, 
     assert steps == {s: len(DEFAULT_ATTACKS) for s in (0, 2, 4, 6)}  # no step twice, none missing
     assert sorted({r.audit for r in records}) == [1, 2, 3, 4]  # audit numbers continue
     assert resumed.audits == 4 and resumed.last_audited_step == 6
+    assert {r.run for r in records} == {state["run"]} == {resumed.run_id} and state["run"]  # one run, resumed
+
+    again = LeakageAudit(every_n_steps=2, log_dir=log_dir, max_pending=8)  # a new fit into the same log
+    n, per = len(records), len(DEFAULT_ATTACKS)
+    with pytest.warns(UserWarning, match=rf"already holds {n} records of 1 earlier run\(s\)"):
+        fit(Classifier(tokenizer), tmp_path, [again], max_steps=3)
+    records = read_audit_log(log_dir / "audit.jsonl")
+    assert again.run_id not in {state["run"], ""} and [r.run for r in records[n:]] == [again.run_id] * 2 * per
+    assert log_dir.joinpath("audit.jsonl").read_text().startswith(text)  # the earlier run's records stay
+    assert [r.step for r in select_run(records)] == [0] * per + [2] * per  # readers take the last run by default
 
 
 def test_sigkill_leaves_a_log_of_whole_audits(tmp_path):

@@ -1,7 +1,8 @@
-"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--format text|json|junit] [--output FILE]``.
+"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID] [--format text|json|junit] [--output FILE]``.
 
 The CI check: it evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max`` adds max rules,
-:mod:`leak_audit.gate.thresholds`) on an audit log and prints one row per rule. It imports only the log
+:mod:`leak_audit.gate.thresholds`) on one training run of an audit log (the last by default:
+:func:`~leak_audit.results.records.select_run`) and prints one row per rule. It imports only the log
 reader and the gate (no torch, Lightning or attack), so it starts fast.
 """
 
@@ -16,16 +17,24 @@ from rich.console import Console
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.gate.render import print_report
 from leak_audit.gate.thresholds import GateError, policy_from_args
-from leak_audit.results.records import AuditLogError, read_audit_log
+from leak_audit.results.records import AuditLogError, read_audit_log, select_run
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_BREACH", "EXIT_PASS", "add_gate_arguments", "gate_command"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_BREACH", "EXIT_PASS", "add_gate_arguments", "add_run_argument", "gate_command"]
 
 EXIT_PASS, EXIT_BREACH, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--run`` (which training run of the log to read; shared by ``gate`` and ``report``) to ``parser``."""
+    parser.add_argument("--run", default="last", metavar="last|all|ID",
+                        help="which training run of the log to read: the last to write (default), every run, or "
+                        "one run's id (each record's 'run' field; several fits can append to one log)")
 
 
 def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``leak-audit gate`` arguments to ``parser``."""
     parser.add_argument("audit_log", help="path to audit.jsonl")
+    add_run_argument(parser)
     parser.add_argument("--policy", metavar="FILE", help="TOML policy of [[rule]] tables (see leak_audit.gate.policy)")
     parser.add_argument(
         "--max",
@@ -60,12 +69,13 @@ def gate_command(args: argparse.Namespace, console: Console) -> int:
 
     Returns:
         0 when no rule fails (warnings included), 1 on a breach (or a metric no record in a rule's scope
-        reports), 2 on bad input (missing or malformed log or policy, unknown metric, no successful audit),
+        reports), 2 on bad input (missing or malformed log or policy, unknown metric, a ``--run`` the log does not
+        hold, no successful audit),
         with ``leak-audit gate: error: ...`` on stderr.
     """
     try:
         policy = _policy(args)
-        records = read_audit_log(args.audit_log)
+        records = select_run(read_audit_log(args.audit_log), args.run)
         report = policy.evaluate(records)
     except (GateError, AuditLogError) as exc:
         print(f"leak-audit gate: error: {exc}", file=sys.stderr)

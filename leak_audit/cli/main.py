@@ -1,14 +1,14 @@
 """The ``leak-audit`` command line: one table of subcommands, each imported only when it runs.
 
-``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--format text|json|junit]
-[--output FILE]`` evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max`` adds max rules) and prints
-one row per rule; it exits 0 when no rule fails (warnings included), 1 on a breach (or a metric no record in
-a rule's scope reports), and 2 on bad input (missing or malformed log or policy, unknown metric, no
-successful audit). ``--format json|junit`` prints the machine-readable report instead, or writes it to
+``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--run last|all|ID]
+[--format text|json|junit] [--output FILE]`` evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max``
+adds max rules) on one training run of the log (the last by default) and prints one row per rule; it exits 0 when no rule fails (warnings included), 1 on a breach (or a metric no record in
+a rule's scope reports), and 2 on bad input (missing or malformed log or policy, unknown metric, a ``--run`` the
+log does not hold, no successful audit). ``--format json|junit`` prints the machine-readable report instead, or writes it to
 ``--output FILE`` and prints the table (:mod:`leak_audit.cli.gate`).
 
-``leak-audit report AUDIT.jsonl [-o OUT.html]`` writes a self-contained HTML page of an audit log
-(:mod:`leak_audit.cli.report`).
+``leak-audit report AUDIT.jsonl [-o OUT.html] [--run last|all|ID]`` writes a self-contained HTML page of one run of
+an audit log (:mod:`leak_audit.cli.report`).
 
 ``leak-audit bench text --data FILE.tsv [--views full,layer:0,linear:MODULE] [--attacks best|NAME,...] ...``
 runs the attacks on real sentences and reports per-attack leakage and seconds per batch (see
@@ -72,16 +72,18 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("gate",), "leak_audit.cli.gate", "add_gate_arguments", "gate_command",
         "fail (exit 1) when an audit log breaks a leakage policy or thresholds",
-        "Evaluate a leakage policy (--policy, and/or --max rules) on an audit log. "
+        "Evaluate a leakage policy (--policy, and/or --max rules) on one training run of an audit log (--run; the "
+        "last by default). "
         "Exit 0: pass (warnings included). 1: a rule fails (a value beyond its limit, or no successful audit "
         "in its scope reports the metric). 2: bad input (missing or malformed log or policy, unknown metric, "
-        "no successful audit).",
+        "a --run the log does not hold, no successful audit).",
     ),
     Command(
         ("report",), "leak_audit.cli.report.command", "add_report_arguments", "report_command",
         "write a self-contained HTML page (summary, gate verdict, plots, audit table) of an audit log",
         "Exit 0: page written, whatever the verdict (a breach is shown, not enforced: use "
-        "'leak-audit gate' to fail a release). 2: bad input (missing or malformed log, bad policy, unwritable output).",
+        "'leak-audit gate' to fail a release). 2: bad input (missing or malformed log, a --run the log does not hold, "
+        "bad policy, unwritable output).",
     ),
     Command(
         ("bench", "text"), "leak_audit.cli.bench.text", "add_text_arguments", "bench_text_command",

@@ -124,9 +124,10 @@ class BreachMonitor:
         self.breach: Breach | None = None
         self.history: list[AuditRecord] = []
 
-    def resume(self, log_path: Path, last_step: int) -> None:
-        """Read a resumed run's earlier judged audits (steps ``<= last_step``) from its audit log, so the
-        policy sees the whole run. An unreadable log is a warning: the policy then starts afresh."""
+    def resume(self, log_path: Path, last_step: int, run: str = "") -> None:
+        """Read a resumed run's earlier judged audits (its own records, ``run``, at steps ``<= last_step``) from
+        its audit log, so the policy sees the whole run and no other. An unreadable log is a warning: the policy
+        then starts afresh."""
         if self.history or not log_path.is_file():
             return
         try:
@@ -134,7 +135,8 @@ class BreachMonitor:
         except AuditLogError as exc:
             rank_zero_warn(f"LeakageAudit: the policy starts without the earlier audits: {exc}")
             return
-        self.history = [_light(r) for r in records if r.status in JUDGED_STATUSES and r.step <= last_step]
+        self.history = [_light(r) for r in records
+                        if r.status in JUDGED_STATUSES and r.step <= last_step and r.run == run]
 
     def __call__(self, records: Sequence[AuditRecord], step: int) -> Judgement | None:
         """Judge the run after ``records`` (one audit, at optimizer step ``step``): note the first breach and

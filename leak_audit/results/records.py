@@ -2,10 +2,14 @@
 
 ``audit.jsonl`` holds one JSON object per line, one line per (audit, attack)::
 
-    {"schema": 1, "time": "2026-11-21T17:02:03.120Z", "audit": 3, "step": 150, "epoch": 0,
+    {"schema": 1, "time": "2026-11-21T17:02:03.120Z", "run": "20261121T165812Z-3f2a9c", "audit": 3, "step": 150, "epoch": 0,
      "modules": ["model.bert.encoder.layer.0.attention.self.query"], "batch_size": 8,
      "attack": "span_check", "status": "ok", "error": null,
      "metrics": {"rouge1": 1.0, "token_recall": 1.0}, "seconds": 0.61, "info": {"rank": 96}}
+
+``run`` names the training run (one ``Trainer.fit``, kept across a resume from its checkpoint) that wrote the
+record: several runs can append to one log, and readers take one run (:func:`select_run`; the gate and the report
+read the last by default). Logs written before the field existed read as one run named ``""``.
 
 ``status`` is ``ok``, ``timeout`` (the attack's time budget ended it before it finished: missing
 evidence, never a measured value; its partial metrics are in ``info`` as ``partial_<metric>`` and
@@ -36,13 +40,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CANARY_RECORD", "LOWER_BOUND", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now", "read_audit_log", "worst_values"]
+__all__ = ["CANARY_RECORD", "LOWER_BOUND", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now",
+           "new_run_id", "read_audit_log", "run_ids", "select_run", "worst_values"]
 
 SCHEMA_VERSION = 1
 CANARY_RECORD = "canaries"
@@ -72,6 +78,12 @@ def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def new_run_id() -> str:
+    """A fresh training-run id: the UTC start time and 6 random hex digits, e.g. ``"20261207T104500Z-a1b2c3"``
+    (sortable by start time, unique across machines and ranks in practice)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
 @dataclass
 class AuditRecord:
     """One line of the audit log: the outcome of one attack in one audit."""
@@ -90,6 +102,7 @@ class AuditRecord:
     samples: list[dict[str, Any]] | None = None
     privacy: dict[str, Any] | None = None
     time: str = field(default_factory=iso_now)
+    run: str = ""
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -109,6 +122,31 @@ class AuditRecord:
         """A record from a parsed log line; keys that are not fields are ignored (no validation: see :func:`read_audit_log`)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def run_ids(records: Iterable[AuditRecord]) -> list[str]:
+    """The runs of ``records`` (their ``run`` fields), each once, in the order of their first record."""
+    return list(dict.fromkeys(r.run for r in records))
+
+
+def select_run(records: Sequence[AuditRecord], run: str = "last") -> list[AuditRecord]:
+    """The records of one training run of a log (``read_audit_log``'s order: the file's).
+
+    Args:
+        records: an audit log's records, in file order.
+        run: ``"last"`` (the run of the last record: the latest to write), ``"all"`` (every record), or a run
+            id (:func:`run_ids`; ``""`` is the run of records written before runs were named).
+
+    Raises:
+        AuditLogError: ``run`` names no run of ``records`` (the message lists those it holds).
+    """
+    if run == "all" or not records:
+        return list(records)
+    wanted = records[-1].run if run == "last" else run
+    chosen = [r for r in records if r.run == wanted]
+    if not chosen:
+        raise AuditLogError(f"run {run!r} is not in this audit log; its runs: {run_ids(records)} (or 'last', 'all')")
+    return chosen
 
 
 def worst_values(
@@ -141,7 +179,7 @@ def _jsonable(obj: Any) -> Any:
 
 _REQUIRED = {"schema": int, "step": int, "attack": str, "status": str, "metrics": dict}
 _OPTIONAL = {"epoch": int, "audit": int, "batch_size": int, "seconds": int | float, "modules": list,
-             "error": str | None, "info": dict, "samples": list | None, "privacy": dict | None, "time": str}
+             "error": str | None, "info": dict, "samples": list | None, "privacy": dict | None, "time": str, "run": str}
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:

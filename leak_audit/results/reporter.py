@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from leak_audit.capture.distributed import gather_to_all
 from leak_audit.results.records import LOWER_BOUND, AuditRecord
-from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, wandb_loggers
+from leak_audit.results.sinks import AuditLog, flatten_metrics, log_to_loggers, note_earlier_runs, wandb_loggers
 from leak_audit.results.wandb_dashboard import WandbDashboard
 
 __all__ = ["AuditReporter", "Judgement"]
@@ -95,6 +95,13 @@ class AuditReporter:
     def open(self, log: AuditLog | None, *, modality: str, rank: int, world: int, scope: str) -> None:
         """Start a run: the audit log (rank zero, else ``None``) and where this process sits."""
         self.log, self.modality, self.rank, self.world, self.scope = log, modality, rank, world, scope
+
+    def start_run(self, run: str) -> None:
+        """Name the records this run writes ``run`` (rank zero, before the first write and before a worker process
+        forks), and warn when the log already holds records of other runs (:func:`~leak_audit.results.sinks.note_earlier_runs`)."""
+        if self.log is not None:
+            self.log.run = run
+            note_earlier_runs(self.log.path, run)
 
     def close(self) -> None:
         """Close the audit log (everything written is already on disk)."""

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from leak_audit.results.records import PICK, AuditRecord
+from lightning.pytorch.utilities import rank_zero_warn
+
+from leak_audit.results.records import PICK, AuditLogError, AuditRecord, read_audit_log, run_ids
 
 PRIVACY_KEYS: tuple[str, ...] = (
     "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "noise_std",
@@ -22,7 +24,8 @@ PRIVACY_KEYS: tuple[str, ...] = (
 MEMORY_KEYS: tuple[str, ...] = ("snapshot_bytes", "peak_bytes")
 """Per-audit memory figures in a record's ``info`` that go to the loggers as ``audit/<key>`` (bytes)."""
 
-__all__ = ["MEMORY_KEYS", "PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "wandb_loggers"]
+__all__ = ["MEMORY_KEYS", "PRIVACY_KEYS", "AuditLog", "flatten_metrics", "log_to_loggers", "note_earlier_runs",
+           "wandb_loggers"]
 
 
 class AuditLog:
@@ -35,22 +38,28 @@ class AuditLog:
 
     Args:
         path: file to append to; parent directories are created.
+        run: the training run's id (:func:`~leak_audit.results.records.new_run_id`), written into every record
+            whose ``run`` is empty; the callback sets it at ``on_train_start``, once a resumed run has its
+            checkpoint's.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], run: str = "") -> None:
         self.path = Path(path)
+        self.run = run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
 
     def write(self, records: Sequence[AuditRecord]) -> None:
-        """Append ``records``, one JSON line each, and fsync.
+        """Append ``records``, one JSON line each, and fsync; records without a ``run`` get this log's.
 
         Raises:
             ValueError: the log was closed.
         """
         if not records:
             return
+        for r in records:
+            r.run = r.run or self.run
         data = "".join(r.to_json() + "\n" for r in records).encode("utf-8")
         with self._lock:
             if self._fd is None:
@@ -71,6 +80,22 @@ class AuditLog:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._fd is None
+
+
+def note_earlier_runs(path: str | os.PathLike[str], run: str) -> int:
+    """Warn (rank zero) when the audit log at ``path`` already holds records of runs other than ``run``, and
+    return how many: a new run appends to them, and ``leak-audit gate``/``report`` read only the last run
+    unless told otherwise (``--run``). A missing or unreadable log counts none (the gate reports a bad one)."""
+    try:
+        records = read_audit_log(path) if Path(path).is_file() else []
+    except AuditLogError:
+        return 0
+    others = [r for r in records if r.run != run]
+    if others:
+        rank_zero_warn(f"LeakageAudit: {path} already holds {len(others)} records of {len(run_ids(others))} "
+                       f"earlier run(s); this run ({run!r}) appends to it. `leak-audit gate` and `leak-audit report` "
+                       "read the last run (--run all: every run; --run ID: one of them)")
+    return len(others)
 
 
 def flatten_metrics(records: Sequence[AuditRecord]) -> dict[str, float]:

@@ -14,6 +14,7 @@ from leak_audit import LeakageAudit, read_audit_log
 from leak_audit.gate.breach import LeakageThresholdExceeded
 from leak_audit.gate.policy import GatePolicy, PolicyError
 from leak_audit.results.records import AuditRecord
+from leak_audit.results.sinks import AuditLog
 from leak_audit.results.wandb_dashboard import WandbDashboard, highlight_recovered
 from tests.test_callback import Classifier, fit
 
@@ -92,6 +93,8 @@ def test_policy_arguments_are_checked_eagerly(tmp_path):
 def test_a_resumed_run_judges_the_whole_run(tokenizer, tmp_path):
     """mean_last_k over audits before and after a checkpoint: the earlier ones come back from the log."""
     policy = {"rule": [{"metric": "token_recall", "max": 0.5, "aggregation": "mean_last_k", "k": 3}]}
+    earlier = AuditRecord(step=1, attack="token_bag", status="ok", metrics={"token_recall": 0.0}, run="another fit")
+    AuditLog(tmp_path / "a" / "audit.jsonl").write([earlier])  # an earlier run in the same log: not this run's history
     first = LeakageAudit(attacks=["token_bag"], every_n_steps=2, log_dir=tmp_path / "a", policy=policy,
                          max_pending=8)
     with pytest.warns(UserWarning, match="policy breached at step 0"):
@@ -101,7 +104,7 @@ def test_a_resumed_run_judges_the_whole_run(tokenizer, tmp_path):
     resumed.load_state_dict(first.state_dict())
     with pytest.warns(UserWarning, match="mean of the last 3 of 3 audits, steps 0-4"):
         fit(Classifier(tokenizer), tmp_path, [resumed], max_steps=5)  # the schedule continues: step 4 only
-    assert sorted({r.step for r in read_audit_log(resumed.log_path)}) == [0, 2, 4]
+    assert sorted({r.step for r in read_audit_log(resumed.log_path) if r.run == resumed.run_id}) == [0, 2, 4]
 
 
 # ---------------------------------------------------------------------------- the W&B dashboard

@@ -4,7 +4,7 @@ import pytest
 
 from leak_audit.cli.main import main
 from leak_audit.gate.thresholds import GateError, parse_threshold, policy_from_args
-from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log
+from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log, run_ids, select_run
 from leak_audit.results.sinks import AuditLog, flatten_metrics
 
 
@@ -78,6 +78,29 @@ def test_cli_exit_codes(log, tmp_path, capsys):
     assert main(["gate", str(log), "--max", "rogue1=0.5"]) == 2
     assert main(["gate", str(log), "--max", "rouge1"]) == 2
     assert main(["gate", str(log)]) == 2
+
+
+def test_the_gate_and_report_read_one_run_the_last_unless_told(log, tmp_path, capsys):
+    """Two fits that append to one log: the gate judges the last (a rerun after a fix is not failed by the run
+    before it); ``--run all`` or the earlier run's id reads the rest. A log from before runs were named is a run."""
+    AuditLog(log, run="20261207T100000Z-a1b2c3").write([rec(step=0, rouge1=0.9, token_recall=0.2)])
+    AuditLog(log, run="20261207T110000Z-d4e5f6").write([rec(step=0, rouge1=0.1, token_recall=0.2)])
+    records = read_audit_log(log)
+    assert run_ids(records) == ["", "20261207T100000Z-a1b2c3", "20261207T110000Z-d4e5f6"]
+    assert [r.metrics["rouge1"] for r in select_run(records)] == [0.1]
+    assert len(select_run(records, "all")) == 6 and len(select_run(records, "")) == 4
+    assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 0
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "all"]) == 1
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "20261207T100000Z-a1b2c3"]) == 1
+    assert "rouge1 = 0.9" in capsys.readouterr().out
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "2026"]) == 2
+    err = capsys.readouterr().err
+    assert "run '2026' is not in this audit log" in err and "20261207T110000Z-d4e5f6" in err
+    assert main(["report", str(log), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "(run 20261207T110000Z-d4e5f6, 3 of 3)" in page and "0.900" not in page
+    assert main(["report", str(log), "-o", str(tmp_path / "all.html"), "--run", "all"]) == 0
+    assert "0.900" in (tmp_path / "all.html").read_text()
 
 
 def test_cli_names_the_malformed_line(log, capsys):

@@ -87,7 +87,7 @@ from leak_audit.cli.bench.overhead_rows import (
 )
 from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import UnsupportedModelError
-from leak_audit.results.records import read_audit_log
+from leak_audit.results.records import read_audit_log, select_run
 from leak_audit.runtime.worker import WORKER_KINDS
 
 __all__ = [
@@ -372,7 +372,7 @@ def run_once(
         end_wait_seconds=end_wait,
     )
     if audit is not None:
-        records = read_audit_log(audit.log_path) if audit.log_path.is_file() else []
+        records = select_run(read_audit_log(audit.log_path), audit.run_id) if audit.log_path.is_file() else []
         result.counts = audit_counts(records, audit.audits, audit.skipped, audit.failed)
         result.latencies = audit_latencies(records)
         result.captures = audit_capture_seconds(records)

@@ -1,4 +1,4 @@
-"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--include-samples]``."""
+"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID] [--include-samples]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from leak_audit.cli.gate import add_run_argument
 from leak_audit.cli.report.page import ReportError, write_page
 from leak_audit.gate.policy import GateError
 from leak_audit.gate.thresholds import policy_from_args
@@ -21,6 +22,7 @@ EXIT_WRITTEN, EXIT_BAD_INPUT = 0, 2
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``leak-audit report`` arguments to ``parser``."""
     parser.add_argument("audit_log", help="path to audit.jsonl")
+    add_run_argument(parser)
     parser.add_argument("-o", "--output", default=None, metavar="OUT.html",
                         help="the page to write (default: report.html next to the log)")
     parser.add_argument("--title", default=None, help="page title (default: 'leak-audit report: <log>')")
@@ -44,7 +46,7 @@ def report_command(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.output) if args.output else Path(args.audit_log).parent / "report.html"
     try:
         policy = policy_from_args(args.policy, args.max)
-        path, n, verdict = write_page(args.audit_log, out, args.title, policy, args.include_samples)
+        path, n, verdict = write_page(args.audit_log, out, args.title, policy, args.include_samples, args.run)
     except (AuditLogError, GateError, ReportError) as exc:
         print(f"leak-audit report: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

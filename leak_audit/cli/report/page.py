@@ -18,7 +18,7 @@ from leak_audit.cli.report.sections import (
     summary_section,
 )
 from leak_audit.gate.policy import GatePolicy
-from leak_audit.results.records import AuditRecord, read_audit_log
+from leak_audit.results.records import AuditRecord, read_audit_log, run_ids, select_run
 
 __all__ = ["CSP", "CSS", "ReportError", "render_page", "render_report", "write_page", "write_report"]
 
@@ -146,29 +146,39 @@ def write_report(
     title: str | None = None,
     policy: GatePolicy | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     include_samples: bool = False,
+    run: str = "last",
 ) -> Path:
     """Read the audit log ``path_in`` and write its report page to ``path_out`` (parents created).
 
     Args:
-        title: default ``"leak-audit report: <log path>"``.
+        title: default ``"leak-audit report: <log path>"`` (and which run, when the log holds several).
         policy, include_samples: as in :func:`render_report`.
+        run: which training run of the log: ``"last"``, ``"all"`` or a run id
+            (:func:`~leak_audit.results.records.select_run`).
 
     Returns:
         ``path_out`` as a :class:`~pathlib.Path`.
 
     Raises:
-        leak_audit.results.records.AuditLogError: the log is missing or malformed.
+        leak_audit.results.records.AuditLogError: the log is missing or malformed, or holds no run ``run``.
         leak_audit.gate.policy.PolicyError: a bad policy.
         ReportError: the page cannot be written.
     """
-    return write_page(path_in, path_out, title, GatePolicy.coerce(policy), include_samples)[0]
+    return write_page(path_in, path_out, title, GatePolicy.coerce(policy), include_samples, run)[0]
 
 
 def write_page(path_in: str | Path, path_out: str | Path, title: str | None, policy: GatePolicy | None,
-           include_samples: bool) -> tuple[Path, int, str | None]:
-    """Read, render, write: ``(path_out, number of records, verdict word or None)``."""
-    records = read_audit_log(path_in)
-    page, verdict = render_page(records, title or f"leak-audit report: {path_in}", policy, include_samples, path_in)
+           include_samples: bool, run: str = "last") -> tuple[Path, int, str | None]:
+    """Read, render, write: ``(path_out, number of records, verdict word or None)``, for one run of the log
+    (``run``: :func:`~leak_audit.results.records.select_run`; a log of several runs says which in the title)."""
+    everything = read_audit_log(path_in)
+    records = select_run(everything, run)
+    runs = run_ids(everything)
+    if title is None:
+        title = f"leak-audit report: {path_in}"
+        if len(runs) > 1 and run != "all":
+            title += f" (run {records[0].run or 'unnamed'}, {runs.index(records[0].run) + 1} of {len(runs)})"
+    page, verdict = render_page(records, title, policy, include_samples, path_in)
     out = Path(path_out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
