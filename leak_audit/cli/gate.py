@@ -1,4 +1,5 @@
-"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID] [--format text|json|junit] [--output FILE]``.
+"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID]
+[--format text|json|junit] [--output FILE]``.
 
 The CI check: it evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max`` adds max rules,
 :mod:`leak_audit.gate.thresholds`) on one training run of an audit log (the last by default:

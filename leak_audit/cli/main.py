@@ -2,10 +2,11 @@
 
 ``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--run last|all|ID]
 [--format text|json|junit] [--output FILE]`` evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max``
-adds max rules) on one training run of the log (the last by default) and prints one row per rule; it exits 0 when no rule fails (warnings included), 1 on a breach (or a metric no record in
-a rule's scope reports), and 2 on bad input (missing or malformed log or policy, unknown metric, a ``--run`` the
-log does not hold, no successful audit). ``--format json|junit`` prints the machine-readable report instead, or writes it to
-``--output FILE`` and prints the table (:mod:`leak_audit.cli.gate`).
+adds max rules) on one training run of the log (the last by default) and prints one row per rule; it exits 0 when
+no rule fails (warnings included), 1 on a breach (or a metric no record in a rule's scope reports), and 2 on bad
+input (missing or malformed log or policy, unknown metric, a ``--run`` the log does not hold, no successful audit).
+``--format json|junit`` prints the machine-readable report instead, or writes it to ``--output FILE`` and prints the
+table (:mod:`leak_audit.cli.gate`).
 
 ``leak-audit report AUDIT.jsonl [-o OUT.html] [--run last|all|ID]`` writes a self-contained HTML page of one run of
 an audit log (:mod:`leak_audit.cli.report`).

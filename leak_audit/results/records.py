@@ -2,8 +2,8 @@
 
 ``audit.jsonl`` holds one JSON object per line, one line per (audit, attack)::
 
-    {"schema": 1, "time": "2026-11-21T17:02:03.120Z", "run": "20261121T165812Z-3f2a9c", "audit": 3, "step": 150, "epoch": 0,
-     "modules": ["model.bert.encoder.layer.0.attention.self.query"], "batch_size": 8,
+    {"schema": 1, "time": "2026-11-21T17:02:03.120Z", "run": "20261121T165812Z-3f2a9c", "audit": 3, "step": 150,
+     "epoch": 0, "modules": ["model.bert.encoder.layer.0.attention.self.query"], "batch_size": 8,
      "attack": "span_check", "status": "ok", "error": null,
      "metrics": {"rouge1": 1.0, "token_recall": 1.0}, "seconds": 0.61, "info": {"rank": 96}}
 

@@ -98,7 +98,8 @@ class AuditReporter:
 
     def start_run(self, run: str) -> None:
         """Name the records this run writes ``run`` (rank zero, before the first write and before a worker process
-        forks), and warn when the log already holds records of other runs (:func:`~leak_audit.results.sinks.note_earlier_runs`)."""
+        forks), and warn when the log already holds records of other runs
+        (:func:`~leak_audit.results.sinks.note_earlier_runs`)."""
         if self.log is not None:
             self.log.run = run
             note_earlier_runs(self.log.path, run)

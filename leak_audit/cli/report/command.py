@@ -1,4 +1,5 @@
-"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID] [--include-samples]``."""
+"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID]
+[--include-samples]``."""
 
 from __future__ import annotations
 
