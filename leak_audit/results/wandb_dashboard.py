@@ -177,6 +177,8 @@ class WandbDashboard:
                 self.run.summary[f"{prefix}/{name}"] = value
                 self.run.summary[f"{prefix}/{name}/at"] = where
         self.run.summary["audit/timeouts"] = self._timeouts
+        if records and records[0].run:
+            self.run.summary["audit/run"] = records[0].run  # the audit log's name for this run (its records' `run`)
 
     def _samples(self, records: Sequence[AuditRecord], wandb: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -149,11 +149,14 @@ def test_dashboard_defines_metrics_charts_and_worst_case_summary(monkeypatch):
     assert chart.table.data == [[1.0, 0.4, 0], [2.0, 0.9, 10]]  # worst rouge1 over attacks vs epsilon
     assert run.summary["leak/worst/rouge1"] == 0.9 and run.summary["leak/worst/rouge1/at"] == "span_check@step 10"
     assert "leak/pick_worst/rouge1" not in run.summary and run.summary["audit/timeouts"] == 0
+    assert "audit/run" not in run.summary  # records from before runs were named
     picked = _rec(20, "token_bag", 0.5)
     picked.info["attacker_pick"] = 1
+    picked.run = "20261207T104500Z-a1b2c3"
     board.update([picked, AuditRecord(step=20, attack="span_check", status="timeout")], 20)
     assert run.summary["leak/pick_worst/rouge1"] == 0.5 and run.summary["leak/pick_worst/rouge1/at"] == "token_bag@step 20"
     assert run.summary["leak/worst/rouge1"] == 0.9 and run.summary["audit/timeouts"] == 1
+    assert run.summary["audit/run"] == "20261207T104500Z-a1b2c3"  # ties the W&B run to its records in the log
     assert "samples/text" not in last  # samples are opt-in
     board.verdict("fail", {"rouge1": "fail"}, {"rouge1": "rouge1 = 0.9 > max 0.5"}, 10)
     board.verdict("fail", {"rouge1": "fail"}, {"rouge1": "rouge1 = 0.95 > max 0.5"}, 20)
