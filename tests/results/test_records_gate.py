@@ -5,7 +5,7 @@ import pytest
 from leak_audit.cli.main import main
 from leak_audit.gate.thresholds import GateError, parse_threshold, policy_from_args
 from leak_audit.results.records import AuditLogError, AuditRecord, read_audit_log, run_ids, select_run
-from leak_audit.results.sinks import AuditLog, flatten_metrics
+from leak_audit.results.sinks import AuditLog, flatten_metrics, note_earlier_runs
 
 
 def rec(attack="span_check", status="ok", step=0, **metrics):
@@ -101,6 +101,20 @@ def test_the_gate_and_report_read_one_run_the_last_unless_told(log, tmp_path, ca
     assert "(run 20261207T110000Z-d4e5f6, 3 of 3)" in page and "0.900" not in page
     assert main(["report", str(log), "-o", str(tmp_path / "all.html"), "--run", "all"]) == 0
     assert "0.900" in (tmp_path / "all.html").read_text()
+
+
+def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):
+    """The warning counts other runs' records; a missing or malformed log is no reason to stop training (the gate
+    names its bad line)."""
+    assert note_earlier_runs(tmp_path / "none.jsonl", "r2") == 0
+    AuditLog(log, run="r1").write([rec(step=0, rouge1=0.5)])
+    with pytest.warns(UserWarning, match=r"already holds 5 records of 2 earlier run\(s\); this run \('r2'\)"):
+        assert note_earlier_runs(log, "r2") == 5
+    with pytest.warns(UserWarning, match="already holds 1 records of 1 earlier"):
+        assert note_earlier_runs(log, "") == 1  # the unnamed run's own four are not earlier
+    with log.open("a") as fh:
+        fh.write("{not json\n")
+    assert note_earlier_runs(log, "r2") == 0
 
 
 def test_cli_names_the_malformed_line(log, capsys):
