@@ -51,7 +51,7 @@ def test_resume_from_a_checkpoint_continues_the_schedule_and_the_log(tokenizer, 
 
     again = LeakageAudit(every_n_steps=2, log_dir=log_dir, max_pending=8)  # a new fit into the same log
     n, per = len(records), len(DEFAULT_ATTACKS)
-    with pytest.warns(UserWarning, match=rf"already holds {n} records of 1 earlier run\(s\)"):
+    with pytest.warns(UserWarning, match=rf"already holds {n} records of 1 earlier run;"):
         fit(Classifier(tokenizer), tmp_path, [again], max_steps=3)
     records = read_audit_log(log_dir / "audit.jsonl")
     assert again.run_id not in {state["run"], ""} and [r.run for r in records[n:]] == [again.run_id] * 2 * per

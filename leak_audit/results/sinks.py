@@ -92,8 +92,9 @@ def note_earlier_runs(path: str | os.PathLike[str], run: str) -> int:
         return 0
     others = [r for r in records if r.run != run]
     if others:
-        rank_zero_warn(f"LeakageAudit: {path} already holds {len(others)} records of {len(run_ids(others))} "
-                       f"earlier run(s); this run ({run!r}) appends to it. `leak-audit gate` and `leak-audit report` "
+        n, k = len(others), len(run_ids(others))
+        rank_zero_warn(f"LeakageAudit: {path} already holds {n} record{'s' * (n != 1)} of {k} earlier "
+                       f"run{'s' * (k != 1)}; this run ({run!r}) appends to it. `leak-audit gate` and `leak-audit report` "
                        "read the last run (--run all: every run; --run ID: one of them)")
     return len(others)
 

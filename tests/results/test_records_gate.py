@@ -108,9 +108,9 @@ def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):
     names its bad line)."""
     assert note_earlier_runs(tmp_path / "none.jsonl", "r2") == 0
     AuditLog(log, run="r1").write([rec(step=0, rouge1=0.5)])
-    with pytest.warns(UserWarning, match=r"already holds 5 records of 2 earlier run\(s\); this run \('r2'\)"):
+    with pytest.warns(UserWarning, match=r"already holds 5 records of 2 earlier runs; this run \('r2'\)"):
         assert note_earlier_runs(log, "r2") == 5
-    with pytest.warns(UserWarning, match="already holds 1 records of 1 earlier"):
+    with pytest.warns(UserWarning, match="already holds 1 record of 1 earlier run;"):
         assert note_earlier_runs(log, "") == 1  # the unnamed run's own four are not earlier
     with log.open("a") as fh:
         fh.write("{not json\n")
