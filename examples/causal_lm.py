@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(policy_table(report, title="Release gate"))
     verdict = {"pass": "[green]verdict: PASS[/green]", "warn": "[yellow]verdict: WARN[/yellow]",
                "fail": "[red]verdict: BREACH[/red]"}[report.verdict]
-    console.print(f"{verdict}  (check again with: leak-audit gate {audit.log_path} "
+    console.print(f"{verdict}  (check again with: leak-audit gate {audit.log_path} --run {audit.run_id} "
                   + " ".join(f"--max {t}" for t in args.gate) + ")")
     if args.log_samples:
         for r in records:

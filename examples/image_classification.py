@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     breach = not report.passed
     console.print(
         ("[red]verdict: BREACH[/red]" if breach else "[green]verdict: PASS[/green]")
-        + f"  (check again with: leak-audit gate {audit.log_path} " + " ".join(f"--max {t}" for t in args.gate) + ")"
+        + f"  (check again with: leak-audit gate {audit.log_path} --run {audit.run_id} " + " ".join(f"--max {t}" for t in args.gate) + ")"
     )
     if args.log_samples:
         write_reconstructions(log_dir, audit.run_id, console)

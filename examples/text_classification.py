@@ -291,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                "fail": "[red]verdict: BREACH[/red]"}[report.verdict]
     console.print(
         verdict
-        + f"  (check again with: leak-audit gate {audit.log_path} "
+        + f"  (check again with: leak-audit gate {audit.log_path} --run {audit.run_id} "
         + " ".join(f"--max {t}" for t in args.gate)
         + (f" --policy {args.policy}" if args.policy else "")
-        + f"; report: leak-audit report {audit.log_path} -o {log_dir / 'report.html'})"
+        + f"; report: leak-audit report {audit.log_path} --run {audit.run_id} -o {log_dir / 'report.html'})"
     )
     if args.log_samples:
         for r in records:

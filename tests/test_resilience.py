@@ -56,7 +56,7 @@ def test_resume_from_a_checkpoint_continues_the_schedule_and_the_log(tokenizer, 
     records = read_audit_log(log_dir / "audit.jsonl")
     assert again.run_id not in {state["run"], ""} and [r.run for r in records[n:]] == [again.run_id] * 2 * per
     assert log_dir.joinpath("audit.jsonl").read_text().startswith(text)  # the earlier run's records stay
-    assert [r.step for r in select_run(records)] == [0] * per + [2] * per  # readers take the last run by default
+    assert [r.step for r in select_run(records, "last")] == [0] * per + [2] * per  # the new run's two audits
 
 
 def test_sigkill_leaves_a_log_of_whole_audits(tmp_path):

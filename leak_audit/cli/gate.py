@@ -1,9 +1,10 @@
-"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID]
+"""``leak-audit gate AUDIT.jsonl [--policy FILE] [--max METRIC=VALUE ...] [--run all|last|ID]
 [--format text|json|junit] [--output FILE]``.
 
 The CI check: it evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max`` adds max rules,
-:mod:`leak_audit.gate.thresholds`) on one training run of an audit log (the last by default:
-:func:`~leak_audit.results.records.select_run`) and prints one row per rule. It imports only the log
+:mod:`leak_audit.gate.thresholds`) on an audit log and prints one row per rule. It judges every training run the
+log holds unless ``--run`` names one (:func:`~leak_audit.results.records.select_run`): a release is not passed
+on part of its evidence, and a log of several runs is said so on stderr. It imports only the log
 reader and the gate (no torch, Lightning or attack), so it starts fast.
 """
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from leak_audit.gate.policy import GatePolicy
 from leak_audit.gate.render import print_report
 from leak_audit.gate.thresholds import GateError, policy_from_args
-from leak_audit.results.records import AuditLogError, read_audit_log, select_run
+from leak_audit.results.records import AuditLogError, read_audit_log, select_run, which_runs
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BREACH", "EXIT_PASS", "add_gate_arguments", "add_run_argument", "gate_command"]
 
@@ -27,8 +28,8 @@ EXIT_PASS, EXIT_BREACH, EXIT_BAD_INPUT = 0, 1, 2
 
 def add_run_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--run`` (which training run of the log to read; shared by ``gate`` and ``report``) to ``parser``."""
-    parser.add_argument("--run", default="last", metavar="last|all|ID",
-                        help="which training run of the log to read: the last to write (default), every run, or "
+    parser.add_argument("--run", default="all", metavar="all|last|ID",
+                        help="which training runs of the log to read: every run (default), the last to write, or "
                         "one run's id (each record's 'run' field; several fits can append to one log)")
 
 
@@ -76,11 +77,17 @@ def gate_command(args: argparse.Namespace, console: Console) -> int:
     """
     try:
         policy = _policy(args)
-        records = select_run(read_audit_log(args.audit_log), args.run)
+        everything = read_audit_log(args.audit_log)
+        records = select_run(everything, args.run)
         report = policy.evaluate(records)
     except (GateError, AuditLogError) as exc:
         print(f"leak-audit gate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    runs = which_runs(everything, args.run)
+    if runs:  # stderr: a json/junit document on stdout stays machine-readable
+        narrow = " (--run last or --run ID judges one)" if args.run == "all" else ""
+        print(f"leak-audit gate: judged {runs} in {args.audit_log}: {len(records)} of {len(everything)} records{narrow}",
+              file=sys.stderr)
     document = {"json": report.to_json, "junit": report.to_junit}.get(args.format)
     if document is None:
         print_report(report, console)

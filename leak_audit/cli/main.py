@@ -1,15 +1,15 @@
 """The ``leak-audit`` command line: one table of subcommands, each imported only when it runs.
 
-``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--run last|all|ID]
+``leak-audit gate AUDIT.jsonl [--policy leak-policy.toml] [--max rouge1=0.5 ...] [--run all|last|ID]
 [--format text|json|junit] [--output FILE]`` evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max``
-adds max rules) on one training run of the log (the last by default) and prints one row per rule; it exits 0 when
+adds max rules) on the log's training runs (every run by default) and prints one row per rule; it exits 0 when
 no rule fails (warnings included), 1 on a breach (or a metric no record in a rule's scope reports), and 2 on bad
 input (missing or malformed log or policy, unknown metric, a ``--run`` the log does not hold, no successful audit).
 ``--format json|junit`` prints the machine-readable report instead, or writes it to ``--output FILE`` and prints the
 table (:mod:`leak_audit.cli.gate`).
 
-``leak-audit report AUDIT.jsonl [-o OUT.html] [--run last|all|ID]`` writes a self-contained HTML page of one run of
-an audit log (:mod:`leak_audit.cli.report`).
+``leak-audit report AUDIT.jsonl [-o OUT.html] [--run all|last|ID]`` writes a self-contained HTML page of an audit log
+(:mod:`leak_audit.cli.report`).
 
 ``leak-audit bench text --data FILE.tsv [--views full,layer:0,linear:MODULE] [--attacks best|NAME,...] ...``
 runs the attacks on real sentences and reports per-attack leakage and seconds per batch (see
@@ -73,8 +73,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         ("gate",), "leak_audit.cli.gate", "add_gate_arguments", "gate_command",
         "fail (exit 1) when an audit log breaks a leakage policy or thresholds",
-        "Evaluate a leakage policy (--policy, and/or --max rules) on one training run of an audit log (--run; the "
-        "last by default). "
+        "Evaluate a leakage policy (--policy, and/or --max rules) on an audit log: every training run it holds, or "
+        "the one --run names. "
         "Exit 0: pass (warnings included). 1: a rule fails (a value beyond its limit, or no successful audit "
         "in its scope reports the metric). 2: bad input (missing or malformed log or policy, unknown metric, "
         "a --run the log does not hold, no successful audit).",

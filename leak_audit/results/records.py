@@ -8,8 +8,9 @@
      "metrics": {"rouge1": 1.0, "token_recall": 1.0}, "seconds": 0.61, "info": {"rank": 96}}
 
 ``run`` names the training run (one ``Trainer.fit``, kept across a resume from its checkpoint) that wrote the
-record: several runs can append to one log, and readers take one run (:func:`select_run`; the gate and the report
-read the last by default). Logs written before the field existed read as one run named ``""``.
+record: several runs can append to one log, and readers may take one of them (:func:`select_run`; the gate and the
+report read every run unless told ``--run last`` or a run id). Logs written before the field existed read as one
+run named ``""``.
 
 ``status`` is ``ok``, ``timeout`` (the attack's time budget ended it before it finished: missing
 evidence, never a measured value; its partial metrics are in ``info`` as ``partial_<metric>`` and
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CANARY_RECORD", "LOWER_BOUND", "PICK", "SCHEMA_VERSION", "STATUSES", "AuditLogError", "AuditRecord", "iso_now",
-           "new_run_id", "read_audit_log", "run_ids", "select_run", "worst_values"]
+           "new_run_id", "read_audit_log", "run_ids", "select_run", "which_runs", "worst_values"]
 
 SCHEMA_VERSION = 1
 CANARY_RECORD = "canaries"
@@ -147,6 +148,18 @@ def select_run(records: Sequence[AuditRecord], run: str = "last") -> list[AuditR
     if not chosen:
         raise AuditLogError(f"run {run!r} is not in this audit log; its runs: {run_ids(records)} (or 'last', 'all')")
     return chosen
+
+
+def which_runs(records: Sequence[AuditRecord], run: str) -> str:
+    """Which runs :func:`select_run` ``(records, run)`` reads, in words, for a log of several runs
+    (``"all 3 runs"``, ``"run <id> (2 of 3 runs)"``); ``""`` when the log holds one run or none."""
+    runs = run_ids(records)
+    if len(runs) < 2:
+        return ""
+    if run == "all":
+        return f"all {len(runs)} runs"
+    chosen = records[-1].run if run == "last" else run
+    return f"run {chosen or 'unnamed'} ({runs.index(chosen) + 1} of {len(runs)} runs)" if chosen in runs else ""
 
 
 def worst_values(

@@ -84,8 +84,8 @@ class AuditLog:
 
 def note_earlier_runs(path: str | os.PathLike[str], run: str) -> int:
     """Warn (rank zero) when the audit log at ``path`` already holds records of runs other than ``run``, and
-    return how many: a new run appends to them, and ``leak-audit gate``/``report`` read only the last run
-    unless told otherwise (``--run``). A missing or unreadable log counts none (the gate reports a bad one)."""
+    return how many: a new run appends to them, and ``leak-audit gate``/``report`` judge every run of the log
+    unless told ``--run last`` or a run id. A missing or unreadable log counts none (the gate reports a bad one)."""
     try:
         records = read_audit_log(path) if Path(path).is_file() else []
     except AuditLogError:
@@ -95,7 +95,7 @@ def note_earlier_runs(path: str | os.PathLike[str], run: str) -> int:
         n, k = len(others), len(run_ids(others))
         rank_zero_warn(f"LeakageAudit: {path} already holds {n} record{'s' * (n != 1)} of {k} earlier "
                        f"run{'s' * (k != 1)}; this run ({run!r}) appends to it. `leak-audit gate` and `leak-audit report` "
-                       "read the last run (--run all: every run; --run ID: one of them)")
+                       "read every run of it unless given --run last (or --run ID); a new log_dir keeps runs apart")
     return len(others)
 
 

@@ -80,27 +80,34 @@ def test_cli_exit_codes(log, tmp_path, capsys):
     assert main(["gate", str(log)]) == 2
 
 
-def test_the_gate_and_report_read_one_run_the_last_unless_told(log, tmp_path, capsys):
-    """Two fits that append to one log: the gate judges the last (a rerun after a fix is not failed by the run
-    before it); ``--run all`` or the earlier run's id reads the rest. A log from before runs were named is a run."""
+def test_the_gate_and_report_judge_every_run_unless_told_which(log, tmp_path, capsys):
+    """Two fits that append to one log: the gate judges both (a short run appended after a breach does not pass the
+    log) and says so; ``--run last`` judges the last, a run id that run. A log from before runs were named is a run."""
     AuditLog(log, run="20261207T100000Z-a1b2c3").write([rec(step=0, rouge1=0.9, token_recall=0.2)])
     AuditLog(log, run="20261207T110000Z-d4e5f6").write([rec(step=0, rouge1=0.1, token_recall=0.2)])
     records = read_audit_log(log)
     assert run_ids(records) == ["", "20261207T100000Z-a1b2c3", "20261207T110000Z-d4e5f6"]
     assert [r.metrics["rouge1"] for r in select_run(records)] == [0.1]
     assert len(select_run(records, "all")) == 6 and len(select_run(records, "")) == 4
-    assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 0
-    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "all"]) == 1
+    capsys.readouterr()
+    assert main(["gate", str(log), "--max", "rouge1=0.5"]) == 1
+    out, err = capsys.readouterr()
+    assert "rouge1 = 0.9" in out and "judged all 3 runs in" in err and "6 of 6 records (--run last" in err
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "last"]) == 0
+    assert "judged run 20261207T110000Z-d4e5f6 (3 of 3 runs) in" in capsys.readouterr().err
     assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "20261207T100000Z-a1b2c3"]) == 1
     assert "rouge1 = 0.9" in capsys.readouterr().out
+    assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "all", "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verdict"] == "fail"  # the notice stays off stdout
     assert main(["gate", str(log), "--max", "rouge1=0.5", "--run", "2026"]) == 2
     err = capsys.readouterr().err
     assert "run '2026' is not in this audit log" in err and "20261207T110000Z-d4e5f6" in err
-    assert main(["report", str(log), "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["report", str(log), "-o", str(tmp_path / "r.html"), "--run", "last"]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert "(run 20261207T110000Z-d4e5f6, 3 of 3)" in page and "0.900" not in page
-    assert main(["report", str(log), "-o", str(tmp_path / "all.html"), "--run", "all"]) == 0
-    assert "0.900" in (tmp_path / "all.html").read_text()
+    assert "audit.jsonl, run 20261207T110000Z-d4e5f6 (3 of 3 runs)" in page and "0.900" not in page
+    assert main(["report", str(log), "-o", str(tmp_path / "all.html")]) == 0
+    page = (tmp_path / "all.html").read_text()
+    assert "audit.jsonl, all 3 runs" in page and "0.900" in page
 
 
 def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):
@@ -108,7 +115,7 @@ def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):
     names its bad line)."""
     assert note_earlier_runs(tmp_path / "none.jsonl", "r2") == 0
     AuditLog(log, run="r1").write([rec(step=0, rouge1=0.5)])
-    with pytest.warns(UserWarning, match=r"already holds 5 records of 2 earlier runs; this run \('r2'\)"):
+    with pytest.warns(UserWarning, match=r"already holds 5 records of 2 earlier runs; this run \('r2'\) appends"):
         assert note_earlier_runs(log, "r2") == 5
     with pytest.warns(UserWarning, match="already holds 1 record of 1 earlier run;"):
         assert note_earlier_runs(log, "") == 1  # the unnamed run's own four are not earlier

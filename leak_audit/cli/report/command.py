@@ -1,4 +1,4 @@
-"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--run last|all|ID]
+"""``leak-audit report AUDIT.jsonl [-o OUT.html] [--policy FILE] [--max METRIC=VALUE ...] [--run all|last|ID]
 [--include-samples]``."""
 
 from __future__ import annotations

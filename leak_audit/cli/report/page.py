@@ -18,7 +18,7 @@ from leak_audit.cli.report.sections import (
     summary_section,
 )
 from leak_audit.gate.policy import GatePolicy
-from leak_audit.results.records import AuditRecord, read_audit_log, run_ids, select_run
+from leak_audit.results.records import AuditRecord, read_audit_log, select_run, which_runs
 
 __all__ = ["CSP", "CSS", "ReportError", "render_page", "render_report", "write_page", "write_report"]
 
@@ -146,14 +146,14 @@ def write_report(
     title: str | None = None,
     policy: GatePolicy | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     include_samples: bool = False,
-    run: str = "last",
+    run: str = "all",
 ) -> Path:
     """Read the audit log ``path_in`` and write its report page to ``path_out`` (parents created).
 
     Args:
         title: default ``"leak-audit report: <log path>"`` (and which run, when the log holds several).
         policy, include_samples: as in :func:`render_report`.
-        run: which training run of the log: ``"last"``, ``"all"`` or a run id
+        run: which training runs of the log: ``"all"``, ``"last"`` or a run id
             (:func:`~leak_audit.results.records.select_run`).
 
     Returns:
@@ -168,16 +168,14 @@ def write_report(
 
 
 def write_page(path_in: str | Path, path_out: str | Path, title: str | None, policy: GatePolicy | None,
-           include_samples: bool, run: str = "last") -> tuple[Path, int, str | None]:
-    """Read, render, write: ``(path_out, number of records, verdict word or None)``, for one run of the log
-    (``run``: :func:`~leak_audit.results.records.select_run`; a log of several runs says which in the title)."""
+           include_samples: bool, run: str = "all") -> tuple[Path, int, str | None]:
+    """Read, render, write: ``(path_out, number of records, verdict word or None)``, for the runs of the log that
+    ``run`` selects (:func:`~leak_audit.results.records.select_run`; a log of several runs says which in the title)."""
     everything = read_audit_log(path_in)
     records = select_run(everything, run)
-    runs = run_ids(everything)
     if title is None:
-        title = f"leak-audit report: {path_in}"
-        if len(runs) > 1 and run != "all":
-            title += f" (run {records[0].run or 'unnamed'}, {runs.index(records[0].run) + 1} of {len(runs)})"
+        runs = which_runs(everything, run)
+        title = f"leak-audit report: {path_in}" + (f", {runs}" if runs else "")
     page, verdict = render_page(records, title, policy, include_samples, path_in)
     out = Path(path_out)
     try:
