@@ -3,8 +3,8 @@
 
 The CI check: it evaluates a leakage policy (:mod:`leak_audit.gate.policy`; ``--max`` adds max rules,
 :mod:`leak_audit.gate.thresholds`) on an audit log and prints one row per rule. It judges every training run the
-log holds unless ``--run`` names one (:func:`~leak_audit.results.records.select_run`): a release is not passed
-on part of its evidence, and a log of several runs is said so on stderr. It imports only the log
+log holds unless ``--run`` names one (:func:`~leak_audit.results.records.select_run`), so a release is not passed
+on part of its evidence; when the log holds several runs it says which it judged, on stderr. It imports only the log
 reader and the gate (no torch, Lightning or attack), so it starts fast.
 """
 

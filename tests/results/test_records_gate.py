@@ -108,6 +108,7 @@ def test_the_gate_and_report_judge_every_run_unless_told_which(log, tmp_path, ca
     assert main(["report", str(log), "-o", str(tmp_path / "all.html")]) == 0
     page = (tmp_path / "all.html").read_text()
     assert "audit.jsonl, all 3 runs" in page and "0.900" in page
+    assert "4 (4 ran, 0 skipped entirely)" in page  # audit 0 at step 0 of each run counted apart
 
 
 def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):

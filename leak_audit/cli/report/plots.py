@@ -91,10 +91,10 @@ def _plot_by(records: Sequence[AuditRecord], metrics: Sequence[str], key: Callab
              keys: Sequence[str], legend_title: str) -> str:
     fig, axes = new_figure(len(metrics))
     colors = _colors(keys)
-    by_audit: dict[tuple[int, int], set[str]] = defaultdict(set)
+    by_audit: dict[tuple[str, int, int], set[str]] = defaultdict(set)  # runs of one log number their audits alike
     for r in records:
-        by_audit[(r.audit, r.step)].add(r.status)
-    skipped = sorted({step for (_, step), st in by_audit.items() if st == {"skipped"}})
+        by_audit[(r.run, r.audit, r.step)].add(r.status)
+    skipped = sorted({step for (_, _, step), st in by_audit.items() if st == {"skipped"}})
     failed = sorted({r.step for r in records if r.status == "failed"})
     timeout = sorted({r.step for r in records if r.status == "timeout"})
     for ax, metric in zip(axes, metrics, strict=True):
@@ -148,17 +148,17 @@ def _plot_seconds(records: Sequence[AuditRecord], attacks: Sequence[str]) -> str
     colors = _colors(attacks)
     ran = [r for r in records if r.status != "skipped"]
     per: dict[str, dict[int, float]] = defaultdict(dict)
-    total: dict[tuple[int, int], float] = defaultdict(float)
+    total: dict[tuple[str, int, int], float] = defaultdict(float)
     for r in ran:
         per[r.attack][r.step] = max(per[r.attack].get(r.step, 0.0), float(r.seconds))
-        total[(r.audit, r.step)] += float(r.seconds)
+        total[(r.run, r.audit, r.step)] += float(r.seconds)
     for a in attacks:
         if a in per:
             xs, ys = zip(*sorted(per[a].items()), strict=True)
             ax.plot(xs, ys, "-o", ms=4, color=colors[a], label=a, alpha=0.9)
     if len(per) > 1:
         by_step: dict[int, float] = {}
-        for (_, step), s in total.items():
+        for (_, _, step), s in total.items():
             by_step[step] = max(by_step.get(step, 0.0), s)
         xs, ys = zip(*sorted(by_step.items()), strict=True)
         ax.plot(xs, ys, "--", color="0.2", label="audit total", alpha=0.8)

@@ -29,8 +29,9 @@ __all__ = ["audit_section", "canary_section", "gate_section", "samples_section",
 def summary_section(records: Sequence[AuditRecord], source: str | None, attacks: Sequence[str], sets: Sequence[str]) -> str:
     """The run summary: audits, record statuses, steps, attacks, tapped modules, batch sizes, time span, DP-SGD."""
     status = Counter(r.status for r in records)
-    audits = {(r.audit, r.step) for r in records if r.attack != CANARY_RECORD}  # the closing record is no audit
-    ran = {(r.audit, r.step) for r in records if r.status != "skipped" and r.attack != CANARY_RECORD}
+    # per run: runs appended to one log number their audits alike; the canaries' closing record is no audit
+    audits = {(r.run, r.audit, r.step) for r in records if r.attack != CANARY_RECORD}
+    ran = {(r.run, r.audit, r.step) for r in records if r.status != "skipped" and r.attack != CANARY_RECORD}
     rows: list[tuple[str, str]] = [("audit log", escape(source) if source else "–")]
     rows.append(("audits", f"{len(audits)} ({len(ran)} ran, {len(audits) - len(ran)} skipped entirely)"))
     rows.append(("records", f"{len(records)}: <span class=\"s-ok\">{status['ok']} ok</span>, "
