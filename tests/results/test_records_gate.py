@@ -105,10 +105,14 @@ def test_the_gate_and_report_judge_every_run_unless_told_which(log, tmp_path, ca
     assert main(["report", str(log), "-o", str(tmp_path / "r.html"), "--run", "last"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "audit.jsonl, run 20261207T110000Z-d4e5f6 (3 of 3 runs)" in page and "0.900" not in page
+    assert "<th>run</th>" not in page  # one run: no run column
     assert main(["report", str(log), "-o", str(tmp_path / "all.html")]) == 0
     page = (tmp_path / "all.html").read_text()
     assert "audit.jsonl, all 3 runs" in page and "0.900" in page
     assert "4 (4 ran, 0 skipped entirely)" in page  # audit 0 at step 0 of each run counted apart
+    rows = page.split('id="audits"')[1]
+    assert "<th>run</th>" in rows and rows.index("<td>unnamed</td>") < rows.index("<td>20261207T100000Z-a1b2c3</td>") \
+        < rows.index("<td>20261207T110000Z-d4e5f6</td>")  # the table names each row's run, runs in log order
 
 
 def test_a_new_run_is_told_about_earlier_runs_in_its_log(log, tmp_path):

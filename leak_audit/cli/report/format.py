@@ -121,6 +121,8 @@ def duration_text(seconds: float) -> str:
 
 
 def sort_records(records: Sequence[AuditRecord], attacks: Sequence[str]) -> list[AuditRecord]:
-    """The records by step, audit, then the position of their attack in ``attacks``."""
+    """The records by training run (in the order the log first shows them), step, audit, then the position of their
+    attack in ``attacks``."""
     order = {a: i for i, a in enumerate(attacks)}
-    return sorted(records, key=lambda r: (r.step, r.audit, order.get(r.attack, 0)))
+    runs = {run: i for i, run in enumerate(dict.fromkeys(r.run for r in records))}
+    return sorted(records, key=lambda r: (runs[r.run], r.step, r.audit, order.get(r.attack, 0)))

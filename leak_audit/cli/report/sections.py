@@ -135,7 +135,8 @@ def gate_section(records: Sequence[AuditRecord], policy: GatePolicy | None) -> t
 
 
 def audit_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: Sequence[str]) -> str:
-    """The audit table: one row per record (every metric, ε under DP, seconds, error)."""
+    """The audit table: one row per record (every metric, ε under DP, seconds, error; the run where the log holds
+    several)."""
     if not records:
         return '<section id="audits"><h2>Audits</h2><p class="note">The log holds no record.</p></section>'
     metrics = ordered_metrics({*(m for r in records for m in r.metrics),
@@ -144,14 +145,16 @@ def audit_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
     with_eps = any(r.privacy for r in records)
     with_modules = len(sets) > 1
     with_rank = any("process_rank" in r.info for r in records)
-    head = ["step", "audit", "attack", "status", "pick"] + (["rank"] if with_rank else []) + (
-        ["modules"] if with_modules else []) + [metric_label(m) for m in metrics] + (["ε"] if with_eps else []) + [
-        "seconds", "error"]
+    with_run = len({r.run for r in records}) > 1  # a log several runs appended to
+    head = (["run"] if with_run else []) + ["step", "audit", "attack", "status", "pick"]
+    head += (["rank"] if with_rank else []) + (["modules"] if with_modules else []) + [metric_label(m) for m in metrics]
+    head += (["ε"] if with_eps else []) + ["seconds", "error"]
     body = []
     for r in sort_records(records, attacks):
-        cells = [f'<td class="num">{r.step}</td>', f'<td class="num">{escape(r.audit)}</td>', f"<td>{escape(r.attack)}</td>",
-                 f'<td class="status">{escape(r.status)}</td>',
-                 f'<td>{"attacker" if r.info.get(PICK) else ""}</td>']
+        cells = [f"<td>{escape(r.run or 'unnamed')}</td>"] if with_run else []
+        cells += [f'<td class="num">{r.step}</td>', f'<td class="num">{escape(r.audit)}</td>',
+                  f"<td>{escape(r.attack)}</td>", f'<td class="status">{escape(r.status)}</td>',
+                  f'<td>{"attacker" if r.info.get(PICK) else ""}</td>']
         if with_rank:
             cells.append(f'<td class="num">{escape(r.info.get("process_rank", ""))}</td>')
         if with_modules:
