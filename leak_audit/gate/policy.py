@@ -24,12 +24,14 @@ and an optional scope (attacks, module patterns, a step range). Written as TOML:
 
 Evaluation of one rule (:meth:`GatePolicy.evaluate`): take the records with ``status == "ok"`` in the
 rule's scope that report the metric (for ``epsilon``: a numeric ``privacy["epsilon"]``). Group them by
-step and keep, per step, the worst value in the rule's direction (the largest for a max rule, the smallest
+run and step and keep, per step, the worst value in the rule's direction (the largest for a max rule, the smallest
 for a min rule) across attacks, modules and ranks. Then aggregate over steps: ``max``/``min`` of the
 per-step values, ``last`` the value at the largest step, ``mean_last_k`` the mean of the last ``k`` steps'
-values (all of them when fewer). The rule fails when the aggregate is beyond its limit, warns when it is
-only beyond ``warn``, and fails when no record in scope reports the metric: a gate must not pass on
-missing evidence.
+values (all of them when fewer). Records of several training runs (their ``run`` field: fits appended to one log)
+are kept apart: ``max``/``min`` range over every run's steps, and ``last``/``mean_last_k`` aggregate each run on
+its own and take the worst run, so a later, cleaner run never hides an earlier breach. The rule fails when the
+aggregate is beyond its limit, warns when it is only beyond ``warn``, and fails when no record in scope reports
+the metric: a gate must not pass on missing evidence.
 
 An attack stopped by its time budget (``status == "timeout"``) is missing evidence, never a measured low
 value: it does not count, and the rule's message says how many timed-out attacks in scope were left out.
@@ -278,7 +280,7 @@ class MetricRule:
     def evaluate(self, records: Sequence[AuditRecord]) -> RuleResult:
         """The rule's :class:`RuleResult` on ``records`` (any status; only ``ok`` ones count)."""
         sign = 1.0 if self.direction == "max" else -1.0  # worse means larger * sign
-        per_step: dict[int, tuple[float, AuditRecord]] = {}
+        per_step: dict[tuple[str, int], tuple[float, AuditRecord]] = {}  # (run, step): runs of one log share steps
         n = 0
         for r in records:
             if r.status != "ok" or not self.in_scope(r):
@@ -287,32 +289,40 @@ class MetricRule:
             if v is None or r.info.get(LOWER_BOUND):  # a lower bound is never evidence of a pass
                 continue
             n += 1
-            best = per_step.get(r.step)
+            best = per_step.get((r.run, r.step))
             if best is None or sign * v > sign * best[0]:  # ties keep the first record
-                per_step[r.step] = (v, r)
+                per_step[(r.run, r.step)] = (v, r)
         partial = self._partial_breach(records)
         bounds = len(self._lower_bounds(records))
         if not per_step:
             if partial is not None:
                 return replace(partial, lower_bounds=bounds)
             return RuleResult(self, "fail", None, self._missing_message(records), "", 0, bounds)
-        steps = sorted(per_step)
+        runs = list(dict.fromkeys(run for run, _ in per_step))  # in log order
+        several = len(runs) > 1
         where = ""
         if self.aggregation in ("max", "min"):
             pick = max if self.aggregation == "max" else min
-            step = pick(steps, key=lambda s: per_step[s][0])  # the first (earliest) on ties
-            value, rec = per_step[step]
-            where = f"{rec.attack}@step {rec.step}"
+            key = pick(per_step, key=lambda k: per_step[k][0])  # the first (earliest) on ties
+            value, rec = per_step[key]
+            where = f"{rec.attack}@step {rec.step}" + (f" of run {rec.run or 'unnamed'}" if several else "")
             label = "worst" if self.aggregation == self.direction else "at"  # a max rule aggregated by min
-            how = f"{self.aggregation} over {_n(len(steps), 'audit')}; {label} {where}"
-        elif self.aggregation == "last":
-            value = per_step[steps[-1]][0]
-            how = f"last of {_n(len(steps), 'audit')}, step {steps[-1]}"
-        else:
-            last = steps[-self.k :]
-            value = math.fsum(per_step[s][0] for s in last) / len(last)
-            span = f"step {last[0]}" if len(last) == 1 else f"steps {last[0]}-{last[-1]}"
-            how = f"mean of the last {len(last)} of {_n(len(steps), 'audit')}, {span}"
+            how = f"{self.aggregation} over {_n(len(per_step), 'audit')}; {label} {where}"
+        else:  # per run, then the run that is worst in the rule's direction (fail-closed)
+            per_run = []
+            for run in runs:
+                steps = sorted(s for r, s in per_step if r == run)
+                last = steps[-1:] if self.aggregation == "last" else steps[-self.k :]
+                v = math.fsum(per_step[(run, s)][0] for s in last) / len(last)
+                if self.aggregation == "last":
+                    how = f"last of {_n(len(steps), 'audit')}, step {last[0]}"
+                else:
+                    span = f"step {last[0]}" if len(last) == 1 else f"steps {last[0]}-{last[-1]}"
+                    how = f"mean of the last {len(last)} of {_n(len(steps), 'audit')}, {span}"
+                per_run.append((v, how, run))
+            value, how, run = max(per_run, key=lambda t: sign * t[0])  # the first run on ties
+            if several:
+                how = f"worst of {len(runs)} runs: run {run or 'unnamed'}, {how}"
         status = self._status(value)
         shown = _fmt(value, self.threshold, self.warn)
         text = f"{self.metric} = {shown} ({how})"

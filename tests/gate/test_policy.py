@@ -96,6 +96,25 @@ def test_aggregations_give_the_hand_computed_numbers(recs):
     assert (r.value, r.where) == (0.2, "span_check@step 0")
 
 
+def test_runs_appended_to_one_log_are_aggregated_apart():
+    """Two fits in one log share step numbers: a later, cleaner run must not hide an earlier one's breach from
+    ``last``/``mean_last_k`` (each run aggregated on its own, then the worst run), and ``max`` names the run."""
+    def rec(run, step, value):
+        return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": value}, run=run)
+
+    both = [rec("r1", 10, 0.9), rec("r2", 10, 0.1), rec("r2", 20, 0.1)]
+    r = one(both, metric="rouge1", max=0.5, aggregation="last")  # per step alone: step 20's 0.1 would pass
+    assert (r.status, r.value) == ("fail", 0.9)
+    assert "worst of 2 runs: run r1, last of 1 audit, step 10" in r.message
+    r = one(both, metric="rouge1", max=0.5, aggregation="mean_last_k", k=2)  # steps 10-20 mixed: 0.5 would pass
+    assert (r.status, r.value) == ("fail", 0.9)
+    r = one(both, metric="rouge1", max=0.5)
+    assert r.where == "span_check@step 10 of run r1" and "max over 3 audits" in r.message
+    r = one(both, metric="rouge1", min=0.05, aggregation="last")  # a min rule: the lowest run is the worst
+    assert (r.value, r.status) == (0.1, "pass") and "run r2" in r.message
+    assert "worst of" not in one(both[1:], metric="rouge1", max=0.5, aggregation="last").message  # one run
+
+
 def test_min_rule_takes_the_per_step_minimum_across_attacks(recs):
     r = one(recs, metric="label_accuracy", min=0.6)
     assert (r.status, r.value, r.where) == ("fail", 0.5, "token_bag@step 0")
