@@ -417,6 +417,25 @@ def test_report_renders_in_chromium_without_console_errors(report_page, tmp_path
     assert red > 2000, red
 
 
+def test_runs_appended_to_one_log_keep_their_own_canary_rows_dp_summary_and_plot_lines():
+    """Two DP fits in one log share steps: the canary table and the DP-SGD summary are per run (the first run's
+    fault is not hidden by the second's clean step 10), and the plots' captions say which line style is which run."""
+    def rec(run, step, eps, low):
+        return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": 0.1}, run=run,
+                           privacy={"epsilon": eps, "delta": 1e-5, "epsilon_empirical": low, "canaries": 1000})
+
+    page = render_report([rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 4.2), rec("r2", 0, 0.5, 0.0), rec("r2", 10, 2.0, 0.7)])
+    section = _section(page, "canaries")
+    assert "<th>run</th>" in section and section.count(">above<") == 1
+    assert "DP implementation fault:</strong> at the last audited step (10) of run r1" in section
+    assert "At the last audited step (10) of run r2 the canaries' lower bound stays at or below" in section
+    summary = _section(page, "summary")
+    assert "DP-SGD, run r1" in summary and "DP-SGD, run r2" in summary
+    assert "Runs (line styles): 1 = r1, 2 = r2." in page
+    one_run = render_report([rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 0.7)])
+    assert "<th>run</th>" not in _section(one_run, "canaries") and "Runs (line styles)" not in one_run
+
+
 def test_gate_table_never_rounds_a_failing_value_onto_its_limit():
     """ε = 8.00001 against max 8 fails; the table must not show it as 8."""
     rec = AuditRecord(step=0, attack="token_bag", status="ok", modules=["m"], metrics={"rouge1": 0.1},

@@ -63,6 +63,22 @@ def _colors(keys: Sequence[str]) -> dict[str, Any]:
     return {k: cmap(i % 10) for i, k in enumerate(keys)}
 
 
+def _run_styles(records: Iterable[AuditRecord]) -> dict[str, tuple[str, str]]:
+    """Per training run of ``records`` (log order): its legend suffix and line style; one run: none and solid."""
+    runs = list(dict.fromkeys(r.run for r in records))
+    if len(runs) < 2:
+        return {run: ("", "-") for run in runs}
+    return {run: (f" · run {i + 1}", ("-", "--", ":", "-.")[i % 4]) for i, run in enumerate(runs)}
+
+
+def _runs_caption(records: Iterable[AuditRecord]) -> str:
+    """``" Runs (line styles): 1 = <id>, 2 = <id>."`` for a log of several runs, else ``""``."""
+    runs = list(dict.fromkeys(r.run for r in records))
+    if len(runs) < 2:
+        return ""
+    return " Runs (line styles): " + ", ".join(f"{i + 1} = {run or 'unnamed'}" for i, run in enumerate(runs)) + "."
+
+
 def _plot_metrics(records: Sequence[AuditRecord]) -> list[str]:
     """The metrics to plot: the headline metrics present in ``ok`` records, else every metric present."""
     present = {m for r in records if r.status == "ok" for m in r.metrics}
@@ -97,12 +113,14 @@ def _plot_by(records: Sequence[AuditRecord], metrics: Sequence[str], key: Callab
     skipped = sorted({step for (_, _, step), st in by_audit.items() if st == {"skipped"}})
     failed = sorted({r.step for r in records if r.status == "failed"})
     timeout = sorted({r.step for r in records if r.status == "timeout"})
+    styles = _run_styles(records)
     for ax, metric in zip(axes, metrics, strict=True):
-        series = _series(records, key, lambda r: float(r.step), metric)
+        series = _series(records, lambda r: (key(r), r.run), lambda r: float(r.step), metric)
         for k in keys:
-            if k in series:
-                xs, ys = zip(*series[k], strict=True)
-                ax.plot(xs, ys, "-o", ms=4, color=colors[k], label=shorten(k), alpha=0.9)
+            for run, (suffix, ls) in styles.items():
+                if (k, run) in series:
+                    xs, ys = zip(*series[(k, run)], strict=True)
+                    ax.plot(xs, ys, marker="o", ls=ls, ms=4, color=colors[k], label=shorten(k) + suffix, alpha=0.9)
         for steps, color, label in ((skipped, "0.55", "audit skipped"), (failed, "#c62828", "an attack failed"),
                                     (timeout, "#ef6c00", "an attack timed out")):
             for i, step in enumerate(steps):
@@ -122,12 +140,14 @@ def _plot_epsilon(records: Sequence[AuditRecord], metrics: Sequence[str], sets: 
     colors = _colors(sets)
     all_eps = [e for r in records if (e := finite_epsilon(r)) is not None]
     log_x = bool(all_eps) and min(all_eps) > 0 and max(all_eps) / min(all_eps) > 20
+    styles = _run_styles(records)
     for ax, metric in zip(axes, metrics, strict=True):
-        series = _series(records, module_set, finite_epsilon, metric)
+        series = _series(records, lambda r: (module_set(r), r.run), finite_epsilon, metric)
         for k in sets:
-            if k in series:
-                xs, ys = zip(*series[k], strict=True)
-                ax.plot(xs, ys, "-o", ms=4, color=colors[k], label=shorten(k), alpha=0.9)
+            for run, (suffix, ls) in styles.items():
+                if (k, run) in series:
+                    xs, ys = zip(*series[(k, run)], strict=True)
+                    ax.plot(xs, ys, marker="o", ls=ls, ms=4, color=colors[k], label=shorten(k) + suffix, alpha=0.9)
         ax.set_title(f"{metric_label(metric)} vs ε")
         deltas = {(r.privacy or {}).get("delta") for r in records if finite_epsilon(r) is not None}
         delta = next(iter(deltas)) if len(deltas) == 1 else None
@@ -135,7 +155,7 @@ def _plot_epsilon(records: Sequence[AuditRecord], metrics: Sequence[str], sets: 
         if log_x:
             ax.set_xscale("log")
         _style_metric_axis(ax, metric)
-        if len(series) > 1:
+        if len(series) > 1:  # one line per module set and run
             ax.legend(fontsize=8, title="modules", title_fontsize=8)
         if not series:
             ax.text(0.5, 0.5, "no DP record reports it", ha="center", va="center", transform=ax.transAxes, color="0.4")
@@ -147,21 +167,26 @@ def _plot_seconds(records: Sequence[AuditRecord], attacks: Sequence[str]) -> str
     ax = axes[0]
     colors = _colors(attacks)
     ran = [r for r in records if r.status != "skipped"]
-    per: dict[str, dict[int, float]] = defaultdict(dict)
+    per: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     total: dict[tuple[str, int, int], float] = defaultdict(float)
     for r in ran:
-        per[r.attack][r.step] = max(per[r.attack].get(r.step, 0.0), float(r.seconds))
+        cell = per[(r.attack, r.run)]
+        cell[r.step] = max(cell.get(r.step, 0.0), float(r.seconds))
         total[(r.run, r.audit, r.step)] += float(r.seconds)
+    styles = _run_styles(ran)
     for a in attacks:
-        if a in per:
-            xs, ys = zip(*sorted(per[a].items()), strict=True)
-            ax.plot(xs, ys, "-o", ms=4, color=colors[a], label=a, alpha=0.9)
-    if len(per) > 1:
-        by_step: dict[int, float] = {}
-        for (_, _, step), s in total.items():
-            by_step[step] = max(by_step.get(step, 0.0), s)
-        xs, ys = zip(*sorted(by_step.items()), strict=True)
-        ax.plot(xs, ys, "--", color="0.2", label="audit total", alpha=0.8)
+        for run, (suffix, ls) in styles.items():
+            if (a, run) in per:
+                xs, ys = zip(*sorted(per[(a, run)].items()), strict=True)
+                ax.plot(xs, ys, marker="o", ls=ls, ms=4, color=colors[a], label=a + suffix, alpha=0.9)
+    if len({a for a, _ in per}) > 1:
+        for run, (suffix, ls) in styles.items():
+            by_step: dict[int, float] = {}
+            for (rr, _, step), sec in total.items():
+                if rr == run:
+                    by_step[step] = max(by_step.get(step, 0.0), sec)
+            xs, ys = zip(*sorted(by_step.items()), strict=True)
+            ax.plot(xs, ys, ls=ls, lw=2.2, color="0.2", label="audit total" + suffix, alpha=0.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("seconds")
     ax.set_title("attack time per audit (background worker)")
@@ -184,6 +209,7 @@ def plots_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
     """The four plots (or a one-line note for each that has no data) as HTML figures."""
     ok = [r for r in records if r.status == "ok" and r.metrics]
     metrics = _plot_metrics(records)
+    runs = _runs_caption(records)
     parts = []
     title = "(a) leakage over steps, per attack"
     if ok:
@@ -191,13 +217,13 @@ def plots_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
         parts.append(_figure("leakage-by-attack", title, _plot_by(records, metrics, lambda r: r.attack, attacks, "attack"),
                              f"Each point: an attack's value at an audited step ({kind}; the largest when several "
                              "records share the step). Dotted lines, if any: audits skipped entirely (grey), steps where an "
-                             "attack failed (red) or ran out of time (orange; missing evidence, no point)."))
+                             "attack failed (red) or ran out of time (orange; missing evidence, no point)." + runs))
     else:
         parts.append(_note("leakage-by-attack", title, "no successful audit with metrics, nothing to plot."))
     title = "(b) leakage over steps, per tapped module set"
     if ok and len(sets) > 1:
         parts.append(_figure("leakage-by-modules", title, _plot_by(records, metrics, module_set, sets, "modules"),
-                             "Each point: the worst value over attacks at an audited step, per set of tapped modules."))
+                             "Each point: the worst value over attacks at an audited step, per set of tapped modules." + runs))
     else:
         why = (f"every record taps the same modules: {sets[0]}; plot (a) shows them." if len(sets) == 1
                else "the log holds no record.")
@@ -208,7 +234,7 @@ def plots_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
         dp_metrics = [m for m in metrics if any(m in r.metrics for r in dp_ok)] or _plot_metrics(dp_ok)
         parts.append(_figure("leakage-vs-epsilon", title, _plot_epsilon(dp_ok, dp_metrics, sets),
                              "Each point: the worst value over attacks at one ε (privacy.epsilon of the records, "
-                             "from the run's accountant). More privacy to the left."))
+                             "from the run's accountant). More privacy to the left." + _runs_caption(dp_ok)))
     else:
         dp_any = [r for r in records if r.privacy]
         why = (f"{len(dp_any)} record(s) carry privacy data but no finite ε in a successful audit "
@@ -219,7 +245,7 @@ def plots_section(records: Sequence[AuditRecord], attacks: Sequence[str], sets: 
     if any(r.status != "skipped" for r in records):
         parts.append(_figure("seconds", title, _plot_seconds(records, attacks),
                              "Seconds each attack ran in the background worker (ok and failed records), and their "
-                             "sum per audit. Training does not wait for them."))
+                             "sum per audit. Training does not wait for them." + _runs_caption(r for r in records if r.status != "skipped")))
     else:
         parts.append(_note("seconds", title, "no audit ran (every record is skipped)."))
     return "\n".join(parts)

@@ -21,7 +21,7 @@ from leak_audit.cli.report.format import (
 )
 from leak_audit.cli.report.plots import image_grid
 from leak_audit.gate.policy import VERDICT_WORDS, GateError, GatePolicy
-from leak_audit.results.records import CANARY_RECORD, LOWER_BOUND, PICK, AuditRecord, worst_values
+from leak_audit.results.records import CANARY_RECORD, LOWER_BOUND, PICK, AuditRecord, run_ids, worst_values
 
 __all__ = ["audit_section", "canary_section", "gate_section", "samples_section", "summary_section"]
 
@@ -54,9 +54,9 @@ def summary_section(records: Sequence[AuditRecord], source: str | None, attacks:
         span = (times[-1] - times[0]).total_seconds()
         fmt = "%Y-%m-%d %H:%M:%S UTC"
         rows.append(("time span", f"{times[0].strftime(fmt)} → {times[-1].strftime(fmt)} ({duration_text(span)})"))
-    dp = [r for r in records if r.privacy]
-    if dp:
-        last = max(dp, key=lambda r: (r.step, r.audit))
+    dp_runs = run_ids(r for r in records if r.privacy)
+    for run in dp_runs:  # one row per run: runs appended to one log train (and spend ε) apart
+        last = max((r for r in records if r.privacy and r.run == run), key=lambda r: (r.step, r.audit))
         p = last.privacy or {}
         eps = finite_epsilon(last)
         eps_text = f"{eps:.4g}" if eps is not None else "∞ / not computed" + (f" ({escape(p.get('error'))})" if p.get("error") else "")
@@ -64,7 +64,7 @@ def summary_section(records: Sequence[AuditRecord], source: str | None, attacks:
         fields += [f"{label} = {escape(format_number(p[k]))}" for k, label in (
             ("delta", "δ"), ("noise_multiplier", "σ"), ("max_grad_norm", "C"), ("sample_rate", "q"),
             ("accountant", "accountant"), ("epsilon_accountant", "ε from")) if p.get(k) is not None]
-        rows.append(("DP-SGD", ", ".join(fields)))
+        rows.append(("DP-SGD" + (f", run {escape(run or 'unnamed')}" if len(dp_runs) > 1 else ""), ", ".join(fields)))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<section id="summary"><h2>Run summary</h2><table class="kv">{body}</table></section>'
 
@@ -225,39 +225,49 @@ def samples_section(records: Sequence[AuditRecord], include_samples: bool, base:
 def canary_section(records: Sequence[AuditRecord]) -> str:
     """The ε DP-SGD delivered, per audited step: the accountant's ε against the canaries' empirical lower bound
     (``privacy.epsilon_empirical``), its GDP estimate and ceiling; empty when no record carries canaries."""
-    by_step: dict[int, Mapping] = {}
-    closing: int | None = None  # the step of the record over the whole run (CANARY_RECORD)
+    by_step: dict[tuple[str, int], Mapping] = {}  # (run, step): runs appended to one log share steps
+    closing: set[tuple[str, int]] = set()  # the record over the whole run (CANARY_RECORD), per run
     for r in records:
         p = r.privacy or {}
         if isinstance(p.get("epsilon_empirical"), int | float):
-            by_step[r.step] = p
+            by_step[(r.run, r.step)] = p
             if r.attack == CANARY_RECORD:
-                closing = r.step
+                closing.add((r.run, r.step))
     if not by_step:
         return ""
-    rows, faults = [], []
-    for step in sorted(by_step):
-        p = by_step[step]
-        eps, low = p.get("epsilon"), float(p["epsilon_empirical"])
-        fault = isinstance(eps, int | float) and low > eps
-        if fault:
-            faults.append(step)
-        cells = [f"{step} (end of run)" if step == closing else str(step), format_number(eps) if eps is not None else "∞ / not computed", format_number(low),
-                 format_number(p.get("epsilon_empirical_gdp")), format_number(p.get("epsilon_empirical_ceiling")),
-                 "above" if fault else "ok"]
-        rows.append("<tr>" + "".join(f'<td class="num">{escape(c)}</td>' for c in cells) + "</tr>")
-    m = by_step[max(by_step)].get("canaries")
-    last = max(by_step)
-    where = f"At the end of the run (step {last})" if last == closing else f"At the last audited step ({last})"
-    verdict = (f"<p><strong>DP implementation fault:</strong> {where[0].lower() + where[1:]} the canaries' 95% "
-               "lower bound on ε exceeds the accountant's ε: this run leaks more than its accountant says.</p>"
-               if last in faults else
-               f"<p>{where} the canaries' lower bound stays at or below the accountant's ε "
-               "(the gate's check; each row is one 95% test, so an isolated earlier \"above\" is weaker evidence)"
-               ".</p>")
-    head = "".join(f"<th>{h}</th>" for h in ("step", "accountant ε", "empirical ε (95% lower bound)", "GDP estimate",
-                                               "ceiling", "check"))
-    return (f'<section id="canaries"><h2>The ε DP-SGD delivered ({escape(str(m))} canaries)</h2>'
+    runs = run_ids(r for r in records if (r.run, r.step) in by_step)
+    several = len(runs) > 1
+    rows, verdicts = [], []
+    for run in runs:
+        steps = sorted(step for rr, step in by_step if rr == run)
+        faults = []
+        for step in steps:
+            p = by_step[(run, step)]
+            eps, low = p.get("epsilon"), float(p["epsilon_empirical"])
+            fault = isinstance(eps, int | float) and low > eps
+            if fault:
+                faults.append(step)
+            cells = [run or "unnamed"] if several else []
+            cells += [f"{step} (end of run)" if (run, step) in closing else str(step),
+                      format_number(eps) if eps is not None else "∞ / not computed", format_number(low),
+                      format_number(p.get("epsilon_empirical_gdp")), format_number(p.get("epsilon_empirical_ceiling")),
+                      "above" if fault else "ok"]
+            rows.append("<tr>" + "".join(f'<td class="num">{escape(c)}</td>' for c in cells) + "</tr>")
+        last = steps[-1]
+        where = f"At the end of the run (step {last})" if (run, last) in closing else f"At the last audited step ({last})"
+        if several:
+            where += f" of run {run or 'unnamed'}"
+        verdicts.append(f"<p><strong>DP implementation fault:</strong> {where[0].lower() + where[1:]} the canaries' 95% "
+                        "lower bound on ε exceeds the accountant's ε: this run leaks more than its accountant says.</p>"
+                        if last in faults else
+                        f"<p>{where} the canaries' lower bound stays at or below the accountant's ε "
+                        "(the gate's check; each row is one 95% test, so an isolated earlier \"above\" is weaker "
+                        "evidence).</p>")
+    m = ", ".join(dict.fromkeys(str(p.get("canaries")) for p in by_step.values()))  # one count per run, usually one
+    verdict = "".join(verdicts)
+    head = "".join(f"<th>{h}</th>" for h in ("run",) * several + (
+        "step", "accountant ε", "empirical ε (95% lower bound)", "GDP estimate", "ceiling", "check"))
+    return (f'<section id="canaries"><h2>The ε DP-SGD delivered ({escape(m)} canaries)</h2>'
             "<p>Dirac canaries in the same run (Steinke, Nasr, Jagielski 2023): a lower bound on the true ε at the "
             "accountant's δ. The ceiling is the most these canaries can certify; the GDP estimate assumes a Gaussian "
             f"trade-off curve.</p>{verdict}<table><tr>{head}</tr>{''.join(rows)}</table></section>")
