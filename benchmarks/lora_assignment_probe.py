@@ -28,11 +28,26 @@ pretrained MiniLM (LoRA r = 8 on query/value, 50 AdamW steps, as ``leak-audit be
    position, reassign them by the Hungarian method on the candidates' certificates (the objective is a sum
    over sentences), sweeping until nothing improves; a sentence certified below ``CERTIFY_TOL`` (1e-4) is
    kept and its tokens leave the problem; up to 12 seeded restarts.
+
+``--multisets`` runs two other probes instead, on what layer 0's split says about each position and each token:
+
+4. **Per-position token multisets as a subset sum.** Position ``i``'s coefficient ``π_i`` is the sum of the
+   contributions ``u_t/σ_t`` of the tokens there; a token that occurs once contributes its whole column ``c_v``,
+   a repeated token an unknown part of its column. Taking each repeated token's parts along its column's direction
+   ``d_v`` with a free scale (a least-squares fit), every hypothesis (``k_i`` tokens at position ``i``, ``k_i`` the
+   true number of sentences that long: an oracle) is ranked by its relative residual. Prints, per position, the
+   true hypothesis's rank and residual against the best; and how well the true contributions of repeated tokens
+   (from each true sentence's forward/backward and its loss scale ``(p₁ − y)/B``) follow ``±d_v``.
+5. **The label of a token's sentence from its column's sign.** ``∇ℓ_s = (p₁(s) − y_s)·∇(z₁ − z₀)(s)``, so the
+   column of a once-occurring token is its sentence's scale times a direction that depends mostly on the token.
+   A reference direction per token from ``[CLS] v [SEP]`` (its own forward/backward of ``z₁ − z₀``): the sign
+   of the column along it against the sign of ``p₁ − y`` (positive for label 0, negative for label 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import time
 from collections import Counter
@@ -116,11 +131,116 @@ def certificate_search(truth: list[list[int]], certify, rng: random.Random, rest
     return done
 
 
+def occurrence_columns(model: nn.Module, modules: list[nn.Module], tables: EmbeddingTables,
+                       sentences: list[list[int]], labels: list[int], pad_id: int) -> torch.Tensor:
+    """Probes 4 and 5: each token's contribution ``u_t/σ_t`` to layer 0's split, with its sentence's loss scale
+    ``(p₁ − y)/B`` (``B = len(sentences)``): ``[S, L, Σk]`` float64, zero past each sentence."""
+    width = max(len(s) for s in sentences)
+    ids = torch.full((len(sentences), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(sentences):
+        ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+    taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keeper(k: int):
+        def keep(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = inp[0].detach()
+            out.register_hook(lambda g: taken.__setitem__(k, (x, g)))
+        return keep
+
+    hooks = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            (logits[:, 1] - logits[:, 0]).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    scale = (logits.detach().double().softmax(-1)[:, 1] - torch.tensor(labels, dtype=torch.float64)) / len(sentences)
+    x = taken[0][0].double()
+    g = torch.cat([taken[k][1].double() for k in range(len(modules))], -1)
+    beta = tables.norm_bias.detach().double()
+    out = torch.zeros_like(g)
+    for b, s in enumerate(sentences):
+        at = additive_atoms(tables, s, len(s))
+        for i in range(len(s)):
+            a = at[:, i] + at[:, len(s) + i]  # x_t = a/σ_t + β
+            out[b, i] = g[b, i] * float((x[b, i] - beta) @ a / (a @ a)) * scale[b]
+    return out
+
+
+def position_ranks(truth: list[list[int]], c: dict[int, torch.Tensor], pi: torch.Tensor) -> list[tuple[int, float, float]]:
+    """Probe 4: per position, (the true hypothesis's rank, its relative residual, the best residual)."""
+    counts = Counter(t for s in truth for t in s)
+    once = sorted(v for v in c if counts[v] == 1)
+    rep = sorted(v for v in c if counts[v] > 1)
+    out = []
+    for i in range(pi.shape[0]):
+        alive = [s[i] for s in truth if len(s) > i]
+        key = (tuple(sorted(v for v in alive if counts[v] == 1)), tuple(sorted({v for v in alive if counts[v] > 1})))
+        target = pi[i]
+        scored = []
+        for r in range(len(alive) + 1):
+            for chosen in {tuple(sorted(set(x))) for x in itertools.combinations_with_replacement(rep, r)}:
+                basis = torch.stack([c[v] / c[v].norm() for v in chosen], 1) if chosen else None
+                for members in itertools.combinations(once, len(alive) - r):
+                    res = target - sum((c[v] for v in members), torch.zeros_like(target))
+                    if basis is not None:
+                        res = res - basis @ torch.linalg.lstsq(basis, res[:, None]).solution[:, 0]
+                    scored.append((float(res.norm() / target.norm()), (members, chosen)))
+        scored.sort(key=lambda t: t[0])
+        rank = next(j for j, (_, h) in enumerate(scored) if h == key)
+        out.append((rank, scored[rank][0], scored[0][0]))
+    return out
+
+
+def multiset_probes(model: nn.Module, tokenizer, tables: EmbeddingTables, spec, layer0_a: list[nn.Module],
+                    names: list[str], rows, n: int, batch_size: int) -> None:
+    """Probes 4 and 5 (module docstring) on the first ``n`` sentences in batches of ``batch_size``."""
+    totals = Counter()
+    for index, batch in enumerate(split_batches(rows[:n], batch_size)):
+        text, grads = batch_gradients(model, tokenizer, batch, names, train=False, seed=index)
+        truth = [ids[m.bool()].tolist() for ids, m in zip(text.input_ids, text.attention_mask, strict=True)]
+        labels = [int(y) for _, y in batch]
+        bag = sorted({t for s in truth for t in s})
+        length = max(len(s) for s in truth)
+        split = token_query_gradients(torch.cat([grads[a.a].double() for a in spec.layers[0].lora]),
+                                      additive_atoms(tables, bag, length))
+        c = {v: split[:, k] for k, v in enumerate(bag)}
+        pi = split[:, len(bag): len(bag) + length].T
+        counts = Counter(t for s in truth for t in s)
+        occ = occurrence_columns(model, layer0_a, tables, truth, labels, tokenizer.pad_token_id)
+        cosines = [float(occ[b, i] @ c[v] / (occ[b, i].norm() * c[v].norm()))
+                   for b, s in enumerate(truth) for i, v in enumerate(s) if counts[v] > 1]
+        ranks = position_ranks(truth, c, pi)
+        whole = [r for (r, _, _), i in zip(ranks, range(length), strict=True)
+                 if all(counts[s[i]] == 1 for s in truth if len(s) > i)]
+        once = [v for v in bag if counts[v] == 1]
+        refs = occurrence_columns(model, layer0_a, tables, [[tokenizer.cls_token_id, v, tokenizer.sep_token_id] for v in once],
+                                  [0] * len(once), tokenizer.pad_token_id)[:, 1]
+        sentence = {v: b for b, s in enumerate(truth) for v in s if counts[v] == 1}
+        signs = sum((float(c[v] @ refs[k]) > 0) == (labels[sentence[v]] == 0) for k, v in enumerate(once))
+        totals.update(positions=length, first=sum(r == 0 for r, _, _ in ranks), whole=len(whole),
+                      whole_first=sum(r == 0 for r in whole), once=len(once), signs=signs)
+        print(f"batch {index}: labels {labels}; {len(once)} once-occurring and {len(bag) - len(once)} repeated tokens; "
+              f"repeated tokens' parts along ±d_v: |cos| median {torch.tensor(cosines).abs().median():.3f}, "
+              f"min {min(abs(x) for x in cosines):.3f}, {sum(x < 0 for x in cosines)} of {len(cosines)} negative", flush=True)
+        print(f"  positions: the true multiset ranks first at {sum(r == 0 for r, _, _ in ranks)} of {length} "
+              f"({len(whole)} hold only once-occurring tokens: {sum(r == 0 for r in whole)} first); "
+              f"per position (rank, residual, best): {[(r, f'{a:.1e}', f'{b:.1e}') for r, a, b in ranks]}", flush=True)
+        print(f"  label sign: {signs} of {len(once)} once-occurring tokens", flush=True)
+    print(f"all: true multiset first at {totals['first']} of {totals['positions']} positions "
+          f"({totals['whole_first']} of the {totals['whole']} holding only once-occurring tokens); "
+          f"label sign right for {totals['signs']} of {totals['once']} once-occurring tokens")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--data", default=None, help="TSV (default: cola_dev.tsv beside the repository)")
+    p.add_argument("--multisets", action="store_true", help="run probes 4 and 5 instead of 1-3")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = read_tsv(args.data or default_data_path("cola_dev.tsv"))
@@ -137,6 +257,9 @@ def main() -> None:
     modules = dict(model.named_modules())
     layer0_a = [modules[a.a.removesuffix(".weight")] for a in spec.layers[0].lora]
     model.eval()
+    if args.multisets:
+        multiset_probes(model, tokenizer, tables, spec, layer0_a, names, rows, n, args.batch_size)
+        return
     rng = random.Random(0)
 
     def layer1(sentences: list[list[int]]) -> torch.Tensor:
