@@ -303,7 +303,8 @@ class MetricRule:
         where = ""
         if self.aggregation in ("max", "min"):
             pick = max if self.aggregation == "max" else min
-            key = pick(per_step, key=lambda k: per_step[k][0])  # the first (earliest) on ties
+            ordered = sorted(per_step, key=lambda k: (runs.index(k[0]), k[1]))  # by run (log order), then step
+            key = pick(ordered, key=lambda k: per_step[k][0])  # the first (earliest) on ties
             value, rec = per_step[key]
             where = f"{rec.attack}@step {rec.step}" + (f" of run {rec.run or 'unnamed'}" if several else "")
             label = "worst" if self.aggregation == self.direction else "at"  # a max rule aggregated by min
