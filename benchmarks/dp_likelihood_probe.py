@@ -4,6 +4,7 @@ under the gradient Opacus releases (pretrained MiniLM, full view, flat clipping 
     .venv/bin/python benchmarks/dp_likelihood_probe.py [--n 4] [--sigmas 0,0.001,0.01,0.1] [--threads 2]
     .venv/bin/python benchmarks/dp_likelihood_probe.py --corrupt 3 --top 16 --sigmas 0,0.001,0.01   # the search
     .venv/bin/python benchmarks/dp_likelihood_probe.py --filter --n 8 --sigmas 0.001,0.01            # word rows
+    .venv/bin/python benchmarks/dp_likelihood_probe.py --vocab --corrupt 3 --n 2 --sigmas 0.001        # every token
 
 With B = 1 the release is ``r = clip_C(g) + σC z``. A candidate sentence ``c`` with clipped gradient ``ḡ_c``
 has log-likelihood ``(⟨ḡ_c, r⟩ − ½‖ḡ_c‖²) / (σC)²`` up to a constant, so the maximum-likelihood test
@@ -30,6 +31,13 @@ HotFlip's estimate at every wrong position met, and how many positions are right
 ``g_i`` ranks the vocabulary by ``⟨g_i, r_v⟩`` with signal-to-noise ratio ``‖g_i‖/σC``. Prints, over every
 inner position, the true token's rank when ``g_i`` comes from the true sentence (an oracle) and when it comes from
 the sentence with a random token at ``i`` (what a search knows at a wrong position).
+
+``--vocab`` (with ``--corrupt K``): the likelihood of *every* token at a position, where HotFlip's shortlist above
+may be what fails. Corrupt ``K`` random inner positions, then at each of them and at 3 positions left right, score
+the whole vocabulary: ``⟨g_c, r⟩`` of every candidate by a central difference of the per-candidate loss between the
+parameters ``θ ± εr`` (ε = 1e-2; two batched forward passes, within 2e-5 of forward-mode JVP), with the clipping
+norm held at the corrupted sentence's; then the best 50 and the true token scored exactly. Prints per position
+the true token's rank in both, and the exact winner.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ def main() -> None:
     p.add_argument("--corrupt", type=int, default=0, help="K > 0: the coordinate-ascent probe from K corruptions")
     p.add_argument("--top", type=int, default=16, help="HotFlip candidates scored per position (--corrupt)")
     p.add_argument("--filter", action="store_true", help="rank the vocabulary by <g_i, word row> per position")
+    p.add_argument("--vocab", action="store_true", help="with --corrupt: score every token at a position")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = read_tsv(args.data or default_data_path("cola_dev.tsv"))[: args.n]
@@ -126,6 +135,49 @@ def main() -> None:
         return (f"{start_right} → {right} of {n - 2} positions right (score {current:.4f}, truth "
                 f"{exact(truth, label, r):.4f}); the true token's HotFlip rank at each wrong position met: {ranks}")
 
+    def vocabulary_ranks(truth: torch.Tensor, label: int, grads: dict[str, torch.Tensor], rng: random.Random) -> str:
+        """``--vocab``: per probed position, the true token's rank over the vocabulary (held norm) and among
+        the best 50 scored exactly, and the exact winner."""
+        from torch.func import functional_call
+
+        eps, n = 1e-2, len(truth)
+        r = [grads[nm] for nm in names]
+        base = {nm: q.detach() for nm, q in model.named_parameters()}
+        plus = {nm: base[nm] + eps * grads[nm] for nm in names}
+        minus = {nm: base[nm] - eps * grads[nm] for nm in names}
+        ids = truth.clone()
+        wrong = sorted(rng.sample(range(1, n - 1), min(args.corrupt, n - 2)))
+        for i in wrong:
+            ids[i] = rng.choice(vocab)
+        kept = [i for i in range(1, n - 1) if i not in wrong]
+        norm = float(torch.cat([x.reshape(-1) for x in gradient(label, input_ids=ids[None])]).norm())
+        scale = min(1.0, 1.0 / norm)  # the clipping factor, held at the corrupted sentence's
+        tokens = torch.tensor(vocab)
+        out = []
+        for i in wrong + sorted(rng.sample(kept, min(3, len(kept)))):
+            approx = torch.empty(len(vocab), dtype=torch.float64)
+            for s in range(0, len(vocab), 512):
+                cand = ids.repeat(min(512, len(vocab) - s), 1)
+                cand[:, i] = tokens[s: s + 512]
+                lab = torch.full((cand.shape[0],), label)
+                with torch.no_grad():
+                    lp, lm = (torch.nn.functional.cross_entropy(functional_call(model, q, (cand,)).logits.double(), lab,
+                                                                reduction="none") for q in (plus, minus))
+                approx[s: s + 512] = scale * (lp - lm) / (2 * eps)
+            true = vocab.index(int(truth[i]))
+            top = approx.topk(50).indices.tolist()
+            top += [true] if true not in top else []
+            exact_scores = {}
+            for j in top:
+                c = ids.clone()
+                c[i] = vocab[j]
+                exact_scores[j] = exact(c, label, r)
+            winner = max(exact_scores, key=exact_scores.__getitem__)
+            out.append(f"{i} ({'corrupted' if i in wrong else 'right'}): rank {int((approx > approx[true]).sum())} / "
+                       f"{sum(v > exact_scores[true] for v in exact_scores.values())} exact, "
+                       f"{tokenizer.convert_ids_to_tokens(vocab[winner])!r} for {tokenizer.convert_ids_to_tokens(int(truth[i]))!r}")
+        return f"corrupted {wrong}; " + "; ".join(out)
+
     def position_gradients(ids: torch.Tensor, label: int) -> torch.Tensor:
         """``[n, d]`` the clipped gradient at each position's embedding sum (= its word row's share)."""
         e = table[ids].clone().requires_grad_(True)
@@ -169,7 +221,8 @@ def main() -> None:
         if args.corrupt > 0:
             for k, ((_, label), (batch, grads, _)) in enumerate(zip(rows, released, strict=True)):
                 t0 = time.monotonic()
-                line = climb(batch.input_ids[0], label, [grads[n] for n in names], rng)
+                line = (vocabulary_ranks(batch.input_ids[0], label, grads, rng) if args.vocab
+                        else climb(batch.input_ids[0], label, [grads[n] for n in names], rng))
                 print(f"σ={sigma:g} sentence {k}: {line} ({time.monotonic() - t0:.0f} s)", flush=True)
             continue
         for k, ((_, label), (batch, grads, _)) in enumerate(zip(rows, released, strict=True)):
