@@ -67,9 +67,10 @@ from leak_audit.demos.datasets import read_tsv
 from leak_audit.models import EmbeddingTables, text_model_spec
 
 
-def sentence_directions(model: nn.Module, modules: list[nn.Module], sentences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Per-sentence ``∇(z₁ − z₀)`` of the ``lora_A`` weights of ``modules``: ``[S, Σk, d]`` float64 (one padded pass;
-    padding gets no gradient, so each row is the sentence's own)."""
+def logit_difference_pass(model: nn.Module, modules: list[nn.Module], sentences: list[list[int]], pad_id: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One padded forward/backward of ``Σ_s (z₁ − z₀)(s)``: ``(logits [S, 2], mask [S, L], per module (its inputs
+    [S, L, d], its output gradients [S, L, k]))``. Padding gets no gradient, so each row is its sentence's own."""
     width = max(len(s) for s in sentences)
     ids = torch.full((len(sentences), width), pad_id)
     mask = torch.zeros_like(ids)
@@ -92,7 +93,13 @@ def sentence_directions(model: nn.Module, modules: list[nn.Module], sentences: l
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
-    blocks = [torch.einsum("blk,bld->bkd", g.double() * mask[..., None], x.double()) for x, g in (taken[k] for k in range(len(modules)))]
+    return logits.detach(), mask, [taken[k] for k in range(len(modules))]
+
+
+def sentence_directions(model: nn.Module, modules: list[nn.Module], sentences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Per-sentence ``∇(z₁ − z₀)`` of the ``lora_A`` weights of ``modules``: ``[S, Σk, d]`` float64 (one padded pass)."""
+    _, mask, taken = logit_difference_pass(model, modules, sentences, pad_id)
+    blocks = [torch.einsum("blk,bld->bkd", g.double() * mask[..., None], x.double()) for x, g in taken]
     return torch.cat(blocks, 1)
 
 
@@ -135,31 +142,10 @@ def occurrence_columns(model: nn.Module, modules: list[nn.Module], tables: Embed
                        sentences: list[list[int]], labels: list[int], pad_id: int) -> torch.Tensor:
     """Probes 4 and 5: each token's contribution ``u_t/σ_t`` to layer 0's split, with its sentence's loss scale
     ``(p₁ − y)/B`` (``B = len(sentences)``): ``[S, L, Σk]`` float64, zero past each sentence."""
-    width = max(len(s) for s in sentences)
-    ids = torch.full((len(sentences), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(sentences):
-        ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
-    taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def keeper(k: int):
-        def keep(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = inp[0].detach()
-            out.register_hook(lambda g: taken.__setitem__(k, (x, g)))
-        return keep
-
-    hooks = [m.register_forward_hook(keeper(k)) for k, m in enumerate(modules)]
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            (logits[:, 1] - logits[:, 0]).sum().backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-    scale = (logits.detach().double().softmax(-1)[:, 1] - torch.tensor(labels, dtype=torch.float64)) / len(sentences)
+    logits, _, taken = logit_difference_pass(model, modules, sentences, pad_id)
+    scale = (logits.double().softmax(-1)[:, 1] - torch.tensor(labels, dtype=torch.float64)) / len(sentences)
     x = taken[0][0].double()
-    g = torch.cat([taken[k][1].double() for k in range(len(modules))], -1)
+    g = torch.cat([grad.double() for _, grad in taken], -1)
     beta = tables.norm_bias.detach().double()
     out = torch.zeros_like(g)
     for b, s in enumerate(sentences):
