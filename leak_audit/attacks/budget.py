@@ -6,7 +6,7 @@ for none, and report whether the deadline cut them short), and sets ``Reconstruc
 the deadline stopped it and the audit's deadline was the binding limit (``budget.audit_bound``). Deadline
 checks go through :func:`late` (or :meth:`~leak_audit.attacks.base.Budget.expired`), except where one clock
 reading also sets the next time slice (gradient matching's restarts); a loop that can only be left by an
-exception (an L-BFGS closure) raises :class:`OutOfBudget`. An attack called after the audit's deadline never
+exception (an L-BFGS closure, a constructor that works in chunks) raises :class:`OutOfBudget`. An attack called after the audit's deadline never
 runs: :meth:`~leak_audit.attacks.base.Attack.__call__` returns the empty, timed-out result (``NO_TIME_LEFT``).
 """
 
@@ -20,11 +20,13 @@ __all__ = ["NO_TIME_LEFT", "OutOfBudget", "late"]
 
 
 class OutOfBudget(Exception):
-    """Raised inside an optimiser's closure to end the optimisation at a step or time limit.
+    """Raised inside an optimiser's closure, or a constructor, to end the work at a step or time limit.
 
     ``torch.optim.LBFGS.step(closure)`` runs up to ``max_iter`` evaluations and offers no other exit: the
     closure raises this when the attack's step count is reached or :func:`late` says the deadline passed,
-    and the attack catches it around ``step`` and keeps its best point so far. It never leaves the attack.
+    and the attack catches it around ``step`` and keeps its best point so far. Likewise
+    :class:`~leak_audit.attacks.text.token_scores.TokenScorer` raises it between vocabulary chunks, and the
+    span check then returns what it has (nothing scanned). It never leaves the attack.
     """
 
 

@@ -149,6 +149,20 @@ def test_span_check_scan_past_the_budget_is_a_timeout(setup, batches):
     assert rec.info["length"] >= 20
 
 
+def test_span_check_stops_between_vocabulary_chunks_of_its_scorer(setup, batches, monkeypatch):
+    """The scorer's per-token terms over the 30,522-token vocabulary took 0.41 s in one step, and once 1.9 s
+    on a loaded machine (past the slack above): they are now built in chunks with a deadline check between
+    them. The deadline is made to pass at the scorer's third chunk, whatever the clock says."""
+    from leak_audit.attacks.text import token_scores
+
+    checks = []
+    monkeypatch.setattr(token_scores, "late", lambda deadline: checks.append(deadline) or len(checks) >= 3)
+    rec, _ = _call("span_check", setup, batches["sst2_16"], [QUERY0 + ".weight"], budget=60.0)
+    assert len(checks) == 3  # two chunks built, the third check stopped the scorer, nothing ran after it
+    assert rec.timed_out and rec.sequences == []
+    assert rec.info["progress"] == "stopped while scoring the vocabulary: no position scanned"
+
+
 def test_span_check_with_dropout_past_the_budget_is_a_timeout(setup, batches):
     """Training-mode gradient: every position shortlists the vocabulary and refits (~1 s a position)."""
     rec, elapsed = _call("span_check", setup, batches["cola4_train"], [QUERY0 + ".weight"], budget=2.0)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from leak_audit.attacks.budget import late
+from leak_audit.attacks.budget import OutOfBudget, late
 from leak_audit.attacks.base import Attack, AttackInput, NotApplicable, Reconstruction, Requirements, require_encoder
 from leak_audit.attacks.gaps import lora_sentence_gap
 from leak_audit.attacks.lasso import group_lasso
@@ -196,7 +196,10 @@ def span_check(
     if late(deadline):
         return cut_before_scan("after the span basis")
     noisy = noise_std > 0
-    scorer = TokenScorer(tables, basis, vocabulary, complement=complement)
+    try:
+        scorer = TokenScorer(tables, basis, vocabulary, complement=complement, deadline=deadline)
+    except OutOfBudget:
+        return cut_before_scan("while scoring the vocabulary")
     ids_map = scorer.token_ids
     limit = min(max_length or tables.max_length, tables.max_length)
     # Exact gradients (dropout off, or a model without dropout): some token at the first positions is
