@@ -420,8 +420,10 @@ def test_report_renders_in_chromium_without_console_errors(report_page, tmp_path
 def test_runs_appended_to_one_log_keep_their_own_canary_rows_dp_summary_and_plot_lines():
     """Two DP fits in one log share steps: the canary table and the DP-SGD summary are per run (the first run's
     fault is not hidden by the second's clean step 10), and the plots' captions say which line style is which run."""
-    def rec(run, step, eps, low):
+    def rec(run, step, eps, low):  # run r2 starts an hour after run r1, each audit a minute per 10 steps
+        hour = {"r1": 10, "r2": 11}[run]
         return AuditRecord(step=step, attack="span_check", status="ok", metrics={"rouge1": 0.1}, run=run,
+                           time=f"2026-12-07T{hour}:{step // 10:02d}:00+00:00",
                            privacy={"epsilon": eps, "delta": 1e-5, "epsilon_empirical": low, "canaries": 1000})
 
     page = render_report([rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 4.2), rec("r2", 0, 0.5, 0.0), rec("r2", 10, 2.0, 0.7)])
@@ -431,9 +433,13 @@ def test_runs_appended_to_one_log_keep_their_own_canary_rows_dp_summary_and_plot
     assert "At the last audited step (10) of run r2 the canaries' lower bound stays at or below" in section
     summary = _section(page, "summary")
     assert "DP-SGD, run r1" in summary and "DP-SGD, run r2" in summary
+    assert "<th>steps, run r1</th><td>0–10" in summary and "<th>steps, run r2</th><td>0–10" in summary
+    assert "<th>time span, run r1</th><td>2026-12-07 10:00:00 UTC → 2026-12-07 10:01:00 UTC (1 min 00 s)" in summary
+    assert "<th>time span, run r2</th><td>2026-12-07 11:00:00 UTC → 2026-12-07 11:01:00 UTC (1 min 00 s)" in summary
     assert "Runs (line styles): 1 = r1, 2 = r2." in page
     one_run = render_report([rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 0.7)])
     assert "<th>run</th>" not in _section(one_run, "canaries") and "Runs (line styles)" not in one_run
+    assert "<th>steps</th><td>0–10" in _section(one_run, "summary")
 
 
 def test_gate_table_never_rounds_a_failing_value_onto_its_limit():

@@ -11,7 +11,8 @@ What the page shows, top to bottom:
 
 1. **Run summary**: the log's path, audits (distinct ``(audit, step)`` pairs), records ok / failed /
    skipped, step and epoch range, attacks, tapped module sets, batch sizes, time span and, for DP-SGD
-   runs, the privacy parameters and the last ε.
+   runs, the privacy parameters and the last ε (steps, time span and DP-SGD one row per run when the log
+   holds several runs).
 2. **Gate**: with a policy (:class:`leak_audit.gate.policy.GatePolicy`, the one ``leak-audit gate`` applies),
    its verdict, PASS / WARN / BREACH, and one row per rule (value, thresholds, status, message, where).
    Without one, "no policy given". In both cases the worst value of each metric over the successful

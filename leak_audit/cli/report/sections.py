@@ -38,22 +38,29 @@ def summary_section(records: Sequence[AuditRecord], source: str | None, attacks:
                  f"<span class=\"{'s-timeout' if status['timeout'] else 's-zero'}\">{status['timeout']} timed out</span>, "
                  f"<span class=\"{'s-failed' if status['failed'] else 's-zero'}\">{status['failed']} failed</span>, "
                  f"<span class=\"s-skipped\">{status['skipped']} skipped</span>"))
-    if records:
-        steps = [r.step for r in records]
-        epochs = [r.epoch for r in records]
+    runs = run_ids(records)
+
+    def per_run(label: str, run: str | None) -> str:  # one row per run: runs appended to one log restart steps
+        return label + (f", run {escape(run or 'unnamed')}" if len(runs) > 1 else "")
+
+    for run in runs:
+        steps = [r.step for r in records if r.run == run]
+        epochs = [r.epoch for r in records if r.run == run]
         epoch_text = f"epoch {min(epochs)}" if min(epochs) == max(epochs) else f"epochs {min(epochs)}–{max(epochs)}"
-        rows.append(("steps", f"{min(steps)}–{max(steps)} ({epoch_text})"))
+        rows.append((per_run("steps", run), f"{min(steps)}–{max(steps)} ({epoch_text})"))
     counts = Counter(r.attack for r in records)
     rows.append(("attacks", ", ".join(f"{escape(a)} ({counts[a]})" for a in attacks) or "–"))
     rows.append(("tapped modules", "<br>".join(escape(s) for s in sets) or "–"))
     sizes = sorted({r.batch_size for r in records if r.batch_size})
     if sizes:
         rows.append(("batch size", ", ".join(str(b) for b in sizes)))
-    times = sorted(t for r in records if (t := parse_time(r.time)) is not None)
-    if times:
-        span = (times[-1] - times[0]).total_seconds()
-        fmt = "%Y-%m-%d %H:%M:%S UTC"
-        rows.append(("time span", f"{times[0].strftime(fmt)} → {times[-1].strftime(fmt)} ({duration_text(span)})"))
+    for run in runs:
+        times = sorted(t for r in records if r.run == run and (t := parse_time(r.time)) is not None)
+        if times:
+            span = (times[-1] - times[0]).total_seconds()
+            fmt = "%Y-%m-%d %H:%M:%S UTC"
+            rows.append((per_run("time span", run),
+                         f"{times[0].strftime(fmt)} → {times[-1].strftime(fmt)} ({duration_text(span)})"))
     dp_runs = run_ids(r for r in records if r.privacy)
     for run in dp_runs:  # one row per run: runs appended to one log train (and spend ε) apart
         last = max((r for r in records if r.privacy and r.run == run), key=lambda r: (r.step, r.audit))
