@@ -6,8 +6,9 @@ for none, and report whether the deadline cut them short), and sets ``Reconstruc
 the deadline stopped it and the audit's deadline was the binding limit (``budget.audit_bound``). Deadline
 checks go through :func:`late` (or :meth:`~leak_audit.attacks.base.Budget.expired`), except where one clock
 reading also sets the next time slice (gradient matching's restarts); a loop that can only be left by an
-exception (an L-BFGS closure, a constructor that works in chunks) raises :class:`OutOfBudget`. An attack called after the audit's deadline never
-runs: :meth:`~leak_audit.attacks.base.Attack.__call__` returns the empty, timed-out result (``NO_TIME_LEFT``).
+exception (an L-BFGS closure, a constructor that works in chunks) raises :class:`OutOfBudget`. An attack
+called after the audit's deadline never runs: :meth:`~leak_audit.attacks.base.Attack.__call__` returns the
+empty, timed-out result (``NO_TIME_LEFT``).
 """
 
 from __future__ import annotations
