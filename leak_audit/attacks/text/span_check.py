@@ -193,10 +193,8 @@ def span_check(
         return SpanCheckResult([], [], [], rank, float("nan"), 0, cut_short=True,
                                progress=f"stopped {stage}: no position scanned")
 
-    if late(deadline):
-        return cut_before_scan("after the span basis")
     noisy = noise_std > 0
-    try:
+    try:  # the scorer checks the deadline first, then between vocabulary chunks
         scorer = TokenScorer(tables, basis, vocabulary, complement=complement, deadline=deadline)
     except OutOfBudget:
         return cut_before_scan("while scoring the vocabulary")
