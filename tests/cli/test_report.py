@@ -437,9 +437,13 @@ def test_runs_appended_to_one_log_keep_their_own_canary_rows_dp_summary_and_plot
     assert "<th>time span, run r1</th><td>2026-12-07 10:00:00 UTC → 2026-12-07 10:01:00 UTC (1 min 00 s)" in summary
     assert "<th>time span, run r2</th><td>2026-12-07 11:00:00 UTC → 2026-12-07 11:01:00 UTC (1 min 00 s)" in summary
     assert "Runs (line styles): 1 = r1, 2 = r2." in page
-    one_run = render_report([rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 0.7)])
+    one_run_records = [rec("r1", 0, 0.5, 0.0), rec("r1", 10, 2.0, 0.7)]
+    one_run = render_report(one_run_records)
     assert "<th>run</th>" not in _section(one_run, "canaries") and "Runs (line styles)" not in one_run
     assert "<th>steps</th><td>0–10" in _section(one_run, "summary")
+    # a log whose second run has no DP-SGD: its one DP-SGD row names the run it belongs to
+    plain = AuditRecord(step=0, attack="span_check", status="ok", metrics={"rouge1": 0.1}, run="r2")
+    assert "<th>DP-SGD, run r1</th>" in _section(render_report([*one_run_records, plain]), "summary")
 
 
 def test_gate_table_never_rounds_a_failing_value_onto_its_limit():

@@ -40,7 +40,7 @@ def summary_section(records: Sequence[AuditRecord], source: str | None, attacks:
                  f"<span class=\"s-skipped\">{status['skipped']} skipped</span>"))
     runs = run_ids(records)
 
-    def per_run(label: str, run: str | None) -> str:  # one row per run: runs appended to one log restart steps
+    def per_run(label: str, run: str) -> str:  # one row per run: runs appended to one log restart steps
         return label + (f", run {escape(run or 'unnamed')}" if len(runs) > 1 else "")
 
     for run in runs:
@@ -71,7 +71,7 @@ def summary_section(records: Sequence[AuditRecord], source: str | None, attacks:
         fields += [f"{label} = {escape(format_number(p[k]))}" for k, label in (
             ("delta", "δ"), ("noise_multiplier", "σ"), ("max_grad_norm", "C"), ("sample_rate", "q"),
             ("accountant", "accountant"), ("epsilon_accountant", "ε from")) if p.get(k) is not None]
-        rows.append(("DP-SGD" + (f", run {escape(run or 'unnamed')}" if len(dp_runs) > 1 else ""), ", ".join(fields)))
+        rows.append((per_run("DP-SGD", run), ", ".join(fields)))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<section id="summary"><h2>Run summary</h2><table class="kv">{body}</table></section>'
 
