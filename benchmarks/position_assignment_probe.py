@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import logging as hf_logging
 
     from leak_audit.attacks.text.peeling import batched_logit_factors
-    from leak_audit.attacks.text.query_columns import additive_atoms
+    from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
     from leak_audit.demos.datasets import read_tsv
     from leak_audit.models import EmbeddingTables, text_model_spec
     from leak_audit.models.replica import ModelReplica
@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bag = sorted({t for s in ids for t in s})
         column = {v: j for j, v in enumerate(bag)}
         atoms = additive_atoms(tables, bag, lengths[0])
-        split = atoms @ torch.linalg.inv(atoms.T @ atoms)  # [d, atoms]: the gradient's split over the atoms
-        observed = grad @ split
+        observed = token_query_gradients(grad, atoms)  # [d_out, atoms]: per token Σ δ_t/σ_t
+        split = token_query_gradients(torch.eye(atoms.shape[0], dtype=atoms.dtype), atoms)  # [d, atoms]: x ↦ its split
         once = {v for v, c in Counter(t for s in ids for t in s).items() if c == 1 and v not in (cls, sep)}
 
         def costs(sentences: list[list[int]]) -> list[float]:
