@@ -4,7 +4,7 @@
 It stalls when two or more sentences of about 25 tokens or more are left: their keys fill most of each
 32-dimensional head of MiniLM, so the pair pursuit's key-span test cannot tell their tokens apart
 (measured on SST-2's first 64, B = 4: the ten batches left open held two or more sentences over ~25
-tokens). This module reads them in two steps, neither of which needs the key span.
+tokens). This module reads them in three steps, none of which needs the key span.
 
 1. **Placement** (:func:`place_pairs`). The gradient left, ``G = Σ_t δq_t x_tᵀ``, has the row space
    ``span{x_t}`` of its inputs ``x_t = LN(E[v] + P[i] + T)``, of rank the number of distinct
@@ -16,7 +16,12 @@ tokens). This module reads them in two steps, neither of which needs the key spa
    33–34 (39 and 27 tokens), all 39 positions (``tests/attacks/text/test_assignment_descent.py``). With
    four long sentences the graph's cycles bring nearly every pair into the span; :func:`place_pairs` then
    returns ``None`` (its separation check) rather than guess.
-2. **Descent** (:func:`assignment_descent`). Which of a position's tokens belongs to which sentence is read
+2. **Position assignment** (:mod:`~leak_audit.attacks.text.position_assignment`). Each sentence's own
+   certificate (the columns of the tokens that occur once, predicted by one forward/backward of it) is a cost
+   of that sentence alone, so each position's tokens go to the sentences by an optimal assignment, with swaps
+   of prefixes, suffixes and runs between two sentences where no position's reassignment helps. It returns at
+   the first sentence it certifies.
+3. **Descent** (:func:`assignment_descent`). Which of a position's tokens belongs to which sentence is read
    by the exact-gradient certificate of :mod:`~leak_audit.attacks.text.peeling`: the gradient left is fitted
    by the hypotheses' logit gradients ``J_{S,c}``, and a local search lowers the relative residual. Its
    moves swap two sentences' tokens at one position, swap runs of up to 8 positions or whole prefixes, and
@@ -35,7 +40,8 @@ The code is ours.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.text.position_assignment import assign_by_position
 from leak_audit.attacks.text.query_columns import additive_atoms
 from leak_audit.models import EmbeddingTables
 
@@ -217,6 +224,7 @@ def assignment_descent(
     span: int = 8,
     tol: float = 1e-5,
     own_tol: float = 1e-4,
+    by_position: bool = True,
     deadline: float | None = None,
 ) -> tuple[list[list[int]], float]:
     """Assign the placed tokens to sentences by the exact-gradient certificate of all of them together.
@@ -240,6 +248,10 @@ def assignment_descent(
             sentence of the hypothesis holds, each split over the additive atoms as peeling's certificate
             does) within this relative residual (the peeling certificate then removes it and the rest is read
             again).
+        by_position: first reassign each position's tokens by the sentences' own certificates
+            (:func:`~leak_audit.attacks.text.position_assignment.assign_by_position`, certified below ``own_tol``,
+            or 1e-4 when ``own_tol`` is 0), then search as above from there unless a sentence already fits on
+            its own tokens.
         deadline: ``time.monotonic()`` value after which it stops with its best so far.
 
     Returns:
@@ -349,6 +361,8 @@ def assignment_descent(
     atom_of = {v: k for k, v in enumerate(placement.bag)}
     special = {atom_of.get(cls_token_id), atom_of.get(sep_token_id)}
     per_atom = torch.linalg.lstsq(atoms, tmat.T).solution  # [atoms, d_out]: per token Σ δ_t/σ_t
+    # [atoms, d]: an input's split over the atoms (a token's column of J_c = d[c]ᵀ x is split[v] @ xᵀ @ d[c])
+    split = torch.linalg.lstsq(atoms, torch.eye(atoms.shape[0], dtype=atoms.dtype, device=atoms.device)).solution
 
     def one_exact(h: list[list[int]]) -> bool:
         """Whether some sentence of ``h`` fits the gradient on its own tokens (those no other sentence of ``h``
@@ -362,13 +376,41 @@ def assignment_descent(
                 fill([sentence])
             d, x = cache[tuple(sentence)][:2]
             # [C − 1, |own|, d_out]: the sentence's own token columns, J_c = d[c]ᵀ x split over the atoms
-            predicted = torch.linalg.lstsq(atoms, x.T).solution[own] @ d
+            predicted = (split[own] @ x.T) @ d
             y = per_atom[own].reshape(-1, 1)
             a = predicted.flatten(1).T
             fit = a @ torch.linalg.lstsq(a, y).solution
             if float((fit - y).norm()) < own_tol * float(y.norm()):
                 return True
         return False
+
+    # tokens that occur once in the batch (over the placed slots): their columns belong to one sentence each
+    counts = Counter(v for p in range(1, lengths[0]) for v in slots[p])
+    once = {atom_of[v] for v, c in counts.items() if c == 1 and v in atom_of} - special
+
+    def own_costs(sentences: list[list[int]]) -> list[float]:
+        """Per sentence, the log relative residual of predicting its once-occurring tokens' columns."""
+        fill(sentences)
+        out = []
+        for sentence in sentences:
+            own = sorted({atom_of[v] for v in sentence if v in atom_of} & once)
+            if not own:
+                out.append(0.0)
+                continue
+            d, x = cache[tuple(sentence)][:2]
+            a = ((split[own] @ x.T) @ d).flatten(1).T  # [|own| · d_out, C − 1]
+            y = per_atom[own].reshape(-1, 1)
+            left = float((y - a @ torch.linalg.lstsq(a, y).solution).norm()) / max(float(y.norm()), 1e-300)
+            out.append(math.log(max(left, 1e-300)))
+        return out
+
+    if by_position and len(lengths) > 1:
+        hyp = assign_by_position(
+            hyp, own_costs, certified=math.log(own_tol or 1e-4), first=own_tol > 0, deadline=deadline
+        )
+        cur = residual(hyp)
+        if cur < tol or one_exact(hyp):
+            return hyp, cur
 
     def moves_at(p: int) -> Iterator[list[list[int]]]:
         """The moves that change position ``p``, from the current ``hyp`` (read as each move is made)."""
