@@ -11,13 +11,14 @@ batches), scrambles them across the sentences (seeded), and reassigns them:
   once in the batch has its own column, which depends on its own sentence only;
 * a sentence's cost is the log relative residual of predicting those columns from one forward/backward of it
   (:func:`leak_audit.attacks.text.peeling.batched_logit_factors`; peeling's certificate);
-* each sweep gives every position's tokens to the sentences by an optimal assignment on ``owners × tokens``
-  candidate sentences (the Hungarian method, :func:`scipy.optimize.linear_sum_assignment`);
-* when a sweep changes nothing, the two uncertified sentences whose swap of a run of up to ``--max-block``
-  positions lowers their summed cost most swap it; sentences below relative residual 1e-4 are left alone.
+* :func:`leak_audit.attacks.text.position_assignment.assign_by_position` gives every position's tokens to the
+  sentences by an optimal assignment on ``owners × tokens`` candidate sentences (the Hungarian method), and when
+  a sweep changes nothing swaps the prefix, suffix or (if none gains) run of up to ``--max-block`` positions
+  between two uncertified sentences that lowers their summed cost most; sentences below relative residual 1e-4
+  are left alone.
 
-Prints per sweep the sentences exact, the positions right and the seconds, then where the tokens of each
-sentence came from. The pretrained MiniLM with the tests' seeded 2-class head, dropout off.
+Prints the sentences exact, the positions right and the seconds at the start and the end, then where the tokens
+of each sentence came from. The pretrained MiniLM with the tests' seeded 2-class head, dropout off.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"
 
@@ -53,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import logging as hf_logging
 
     from leak_audit.attacks.text.peeling import batched_logit_factors
+    from leak_audit.attacks.text.position_assignment import assign_by_position
     from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gradients
     from leak_audit.demos.datasets import read_tsv
     from leak_audit.models import EmbeddingTables, text_model_spec
@@ -101,12 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rng = random.Random(args.seed)
         hyp = [list(s) for s in truth]
-        positions = []
         for q in range(1, lengths[0] - 1):
             owners = [i for i, n in enumerate(lengths) if n > q + 1]
             tokens = [hyp[i][q] for i in owners]
-            if len(set(tokens)) > 1:
-                positions.append(q)
             rng.shuffle(tokens)
             for i, v in zip(owners, tokens, strict=True):
                 hyp[i][q] = v
@@ -120,44 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.monotonic()
         print(f"dev {first}: lengths {lengths}, {len(bag)} distinct tokens, {len(once)} occur once")
         report("scrambled")
-        certified = math.log(1e-4)
-        for sweep in range(args.sweeps):
-            done = {i for i, c in enumerate(costs(hyp)) if c < certified}
-            if len(done) == len(hyp):
-                break
-            changed = False
-            for q in positions:
-                owners = [i for i, n in enumerate(lengths) if n > q + 1 and i not in done]
-                tokens = [hyp[i][q] for i in owners]
-                if len(set(tokens)) < 2:
-                    continue
-                tries = [[*hyp[i][:q], v, *hyp[i][q + 1 :]] for i in owners for v in tokens]
-                _, cols = linear_sum_assignment(np.asarray(costs(tries)).reshape(len(owners), len(tokens)))
-                if [tokens[k] for k in cols] != tokens:
-                    changed = True
-                    for i, k in zip(owners, cols, strict=True):
-                        hyp[i][q] = tokens[k]
-            if not changed:  # the best swap of a run of positions between two uncertified sentences
-                free = [i for i in range(len(hyp)) if i not in done]
-                base = dict(zip(free, costs([hyp[i] for i in free]), strict=True))
-                best = None
-                for x, i in enumerate(free):
-                    for j in free[x + 1 :]:
-                        top = min(lengths[i], lengths[j]) - 1
-                        runs = [(a, b) for a in range(1, top) for b in range(a + 2, min(top, a + args.max_block) + 1)
-                                if hyp[i][a:b] != hyp[j][a:b]]
-                        tries = [s for a, b in runs for s in
-                                 (hyp[i][:a] + hyp[j][a:b] + hyp[i][b:], hyp[j][:a] + hyp[i][a:b] + hyp[j][b:])]
-                        c = costs(tries) if tries else []
-                        for k, (a, b) in enumerate(runs):
-                            gain = base[i] + base[j] - c[2 * k] - c[2 * k + 1]
-                            if gain > 1e-9 and (best is None or gain > best[0]):
-                                best = (gain, i, j, a, b)
-                if best is None:
-                    break
-                _, i, j, a, b = best
-                hyp[i][a:b], hyp[j][a:b] = hyp[j][a:b], hyp[i][a:b]
-            report(f"sweep {sweep}")
+        hyp = assign_by_position(hyp, costs, certified=math.log(1e-4), max_block=args.max_block, sweeps=args.sweeps)
         report("end")
         for i, h in enumerate(hyp):  # '.' the right token; k: the token sentence k holds there
             print(f"  {i}: " + "".join("." if h[k] == truth[i][k] else
