@@ -364,23 +364,25 @@ def assignment_descent(
     # [atoms, d]: an input's split over the atoms (a token's column of J_c = d[c]ᵀ x is split[v] @ xᵀ @ d[c])
     split = torch.linalg.lstsq(atoms, torch.eye(atoms.shape[0], dtype=atoms.dtype, device=atoms.device)).solution
 
+    def own_residual(sentence: list[int], own: list[int]) -> float:
+        """The relative residual of fitting the gradient's columns of the atoms ``own`` (token atoms of
+        ``sentence``) by the sentence's own logit gradients split over the atoms (the peeling certificate)."""
+        if tuple(sentence) not in cache:
+            fill([sentence])
+        d, x = cache[tuple(sentence)][:2]
+        a = ((split[own] @ x.T) @ d).flatten(1).T  # [|own| · d_out, C − 1]: J_c = d[c]ᵀ x on those columns
+        y = per_atom[own].reshape(-1, 1)
+        if not bool(y.any()):
+            return 1.0  # no gradient on those columns: nothing to certify with
+        return float((y - a @ torch.linalg.lstsq(a, y).solution).norm()) / float(y.norm())
+
     def one_exact(h: list[list[int]]) -> bool:
         """Whether some sentence of ``h`` fits the gradient on its own tokens (those no other sentence of ``h``
         holds): the peeling certificate, which then takes that sentence out."""
         for i, sentence in enumerate(h):
             others = {v for j, o in enumerate(h) if j != i for v in o}
             own = sorted({atom_of[v] for v in sentence if v not in others and v in atom_of} - special)
-            if len(own) < 2:
-                continue
-            if tuple(sentence) not in cache:
-                fill([sentence])
-            d, x = cache[tuple(sentence)][:2]
-            # [C − 1, |own|, d_out]: the sentence's own token columns, J_c = d[c]ᵀ x split over the atoms
-            predicted = (split[own] @ x.T) @ d
-            y = per_atom[own].reshape(-1, 1)
-            a = predicted.flatten(1).T
-            fit = a @ torch.linalg.lstsq(a, y).solution
-            if float((fit - y).norm()) < own_tol * float(y.norm()):
+            if len(own) >= 2 and own_residual(sentence, own) < own_tol:
                 return True
         return False
 
@@ -389,20 +391,11 @@ def assignment_descent(
     once = {atom_of[v] for v, c in counts.items() if c == 1 and v in atom_of} - special
 
     def own_costs(sentences: list[list[int]]) -> list[float]:
-        """Per sentence, the log relative residual of predicting its once-occurring tokens' columns."""
+        """Per sentence, the log relative residual of predicting its once-occurring tokens' columns (0: none)."""
         fill(sentences)
-        out = []
-        for sentence in sentences:
-            own = sorted({atom_of[v] for v in sentence if v in atom_of} & once)
-            if not own:
-                out.append(0.0)
-                continue
-            d, x = cache[tuple(sentence)][:2]
-            a = ((split[own] @ x.T) @ d).flatten(1).T  # [|own| · d_out, C − 1]
-            y = per_atom[own].reshape(-1, 1)
-            left = float((y - a @ torch.linalg.lstsq(a, y).solution).norm()) / max(float(y.norm()), 1e-300)
-            out.append(math.log(max(left, 1e-300)))
-        return out
+        owns = [sorted({atom_of[v] for v in s if v in atom_of} & once) for s in sentences]
+        return [math.log(max(own_residual(s, own), 1e-300)) if own else 0.0
+                for s, own in zip(sentences, owns, strict=True)]
 
     if by_position and len(lengths) > 1:
         hyp = assign_by_position(

@@ -118,7 +118,8 @@ def _swap_best_run(
                         if hyp[i][a:b] != hyp[j][a:b] and (a == 1 or b == top) == ends]
                 if not runs:
                     continue
-                tries = [s for a, b in runs for s in (hyp[i][:a] + hyp[j][a:b] + hyp[i][b:], hyp[j][:a] + hyp[i][a:b] + hyp[j][b:])]
+                tries = [s for a, b in runs
+                         for s in (hyp[i][:a] + hyp[j][a:b] + hyp[i][b:], hyp[j][:a] + hyp[i][a:b] + hyp[j][b:])]
                 c = costs(tries)
                 for k, (a, b) in enumerate(runs):
                     gain = base[i] + base[j] - c[2 * k] - c[2 * k + 1]
