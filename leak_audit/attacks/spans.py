@@ -4,7 +4,8 @@ For a linear map ``y = W x`` applied at positions ``t``, ``∂L/∂W = Σ_t δ_t
 by the map's inputs and its rank counts the distinct inputs (Petrov, Dimitrov, Baader, Müller, Vechev,
 "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024). :func:`span_basis` estimates
 that row space (with a noise floor for float32 round-off and, under DP-SGD, for Gaussian noise, see
-:func:`noise_edge`); :func:`numerical_rank` says whether a gradient's rank is informative. Under DP-SGD,
+:func:`noise_edge`); :func:`numerical_rank` says whether a gradient's rank is informative, and :func:`widest_gap_rank` reads a rank at
+the widest gap of a spectrum. Under DP-SGD,
 :func:`noise_threshold` is the row norm pure noise stays below (which rows of a gradient carry signal), and
 :func:`lora_input_constraints` reads the inputs' constraints from LoRA's ``B`` gradients. :func:`span_distance`
 scores how well candidate inputs fall into and cover a row space (span search's objective).
@@ -20,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "FLOAT32_EPS",
     "NOISE_EDGE_MARGIN",
+    "WIDEST_GAP_FLOOR",
     "balanced_rows",
     "lora_input_constraints",
     "noise_edge",
@@ -27,6 +29,7 @@ __all__ = [
     "numerical_rank",
     "span_basis",
     "span_distance",
+    "widest_gap_rank",
 ]
 
 NOISE_EDGE_MARGIN = 1.1
@@ -132,6 +135,36 @@ def numerical_rank(grad: Tensor, rtol: float = 1e-5, gap: float = 1e3) -> tuple[
     if big.numel():
         rank = min(rank, int(big[0]) + 1)
     return rank, rank < min(grad.shape)
+
+
+WIDEST_GAP_FLOOR = 1e-10
+"""Gaps below ``WIDEST_GAP_FLOOR · σ_max`` are not read by :func:`widest_gap_rank`: a float32 gradient's round-off
+sits near ``4e-8 σ_max`` (MiniLM's layer-0 query), and under it the spectrum can still fall off steeply (SST-2 dev
+12-15 at B = 4: from ``1.4e-12`` to ``2.4e-15 σ_max`` in its last value, a wider gap than the true one at rank 99,
+``1.4e-5`` to ``5.1e-8``)."""
+
+
+def widest_gap_rank(s: Tensor, skip: int = 4) -> int:
+    """The rank at the widest gap (largest ratio) between consecutive singular values.
+
+    Args:
+        s: ``[n]`` singular values, descending (``n ≥ 2``).
+        skip: the gaps after the first ``skip`` values are not read (a few dominant directions can stand far
+            above the rest without marking the rank).
+
+    Returns:
+        ``k`` such that the widest gap is between ``s[k - 1]`` and ``s[k]``, among the gaps whose upper value is
+        at least :data:`WIDEST_GAP_FLOOR` ``· s[0]`` (``1`` if none is).
+
+    Raises:
+        ValueError: ``s`` is not a 1-D tensor of at least two values.
+    """
+    if s.dim() != 1 or s.numel() < 2:
+        raise ValueError(f"need a 1-D tensor of at least two singular values, got shape {tuple(s.shape)}")
+    drops = s[:-1].clamp_min(1e-300).log() - s[1:].clamp_min(1e-300).log()
+    drops[: min(skip, drops.numel())] = 0
+    drops[s[:-1] < WIDEST_GAP_FLOOR * s[0]] = 0  # under float32 round-off: not the inputs' rank
+    return int(drops.argmax()) + 1
 
 
 def lora_input_constraints(

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from leak_audit.attacks.budget import late
+from leak_audit.attacks.spans import widest_gap_rank
 from leak_audit.attacks.text.position_assignment import assign_by_position
 from leak_audit.attacks.text.query_columns import additive_atoms
 from leak_audit.models import EmbeddingTables
@@ -105,13 +106,6 @@ class Placement:
     atoms: Tensor
 
 
-def _rank(s: Tensor) -> int:
-    """The rank at the largest drop of consecutive singular values ``s`` (descending), past the first four."""
-    drops = s[:-1].clamp_min(1e-300).log() - s[1:].clamp_min(1e-300).log()
-    drops[: min(4, drops.numel())] = 0
-    return int(drops.argmax()) + 1
-
-
 def place_pairs(
     grad: Tensor,
     tables: EmbeddingTables,
@@ -147,7 +141,7 @@ def place_pairs(
         raise ValueError(f"the bag must hold [CLS] ({cls_token_id}) and [SEP] ({sep_token_id})")
     g = grad.detach().double()
     s, vh = torch.linalg.svd(g, full_matrices=False)[1:]
-    rank = _rank(s)
+    rank = widest_gap_rank(s)
     if rank >= g.shape[1] - 8:
         return None
     basis = vh[:rank].T

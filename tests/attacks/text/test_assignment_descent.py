@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leak_audit.attacks import AttackInput
+from leak_audit.attacks.spans import widest_gap_rank
 from leak_audit.attacks.text.assignment_descent import assignment_descent, factored_inner_products, place_pairs
 from leak_audit.attacks.text.peeling import batched_logit_factors
 from leak_audit.attacks.text.span_cluster import SpanCluster
@@ -82,6 +83,18 @@ def test_placement_gives_up_on_four_long_reviews(minilm, tokenizer, sst2, setup)
     assert place_pairs(grad, tables, bag, 40, 4, **kw) is None
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         place_pairs(grad, tables, bag, 40, 1, **kw)
+
+
+def test_rank_of_four_reviews_is_the_rank_of_their_inputs(minilm, tokenizer, sst2, setup):
+    """SST-2 dev 12-15 (25, 26, 29, 26 tokens): the widest gap of the query gradient's spectrum is at the rank of
+    the 101 true pairs' inputs (99), not at the steeper fall of its last value under float32 round-off, which
+    placement read before (rank 383 of 384: every pair "in" the row space)."""
+    spec, _, tables, _ = setup
+    truth, grad = _query_gradient(minilm, tokenizer, spec, sst2[12:16])
+    pairs = sorted({(v, p) for t in truth for p, v in enumerate(t)})
+    inputs = tables.pair_inputs(torch.tensor([v for v, _ in pairs]), torch.tensor([p for _, p in pairs])).double()
+    assert len(pairs) == 101
+    assert widest_gap_rank(torch.linalg.svdvals(grad.double())) == int(torch.linalg.matrix_rank(inputs)) == 99
 
 
 def test_span_cluster_certifies_a_batch_that_peeling_left_open(minilm, tokenizer, sst2, setup):
