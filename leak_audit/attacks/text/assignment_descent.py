@@ -54,7 +54,7 @@ from leak_audit.attacks.text.position_assignment import assign_by_position
 from leak_audit.attacks.text.query_columns import additive_atoms
 from leak_audit.models import EmbeddingTables
 
-__all__ = ["Placement", "assignment_descent", "complete", "factored_inner_products", "place_pairs"]
+__all__ = ["Placement", "assignment_descent", "complete", "factored_inner_products", "pair_distances", "place_pairs"]
 
 SEP_GAP = 4.0
 """The ``[SEP]`` positions are the closest ``n ≤ B`` positions of ``[SEP]``'s input to the row space, cut at the
@@ -106,6 +106,32 @@ class Placement:
     atoms: Tensor
 
 
+def pair_distances(
+    grad: Tensor, tables: EmbeddingTables, bag: Sequence[int], length: int, segment: int = 0
+) -> tuple[Tensor, int, Tensor]:
+    """How far every (bag token, position) pair's layer-0 input lies from a first-layer gradient's row space.
+
+    Args:
+        grad: ``[d_out, d]`` the gradient of a linear map of layer 0's inputs; its rank is read at the widest
+            gap of its spectrum (:func:`~leak_audit.attacks.spans.widest_gap_rank`).
+        tables: embedding tables and LayerNorm; bag: the token ids; length: positions ``0 … length − 1``.
+
+    Returns:
+        ``(distances, rank, inputs)``: ``[|bag|, length]`` relative distances (CPU), the rank read, and the
+        ``[|bag| · length, d]`` float64 inputs (token-major).
+    """
+    g = grad.detach().double()
+    s, vh = torch.linalg.svd(g, full_matrices=False)[1:]
+    rank = widest_gap_rank(s)
+    basis = vh[:rank].T
+    nb = len(bag)
+    toks = torch.tensor(list(bag), dtype=torch.long).repeat_interleave(length)
+    poss = torch.arange(length).repeat(nb)
+    x = tables.pair_inputs(toks.to(tables.word.device), poss.to(tables.word.device), segment).double().to(g.device)
+    dist = ((x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1).clamp_min(1e-300)).view(nb, length).cpu()
+    return dist, rank, x
+
+
 def place_pairs(
     grad: Tensor,
     tables: EmbeddingTables,
@@ -140,16 +166,10 @@ def place_pairs(
     if sep_token_id not in bag or cls_token_id not in bag:
         raise ValueError(f"the bag must hold [CLS] ({cls_token_id}) and [SEP] ({sep_token_id})")
     g = grad.detach().double()
-    s, vh = torch.linalg.svd(g, full_matrices=False)[1:]
-    rank = widest_gap_rank(s)
+    dist, rank, x = pair_distances(g, tables, bag, length, segment)
     if rank >= g.shape[1] - 8:
         return None
-    basis = vh[:rank].T
     nb = len(bag)
-    toks = torch.tensor(bag, dtype=torch.long).repeat_interleave(length)
-    poss = torch.arange(length).repeat(nb)
-    x = tables.pair_inputs(toks.to(tables.word.device), poss.to(tables.word.device), segment).double().to(g.device)
-    dist = ((x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1).clamp_min(1e-300)).view(nb, length).cpu()
     sep_row = dist[bag.index(sep_token_id), 1:]
     ranked = sep_row.argsort()[: batch_size + 1]
     near = sep_row[ranked].clamp_min(1e-300)
