@@ -4,9 +4,9 @@ For a linear map ``y = W x`` applied at positions ``t``, ``∂L/∂W = Σ_t δ_t
 by the map's inputs and its rank counts the distinct inputs (Petrov, Dimitrov, Baader, Müller, Vechev,
 "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024). :func:`span_basis` estimates
 that row space (with a noise floor for float32 round-off and, under DP-SGD, for Gaussian noise, see
-:func:`noise_edge`); :func:`numerical_rank` says whether a gradient's rank is informative, and :func:`widest_gap_rank` reads a rank at
-the widest gap of a spectrum. Under DP-SGD,
-:func:`noise_threshold` is the row norm pure noise stays below (which rows of a gradient carry signal), and
+:func:`noise_edge`); :func:`numerical_rank` says whether a gradient's rank is informative, and
+:func:`widest_gap_rank` reads a rank at the widest gap of a spectrum. Under DP-SGD, :func:`noise_threshold`
+is the row norm pure noise stays below (which rows of a gradient carry signal), and
 :func:`lora_input_constraints` reads the inputs' constraints from LoRA's ``B`` gradients. :func:`span_distance`
 scores how well candidate inputs fall into and cover a row space (span search's objective).
 """
