@@ -65,6 +65,11 @@ def main() -> None:
     )
     trainer.fit(Classifier(tokenizer), loader)
     print(f"rank {trainer.global_rank} stopped at step {trainer.global_step}", flush=True)
+    # PyTorch's documented shutdown: without it, gloo's threads can outlive the interpreter and abort the
+    # process at exit ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489).
+    # Lightning leaves the process group to the script. CI hit it once, in the local-scope test (stop 64).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
