@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 QUICK_RESTARTS = 12
-"""Random starts of the key-span search tried before the assignment descent (besides peeling's proposal)."""
+"""Random starts of the key-span search tried before the assignment descent, after peeling's proposal."""
 
 QUICK_SHARE = 0.15
 """The share of the time left that those starts may take."""
