@@ -10,8 +10,8 @@ single-linear rows of benchmarks/README.md) and prints, for every audited batch,
 the sentences it certified (``info.certified``), its ROUGE-1 and exact match against the real batch, span_check's
 ROUGE-1, and whether the audit's sentence records are marked lower bounds (``info.lower_bound``:
 :func:`leak_audit.attacks.gaps.query_sentence_gap`). The mark reads only span_cluster's certificate count and B; the
-ROUGE-1 columns show whether that evidence tells the recovered batches apart. Extra arguments go to the bench (e.g.
-``--threads 1``).
+ROUGE-1 columns show whether that evidence tells the recovered batches apart; an audit stopped by its budget shows
+its partial metrics, marked ``*``. Extra arguments go to the bench (e.g. ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ VIEW = "linear:bert.encoder.layer.0.attention.self.query"
 
 
 def _metric(record: AuditRecord | None, name: str) -> str:
-    if record is None or name not in record.metrics:
+    """The record's metric; for an audit stopped by its budget, its partial metric (what it had certified and
+    proposed at the deadline) marked ``*``."""
+    if record is None:
         return "–"
-    return f"{record.metrics[name]:.3f}"
+    if name in record.metrics:
+        return f"{record.metrics[name]:.3f}"
+    partial = record.info.get(f"partial_{name}") if record.status == "timeout" else None
+    return "–" if partial is None else f"{float(partial):.3f}*"
 
 
 def _row(records: Sequence[AuditRecord], positions: int) -> str:
