@@ -62,8 +62,8 @@ MEMBER = 1e-10
 (true once-occurring tokens: ~1e-14; a token shared with another sentence carries that sentence's part too)."""
 
 POLISH = -10.0
-"""Below this mean log residual (of its best :data:`SURE` tokens) a hypothesis is a few tokens from a sentence: every bag token is then tried at
-every position (a true token outside a position's closest candidates)."""
+"""Below this mean log residual (of its best :data:`SURE` tokens) a hypothesis is a few tokens from a sentence:
+every bag token is then tried at every position (a true token outside a position's closest candidates)."""
 
 
 def search_sentences(

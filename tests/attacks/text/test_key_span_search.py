@@ -24,11 +24,9 @@ def setup(minilm, tokenizer):
     return spec, params, EmbeddingTables.from_params(params, spec), ModelReplica(minilm)
 
 
-@pytest.fixture(scope="module")
-def dev_8_11(minilm, tokenizer, setup):
-    """SST-2 dev 8-11 (26, 40, 23 and 39 tokens): ``(rows, sentences as token ids, layer 0's query gradient)``."""
-    spec = setup[0]
-    rows = read_tsv(data_file("sst2_dev.tsv"), limit=12)[8:12]
+def query_gradient(minilm, tokenizer, spec, file: str, first: int, stop: int):
+    """Rows ``first … stop − 1`` of a dev file: ``(rows, sentences as token ids, layer 0's query gradient)``."""
+    rows = read_tsv(data_file(file), limit=stop)[first:stop]
     enc = tokenizer([r[0] for r in rows], return_tensors="pt", padding=True)
     minilm.eval()
     minilm.zero_grad()
@@ -40,18 +38,15 @@ def dev_8_11(minilm, tokenizer, setup):
 
 
 @pytest.fixture(scope="module")
+def dev_8_11(minilm, tokenizer, setup):
+    """SST-2 dev 8-11 (26, 40, 23 and 39 tokens)."""
+    return query_gradient(minilm, tokenizer, setup[0], "sst2_dev.tsv", 8, 12)
+
+
+@pytest.fixture(scope="module")
 def cola_48_63(minilm, tokenizer, setup):
-    """CoLA dev 48-63 at B = 16 (8-23 tokens): ``(sentences as token ids, layer 0's query gradient)``."""
-    spec = setup[0]
-    rows = read_tsv(data_file("cola_dev.tsv"), limit=64)[48:64]
-    enc = tokenizer([r[0] for r in rows], return_tensors="pt", padding=True)
-    minilm.eval()
-    minilm.zero_grad()
-    minilm(**enc, labels=torch.tensor([r[1] for r in rows])).loss.backward()
-    grad = dict(minilm.named_parameters())[spec.layers[0].query].grad.detach().clone()
-    minilm.zero_grad()
-    truth = [ids[: int(m.sum())] for ids, m in zip(enc["input_ids"].tolist(), enc["attention_mask"], strict=True)]
-    return truth, grad
+    """CoLA dev 48-63 at B = 16 (8-23 tokens)."""
+    return query_gradient(minilm, tokenizer, setup[0], "cola_dev.tsv", 48, 64)
 
 
 def test_one_wrong_token_in_a_batch_of_16_is_put_right(setup, cola_48_63):
@@ -61,7 +56,7 @@ def test_one_wrong_token_in_a_batch_of_16_is_put_right(setup, cola_48_63):
     false. Before ``IN_SPAN`` and ``SURE`` (the descent's candidates fixed at each position's 9 closest tokens,
     the test on the best half of the tokens) 1 of 16 came back."""
     spec, params, tables, _ = setup
-    truth, grad = cola_48_63
+    _, truth, grad = cola_48_63
     bag = sorted({v for t in truth for v in t})
     length = max(len(t) for t in truth)
     words = [v for v in bag if v not in (spec.cls_token_id, spec.sep_token_id)]
