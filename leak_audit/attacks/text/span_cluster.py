@@ -48,7 +48,7 @@ from leak_audit.attacks.text.query_columns import additive_atoms, token_query_gr
 from leak_audit.attacks.lasso import group_lasso
 from leak_audit.attacks.spans import span_basis
 from leak_audit.attacks.text.span_check import span_check
-from leak_audit.attacks.text.word_order import order_sentence
+from leak_audit.attacks.text.word_order import RESTARTS, order_sentence
 from leak_audit.models import EmbeddingTables, TextModelSpec
 
 __all__ = [
@@ -147,6 +147,7 @@ def span_cluster(
     refine: int = 3,
     seed: int = 0,
     deadline: float | None = None,
+    restarts: int = RESTARTS,
 ) -> SpanClusterResult:
     """Group the tokens of a batch into sentences from layer 0's query weight gradient.
 
@@ -168,6 +169,11 @@ def span_cluster(
         deadline: ``time.monotonic()`` value after which the group lasso, the reassignment rounds and the
             word-order searches stop at their best so far (the result then has ``cut_short`` set; the
             remaining steps are cheap: clustering, and word order by assignment only).
+        restarts: perturbed restarts of each cluster's word-order search (:func:`order_sentence`). Peeling
+            passes 0: it certifies the clusters that come out exact and clusters the rest again, and at ``B = 16``
+            most clusters merge several sentences, whose restarts were half of a round's time (CoLA dev 48-63:
+            the sentences' own sets came out exact from the first start, 2 of 2; ordering took 20 of each round's
+            23 s; benchmarks/README.md, "One start per cluster").
 
     Returns:
         A :class:`SpanClusterResult`.
@@ -275,24 +281,21 @@ def span_cluster(
         return tables.pair_inputs(tok, pos, segment) @ wk.T
 
     final = sets_of(labels, shared)
-    sets, sequences, residuals = [], [], []
-    for c, s in enumerate(final):
-        if not s - set(structural):
-            continue
+    kept = [c for c, s in enumerate(final) if s - set(structural)]
+    sets, sequences = [final[c] for c in kept], []
+    for c in kept:
         mem = [a for a, lab in enumerate(labels) if lab == c and a not in shared]
-        seq, res, order_cut = order_sentence(
-            s, targets[mem], key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id,
-            generator=torch.Generator().manual_seed(seed + c), deadline=deadline,
+        seq, _, order_cut = order_sentence(
+            final[c], targets[mem], key_inputs, heads, cls_token_id=cls_token_id, sep_token_id=sep_token_id,
+            restarts=restarts, generator=torch.Generator().manual_seed(seed + c), deadline=deadline,
         )
         if order_cut and "word order" not in cut:
             cut.append("word order")
-        sets.append(s)
         sequences.append(seq)
-        residuals.append(res)
     return SpanClusterResult(
         sequences=sequences,
         token_sets=sets,
-        tested=tested[: len(sets)],
+        tested=[tested[c] for c in kept],
         shared=sorted(bag[anchors[a]] for a in shared),
         bag=bag,
         length=length,
@@ -473,7 +476,7 @@ class SpanCluster(Attack):
                 res = span_cluster(
                     g, key_weight, spec.num_heads, tables, cands, b, segment=segment, structural=structural,
                     cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id, support=self.support,
-                    test_tol=self.test_tol, seed=seed, deadline=deadline,
+                    test_tol=self.test_tol, seed=seed, deadline=deadline, restarts=0 if peeling else RESTARTS,
                 )
             if res.cut_short:
                 cut.extend(c for c in res.progress.split(", ") if c not in cut)

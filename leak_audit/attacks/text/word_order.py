@@ -23,7 +23,9 @@ from torch import Tensor
 from leak_audit.attacks.budget import late
 from leak_audit.attacks.lasso import group_lasso
 
-__all__ = ["FIRST_EXTRA", "ORDER_CHUNK", "SECOND_BELOW", "VERIFY", "OrderedSentence", "move_scores", "order_sentence"]
+__all__ = [
+    "EXACT_ORDER", "FIRST_EXTRA", "ORDER_CHUNK", "RESTARTS", "SECOND_BELOW", "VERIFY", "OrderedSentence", "move_scores", "order_sentence",
+]
 
 
 class OrderedSentence(NamedTuple):
@@ -56,6 +58,14 @@ SECOND_BELOW = 1e-2
 largest relative squared residual). Measured on MiniLM in scratch traces: 8e-4 to 6e-3 for the 9 of CoLA's first 64
 dev sentences that repeat three or four words (each alone), 1e-3 to 6e-2 for the clusters of CoLA dev 0-15 at B = 16
 that mix sentences (14 of 20 of them skipped)."""
+
+
+RESTARTS = 6
+"""Perturbed restarts :func:`order_sentence` makes by default while no order is exact."""
+
+
+EXACT_ORDER = 1e-10
+"""An order is exact below this relative squared residual (true sentences ~1e-13 on MiniLM in float64)."""
 
 
 VERIFY = 8
@@ -134,8 +144,8 @@ def order_sentence(
     sweeps: int = 40,
     extra: int = 4,
     shortest: int = 0,
-    restarts: int = 6,
-    exact: float = 1e-10,
+    restarts: int = RESTARTS,
+    exact: float = EXACT_ORDER,
     generator: torch.Generator | None = None,
     deadline: float | None = None,
 ) -> OrderedSentence:

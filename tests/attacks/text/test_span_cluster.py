@@ -9,6 +9,7 @@ from leak_audit.attacks import AttackInput, NotApplicable, get_attack
 from leak_audit.attacks.text.peeling import certify, label_from_coefficients, logit_gradients
 from leak_audit.models import EmbeddingTables
 from leak_audit.attacks.text.span_cluster import SpanCluster, additive_atoms, token_query_gradients
+from leak_audit.attacks.text.word_order import RESTARTS
 from leak_audit.models import text_model_spec
 from leak_audit.models.replica import ModelReplica
 from tests.conftest import gradients
@@ -139,9 +140,11 @@ def test_needs_the_query_gradient(setup):
         get_attack("span_cluster").requirements(spec, [spec.layers[0].key])
 
 
-def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, cola, setup):
+@pytest.mark.parametrize("restarts", [0, RESTARTS])
+def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, cola, setup, restarts):
     """CoLA 8-11 (the comparative run): given the right members, order_sentence recovers sentence 11 exactly
-    from its token set plus four tokens of other sentences (they are placed after it and cut off)."""
+    from its token set plus four tokens of other sentences (they are placed after it and cut off), from its
+    first start too (``restarts=0``, what peeling asks of every cluster)."""
     from leak_audit.attacks.text.word_order import order_sentence
 
     spec, params = setup
@@ -161,17 +164,19 @@ def test_word_order_drops_tokens_leaked_from_other_sentences(minilm, tokenizer, 
     leaked = set(target) | {ids(w) for w in (",", "the", "you", "pay")}
     seq, res, _ = order_sentence(
         leaked, members, key_inputs, 12, cls_token_id=spec.cls_token_id, sep_token_id=spec.sep_token_id,
-        generator=torch.Generator().manual_seed(0),
+        restarts=restarts, generator=torch.Generator().manual_seed(0),
     )
     assert seq == target and res < 1e-10
 
 
+@pytest.mark.parametrize("restarts", [0, RESTARTS])
 @pytest.mark.parametrize("index", [5, 12])
-def test_word_order_with_three_repeated_words(minilm, tokenizer, cola, setup, index):
+def test_word_order_with_three_repeated_words(minilm, tokenizer, cola, setup, index, restarts):
     """CoLA dev 5 ("The more you would want, the less you would eat.") and 12 ("The more people you give beer
     to, the more people get sick."): three words occur twice, so the sentence is three tokens longer than its
     token set. order_sentence orders each exactly from its token set and the query gradients of its words that
-    occur once; allowed only two extra copies (the default before), it cannot."""
+    occur once, from its first start too (``restarts=0``); allowed only two extra copies (the default before),
+    it cannot."""
     from leak_audit.attacks.text.word_order import order_sentence
 
     spec, params = setup
@@ -190,7 +195,9 @@ def test_word_order_with_three_repeated_words(minilm, tokenizer, cola, setup, in
     members = torch.stack([h[:, bag.index(v)].view(12, 32) for v in once])
     members = members / members.norm(dim=(1, 2), keepdim=True)
     kw = {"cls_token_id": spec.cls_token_id, "sep_token_id": spec.sep_token_id}
-    seq, res, _ = order_sentence(set(truth), members, key_inputs, 12, generator=torch.Generator().manual_seed(0), **kw)
+    seq, res, _ = order_sentence(
+        set(truth), members, key_inputs, 12, restarts=restarts, generator=torch.Generator().manual_seed(0), **kw
+    )
     assert seq == truth and res < 1e-10
     seq, res, _ = order_sentence(
         set(truth), members, key_inputs, 12, extra=2, generator=torch.Generator().manual_seed(0), **kw
