@@ -229,7 +229,10 @@ def peel(
         complete: ``(gradient left, B', the round's uncertified sentences) -> Proposal | None``, a slower
             search asked once per ``B'`` when a round certifies nothing and ``B' ≥ 2`` (e.g.
             :func:`~leak_audit.attacks.text.assignment_descent.complete`); its sentences are certified like
-            any proposal's. ``None`` (or no proposal) ends the rounds.
+            any proposal's. ``None`` (or no proposal) ends the rounds. Once its sentences certify, the next
+            round asks it first (with the sentences still uncertified), and ``propose`` only when it finds
+            none: at ``B = 16`` the key-span search then read three sentences in 8.8 s where each proposal round
+            took 19-22 s (CoLA dev 48-63; benchmarks/README.md, "One start per cluster").
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
         deadline: ``time.monotonic()`` value after which no new round and no further certificate starts
@@ -244,12 +247,22 @@ def peel(
     rest: list[list[int]] = []
     proposal = first
     asked: set[int] = set()  # the B' that ``complete`` was asked for
+    completed = False  # the last certified sentences came from ``complete``
+    again = False  # this round's proposal is ``complete``'s, asked first
     while len(out.sequences) < batch_size:
         b = batch_size - len(out.sequences)
+        again = False
         if proposal is None:
             if out.rounds and late(deadline):
                 out.cut_short = True
                 break
+            if completed and complete is not None and b >= 2 and b not in asked:
+                # the proposals certified nothing and ``complete`` did: ask it first again (not counted as
+                # this B''s ask, which stays for the proposal's sentences when it finds none)
+                proposal = complete(left, b, rest)
+                again = proposal is not None
+                completed = again
+        if proposal is None:
             try:
                 proposal = propose(left.to(grad.dtype), b)
             except NotApplicable:
@@ -278,6 +291,9 @@ def peel(
             res, alpha = certify(columns[:, members], pred)
             if res < tol:
                 accepted.append((seq, alpha, basis, res))
+        if not accepted and again and not late(deadline):
+            completed, proposal = False, None  # back to the proposals
+            continue
         if not accepted:
             if complete is None or b < 2 or b in asked or late(deadline):
                 break
@@ -285,6 +301,7 @@ def peel(
             proposal = complete(left, b, rest)
             if proposal is None:
                 break
+            completed = True
             continue
         for seq, alpha, basis, res in accepted[:b]:
             rest.remove(seq)
