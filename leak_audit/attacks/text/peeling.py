@@ -231,8 +231,8 @@ def peel(
             :func:`~leak_audit.attacks.text.assignment_descent.complete`); its sentences are certified like
             any proposal's. ``None`` (or no proposal) ends the rounds. Once its sentences certify, the next
             round asks it first (with the sentences still uncertified), and ``propose`` only when it finds
-            none: at ``B = 16`` the key-span search then read three sentences in 8.8 s where each proposal round
-            took 19-22 s (CoLA dev 48-63; benchmarks/README.md, "One start per cluster").
+            none: at ``B = 16`` the key-span search then read three sentences in 11.5 s where each proposal round
+            took 16-21 s (CoLA dev 48-63; benchmarks/README.md, "One start per cluster").
         structural: tokens in every sentence (``[CLS]``, ``[SEP]``), never members.
         tol: certificate tolerance (relative residual), see :data:`CERTIFY_TOL`.
         deadline: ``time.monotonic()`` value after which no new round and no further certificate starts
