@@ -248,10 +248,9 @@ def peel(
     proposal = first
     asked: set[int] = set()  # the B' that ``complete`` was asked for
     completed = False  # the last certified sentences came from ``complete``
-    again = False  # this round's proposal is ``complete``'s, asked first
     while len(out.sequences) < batch_size:
         b = batch_size - len(out.sequences)
-        again = False
+        again = False  # this round's proposal is ``complete``'s, asked first
         if proposal is None:
             if out.rounds and late(deadline):
                 out.cut_short = True

@@ -24,7 +24,15 @@ from leak_audit.attacks.budget import late
 from leak_audit.attacks.lasso import group_lasso
 
 __all__ = [
-    "EXACT_ORDER", "FIRST_EXTRA", "ORDER_CHUNK", "RESTARTS", "SECOND_BELOW", "VERIFY", "OrderedSentence", "move_scores", "order_sentence",
+    "EXACT_ORDER",
+    "FIRST_EXTRA",
+    "ORDER_CHUNK",
+    "RESTARTS",
+    "SECOND_BELOW",
+    "VERIFY",
+    "OrderedSentence",
+    "move_scores",
+    "order_sentence",
 ]
 
 
